@@ -1,0 +1,238 @@
+// AVX2 + F16C row kernels. Every function performs, per element, exactly the operations of the
+// scalar reference in the same order, so results are bit-identical (the build forbids FMA
+// contraction). Only reductions whose result is order-independent (min, max) are reordered.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/row_kernels.h"
+
+namespace skv {
+namespace {
+
+inline __m256 Load8(const uint16_t* src, DType dtype) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  if (dtype == DType::kFp16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+void LoadAvx2(const uint16_t* src, DType dtype, size_t n, float* dst) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Load8(src + i, dtype));
+  for (; i < n; ++i) dst[i] = HalfToFloat(src[i], dtype);
+}
+
+inline __m128i ToBf16x8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(is_nan));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(0xffff));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(packed);
+}
+
+void StoreAvx2(const float* src, DType dtype, size_t n, uint16_t* dst) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    const __m128i h = dtype == DType::kFp16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)
+                                            : ToBf16x8(x);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = FloatToHalf(src[i], dtype);
+}
+
+// One butterfly stage with distance h in {1, 2, 4} inside a vector of 8: lanes with bit h clear
+// get a + b, lanes with it set get a - b (a the lower partner), as in the reference.
+template <int kH>
+inline __m256 ButterflyInVector(__m256 v) {
+  __m256 partner;
+  int odd_mask;
+  if constexpr (kH == 1) {
+    partner = _mm256_permute_ps(v, 0xB1);  // swap neighbours
+    odd_mask = 0xAA;
+  } else if constexpr (kH == 2) {
+    partner = _mm256_permute_ps(v, 0x4E);  // swap pairs
+    odd_mask = 0xCC;
+  } else {
+    partner = _mm256_permute2f128_ps(v, v, 0x01);  // swap halves
+    odd_mask = 0xF0;
+  }
+  const __m256 sum = _mm256_add_ps(v, partner);      // lower lanes: a + b
+  const __m256 diff = _mm256_sub_ps(partner, v);     // upper lanes: a - b
+  return _mm256_blend_ps(sum, diff, odd_mask);
+}
+
+void HadamardAvx2(float* x, size_t n, size_t block) {
+  const __m256 norm = _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
+  for (size_t b = 0; b < n; b += block) {
+    float* v = x + b;
+    for (size_t i = 0; i < block; i += 8) {
+      __m256 r = _mm256_loadu_ps(v + i);
+      r = ButterflyInVector<1>(r);
+      r = ButterflyInVector<2>(r);
+      r = ButterflyInVector<4>(r);
+      _mm256_storeu_ps(v + i, r);
+    }
+    for (size_t h = 8; h < block; h *= 2) {
+      for (size_t i = 0; i < block; i += 2 * h) {
+        for (size_t j = i; j < i + h; j += 8) {
+          const __m256 a = _mm256_loadu_ps(v + j);
+          const __m256 c = _mm256_loadu_ps(v + j + h);
+          _mm256_storeu_ps(v + j, _mm256_add_ps(a, c));
+          _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, c));
+        }
+      }
+    }
+    for (size_t j = 0; j < block; j += 8) {
+      _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), norm));
+    }
+  }
+}
+
+inline __m256 Sanitize8(__m256 x) {
+  const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  x = _mm256_andnot_ps(is_nan, x);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-kFp16Max));
+  return _mm256_min_ps(x, _mm256_set1_ps(kFp16Max));
+}
+
+inline float HorizontalMin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
+inline void GroupMinMax(const float* x, size_t group, float* lo, float* hi) {
+  __m256 vlo = Sanitize8(_mm256_loadu_ps(x));
+  __m256 vhi = vlo;
+  for (size_t i = 8; i < group; i += 8) {
+    const __m256 v = Sanitize8(_mm256_loadu_ps(x + i));
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  *lo = HorizontalMin(vlo);
+  *hi = HorizontalMax(vhi);
+}
+
+inline uint32_t HorizontalOr(__m256i v) {
+  __m128i m = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_or_si128(m, _mm_srli_si128(m, 8));
+  m = _mm_or_si128(m, _mm_srli_si128(m, 4));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// Writes 8 codes (int32 lanes, each in [0, 2^bits)) as 8 * bits / 8 bytes.
+inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
+  if (bits == 8) {
+    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i b = _mm256_shuffle_epi8(codes, gather);
+    const uint32_t lo = static_cast<uint32_t>(_mm256_extract_epi32(b, 0));
+    const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
+    std::memcpy(out, &lo, 4);
+    std::memcpy(out + 4, &hi, 4);
+  } else if (bits == 4) {
+    const uint32_t word =
+        HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)));
+    std::memcpy(out, &word, 4);
+  } else {
+    const uint32_t word =
+        HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
+    const uint16_t half = static_cast<uint16_t>(word);
+    std::memcpy(out, &half, 2);
+  }
+}
+
+inline __m256i UnpackCodes8(const uint8_t* in, int bits) {
+  if (bits == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
+  }
+  if (bits == 4) {
+    uint32_t word;
+    std::memcpy(&word, in, 4);
+    const __m256i w = _mm256_set1_epi32(static_cast<int>(word));
+    return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                            _mm256_set1_epi32(0xf));
+  }
+  uint16_t half;
+  std::memcpy(&half, in, 2);
+  const __m256i w = _mm256_set1_epi32(half);
+  return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                          _mm256_set1_epi32(0x3));
+}
+
+void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out) {
+  const __m256 max_code = _mm256_set1_ps(float(MaxCode(bits)));
+  const __m256 zero = _mm256_setzero_ps();
+  const size_t code_bytes = group * bits / 8;
+  for (size_t g = 0; g < n; g += group) {
+    float lo, hi;
+    GroupMinMax(x + g, group, &lo, &hi);
+    const GroupParams p = MakeGroupParams(lo, hi, bits);
+    std::memcpy(out, &p, sizeof(p));
+    out += sizeof(p);
+    const __m256 offset = _mm256_set1_ps(Fp16ToFloat(p.offset));
+    const __m256 inv = _mm256_set1_ps(InverseScale(p.scale));
+    for (size_t i = 0; i < group; i += 8) {
+      const __m256 v = Sanitize8(_mm256_loadu_ps(x + g + i));
+      __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, offset), inv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm256_min_ps(_mm256_max_ps(q, zero), max_code);
+      PackCodes8(_mm256_cvttps_epi32(q), bits, out + i * bits / 8);
+    }
+    out += code_bytes;
+  }
+}
+
+void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, int bits, float* x) {
+  const size_t code_bytes = group * bits / 8;
+  for (size_t g = 0; g < n; g += group) {
+    GroupParams p;
+    std::memcpy(&p, in, sizeof(p));
+    in += sizeof(p);
+    const __m256 scale = _mm256_set1_ps(Fp16ToFloat(p.scale));
+    const __m256 offset = _mm256_set1_ps(Fp16ToFloat(p.offset));
+    for (size_t i = 0; i < group; i += 8) {
+      const __m256 codes = _mm256_cvtepi32_ps(UnpackCodes8(in + i * bits / 8, bits));
+      _mm256_storeu_ps(x + g + i, _mm256_add_ps(_mm256_mul_ps(codes, scale), offset));
+    }
+    in += code_bytes;
+  }
+}
+
+void EstimateErrorAvx2(const float* x, size_t n, size_t group, double err[3]) {
+  static constexpr int kBits[3] = {8, 4, 2};
+  for (size_t g = 0; g < n; g += group) {
+    float lo, hi;
+    GroupMinMax(x + g, group, &lo, &hi);
+    const double range = double(hi) - double(lo);
+    for (int t = 0; t < 3; ++t) {
+      const double step = range / MaxCode(kBits[t]);
+      err[t] += double(group) * step * step / 12.0;
+    }
+  }
+}
+
+}  // namespace
+
+const RowKernels* Avx2RowKernels() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static constexpr RowKernels kAvx2{"avx2", LoadAvx2, StoreAvx2, HadamardAvx2,
+                                    QuantizeAvx2, DequantizeAvx2, EstimateErrorAvx2};
+  return supported ? &kAvx2 : nullptr;
+}
+
+}  // namespace skv

@@ -1,0 +1,69 @@
+// The codec's whole-request entry points: score -> plan -> encode, and decode. The daemon and
+// the evaluation tools call these; pipelining callers can use the stages directly.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "spectrumkv/codec/importance.h"
+#include "spectrumkv/codec/options.h"
+#include "spectrumkv/codec/plan.h"
+#include "spectrumkv/codec/row_kernels.h"
+#include "spectrumkv/codec/segment.h"
+
+namespace skv {
+
+// Where importance comes from, best first; the first one present is used.
+struct ImportanceInput {
+  std::span<const float> engine_scores = {};       // tokens or layers * tokens values
+  std::span<const QueryWindow> query_windows = {};  // one per layer
+};
+
+struct EncodeStats {
+  size_t raw_bytes = 0;      // K and V in FP16
+  size_t wire_bytes = 0;     // every byte of every segment
+  size_t payload_bytes = 0;  // code bytes only (the paper's accounting)
+  double requested_budget = 0;
+  double achieved_budget = 0;        // wire / raw
+  double payload_only_budget = 0;    // payload / raw, labelled as the paper's accounting
+  std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens
+  uint32_t dropped_tokens = 0;
+  const char* importance_source = "";
+  double score_seconds = 0;
+  double plan_seconds = 0;
+  double encode_seconds = 0;
+};
+
+struct EncodedKv {
+  std::vector<std::vector<uint8_t>> segments;  // layer-major: layer 0 K, layer 0 V, layer 1 K...
+  TierPlan plan;
+  EncodeStats stats;
+};
+
+// Scores and plans a request: the stages before encoding.
+absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
+                                     const ImportanceInput& importance,
+                                     const CodecOptions& options, const RowKernels& kernels,
+                                     EncodeStats* stats);
+
+// Encodes one layer's K or V under `plan`, split into segments as options.tokens_per_segment
+// says; appends them to `segments`.
+absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
+                         const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
+                         const RowKernels& kernels, std::vector<std::vector<uint8_t>>* segments);
+
+absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
+                                   const ImportanceInput& importance, const CodecOptions& options,
+                                   uint64_t request_id,
+                                   const RowKernels& kernels = BestRowKernels());
+
+// Decodes segments into `destination` (any order, each exactly once is the caller's duty).
+// `kept` (tokens entries) gets 0 for every token a segment marks dropped.
+absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
+                      std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,
+                      const RowKernels& kernels = BestRowKernels());
+
+}  // namespace skv

@@ -1,0 +1,50 @@
+// What the codec is asked to do for one request.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace skv {
+
+enum class AllocatorKind : uint8_t {
+  kPaper = 0,  // the paper's rule: one token-level tier map for all layers, INT4 -> INT8 -> FP16
+  kRd = 1,     // rate-distortion: a tier per (layer, K/V, token) minimizing weighted error
+};
+const char* AllocatorName(AllocatorKind kind);
+
+struct CodecOptions {
+  AllocatorKind allocator = AllocatorKind::kRd;
+  // Wire bytes / FP16 bytes of the same K and V, in (0, 1]. Every byte counts: headers, tier
+  // maps, means, scales. 1.0 sends everything as FP16 (bit-exact).
+  double budget = 0.5;
+  // Low-bit safety transforms (DESIGN 3.5), each applied before quantizing and undone on decode.
+  bool rotate_keys = true;      // block Hadamard over head_dim
+  bool rotate_values = true;
+  bool centre_keys = true;      // subtract the per-(head, channel) mean over the tokens
+  bool centre_values = false;
+  bool per_channel_keys = false;  // key params per channel over chunks of same-tier tokens
+  uint32_t group_size = 0;        // channels per quantization group; 0 means head_dim
+  uint32_t channel_group_tokens = 64;  // tokens per params chunk when per_channel_keys
+  bool allow_int4 = true;   // cleared when the model fails the INT4 probe
+  bool allow_int2 = false;  // rd only
+  uint32_t sink_tokens = 4;    // first tokens, always FP16
+  uint32_t recent_tokens = 0;  // last tokens, always FP16
+  uint32_t pool_window = 7;    // max-pooling width of query-derived scores (odd)
+  // rd: distortion weight of key rows relative to value rows.
+  double key_weight = 1.0;
+  // The paper's accounting: only code payload counts against the budget (comparison only).
+  bool payload_only_accounting = false;
+  // Tokens per segment; 0 puts each layer's K (and V) in a single segment.
+  uint32_t tokens_per_segment = 0;
+};
+
+// Checks the options against a head size. Errors name the offending field.
+absl::Status ValidateOptions(const CodecOptions& options, uint32_t head_dim);
+
+// The group size actually used (resolves 0 to head_dim).
+inline uint32_t EffectiveGroupSize(const CodecOptions& options, uint32_t head_dim) {
+  return options.group_size == 0 ? head_dim : options.group_size;
+}
+
+}  // namespace skv

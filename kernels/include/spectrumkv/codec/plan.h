@@ -1,0 +1,103 @@
+// Tier planning: importance + byte budget -> a tier for every (layer, K/V, token) row
+// (DESIGN 3.4), and the exact byte accounting both planners and the encoder share.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "spectrumkv/codec/formats.h"
+#include "spectrumkv/codec/importance.h"
+#include "spectrumkv/codec/kv_view.h"
+#include "spectrumkv/codec/options.h"
+#include "spectrumkv/codec/row_kernels.h"
+
+namespace skv {
+
+// One layer's K and V.
+struct KvLayerViews {
+  KvTensorView key;
+  KvTensorView value;
+};
+
+// Shape shared by every layer of a request.
+struct KvShape {
+  uint32_t layers = 0;
+  uint32_t tokens = 0;
+  uint32_t heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kFp16;
+
+  size_t row_elements() const { return size_t{heads} * head_dim; }
+  // Bytes of every K and V row in FP16: the denominator of the budget.
+  size_t raw_bytes() const { return size_t{layers} * 2 * tokens * row_elements() * 2; }
+};
+
+// Checks that all layers agree in shape and that the shape is supported.
+absl::StatusOr<KvShape> ShapeOf(std::span<const KvLayerViews> layers);
+
+struct TierPlan {
+  uint32_t layers = 0;
+  uint32_t tokens = 0;
+  std::vector<Tier> tiers;    // [layer][kind][token]
+  std::vector<uint8_t> kept;  // [token]: 0 when the token is dropped in every layer
+
+  Tier at(uint32_t layer, KvKind kind, uint32_t token) const {
+    return tiers[(size_t{layer} * 2 + static_cast<size_t>(kind)) * tokens + token];
+  }
+  std::span<const Tier> row_tiers(uint32_t layer, KvKind kind) const {
+    return {tiers.data() + (size_t{layer} * 2 + static_cast<size_t>(kind)) * tokens, tokens};
+  }
+  // Rows per tier over every layer and kind.
+  std::array<uint64_t, kNumTiers> TierCounts() const;
+};
+
+// Byte arithmetic for one request: costs per row and fixed overheads, honest or payload-only.
+class BudgetAccounting {
+ public:
+  BudgetAccounting(const KvShape& shape, const CodecOptions& options);
+
+  // Bytes of one row at `tier`, as the planner charges it. Per-channel key params are charged
+  // per row, rounded up; the fixed overhead reserves the remainder.
+  size_t RowCost(Tier tier, KvKind kind) const { return row_cost_[static_cast<int>(kind)][static_cast<int>(tier)]; }
+  // Headers, tier maps, means and the per-channel reserve of every segment (0 payload-only).
+  size_t FixedOverhead() const { return fixed_overhead_; }
+  // floor(budget * raw bytes).
+  size_t BudgetBytes() const { return budget_bytes_; }
+
+ private:
+  size_t row_cost_[2][kNumTiers] = {};
+  size_t fixed_overhead_ = 0;
+  size_t budget_bytes_ = 0;
+};
+
+// rd's input: for every row, the estimated squared error at INT8, INT4 and INT2, measured
+// after the transforms the encoder will apply.
+struct DistortionTable {
+  uint32_t layers = 0;
+  uint32_t tokens = 0;
+  struct Row {
+    float err[3];  // INT8, INT4, INT2
+  };
+  std::vector<Row> rows;  // [layer][kind][token]
+
+  const Row& at(uint32_t layer, KvKind kind, uint32_t token) const {
+    return rows[(size_t{layer} * 2 + static_cast<size_t>(kind)) * tokens + token];
+  }
+};
+
+absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
+                                                  const CodecOptions& options,
+                                                  const RowKernels& kernels);
+
+// The paper's allocator: one token-level tier map shared by every layer and by K and V.
+absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,
+                                   const CodecOptions& options);
+
+// Rate-distortion allocator: greedy by distortion reduction per byte over each row's convex hull.
+absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& importance,
+                                const DistortionTable& distortion, const CodecOptions& options);
+
+}  // namespace skv

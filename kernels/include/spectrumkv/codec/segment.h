@@ -1,0 +1,54 @@
+// Segment writer and strict reader (format in formats.h).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "spectrumkv/codec/formats.h"
+#include "spectrumkv/codec/kv_view.h"
+#include "spectrumkv/codec/options.h"
+#include "spectrumkv/codec/row_kernels.h"
+
+namespace skv {
+
+// Which rows of which tensor one segment carries.
+struct SegmentSpec {
+  uint64_t request_id = 0;
+  uint32_t layer = 0;
+  KvKind kind = KvKind::kKey;
+  uint32_t token_begin = 0;
+  uint32_t token_count = 0;
+};
+
+// Encodes rows [token_begin, token_begin + token_count) of `source` with the given tiers (one per
+// row of the segment) and appends the segment to `out`. Returns the segment's size.
+absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSpec& spec,
+                                     std::span<const Tier> tiers, const CodecOptions& options,
+                                     const RowKernels& kernels, std::vector<uint8_t>* out);
+
+// Exact size EncodeSegment will produce, without encoding.
+size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
+                           std::span<const Tier> tiers, const CodecOptions& options);
+
+// A segment that passed every check; spans point into the caller's buffer.
+struct ParsedSegment {
+  SegmentHeader header;
+  std::span<const uint8_t> tier_map;
+  std::span<const uint8_t> mean;
+  std::span<const uint8_t> channel_params;
+  std::span<const uint8_t> payload;
+
+  Tier tier(uint32_t i) const { return static_cast<Tier>((tier_map[i / 2] >> (4 * (i % 2))) & 0xf); }
+};
+
+// Verifies structure, sizes, CRC32C and every tier before returning; never reads out of bounds.
+absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes);
+
+// Writes the segment's rows into `destination` (rows token_begin..), dequantized and with the
+// transforms undone; dropped rows are zeroed. Shape and dtype must match the header.
+absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                           const RowKernels& kernels);
+
+}  // namespace skv

@@ -1,0 +1,322 @@
+#include "spectrumkv/codec/plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "spectrumkv/codec/half.h"
+
+namespace skv {
+namespace {
+
+constexpr KvKind kKinds[2] = {KvKind::kKey, KvKind::kValue};
+// rd weight floor: a token the observation window ignores may still matter to later queries.
+constexpr double kWeightFloor = 0.05;
+
+size_t SegmentsPerTensor(const KvShape& shape, const CodecOptions& options) {
+  const uint32_t per = options.tokens_per_segment == 0 ? shape.tokens : options.tokens_per_segment;
+  return (size_t{shape.tokens} + per - 1) / per;
+}
+
+// Rows of every token that the planner may not touch: sinks and the protected recent tail.
+std::vector<uint8_t> ProtectedTokens(uint32_t tokens, const CodecOptions& options) {
+  std::vector<uint8_t> prot(tokens, 0);
+  for (uint32_t t = 0; t < std::min(tokens, options.sink_tokens); ++t) prot[t] = 1;
+  for (uint32_t t = tokens - std::min(tokens, options.recent_tokens); t < tokens; ++t) prot[t] = 1;
+  return prot;
+}
+
+// Token indices ordered most important first; ties go to the later token (recency).
+std::vector<uint32_t> ByImportance(const std::vector<float>& token_scores) {
+  std::vector<uint32_t> order(token_scores.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    const float sa = std::isfinite(token_scores[a]) ? token_scores[a] : 0.0f;
+    const float sb = std::isfinite(token_scores[b]) ? token_scores[b] : 0.0f;
+    return sa != sb ? sa > sb : a > b;
+  });
+  return order;
+}
+
+// The part both planners share: protect sinks and the recent tail at FP16, put every other token
+// at `floor`, and drop the least important tokens while even the floor does not fit.
+struct BasePlan {
+  TierPlan plan;
+  std::vector<uint8_t> is_protected;
+  std::vector<uint32_t> order;  // most important first
+  size_t remaining = 0;         // bytes left for upgrades
+};
+
+absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScores& importance,
+                                      const CodecOptions& options, Tier floor) {
+  if (importance.layers != shape.layers || importance.tokens != shape.tokens ||
+      importance.values.size() != size_t{shape.layers} * shape.tokens) {
+    return absl::InvalidArgumentError("importance scores do not match the KV shape");
+  }
+  const BudgetAccounting acct(shape, options);
+  BasePlan base;
+  base.plan.layers = shape.layers;
+  base.plan.tokens = shape.tokens;
+  base.plan.tiers.assign(size_t{shape.layers} * 2 * shape.tokens, floor);
+  base.plan.kept.assign(shape.tokens, 1);
+  base.is_protected = ProtectedTokens(shape.tokens, options);
+  base.order = ByImportance(importance.TokenLevel());
+
+  const size_t fp16_token = shape.layers * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
+                                            acct.RowCost(Tier::kFp16, KvKind::kValue));
+  const size_t floor_token = shape.layers * (acct.RowCost(floor, KvKind::kKey) +
+                                             acct.RowCost(floor, KvKind::kValue));
+  const size_t n_protected = std::count(base.is_protected.begin(), base.is_protected.end(), 1);
+  const size_t minimum = acct.FixedOverhead() + n_protected * fp16_token;
+  if (acct.BudgetBytes() < minimum) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "budget ", options.budget, " (", acct.BudgetBytes(), " bytes) is below this request's minimum of ",
+        double(minimum) / double(shape.raw_bytes()), " (", minimum,
+        " bytes: headers, tier maps and protected tokens)"));
+  }
+  size_t available = acct.BudgetBytes() - minimum;
+  const size_t free_tokens = shape.tokens - n_protected;
+  const size_t keep = floor_token == 0 ? free_tokens : std::min(free_tokens, available / floor_token);
+  size_t kept_free = 0;
+  for (uint32_t t : base.order) {  // most important first keeps the best `keep` tokens
+    if (base.is_protected[t]) {
+      for (uint32_t l = 0; l < shape.layers; ++l) {
+        for (KvKind k : kKinds) base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kFp16;
+      }
+    } else if (kept_free < keep) {
+      ++kept_free;
+    } else {
+      base.plan.kept[t] = 0;
+      for (uint32_t l = 0; l < shape.layers; ++l) {
+        for (KvKind k : kKinds) base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kDrop;
+      }
+    }
+  }
+  base.remaining = available - kept_free * floor_token;
+  return base;
+}
+
+}  // namespace
+
+absl::StatusOr<KvShape> ShapeOf(std::span<const KvLayerViews> layers) {
+  if (layers.empty()) return absl::InvalidArgumentError("no layers");
+  const KvTensorView& first = layers[0].key;
+  KvShape shape{uint32_t(layers.size()), first.tokens, first.heads, first.head_dim, first.dtype};
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (const KvTensorView* v : {&layers[l].key, &layers[l].value}) {
+      if (v->tokens != shape.tokens || v->heads != shape.heads || v->head_dim != shape.head_dim ||
+          v->dtype != shape.dtype) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " ", v == &layers[l].key ? "K" : "V",
+                                                       " has a different shape or dtype than layer 0 K"));
+      }
+    }
+  }
+  if (shape.tokens == 0 || shape.heads == 0) return absl::InvalidArgumentError("empty KV");
+  if (shape.head_dim < kMinHeadDim || shape.head_dim > kMaxHeadDim || shape.head_dim % 8 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("head_dim ", shape.head_dim, " is unsupported"));
+  }
+  return shape;
+}
+
+std::array<uint64_t, kNumTiers> TierPlan::TierCounts() const {
+  std::array<uint64_t, kNumTiers> counts{};
+  for (Tier t : tiers) ++counts[static_cast<int>(t)];
+  return counts;
+}
+
+BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& options) {
+  const size_t n = shape.row_elements();
+  const size_t group = EffectiveGroupSize(options, shape.head_dim);
+  const bool honest = !options.payload_only_accounting;
+  for (KvKind kind : kKinds) {
+    const bool per_channel = kind == KvKind::kKey && options.per_channel_keys;
+    for (int t = 0; t < kNumTiers; ++t) {
+      const Tier tier = static_cast<Tier>(t);
+      size_t cost;
+      if (!honest) {
+        cost = n * TierBits(tier) / 8;
+      } else if (per_channel && IsQuantized(tier)) {
+        const size_t chunk = options.channel_group_tokens;
+        cost = RowCodeBytes(tier, shape.heads, shape.head_dim) + (n * sizeof(GroupParams) + chunk - 1) / chunk;
+      } else {
+        cost = RowBytes(tier, shape.heads, shape.head_dim, group);
+      }
+      row_cost_[static_cast<int>(kind)][t] = cost;
+    }
+  }
+  if (honest) {
+    const size_t segments = SegmentsPerTensor(shape, options);
+    const uint32_t per = options.tokens_per_segment == 0 ? shape.tokens : options.tokens_per_segment;
+    size_t tier_maps = 0;
+    for (size_t s = 0; s < segments; ++s) {
+      tier_maps += TierMapBytes(std::min<size_t>(per, shape.tokens - s * per));
+    }
+    const int quant_tiers = 1 + (options.allow_int4 ? 1 : 0) + (options.allow_int2 ? 1 : 0);
+    for (KvKind kind : kKinds) {
+      const bool key = kind == KvKind::kKey;
+      size_t per_segment = sizeof(SegmentHeader);
+      if (key ? options.centre_keys : options.centre_values) per_segment += n * 2;
+      if (key && options.per_channel_keys) per_segment += quant_tiers * n * sizeof(GroupParams);
+      fixed_overhead_ += shape.layers * (segments * per_segment + tier_maps);
+    }
+  }
+  budget_bytes_ = static_cast<size_t>(std::floor(options.budget * double(shape.raw_bytes())));
+}
+
+absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
+                                                  const CodecOptions& options,
+                                                  const RowKernels& kernels) {
+  absl::StatusOr<KvShape> shape = ShapeOf(layers);
+  if (!shape.ok()) return shape.status();
+  const size_t n = shape->row_elements();
+  const uint32_t group = EffectiveGroupSize(options, shape->head_dim);
+  const uint32_t block = HadamardBlock(shape->head_dim);
+  DistortionTable table{shape->layers, shape->tokens, {}};
+  table.rows.resize(size_t{shape->layers} * 2 * shape->tokens);
+  std::vector<float> row(n), mean(n);
+  std::vector<double> sum(n);
+  for (uint32_t l = 0; l < shape->layers; ++l) {
+    for (KvKind kind : kKinds) {
+      const KvTensorView& v = kind == KvKind::kKey ? layers[l].key : layers[l].value;
+      const bool key = kind == KvKind::kKey;
+      const bool centre = key ? options.centre_keys : options.centre_values;
+      const bool rotate = key ? options.rotate_keys : options.rotate_values;
+      if (centre) {  // over all rows: the encoder's mean over quantized rows is close enough here
+        std::fill(sum.begin(), sum.end(), 0.0);
+        for (uint32_t t = 0; t < v.tokens; ++t) {
+          kernels.load(v.row(t), v.dtype, n, row.data());
+          for (size_t c = 0; c < n; ++c) sum[c] += SanitizeForQuant(row[c]);
+        }
+        for (size_t c = 0; c < n; ++c) mean[c] = Fp16ToFloat(FloatToFp16(float(sum[c] / v.tokens)));
+      }
+      for (uint32_t t = 0; t < v.tokens; ++t) {
+        kernels.load(v.row(t), v.dtype, n, row.data());
+        if (centre) {
+          for (size_t c = 0; c < n; ++c) row[c] -= mean[c];
+        }
+        if (rotate) kernels.hadamard(row.data(), n, block);
+        double err[3] = {0, 0, 0};
+        kernels.estimate_error(row.data(), n, group, err);
+        DistortionTable::Row& r = table.rows[(size_t{l} * 2 + size_t(kind)) * shape->tokens + t];
+        for (int i = 0; i < 3; ++i) r.err[i] = float(err[i]);
+      }
+    }
+  }
+  return table;
+}
+
+absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,
+                                   const CodecOptions& options) {
+  const Tier floor = options.allow_int4 ? Tier::kInt4 : Tier::kInt8;
+  absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, floor);
+  if (!base.ok()) return base.status();
+  const BudgetAccounting acct(shape, options);
+  auto token_cost = [&](Tier t) {
+    return shape.layers * (acct.RowCost(t, KvKind::kKey) + acct.RowCost(t, KvKind::kValue));
+  };
+  auto set_token = [&](uint32_t t, Tier tier) {
+    for (uint32_t l = 0; l < shape.layers; ++l) {
+      for (KvKind k : kKinds) base->plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = tier;
+    }
+  };
+  // Upgrade the most important tokens one tier at a time: first everything to INT8 (as far as
+  // the budget goes), then what remains buys FP16. Upgrades of equal cost: stop at the first miss.
+  for (Tier from : {Tier::kInt4, Tier::kInt8}) {
+    const Tier to = from == Tier::kInt4 ? Tier::kInt8 : Tier::kFp16;
+    if (from == Tier::kInt4 && floor != Tier::kInt4) continue;
+    const size_t delta = token_cost(to) - token_cost(from);
+    for (uint32_t t : base->order) {
+      if (base->is_protected[t] || !base->plan.kept[t] || base->plan.at(0, KvKind::kKey, t) != from) continue;
+      if (delta > base->remaining) break;
+      base->remaining -= delta;
+      set_token(t, to);
+    }
+  }
+  return std::move(base->plan);
+}
+
+absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& importance,
+                                const DistortionTable& distortion, const CodecOptions& options) {
+  if (distortion.layers != shape.layers || distortion.tokens != shape.tokens) {
+    return absl::InvalidArgumentError("distortion table does not match the KV shape");
+  }
+  // Allowed tiers from cheapest to dearest; DistortionTable::Row::err index per quantized tier.
+  std::vector<Tier> ladder;
+  if (options.allow_int2) ladder.push_back(Tier::kInt2);
+  if (options.allow_int4) ladder.push_back(Tier::kInt4);
+  ladder.push_back(Tier::kInt8);
+  ladder.push_back(Tier::kFp16);
+  auto err_index = [](Tier t) { return t == Tier::kInt8 ? 0 : t == Tier::kInt4 ? 1 : 2; };
+
+  absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, ladder.front());
+  if (!base.ok()) return base.status();
+  const BudgetAccounting acct(shape, options);
+
+  // Importance -> distortion weight, normalised per layer so every layer's scale is comparable.
+  std::vector<double> weight(importance.values.size());
+  for (uint32_t l = 0; l < shape.layers; ++l) {
+    double mean = 0.0;
+    for (uint32_t t = 0; t < shape.tokens; ++t) mean += importance.at(l, t);
+    mean /= shape.tokens;
+    for (uint32_t t = 0; t < shape.tokens; ++t) {
+      const double s = importance.at(l, t);
+      weight[size_t{l} * shape.tokens + t] =
+          (mean > 0.0 && std::isfinite(s) ? s / mean : 1.0) + kWeightFloor;
+    }
+  }
+
+  // Each row's upgrade steps along the lower convex hull of its (bytes, distortion) points.
+  struct Step {
+    double gain_per_byte;
+    uint32_t row;  // index into plan.tiers
+    Tier from, to;
+    uint32_t bytes;
+  };
+  std::vector<Step> steps;
+  steps.reserve(base->plan.tiers.size() * (ladder.size() - 1));
+  std::vector<double> cost(ladder.size()), dist(ladder.size());
+  for (uint32_t l = 0; l < shape.layers; ++l) {
+    for (KvKind kind : kKinds) {
+      const double kind_weight = kind == KvKind::kKey ? options.key_weight : 1.0;
+      for (uint32_t t = 0; t < shape.tokens; ++t) {
+        if (base->is_protected[t] || !base->plan.kept[t]) continue;
+        const DistortionTable::Row& d = distortion.at(l, kind, t);
+        const double w = weight[size_t{l} * shape.tokens + t] * kind_weight;
+        for (size_t i = 0; i < ladder.size(); ++i) {
+          cost[i] = double(acct.RowCost(ladder[i], kind));
+          dist[i] = ladder[i] == Tier::kFp16 ? 0.0 : w * double(d.err[err_index(ladder[i])]);
+        }
+        const uint32_t row = uint32_t((size_t{l} * 2 + size_t(kind)) * shape.tokens + t);
+        size_t at = 0;
+        while (at + 1 < ladder.size()) {
+          size_t best = 0;
+          double best_slope = 0.0;
+          for (size_t j = at + 1; j < ladder.size(); ++j) {
+            const double slope = (dist[at] - dist[j]) / (cost[j] - cost[at]);
+            if (slope > best_slope) best_slope = slope, best = j;
+          }
+          if (best == 0) break;  // no further point reduces distortion
+          steps.push_back({best_slope, row, ladder[at], ladder[best], uint32_t(cost[best] - cost[at])});
+          at = best;
+        }
+      }
+    }
+  }
+  // Largest gain per byte first. Within a row, hull slopes strictly decrease, so a row's steps
+  // come in order; a step whose row did not take the previous one is skipped.
+  std::sort(steps.begin(), steps.end(), [](const Step& a, const Step& b) {
+    if (a.gain_per_byte != b.gain_per_byte) return a.gain_per_byte > b.gain_per_byte;
+    if (a.row != b.row) return a.row < b.row;
+    return a.from > b.from;  // equal slopes within a row (collinear points): cheaper step first
+  });
+  size_t remaining = base->remaining;
+  for (const Step& s : steps) {
+    if (s.bytes > remaining || base->plan.tiers[s.row] != s.from) continue;
+    base->plan.tiers[s.row] = s.to;
+    remaining -= s.bytes;
+  }
+  return std::move(base->plan);
+}
+
+}  // namespace skv

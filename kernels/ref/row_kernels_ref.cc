@@ -1,0 +1,133 @@
+// Scalar reference of the row kernels: the specification the SIMD and CUDA versions must match.
+#include <cmath>
+#include <cstring>
+
+#include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/row_kernels.h"
+
+namespace skv {
+
+namespace {
+
+uint16_t NextFp16Up(uint16_t h) {  // for finite h: the next fp16 value toward +Inf
+  if (h == 0x8000u) return 0x0001u;
+  return (h & 0x8000u) ? uint16_t(h - 1) : uint16_t(h + 1);
+}
+uint16_t NextFp16Down(uint16_t h) {
+  if (h == 0x0000u) return 0x8001u;
+  return (h & 0x8000u) ? uint16_t(h + 1) : uint16_t(h - 1);
+}
+
+void LoadRef(const uint16_t* src, DType dtype, size_t n, float* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i], dtype);
+}
+
+void StoreRef(const float* src, DType dtype, size_t n, uint16_t* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = FloatToHalf(src[i], dtype);
+}
+
+void HadamardRef(float* x, size_t n, size_t block) {
+  const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  for (size_t b = 0; b < n; b += block) {
+    float* v = x + b;
+    for (size_t h = 1; h < block; h *= 2) {
+      for (size_t i = 0; i < block; i += 2 * h) {
+        for (size_t j = i; j < i + h; ++j) {
+          const float a = v[j];
+          const float c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+      }
+    }
+    for (size_t j = 0; j < block; ++j) v[j] *= norm;
+  }
+}
+
+void QuantizeRef(const float* x, size_t n, size_t group, int bits, uint8_t* out) {
+  const int max_code = MaxCode(bits);
+  const size_t code_bytes = group * bits / 8;
+  for (size_t g = 0; g < n; g += group) {
+    float lo = SanitizeForQuant(x[g]);
+    float hi = lo;
+    for (size_t i = 1; i < group; ++i) {
+      const float v = SanitizeForQuant(x[g + i]);
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    const GroupParams p = MakeGroupParams(lo, hi, bits);
+    std::memcpy(out, &p, sizeof(p));
+    out += sizeof(p);
+    const float offset = Fp16ToFloat(p.offset);
+    const float inv = InverseScale(p.scale);
+    std::memset(out, 0, code_bytes);
+    for (size_t i = 0; i < group; ++i) {
+      float q = std::nearbyint((SanitizeForQuant(x[g + i]) - offset) * inv);
+      q = q < 0.0f ? 0.0f : (q > float(max_code) ? float(max_code) : q);
+      const unsigned code = static_cast<unsigned>(q);
+      const size_t bit = i * bits;
+      out[bit / 8] |= static_cast<uint8_t>(code << (bit % 8));
+    }
+    out += code_bytes;
+  }
+}
+
+void DequantizeRef(const uint8_t* in, size_t n, size_t group, int bits, float* x) {
+  const unsigned mask = unsigned(MaxCode(bits));
+  const size_t code_bytes = group * bits / 8;
+  for (size_t g = 0; g < n; g += group) {
+    GroupParams p;
+    std::memcpy(&p, in, sizeof(p));
+    in += sizeof(p);
+    const float scale = Fp16ToFloat(p.scale);
+    const float offset = Fp16ToFloat(p.offset);
+    for (size_t i = 0; i < group; ++i) {
+      const size_t bit = i * bits;
+      const unsigned code = (in[bit / 8] >> (bit % 8)) & mask;
+      x[g + i] = float(code) * scale + offset;
+    }
+    in += code_bytes;
+  }
+}
+
+void EstimateErrorRef(const float* x, size_t n, size_t group, double err[3]) {
+  static constexpr int kBits[3] = {8, 4, 2};
+  for (size_t g = 0; g < n; g += group) {
+    float lo = SanitizeForQuant(x[g]);
+    float hi = lo;
+    for (size_t i = 1; i < group; ++i) {
+      const float v = SanitizeForQuant(x[g + i]);
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    const double range = double(hi) - double(lo);
+    for (int t = 0; t < 3; ++t) {
+      const double step = range / MaxCode(kBits[t]);
+      err[t] += double(group) * step * step / 12.0;
+    }
+  }
+}
+
+}  // namespace
+
+GroupParams MakeGroupParams(float min_value, float max_value, int bits) {
+  uint16_t offset = FloatToFp16(min_value);
+  if (Fp16ToFloat(offset) > min_value) offset = NextFp16Down(offset);
+  const float scale_f = (max_value - Fp16ToFloat(offset)) / float(MaxCode(bits));
+  uint16_t scale = FloatToFp16(scale_f > 0.0f ? scale_f : 0.0f);
+  if (Fp16ToFloat(scale) < scale_f) scale = NextFp16Up(scale);
+  return GroupParams{scale, offset};
+}
+
+float InverseScale(uint16_t scale_fp16) {
+  const float s = Fp16ToFloat(scale_fp16);
+  return s > 0.0f ? 1.0f / s : 0.0f;
+}
+
+const RowKernels& ReferenceRowKernels() {
+  static constexpr RowKernels kRef{"scalar", LoadRef, StoreRef, HadamardRef,
+                                   QuantizeRef, DequantizeRef, EstimateErrorRef};
+  return kRef;
+}
+
+}  // namespace skv

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package SpectrumKV needs to build, test and benchmark.
+# Safe to re-run: apt-get skips what is already installed.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config git clang
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libucx-dev ucx-utils libspdlog-dev libabsl-dev
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
+  libopenblas-dev
+  python3 python3-grpcio python3-protobuf
+  iproute2 iperf3 prometheus curl
+)
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "setup-debian: all ${#PACKAGES[@]} packages already installed"
+  exit 0
+fi
+echo "setup-debian: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,91 @@
+#include "spectrumkv/control/codec_policy.h"
+
+#include "absl/strings/str_cat.h"
+#include "spectrumkv/v1/spectrumkv.pb.h"
+
+namespace skv::control {
+namespace {
+
+absl::Status FieldError(std::string_view field, std::string_view member, std::string_view reason) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ".", member, ": ", reason));
+}
+
+}  // namespace
+
+std::string_view CodecAllocatorName(CodecAllocator allocator) {
+  return allocator == CodecAllocator::kPaper ? "paper" : "rd";
+}
+
+absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
+                                         std::string_view field) {
+  const uint32_t g = policy.group_size;
+  if (g != 0 && (g % 8 != 0 || g > 256)) {
+    return FieldError(field, "group_size",
+                      absl::StrCat(g, " is not 0 (= head_dim), 32, 64 or a head_dim"));
+  }
+  if (policy.sink_tokens > kMaxSinkTokens) {
+    return FieldError(field, "sink_tokens",
+                      absl::StrCat(policy.sink_tokens, " > ", kMaxSinkTokens));
+  }
+  if (policy.recent_tokens > kMaxRecentTokens) {
+    return FieldError(field, "recent_tokens",
+                      absl::StrCat(policy.recent_tokens, " > ", kMaxRecentTokens));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t head_dim,
+                                    std::string_view field) {
+  const uint32_t g = policy.group_size;
+  if (g == 0 || g == head_dim) return absl::OkStatus();
+  if ((g == 32 || g == 64) && head_dim % g == 0) return absl::OkStatus();
+  return FieldError(field, "group_size",
+                    absl::StrCat(g, " does not fit head_dim ", head_dim,
+                                 " (allowed: 0, head_dim, or 32/64 dividing head_dim)"));
+}
+
+absl::StatusOr<CodecPolicySettings> ApplyCodecPolicy(const CodecPolicySettings& base,
+                                                     const spectrumkv::v1::CodecPolicy& layer,
+                                                     std::string_view field) {
+  CodecPolicySettings out = base;
+  switch (layer.allocator()) {
+    case spectrumkv::v1::ALLOCATOR_UNSPECIFIED:
+      break;
+    case spectrumkv::v1::ALLOCATOR_PAPER:
+      out.allocator = CodecAllocator::kPaper;
+      break;
+    case spectrumkv::v1::ALLOCATOR_RD:
+      out.allocator = CodecAllocator::kRd;
+      break;
+    default:
+      return FieldError(field, "allocator",
+                        absl::StrCat("unknown value ", static_cast<int>(layer.allocator())));
+  }
+  if (layer.has_rotate()) out.rotate = layer.rotate();
+  if (layer.has_centre()) out.centre = layer.centre();
+  if (layer.has_per_channel_keys()) out.per_channel_keys = layer.per_channel_keys();
+  if (layer.has_group_size()) out.group_size = layer.group_size();
+  if (layer.has_allow_int4()) out.allow_int4 = layer.allow_int4();
+  if (layer.has_allow_int2()) out.allow_int2 = layer.allow_int2();
+  if (layer.has_sink_tokens()) out.sink_tokens = layer.sink_tokens();
+  if (layer.has_recent_tokens()) out.recent_tokens = layer.recent_tokens();
+  if (absl::Status s = ValidateCodecPolicySettings(out, field); !s.ok()) return s;
+  return out;
+}
+
+spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecPolicySettings& policy) {
+  spectrumkv::v1::CodecPolicy out;
+  out.set_allocator(policy.allocator == CodecAllocator::kPaper ? spectrumkv::v1::ALLOCATOR_PAPER
+                                                               : spectrumkv::v1::ALLOCATOR_RD);
+  out.set_rotate(policy.rotate);
+  out.set_centre(policy.centre);
+  out.set_per_channel_keys(policy.per_channel_keys);
+  out.set_group_size(policy.group_size);
+  out.set_allow_int4(policy.allow_int4);
+  out.set_allow_int2(policy.allow_int2);
+  out.set_sink_tokens(policy.sink_tokens);
+  out.set_recent_tokens(policy.recent_tokens);
+  return out;
+}
+
+}  // namespace skv::control
