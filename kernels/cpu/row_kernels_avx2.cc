@@ -68,10 +68,38 @@ inline __m256 ButterflyInVector(__m256 v) {
   return _mm256_blend_ps(sum, diff, odd_mask);
 }
 
+// A whole block of kVectors * 8 values held in registers through every stage (kVectors <= 16
+// fits the 16 ymm registers), so each value is loaded and stored once.
+template <int kVectors>
+void HadamardBlockInRegisters(float* v, __m256 norm) {
+  __m256 r[kVectors];
+  for (int i = 0; i < kVectors; ++i) {
+    r[i] = ButterflyInVector<4>(ButterflyInVector<2>(ButterflyInVector<1>(_mm256_loadu_ps(v + 8 * i))));
+  }
+  for (int h = 1; h < kVectors; h *= 2) {
+    for (int i = 0; i < kVectors; i += 2 * h) {
+      for (int j = i; j < i + h; ++j) {
+        const __m256 a = r[j];
+        r[j] = _mm256_add_ps(a, r[j + h]);
+        r[j + h] = _mm256_sub_ps(a, r[j + h]);
+      }
+    }
+  }
+  for (int i = 0; i < kVectors; ++i) _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(r[i], norm));
+}
+
 void HadamardAvx2(float* x, size_t n, size_t block) {
   const __m256 norm = _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
   for (size_t b = 0; b < n; b += block) {
     float* v = x + b;
+    switch (block) {
+      case 8: HadamardBlockInRegisters<1>(v, norm); continue;
+      case 16: HadamardBlockInRegisters<2>(v, norm); continue;
+      case 32: HadamardBlockInRegisters<4>(v, norm); continue;
+      case 64: HadamardBlockInRegisters<8>(v, norm); continue;
+      case 128: HadamardBlockInRegisters<16>(v, norm); continue;
+      default: break;
+    }
     for (size_t i = 0; i < block; i += 8) {
       __m256 r = _mm256_loadu_ps(v + i);
       r = ButterflyInVector<1>(r);

@@ -63,41 +63,49 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
   return plan;
 }
 
+uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options) {
+  const uint32_t per = options.tokens_per_segment == 0 ? tokens : options.tokens_per_segment;
+  return (tokens + per - 1) / per;
+}
+
 absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
                          const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
-                         const RowKernels& kernels, std::vector<std::vector<uint8_t>>* segments) {
+                         const RowKernels& kernels, std::span<ByteBuffer> out) {
   const KvTensorView& view = kind == KvKind::kKey ? layer.key : layer.value;
-  if (layer_index >= plan.layers || view.tokens != plan.tokens) {
+  if (layer_index >= plan.layers || view.tokens != plan.tokens ||
+      out.size() != SegmentsPerTensor(view.tokens, options)) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer_index, " does not match the plan"));
   }
   const std::span<const Tier> tiers = plan.row_tiers(layer_index, kind);
   const uint32_t per = options.tokens_per_segment == 0 ? view.tokens : options.tokens_per_segment;
-  for (uint32_t begin = 0; begin < view.tokens; begin += per) {
+  for (uint32_t i = 0; i < out.size(); ++i) {
+    const uint32_t begin = i * per;
     const uint32_t count = std::min(per, view.tokens - begin);
-    SegmentSpec spec{request_id, layer_index, kind, begin, count};
-    std::vector<uint8_t> segment;
-    absl::StatusOr<size_t> size =
-        EncodeSegment(view, spec, tiers.subspan(begin, count), options, kernels, &segment);
+    out[i].clear();
+    absl::StatusOr<size_t> size = EncodeSegment(view, {request_id, layer_index, kind, begin, count},
+                                                tiers.subspan(begin, count), options, kernels, &out[i]);
     if (!size.ok()) return size.status();
-    segments->push_back(std::move(segment));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
-                                   const ImportanceInput& importance, const CodecOptions& options,
-                                   uint64_t request_id, const RowKernels& kernels) {
-  EncodedKv out;
-  EncodeStats& stats = out.stats;
+absl::Status EncodeKvInto(std::span<const KvLayerViews> layers, const ImportanceInput& importance,
+                          const CodecOptions& options, uint64_t request_id,
+                          const RowKernels& kernels, EncodedKv* out) {
+  out->stats = EncodeStats{};
+  EncodeStats& stats = out->stats;
   absl::StatusOr<TierPlan> plan = PlanRequest(layers, importance, options, kernels, &stats);
   if (!plan.ok()) return plan.status();
-  out.plan = std::move(*plan);
+  out->plan = std::move(*plan);
 
   const auto start = std::chrono::steady_clock::now();
+  const uint32_t per_tensor = SegmentsPerTensor(out->plan.tokens, options);
+  out->segments.resize(layers.size() * 2 * per_tensor);
   for (uint32_t l = 0; l < layers.size(); ++l) {
     for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-      if (absl::Status s = EncodeLayer(layers[l], l, kind, out.plan, options, request_id, kernels,
-                                       &out.segments);
+      const size_t first = (size_t{l} * 2 + size_t(kind)) * per_tensor;
+      if (absl::Status s = EncodeLayer(layers[l], l, kind, out->plan, options, request_id, kernels,
+                                       std::span(out->segments).subspan(first, per_tensor));
           !s.ok()) {
         return s;
       }
@@ -107,15 +115,25 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
 
   const KvShape shape = *ShapeOf(layers);
   stats.raw_bytes = shape.raw_bytes();
-  for (const auto& s : out.segments) stats.wire_bytes += s.size();
-  stats.rows_per_tier = out.plan.TierCounts();
+  for (const auto& s : out->segments) stats.wire_bytes += s.size();
+  stats.rows_per_tier = out->plan.TierCounts();
   for (int t = 0; t < kNumTiers; ++t) {
     stats.payload_bytes += stats.rows_per_tier[t] * shape.row_elements() * TierBits(Tier(t)) / 8;
   }
   stats.requested_budget = options.budget;
   stats.achieved_budget = double(stats.wire_bytes) / double(stats.raw_bytes);
   stats.payload_only_budget = double(stats.payload_bytes) / double(stats.raw_bytes);
-  for (uint8_t k : out.plan.kept) stats.dropped_tokens += k == 0;
+  for (uint8_t k : out->plan.kept) stats.dropped_tokens += k == 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
+                                   const ImportanceInput& importance, const CodecOptions& options,
+                                   uint64_t request_id, const RowKernels& kernels) {
+  EncodedKv out;
+  if (absl::Status s = EncodeKvInto(layers, importance, options, request_id, kernels, &out); !s.ok()) {
+    return s;
+  }
   return out;
 }
 

@@ -90,14 +90,15 @@ absl::Status CheckSpec(const KvTensorView& source, const SegmentSpec& spec,
 
 // Per-(head, channel) mean of the quantized rows, rounded to fp16 (what the decoder adds back).
 std::vector<uint16_t> ChannelMean(const KvTensorView& source, const SegmentSpec& spec,
-                                  std::span<const Tier> tiers) {
+                                  std::span<const Tier> tiers, const RowKernels& k) {
   const size_t n = source.row_elements();
   std::vector<double> sum(n, 0.0);
+  std::vector<float> row(n);
   size_t rows = 0;
   for (uint32_t i = 0; i < spec.token_count; ++i) {
     if (!IsQuantized(tiers[i])) continue;
-    const uint16_t* row = source.row(spec.token_begin + i);
-    for (size_t c = 0; c < n; ++c) sum[c] += SanitizeForQuant(HalfToFloat(row[c], source.dtype));
+    k.load(source.row(spec.token_begin + i), source.dtype, n, row.data());
+    for (size_t c = 0; c < n; ++c) sum[c] += SanitizeForQuant(row[c]);
     ++rows;
   }
   std::vector<uint16_t> mean(n);
@@ -182,7 +183,7 @@ size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
 
 absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSpec& spec,
                                      std::span<const Tier> tiers, const CodecOptions& options,
-                                     const RowKernels& kernels, std::vector<uint8_t>* out) {
+                                     const RowKernels& kernels, ByteBuffer* out) {
   if (absl::Status s = CheckSpec(source, spec, tiers, options); !s.ok()) return s;
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
   const size_t heads = source.heads, head_dim = source.head_dim, n = source.row_elements();
@@ -229,7 +230,7 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
 
   std::vector<float> mean;
   if (layout.centred) {
-    const std::vector<uint16_t> mean_fp16 = ChannelMean(source, spec, tiers);
+    const std::vector<uint16_t> mean_fp16 = ChannelMean(source, spec, tiers, kernels);
     std::memcpy(mean_out, mean_fp16.data(), sizes.mean);
     mean.resize(n);
     for (size_t c = 0; c < n; ++c) mean[c] = Fp16ToFloat(mean_fp16[c]);

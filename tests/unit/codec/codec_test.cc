@@ -16,7 +16,7 @@ namespace {
 using skv::testing::SyntheticKv;
 using skv::testing::SyntheticKvSpec;
 
-std::vector<std::span<const uint8_t>> Spans(const std::vector<std::vector<uint8_t>>& segments) {
+std::vector<std::span<const uint8_t>> Spans(const std::vector<ByteBuffer>& segments) {
   return {segments.begin(), segments.end()};
 }
 

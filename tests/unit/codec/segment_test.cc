@@ -23,12 +23,12 @@ std::vector<Tier> RandomTiers(uint32_t n, std::mt19937& rng) {
 
 std::vector<uint8_t> Encode(const KvTensorView& view, KvKind kind, const std::vector<Tier>& tiers,
                             const CodecOptions& options, uint32_t begin = 0) {
-  std::vector<uint8_t> out;
+  ByteBuffer out;
   SegmentSpec spec{42, 0, kind, begin, uint32_t(tiers.size())};
   absl::StatusOr<size_t> size = EncodeSegment(view, spec, tiers, options, BestRowKernels(), &out);
   EXPECT_TRUE(size.ok()) << size.status();
   EXPECT_EQ(out.size(), EncodedSegmentBytes(view, spec, tiers, options));
-  return out;
+  return {out.begin(), out.end()};
 }
 
 void FixCrc(std::vector<uint8_t>& seg) {
@@ -194,7 +194,7 @@ TEST_F(SegmentReader, DecodeRejectsAMismatchedDestination) {
 TEST(SegmentWriter, RejectsBadSpecs) {
   SyntheticKvSpec spec{.layers = 1, .tokens = 8, .heads = 1, .head_dim = 16};
   SyntheticKv src(spec);
-  std::vector<uint8_t> out;
+  ByteBuffer out;
   std::vector<Tier> tiers(8, Tier::kInt8);
   CodecOptions options;
   EXPECT_FALSE(EncodeSegment(src.views()[0].key, {1, 0, KvKind::kKey, 4, 8}, tiers, options,

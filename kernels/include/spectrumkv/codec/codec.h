@@ -38,7 +38,8 @@ struct EncodeStats {
 };
 
 struct EncodedKv {
-  std::vector<std::vector<uint8_t>> segments;  // layer-major: layer 0 K, layer 0 V, layer 1 K...
+  // Layer-major: layer 0 K, layer 0 V, layer 1 K, ...; SegmentsPerTensor() segments each.
+  std::vector<ByteBuffer> segments;
   TierPlan plan;
   EncodeStats stats;
 };
@@ -49,11 +50,19 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
                                      const CodecOptions& options, const RowKernels& kernels,
                                      EncodeStats* stats);
 
-// Encodes one layer's K or V under `plan`, split into segments as options.tokens_per_segment
-// says; appends them to `segments`.
+// How many segments one layer's K (or V) becomes: options.tokens_per_segment splits it.
+uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options);
+
+// Encodes one layer's K or V under `plan` into out[0..SegmentsPerTensor), reusing the buffers'
+// memory.
 absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
                          const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
-                         const RowKernels& kernels, std::vector<std::vector<uint8_t>>* segments);
+                         const RowKernels& kernels, std::span<ByteBuffer> out);
+
+// Whole request into `out`, reusing its buffers (steady-state callers avoid page faults).
+absl::Status EncodeKvInto(std::span<const KvLayerViews> layers, const ImportanceInput& importance,
+                          const CodecOptions& options, uint64_t request_id,
+                          const RowKernels& kernels, EncodedKv* out);
 
 absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
                                    const ImportanceInput& importance, const CodecOptions& options,

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "spectrumkv/codec/byte_buffer.h"
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/codec/options.h"
@@ -23,10 +24,11 @@ struct SegmentSpec {
 };
 
 // Encodes rows [token_begin, token_begin + token_count) of `source` with the given tiers (one per
-// row of the segment) and appends the segment to `out`. Returns the segment's size.
+// row of the segment) and appends the segment to `out`. Returns the segment's size. On error
+// `out` is unchanged.
 absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSpec& spec,
                                      std::span<const Tier> tiers, const CodecOptions& options,
-                                     const RowKernels& kernels, std::vector<uint8_t>* out);
+                                     const RowKernels& kernels, ByteBuffer* out);
 
 // Exact size EncodeSegment will produce, without encoding.
 size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
