@@ -123,6 +123,20 @@ void HadamardAvx2(float* x, size_t n, size_t block) {
   }
 }
 
+// MakeGroupParams with the F16C conversions: identical results, since the scalar conversions in
+// half.h round exactly as the instructions do (tested exhaustively).
+inline uint16_t ToFp16(float f) { return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+inline float FromFp16(uint16_t h) { return _cvtsh_ss(h); }
+
+inline GroupParams MakeGroupParamsF16c(float min_value, float max_value, int bits) {
+  uint16_t offset = ToFp16(min_value);
+  if (FromFp16(offset) > min_value) offset = offset == 0 ? 0x8001u : (offset & 0x8000u) ? offset + 1 : offset - 1;
+  const float scale_f = (max_value - FromFp16(offset)) / float(MaxCode(bits));
+  uint16_t scale = ToFp16(scale_f > 0.0f ? scale_f : 0.0f);
+  if (FromFp16(scale) < scale_f) scale = scale + 1;  // scale_f >= 0: the next fp16 up
+  return GroupParams{scale, offset};
+}
+
 inline __m256 Sanitize8(__m256 x) {
   const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   x = _mm256_andnot_ps(is_nan, x);
@@ -209,11 +223,12 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out
   for (size_t g = 0; g < n; g += group) {
     float lo, hi;
     GroupMinMax(x + g, group, &lo, &hi);
-    const GroupParams p = MakeGroupParams(lo, hi, bits);
+    const GroupParams p = MakeGroupParamsF16c(lo, hi, bits);
     std::memcpy(out, &p, sizeof(p));
     out += sizeof(p);
-    const __m256 offset = _mm256_set1_ps(Fp16ToFloat(p.offset));
-    const __m256 inv = _mm256_set1_ps(InverseScale(p.scale));
+    const __m256 offset = _mm256_set1_ps(FromFp16(p.offset));
+    const float scale = FromFp16(p.scale);
+    const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
     for (size_t i = 0; i < group; i += 8) {
       const __m256 v = Sanitize8(_mm256_loadu_ps(x + g + i));
       __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, offset), inv),
@@ -231,8 +246,8 @@ void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, int bits, float* 
     GroupParams p;
     std::memcpy(&p, in, sizeof(p));
     in += sizeof(p);
-    const __m256 scale = _mm256_set1_ps(Fp16ToFloat(p.scale));
-    const __m256 offset = _mm256_set1_ps(Fp16ToFloat(p.offset));
+    const __m256 scale = _mm256_set1_ps(FromFp16(p.scale));
+    const __m256 offset = _mm256_set1_ps(FromFp16(p.offset));
     for (size_t i = 0; i < group; i += 8) {
       const __m256 codes = _mm256_cvtepi32_ps(UnpackCodes8(in + i * bits / 8, bits));
       _mm256_storeu_ps(x + g + i, _mm256_add_ps(_mm256_mul_ps(codes, scale), offset));

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/half.h"
+#include "row_transform.h"
 
 namespace skv {
 namespace {
@@ -171,31 +172,21 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
   if (!shape.ok()) return shape.status();
   const size_t n = shape->row_elements();
   const uint32_t group = EffectiveGroupSize(options, shape->head_dim);
-  const uint32_t block = HadamardBlock(shape->head_dim);
   DistortionTable table{shape->layers, shape->tokens, {}};
   table.rows.resize(size_t{shape->layers} * 2 * shape->tokens);
-  std::vector<float> row(n), mean(n);
-  std::vector<double> sum(n);
+  std::vector<float> row(n), mean;
   for (uint32_t l = 0; l < shape->layers; ++l) {
     for (KvKind kind : kKinds) {
       const KvTensorView& v = kind == KvKind::kKey ? layers[l].key : layers[l].value;
       const bool key = kind == KvKind::kKey;
-      const bool centre = key ? options.centre_keys : options.centre_values;
-      const bool rotate = key ? options.rotate_keys : options.rotate_values;
-      if (centre) {  // over all rows: the encoder's mean over quantized rows is close enough here
-        std::fill(sum.begin(), sum.end(), 0.0);
-        for (uint32_t t = 0; t < v.tokens; ++t) {
-          kernels.load(v.row(t), v.dtype, n, row.data());
-          for (size_t c = 0; c < n; ++c) sum[c] += SanitizeForQuant(row[c]);
-        }
-        for (size_t c = 0; c < n; ++c) mean[c] = Fp16ToFloat(FloatToFp16(float(sum[c] / v.tokens)));
+      mean.clear();
+      if (key ? options.centre_keys : options.centre_values) {
+        // Over all rows: the writer's mean over quantized rows only is close enough here.
+        for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels)) mean.push_back(Fp16ToFloat(m));
       }
+      const bool rotate = key ? options.rotate_keys : options.rotate_values;
       for (uint32_t t = 0; t < v.tokens; ++t) {
-        kernels.load(v.row(t), v.dtype, n, row.data());
-        if (centre) {
-          for (size_t c = 0; c < n; ++c) row[c] -= mean[c];
-        }
-        if (rotate) kernels.hadamard(row.data(), n, block);
+        internal::TransformRow(v.row(t), v, rotate, mean, kernels, row.data());
         double err[3] = {0, 0, 0};
         kernels.estimate_error(row.data(), n, group, err);
         DistortionTable::Row& r = table.rows[(size_t{l} * 2 + size_t(kind)) * shape->tokens + t];

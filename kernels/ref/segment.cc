@@ -1,11 +1,13 @@
 #include "spectrumkv/codec/segment.h"
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/half.h"
+#include "row_transform.h"
 
 namespace skv {
 namespace {
@@ -88,35 +90,6 @@ absl::Status CheckSpec(const KvTensorView& source, const SegmentSpec& spec,
   return ValidateOptions(options, source.head_dim);
 }
 
-// Per-(head, channel) mean of the quantized rows, rounded to fp16 (what the decoder adds back).
-std::vector<uint16_t> ChannelMean(const KvTensorView& source, const SegmentSpec& spec,
-                                  std::span<const Tier> tiers, const RowKernels& k) {
-  const size_t n = source.row_elements();
-  std::vector<double> sum(n, 0.0);
-  std::vector<float> row(n);
-  size_t rows = 0;
-  for (uint32_t i = 0; i < spec.token_count; ++i) {
-    if (!IsQuantized(tiers[i])) continue;
-    k.load(source.row(spec.token_begin + i), source.dtype, n, row.data());
-    for (size_t c = 0; c < n; ++c) sum[c] += SanitizeForQuant(row[c]);
-    ++rows;
-  }
-  std::vector<uint16_t> mean(n);
-  for (size_t c = 0; c < n; ++c) mean[c] = FloatToFp16(float(sum[c] / double(rows)));
-  return mean;
-}
-
-// Loads a row to fp32 and applies the forward transforms.
-void TransformRow(const uint16_t* row, const KvTensorView& view, const SegmentLayout& layout,
-                  const std::vector<float>& mean, const RowKernels& k, float* out) {
-  const size_t n = view.row_elements();
-  k.load(row, view.dtype, n, out);
-  if (layout.centred) {
-    for (size_t c = 0; c < n; ++c) out[c] -= mean[c];
-  }
-  if (layout.rotated) k.hadamard(out, n, HadamardBlock(view.head_dim));
-}
-
 void PutCode(uint8_t* codes, size_t index, int bits, unsigned code) {
   const size_t bit = index * bits;
   codes[bit / 8] |= static_cast<uint8_t>(code << (bit % 8));
@@ -144,8 +117,8 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
       const size_t count = std::min<size_t>(layout.chunk, rows.size() - first);
       staged.resize(count * n);
       for (size_t r = 0; r < count; ++r) {
-        TransformRow(source.row(spec.token_begin + rows[first + r]), source, layout, mean, k,
-                     staged.data() + r * n);
+        internal::TransformRow(source.row(spec.token_begin + rows[first + r]), source, layout.rotated,
+                               mean, k, staged.data() + r * n);
         std::memset(payload + record_offset[rows[first + r]], 0, RowCodeBytes(tier, source.heads, source.head_dim));
       }
       for (size_t c = 0; c < n; ++c) {
@@ -230,7 +203,8 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
 
   std::vector<float> mean;
   if (layout.centred) {
-    const std::vector<uint16_t> mean_fp16 = ChannelMean(source, spec, tiers, kernels);
+    const std::vector<uint16_t> mean_fp16 =
+        internal::ChannelMeanFp16(source, spec.token_begin, spec.token_count, tiers, kernels);
     std::memcpy(mean_out, mean_fp16.data(), sizes.mean);
     mean.resize(n);
     for (size_t c = 0; c < n; ++c) mean[c] = Fp16ToFloat(mean_fp16[c]);
@@ -250,7 +224,7 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
     if (t == Tier::kFp16) {
       std::memcpy(payload + record_offset[i], row, n * 2);
     } else if (IsQuantized(t) && !layout.per_channel) {
-      TransformRow(row, source, layout, mean, kernels, row_f32.data());
+      internal::TransformRow(row, source, layout.rotated, mean, kernels, row_f32.data());
       kernels.quantize(row_f32.data(), n, layout.group_size, TierBits(t), payload + record_offset[i]);
     }
   }

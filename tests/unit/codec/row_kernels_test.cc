@@ -22,7 +22,7 @@ constexpr double kMaxRelRmsInt2 = 0.65;
 // Hadamard applied twice is the identity up to fp32 rounding of log2(n) butterfly stages.
 constexpr double kHadamardRoundTripUlps = 16;
 
-enum class Pattern { kGaussian, kZeros, kConstant, kOutliers, kDenormals, kNonFinite, kHuge };
+enum class Pattern { kGaussian, kZeros, kConstant, kOutliers, kDenormals, kNonFinite, kHuge, kRandomBits };
 
 std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -42,6 +42,7 @@ std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
         break;
       }
       case Pattern::kHuge: x[i] = 60000.0f * (rng() % 2 ? 1.0f : -1.0f) * (rng() % 100) / 100.0f; break;
+      case Pattern::kRandomBits: x[i] = BitsFloat(uint32_t(rng())); break;  // any float at all
     }
   }
   return x;
@@ -49,7 +50,7 @@ std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
 
 constexpr Pattern kAllPatterns[] = {Pattern::kGaussian,  Pattern::kZeros,     Pattern::kConstant,
                                     Pattern::kOutliers,  Pattern::kDenormals, Pattern::kNonFinite,
-                                    Pattern::kHuge};
+                                    Pattern::kHuge,      Pattern::kRandomBits};
 
 class Avx2VsReference : public ::testing::Test {
  protected:
