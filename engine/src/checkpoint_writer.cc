@@ -19,8 +19,20 @@ using UniqueFile = std::unique_ptr<std::FILE, FileCloser>;
 
 // Tensor kinds; with the layer they name one tensor and seed its generator, so the values do
 // not depend on the order a layout writes them in.
-enum class Tensor { kEmbedding, kRmsAttention, kWq, kWk, kWv, kWo, kRmsFfn, kW1, kW2, kW3,
-                    kRmsFinal, kClassifier };
+enum class Tensor {
+  kEmbedding,
+  kRmsAttention,
+  kWq,
+  kWk,
+  kWv,
+  kWo,
+  kRmsFfn,
+  kW1,
+  kW2,
+  kW3,
+  kRmsFinal,
+  kClassifier
+};
 
 uint64_t SplitMix64(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ull);
@@ -53,20 +65,33 @@ class CheckpointWriter {
     bool is_norm = false;
     switch (kind) {
       case Tensor::kEmbedding:
-      case Tensor::kClassifier: rows = vocab; break;
+      case Tensor::kClassifier:
+        rows = vocab;
+        break;
       case Tensor::kRmsAttention:
       case Tensor::kRmsFfn:
-      case Tensor::kRmsFinal: is_norm = true; break;
+      case Tensor::kRmsFinal:
+        is_norm = true;
+        break;
       case Tensor::kWq:
-      case Tensor::kWo: rows = dim; break;
+      case Tensor::kWo:
+        rows = dim;
+        break;
       case Tensor::kWk:
-      case Tensor::kWv: rows = kv_dim; break;
+      case Tensor::kWv:
+        rows = kv_dim;
+        break;
       case Tensor::kW1:
-      case Tensor::kW3: rows = hidden; break;
-      case Tensor::kW2: rows = dim; fan_in = hidden; break;
+      case Tensor::kW3:
+        rows = hidden;
+        break;
+      case Tensor::kW2:
+        rows = dim;
+        fan_in = hidden;
+        break;
     }
-    uint64_t state = seed_ ^ (static_cast<uint64_t>(kind) << 48) ^
-                     (static_cast<uint64_t>(layer) << 32);
+    uint64_t state =
+        seed_ ^ (static_cast<uint64_t>(kind) << 48) ^ (static_cast<uint64_t>(layer) << 32);
     const float half_width = is_norm ? 0.1f : 1.0f / std::sqrt(static_cast<float>(fan_in));
     std::vector<float> values(rows * fan_in);
     for (float& v : values) {
@@ -97,8 +122,8 @@ class CheckpointWriter {
   }
 
   void WriteHeaderInts(int32_t vocab_field) {
-    for (int32_t v : {c_.dim, c_.hidden_dim, c_.n_layers, c_.n_heads, c_.n_kv_heads, vocab_field,
-                      c_.seq_len}) {
+    for (int32_t v :
+         {c_.dim, c_.hidden_dim, c_.n_layers, c_.n_heads, c_.n_kv_heads, vocab_field, c_.seq_len}) {
       WriteInt32(v);
     }
   }
@@ -124,8 +149,7 @@ absl::Status WriteRandomCheckpoint(const std::string& path, const ModelConfig& c
   }
   UniqueFile file(std::fopen(path.c_str(), "wb"));
   if (file == nullptr) {
-    return absl::InternalError(
-        absl::StrCat("cannot create '", path, "': ", std::strerror(errno)));
+    return absl::InternalError(absl::StrCat("cannot create '", path, "': ", std::strerror(errno)));
   }
   CheckpointWriter w(file.get(), config, seed);
   if (format == CheckpointFormat::kLegacy) {
@@ -157,7 +181,8 @@ absl::Status WriteRandomCheckpoint(const std::string& path, const ModelConfig& c
   }
   if (!config.shared_classifier) w.WriteTensor(Tensor::kClassifier);
   if (!w.ok() || std::fflush(file.get()) != 0) {
-    return absl::InternalError(absl::StrCat("write to '", path, "' failed: ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("write to '", path, "' failed: ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }

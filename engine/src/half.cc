@@ -11,7 +11,8 @@ namespace {
 constexpr uint32_t kFloatInf = 0x7f800000;
 constexpr uint32_t kFp16MinNormalAsFloat = 0x38800000;  // 2^-14
 constexpr uint32_t kFp16OverflowAsFloat = 0x47800000;   // 2^16: rounds to Inf whatever the mantissa
-constexpr uint32_t kExponentRebias = (127 - 15) << 10;  // float bias minus fp16 bias, at fp16's exponent bit
+constexpr uint32_t kExponentRebias = (127 - 15)
+                                     << 10;  // float bias minus fp16 bias, at fp16's exponent bit
 
 }  // namespace
 
@@ -55,7 +56,9 @@ uint16_t FloatToBf16Bits(float value) {
   return static_cast<uint16_t>((bits + 0x7fff + kept_lsb) >> 16);
 }
 
-float Bf16BitsToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+float Bf16BitsToFloat(uint16_t bits) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
 
 uint16_t FloatToKvBits(float value, KvDtype dtype) {
   return dtype == KvDtype::kFp16 ? FloatToFp16Bits(value) : FloatToBf16Bits(value);

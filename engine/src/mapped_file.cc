@@ -43,7 +43,8 @@ absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
   ScopedFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) return ErrnoStatus(errno, absl::StrCat("cannot open '", path, "'"));
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(errno, absl::StrCat("cannot stat '", path, "'"));
+  if (::fstat(fd.get(), &st) != 0)
+    return ErrnoStatus(errno, absl::StrCat("cannot stat '", path, "'"));
   if (!S_ISREG(st.st_mode)) {
     return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a regular file"));
   }

@@ -67,8 +67,13 @@ TensorSizes SizesOf(const ModelConfig& c) {
   const uint64_t dim = static_cast<uint64_t>(c.dim);
   const uint64_t kv_dim = static_cast<uint64_t>(c.kv_dim());
   const uint64_t hidden = static_cast<uint64_t>(c.hidden_dim);
-  return {static_cast<uint64_t>(c.vocab_size) * dim, dim, dim * dim, kv_dim * dim, dim * dim,
-          hidden * dim, dim * hidden};
+  return {static_cast<uint64_t>(c.vocab_size) * dim,
+          dim,
+          dim * dim,
+          kv_dim * dim,
+          dim * dim,
+          hidden * dim,
+          dim * hidden};
 }
 
 uint64_t WeightFloats(const ModelConfig& c) {
@@ -141,11 +146,11 @@ void BuildRopeTables(ModelWeights& w) {
   w.rope_sin.resize(count);
   for (int pos = 0; pos < w.config.seq_len; ++pos) {
     for (int i = 0; i < pairs; ++i) {
-      const float freq = 1.0f / std::pow(10000.0f, static_cast<float>(2 * i) /
-                                                       static_cast<float>(head_dim));
+      const float freq =
+          1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(head_dim));
       const float angle = static_cast<float>(pos) * freq;
-      const size_t at = static_cast<size_t>(pos) * static_cast<size_t>(pairs) +
-                        static_cast<size_t>(i);
+      const size_t at =
+          static_cast<size_t>(pos) * static_cast<size_t>(pairs) + static_cast<size_t>(i);
       w.rope_cos[at] = std::cos(angle);
       w.rope_sin[at] = std::sin(angle);
     }
@@ -168,15 +173,16 @@ absl::StatusOr<std::shared_ptr<const Model>> Model::Load(const std::string& path
       static_cast<uint32_t>(ReadInt32(bytes, 0)) == kVersion1Magic) {
     weights->format = CheckpointFormat::kVersion1;
     if (bytes.size() < kVersion1HeaderBytes) {
-      return absl::InvalidArgumentError(absl::StrCat("checkpoint '", path, "': ", bytes.size(),
-                                                     " bytes, shorter than the 256-byte v1 header"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint '", path, "': ", bytes.size(),
+                       " bytes, shorter than the 256-byte v1 header"));
     }
     const int32_t version = ReadInt32(bytes, 4);
     if (version != 1) {
-      return absl::UnimplementedError(absl::StrCat(
-          "checkpoint '", path, "': llama2.c format version ", version,
-          " is not supported (only the fp32 layouts, legacy and version 1)",
-          version == 2 ? "; version 2 is Q8_0-quantized" : ""));
+      return absl::UnimplementedError(
+          absl::StrCat("checkpoint '", path, "': llama2.c format version ", version,
+                       " is not supported (only the fp32 layouts, legacy and version 1)",
+                       version == 2 ? "; version 2 is Q8_0-quantized" : ""));
     }
     const RawHeader h = ReadHeaderInts(bytes, 8);
     const uint8_t shared = static_cast<uint8_t>(bytes[8 + kLegacyHeaderBytes]);
@@ -202,20 +208,19 @@ absl::StatusOr<std::shared_ptr<const Model>> Model::Load(const std::string& path
   }
   if (absl::Status status = ValidateShape(config, path); !status.ok()) return status;
   if (weights->format == CheckpointFormat::kLegacy) {
-    extra_floats = 2 * static_cast<uint64_t>(config.seq_len) *
-                   static_cast<uint64_t>(config.head_dim() / 2);
+    extra_floats =
+        2 * static_cast<uint64_t>(config.seq_len) * static_cast<uint64_t>(config.head_dim() / 2);
   }
 
-  const uint64_t expected =
-      header_bytes + (WeightFloats(config) + extra_floats) * sizeof(float);
+  const uint64_t expected = header_bytes + (WeightFloats(config) + extra_floats) * sizeof(float);
   if (bytes.size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "checkpoint '", path, "': file has ", bytes.size(), " bytes but its header (dim=",
-        config.dim, " hidden_dim=", config.hidden_dim, " n_layers=", config.n_layers,
-        " n_heads=", config.n_heads, " n_kv_heads=", config.n_kv_heads,
-        " vocab_size=", config.vocab_size, config.shared_classifier ? " shared" : " unshared",
-        " classifier, seq_len=", config.seq_len, ") implies ", expected,
-        bytes.size() < expected ? " (truncated?)" : " (trailing data?)"));
+        "checkpoint '", path, "': file has ", bytes.size(),
+        " bytes but its header (dim=", config.dim, " hidden_dim=", config.hidden_dim,
+        " n_layers=", config.n_layers, " n_heads=", config.n_heads,
+        " n_kv_heads=", config.n_kv_heads, " vocab_size=", config.vocab_size,
+        config.shared_classifier ? " shared" : " unshared", " classifier, seq_len=", config.seq_len,
+        ") implies ", expected, bytes.size() < expected ? " (truncated?)" : " (trailing data?)"));
   }
 
   weights->layers.resize(static_cast<size_t>(config.n_layers));

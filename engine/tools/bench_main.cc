@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "blas_threads.h"
 #include "spectrumkv/engine/checkpoint_writer.h"
 #include "spectrumkv/engine/engine.h"
 
@@ -24,6 +25,8 @@ ABSL_FLAG(int, prefill, 512, "prompt tokens to prefill in one batch");
 ABSL_FLAG(int, decode, 128, "tokens to decode one by one after the prefill");
 ABSL_FLAG(int, repeat, 5, "runs; the best one is reported");
 ABSL_FLAG(bool, reference, false, "use the scalar reference kernels");
+ABSL_FLAG(int, threads, 0,
+          "OpenBLAS threads; 0 = OPENBLAS_NUM_THREADS if set, else 1 for dim < 256, else all");
 
 namespace skv::engine {
 namespace {
@@ -55,13 +58,16 @@ absl::Status Run() {
   absl::StatusOr<std::shared_ptr<const Model>> model = LoadOrSynthesize();
   if (!model.ok()) return model.status();
   const ModelConfig& c = (*model)->config();
+  ApplyBlasThreadPolicy(c, absl::GetFlag(FLAGS_threads));
   const int prefill = std::min(absl::GetFlag(FLAGS_prefill), c.seq_len);
   const int decode = std::min(absl::GetFlag(FLAGS_decode), c.seq_len - prefill);
   std::vector<int> prompt(static_cast<size_t>(prefill));
   for (int i = 0; i < prefill; ++i) prompt[static_cast<size_t>(i)] = (i * 7919 + 1) % c.vocab_size;
-  std::printf("model: dim=%d hidden=%d layers=%d heads=%d kv_heads=%d head_dim=%d vocab=%d seq=%d\n",
-              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim(),
-              c.vocab_size, c.seq_len);
+  std::printf(
+      "model: dim=%d hidden=%d layers=%d heads=%d kv_heads=%d head_dim=%d vocab=%d seq=%d; "
+      "%d BLAS threads\n",
+      c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim(), c.vocab_size,
+      c.seq_len, BlasThreads());
 
   double best_prefill_ms = 1e300;
   double best_decode_ms = 1e300;

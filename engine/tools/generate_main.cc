@@ -12,6 +12,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "blas_threads.h"
 #include "spectrumkv/engine/engine.h"
 #include "spectrumkv/engine/tokenizer.h"
 
@@ -21,6 +22,8 @@ ABSL_FLAG(std::string, prompt, "", "text to continue; generation starts from BOS
 ABSL_FLAG(int, steps, 256, "positions to run, prompt included; 0 or more than seq_len = seq_len");
 ABSL_FLAG(float, temperature, 0.0f, "0 = greedy (argmax); > 0 samples softmax(logits / T)");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed; 0 = from the clock");
+ABSL_FLAG(int, threads, 0,
+          "OpenBLAS threads; 0 = OPENBLAS_NUM_THREADS if set, else 1 for dim < 256, else all");
 
 namespace skv::engine {
 namespace {
@@ -93,6 +96,7 @@ absl::Status Run() {
   absl::StatusOr<std::shared_ptr<const Model>> model = Model::Load(absl::GetFlag(FLAGS_model));
   if (!model.ok()) return model.status();
   const ModelConfig& config = (*model)->config();
+  ApplyBlasThreadPolicy(config, absl::GetFlag(FLAGS_threads));
   absl::StatusOr<Tokenizer> tokenizer =
       Tokenizer::Load(absl::GetFlag(FLAGS_tokenizer), config.vocab_size);
   if (!tokenizer.ok()) return tokenizer.status();
@@ -104,8 +108,8 @@ absl::Status Run() {
   if (!prompt.ok()) return prompt.status();
   const int prompt_tokens = static_cast<int>(prompt->size());
   if (prompt_tokens > steps) {
-    return absl::InvalidArgumentError(absl::StrCat("the prompt is ", prompt_tokens,
-                                                   " tokens, more than --steps=", steps));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the prompt is ", prompt_tokens, " tokens, more than --steps=", steps));
   }
   uint64_t seed = absl::GetFlag(FLAGS_seed);
   if (seed == 0) seed = static_cast<uint64_t>(Clock::now().time_since_epoch().count());

@@ -4,10 +4,10 @@
 //   auto model = Model::Load("stories260K.bin");           // legacy or version-1 layout, mmapped
 //   auto prefill = Session::Create(*model);
 //   prefill->Forward(prompt_tokens);                        // batched prefill (sgemm)
-//   auto kv = prefill->ExportKv(KvDtype::kFp16);            // per layer [tokens, kv_heads, head_dim]
-//   auto decode = Session::FromKv(*model, *kv, keep_mask);  // decode side, dropped tokens masked
-//   decode->Forward(continuation, {.logits = LogitsMode::kAll});
-//   decode->logits();                                       // [continuation, vocab]
+//   auto kv = prefill->ExportKv(KvDtype::kFp16);            // per layer [tokens, kv_heads,
+//   head_dim] auto decode = Session::FromKv(*model, *kv, keep_mask);  // decode side, dropped
+//   tokens masked decode->Forward(continuation, {.logits = LogitsMode::kAll}); decode->logits(); //
+//   [continuation, vocab]
 //
 // A Session is single-threaded; any number of sessions may share one Model (it is read-only).
 #pragma once
@@ -48,7 +48,8 @@ struct ModelWeights;  // views into the mapped checkpoint; defined inside the en
 // A checkpoint mapped read-only into memory. Shared by the sessions that run it.
 class Model {
  public:
-  // Maps and validates `path`. Any mismatch between header and file size is an error, never a crash.
+  // Maps and validates `path`. Any mismatch between header and file size is an error, never a
+  // crash.
   [[nodiscard]] static absl::StatusOr<std::shared_ptr<const Model>> Load(const std::string& path);
 
   ~Model();
@@ -123,6 +124,12 @@ struct ForwardOptions {
   int capture_last_queries = 0;  // W > 0 fills queries() with the call's last min(W, n) queries
 };
 
+// OpenBLAS's process-wide thread count (OPENBLAS_NUM_THREADS sets the initial one). Models as
+// small as stories260K run faster on one thread: each BLAS call is too short to pay for waking
+// the others; dim >= 256 gains from all cores.
+void SetBlasThreads(int threads);
+int BlasThreads();
+
 class SessionState;  // buffers and KV cache; defined inside the engine
 
 // One sequence being run: its KV cache (fp32), its keep mask and scratch buffers.
@@ -156,7 +163,8 @@ class Session {
   absl::StatusOr<std::span<const float>> Step(int token);
 
   // Logits of the last Forward, row-major [logits_rows(), vocab_size]; row i predicts the token
-  // after the call's i-th token (kLast: the single row belongs to the last token).
+  // after the call's i-th token (kLast: the single row belongs to the last token). Spans stay
+  // valid until the next Forward or Step.
   std::span<const float> logits() const;
   int logits_rows() const;
   std::span<const float> last_logits() const;  // the last row, or empty
@@ -171,7 +179,7 @@ class Session {
   // session can continue on exactly the values a decode node would receive.
   void RoundKvTo(KvDtype dtype);
 
-  int position() const;                    // tokens in the cache = next position
+  int position() const;                        // tokens in the cache = next position
   std::span<const uint8_t> keep_mask() const;  // position() entries, 1 = attended
   const ModelConfig& config() const;
 

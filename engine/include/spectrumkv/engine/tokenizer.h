@@ -42,8 +42,8 @@ class Tokenizer {
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   absl::flat_hash_map<std::string, int> ids_;  // piece -> first id with that piece
-  std::vector<int> byte_tokens_;                // [256] id of <0xXX>, or -1 when absent
-  std::vector<int> byte_of_token_;              // [vocab] the raw byte a <0xXX> token stands for, or -1
+  std::vector<int> byte_tokens_;               // [256] id of <0xXX>, or -1 when absent
+  std::vector<int> byte_of_token_;  // [vocab] the raw byte a <0xXX> token stands for, or -1
 };
 
 }  // namespace skv::engine
