@@ -1,0 +1,354 @@
+// skvctl: command-line client of spectrumkvd.
+//   skvctl register --target=H:P --model=NAME --layers=N --kv_heads=N --head_dim=N [--dtype=fp16|bf16]
+//   skvctl send     --target=H:P --model=NAME --request_id=N --shm=/name --tokens=N --peer=ID --budget=B
+//   skvctl receive  --target=H:P --model=NAME --request_id=N --shm=/name --tokens=N [--timeout_s=S]
+//   skvctl status   --target=H:P [--request_id=N]
+//   skvctl probe    --target=H:P --model=NAME --shm=/name --tokens=N
+//   skvctl demo     --sender=H:P --receiver=H:P --peer=ID [--tokens=N --layers=N --budget=B]
+//   skvctl bench    --sender=H:P --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json]
+// demo and bench generate a synthetic KV (7B-shaped by default) in shared memory, register the
+// model on both daemons and move it; demo also checks the result against the codec's own
+// Encode/Decode of the same KV and prints a report.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <future>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/time_util.h"
+#include "spectrumkv/client/client.h"
+
+ABSL_FLAG(std::string, target, "127.0.0.1:50551", "daemon gRPC address");
+ABSL_FLAG(std::string, sender, "127.0.0.1:50551", "demo/bench: the prefill-side daemon");
+ABSL_FLAG(std::string, receiver, "127.0.0.1:50561", "demo/bench: the decode-side daemon");
+ABSL_FLAG(std::string, peer, "decode", "the receiving daemon's id as the sender knows it");
+ABSL_FLAG(std::string, model, "", "model name; empty = derived from the shape, e.g. synthetic-32x8x128-fp16");
+ABSL_FLAG(uint32_t, layers, 32, "layers");
+ABSL_FLAG(uint32_t, kv_heads, 8, "KV heads");
+ABSL_FLAG(uint32_t, head_dim, 128, "head dimension");
+ABSL_FLAG(uint32_t, tokens, 2048, "prompt tokens");
+ABSL_FLAG(std::string, dtype, "fp16", "fp16 or bf16");
+ABSL_FLAG(uint64_t, request_id, 1, "request id");
+ABSL_FLAG(std::string, shm, "", "POSIX shared memory object holding the KV (dense layout)");
+ABSL_FLAG(double, budget, 0.5, "wire bytes / FP16 bytes, in (0, 1]");
+ABSL_FLAG(std::string, budgets, "1,0.5,0.3", "bench: budgets to time (1 = FP16 passthrough)");
+ABSL_FLAG(uint32_t, repeats, 3, "bench: transfers per budget (the fastest counts)");
+ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
+ABSL_FLAG(bool, json, false, "print JSON");
+
+namespace {
+
+namespace v1 = ::spectrumkv::v1;
+using skv::client::SharedMemoryBuffer;
+using skv::client::SpectrumKvClient;
+
+int Fail(const absl::Status& s, const char* what) {
+  std::cerr << "skvctl: " << what << ": " << s << "\n";
+  return 1;
+}
+
+std::string Json(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+double Secs(const google::protobuf::Duration& d) {
+  return double(google::protobuf::util::TimeUtil::DurationToNanoseconds(d)) / 1e9;
+}
+
+v1::DType DTypeFlag() { return absl::GetFlag(FLAGS_dtype) == "bf16" ? v1::DTYPE_BF16 : v1::DTYPE_FP16; }
+
+std::string ModelName() {
+  if (!absl::GetFlag(FLAGS_model).empty()) return absl::GetFlag(FLAGS_model);
+  return absl::StrCat("synthetic-", absl::GetFlag(FLAGS_layers), "x", absl::GetFlag(FLAGS_kv_heads), "x",
+                      absl::GetFlag(FLAGS_head_dim), "-", absl::GetFlag(FLAGS_dtype));
+}
+
+v1::KvLayout LayoutFromFlags() {
+  return skv::client::DenseLayout(DTypeFlag(), absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_kv_heads),
+                                  absl::GetFlag(FLAGS_head_dim), absl::GetFlag(FLAGS_tokens));
+}
+
+v1::RegisterModelRequest RegisterRequest() {
+  v1::RegisterModelRequest r;
+  r.set_name(ModelName());
+  r.mutable_shape()->set_layers(absl::GetFlag(FLAGS_layers));
+  r.mutable_shape()->set_kv_heads(absl::GetFlag(FLAGS_kv_heads));
+  r.mutable_shape()->set_head_dim(absl::GetFlag(FLAGS_head_dim));
+  r.mutable_shape()->set_dtype(DTypeFlag());
+  return r;
+}
+
+v1::KvHandle ShmHandle(const std::string& name) {
+  v1::KvHandle h;
+  h.mutable_shared_memory()->set_name(name);
+  h.mutable_shared_memory()->set_length(skv::client::DenseLayoutBytes(LayoutFromFlags()));
+  return h;
+}
+
+absl::StatusOr<std::unique_ptr<SpectrumKvClient>> Connect(const std::string& target) {
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> c = SpectrumKvClient::Connect(target);
+  if (!c.ok()) return c.status();
+  if (absl::Status s = (*c)->WaitUntilServing(std::chrono::seconds(10)); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat(target, ": ", s.message()));
+  }
+  return c;
+}
+
+// Keys with a per-channel bias and a few outlier channels, values Gaussian: like real KV.
+void FillSyntheticKv(uint8_t* data, const v1::KvLayout& layout, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const size_t row = size_t{layout.kv_heads()} * layout.head_dim();
+  auto* out = reinterpret_cast<uint16_t*>(data);
+  const size_t per_tensor = size_t{layout.tokens()} * row;
+  for (uint32_t l = 0; l < layout.layers(); ++l) {
+    for (int kind = 0; kind < 2; ++kind) {
+      uint16_t* t = out + (size_t{l} * 2 + kind) * per_tensor;
+      for (size_t i = 0; i < per_tensor; ++i) {
+        const size_t ch = i % layout.head_dim();
+        float v = normal(rng);
+        if (kind == 0) v = v * (ch % 37 == 5 ? 8.0f : 1.0f) + 0.5f * float(ch % 7);
+        // fp16 via the float's bits (bf16 would truncate the same way for this demo data)
+        uint32_t bits;
+        std::memcpy(&bits, &v, 4);
+        if (layout.dtype() == v1::DTYPE_BF16) {
+          t[i] = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+        } else {
+          const _Float16 h = static_cast<_Float16>(v);
+          std::memcpy(&t[i], &h, 2);
+        }
+      }
+    }
+  }
+}
+
+struct Pair {
+  std::unique_ptr<SpectrumKvClient> sender, receiver;
+};
+
+absl::StatusOr<Pair> ConnectPair() {
+  Pair p;
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> s = Connect(absl::GetFlag(FLAGS_sender));
+  if (!s.ok()) return s.status();
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> r = Connect(absl::GetFlag(FLAGS_receiver));
+  if (!r.ok()) return r.status();
+  p.sender = std::move(*s);
+  p.receiver = std::move(*r);
+  for (SpectrumKvClient* c : {p.sender.get(), p.receiver.get()}) {
+    absl::StatusOr<v1::RegisterModelResponse> m = c->RegisterModel(RegisterRequest());
+    if (!m.ok()) return m.status();
+  }
+  return p;
+}
+
+// One transfer from the sender's shm to the receiver's shm: Receive first (as a decode server
+// would, before its prefill finishes), then Send.
+absl::StatusOr<std::pair<v1::SendResponse, v1::ReceiveResponse>> Transfer(
+    Pair& pair, const SharedMemoryBuffer& source, const SharedMemoryBuffer& destination, uint64_t request_id,
+    double budget) {
+  const v1::KvLayout layout = LayoutFromFlags();
+  v1::ReceiveRequest receive;
+  receive.set_request_id(request_id);
+  receive.set_model_id(ModelName());
+  *receive.mutable_destination() = destination.handle();
+  *receive.mutable_destination_layout() = layout;
+  *receive.mutable_timeout() = google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
+  auto received = std::async(std::launch::async, [&] { return pair.receiver->Receive(receive); });
+
+  v1::SendRequest send;
+  send.set_request_id(request_id);
+  send.set_model_id(ModelName());
+  *send.mutable_source() = source.handle();
+  *send.mutable_source_layout() = layout;
+  send.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+  send.set_budget(budget);
+  send.set_passthrough(budget >= 1.0 ? v1::PASSTHROUGH_MODE_ALWAYS : v1::PASSTHROUGH_MODE_NEVER);
+  absl::StatusOr<v1::SendResponse> sent = pair.sender->Send(send);
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  if (!sent.ok()) return sent.status();
+  if (!got.ok()) return got.status();
+  return std::make_pair(*sent, *got);
+}
+
+std::string ShmName(const char* role) { return absl::StrCat("/skvctl-", getpid(), "-", role); }
+
+int Demo() {
+  absl::StatusOr<Pair> pair = ConnectPair();
+  if (!pair.ok()) return Fail(pair.status(), "connecting to the daemons");
+  const v1::KvLayout layout = LayoutFromFlags();
+  const uint64_t bytes = skv::client::DenseLayoutBytes(layout);
+  absl::StatusOr<SharedMemoryBuffer> src = SharedMemoryBuffer::Create(ShmName("src"), bytes);
+  absl::StatusOr<SharedMemoryBuffer> dst = SharedMemoryBuffer::Create(ShmName("dst"), bytes);
+  if (!src.ok()) return Fail(src.status(), "source buffer");
+  if (!dst.ok()) return Fail(dst.status(), "destination buffer");
+  FillSyntheticKv(src->data(), layout, 7);
+  const double budget = absl::GetFlag(FLAGS_budget);
+  auto result = Transfer(*pair, *src, *dst, absl::GetFlag(FLAGS_request_id), budget);
+  if (!result.ok()) return Fail(result.status(), "transfer");
+  const v1::TransferStats& s = result->first.stats();
+
+  // Check: the same KV through the sender daemon's stateless Encode/Decode (the codec without
+  // the transport) must give exactly the bytes the receiver wrote.
+  v1::EncodeRequest encode;
+  encode.set_kv(std::string(reinterpret_cast<const char*>(src->data()), bytes));
+  *encode.mutable_layout() = layout;
+  encode.set_budget(budget);
+  encode.set_request_id(absl::GetFlag(FLAGS_request_id));
+  std::string verdict = "skipped (KV above the 64 MiB inline limit; shrink --tokens/--layers)";
+  if (bytes < (60u << 20)) {
+    absl::StatusOr<v1::EncodeResponse> encoded = (*pair).sender->Encode(encode);
+    if (!encoded.ok()) return Fail(encoded.status(), "reference encode");
+    v1::DecodeRequest decode;
+    *decode.mutable_segments() = encoded->segments();
+    *decode.mutable_output_layout() = layout;
+    absl::StatusOr<v1::DecodeResponse> decoded = (*pair).sender->Decode(decode);
+    if (!decoded.ok()) return Fail(decoded.status(), "reference decode");
+    const bool same = decoded->kv().size() == bytes && std::memcmp(decoded->kv().data(), dst->data(), bytes) == 0;
+    verdict = same ? "identical to the codec's Encode/Decode" : "MISMATCH with the codec's Encode/Decode";
+    if (!same) {
+      std::cerr << "skvctl: the received KV differs from the reference decode\n";
+      return 1;
+    }
+  }
+  const auto& t = s.tier_tokens();
+  const auto& d = s.durations();
+  std::printf("SpectrumKV demo: %u layers x %u tokens x %u kv heads x %u dims (%s), %s -> %s\n", layout.layers(),
+              layout.tokens(), layout.kv_heads(), layout.head_dim(), absl::GetFlag(FLAGS_dtype).c_str(),
+              absl::GetFlag(FLAGS_sender).c_str(), absl::GetFlag(FLAGS_receiver).c_str());
+  std::printf("  budget     requested %.3f, achieved %.4f (paper's payload-only accounting: %.4f)\n",
+              s.requested_budget(), s.achieved_budget(), s.payload_budget());
+  std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller)\n", (unsigned long long)s.raw_bytes(),
+              (unsigned long long)s.wire_bytes(), double(s.raw_bytes()) / std::max<uint64_t>(1, s.wire_bytes()));
+  std::printf("  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu\n", (unsigned long long)t.fp16(),
+              (unsigned long long)t.int8(), (unsigned long long)t.int4(), (unsigned long long)t.int2(),
+              (unsigned long long)t.drop());
+  std::printf("  time (s)   score %.4f, plan %.4f, encode %.4f, wire %.4f, decode %.4f, total %.4f\n", Secs(d.score()),
+              Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.decode()), Secs(d.total()));
+  std::printf("  result     %s\n", verdict.c_str());
+  return 0;
+}
+
+int Bench() {
+  absl::StatusOr<Pair> pair = ConnectPair();
+  if (!pair.ok()) return Fail(pair.status(), "connecting to the daemons");
+  const v1::KvLayout layout = LayoutFromFlags();
+  const uint64_t bytes = skv::client::DenseLayoutBytes(layout);
+  absl::StatusOr<SharedMemoryBuffer> src = SharedMemoryBuffer::Create(ShmName("src"), bytes);
+  absl::StatusOr<SharedMemoryBuffer> dst = SharedMemoryBuffer::Create(ShmName("dst"), bytes);
+  if (!src.ok()) return Fail(src.status(), "source buffer");
+  if (!dst.ok()) return Fail(dst.status(), "destination buffer");
+  FillSyntheticKv(src->data(), layout, 7);
+  uint64_t request_id = absl::GetFlag(FLAGS_request_id) * 1000;
+  std::vector<std::string> rows;
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_budgets), ',')) {
+    const double budget = std::stod(std::string(b));
+    double best = 1e30, achieved = 0;
+    for (uint32_t r = 0; r < std::max(1u, absl::GetFlag(FLAGS_repeats)); ++r) {
+      auto result = Transfer(*pair, *src, *dst, ++request_id, budget);
+      if (!result.ok()) return Fail(result.status(), absl::StrCat("transfer at b=", budget).c_str());
+      best = std::min(best, Secs(result->first.stats().durations().total()));
+      achieved = result->first.stats().achieved_budget();
+    }
+    rows.push_back(absl::StrFormat("{\"budget\":%g,\"achieved_b\":%.4f,\"seconds\":%.4f,\"raw_bytes\":%llu}", budget,
+                                   achieved, best, (unsigned long long)bytes));
+    if (!absl::GetFlag(FLAGS_json)) {
+      std::printf("b=%-5g achieved %.4f  send-to-commit %.4f s  (%.2f GB/s of FP16 KV)\n", budget, achieved, best,
+                  double(bytes) / best / 1e9);
+    }
+  }
+  if (absl::GetFlag(FLAGS_json)) std::printf("{\"transfers\":[%s]}\n", absl::StrJoin(rows, ",").c_str());
+  return 0;
+}
+
+int Main(const std::string& command) {
+  if (command == "demo") return Demo();
+  if (command == "bench") return Bench();
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> client = Connect(absl::GetFlag(FLAGS_target));
+  if (!client.ok()) return Fail(client.status(), "connect");
+  if (command == "register") {
+    auto r = (*client)->RegisterModel(RegisterRequest());
+    if (!r.ok()) return Fail(r.status(), "register");
+    std::cout << Json(*r);
+  } else if (command == "send" || command == "receive" || command == "probe") {
+    if (absl::GetFlag(FLAGS_shm).empty()) return Fail(absl::InvalidArgumentError("--shm is required"), command.c_str());
+    const v1::KvHandle handle = ShmHandle(absl::GetFlag(FLAGS_shm));
+    if (command == "send") {
+      v1::SendRequest req;
+      req.set_request_id(absl::GetFlag(FLAGS_request_id));
+      req.set_model_id(ModelName());
+      *req.mutable_source() = handle;
+      *req.mutable_source_layout() = LayoutFromFlags();
+      req.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+      req.set_budget(absl::GetFlag(FLAGS_budget));
+      auto r = (*client)->Send(req);
+      if (!r.ok()) return Fail(r.status(), "send");
+      std::cout << Json(*r);
+    } else if (command == "receive") {
+      v1::ReceiveRequest req;
+      req.set_request_id(absl::GetFlag(FLAGS_request_id));
+      req.set_model_id(ModelName());
+      *req.mutable_destination() = handle;
+      *req.mutable_destination_layout() = LayoutFromFlags();
+      *req.mutable_timeout() = google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
+      auto r = (*client)->Receive(req);
+      if (!r.ok()) return Fail(r.status(), "receive");
+      r->clear_inline_kv();
+      std::cout << Json(*r);
+    } else {
+      v1::ProbeRequest req;
+      req.set_model_id(ModelName());
+      *req.mutable_sample() = handle;
+      *req.mutable_sample_layout() = LayoutFromFlags();
+      auto r = (*client)->Probe(req);
+      if (!r.ok()) return Fail(r.status(), "probe");
+      std::cout << Json(*r);
+    }
+  } else if (command == "status") {
+    if (absl::GetFlag(FLAGS_request_id) != 0 && absl::GetFlag(FLAGS_request_id) != 1) {
+      v1::GetTransferRequest req;
+      req.set_request_id(absl::GetFlag(FLAGS_request_id));
+      auto r = (*client)->GetTransfer(req);
+      if (!r.ok()) return Fail(r.status(), "status");
+      std::cout << Json(*r);
+    } else {
+      auto r = (*client)->ListTransfers(v1::ListTransfersRequest());
+      if (!r.ok()) return Fail(r.status(), "status");
+      std::cout << Json(*r);
+    }
+  } else {
+    std::cerr << "skvctl: unknown command '" << command << "'; try --help\n";
+    return 2;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "skvctl <register|send|receive|status|probe|demo|bench> [--flags]\n"
+      "  demo: two daemons move a synthetic 7B-shaped KV and the result is checked; bench: time it.");
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() != 2) {
+    std::cerr << "usage: skvctl <register|send|receive|status|probe|demo|bench> [--flags]  (--help for all)\n";
+    return 2;
+  }
+  return Main(positional[1]);
+}

@@ -1,0 +1,112 @@
+// spectrumkvd's core: registered models, the send pipeline (score -> plan -> encode -> stream),
+// the receive side (buffer -> verify -> decode -> commit), and transfer bookkeeping. The gRPC
+// service is a thin layer over this class; the codec does all the math.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "spectrumkv/control/daemon_config.h"
+#include "spectrumkv/control/metrics.h"
+#include "spectrumkv/control/request_validation.h"
+#include "spectrumkv/transport/transport.h"
+#include "spectrumkv/v1/spectrumkv.pb.h"
+#include "transfer_table.h"
+#include "worker_pool.h"
+
+namespace skv::daemon {
+
+namespace v1 = ::spectrumkv::v1;
+namespace transport = ::spectrumkv::transport;
+
+class Daemon {
+ public:
+  using ReceiveDone = absl::AnyInvocable<void(absl::StatusOr<v1::ReceiveResponse>)>;
+
+  // Starts the data plane on config.data_listen_address. `transport` may be given for tests (a
+  // loopback transport); null creates the UCX transport from the config.
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const control::DaemonConfig& config,
+                                                       control::Metrics* metrics,
+                                                       std::unique_ptr<transport::Transport> transport);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // The bound data-plane address (with the real port when the config asked for port 0).
+  const std::string& data_address() const { return data_address_; }
+
+  absl::StatusOr<v1::RegisterModelResponse> RegisterModel(const v1::RegisterModelRequest& request);
+  // Blocks until the peer committed, failed or timed out: call it from a worker thread.
+  absl::StatusOr<v1::SendResponse> Send(const v1::SendRequest& request);
+  // Returns at once; `done` runs exactly once, when the KV is written or the transfer failed.
+  void Receive(const v1::ReceiveRequest& request, ReceiveDone done);
+  absl::StatusOr<v1::GetTransferResponse> GetTransfer(const v1::GetTransferRequest& request);
+  absl::StatusOr<v1::ListTransfersResponse> ListTransfers(const v1::ListTransfersRequest& request);
+  absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(const v1::CancelTransferRequest& request);
+  absl::StatusOr<v1::ProbeResponse> Probe(const v1::ProbeRequest& request);
+  absl::StatusOr<v1::EncodeResponse> Encode(const v1::EncodeRequest& request);
+  absl::StatusOr<v1::DecodeResponse> Decode(const v1::DecodeRequest& request);
+
+  // Runs `task` on the daemon's workers; false once shutting down.
+  bool PostWork(absl::AnyInvocable<void()> task) { return workers_.Post(std::move(task)); }
+
+  // Fails every in-flight transfer with Unavailable, closes the data plane, stops the workers.
+  // Idempotent; returns when nothing runs any more.
+  void Shutdown();
+
+ private:
+  struct Inbound;
+  struct Outbound;
+  struct PeerLink;
+
+  Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
+         std::unique_ptr<transport::Transport> transport);
+
+  // Transport handlers (transport thread: quick, never block).
+  void OnMessage(transport::ReceivedMessage message);
+  void OnPeerEvent(const transport::PeerEvent& event);
+  void OnBegin(transport::PeerId peer, std::span<const std::byte> payload);
+  void OnSegment(transport::PeerId peer, std::vector<std::byte> payload);
+  void OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender);
+
+  absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
+  absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);
+  void ScheduleDecode(const std::shared_ptr<Inbound>& transfer);
+  void DrainDecodeQueue(std::shared_ptr<Inbound> transfer);
+  // Ends an inbound transfer (under mu_); returns what must run after unlocking.
+  absl::AnyInvocable<void()> FinishInbound(const std::shared_ptr<Inbound>& transfer, absl::Status status);
+  void SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
+                   double decode_seconds);
+  void ReapExpired();
+
+  control::DaemonConfig config_;
+  control::Metrics* metrics_;
+  std::unique_ptr<transport::Transport> transport_;
+  std::string data_address_;
+  TransferTable table_;
+
+  mutable std::mutex mu_;
+  std::map<std::string, control::RegisteredModel> models_;
+  std::map<uint64_t, std::shared_ptr<Inbound>> inbound_;    // by request id
+  std::map<uint64_t, std::shared_ptr<Outbound>> outbound_;  // by request id
+  std::map<std::string, std::shared_ptr<PeerLink>> links_;  // by peer address
+  std::map<uint64_t, absl::Time> tombstones_;  // finished inbound ids: late segments are dropped
+  size_t early_bytes_ = 0;
+  std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
+  double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate
+  bool shutting_down_ = false;
+
+  std::condition_variable reaper_cv_;
+  std::thread reaper_;
+  WorkerPool workers_;
+};
+
+}  // namespace skv::daemon

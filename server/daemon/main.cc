@@ -1,0 +1,102 @@
+// spectrumkvd: the SpectrumKV sidecar daemon. See `spectrumkvd --help` for every setting.
+#include <csignal>
+#include <iostream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "daemon.h"
+#include "grpc_service.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "spdlog/spdlog.h"
+#include "spectrumkv/control/daemon_config.h"
+#include "spectrumkv/control/metrics.h"
+
+namespace {
+
+void SetLogLevel(skv::control::LogLevel level) {
+  using skv::control::LogLevel;
+  static constexpr spdlog::level::level_enum kLevels[] = {spdlog::level::trace, spdlog::level::debug,
+                                                          spdlog::level::info,  spdlog::level::warn,
+                                                          spdlog::level::err,   spdlog::level::critical,
+                                                          spdlog::level::off};
+  spdlog::set_level(kLevels[static_cast<int>(level)]);
+}
+
+int Run(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (skv::control::HelpRequested(args)) {
+    std::cout << skv::control::DaemonConfigUsage("spectrumkvd");
+    return 0;
+  }
+  absl::StatusOr<skv::control::DaemonConfig> config = skv::control::LoadDaemonConfig(argc, argv);
+  if (!config.ok()) {
+    std::cerr << "spectrumkvd: invalid configuration: " << config.status().message() << "\n";
+    return 2;
+  }
+  SetLogLevel(config->log_level);
+  spdlog::info("spectrumkvd '{}' starting; effective configuration:\n{}", config->daemon_id,
+               skv::control::FormatDaemonConfig(*config));
+
+  // Block the shutdown signals in every thread; a dedicated wait below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  skv::control::Metrics metrics;
+  std::unique_ptr<skv::control::MetricsHttpEndpoint> metrics_endpoint;
+  if (!config->metrics_listen_address.empty()) {
+    absl::StatusOr<std::unique_ptr<skv::control::MetricsHttpEndpoint>> endpoint =
+        skv::control::MetricsHttpEndpoint::Start(config->metrics_listen_address, metrics);
+    if (!endpoint.ok()) {
+      spdlog::critical("metrics endpoint: {}", endpoint.status().ToString());
+      return 1;
+    }
+    metrics_endpoint = std::move(*endpoint);
+    spdlog::info("metrics on http://{}/metrics", config->metrics_listen_address);
+  }
+  absl::StatusOr<std::unique_ptr<skv::daemon::Daemon>> daemon = skv::daemon::Daemon::Start(*config, &metrics, nullptr);
+  if (!daemon.ok()) {
+    spdlog::critical("{}", daemon.status().ToString());
+    return 1;
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = skv::daemon::MakeServerCredentials(*config);
+  if (!credentials.ok()) {
+    spdlog::critical("{}", credentials.status().ToString());
+    return 1;
+  }
+  skv::daemon::SpectrumKvService service(daemon->get(), config->max_concurrent_transfers);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(config->grpc_listen_address, *credentials, &bound_port);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    spdlog::critical("cannot serve gRPC on {}", config->grpc_listen_address);
+    return 1;
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  spdlog::info("gRPC API on {} (port {}), data plane on {}", config->grpc_listen_address, bound_port,
+               (*daemon)->data_address());
+  std::cout << "spectrumkvd ready: grpc=" << config->grpc_listen_address << " data=" << (*daemon)->data_address()
+            << std::endl;
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  spdlog::info("signal {}: shutting down (in-flight transfers fail with UNAVAILABLE)", signal_number);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  (*daemon)->Shutdown();  // fails what is in flight, so the calls below finish promptly
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return Run(argc, argv); }
