@@ -45,23 +45,6 @@ std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views) {
   return out;
 }
 
-CodecOptions ToCodecOptions(const control::CodecPolicySettings& policy, double budget) {
-  CodecOptions o;
-  o.allocator = policy.allocator == control::CodecAllocator::kPaper ? AllocatorKind::kPaper : AllocatorKind::kRd;
-  o.budget = budget;
-  // The paper's method has no transforms; ours rotates keys and values and centres keys.
-  o.rotate_keys = o.rotate_values = policy.rotate && policy.allocator == control::CodecAllocator::kRd;
-  o.centre_keys = policy.centre && policy.allocator == control::CodecAllocator::kRd;
-  o.centre_values = false;
-  o.per_channel_keys = policy.per_channel_keys;
-  o.group_size = policy.group_size;
-  o.allow_int4 = policy.allow_int4;
-  o.allow_int2 = policy.allow_int2;
-  o.sink_tokens = policy.sink_tokens;
-  o.recent_tokens = policy.recent_tokens;
-  return o;
-}
-
 void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out) {
   out->set_fp16(rows[int(Tier::kFp16)]);
   out->set_int8(rows[int(Tier::kInt8)]);
@@ -98,6 +81,20 @@ v1::ImportanceSource ImportanceSourceOf(const char* name) {
   if (n == "queries") return v1::IMPORTANCE_SOURCE_OBSERVATION_WINDOW;
   if (n == "positional") return v1::IMPORTANCE_SOURCE_POSITIONAL;
   return v1::IMPORTANCE_SOURCE_UNSPECIFIED;
+}
+
+std::span<const std::byte> Bytes(const transport::MessageBuffer& m) { return {m.data(), m.size()}; }
+
+// Hands an encoded segment to the transport without copying it.
+transport::MessageBuffer ToMessage(ByteBuffer bytes) {
+  struct Owner : transport::MessageBuffer::Owner {
+    ByteBuffer bytes;
+  };
+  auto owner = std::make_unique<Owner>();
+  owner->bytes = std::move(bytes);
+  auto* data = reinterpret_cast<std::byte*>(owner->bytes.data());
+  const size_t size = owner->bytes.size();
+  return transport::MessageBuffer(data, size, std::move(owner));
 }
 
 absl::Status Annotate(const absl::Status& s, absl::string_view context) {
@@ -148,6 +145,23 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const 
 
 }  // namespace
 
+CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double budget) {
+  CodecOptions o;
+  o.allocator = policy.allocator == control::CodecAllocator::kPaper ? AllocatorKind::kPaper : AllocatorKind::kRd;
+  o.budget = budget;
+  // The paper's method has no transforms; ours rotates keys and values and centres keys.
+  o.rotate_keys = o.rotate_values = policy.rotate && policy.allocator == control::CodecAllocator::kRd;
+  o.centre_keys = policy.centre && policy.allocator == control::CodecAllocator::kRd;
+  o.centre_values = false;
+  o.per_channel_keys = policy.per_channel_keys;
+  o.group_size = policy.group_size;
+  o.allow_int4 = policy.allow_int4;
+  o.allow_int2 = policy.allow_int2;
+  o.sink_tokens = policy.sink_tokens;
+  o.recent_tokens = policy.recent_tokens;
+  return o;
+}
+
 // ---- State of one transfer on each side. --------------------------------------------------------
 
 struct Daemon::Inbound {
@@ -157,7 +171,7 @@ struct Daemon::Inbound {
   transport::PeerId peer = transport::kNoPeer;
   std::string peer_daemon_id;
   // Segments waiting for the Receive call (or, after it, for the decode worker).
-  std::deque<std::vector<std::byte>> queue;
+  std::deque<transport::MessageBuffer> queue;
   size_t early_bytes = 0;
   absl::Time first_arrival = absl::InfinitePast();
   // Set by Receive.
@@ -249,9 +263,11 @@ void Daemon::Shutdown() {
     if (shutting_down_) return;
     shutting_down_ = true;
     const absl::Status down = absl::UnavailableError("spectrumkvd is shutting down");
+    std::vector<std::shared_ptr<Inbound>> pending;  // FinishInbound erases from inbound_
     for (auto& [id, in] : inbound_) {
-      if (!in->finished && in->has_receive) after.push_back(FinishInbound(in, down));
+      if (!in->finished && in->has_receive) pending.push_back(in);
     }
+    for (auto& in : pending) after.push_back(FinishInbound(in, down));
     for (auto& [id, out] : outbound_) {
       std::lock_guard<std::mutex> ol(out->mu);
       if (!out->outcome) out->outcome = TransferOutcome{id, down, 0};
@@ -371,8 +387,8 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
       if (in->peer != event.peer.id || in->finished) {
         ++it;
       } else if (in->has_receive) {
+        ++it;  // FinishInbound erases `in` from inbound_
         after.push_back(FinishInbound(in, lost));
-        ++it;
       } else {  // only buffered: drop it
         early_bytes_ -= in->early_bytes;
         it = inbound_.erase(it);
@@ -392,10 +408,10 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
 
 void Daemon::OnMessage(transport::ReceivedMessage message) {
   switch (message.type) {
-    case kTransferBeginMessage: OnBegin(message.peer, message.payload); break;
+    case kTransferBeginMessage: OnBegin(message.peer, Bytes(message.payload)); break;
     case kSegmentMessage: OnSegment(message.peer, std::move(message.payload)); break;
-    case kTransferResultMessage: OnOutcome(message.peer, message.payload, false); break;
-    case kTransferAbortMessage: OnOutcome(message.peer, message.payload, true); break;
+    case kTransferResultMessage: OnOutcome(message.peer, Bytes(message.payload), false); break;
+    case kTransferAbortMessage: OnOutcome(message.peer, Bytes(message.payload), true); break;
     default: spdlog::warn("dropped a peer message of unknown type {}", message.type); break;
   }
 }
@@ -438,7 +454,7 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
   if (!refusal.ok()) SendOutcome(peer, begin->request_id, refusal, 0);
 }
 
-void Daemon::OnSegment(transport::PeerId peer, std::vector<std::byte> payload) {
+void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload) {
   if (payload.size() < sizeof(SegmentHeader)) {
     spdlog::warn("dropped a {}-byte segment message from peer {}", payload.size(), peer);
     return;
@@ -598,7 +614,7 @@ void Daemon::ScheduleDecode(const std::shared_ptr<Inbound>& transfer) {
 
 void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
   for (;;) {
-    std::vector<std::byte> bytes;
+    transport::MessageBuffer bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (in->finished || in->queue.empty()) {
@@ -824,7 +840,7 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
     spdlog::info("request {}: FP16 passthrough ({})", request.request_id(), v1::PassthroughReason_Name(decision.reason()));
   }
   decision.set_planned_budget(budget);
-  const CodecOptions options = ToCodecOptions(*policy, budget);
+  const CodecOptions options = CodecOptionsFor(*policy, budget);
 
   absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(*peer);
   if (!peer_id.ok()) return peer_id.status();
@@ -888,9 +904,9 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
         }
         stats.encode_seconds += Seconds(encode_start);
         for (ByteBuffer& b : buffers) {
-          std::vector<std::byte> message(b.size());
-          std::memcpy(message.data(), b.data(), b.size());
           wire_bytes += b.size();
+          transport::MessageBuffer message = ToMessage(std::move(b));
+          b = ByteBuffer();
           // Send() waits while the peer's in-flight window is full: that is the pipeline's
           // backpressure, and encoding of the next layer overlaps the wire meanwhile.
           if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message), [](absl::Status) {});
@@ -1087,7 +1103,7 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
     importance.query_windows = queries->windows;
   }
   absl::StatusOr<EncodedKv> encoded =
-      EncodeKv(layers, importance, ToCodecOptions(*policy, request.budget()), request.request_id());
+      EncodeKv(layers, importance, CodecOptionsFor(*policy, request.budget()), request.request_id());
   if (!encoded.ok()) return encoded.status();
   v1::EncodeResponse response;
   for (const ByteBuffer& s : encoded->segments) response.add_segments(std::string(s.begin(), s.end()));
@@ -1154,7 +1170,7 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
     queries.emplace(std::move(*q));
   }
   const double threshold = request.max_int4_error() > 0 ? request.max_int4_error() : kDefaultInt4ProbeThreshold;
-  CodecOptions options = ToCodecOptions(model->policy, 0.5);
+  CodecOptions options = CodecOptionsFor(model->policy, 0.5);
   absl::StatusOr<std::vector<LayerProbeResult>> result = ProbeInt4(
       CodecViews(*views), queries ? std::span<const QueryWindow>(queries->windows) : std::span<const QueryWindow>(),
       options);

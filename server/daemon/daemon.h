@@ -14,6 +14,8 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "spectrumkv/codec/options.h"
+#include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
 #include "spectrumkv/control/metrics.h"
 #include "spectrumkv/control/request_validation.h"
@@ -26,6 +28,10 @@ namespace skv::daemon {
 
 namespace v1 = ::spectrumkv::v1;
 namespace transport = ::spectrumkv::transport;
+
+// The codec options a transfer under `policy` at `budget` uses (one mapping for Send, Encode
+// and Probe, and for tests that recompute a transfer's expected bytes).
+CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double budget);
 
 class Daemon {
  public:
@@ -74,7 +80,7 @@ class Daemon {
   void OnMessage(transport::ReceivedMessage message);
   void OnPeerEvent(const transport::PeerEvent& event);
   void OnBegin(transport::PeerId peer, std::span<const std::byte> payload);
-  void OnSegment(transport::PeerId peer, std::vector<std::byte> payload);
+  void OnSegment(transport::PeerId peer, transport::MessageBuffer payload);
   void OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender);
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;

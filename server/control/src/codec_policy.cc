@@ -6,18 +6,19 @@
 namespace skv::control {
 namespace {
 
-absl::Status FieldError(std::string_view field, std::string_view member, std::string_view reason) {
+absl::Status FieldError(absl::string_view field, absl::string_view member,
+                        absl::string_view reason) {
   return absl::InvalidArgumentError(absl::StrCat(field, ".", member, ": ", reason));
 }
 
 }  // namespace
 
-std::string_view CodecAllocatorName(CodecAllocator allocator) {
+absl::string_view CodecAllocatorName(CodecAllocator allocator) {
   return allocator == CodecAllocator::kPaper ? "paper" : "rd";
 }
 
 absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
-                                         std::string_view field) {
+                                         absl::string_view field) {
   const uint32_t g = policy.group_size;
   if (g != 0 && (g % 8 != 0 || g > 256)) {
     return FieldError(field, "group_size",
@@ -35,7 +36,7 @@ absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
 }
 
 absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t head_dim,
-                                    std::string_view field) {
+                                    absl::string_view field) {
   const uint32_t g = policy.group_size;
   if (g == 0 || g == head_dim) return absl::OkStatus();
   if ((g == 32 || g == 64) && head_dim % g == 0) return absl::OkStatus();
@@ -46,7 +47,7 @@ absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t 
 
 absl::StatusOr<CodecPolicySettings> ApplyCodecPolicy(const CodecPolicySettings& base,
                                                      const spectrumkv::v1::CodecPolicy& layer,
-                                                     std::string_view field) {
+                                                     absl::string_view field) {
   CodecPolicySettings out = base;
   switch (layer.allocator()) {
     case spectrumkv::v1::ALLOCATOR_UNSPECIFIED:

@@ -26,22 +26,22 @@
 namespace skv::control {
 namespace {
 
-constexpr std::string_view kConfigFileKey = "config_file";
-constexpr std::string_view kRedacted = "<redacted>";
+constexpr absl::string_view kConfigFileKey = "config_file";
+constexpr absl::string_view kRedacted = "<redacted>";
 
 // ---- Value parsers. Each returns InvalidArgument with the reason only; callers add the source,
 // key and value so every message names all three.
 
-absl::Status Invalid(std::string_view reason) { return absl::InvalidArgumentError(reason); }
+absl::Status Invalid(absl::string_view reason) { return absl::InvalidArgumentError(reason); }
 
-absl::StatusOr<bool> ParseBool(std::string_view text) {
+absl::StatusOr<bool> ParseBool(absl::string_view text) {
   const std::string v = absl::AsciiStrToLower(text);
   if (v == "true" || v == "1" || v == "yes" || v == "on") return true;
   if (v == "false" || v == "0" || v == "no" || v == "off") return false;
   return Invalid("expected true|false|1|0|yes|no|on|off");
 }
 
-absl::StatusOr<uint64_t> ParseUnsigned(std::string_view text, uint64_t min, uint64_t max) {
+absl::StatusOr<uint64_t> ParseUnsigned(absl::string_view text, uint64_t min, uint64_t max) {
   uint64_t value = 0;
   // SimpleAtoi accepts a leading '+' and surrounding spaces; the config grammar does not.
   if (text.empty() || !absl::ascii_isdigit(static_cast<unsigned char>(text.front())) ||
@@ -56,8 +56,8 @@ absl::StatusOr<uint64_t> ParseUnsigned(std::string_view text, uint64_t min, uint
 
 // Bytes: an integer with an optional unit, decimal (KB, MB, GB, TB) or binary (KiB, MiB, GiB,
 // TiB); units are case-insensitive. Bare K/M/G are refused because they are ambiguous.
-absl::StatusOr<uint64_t> ParseBytes(std::string_view text) {
-  constexpr std::string_view kExpected =
+absl::StatusOr<uint64_t> ParseBytes(absl::string_view text) {
+  constexpr absl::string_view kExpected =
       "expected bytes: an integer with an optional unit B, KB, MB, GB, TB, KiB, MiB, GiB or TiB";
   size_t digits = 0;
   while (digits < text.size() && absl::ascii_isdigit(static_cast<unsigned char>(text[digits]))) {
@@ -66,8 +66,7 @@ absl::StatusOr<uint64_t> ParseBytes(std::string_view text) {
   if (digits == 0) return Invalid(kExpected);
   uint64_t number = 0;
   if (!absl::SimpleAtoi(text.substr(0, digits), &number)) return Invalid(kExpected);
-  const std::string unit =
-      absl::AsciiStrToLower(absl::StripAsciiWhitespace(text.substr(digits)));
+  const std::string unit = absl::AsciiStrToLower(absl::StripAsciiWhitespace(text.substr(digits)));
   static const std::map<std::string, uint64_t, std::less<>> kUnits = {
       {"", 1},
       {"b", 1},
@@ -87,7 +86,7 @@ absl::StatusOr<uint64_t> ParseBytes(std::string_view text) {
   return bytes;
 }
 
-absl::StatusOr<absl::Duration> ParsePositiveSeconds(std::string_view text, double max_seconds) {
+absl::StatusOr<absl::Duration> ParsePositiveSeconds(absl::string_view text, double max_seconds) {
   double seconds = 0;
   if (text.empty() || !absl::SimpleAtod(text, &seconds) || !std::isfinite(seconds)) {
     return Invalid("expected a number of seconds");
@@ -98,7 +97,7 @@ absl::StatusOr<absl::Duration> ParsePositiveSeconds(std::string_view text, doubl
   return absl::Seconds(seconds);
 }
 
-absl::StatusOr<LogLevel> ParseLogLevel(std::string_view text) {
+absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view text) {
   const std::string v = absl::AsciiStrToLower(text);
   for (LogLevel level : {LogLevel::kTrace, LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarn,
                          LogLevel::kError, LogLevel::kCritical, LogLevel::kOff}) {
@@ -108,7 +107,7 @@ absl::StatusOr<LogLevel> ParseLogLevel(std::string_view text) {
   return Invalid("expected trace|debug|info|warn|error|critical|off");
 }
 
-absl::StatusOr<CodecAllocator> ParseAllocator(std::string_view text) {
+absl::StatusOr<CodecAllocator> ParseAllocator(absl::string_view text) {
   const std::string v = absl::AsciiStrToLower(text);
   if (v == "rd") return CodecAllocator::kRd;
   if (v == "paper") return CodecAllocator::kPaper;
@@ -119,7 +118,7 @@ bool IsIdChar(char c) {
   return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
 }
 
-absl::Status CheckDaemonId(std::string_view id) {
+absl::Status CheckDaemonId(absl::string_view id) {
   if (id.empty() || id.size() > 128) return Invalid("a daemon id has 1..128 characters");
   for (char c : id) {
     if (!IsIdChar(c)) return Invalid("a daemon id uses only [A-Za-z0-9._-]");
@@ -133,13 +132,13 @@ struct HostPort {
 };
 
 // host:port or [v6]:port. Port 0 is accepted (the OS picks one; useful in tests).
-absl::StatusOr<HostPort> ParseHostPort(std::string_view text) {
-  constexpr std::string_view kExpected = "expected host:port or [ipv6]:port";
-  std::string_view host;
-  std::string_view port_text;
+absl::StatusOr<HostPort> ParseHostPort(absl::string_view text) {
+  constexpr absl::string_view kExpected = "expected host:port or [ipv6]:port";
+  absl::string_view host;
+  absl::string_view port_text;
   if (absl::StartsWith(text, "[")) {
     const size_t close = text.find(']');
-    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+    if (close == absl::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
       return Invalid(kExpected);
     }
     host = text.substr(1, close - 1);
@@ -150,7 +149,7 @@ absl::StatusOr<HostPort> ParseHostPort(std::string_view text) {
     }
   } else {
     const size_t colon = text.rfind(':');
-    if (colon == std::string_view::npos) return Invalid(kExpected);
+    if (colon == absl::string_view::npos) return Invalid(kExpected);
     host = text.substr(0, colon);
     port_text = text.substr(colon + 1);
     if (host.empty()) return Invalid(kExpected);
@@ -171,9 +170,9 @@ absl::StatusOr<HostPort> ParseHostPort(std::string_view text) {
   return HostPort{std::string(host), static_cast<uint16_t>(port)};
 }
 
-absl::Status CheckHostPort(std::string_view text) { return ParseHostPort(text).status(); }
+absl::Status CheckHostPort(absl::string_view text) { return ParseHostPort(text).status(); }
 
-absl::Status CheckGrpcAddress(std::string_view text) {
+absl::Status CheckGrpcAddress(absl::string_view text) {
   if (absl::StartsWith(text, "unix:")) {
     if (text.size() == 5) return Invalid("unix: needs a socket path");
     return absl::OkStatus();
@@ -181,12 +180,12 @@ absl::Status CheckGrpcAddress(std::string_view text) {
   return CheckHostPort(text);
 }
 
-absl::StatusOr<std::vector<PeerConfig>> ParsePeers(std::string_view text) {
+absl::StatusOr<std::vector<PeerConfig>> ParsePeers(absl::string_view text) {
   std::vector<PeerConfig> peers;
-  for (std::string_view item :
+  for (absl::string_view item :
        absl::StrSplit(text, absl::ByAnyChar(", \t"), absl::SkipWhitespace())) {
     const size_t eq = item.find('=');
-    if (eq == std::string_view::npos) {
+    if (eq == absl::string_view::npos) {
       return Invalid(absl::StrCat("peer '", item, "' is not id=host:port"));
     }
     PeerConfig peer{std::string(item.substr(0, eq)), std::string(item.substr(eq + 1))};
@@ -212,18 +211,18 @@ std::string FormatBool(bool v) { return v ? "true" : "false"; }
 // ---- The key table: the only place a key is named.
 
 struct ConfigKey {
-  std::string_view name;
-  std::string_view doc;
+  absl::string_view name;
+  absl::string_view doc;
   bool secret = false;
   bool boolean = false;  // a bare --flag means true
-  std::function<absl::Status(DaemonConfig&, std::string_view)> set;
+  std::function<absl::Status(DaemonConfig&, absl::string_view)> set;
   std::function<std::string(const DaemonConfig&)> get;
 };
 
 template <typename T, typename Parse>
-std::function<absl::Status(DaemonConfig&, std::string_view)> Setter(T DaemonConfig::*member,
+std::function<absl::Status(DaemonConfig&, absl::string_view)> Setter(T DaemonConfig::*member,
                                                                      Parse parse) {
-  return [member, parse](DaemonConfig& c, std::string_view v) -> absl::Status {
+  return [member, parse](DaemonConfig& c, absl::string_view v) -> absl::Status {
     auto parsed = parse(v);
     if (!parsed.ok()) return parsed.status();
     c.*member = *std::move(parsed);
@@ -232,9 +231,9 @@ std::function<absl::Status(DaemonConfig&, std::string_view)> Setter(T DaemonConf
 }
 
 template <typename T, typename Parse>
-std::function<absl::Status(DaemonConfig&, std::string_view)> PolicySetter(
+std::function<absl::Status(DaemonConfig&, absl::string_view)> PolicySetter(
     T CodecPolicySettings::*member, Parse parse) {
-  return [member, parse](DaemonConfig& c, std::string_view v) -> absl::Status {
+  return [member, parse](DaemonConfig& c, absl::string_view v) -> absl::Status {
     auto parsed = parse(v);
     if (!parsed.ok()) return parsed.status();
     CodecPolicySettings candidate = c.default_codec_policy;
@@ -245,8 +244,8 @@ std::function<absl::Status(DaemonConfig&, std::string_view)> PolicySetter(
   };
 }
 
-auto StringWith(absl::Status (*check)(std::string_view)) {
-  return [check](std::string_view v) -> absl::StatusOr<std::string> {
+auto StringWith(absl::Status (*check)(absl::string_view)) {
+  return [check](absl::string_view v) -> absl::StatusOr<std::string> {
     if (check != nullptr) {
       if (absl::Status s = check(v); !s.ok()) return s;
     }
@@ -254,31 +253,33 @@ auto StringWith(absl::Status (*check)(std::string_view)) {
   };
 }
 
-auto UnsignedIn(uint64_t min, uint64_t max) {
-  return [min, max](std::string_view v) { return ParseUnsigned(v, min, max); };
+auto Uint32In(uint32_t min, uint32_t max) {
+  return [min, max](absl::string_view v) -> absl::StatusOr<uint32_t> {
+    auto n = ParseUnsigned(v, min, max);
+    if (!n.ok()) return n.status();
+    return static_cast<uint32_t>(*n);
+  };
 }
 
 auto BytesAtLeast(uint64_t min) {
-  return [min](std::string_view v) -> absl::StatusOr<uint64_t> {
+  return [min](absl::string_view v) -> absl::StatusOr<uint64_t> {
     auto bytes = ParseBytes(v);
     if (bytes.ok() && *bytes < min) return Invalid(absl::StrCat("must be at least ", min, " B"));
     return bytes;
   };
 }
 
-absl::Status CheckMetricsAddress(std::string_view v) {
+absl::Status CheckMetricsAddress(absl::string_view v) {
   return v.empty() ? absl::OkStatus() : CheckHostPort(v);
 }
-absl::Status CheckOptionalDaemonId(std::string_view v) {
+absl::Status CheckOptionalDaemonId(absl::string_view v) {
   return v.empty() ? absl::OkStatus() : CheckDaemonId(v);
 }
 
 const std::vector<ConfigKey>& Keys() {
   static const std::vector<ConfigKey>* const keys = new std::vector<ConfigKey>{
-      {"grpc_listen_address",
-       "gRPC API listen address: host:port, [ipv6]:port or unix:/path.",
-       false, false,
-       Setter(&DaemonConfig::grpc_listen_address, StringWith(&CheckGrpcAddress)),
+      {"grpc_listen_address", "gRPC API listen address: host:port, [ipv6]:port or unix:/path.",
+       false, false, Setter(&DaemonConfig::grpc_listen_address, StringWith(&CheckGrpcAddress)),
        [](const DaemonConfig& c) { return c.grpc_listen_address; }},
       {"metrics_listen_address",
        "Prometheus /metrics listen address host:port; empty disables the exporter.", false, false,
@@ -288,8 +289,8 @@ const std::vector<ConfigKey>& Keys() {
        "UCX data-plane listen address host:port (where peers send segments).", false, false,
        Setter(&DaemonConfig::data_listen_address, StringWith(&CheckHostPort)),
        [](const DaemonConfig& c) { return c.data_listen_address; }},
-      {"daemon_id", "This daemon's id, [A-Za-z0-9._-]{1,128}; empty = the host name.", false,
-       false, Setter(&DaemonConfig::daemon_id, StringWith(&CheckOptionalDaemonId)),
+      {"daemon_id", "This daemon's id, [A-Za-z0-9._-]{1,128}; empty = the host name.", false, false,
+       Setter(&DaemonConfig::daemon_id, StringWith(&CheckOptionalDaemonId)),
        [](const DaemonConfig& c) { return c.daemon_id; }},
       {"auth_token",
        "Shared secret for peer authentication; required unless data_listen_address is loopback.",
@@ -314,8 +315,8 @@ const std::vector<ConfigKey>& Keys() {
        true, Setter(&DaemonConfig::tls_require_client_cert, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.tls_require_client_cert); }},
       {"max_inflight_bytes",
-       "Bytes of encoded segments held at once across transfers, e.g. 1GiB; >= 1MiB.", false,
-       false, Setter(&DaemonConfig::max_inflight_bytes, BytesAtLeast(uint64_t{1} << 20)),
+       "Bytes of encoded segments held at once across transfers, e.g. 1GiB; >= 1MiB.", false, false,
+       Setter(&DaemonConfig::max_inflight_bytes, BytesAtLeast(uint64_t{1} << 20)),
        [](const DaemonConfig& c) { return absl::StrCat(c.max_inflight_bytes); }},
       {"early_segment_buffer_bytes",
        "Bytes of segments buffered before their Receive arrives, e.g. 256MiB; >= 1MiB.", false,
@@ -324,38 +325,28 @@ const std::vector<ConfigKey>& Keys() {
       {"early_segment_ttl_seconds", "Seconds an early segment waits for its Receive, (0, 3600].",
        false, false,
        Setter(&DaemonConfig::early_segment_ttl,
-              [](std::string_view v) { return ParsePositiveSeconds(v, 3600); }),
-       [](const DaemonConfig& c) { return absl::StrCat(absl::ToDoubleSeconds(c.early_segment_ttl)); }},
+              [](absl::string_view v) { return ParsePositiveSeconds(v, 3600); }),
+       [](const DaemonConfig& c) {
+         return absl::StrCat(absl::ToDoubleSeconds(c.early_segment_ttl));
+       }},
       {"max_concurrent_transfers", "Send + Receive calls served at once, 1..65536.", false, false,
-       Setter(&DaemonConfig::max_concurrent_transfers,
-              [](std::string_view v) -> absl::StatusOr<uint32_t> {
-                auto n = ParseUnsigned(v, 1, 65536);
-                if (!n.ok()) return n.status();
-                return static_cast<uint32_t>(*n);
-              }),
+       Setter(&DaemonConfig::max_concurrent_transfers, Uint32In(1, 65536)),
        [](const DaemonConfig& c) { return absl::StrCat(c.max_concurrent_transfers); }},
       {"codec_allocator", "Default tier allocator: paper|rd.", false, false,
        PolicySetter(&CodecPolicySettings::allocator, ParseAllocator),
-       [](const DaemonConfig& c) {
-         return std::string(CodecAllocatorName(c.default_codec_policy.allocator));
-       }},
+       [](const DaemonConfig&
+              c) { return std::string(CodecAllocatorName(c.default_codec_policy.allocator)); }},
       {"codec_rotate", "Default: Hadamard-rotate K and V before quantising.", false, true,
        PolicySetter(&CodecPolicySettings::rotate, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.rotate); }},
-      {"codec_centre", "Default: subtract the per-channel key mean before quantising.", false,
-       true, PolicySetter(&CodecPolicySettings::centre, ParseBool),
+      {"codec_centre", "Default: subtract the per-channel key mean before quantising.", false, true,
+       PolicySetter(&CodecPolicySettings::centre, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.centre); }},
       {"codec_per_channel_keys", "Default: per-channel key scales (KIVI-style).", false, true,
        PolicySetter(&CodecPolicySettings::per_channel_keys, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.per_channel_keys); }},
       {"codec_group_size", "Default channels per quantisation group: 0 (= head_dim), 32 or 64.",
-       false, false,
-       PolicySetter(&CodecPolicySettings::group_size,
-                    [](std::string_view v) -> absl::StatusOr<uint32_t> {
-                      auto n = ParseUnsigned(v, 0, 256);
-                      if (!n.ok()) return n.status();
-                      return static_cast<uint32_t>(*n);
-                    }),
+       false, false, PolicySetter(&CodecPolicySettings::group_size, Uint32In(0, 256)),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.group_size); }},
       {"codec_allow_int4", "Default: allow the INT4 tier (still subject to the model's probe).",
        false, true, PolicySetter(&CodecPolicySettings::allow_int4, ParseBool),
@@ -364,27 +355,16 @@ const std::vector<ConfigKey>& Keys() {
        PolicySetter(&CodecPolicySettings::allow_int2, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.allow_int2); }},
       {"codec_sink_tokens", "Default: first tokens always kept at FP16, 0..4096.", false, false,
-       PolicySetter(&CodecPolicySettings::sink_tokens,
-                    [](std::string_view v) -> absl::StatusOr<uint32_t> {
-                      auto n = ParseUnsigned(v, 0, kMaxSinkTokens);
-                      if (!n.ok()) return n.status();
-                      return static_cast<uint32_t>(*n);
-                    }),
+       PolicySetter(&CodecPolicySettings::sink_tokens, Uint32In(0, kMaxSinkTokens)),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.sink_tokens); }},
-      {"codec_recent_tokens", "Default: last tokens always kept at FP16, 0..1048576.", false,
-       false,
-       PolicySetter(&CodecPolicySettings::recent_tokens,
-                    [](std::string_view v) -> absl::StatusOr<uint32_t> {
-                      auto n = ParseUnsigned(v, 0, kMaxRecentTokens);
-                      if (!n.ok()) return n.status();
-                      return static_cast<uint32_t>(*n);
-                    }),
+      {"codec_recent_tokens", "Default: last tokens always kept at FP16, 0..1048576.", false, false,
+       PolicySetter(&CodecPolicySettings::recent_tokens, Uint32In(0, kMaxRecentTokens)),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.recent_tokens); }},
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
        [](const DaemonConfig& c) { return std::string(LogLevelName(c.log_level)); }},
-      {"ucx_tls", "UCX transports (UCX_TLS), e.g. tcp or rc,sm; empty = UCX default.", false,
-       false, Setter(&DaemonConfig::ucx_tls, StringWith(nullptr)),
+      {"ucx_tls", "UCX transports (UCX_TLS), e.g. tcp or rc,sm; empty = UCX default.", false, false,
+       Setter(&DaemonConfig::ucx_tls, StringWith(nullptr)),
        [](const DaemonConfig& c) { return c.ucx_tls; }},
       {"ucx_net_devices", "UCX network devices (UCX_NET_DEVICES), e.g. eth0; empty = default.",
        false, false, Setter(&DaemonConfig::ucx_net_devices, StringWith(nullptr)),
@@ -393,20 +373,20 @@ const std::vector<ConfigKey>& Keys() {
   return *keys;
 }
 
-const ConfigKey* FindKey(std::string_view name) {
+const ConfigKey* FindKey(absl::string_view name) {
   for (const ConfigKey& key : Keys()) {
     if (key.name == name) return &key;
   }
   return nullptr;
 }
 
-std::string ShownValue(const ConfigKey& key, std::string_view value) {
+std::string ShownValue(const ConfigKey& key, absl::string_view value) {
   return key.secret ? std::string(kRedacted) : std::string(value);
 }
 
 // "<source>: key 'k': invalid value 'v': <reason>"
-absl::Status ApplyFromSource(const ConfigKey& key, std::string_view value, std::string_view source,
-                             DaemonConfig& config) {
+absl::Status ApplyFromSource(const ConfigKey& key, absl::string_view value,
+                             absl::string_view source, DaemonConfig& config) {
   absl::Status s = key.set(config, value);
   if (s.ok()) return s;
   return absl::InvalidArgumentError(absl::StrCat(source, ": key '", key.name, "': invalid value '",
@@ -416,7 +396,7 @@ absl::Status ApplyFromSource(const ConfigKey& key, std::string_view value, std::
 // Config and token files are small; the cap keeps a wrong path (a device, a huge log) harmless.
 constexpr size_t kMaxConfigFileBytes = 1 << 20;
 
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path, std::string_view key) {
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, absl::string_view key) {
   const UniqueFd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   const int fd = file.get();
   if (!file.valid()) {
@@ -432,8 +412,8 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, std::string_v
     return absl::InvalidArgumentError(absl::StrCat(key, ": '", path, "' is not a regular file"));
   }
   if (static_cast<uint64_t>(info.st_size) > kMaxConfigFileBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(key, ": file '", path, "' is larger than ",
-                                                   kMaxConfigFileBytes, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": file '", path, "' is larger than ", kMaxConfigFileBytes, " bytes"));
   }
   std::string text(static_cast<size_t>(info.st_size), '\0');
   size_t done = 0;
@@ -451,7 +431,7 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path, std::string_v
   return text;
 }
 
-std::string NormalizeFlagName(std::string_view name) {
+std::string NormalizeFlagName(absl::string_view name) {
   std::string out(name);
   for (char& c : out) {
     if (c == '-') c = '_';
@@ -473,11 +453,11 @@ absl::StatusOr<std::vector<ParsedFlag>> ParseFlags(std::span<const std::string> 
       return absl::InvalidArgumentError(
           absl::StrCat("unexpected argument '", arg, "': flags are --key=value (see --help)"));
     }
-    const std::string_view body = std::string_view(arg).substr(2);
+    const absl::string_view body = absl::string_view(arg).substr(2);
     const size_t eq = body.find('=');
     ParsedFlag flag;
     flag.key = NormalizeFlagName(body.substr(0, eq));
-    if (eq != std::string_view::npos) flag.value = std::string(body.substr(eq + 1));
+    if (eq != absl::string_view::npos) flag.value = std::string(body.substr(eq + 1));
     flag.text = std::string(arg);
     flags.push_back(std::move(flag));
   }
@@ -494,7 +474,7 @@ std::string HostName() {
 
 }  // namespace
 
-std::string_view LogLevelName(LogLevel level) {
+absl::string_view LogLevelName(LogLevel level) {
   switch (level) {
     case LogLevel::kTrace:
       return "trace";
@@ -522,7 +502,7 @@ EnvironmentLookup ProcessEnvironment() {
   };
 }
 
-std::string EnvironmentVariableForKey(std::string_view key) {
+std::string EnvironmentVariableForKey(absl::string_view key) {
   return absl::StrCat("SKV_", absl::AsciiStrToUpper(key));
 }
 
@@ -533,7 +513,7 @@ std::vector<DaemonConfigKeyInfo> DaemonConfigKeys() {
   return out;
 }
 
-bool IsLoopbackAddress(std::string_view address) {
+bool IsLoopbackAddress(absl::string_view address) {
   if (absl::StartsWith(address, "unix:")) return true;
   auto host_port = ParseHostPort(address);
   if (!host_port.ok()) return false;
@@ -550,7 +530,7 @@ bool IsLoopbackAddress(std::string_view address) {
   return false;
 }
 
-absl::Status SetDaemonConfigKey(std::string_view key, std::string_view value,
+absl::Status SetDaemonConfigKey(absl::string_view key, absl::string_view value,
                                 DaemonConfig& config) {
   const ConfigKey* entry = FindKey(key);
   if (entry == nullptr) {
@@ -559,22 +539,22 @@ absl::Status SetDaemonConfigKey(std::string_view key, std::string_view value,
   return ApplyFromSource(*entry, value, "config", config);
 }
 
-absl::Status ApplyConfigFileText(std::string_view text, std::string_view source_name,
+absl::Status ApplyConfigFileText(absl::string_view text, absl::string_view source_name,
                                  DaemonConfig& config) {
   std::map<std::string, int, std::less<>> seen_at_line;
   int line_number = 0;
-  for (std::string_view raw_line : absl::StrSplit(text, '\n')) {
+  for (absl::string_view raw_line : absl::StrSplit(text, '\n')) {
     ++line_number;
     const std::string where = absl::StrCat(source_name, ":", line_number);
-    const std::string_view line = absl::StripAsciiWhitespace(raw_line);
+    const absl::string_view line = absl::StripAsciiWhitespace(raw_line);
     if (line.empty() || line.front() == '#') continue;
     const size_t eq = line.find('=');
-    if (eq == std::string_view::npos) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": expected 'key = value', got '", line, "'"));
+    if (eq == absl::string_view::npos) {
+      // The line is not echoed: it may hold a secret.
+      return absl::InvalidArgumentError(absl::StrCat(where, ": expected 'key = value'"));
     }
-    const std::string_view key = absl::StripAsciiWhitespace(line.substr(0, eq));
-    std::string_view value = absl::StripAsciiWhitespace(line.substr(eq + 1));
+    const absl::string_view key = absl::StripAsciiWhitespace(line.substr(0, eq));
+    absl::string_view value = absl::StripAsciiWhitespace(line.substr(eq + 1));
     if (value.size() >= 2 && value.front() == '"' && value.back() == '"') {
       value = value.substr(1, value.size() - 2);
     }
@@ -587,8 +567,8 @@ absl::Status ApplyConfigFileText(std::string_view text, std::string_view source_
       return absl::InvalidArgumentError(absl::StrCat(where, ": unknown key '", key, "'"));
     }
     if (auto it = seen_at_line.find(key); it != seen_at_line.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": key '", key,
-                                                     "' repeats the one on line ", it->second));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": key '", key, "' repeats the one on line ", it->second));
     }
     seen_at_line.emplace(std::string(key), line_number);
     if (absl::Status s = ApplyFromSource(*entry, value, where, config); !s.ok()) return s;
@@ -597,7 +577,7 @@ absl::Status ApplyConfigFileText(std::string_view text, std::string_view source_
 }
 
 absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
-  auto field_error = [](std::string_view key, std::string_view reason) {
+  auto field_error = [](absl::string_view key, absl::string_view reason) {
     return absl::InvalidArgumentError(absl::StrCat(key, ": ", reason));
   };
   if (absl::Status s = CheckGrpcAddress(c.grpc_listen_address); !s.ok()) {
@@ -610,7 +590,7 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
     return field_error("data_listen_address", s.message());
   }
   // Two listeners on one fixed port would fail at bind time with a less helpful message.
-  const std::pair<std::string_view, const std::string*> listeners[] = {
+  const std::pair<absl::string_view, const std::string*> listeners[] = {
       {"grpc_listen_address", &c.grpc_listen_address},
       {"metrics_listen_address", &c.metrics_listen_address},
       {"data_listen_address", &c.data_listen_address}};
@@ -628,8 +608,8 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
   }
   if (c.auth_token.empty() && !IsLoopbackAddress(c.data_listen_address)) {
     return field_error("auth_token",
-                       absl::StrCat("required because data_listen_address '",
-                                    c.data_listen_address, "' is not a loopback address"));
+                       absl::StrCat("required because data_listen_address '", c.data_listen_address,
+                                    "' is not a loopback address"));
   }
   std::set<std::string, std::less<>> peer_ids;
   std::set<std::string, std::less<>> peer_addresses;
@@ -638,8 +618,8 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
       return field_error("peers", absl::StrCat("'", peer.daemon_id, "': ", s.message()));
     }
     if (absl::Status s = CheckHostPort(peer.address); !s.ok()) {
-      return field_error("peers", absl::StrCat("'", peer.daemon_id, "=", peer.address,
-                                               "': ", s.message()));
+      return field_error("peers",
+                         absl::StrCat("'", peer.daemon_id, "=", peer.address, "': ", s.message()));
     }
     if (!peer_ids.insert(peer.daemon_id).second) {
       return field_error("peers", absl::StrCat("daemon id '", peer.daemon_id, "' is listed twice"));
@@ -729,8 +709,8 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(std::span<const std::string> args,
     } else if (key->boolean) {
       value = "true";
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("flag --", key->name, ": needs a value (--",
-                                                     key->name, "=VALUE)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", key->name, ": needs a value (--", key->name, "=VALUE)"));
     }
     if (absl::Status s = ApplyFromSource(*key, value, absl::StrCat("flag --", key->name), config);
         !s.ok()) {
@@ -770,7 +750,7 @@ bool HelpRequested(std::span<const std::string> args) {
   return false;
 }
 
-std::string DaemonConfigUsage(std::string_view program_name) {
+std::string DaemonConfigUsage(absl::string_view program_name) {
   const DaemonConfig defaults;
   std::string out = absl::StrCat(
       "Usage: ", program_name, " [--key=value ...]\n\n",

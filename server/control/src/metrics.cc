@@ -14,53 +14,40 @@
 namespace skv::control {
 namespace {
 
-constexpr std::array<std::string_view, kTransferRoleCount> kRoleLabels = {"sender", "receiver"};
-constexpr std::array<std::string_view, kTransferPhaseCount> kPhaseLabels = {
+constexpr std::array<absl::string_view, kTransferRoleCount> kRoleLabels = {"sender", "receiver"};
+constexpr std::array<absl::string_view, kTransferPhaseCount> kPhaseLabels = {
     "score", "plan", "encode", "wire", "decode", "commit", "total"};
-constexpr std::array<std::string_view, kTokenTierCount> kTierLabels = {"fp16", "int8", "int4",
-                                                                       "int2", "drop"};
-constexpr std::array<std::string_view, kPassthroughReasonCount> kPassthroughLabels = {
+constexpr std::array<absl::string_view, kTokenTierCount> kTierLabels = {"fp16", "int8", "int4",
+                                                                        "int2", "drop"};
+constexpr std::array<absl::string_view, kPassthroughReasonCount> kPassthroughLabels = {
     "budget_full", "fast_link", "forced"};
 // Indexed by absl::StatusCode.
-constexpr std::array<std::string_view, kStatusCodeCount> kResultLabels = {
-    "ok",
-    "cancelled",
-    "unknown",
-    "invalid_argument",
-    "deadline_exceeded",
-    "not_found",
-    "already_exists",
-    "permission_denied",
-    "resource_exhausted",
-    "failed_precondition",
-    "aborted",
-    "out_of_range",
-    "unimplemented",
-    "internal",
-    "unavailable",
-    "data_loss",
-    "unauthenticated"};
+constexpr std::array<absl::string_view, kStatusCodeCount> kResultLabels = {
+    "ok",        "cancelled",      "unknown",           "invalid_argument",   "deadline_exceeded",
+    "not_found", "already_exists", "permission_denied", "resource_exhausted", "failed_precondition",
+    "aborted",   "out_of_range",   "unimplemented",     "internal",           "unavailable",
+    "data_loss", "unauthenticated"};
 
 size_t ResultIndex(absl::StatusCode code) {
   const auto index = static_cast<size_t>(code);
   return index < kStatusCodeCount ? index : static_cast<size_t>(absl::StatusCode::kUnknown);
 }
 
-std::string Label(std::string_view v) { return std::string(v); }
+std::string Label(absl::string_view v) { return std::string(v); }
 
 }  // namespace
 
-std::string_view TransferRoleLabel(TransferRole role) {
+absl::string_view TransferRoleLabel(TransferRole role) {
   return kRoleLabels[static_cast<size_t>(role)];
 }
-std::string_view TransferPhaseLabel(TransferPhase phase) {
+absl::string_view TransferPhaseLabel(TransferPhase phase) {
   return kPhaseLabels[static_cast<size_t>(phase)];
 }
-std::string_view TokenTierLabel(TokenTier tier) { return kTierLabels[static_cast<size_t>(tier)]; }
-std::string_view PassthroughReasonLabel(PassthroughReason r) {
+absl::string_view TokenTierLabel(TokenTier tier) { return kTierLabels[static_cast<size_t>(tier)]; }
+absl::string_view PassthroughReasonLabel(PassthroughReason r) {
   return kPassthroughLabels[static_cast<size_t>(r)];
 }
-std::string_view TransferResultLabel(absl::StatusCode code) {
+absl::string_view TransferResultLabel(absl::StatusCode code) {
   return kResultLabels[ResultIndex(code)];
 }
 
@@ -115,16 +102,18 @@ Metrics::Metrics()
 
   auto& bytes = prometheus::BuildCounter()
                     .Name("spectrumkv_bytes_total")
-                    .Help("KV bytes moved: raw = the same K and V in FP16, wire = bytes sent "
-                          "(codes, scales, metadata and headers).")
+                    .Help(
+                        "KV bytes moved: raw = the same K and V in FP16, wire = bytes sent "
+                        "(codes, scales, metadata and headers).")
                     .Register(r);
   f.raw_bytes = &bytes.Add({{"kind", "raw"}});
   f.wire_bytes = &bytes.Add({{"kind", "wire"}});
 
   auto& budget = prometheus::BuildHistogram()
                      .Name("spectrumkv_budget_ratio")
-                     .Help("Byte budget per transfer: requested, and achieved (all wire bytes / "
-                           "raw FP16 bytes).")
+                     .Help(
+                         "Byte budget per transfer: requested, and achieved (all wire bytes / "
+                         "raw FP16 bytes).")
                      .Register(r);
   f.budget_requested = &budget.Add({{"kind", "requested"}}, BudgetRatioBuckets());
   f.budget_achieved = &budget.Add({{"kind", "achieved"}}, BudgetRatioBuckets());
@@ -222,15 +211,15 @@ void Metrics::CountPassthrough(PassthroughReason reason) {
 void Metrics::InFlightIncrement() { families_->in_flight->Increment(); }
 void Metrics::InFlightDecrement() { families_->in_flight->Decrement(); }
 
-void Metrics::SetPeerUp(std::string_view peer, bool up) {
+void Metrics::SetPeerUp(absl::string_view peer, bool up) {
   families_->peer_up->Add({{"peer", std::string(peer)}}).Set(up ? 1 : 0);
 }
 
-void Metrics::SetLinkBandwidth(std::string_view peer, double bytes_per_second) {
+void Metrics::SetLinkBandwidth(absl::string_view peer, double bytes_per_second) {
   families_->link_bandwidth->Add({{"peer", std::string(peer)}}).Set(bytes_per_second);
 }
 
-void Metrics::SetInt4Enabled(std::string_view model, bool enabled) {
+void Metrics::SetInt4Enabled(absl::string_view model, bool enabled) {
   families_->int4_enabled->Add({{"model", std::string(model)}}).Set(enabled ? 1 : 0);
 }
 
@@ -256,8 +245,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpEndpoint>> MetricsHttpEndpoint::Start(
   }
   const std::vector<int> ports = exposer->GetListeningPorts();
   if (ports.empty() || ports.front() < 0 || ports.front() > 65535) {
-    return absl::UnavailableError(absl::StrCat("metrics_listen_address: no port bound for '",
-                                               listen_address, "'"));
+    return absl::UnavailableError(
+        absl::StrCat("metrics_listen_address: no port bound for '", listen_address, "'"));
   }
   std::shared_ptr<prometheus::Registry> registry = metrics.registry();
   exposer->RegisterCollectable(registry);

@@ -3,10 +3,10 @@
 #pragma once
 
 #include <cstdint>
-#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace spectrumkv::v1 {
 class CodecPolicy;
@@ -40,20 +40,21 @@ inline constexpr uint32_t kMaxRecentTokens = 1u << 20;
 // Shape-independent checks: group_size in {0, 32, 64} or a multiple of 8 up to 256 (then it must
 // equal head_dim, see CheckPolicyFitsHeadDim), sink/recent token counts in range. Messages name
 // `field`.<member>.
-absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy, std::string_view field);
+absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
+                                         absl::string_view field);
 
 // group_size must be 0, or 32/64 dividing head_dim, or head_dim itself.
 absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t head_dim,
-                                    std::string_view field);
+                                    absl::string_view field);
 
 // `base` with every field that `layer` sets replaced, validated. Errors name `field`.<member>.
 absl::StatusOr<CodecPolicySettings> ApplyCodecPolicy(const CodecPolicySettings& base,
                                                      const spectrumkv::v1::CodecPolicy& layer,
-                                                     std::string_view field);
+                                                     absl::string_view field);
 
 // The settings as an API message with every field set (e.g. RegisterModelResponse).
 spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecPolicySettings& policy);
 
-std::string_view CodecAllocatorName(CodecAllocator allocator);  // "paper" | "rd"
+absl::string_view CodecAllocatorName(CodecAllocator allocator);  // "paper" | "rd"
 
 }  // namespace skv::control

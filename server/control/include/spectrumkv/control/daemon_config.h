@@ -10,11 +10,11 @@
 #include <optional>
 #include <span>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "spectrumkv/control/codec_policy.h"
 
@@ -102,18 +102,18 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(int argc, const char* const* argv)
 absl::Status ValidateDaemonConfig(const DaemonConfig& config);
 
 // Applies one key from a named source; the low-level step of LoadDaemonConfig.
-absl::Status SetDaemonConfigKey(std::string_view key, std::string_view value,
+absl::Status SetDaemonConfigKey(absl::string_view key, absl::string_view value,
                                 DaemonConfig& config);
 
 // Applies `key = value` lines; `source_name` prefixes error messages ("<source_name>:<line>").
 // Blank lines and lines starting with '#' are ignored; a value may be wrapped in double quotes.
-absl::Status ApplyConfigFileText(std::string_view text, std::string_view source_name,
+absl::Status ApplyConfigFileText(absl::string_view text, absl::string_view source_name,
                                  DaemonConfig& config);
 
 bool HelpRequested(std::span<const std::string> args);
 
 // --help text: every key with its flag, environment variable, default and documentation.
-std::string DaemonConfigUsage(std::string_view program_name);
+std::string DaemonConfigUsage(absl::string_view program_name);
 
 // The config as config-file text (one `key = value` per key, secrets redacted): for logging the
 // effective configuration at start-up.
@@ -121,16 +121,16 @@ std::string FormatDaemonConfig(const DaemonConfig& config);
 
 // One row of the key table, for tools that list the keys.
 struct DaemonConfigKeyInfo {
-  std::string_view key;  // file key; flag is --<key>, environment variable SKV_<KEY>
-  std::string_view doc;
+  absl::string_view key;  // file key; flag is --<key>, environment variable SKV_<KEY>
+  absl::string_view doc;
   bool secret;
 };
 std::vector<DaemonConfigKeyInfo> DaemonConfigKeys();
-std::string EnvironmentVariableForKey(std::string_view key);  // "SKV_" + upper-case key
+std::string EnvironmentVariableForKey(absl::string_view key);  // "SKV_" + upper-case key
 
 // True for localhost, 127.0.0.0/8, ::1 and unix: addresses.
-bool IsLoopbackAddress(std::string_view address);
+bool IsLoopbackAddress(absl::string_view address);
 
-std::string_view LogLevelName(LogLevel level);
+absl::string_view LogLevelName(LogLevel level);
 
 }  // namespace skv::control

@@ -4,9 +4,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace spectrumkv::v1 {
 class KvHandle;
@@ -75,7 +75,7 @@ class MappedKvRegion {
 // Shared memory must not be truncated by its owner while mapped (that would fault the daemon).
 [[nodiscard]] absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
                                                             KvAccess access,
-                                                            std::string_view field);
+                                                            absl::string_view field);
 
 // Whether this build can import CUDA IPC handles (SKV_CUDA_ENABLED at build time).
 bool CudaIpcImportSupported();

@@ -4,11 +4,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/control/kv_handle_import.h"
 
@@ -47,7 +47,7 @@ class KvLayoutViews {
 
  private:
   friend absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const spectrumkv::v1::KvLayout&, void*,
-                                                          size_t, KvAccess, std::string_view);
+                                                          size_t, KvAccess, absl::string_view);
   KvLayoutViews() = default;
   std::vector<uint32_t> block_table_;
   std::vector<LayerKvViews> layers_;
@@ -59,23 +59,23 @@ class KvLayoutViews {
 // head_dim a multiple of 8 up to 256), storage set, strides even and not overlapping rows,
 // block size/count in range, enough block ids, one pool offset per layer. INVALID_ARGUMENT
 // naming `field`.<member>.
-absl::Status ValidateKvLayoutShape(const spectrumkv::v1::KvLayout& layout, std::string_view field);
+absl::Status ValidateKvLayoutShape(const spectrumkv::v1::KvLayout& layout, absl::string_view field);
 
 // The smallest extent that holds every row the layout addresses (whole pools when paged), with
 // zero-valued strides resolved to their dense defaults. For sizing buffers (e.g. Decode output).
 absl::StatusOr<uint64_t> KvLayoutExtentBytes(const spectrumkv::v1::KvLayout& layout,
-                                             std::string_view field);
+                                             absl::string_view field);
 
 // ValidateKvLayoutShape, then: every row of every layer (and every used pool block) lies inside
 // [base, base + extent_bytes) with overflow-checked arithmetic, block ids < num_blocks, base
 // 2-byte aligned, and for kReadWrite the used block ids are distinct (so no two tokens write the
 // same row). Does not read or write the memory.
-absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const spectrumkv::v1::KvLayout& layout,
-                                                 void* base, size_t extent_bytes, KvAccess access,
-                                                 std::string_view field);
+absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const spectrumkv::v1::KvLayout& layout, void* base,
+                                                 size_t extent_bytes, KvAccess access,
+                                                 absl::string_view field);
 inline absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const spectrumkv::v1::KvLayout& layout,
                                                         const MappedKvRegion& region,
-                                                        std::string_view field) {
+                                                        absl::string_view field) {
   return BuildKvLayoutViews(layout, region.data(), region.size(), region.access(), field);
 }
 

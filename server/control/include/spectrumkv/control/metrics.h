@@ -22,11 +22,11 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace prometheus {
@@ -48,12 +48,12 @@ inline constexpr size_t kPassthroughReasonCount = 3;
 inline constexpr size_t kStatusCodeCount = 17;  // absl::StatusCode 0..16
 
 // Label values, as they appear in the exposition.
-std::string_view TransferRoleLabel(TransferRole role);        // "sender" | "receiver"
-std::string_view TransferPhaseLabel(TransferPhase phase);     // "score" ... "total"
-std::string_view TokenTierLabel(TokenTier tier);              // "fp16" | "int8" | ... | "drop"
-std::string_view PassthroughReasonLabel(PassthroughReason r);  // "budget_full" | ...
+absl::string_view TransferRoleLabel(TransferRole role);         // "sender" | "receiver"
+absl::string_view TransferPhaseLabel(TransferPhase phase);      // "score" ... "total"
+absl::string_view TokenTierLabel(TokenTier tier);               // "fp16" | "int8" | ... | "drop"
+absl::string_view PassthroughReasonLabel(PassthroughReason r);  // "budget_full" | ...
 // "ok" for kOk, else the lower-case code name ("invalid_argument", "deadline_exceeded", ...).
-std::string_view TransferResultLabel(absl::StatusCode code);
+absl::string_view TransferResultLabel(absl::StatusCode code);
 
 // Phase timings of one transfer; unset phases (those not run on this side) are not observed.
 struct TransferPhaseTimes {
@@ -107,9 +107,9 @@ class Metrics {
   [[nodiscard]] InFlightGuard TrackInFlight() { return InFlightGuard(*this); }
 
   // ---- Per peer / per model (series created on first use).
-  void SetPeerUp(std::string_view peer, bool up);
-  void SetLinkBandwidth(std::string_view peer, double bytes_per_second);
-  void SetInt4Enabled(std::string_view model, bool enabled);
+  void SetPeerUp(absl::string_view peer, bool up);
+  void SetLinkBandwidth(absl::string_view peer, double bytes_per_second);
+  void SetInt4Enabled(absl::string_view model, bool enabled);
 
   // Bucket boundaries, exposed for tests and dashboards.
   static std::vector<double> DurationBucketsSeconds();

@@ -1,0 +1,404 @@
+// Two real spectrumkvd processes, real UCX over TCP on loopback, real gRPC: transfers between
+// POSIX shared-memory buffers, checked byte for byte against the codec; the metrics endpoint;
+// and the bad-input table (each error with its status code, the daemons still serving after).
+#include <cmath>
+#include <cstring>
+#include <future>
+#include <numeric>
+#include <random>
+
+#include "daemon.h"
+#include "daemon_process.h"
+#include "google/protobuf/util/time_util.h"
+#include "gtest/gtest.h"
+#include "peer_protocol.h"
+#include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/half.h"
+#include "spectrumkv/transport/ucx_transport.h"
+
+namespace skv::testing {
+namespace {
+
+namespace v1 = ::spectrumkv::v1;
+using client::SharedMemoryBuffer;
+using google::protobuf::util::TimeUtil;
+
+constexpr uint32_t kLayers = 4, kHeads = 2, kHeadDim = 64, kTokens = 300;
+constexpr char kModel[] = "it-model";
+
+v1::KvLayout Dense(uint32_t tokens = kTokens) {
+  return client::DenseLayout(v1::DTYPE_FP16, kLayers, kHeads, kHeadDim, tokens);
+}
+
+std::string UniqueShm(const char* what) {
+  static int counter = 0;
+  return absl::StrCat("/skv-it-", getpid(), "-", what, "-", ++counter);
+}
+
+SharedMemoryBuffer MakeSource(uint64_t bytes, uint32_t seed) {
+  absl::StatusOr<SharedMemoryBuffer> b = SharedMemoryBuffer::Create(UniqueShm("src"), bytes);
+  EXPECT_TRUE(b.ok()) << b.status();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto* v = reinterpret_cast<uint16_t*>(b->data());
+  for (size_t i = 0; i < bytes / 2; ++i) v[i] = FloatToFp16(normal(rng) + (i % kHeadDim == 3 ? 6.0f : 0.0f));
+  return std::move(*b);
+}
+
+SharedMemoryBuffer MakeBuffer(uint64_t bytes) {
+  absl::StatusOr<SharedMemoryBuffer> b = SharedMemoryBuffer::Create(UniqueShm("dst"), bytes);
+  EXPECT_TRUE(b.ok()) << b.status();
+  return std::move(*b);
+}
+
+// Dense views over a buffer laid out [layers][K, V][tokens][heads][head_dim].
+std::vector<KvLayerViews> DenseViews(uint8_t* data, uint32_t tokens = kTokens) {
+  std::vector<KvLayerViews> views;
+  const size_t tensor = size_t{tokens} * kHeads * kHeadDim * 2;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    views.push_back({KvTensorView::Dense(data + (2 * l) * tensor, DType::kFp16, tokens, kHeads, kHeadDim),
+                     KvTensorView::Dense(data + (2 * l + 1) * tensor, DType::kFp16, tokens, kHeads, kHeadDim)});
+  }
+  return views;
+}
+
+// What the codec itself makes of `source` at `budget` under the daemon's default policy.
+std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget, uint64_t request_id) {
+  const CodecOptions options = daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, budget);
+  absl::StatusOr<EncodedKv> encoded = EncodeKv(DenseViews(source), {}, options, request_id);
+  EXPECT_TRUE(encoded.ok()) << encoded.status();
+  std::vector<uint8_t> out(bytes, 0);
+  std::vector<std::span<const uint8_t>> segments(encoded->segments.begin(), encoded->segments.end());
+  std::vector<uint8_t> kept;
+  EXPECT_TRUE(DecodeKv(segments, DenseViews(out.data()), &kept).ok());
+  return out;
+}
+
+class DaemonPairTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
+    ASSERT_TRUE(decode.ok()) << decode.status();
+    decode_ = std::move(*decode);
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
+        DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + decode_->data_address()}});
+    ASSERT_TRUE(prefill.ok()) << prefill.status();
+    prefill_ = std::move(*prefill);
+    for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d).ok());
+  }
+  void TearDown() override {
+    if (HasFailure()) {
+      if (prefill_) std::cerr << "---- prefill log ----\n" << prefill_->Log();
+      if (decode_) std::cerr << "---- decode log ----\n" << decode_->Log();
+    }
+  }
+
+  static absl::Status Register(DaemonProcess& d) {
+    v1::RegisterModelRequest r;
+    r.set_name(kModel);
+    r.mutable_shape()->set_layers(kLayers);
+    r.mutable_shape()->set_kv_heads(kHeads);
+    r.mutable_shape()->set_head_dim(kHeadDim);
+    r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    return d.client().RegisterModel(r).status();
+  }
+
+  static v1::SendRequest SendReq(uint64_t id, const SharedMemoryBuffer& src, double budget) {
+    v1::SendRequest s;
+    s.set_request_id(id);
+    s.set_model_id(kModel);
+    *s.mutable_source() = src.handle();
+    *s.mutable_source_layout() = Dense();
+    s.mutable_peer()->set_daemon_id("decode");
+    s.set_budget(budget);
+    s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
+    return s;
+  }
+  static v1::ReceiveRequest ReceiveReq(uint64_t id, const SharedMemoryBuffer& dst, int timeout_s = 30) {
+    v1::ReceiveRequest r;
+    r.set_request_id(id);
+    r.set_model_id(kModel);
+    *r.mutable_destination() = dst.handle();
+    *r.mutable_destination_layout() = Dense();
+    *r.mutable_timeout() = TimeUtil::SecondsToDuration(timeout_s);
+    return r;
+  }
+
+  struct Result {
+    absl::StatusOr<v1::SendResponse> sent;
+    absl::StatusOr<v1::ReceiveResponse> received;
+  };
+  Result Transfer(const v1::SendRequest& send, const v1::ReceiveRequest& receive) {
+    auto received = std::async(std::launch::async, [&] { return decode_->client().Receive(receive); });
+    absl::StatusOr<v1::SendResponse> sent = prefill_->client().Send(send);
+    return {sent, received.get()};
+  }
+
+  std::unique_ptr<DaemonProcess> prefill_, decode_;
+};
+
+TEST_F(DaemonPairTest, ShmTransferEqualsTheCodecReferenceDecode) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 1);
+  for (double budget : {0.5, 0.3}) {
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    const uint64_t id = budget == 0.5 ? 11 : 12;
+    Result r = Transfer(SendReq(id, src, budget), ReceiveReq(id, dst));
+    ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+    ASSERT_TRUE(r.received.ok()) << r.received.status();
+    const v1::TransferStats& s = r.sent->stats();
+    EXPECT_LE(s.achieved_budget(), budget);
+    EXPECT_GT(s.achieved_budget(), budget - 0.05);
+    EXPECT_EQ(s.raw_bytes(), bytes);
+    EXPECT_EQ(r.received->stats().wire_bytes(), s.wire_bytes());
+    EXPECT_EQ(r.received->kept().mask(), std::string(kTokens, '\1'));
+    const std::vector<uint8_t> expected = ReferenceDecode(src.data(), bytes, budget, id);
+    EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0) << "b=" << budget;
+  }
+}
+
+TEST_F(DaemonPairTest, BudgetOneIsBitExact) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 2), dst = MakeBuffer(bytes);
+  v1::SendRequest send = SendReq(21, src, 1.0);
+  send.set_passthrough(v1::PASSTHROUGH_MODE_AUTO);
+  Result r = Transfer(send, ReceiveReq(21, dst));
+  ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+  ASSERT_TRUE(r.received.ok()) << r.received.status();
+  EXPECT_TRUE(r.sent->stats().passthrough().passthrough());
+  EXPECT_EQ(r.sent->stats().passthrough().reason(), v1::PASSTHROUGH_REASON_BUDGET_FULL);
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), bytes), 0);
+}
+
+TEST_F(DaemonPairTest, PagedDestinationWithShuffledBlockTable) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 3);
+  // Destination: one pool per layer and K/V of 24 blocks of 16 tokens; the sequence's 19 blocks
+  // are scattered in shuffled order.
+  const uint32_t block = 16, pool_blocks = 24, used = (kTokens + block - 1) / block;
+  const uint64_t row = kHeads * kHeadDim * 2, pool = uint64_t{pool_blocks} * block * row;
+  SharedMemoryBuffer dst = MakeBuffer(pool * kLayers * 2);
+  std::memset(dst.data(), 0xAB, dst.size());
+  std::vector<uint32_t> ids(pool_blocks);
+  std::iota(ids.begin(), ids.end(), 0u);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(5));
+  ids.resize(used);
+  v1::KvLayout layout = Dense();
+  v1::PagedKvLayout* paged = layout.mutable_paged();
+  paged->set_block_size(block);
+  paged->set_num_blocks(pool_blocks);
+  for (uint32_t id : ids) paged->add_block_ids(id);
+  paged->set_block_stride_bytes(block * row);
+  paged->set_token_stride_bytes(row);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    paged->add_k_pool_offset_bytes((2 * l) * pool);
+    paged->add_v_pool_offset_bytes((2 * l + 1) * pool);
+  }
+  v1::ReceiveRequest receive = ReceiveReq(31, dst);
+  *receive.mutable_destination_layout() = layout;
+  Result r = Transfer(SendReq(31, src, 0.4), receive);
+  ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+  ASSERT_TRUE(r.received.ok()) << r.received.status();
+  const std::vector<uint8_t> expected = ReferenceDecode(src.data(), bytes, 0.4, 31);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    for (int kind = 0; kind < 2; ++kind) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        const uint8_t* got = dst.data() + (2 * l + kind) * pool + ids[t / block] * block * row + (t % block) * row;
+        const uint8_t* want = expected.data() + ((2 * l + kind) * uint64_t{kTokens} + t) * row;
+        ASSERT_EQ(std::memcmp(got, want, row), 0) << "layer " << l << " kind " << kind << " token " << t;
+      }
+    }
+  }
+}
+
+TEST_F(DaemonPairTest, MetricsEndpointShowsTheTransfer) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 4), dst = MakeBuffer(bytes);
+  Result r = Transfer(SendReq(41, src, 0.5), ReceiveReq(41, dst));
+  ASSERT_TRUE(r.sent.ok() && r.received.ok());
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()}) {
+    const std::string role = d == prefill_.get() ? "sender" : "receiver";
+    absl::StatusOr<std::string> body = ScrapeMetrics(d->metrics_address());
+    ASSERT_TRUE(body.ok()) << body.status();
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", bytes)), std::string::npos) << *body;
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"wire\"} ", r.sent->stats().wire_bytes())),
+              std::string::npos);
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfers_total{result=\"ok\",role=\"", role, "\"} 1")),
+              std::string::npos);
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfer_duration_seconds_count{phase=\"total\",role=\"", role,
+                                      "\"} 1")),
+              std::string::npos);
+    const uint64_t int8 = r.sent->stats().tier_tokens().int8();
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_tokens_total{tier=\"int8\"} ", int8)), std::string::npos);
+  }
+}
+
+// ---- Bad input: each gets its code, and the daemons keep serving. ------------------------------
+
+TEST_F(DaemonPairTest, BadRequestsGetClearStatusesAndTheDaemonsKeepServing) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 6);
+  struct Case {
+    const char* name;
+    std::function<void(v1::SendRequest&)> mutate;
+    absl::StatusCode code;
+    const char* message_part;
+  };
+  const std::vector<Case> cases = {
+      {"wrong shape", [](v1::SendRequest& s) { s.mutable_source_layout()->set_kv_heads(4); },
+       absl::StatusCode::kInvalidArgument, "kv_heads"},
+      {"handle smaller than the layout",
+       [](v1::SendRequest& s) { s.mutable_source()->mutable_shared_memory()->set_length(1024); },
+       absl::StatusCode::kInvalidArgument, "the handle maps"},
+      {"missing shared memory object",
+       [](v1::SendRequest& s) { s.mutable_source()->mutable_shared_memory()->set_name("/skv-it-does-not-exist"); },
+       absl::StatusCode::kNotFound, "skv-it-does-not-exist"},
+      {"budget zero", [](v1::SendRequest& s) { s.set_budget(0); }, absl::StatusCode::kInvalidArgument, "budget"},
+      {"budget above one", [](v1::SendRequest& s) { s.set_budget(1.5); }, absl::StatusCode::kInvalidArgument, "budget"},
+      {"unknown peer", [](v1::SendRequest& s) { s.mutable_peer()->set_daemon_id("nobody"); },
+       absl::StatusCode::kNotFound, "peer"},
+      {"unknown model", [](v1::SendRequest& s) { s.set_model_id("no-such-model"); }, absl::StatusCode::kNotFound,
+       "model_id"},
+      {"request id zero", [](v1::SendRequest& s) { s.set_request_id(0); }, absl::StatusCode::kInvalidArgument,
+       "request_id"},
+  };
+  for (const Case& c : cases) {
+    v1::SendRequest send = SendReq(61, src, 0.5);
+    c.mutate(send);
+    absl::StatusOr<v1::SendResponse> r = prefill_->client().Send(send);
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_EQ(r.status().code(), c.code) << c.name << ": " << r.status();
+    EXPECT_NE(r.status().message().find(c.message_part), std::string::npos) << c.name << ": " << r.status();
+  }
+  // Receive-side checks: duplicate request id, and a deadline that passes.
+  SharedMemoryBuffer dst = MakeBuffer(bytes), dst2 = MakeBuffer(bytes);
+  auto first = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(62, dst, 2)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  absl::StatusOr<v1::ReceiveResponse> duplicate = decode_->client().Receive(ReceiveReq(62, dst2, 2));
+  EXPECT_EQ(duplicate.status().code(), absl::StatusCode::kAlreadyExists) << duplicate.status();
+  absl::StatusOr<v1::ReceiveResponse> expired = first.get();
+  EXPECT_EQ(expired.status().code(), absl::StatusCode::kDeadlineExceeded) << expired.status();
+  v1::GetTransferRequest get;
+  get.set_request_id(62);
+  absl::StatusOr<v1::GetTransferResponse> info = decode_->client().GetTransfer(get);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->transfers(0).state(), v1::TRANSFER_STATE_EXPIRED);
+
+  // Still serving: a good transfer goes through.
+  Result good = Transfer(SendReq(63, src, 0.5), ReceiveReq(63, dst));
+  EXPECT_TRUE(good.sent.ok()) << good.sent.status();
+  EXPECT_TRUE(good.received.ok()) << good.received.status();
+}
+
+// A hostile or broken peer: connects over real UCX with the right token and sends a begin plus
+// corrupted or truncated segments. The Receive fails with DATA_LOSS; nothing is committed.
+TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
+  namespace tp = ::spectrumkv::transport;
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 7);
+  const CodecOptions options = daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, 0.5);
+  tp::TransportConfig config;
+  config.daemon_id = "fake-sender";
+  config.auth_token = "integration-token";
+  config.ucx_net_devices = "lo";
+  absl::StatusOr<std::unique_ptr<tp::UcxTransport>> fake = tp::UcxTransport::Create(config);
+  ASSERT_TRUE(fake.ok()) << fake.status();
+  ASSERT_TRUE((*fake)->SetHandlers({[](tp::ReceivedMessage) {}, [](const tp::PeerEvent&) {}}).ok());
+  absl::StatusOr<tp::PeerInfo> peer = (*fake)->Connect(decode_->data_address());
+  ASSERT_TRUE(peer.ok()) << peer.status();
+
+  for (const char* damage : {"bit flip", "truncation"}) {
+    const uint64_t id = damage[0] == 'b' ? 71 : 72;
+    absl::StatusOr<EncodedKv> enc = EncodeKv(DenseViews(src.data()), {}, options, id);
+    ASSERT_TRUE(enc.ok());
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    auto received = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(id, dst, 10)); });
+    daemon::TransferBegin begin{};
+    begin.version = daemon::kPeerProtocolVersion;
+    begin.dtype = 0;
+    begin.layers = kLayers;
+    begin.request_id = id;
+    begin.model_hash = daemon::ModelCompatibilityHash(kLayers, kHeads, kHeadDim, DType::kFp16);
+    begin.tokens = kTokens;
+    begin.heads = kHeads;
+    begin.head_dim = kHeadDim;
+    begin.segments_total = uint32_t(enc->segments.size());
+    begin.requested_budget = 0.5;
+    ASSERT_TRUE((*fake)->SendAndWait(peer->id, daemon::kTransferBeginMessage, daemon::SerializeBegin(begin),
+                                     absl::Seconds(5)).ok());
+    for (size_t i = 0; i < enc->segments.size(); ++i) {
+      const ByteBuffer& s = enc->segments[i];
+      std::vector<std::byte> message(s.size());
+      std::memcpy(message.data(), s.data(), s.size());
+      if (i == 2 && damage[0] == 'b') message[message.size() / 2] ^= std::byte{0x10};
+      if (i == 2 && damage[0] == 't') message.resize(message.size() - 100);
+      ASSERT_TRUE((*fake)->SendAndWait(peer->id, daemon::kSegmentMessage, std::move(message), absl::Seconds(5)).ok());
+    }
+    absl::StatusOr<v1::ReceiveResponse> r = received.get();
+    ASSERT_FALSE(r.ok()) << damage;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << damage << ": " << r.status();
+    v1::GetTransferRequest get;
+    get.set_request_id(id);
+    absl::StatusOr<v1::GetTransferResponse> info = decode_->client().GetTransfer(get);
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->transfers(0).state(), v1::TRANSFER_STATE_FAILED) << "never reported as committed";
+  }
+  (*fake)->Close();
+  // The real sender still works afterwards.
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  Result good = Transfer(SendReq(73, src, 0.5), ReceiveReq(73, dst));
+  EXPECT_TRUE(good.sent.ok() && good.received.ok()) << good.sent.status() << " / " << good.received.status();
+}
+
+TEST_F(DaemonPairTest, WrongAuthTokenIsRefused) {
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> intruder = DaemonProcess::Start(
+      {.daemon_id = "intruder", .auth_token = "wrong-token", .peers = {"decode=" + decode_->data_address()}});
+  ASSERT_TRUE(intruder.ok()) << intruder.status();
+  ASSERT_TRUE(Register(**intruder).ok());
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 8);
+  absl::StatusOr<v1::SendResponse> r = (*intruder)->client().Send(SendReq(81, src, 0.5));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
+  EXPECT_TRUE(decode_->Alive());
+}
+
+TEST_F(DaemonPairTest, PeerKilledMidTransferFailsTheSendCleanly) {
+  // A larger KV so the transfer is still running when the receiver dies.
+  const uint32_t tokens = 4096;
+  v1::KvLayout layout = Dense(tokens);
+  const uint64_t bytes = client::DenseLayoutBytes(layout);
+  SharedMemoryBuffer src = MakeSource(bytes, 9), dst = MakeBuffer(bytes);
+  v1::ReceiveRequest receive = ReceiveReq(91, dst);
+  *receive.mutable_destination_layout() = layout;
+  auto received = std::async(std::launch::async, [&] { return decode_->client().Receive(receive); });
+  v1::SendRequest send = SendReq(91, src, 0.5);
+  *send.mutable_source_layout() = layout;
+  auto sent = std::async(std::launch::async, [&] { return prefill_->client().Send(send); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  decode_->Stop(SIGKILL);
+  absl::StatusOr<v1::SendResponse> s = sent.get();
+  (void)received.get();
+  if (s.ok()) GTEST_SKIP() << "the transfer finished before the kill; nothing to check on this machine";
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
+  EXPECT_TRUE(prefill_->Alive());
+  // The sender keeps serving.
+  EXPECT_TRUE(Register(*prefill_).ok());
+}
+
+TEST_F(DaemonPairTest, SigtermFailsPendingReceivesAndExitsCleanly) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  auto pending = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(101, dst, 30)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto start = std::chrono::steady_clock::now();
+  const int status = decode_->Stop(SIGTERM);
+  absl::StatusOr<v1::ReceiveResponse> r = pending.get();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(8));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "exit status " << status;
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+}
+
+}  // namespace
+}  // namespace skv::testing

@@ -1,0 +1,133 @@
+#include "daemon_process.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include "gtest/gtest.h"
+
+namespace skv::testing {
+
+int FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    close(fd);
+    return -1;
+  }
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Options& options) {
+  std::unique_ptr<DaemonProcess> d(new DaemonProcess());
+  d->grpc_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
+  d->data_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
+  d->metrics_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
+  d->log_path_ = absl::StrCat(::testing::TempDir(), "/", options.daemon_id, "-", getpid(), ".log");
+  std::vector<std::string> args = {SKV_DAEMON_BINARY,
+                                   "--daemon_id=" + options.daemon_id,
+                                   "--grpc_listen_address=" + d->grpc_address_,
+                                   "--data_listen_address=" + d->data_address_,
+                                   "--metrics_listen_address=" + d->metrics_address_,
+                                   "--auth_token=" + options.auth_token,
+                                   "--ucx_tls=tcp",
+                                   "--ucx_net_devices=lo",
+                                   "--early_segment_ttl_seconds=5"};
+  std::string peers;
+  for (const std::string& p : options.peers) peers += (peers.empty() ? "" : ",") + p;
+  if (!peers.empty()) args.push_back("--peers=" + peers);
+  for (const std::string& f : options.extra_flags) args.push_back(f);
+
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    FILE* log = std::fopen(d->log_path_.c_str(), "w");
+    if (log != nullptr) {
+      dup2(fileno(log), STDOUT_FILENO);
+      dup2(fileno(log), STDERR_FILENO);
+    }
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  d->pid_ = pid;
+  absl::StatusOr<std::unique_ptr<client::SpectrumKvClient>> c = client::SpectrumKvClient::Connect(d->grpc_address_);
+  if (!c.ok()) return c.status();
+  d->client_ = std::move(*c);
+  // Ready when gRPC answers; fail fast if the process died (bad flags, port taken).
+  for (int i = 0; i < 200; ++i) {
+    if (!d->Alive()) return absl::InternalError(absl::StrCat("spectrumkvd exited at start:\n", d->Log()));
+    if (d->client_->WaitUntilServing(std::chrono::milliseconds(50)).ok()) return d;
+  }
+  return absl::DeadlineExceededError(absl::StrCat("spectrumkvd did not start in 10 s:\n", d->Log()));
+}
+
+std::string DaemonProcess::Log() const {
+  std::ifstream in(log_path_);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+bool DaemonProcess::Alive() {
+  if (pid_ <= 0) return false;
+  int status = 0;
+  if (waitpid(pid_, &status, WNOHANG) == pid_) {
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+int DaemonProcess::Stop(int signal) {
+  if (pid_ <= 0) return -1;
+  kill(pid_, signal);
+  int status = 0;
+  for (int i = 0; i < 200; ++i) {
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return status;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  kill(pid_, SIGKILL);
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return status;
+}
+
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(uint16_t(std::stoi(address.substr(colon + 1))));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("cannot connect to ", address));
+  }
+  const std::string request = absl::StrCat("GET /metrics HTTP/1.0\r\nHost: ", address, "\r\n\r\n");
+  (void)!write(fd, request.data(), request.size());
+  std::string response;
+  char buf[65536];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, size_t(n));
+  close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  if (response.rfind("HTTP/1.", 0) != 0 || body == std::string::npos) {
+    return absl::DataLossError("not an HTTP response");
+  }
+  return response.substr(body + 4);
+}
+
+}  // namespace skv::testing

@@ -1,0 +1,219 @@
+#include "spectrumkv/control/kv_handle_import.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "spectrumkv/v1/spectrumkv.pb.h"
+
+namespace skv::control {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+namespace v1 = spectrumkv::v1;
+
+std::string UniqueShmName() {
+  static std::atomic<int> counter{0};
+  return "/skv-import-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+// A real POSIX shared-memory object filled with a byte pattern; unlinked on destruction.
+class ShmObject {
+ public:
+  explicit ShmObject(size_t size) : name_(UniqueShmName()), size_(size) {
+    const int fd = ::shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    EXPECT_GE(fd, 0) << std::strerror(errno);
+    EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(size)), 0);
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    bytes_ = static_cast<uint8_t*>(p);
+    for (size_t i = 0; i < size; ++i) bytes_[i] = Pattern(i);
+    ::close(fd);
+  }
+  ~ShmObject() {
+    ::munmap(bytes_, size_);
+    ::shm_unlink(name_.c_str());
+  }
+  static uint8_t Pattern(size_t i) { return static_cast<uint8_t>(i * 131 + 7); }
+  const std::string& name() const { return name_; }
+  uint8_t* bytes() const { return bytes_; }
+
+ private:
+  std::string name_;
+  size_t size_;
+  uint8_t* bytes_ = nullptr;
+};
+
+v1::KvHandle ShmHandle(const std::string& name, uint64_t offset, uint64_t length) {
+  v1::KvHandle handle;
+  handle.mutable_shared_memory()->set_name(name);
+  handle.mutable_shared_memory()->set_offset(offset);
+  handle.mutable_shared_memory()->set_length(length);
+  return handle;
+}
+
+// Mappings of `name` listed in /proc/self/maps: proves the RAII owner really unmaps.
+int CountMappings(const std::string& name) {
+  std::ifstream maps("/proc/self/maps");
+  int count = 0;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("/dev/shm" + name) != std::string::npos) ++count;
+  }
+  return count;
+}
+
+TEST(KvHandleImportTest, InlineReadOnlyIsAViewWithoutCopy) {
+  v1::KvHandle handle;
+  handle.set_inline_data(std::string(1000, 'k'));
+  auto region = ImportKvHandle(handle, KvAccess::kReadOnly, "source");
+  ASSERT_TRUE(region.ok()) << region.status();
+  EXPECT_EQ(region->data(), handle.inline_data().data());
+  EXPECT_EQ(region->size(), 1000u);
+  EXPECT_EQ(region->memory_kind(), KvMemoryKind::kHost);
+  EXPECT_EQ(region->cuda_device(), -1);
+}
+
+TEST(KvHandleImportTest, InlineReadWriteIsAnAlignedWritableCopy) {
+  v1::KvHandle handle;
+  handle.set_inline_data("abcdefgh");
+  auto region = ImportKvHandle(handle, KvAccess::kReadWrite, "destination");
+  ASSERT_TRUE(region.ok()) << region.status();
+  EXPECT_NE(region->data(), handle.inline_data().data());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(region->data()) % 16, 0u);
+  ASSERT_EQ(region->size(), 8u);
+  EXPECT_EQ(std::memcmp(region->data(), "abcdefgh", 8), 0);
+  static_cast<char*>(region->data())[0] = 'X';
+  EXPECT_EQ(handle.inline_data(), "abcdefgh");  // the request is untouched
+  EXPECT_EQ(region->access(), KvAccess::kReadWrite);
+}
+
+TEST(KvHandleImportTest, EmptyOrUnsetHandleIsInvalid) {
+  v1::KvHandle unset;
+  auto none = ImportKvHandle(unset, KvAccess::kReadOnly, "source");
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(none.status().message(), HasSubstr("source: no memory set"));
+  v1::KvHandle empty;
+  empty.set_inline_data("");
+  auto empty_region = ImportKvHandle(empty, KvAccess::kReadOnly, "source");
+  EXPECT_THAT(empty_region.status().message(), HasSubstr("source.inline_data: empty"));
+}
+
+TEST(KvHandleImportTest, SharedMemoryReadOnlyAtUnalignedOffset) {
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  ShmObject shm(3 * page + 100);
+  const uint64_t offset = page + 13;  // not page-aligned: exercises the mmap rounding
+  const uint64_t length = 2 * page;
+  {
+    auto region =
+        ImportKvHandle(ShmHandle(shm.name(), offset, length), KvAccess::kReadOnly, "source");
+    ASSERT_TRUE(region.ok()) << region.status();
+    ASSERT_EQ(region->size(), length);
+    EXPECT_EQ(region->access(), KvAccess::kReadOnly);
+    const auto* bytes = static_cast<const uint8_t*>(region->data());
+    for (size_t i = 0; i < length; ++i) {
+      ASSERT_EQ(bytes[i], ShmObject::Pattern(offset + i)) << i;
+    }
+    EXPECT_EQ(CountMappings(shm.name()), 2);  // the test's own mapping + the region's
+    // Moving keeps one mapping alive, owned by the destination.
+    MappedKvRegion moved = *std::move(region);
+    EXPECT_EQ(CountMappings(shm.name()), 2);
+    EXPECT_EQ(static_cast<const uint8_t*>(moved.data())[0], ShmObject::Pattern(offset));
+  }
+  EXPECT_EQ(CountMappings(shm.name()), 1);  // unmapped on destruction
+}
+
+TEST(KvHandleImportTest, SharedMemoryReadWriteIsSharedWithTheOwner) {
+  ShmObject shm(8192);
+  // Name without the leading slash is accepted too.
+  auto region =
+      ImportKvHandle(ShmHandle(shm.name().substr(1), 100, 50), KvAccess::kReadWrite, "destination");
+  ASSERT_TRUE(region.ok()) << region.status();
+  static_cast<uint8_t*>(region->data())[0] = 0xAB;
+  static_cast<uint8_t*>(region->data())[49] = 0xCD;
+  EXPECT_EQ(shm.bytes()[100], 0xAB);
+  EXPECT_EQ(shm.bytes()[149], 0xCD);
+  EXPECT_EQ(shm.bytes()[150], ShmObject::Pattern(150));
+}
+
+TEST(KvHandleImportTest, SharedMemoryWholeObjectIsAllowed) {
+  ShmObject shm(4096);
+  EXPECT_TRUE(ImportKvHandle(ShmHandle(shm.name(), 0, 4096), KvAccess::kReadOnly, "s").ok());
+  EXPECT_TRUE(ImportKvHandle(ShmHandle(shm.name(), 4095, 1), KvAccess::kReadOnly, "s").ok());
+}
+
+TEST(KvHandleImportTest, MissingSharedMemoryObjectIsNotFoundNamingIt) {
+  const std::string name = UniqueShmName();
+  auto region = ImportKvHandle(ShmHandle(name, 0, 16), KvAccess::kReadOnly, "source");
+  EXPECT_EQ(region.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(region.status().message(),
+              AllOf(HasSubstr("source.shared_memory.name"), HasSubstr(name)));
+}
+
+TEST(KvHandleImportTest, RegionBeyondTheObjectIsOutOfRangeWithBothSizes) {
+  ShmObject shm(4096);
+  auto region = ImportKvHandle(ShmHandle(shm.name(), 4000, 200), KvAccess::kReadOnly, "source");
+  EXPECT_EQ(region.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(region.status().message(), AllOf(HasSubstr("4200"), HasSubstr("4096")));
+
+  auto overflow =
+      ImportKvHandle(ShmHandle(shm.name(), UINT64_MAX - 10, 100), KvAccess::kReadOnly, "source");
+  EXPECT_EQ(overflow.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(overflow.status().message(), HasSubstr("overflows"));
+
+  auto huge =
+      ImportKvHandle(ShmHandle(shm.name(), 0, uint64_t{1} << 62), KvAccess::kReadOnly, "source");
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST(KvHandleImportTest, BadSharedMemoryFieldsAreInvalid) {
+  ShmObject shm(4096);
+  auto zero = ImportKvHandle(ShmHandle(shm.name(), 0, 0), KvAccess::kReadOnly, "source");
+  EXPECT_EQ(zero.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(zero.status().message(), HasSubstr("source.shared_memory.length"));
+  for (const std::string& bad :
+       {std::string(""), std::string("/"), std::string("/a/b"), std::string("/.."),
+        std::string(300, 'x'), std::string("a\0b", 3)}) {
+    auto region = ImportKvHandle(ShmHandle(bad, 0, 16), KvAccess::kReadOnly, "source");
+    EXPECT_EQ(region.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(region.status().message(), HasSubstr("source.shared_memory.name")) << bad;
+  }
+}
+
+TEST(KvHandleImportTest, ReadWriteOnReadOnlyObjectIsPermissionDenied) {
+  if (::geteuid() == 0) GTEST_SKIP() << "root bypasses file permissions";
+  ShmObject shm(4096);
+  const int fd = ::shm_open(shm.name().c_str(), O_RDONLY, 0);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::fchmod(fd, 0400), 0);
+  ::close(fd);
+  auto region = ImportKvHandle(ShmHandle(shm.name(), 0, 16), KvAccess::kReadWrite, "destination");
+  EXPECT_EQ(region.status().code(), absl::StatusCode::kPermissionDenied);
+}
+
+TEST(KvHandleImportTest, CudaIpcWithoutCudaIsUnimplemented) {
+  v1::KvHandle handle;
+  handle.mutable_cuda_ipc()->set_ipc_handle(std::string(64, '\0'));
+  handle.mutable_cuda_ipc()->set_length(1024);
+  auto region = ImportKvHandle(handle, KvAccess::kReadOnly, "source");
+  if (CudaIpcImportSupported()) {
+    // A zero handle is not a valid export; with CUDA it must be refused, not crash.
+    EXPECT_FALSE(region.ok());
+  } else {
+    EXPECT_EQ(region.status().code(), absl::StatusCode::kUnimplemented);
+    EXPECT_THAT(region.status().message(),
+                AllOf(HasSubstr("source.cuda_ipc"), HasSubstr("built without CUDA")));
+  }
+}
+
+}  // namespace
+}  // namespace skv::control
