@@ -1,10 +1,38 @@
 #!/usr/bin/env bash
-# Installs dependencies (Debian 12), builds, and runs the main job: the codec benchmark on a
-# 7B-shaped layer set (until the daemon pair demo lands, this is what SpectrumKV runs).
+# Installs dependencies (Debian 12), builds, and runs the main job: two spectrumkvd daemons on
+# loopback (prefill and decode) move a synthetic 7B-shaped KV cache (8 layers x 1024 tokens x
+# 8 KV heads x 128 dims by default) from shared memory to shared memory at budget 0.5, check it
+# against the codec's own Encode/Decode, and print a report. Extra arguments go to `skvctl demo`
+# (e.g. --budget=0.3 --layers=32 --tokens=2048).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/setup-debian.sh
 cmake --preset default >/dev/null
-cmake --build --preset default -j "$(nproc)" --target skv-codec-bench
-./build/bin/skv-codec-bench "$@"
+cmake --build --preset default -j "$(nproc)" --target spectrumkvd skvctl
+
+BIN=build/bin
+LOGS=$(mktemp -d /tmp/spectrumkv-demo.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+COMMON=(--auth_token=demo-token --ucx_tls=tcp --ucx_net_devices=lo)
+"$BIN/spectrumkvd" --daemon_id=decode --grpc_listen_address=127.0.0.1:50561 \
+  --data_listen_address=127.0.0.1:50562 --metrics_listen_address=127.0.0.1:9465 "${COMMON[@]}" \
+  >"$LOGS/decode.log" 2>&1 &
+PIDS+=($!)
+"$BIN/spectrumkvd" --daemon_id=prefill --grpc_listen_address=127.0.0.1:50551 \
+  --data_listen_address=127.0.0.1:50552 --metrics_listen_address=127.0.0.1:9464 \
+  --peers=decode=127.0.0.1:50562 "${COMMON[@]}" >"$LOGS/prefill.log" 2>&1 &
+PIDS+=($!)
+
+"$BIN/skvctl" demo --sender=127.0.0.1:50551 --receiver=127.0.0.1:50561 --peer=decode \
+  --layers=8 --tokens=1024 --budget=0.5 "$@"
+echo
+echo "metrics:  curl -s http://127.0.0.1:9464/metrics (prefill), http://127.0.0.1:9465/metrics (decode)"
+curl -s http://127.0.0.1:9465/metrics | grep -E '^spectrumkv_(bytes_total|transfers_total\{result="ok")' || true
+echo "logs:     $LOGS"
