@@ -1,0 +1,122 @@
+#include "daemon_internal.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/util/time_util.h"
+#include "spectrumkv/codec/half.h"
+
+namespace skv::daemon {
+
+using control::KvAccess;
+using google::protobuf::util::TimeUtil;
+
+
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+google::protobuf::Duration ToProto(double seconds) {
+  return TimeUtil::NanosecondsToDuration(int64_t(seconds * 1e9));
+}
+
+std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views) {
+  std::vector<KvLayerViews> out;
+  for (const control::LayerKvViews& l : views.layers()) out.push_back({l.k, l.v});
+  return out;
+}
+
+void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out) {
+  out->set_fp16(rows[int(Tier::kFp16)]);
+  out->set_int8(rows[int(Tier::kInt8)]);
+  out->set_int4(rows[int(Tier::kInt4)]);
+  out->set_int2(rows[int(Tier::kInt2)]);
+  out->set_drop(rows[int(Tier::kDrop)]);
+}
+
+void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows) {
+  for (int t = 0; t < kNumTiers; ++t) m.AddTokens(static_cast<control::TokenTier>(t), rows[t]);
+}
+
+v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, uint32_t layers, v1::MaskFormat format) {
+  v1::KeptTokenMask mask;
+  mask.set_tokens(uint32_t(kept.size()));
+  mask.set_layers(layers);
+  if (format == v1::MASK_FORMAT_PACKED_BITS) {
+    mask.set_format(v1::MASK_FORMAT_PACKED_BITS);
+    std::string bits((kept.size() + 7) / 8, '\0');
+    for (size_t t = 0; t < kept.size(); ++t) {
+      if (kept[t]) bits[t / 8] = char(uint8_t(bits[t / 8]) | (1u << (t % 8)));
+    }
+    mask.set_mask(std::move(bits));
+  } else {
+    mask.set_format(v1::MASK_FORMAT_BYTES);
+    mask.set_mask(std::string(kept.begin(), kept.end()));
+  }
+  return mask;
+}
+
+v1::ImportanceSource ImportanceSourceOf(const char* name) {
+  const absl::string_view n(name == nullptr ? "" : name);
+  if (n == "engine") return v1::IMPORTANCE_SOURCE_ENGINE_SCORES;
+  if (n == "queries") return v1::IMPORTANCE_SOURCE_OBSERVATION_WINDOW;
+  if (n == "positional") return v1::IMPORTANCE_SOURCE_POSITIONAL;
+  return v1::IMPORTANCE_SOURCE_UNSPECIFIED;
+}
+
+std::span<const std::byte> Bytes(const transport::MessageBuffer& m) { return {m.data(), m.size()}; }
+
+// Hands an encoded segment to the transport without copying it.
+transport::MessageBuffer ToMessage(ByteBuffer bytes) {
+  struct Owner : transport::MessageBuffer::Owner {
+    ByteBuffer bytes;
+  };
+  auto owner = std::make_unique<Owner>();
+  owner->bytes = std::move(bytes);
+  auto* data = reinterpret_cast<std::byte*>(owner->bytes.data());
+  const size_t size = owner->bytes.size();
+  return transport::MessageBuffer(data, size, std::move(owner));
+}
+
+absl::Status Annotate(const absl::Status& s, absl::string_view context) {
+  return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
+}
+
+absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const control::RegisteredModel& model,
+                                          absl::string_view field) {
+  QueryInputs q;
+  absl::StatusOr<control::MappedKvRegion> region =
+      control::ImportKvHandle(w.queries(), KvAccess::kReadOnly, absl::StrCat(field, ".queries"));
+  if (!region.ok()) return region.status();
+  q.region = std::move(*region);
+  if (q.region.memory_kind() != control::KvMemoryKind::kHost) {
+    return absl::UnimplementedError(absl::StrCat(field, ": device-resident queries are not supported yet"));
+  }
+  const uint32_t heads = w.query_heads() == 0 ? model.query_heads : w.query_heads();
+  const uint64_t row = uint64_t{heads} * model.head_dim * 2;
+  const uint64_t token_stride = w.token_stride_bytes() == 0 ? row : w.token_stride_bytes();
+  const uint64_t layer_stride = w.layer_stride_bytes() == 0 ? token_stride * w.window_tokens() : w.layer_stride_bytes();
+  const uint64_t last = (uint64_t{model.layers} - 1) * layer_stride + (uint64_t{w.window_tokens()} - 1) * token_stride + row;
+  if (last > q.region.size()) {
+    return absl::OutOfRangeError(absl::StrCat(field, ".queries: the window needs ", last,
+                                              " bytes, the handle has ", q.region.size()));
+  }
+  const auto* base = static_cast<const uint8_t*>(q.region.data());
+  for (uint32_t l = 0; l < model.layers; ++l) {
+    std::vector<float>& dense = q.per_layer.emplace_back(size_t{w.window_tokens()} * heads * model.head_dim);
+    for (uint32_t t = 0; t < w.window_tokens(); ++t) {
+      const uint8_t* src = base + l * layer_stride + t * token_stride;
+      for (size_t i = 0; i < size_t{heads} * model.head_dim; ++i) {
+        uint16_t v;
+        std::memcpy(&v, src + 2 * i, 2);
+        dense[size_t{t} * heads * model.head_dim + i] = HalfToFloat(v, model.dtype);
+      }
+    }
+  }
+  for (const auto& dense : q.per_layer) q.windows.push_back({dense.data(), w.window_tokens(), heads, model.head_dim});
+  return q;
+}
+
+
+}  // namespace skv::daemon

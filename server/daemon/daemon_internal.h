@@ -1,0 +1,103 @@
+// Internals shared by the daemon's source files: per-transfer state and small conversions.
+// Not part of the daemon's interface.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <optional>
+#include <set>
+#include <span>
+#include <tuple>
+
+#include "daemon.h"
+#include "google/protobuf/duration.pb.h"
+#include "peer_protocol.h"
+#include "spectrumkv/codec/byte_buffer.h"
+#include "spectrumkv/codec/codec.h"
+#include "spectrumkv/control/kv_handle_import.h"
+#include "spectrumkv/control/kv_layout_views.h"
+
+namespace skv::daemon {
+
+// How long a sender waits for the receiver's verdict after its last segment left.
+inline constexpr absl::Duration kOutcomeGrace = absl::Seconds(10);
+inline constexpr absl::Duration kTombstoneLifetime = absl::Minutes(2);
+inline constexpr absl::Duration kReaperPeriod = absl::Milliseconds(50);
+// Built-in token for loopback-only deployments that configure none (the config refuses an empty
+// token on any other address).
+inline constexpr char kLoopbackToken[] = "spectrumkv-loopback-only";
+
+double Seconds(std::chrono::steady_clock::time_point since);
+google::protobuf::Duration ToProto(double seconds);
+std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views);
+void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out);
+void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows);
+v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, uint32_t layers, v1::MaskFormat format);
+v1::ImportanceSource ImportanceSourceOf(const char* name);
+std::span<const std::byte> Bytes(const transport::MessageBuffer& m);
+// Hands an encoded segment to the transport without copying it.
+transport::MessageBuffer ToMessage(ByteBuffer bytes);
+absl::Status Annotate(const absl::Status& s, absl::string_view context);
+
+// Observation-window queries from a mapped handle, converted to dense fp32 per layer.
+struct QueryInputs {
+  control::MappedKvRegion region;
+  std::vector<std::vector<float>> per_layer;
+  std::vector<QueryWindow> windows;
+};
+absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const control::RegisteredModel& model,
+                                          absl::string_view field);
+
+// ---- State of one transfer on each side. --------------------------------------------------------
+
+struct Daemon::Inbound {
+  uint64_t request_id = 0;
+  // From the sender's TransferBegin.
+  std::optional<TransferBegin> begin;
+  transport::PeerId peer = transport::kNoPeer;
+  std::string peer_daemon_id;
+  // Segments waiting for the Receive call (or, after it, for the decode worker).
+  std::deque<transport::MessageBuffer> queue;
+  size_t early_bytes = 0;
+  absl::Time first_arrival = absl::InfinitePast();
+  // Set by Receive.
+  bool has_receive = false;
+  control::RegisteredModel model;
+  control::MappedKvRegion region;
+  std::optional<control::KvLayoutViews> views;
+  std::vector<KvLayerViews> codec_views;
+  v1::MaskFormat mask_format = v1::MASK_FORMAT_BYTES;
+  bool inline_destination = false;
+  absl::Time deadline = absl::InfiniteFuture();
+  ReceiveDone done;
+  std::chrono::steady_clock::time_point started;
+  std::optional<control::Metrics::InFlightGuard> in_flight;
+  // Progress.
+  bool draining = false;
+  bool finished = false;
+  std::set<std::tuple<uint32_t, uint8_t, uint32_t>> seen;  // (layer, kind, token_begin)
+  uint32_t segments_done = 0;
+  uint64_t wire_bytes = 0;
+  std::array<uint64_t, kNumTiers> rows{};
+  std::vector<uint8_t> kept;
+  double decode_seconds = 0;
+  std::chrono::steady_clock::time_point first_segment;
+  bool got_segment = false;
+};
+
+struct Daemon::Outbound {
+  uint64_t request_id = 0;
+  transport::PeerId peer = transport::kNoPeer;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::optional<TransferOutcome> outcome;
+};
+
+struct Daemon::PeerLink {
+  control::PeerConfig config;
+  transport::PeerId id = transport::kNoPeer;
+  std::mutex connect_mu;  // one Connect at a time per peer
+};
+
+}  // namespace skv::daemon
