@@ -9,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "kv_test_data.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/probe.h"
 
 namespace skv {
 namespace {
@@ -253,6 +254,35 @@ TEST(Codec, RdWithRotationAndCentringBeatsPaperOnOutlierKeys) {
     EXPECT_NEAR(achieved[0], achieved[1], 0.01) << "compared at the same bytes";
     EXPECT_LT(error[1], error[0]);
   }
+}
+
+}  // namespace
+}  // namespace skv
+
+namespace skv {
+namespace {
+
+TEST(Probe, Int4ErrorExceedsInt8AndTransformsReduceIt) {
+  using skv::testing::SyntheticKv;
+  SyntheticKv kv({.layers = 2, .tokens = 128, .heads = 2, .head_dim = 64, .outlier_scale = 12,
+                  .channel_bias = 6, .seed = 3});
+  CodecOptions plain;
+  plain.rotate_keys = plain.rotate_values = plain.centre_keys = false;
+  CodecOptions transformed;  // defaults: rotate K and V, centre K
+  absl::StatusOr<std::vector<LayerProbeResult>> a = ProbeInt4(kv.views(), {}, plain);
+  absl::StatusOr<std::vector<LayerProbeResult>> b = ProbeInt4(kv.views(), {}, transformed);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->size(), 2u);
+  for (size_t l = 0; l < 2; ++l) {
+    std::printf("layer %zu: INT4 error %.3e plain, %.3e rotated+centred; INT8 %.3e\n", l, (*a)[l].int4_error,
+                (*b)[l].int4_error, (*a)[l].int8_error);
+    EXPECT_GT((*a)[l].int4_error, (*a)[l].int8_error);
+    EXPECT_LT((*b)[l].int4_error, (*a)[l].int4_error);
+  }
+  std::vector<float> q(16 * 2 * 32);
+  QueryWindow wrong{q.data(), 16, 2, 32};  // head_dim 32 does not fit 64
+  std::vector<QueryWindow> windows{wrong, wrong};
+  EXPECT_EQ(ProbeInt4(kv.views(), windows, plain).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
