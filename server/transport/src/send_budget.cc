@@ -40,10 +40,10 @@ absl::Status SendBudget::Acquire(PeerId peer, size_t payload_bytes, bool may_blo
     return absl::UnavailableError(absl::StrCat("peer ", peer, " is not connected"));
   }
   if (payload_bytes > it->second.max_message_bytes || charge > max_inflight_bytes_) {
-    absl::Status status = absl::ResourceExhaustedError(absl::StrCat(
-        "message of ", payload_bytes, " bytes exceeds the limit for peer ", peer, " (",
-        it->second.max_message_bytes, " bytes per message, ", max_inflight_bytes_,
-        " bytes in flight)"));
+    absl::Status status = absl::ResourceExhaustedError(
+        absl::StrCat("message of ", payload_bytes, " bytes exceeds the limit for peer ", peer, " (",
+                     it->second.max_message_bytes, " bytes per message, ", max_inflight_bytes_,
+                     " bytes in flight)"));
     spdlog::warn("[transport] {}", status.ToString());
     return status;
   }

@@ -10,13 +10,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl_compat.h"
 
 namespace spectrumkv::transport::internal {
 namespace {
 
 absl::Status BadAddress(std::string_view host_port, std::string_view why) {
   absl::Status status =
-      absl::InvalidArgumentError(absl::StrCat("address '", host_port, "': ", why));
+      absl::InvalidArgumentError(absl::StrCat("address '", ToAbsl(host_port), "': ", ToAbsl(why)));
   spdlog::warn("[transport] {}", status.ToString());
   return status;
 }
@@ -49,7 +50,7 @@ absl::StatusOr<SocketAddress> ParseSocketAddress(std::string_view host_port) {
   }
   uint32_t port = 0;
   if (host.empty()) return BadAddress(host_port, "the host is required");
-  if (!absl::SimpleAtoi(port_text, &port) || port > 65535) {
+  if (!absl::SimpleAtoi(ToAbsl(port_text), &port) || port > 65535) {
     return BadAddress(host_port, "the port must be a number in [0, 65535]");
   }
 

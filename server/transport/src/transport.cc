@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl_compat.h"
 #include "socket_address.h"
 #include "wire_format.h"
 
@@ -14,8 +15,8 @@ namespace spectrumkv::transport {
 namespace {
 
 absl::Status BadConfig(std::string_view field, std::string_view why) {
-  absl::Status status =
-      absl::InvalidArgumentError(absl::StrCat("transport config: ", field, " ", why));
+  absl::Status status = absl::InvalidArgumentError(
+      absl::StrCat("transport config: ", internal::ToAbsl(field), " ", internal::ToAbsl(why)));
   spdlog::error("[transport] {}", status.ToString());
   return status;
 }
@@ -30,8 +31,8 @@ absl::Status ValidateTransportConfig(const TransportConfig& config) {
     return BadConfig("auth_token", "must have 1 to 1024 bytes");
   }
   if (!internal::ParseSocketAddress(config.listen_address).ok()) {
-    return BadConfig("listen_address", absl::StrCat("'", config.listen_address,
-                                                    "' is not a valid host:port"));
+    return BadConfig("listen_address",
+                     absl::StrCat("'", config.listen_address, "' is not a valid host:port"));
   }
   if (config.max_inflight_bytes_per_peer <= kSendOverheadBytes) {
     return BadConfig("max_inflight_bytes_per_peer", "is too small");
@@ -52,7 +53,7 @@ absl::Status ValidateTransportConfig(const TransportConfig& config) {
   return absl::OkStatus();
 }
 
-absl::Status Transport::SendAndWait(PeerId peer, MessageType type, std::vector<std::byte> payload,
+absl::Status Transport::SendAndWait(PeerId peer, MessageType type, MessageBuffer payload,
                                     absl::Duration timeout) {
   // Shared with the callback, which may run after a timed-out wait has returned.
   struct Completion {
@@ -60,15 +61,14 @@ absl::Status Transport::SendAndWait(PeerId peer, MessageType type, std::vector<s
     absl::Status status;
   };
   auto completion = std::make_shared<Completion>();
-  absl::Status accepted =
-      Send(peer, type, std::move(payload), [completion](absl::Status status) {
-        completion->status = std::move(status);
-        completion->done.Notify();
-      });
+  absl::Status accepted = Send(peer, type, std::move(payload), [completion](absl::Status status) {
+    completion->status = std::move(status);
+    completion->done.Notify();
+  });
   if (!accepted.ok()) return accepted;
   if (!completion->done.WaitForNotificationWithTimeout(timeout)) {
-    return absl::DeadlineExceededError(absl::StrCat("send to peer ", peer, " did not complete within ",
-                                                    absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(absl::StrCat(
+        "send to peer ", peer, " did not complete within ", absl::FormatDuration(timeout)));
   }
   return completion->status;
 }

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl_compat.h"
 
 namespace spectrumkv::transport::internal {
 
@@ -47,7 +48,8 @@ absl::StatusCode UcsStatusCode(ucs_status_t status) {
 
 absl::Status UcsStatusQuiet(ucs_status_t status, std::string_view what) {
   if (status == UCS_OK) return absl::OkStatus();
-  return absl::Status(UcsStatusCode(status), absl::StrCat(what, ": ", ucs_status_string(status)));
+  return absl::Status(UcsStatusCode(status),
+                      absl::StrCat(ToAbsl(what), ": ", ucs_status_string(status)));
 }
 
 absl::Status UcsError(ucs_status_t status, std::string_view what) {

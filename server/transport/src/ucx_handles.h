@@ -22,13 +22,13 @@ namespace spectrumkv::transport::internal {
 // Same, without logging: for failures that are normal events (a peer going away).
 [[nodiscard]] absl::Status UcsStatusQuiet(ucs_status_t status, std::string_view what);
 
-#define SKV_RETURN_IF_UCS_ERROR(expr)                                                          \
-  do {                                                                                         \
-    const ucs_status_t skv_ucs_status_ = (expr);                                               \
-    if (skv_ucs_status_ != UCS_OK) {                                                           \
-      return ::spectrumkv::transport::internal::UcsError(                                      \
-          skv_ucs_status_, #expr " at " __FILE__ ":" SKV_UCS_STRINGIFY(__LINE__));            \
-    }                                                                                          \
+#define SKV_RETURN_IF_UCS_ERROR(expr)                                              \
+  do {                                                                             \
+    const ucs_status_t skv_ucs_status_ = (expr);                                   \
+    if (skv_ucs_status_ != UCS_OK) {                                               \
+      return ::spectrumkv::transport::internal::UcsError(                          \
+          skv_ucs_status_, #expr " at " __FILE__ ":" SKV_UCS_STRINGIFY(__LINE__)); \
+    }                                                                              \
   } while (0)
 #define SKV_UCS_STRINGIFY(x) SKV_UCS_STRINGIFY_INNER(x)
 #define SKV_UCS_STRINGIFY_INNER(x) #x
@@ -109,7 +109,13 @@ class UcpEndpoint {
   UcpEndpoint(const UcpEndpoint&) = delete;
   UcpEndpoint& operator=(const UcpEndpoint&) = delete;
   UcpEndpoint(UcpEndpoint&& other) noexcept : endpoint_(std::exchange(other.endpoint_, nullptr)) {}
-  UcpEndpoint& operator=(UcpEndpoint&&) = delete;
+  UcpEndpoint& operator=(UcpEndpoint&& other) noexcept {
+    if (this != &other) {
+      (void)Close(/*force=*/true);
+      endpoint_ = std::exchange(other.endpoint_, nullptr);
+    }
+    return *this;
+  }
 
   [[nodiscard]] ucp_ep_h get() const { return endpoint_; }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl_compat.h"
 
 namespace spectrumkv::transport::internal {
 namespace {
@@ -25,7 +26,8 @@ std::string ReadString(absl::Span<const std::byte> bytes, size_t offset, size_t 
 }
 
 absl::Status Malformed(std::string_view what) {
-  absl::Status status = absl::InvalidArgumentError(absl::StrCat("malformed handshake: ", what));
+  absl::Status status =
+      absl::InvalidArgumentError(absl::StrCat("malformed handshake: ", ToAbsl(what)));
   spdlog::warn("[transport] {}", status.ToString());
   return status;
 }
@@ -52,8 +54,7 @@ std::vector<std::byte> EncodeHandshakeRequest(const HandshakeRequest& request) {
   // Lengths are validated by ValidateTransportConfig; clamp anyway so the header never lies.
   const std::string_view daemon_id =
       std::string_view(request.daemon_id).substr(0, kMaxDaemonIdBytes);
-  const std::string_view token =
-      std::string_view(request.auth_token).substr(0, kMaxAuthTokenBytes);
+  const std::string_view token = std::string_view(request.auth_token).substr(0, kMaxAuthTokenBytes);
   HandshakeRequestWire wire;
   wire.protocol_version = request.protocol_version;
   wire.model_compat_hash = request.model_compat_hash;
@@ -71,7 +72,8 @@ std::vector<std::byte> EncodeHandshakeRequest(const HandshakeRequest& request) {
 absl::StatusOr<HandshakeRequest> DecodeHandshakeRequest(absl::Span<const std::byte> bytes) {
   HandshakeRequestWire wire;
   if (bytes.size() < sizeof(wire)) {
-    return Malformed(absl::StrCat("request of ", bytes.size(), " bytes is shorter than its header"));
+    return Malformed(
+        absl::StrCat("request of ", bytes.size(), " bytes is shorter than its header"));
   }
   std::memcpy(&wire, bytes.data(), sizeof(wire));
   if (wire.magic != kHandshakeMagic) return Malformed("bad magic in request");
@@ -86,13 +88,15 @@ absl::StatusOr<HandshakeRequest> DecodeHandshakeRequest(absl::Span<const std::by
   request.model_compat_hash = wire.model_compat_hash;
   request.max_message_bytes = wire.max_message_bytes;
   request.daemon_id = ReadString(bytes, sizeof(wire), wire.daemon_id_bytes);
-  request.auth_token = ReadString(bytes, sizeof(wire) + wire.daemon_id_bytes, wire.auth_token_bytes);
+  request.auth_token =
+      ReadString(bytes, sizeof(wire) + wire.daemon_id_bytes, wire.auth_token_bytes);
   return request;
 }
 
 std::vector<std::byte> EncodeHandshakeReply(const HandshakeReply& reply) {
   const std::string_view daemon_id = std::string_view(reply.daemon_id).substr(0, kMaxDaemonIdBytes);
-  const std::string_view message = reply.verdict.message().substr(0, kMaxVerdictMessageBytes);
+  const std::string_view message =
+      ToStd(reply.verdict.message()).substr(0, kMaxVerdictMessageBytes);
   HandshakeReplyWire wire;
   wire.protocol_version = reply.protocol_version;
   wire.model_compat_hash = reply.model_compat_hash;
@@ -131,8 +135,8 @@ absl::StatusOr<HandshakeReply> DecodeHandshakeReply(absl::Span<const std::byte> 
   reply.daemon_id = ReadString(bytes, sizeof(wire), wire.daemon_id_bytes);
   const auto code = static_cast<absl::StatusCode>(wire.status_code);
   if (code != absl::StatusCode::kOk) {
-    reply.verdict = absl::Status(code, ReadString(bytes, sizeof(wire) + wire.daemon_id_bytes,
-                                                  wire.message_bytes));
+    reply.verdict = absl::Status(
+        code, ReadString(bytes, sizeof(wire) + wire.daemon_id_bytes, wire.message_bytes));
   }
   return reply;
 }
@@ -141,20 +145,21 @@ absl::Status JudgeHandshakeRequest(const TransportConfig& local, const Handshake
                                    std::string_view peer_address) {
   absl::Status verdict;
   if (!ConstantTimeEquals(request.auth_token, local.auth_token)) {
-    verdict = absl::PermissionDeniedError(absl::StrCat(
-        "daemon '", local.daemon_id, "' refused '", request.daemon_id, "': wrong auth token"));
+    verdict = absl::PermissionDeniedError(absl::StrCat("daemon '", local.daemon_id, "' refused '",
+                                                       request.daemon_id, "': wrong auth token"));
   } else if (request.protocol_version != local.protocol_version) {
     verdict = absl::FailedPreconditionError(absl::StrCat(
         "daemon '", local.daemon_id, "' refused '", request.daemon_id, "': protocol version ",
         request.protocol_version, " is incompatible with ", local.protocol_version));
   } else if (request.model_compat_hash != 0 && local.model_compat_hash != 0 &&
              request.model_compat_hash != local.model_compat_hash) {
-    verdict = absl::FailedPreconditionError(absl::StrCat(
-        "daemon '", local.daemon_id, "' refused '", request.daemon_id,
-        "': model compatibility hash ", absl::Hex(request.model_compat_hash), " differs from ",
-        absl::Hex(local.model_compat_hash)));
+    verdict = absl::FailedPreconditionError(
+        absl::StrCat("daemon '", local.daemon_id, "' refused '", request.daemon_id,
+                     "': model compatibility hash ", absl::Hex(request.model_compat_hash),
+                     " differs from ", absl::Hex(local.model_compat_hash)));
   }
-  if (!verdict.ok()) spdlog::warn("[transport] handshake from {}: {}", peer_address, verdict.ToString());
+  if (!verdict.ok())
+    spdlog::warn("[transport] handshake from {}: {}", peer_address, verdict.ToString());
   return verdict;
 }
 
@@ -164,16 +169,17 @@ absl::Status JudgeHandshakeReply(const TransportConfig& local, const HandshakeRe
   if (!reply.verdict.ok()) {
     verdict = reply.verdict;
   } else if (reply.protocol_version != local.protocol_version) {
-    verdict = absl::FailedPreconditionError(absl::StrCat(
-        "listener '", reply.daemon_id, "' speaks protocol version ", reply.protocol_version,
-        ", incompatible with ", local.protocol_version));
+    verdict = absl::FailedPreconditionError(
+        absl::StrCat("listener '", reply.daemon_id, "' speaks protocol version ",
+                     reply.protocol_version, ", incompatible with ", local.protocol_version));
   } else if (reply.model_compat_hash != 0 && local.model_compat_hash != 0 &&
              reply.model_compat_hash != local.model_compat_hash) {
-    verdict = absl::FailedPreconditionError(
-        absl::StrCat("listener '", reply.daemon_id, "' has model compatibility hash ",
-                     absl::Hex(reply.model_compat_hash), ", not ", absl::Hex(local.model_compat_hash)));
+    verdict = absl::FailedPreconditionError(absl::StrCat(
+        "listener '", reply.daemon_id, "' has model compatibility hash ",
+        absl::Hex(reply.model_compat_hash), ", not ", absl::Hex(local.model_compat_hash)));
   }
-  if (!verdict.ok()) spdlog::warn("[transport] connect to {}: {}", peer_address, verdict.ToString());
+  if (!verdict.ok())
+    spdlog::warn("[transport] connect to {}: {}", peer_address, verdict.ToString());
   return verdict;
 }
 

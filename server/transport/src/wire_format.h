@@ -87,7 +87,8 @@ struct HandshakeReply {
 [[nodiscard]] absl::StatusOr<HandshakeRequest> DecodeHandshakeRequest(
     absl::Span<const std::byte> bytes);
 [[nodiscard]] std::vector<std::byte> EncodeHandshakeReply(const HandshakeReply& reply);
-[[nodiscard]] absl::StatusOr<HandshakeReply> DecodeHandshakeReply(absl::Span<const std::byte> bytes);
+[[nodiscard]] absl::StatusOr<HandshakeReply> DecodeHandshakeReply(
+    absl::Span<const std::byte> bytes);
 
 // The listener's verdict on a connecting daemon: PermissionDenied for a wrong token (checked
 // first, so an unauthenticated peer learns nothing else), FailedPrecondition for a protocol

@@ -24,7 +24,8 @@ enum class FaultDirection {
 };
 
 enum class FaultAction {
-  kDrop,      // outbound: the send reports OK but nothing travels; inbound: never delivered
+  kDrop,      // outbound: nothing travels, yet on_complete(OK) runs (inside Send()); inbound:
+              // never delivered
   kCorrupt,   // XOR corrupt_xor_mask into the byte at corrupt_offset (clamped to the last byte)
   kTruncate,  // keep only the first truncate_to_bytes bytes
   kKillLink,  // disconnect the peer; the message is lost (outbound: Send returns Unavailable)
@@ -35,8 +36,8 @@ enum class FaultAction {
 struct FaultRule {
   FaultDirection direction = FaultDirection::kOutbound;
   FaultAction action = FaultAction::kDrop;
-  std::optional<MessageType> message_type;
-  std::optional<PeerId> peer;
+  std::optional<MessageType> message_type = std::nullopt;
+  std::optional<PeerId> peer = std::nullopt;
   uint64_t skip = 0;
   uint64_t count = 1;
   size_t corrupt_offset = 0;
@@ -58,7 +59,7 @@ class FaultInjectingTransport final : public Transport {
   [[nodiscard]] absl::Status SetHandlers(TransportHandlers handlers) override;
   [[nodiscard]] absl::StatusOr<std::string> Listen() override;
   [[nodiscard]] absl::StatusOr<PeerInfo> Connect(std::string_view address) override;
-  [[nodiscard]] absl::Status Send(PeerId peer, MessageType type, std::vector<std::byte> payload,
+  [[nodiscard]] absl::Status Send(PeerId peer, MessageType type, MessageBuffer payload,
                                   SendCallback on_complete) override;
   [[nodiscard]] absl::Status Disconnect(PeerId peer) override;
   void Close() override;
@@ -71,7 +72,7 @@ class FaultInjectingTransport final : public Transport {
   };
   // Returns the action to apply to this message, if a rule hits it, and applies the payload edits.
   std::optional<FaultAction> ApplyFaults(FaultDirection direction, PeerId peer, MessageType type,
-                                         std::vector<std::byte>& payload);
+                                         MessageBuffer& payload);
   void OnMessage(ReceivedMessage message);
 
   std::unique_ptr<Transport> inner_;

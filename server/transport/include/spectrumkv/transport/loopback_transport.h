@@ -42,7 +42,7 @@ class LoopbackTransport final : public Transport {
   [[nodiscard]] absl::Status SetHandlers(TransportHandlers handlers) override;
   [[nodiscard]] absl::StatusOr<std::string> Listen() override;
   [[nodiscard]] absl::StatusOr<PeerInfo> Connect(std::string_view address) override;
-  [[nodiscard]] absl::Status Send(PeerId peer, MessageType type, std::vector<std::byte> payload,
+  [[nodiscard]] absl::Status Send(PeerId peer, MessageType type, MessageBuffer payload,
                                   SendCallback on_complete) override;
   // Abrupt, like a cut cable: messages not yet delivered fail with Unavailable.
   [[nodiscard]] absl::Status Disconnect(PeerId peer) override;

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "spectrumkv/transport/message_buffer.h"
 #include "spectrumkv/transport/transport_config.h"
 
 namespace spectrumkv::transport {
@@ -26,7 +27,7 @@ inline constexpr PeerId kNoPeer = 0;
 using MessageType = uint16_t;
 
 struct Capabilities {
-  std::string name;                     // "ucx", "loopback", ...
+  std::string name = {};                // "ucx", "loopback", ...
   bool supports_device_memory = false;  // the underlying library can move GPU memory
   bool crosses_processes = false;       // peers may live in other processes or hosts
   bool ordered_per_peer = true;         // messages to one peer arrive in the order sent
@@ -35,11 +36,11 @@ struct Capabilities {
 // What the handshake told us about a peer.
 struct PeerInfo {
   PeerId id = kNoPeer;
-  std::string daemon_id;
+  std::string daemon_id = {};
   uint32_t protocol_version = 0;
   uint64_t model_compat_hash = 0;
   size_t max_message_bytes = 0;  // the largest message the peer accepts
-  std::string address;           // the peer's "host:port" as seen from here
+  std::string address = {};      // the peer's "host:port" as seen from here
 };
 
 enum class PeerEventKind {
@@ -51,17 +52,17 @@ enum class PeerEventKind {
 struct PeerEvent {
   PeerEventKind kind = PeerEventKind::kUp;
   // For kRejected, id is kNoPeer and the rest is what the rejected daemon claimed.
-  PeerInfo peer;
+  PeerInfo peer = {};
   // kUp: OK. kDown: why (Unavailable: lost or closed by the peer; Cancelled: closed here).
   // kRejected: the status the connecting side got back (PermissionDenied, FailedPrecondition,
   // InvalidArgument, DeadlineExceeded).
-  absl::Status status;
+  absl::Status status = absl::OkStatus();
 };
 
 struct ReceivedMessage {
   PeerId peer = kNoPeer;
   MessageType type = 0;
-  std::vector<std::byte> payload;
+  MessageBuffer payload = {};
 };
 
 // Handlers run on the transport's own thread, one at a time and in order. They must be quick and
@@ -74,8 +75,8 @@ using PeerEventHandler = std::function<void(const PeerEvent& event)>;
 using SendCallback = absl::AnyInvocable<void(absl::Status)>;
 
 struct TransportHandlers {
-  MessageHandler on_message;
-  PeerEventHandler on_peer_event;
+  MessageHandler on_message = nullptr;
+  PeerEventHandler on_peer_event = nullptr;
 };
 
 struct TransportStats {
@@ -86,11 +87,11 @@ struct TransportStats {
   uint64_t bytes_received = 0;
   uint64_t malformed_messages_dropped = 0;
   uint64_t handshakes_accepted = 0;
-  uint64_t handshakes_rejected = 0;  // every listener-side refusal, including the three below
-  uint64_t handshakes_rejected_auth = 0;
-  uint64_t handshakes_rejected_version = 0;
-  uint64_t handshakes_timed_out = 0;
-  uint64_t peers_up = 0;  // currently connected
+  uint64_t handshakes_rejected = 0;  // listener-side refusals: token, version, model, malformed
+  uint64_t handshakes_rejected_auth = 0;     // of which: wrong token
+  uint64_t handshakes_rejected_version = 0;  // of which: protocol version mismatch
+  uint64_t handshakes_timed_out = 0;  // accepted connections that never presented credentials
+  uint64_t peers_up = 0;              // currently connected
 };
 
 class Transport {
@@ -118,8 +119,8 @@ class Transport {
   // transport's thread. On error nothing was queued and on_complete is dropped uncalled.
   // Backpressure: waits up to config.send_wait_timeout for in-flight room, then
   // ResourceExhausted (also at once for a message that can never fit, and from a handler).
-  [[nodiscard]] virtual absl::Status Send(PeerId peer, MessageType type,
-                                          std::vector<std::byte> payload,
+  // Other errors: Unavailable (peer not connected), Cancelled (transport closing).
+  [[nodiscard]] virtual absl::Status Send(PeerId peer, MessageType type, MessageBuffer payload,
                                           SendCallback on_complete) = 0;
 
   // Closes the connection to one peer (a kDown event follows on both sides).
@@ -132,8 +133,8 @@ class Transport {
   [[nodiscard]] virtual TransportStats stats() const = 0;
 
   // Send() and wait for its completion. Not for use from a handler.
-  [[nodiscard]] absl::Status SendAndWait(PeerId peer, MessageType type,
-                                         std::vector<std::byte> payload, absl::Duration timeout);
+  [[nodiscard]] absl::Status SendAndWait(PeerId peer, MessageType type, MessageBuffer payload,
+                                         absl::Duration timeout);
 };
 
 }  // namespace spectrumkv::transport

@@ -67,6 +67,11 @@ struct TransportConfig {
   // connection to present its credentials before the listener drops it.
   absl::Duration handshake_timeout = absl::Seconds(5);
 
+  // Received messages of 256 KiB or more are placed in reusable blocks; this bounds the idle
+  // blocks kept for reuse (blocks the application still holds are not counted). 0 disables
+  // reuse. UCX only: loopback hands over the sender's memory.
+  size_t receive_pool_bytes = size_t{256} << 20;
+
   // Connections accepted by the listener that have not finished their handshake yet; more are
   // refused at once. Bounds what an unauthenticated client can make the listener hold.
   size_t max_pending_handshakes = 64;
