@@ -1,6 +1,10 @@
 // skv-codec-bench: codec throughput on one core, side by side with memcpy of the same bytes.
 // Encode time includes scoring and planning; throughput is GB/s of FP16 input (raw K and V).
+// --device cuda runs the CUDA benchmark (skv-codec-bench-cuda) instead.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -26,6 +30,9 @@ ABSL_FLAG(std::string, allocator, "rd", "rd or paper");
 ABSL_FLAG(std::string, kernels, "best", "best (SIMD when available) or scalar");
 ABSL_FLAG(uint32_t, repeats, 3, "timed repetitions; the fastest is reported");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of a table");
+ABSL_FLAG(std::string, device, "cpu",
+          "cpu, or cuda: device copy vs encode/decode bandwidth, by skv-codec-bench-cuda (built "
+          "next to this binary when nvcc is found), which gets the other arguments");
 
 namespace {
 
@@ -150,8 +157,45 @@ int Run() {
 
 }  // namespace
 
+// --device cuda: replaces this process with skv-codec-bench-cuda from the same folder, passing
+// every other argument through unparsed (its flags differ: --tokens takes a list there).
+int ExecCudaBench(int argc, char** argv) {
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  std::string path = n > 0 ? std::string(self, size_t(n)) : std::string(argv[0]);
+  path = path.substr(0, path.find_last_of('/') + 1) + "skv-codec-bench-cuda";
+  std::vector<char*> args(1, path.data());
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--device" || a == "-device") {
+      ++i;
+    } else if (a.rfind("--device=", 0) != 0 && a.rfind("-device=", 0) != 0) {
+      args.push_back(argv[i]);
+    }
+  }
+  args.push_back(nullptr);
+  execv(path.c_str(), args.data());
+  std::fprintf(stderr,
+               "skv-codec-bench: --device cuda needs %s (%s): this build has no CUDA benchmark; "
+               "it is built when nvcc is found (cmake -DSKV_WITH_CUDA=ON)\n",
+               path.c_str(), std::strerror(errno));
+  return 2;
+}
+
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool bare = (a == "--device" || a == "-device") && i + 1 < argc;
+    if ((bare && std::string(argv[i + 1]) == "cuda") || a == "--device=cuda" || a == "-device=cuda") {
+      return ExecCudaBench(argc, argv);
+    }
+  }
   absl::SetProgramUsageMessage("Measures codec encode/decode throughput against memcpy.");
   absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_device) != "cpu") {
+    std::fprintf(stderr, "skv-codec-bench: unknown --device %s (cpu or cuda)\n",
+                 absl::GetFlag(FLAGS_device).c_str());
+    return 2;
+  }
   return Run();
 }

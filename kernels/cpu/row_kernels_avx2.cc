@@ -51,21 +51,19 @@ void StoreAvx2(const float* src, DType dtype, size_t n, uint16_t* dst) {
 // get a + b, lanes with it set get a - b (a the lower partner), as in the reference.
 template <int kH>
 inline __m256 ButterflyInVector(__m256 v) {
+  // The blend mask must be an immediate even at -O0, hence a constexpr and not a variable.
+  constexpr int kOddMask = kH == 1 ? 0xAA : kH == 2 ? 0xCC : 0xF0;
   __m256 partner;
-  int odd_mask;
   if constexpr (kH == 1) {
     partner = _mm256_permute_ps(v, 0xB1);  // swap neighbours
-    odd_mask = 0xAA;
   } else if constexpr (kH == 2) {
     partner = _mm256_permute_ps(v, 0x4E);  // swap pairs
-    odd_mask = 0xCC;
   } else {
     partner = _mm256_permute2f128_ps(v, v, 0x01);  // swap halves
-    odd_mask = 0xF0;
   }
   const __m256 sum = _mm256_add_ps(v, partner);      // lower lanes: a + b
   const __m256 diff = _mm256_sub_ps(partner, v);     // upper lanes: a - b
-  return _mm256_blend_ps(sum, diff, odd_mask);
+  return _mm256_blend_ps(sum, diff, kOddMask);
 }
 
 // A whole block of kVectors * 8 values held in registers through every stage (kVectors <= 16
