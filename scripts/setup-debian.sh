@@ -13,6 +13,16 @@ PACKAGES=(
   iproute2 iperf3 prometheus curl
 )
 
+# ---- Deployment checks (tests/deploy): node + npm run the offline validators (npm packages go to
+# tests/deploy/node_modules via tests/deploy/install-tools.sh), kubectl renders the kustomizations
+# (Debian 12 ships it as kubernetes-client), prometheus above brings promtool. Each is added only
+# when its command is missing, so tools installed from elsewhere (e.g. NodeSource's nodejs, which
+# bundles npm and conflicts with Debian's npm) are left alone.
+command -v node >/dev/null || PACKAGES+=(nodejs)
+command -v npm >/dev/null || PACKAGES+=(npm)
+command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
+# ---- end of deployment checks
+
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
