@@ -49,6 +49,7 @@ Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
     : config_(config),
       metrics_(metrics),
       transport_(std::move(transport)),
+      segment_pool_(std::make_shared<SegmentBufferPool>(std::min<size_t>(config.max_inflight_bytes, kSegmentPoolIdleBytes))),
       workers_(std::max<size_t>(4, std::thread::hardware_concurrency())) {}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfig& config,

@@ -72,6 +72,7 @@ class Daemon {
   struct Inbound;
   struct Outbound;
   struct PeerLink;
+  class SegmentBufferPool;
 
   Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
          std::unique_ptr<transport::Transport> transport);
@@ -109,6 +110,8 @@ class Daemon {
   std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
   double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate
   bool shutting_down_ = false;
+  // Shared with the transport's completion path, which returns sent segments' buffers.
+  std::shared_ptr<SegmentBufferPool> segment_pool_;
 
   std::condition_variable reaper_cv_;
   std::thread reaper_;

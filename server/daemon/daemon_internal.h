@@ -38,7 +38,34 @@ v1::ImportanceSource ImportanceSourceOf(const char* name);
 std::span<const std::byte> Bytes(const transport::MessageBuffer& m);
 // Hands an encoded segment to the transport without copying it.
 transport::MessageBuffer ToMessage(ByteBuffer bytes);
+
+// Segment buffers recycled across segments and transfers. A fresh multi-MiB buffer per segment
+// comes from mmap and faults in page by page as the encoder writes it; on a virtual machine that
+// cost the sender more CPU than the encoding itself. Sent buffers come back when the transport
+// drops them; at most `max_idle_bytes` of capacity is kept.
+class Daemon::SegmentBufferPool : public std::enable_shared_from_this<Daemon::SegmentBufferPool> {
+ public:
+  explicit SegmentBufferPool(size_t max_idle_bytes) : max_idle_bytes_(max_idle_bytes) {}
+  // An empty buffer, with the capacity of a recently sent one when there is one.
+  ByteBuffer Take();
+  // Like ToMessage(), but the buffer comes back here once the transport is done with it.
+  transport::MessageBuffer ToMessage(ByteBuffer bytes);
+  void Return(ByteBuffer bytes);
+
+ private:
+  const size_t max_idle_bytes_;
+  std::mutex mu_;
+  std::vector<ByteBuffer> idle_;
+  size_t idle_bytes_ = 0;
+};
+inline constexpr size_t kSegmentPoolIdleBytes = size_t{256} << 20;
+
 absl::Status Annotate(const absl::Status& s, absl::string_view context);
+// Maps every page of a host region in one call (MADV_POPULATE_READ/WRITE) instead of one fault
+// per 4 KiB page while encoding or decoding; best effort, a kernel without it just faults later.
+// Skipped when the region is more than twice the KV's `kv_bytes`: a paged handle may name a whole
+// KV pool of which a transfer touches a few blocks.
+void PrefaultHostRegion(const control::MappedKvRegion& region, uint64_t kv_bytes);
 
 // Observation-window queries from a mapped handle, converted to dense fp32 per layer.
 struct QueryInputs {

@@ -170,6 +170,8 @@ void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.destination_layout(), *region, "destination_layout");
   if (!views.ok()) return done(views.status());
+  PrefaultHostRegion(*region,
+                     uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2);
 
   auto in_new = std::make_shared<Inbound>();
   std::vector<absl::AnyInvocable<void()>> after;

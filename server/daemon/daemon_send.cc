@@ -46,6 +46,7 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
   const uint64_t raw_bytes = uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2;
+  PrefaultHostRegion(*region, raw_bytes);
 
   ImportanceInput importance;
   std::vector<float> scores;
@@ -147,6 +148,7 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
     }
     wire_start = std::chrono::steady_clock::now();
     std::vector<ByteBuffer> buffers(per_tensor);
+    for (ByteBuffer& b : buffers) b = segment_pool_->Take();
     for (uint32_t l = 0; l < model->layers; ++l) {
       for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
         const auto encode_start = std::chrono::steady_clock::now();
@@ -157,8 +159,8 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
         stats.encode_seconds += Seconds(encode_start);
         for (ByteBuffer& b : buffers) {
           wire_bytes += b.size();
-          transport::MessageBuffer message = ToMessage(std::move(b));
-          b = ByteBuffer();
+          transport::MessageBuffer message = segment_pool_->ToMessage(std::move(b));
+          b = segment_pool_->Take();
           // Send() waits while the peer's in-flight window is full: that is the pipeline's
           // backpressure, and encoding of the next layer overlaps the wire meanwhile.
           if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message), [](absl::Status) {});
@@ -173,6 +175,7 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
         }
       }
     }
+    for (ByteBuffer& b : buffers) segment_pool_->Return(std::move(b));
     std::unique_lock<std::mutex> ol(out->mu);
     const bool answered = out->cv.wait_for(ol, absl::ToChronoNanoseconds(config_.early_segment_ttl + kOutcomeGrace),
                                            [&] { return out->outcome.has_value(); });

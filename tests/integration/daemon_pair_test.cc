@@ -364,8 +364,8 @@ TEST_F(DaemonPairTest, WrongAuthTokenIsRefused) {
 }
 
 TEST_F(DaemonPairTest, PeerKilledMidTransferFailsTheSendCleanly) {
-  // A larger KV so the transfer is still running when the receiver dies.
-  const uint32_t tokens = 4096;
+  // A larger KV (32 MiB) so the transfer is still running when the receiver dies 150 ms in.
+  const uint32_t tokens = 16384;
   v1::KvLayout layout = Dense(tokens);
   const uint64_t bytes = client::DenseLayoutBytes(layout);
   SharedMemoryBuffer src = MakeSource(bytes, 9), dst = MakeBuffer(bytes);
