@@ -69,6 +69,9 @@ class Daemon {
   void Shutdown();
 
  private:
+  // Send() without the transfer counter, which Send() updates once for every outcome.
+  absl::StatusOr<v1::SendResponse> SendTransfer(const v1::SendRequest& request);
+
   struct Inbound;
   struct Outbound;
   struct PeerLink;

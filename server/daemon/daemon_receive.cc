@@ -158,18 +158,23 @@ void Daemon::SendOutcome(transport::PeerId peer, uint64_t request_id, const absl
 // ---- Receive. ----------------------------------------------------------------------------------
 
 void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
+  // Refusals before the transfer exists are counted here; FinishInbound() counts the rest.
+  auto refuse = [&](absl::Status s) {
+    metrics_->TransferFinished(control::TransferRole::kReceiver, s.code());
+    done(std::move(s));
+  };
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
-  if (!model.ok()) return done(model.status());
-  if (absl::Status s = control::ValidateReceiveRequest(request, *model); !s.ok()) return done(s);
+  if (!model.ok()) return refuse(model.status());
+  if (absl::Status s = control::ValidateReceiveRequest(request, *model); !s.ok()) return refuse(s);
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.destination(), KvAccess::kReadWrite, "destination");
-  if (!region.ok()) return done(region.status());
+  if (!region.ok()) return refuse(region.status());
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return done(absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));
+    return refuse(absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));
   }
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.destination_layout(), *region, "destination_layout");
-  if (!views.ok()) return done(views.status());
+  if (!views.ok()) return refuse(views.status());
   PrefaultHostRegion(*region,
                      uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2);
 
@@ -177,10 +182,10 @@ void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
   std::vector<absl::AnyInvocable<void()>> after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (shutting_down_) return done(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
     auto& slot = inbound_[request.request_id()];
     if (slot != nullptr && slot->has_receive) {
-      return done(absl::AlreadyExistsError(
+      return refuse(absl::AlreadyExistsError(
           absl::StrCat("request_id: ", request.request_id(), " already has a Receive in progress")));
     }
     if (slot == nullptr) {
@@ -294,6 +299,7 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
 }
 
 absl::AnyInvocable<void()> Daemon::FinishInbound(const std::shared_ptr<Inbound>& in, absl::Status status) {
+  const auto commit_start = std::chrono::steady_clock::now();
   in->finished = true;
   in->queue.clear();
   inbound_.erase(in->request_id);
@@ -325,11 +331,12 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(const std::shared_ptr<Inbound>&
       response.set_inline_kv(std::string(static_cast<const char*>(in->region.data()), in->region.size()));
     }
     result = std::move(response);
-    metrics_->AddBytes(stats.raw_bytes(), stats.wire_bytes());
-    CountTokens(*metrics_, in->rows);
+    // Bytes and tiers are counted by the sender only, so that sums over daemons count each
+    // transfer once. Commit: from the last verified segment to the answer (mask, inline copy).
     control::TransferPhaseTimes times;
     times.wire = absl::Seconds(wire_s);
     times.decode = absl::Seconds(in->decode_seconds);
+    times.commit = absl::Seconds(Seconds(commit_start));
     times.total = absl::Seconds(total_s);
     metrics_->ObserveTransfer(control::TransferRole::kReceiver, times);
   }

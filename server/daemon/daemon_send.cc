@@ -26,6 +26,14 @@ using control::KvAccess;
 // ---- Send. -------------------------------------------------------------------------------------
 
 absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
+  // Counted here so that refusals before the transfer starts (unknown model, bad handle, peer
+  // unreachable) show in the error rate too.
+  absl::StatusOr<v1::SendResponse> result = SendTransfer(request);
+  metrics_->TransferFinished(control::TransferRole::kSender, result.status().code());
+  return result;
+}
+
+absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& request) {
   const auto started = std::chrono::steady_clock::now();
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return model.status();
@@ -220,7 +228,6 @@ absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
   *d.mutable_decode() = ToProto(decode_s);
   *d.mutable_total() = ToProto(total_s);
 
-  metrics_->TransferFinished(control::TransferRole::kSender, status.code());
   table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
     i.set_state(status.ok() ? v1::TRANSFER_STATE_COMMITTED
                 : status.code() == absl::StatusCode::kCancelled ? v1::TRANSFER_STATE_CANCELLED

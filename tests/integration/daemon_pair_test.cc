@@ -217,23 +217,40 @@ TEST_F(DaemonPairTest, MetricsEndpointShowsTheTransfer) {
   Result r = Transfer(SendReq(41, src, 0.5), ReceiveReq(41, dst));
   ASSERT_TRUE(r.sent.ok() && r.received.ok());
   for (DaemonProcess* d : {prefill_.get(), decode_.get()}) {
-    const std::string role = d == prefill_.get() ? "sender" : "receiver";
+    const bool sender = d == prefill_.get();
+    const std::string role = sender ? "sender" : "receiver";
     absl::StatusOr<std::string> body = ScrapeMetrics(d->metrics_address());
     ASSERT_TRUE(body.ok()) << body.status();
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", bytes)), std::string::npos) << *body;
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"wire\"} ", r.sent->stats().wire_bytes())),
-              std::string::npos);
     EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfers_total{result=\"ok\",role=\"", role, "\"} 1")),
               std::string::npos);
     EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfer_duration_seconds_count{phase=\"total\",role=\"", role,
                                       "\"} 1")),
               std::string::npos);
-    const uint64_t int8 = r.sent->stats().tier_tokens().int8();
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_tokens_total{tier=\"int8\"} ", int8)), std::string::npos);
+    // Bytes and tiers are the sender's to count, so that a sum over daemons counts them once.
+    const uint64_t raw = sender ? bytes : 0, wire = sender ? r.sent->stats().wire_bytes() : 0;
+    const uint64_t int8 = sender ? r.sent->stats().tier_tokens().int8() : 0;
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", raw, "\n")), std::string::npos) << *body;
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"wire\"} ", wire, "\n")), std::string::npos);
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_tokens_total{tier=\"int8\"} ", int8, "\n")), std::string::npos);
+    if (!sender) {
+      EXPECT_NE(body->find("spectrumkv_transfer_duration_seconds_count{phase=\"commit\",role=\"receiver\"} 1"),
+                std::string::npos);
+    }
   }
 }
 
-// ---- Bad input: each gets its code, and the daemons keep serving. ------------------------------
+// A Send refused before any transfer starts still counts as a failed transfer.
+TEST_F(DaemonPairTest, RefusedSendIsCountedAsAFailure) {
+  SharedMemoryBuffer src = MakeSource(client::DenseLayoutBytes(Dense()), 5);
+  v1::SendRequest req = SendReq(43, src, 0.5);
+  req.set_model_id("no-such-model");
+  absl::StatusOr<v1::SendResponse> sent = prefill_->client().Send(req);
+  ASSERT_EQ(sent.status().code(), absl::StatusCode::kNotFound) << sent.status();
+  absl::StatusOr<std::string> body = ScrapeMetrics(prefill_->metrics_address());
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_NE(body->find("spectrumkv_transfers_total{result=\"not_found\",role=\"sender\"} 1"), std::string::npos)
+      << *body;
+}
 
 TEST_F(DaemonPairTest, BadRequestsGetClearStatusesAndTheDaemonsKeepServing) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());

@@ -103,8 +103,8 @@ Metrics::Metrics()
   auto& bytes = prometheus::BuildCounter()
                     .Name("spectrumkv_bytes_total")
                     .Help(
-                        "KV bytes moved: raw = the same K and V in FP16, wire = bytes sent "
-                        "(codes, scales, metadata and headers).")
+                        "KV bytes sent (counted by the sending daemon): raw = the same K and V "
+                        "in FP16, wire = bytes on the wire (codes, scales, metadata, headers).")
                     .Register(r);
   f.raw_bytes = &bytes.Add({{"kind", "raw"}});
   f.wire_bytes = &bytes.Add({{"kind", "wire"}});
@@ -120,7 +120,7 @@ Metrics::Metrics()
 
   auto& tokens = prometheus::BuildCounter()
                      .Name("spectrumkv_tokens_total")
-                     .Help("Token rows sent per tier, counted over (layer, K/V, token).")
+                     .Help("Token rows sent per tier, counted over (layer, K/V, token) by the sender.")
                      .Register(r);
   for (size_t tier = 0; tier < kTokenTierCount; ++tier) {
     f.tokens[tier] = &tokens.Add({{"tier", Label(kTierLabels[tier])}});
