@@ -69,27 +69,6 @@ SectionSizes ComputeSizes(size_t count, TierAt tier_at, const SegmentLayout& lay
   return s;
 }
 
-absl::Status CheckSpec(const KvTensorView& source, const SegmentSpec& spec,
-                       std::span<const Tier> tiers, const CodecOptions& options) {
-  if (spec.token_count == 0) return absl::InvalidArgumentError("segment token_count must be > 0");
-  if (size_t{spec.token_begin} + spec.token_count > source.tokens) {
-    return absl::OutOfRangeError(absl::StrCat("segment tokens [", spec.token_begin, ", ",
-                                              spec.token_begin + size_t{spec.token_count},
-                                              ") exceed the tensor's ", source.tokens, " tokens"));
-  }
-  if (tiers.size() != spec.token_count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("got ", tiers.size(), " tiers for ", spec.token_count, " tokens"));
-  }
-  for (Tier t : tiers) {
-    if (static_cast<int>(t) >= kNumTiers) return absl::InvalidArgumentError("unknown tier in plan");
-  }
-  if (source.heads == 0 || source.heads > kMaxSegmentHeads) {
-    return absl::InvalidArgumentError(absl::StrCat("heads must be in [1, ", kMaxSegmentHeads, "]"));
-  }
-  return ValidateOptions(options, source.head_dim);
-}
-
 void PutCode(uint8_t* codes, size_t index, int bits, unsigned code) {
   const size_t bit = index * bits;
   codes[bit / 8] |= static_cast<uint8_t>(code << (bit % 8));
@@ -154,10 +133,35 @@ size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
       .total();
 }
 
+absl::Status ValidateSegmentSpec(uint32_t tensor_tokens, uint32_t heads, uint32_t head_dim,
+                                 const SegmentSpec& spec, std::span<const Tier> tiers,
+                                 const CodecOptions& options) {
+  if (spec.token_count == 0) return absl::InvalidArgumentError("segment token_count must be > 0");
+  if (size_t{spec.token_begin} + spec.token_count > tensor_tokens) {
+    return absl::OutOfRangeError(absl::StrCat("segment tokens [", spec.token_begin, ", ",
+                                              spec.token_begin + size_t{spec.token_count},
+                                              ") exceed the tensor's ", tensor_tokens, " tokens"));
+  }
+  if (tiers.size() != spec.token_count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("got ", tiers.size(), " tiers for ", spec.token_count, " tokens"));
+  }
+  for (Tier t : tiers) {
+    if (static_cast<int>(t) >= kNumTiers) return absl::InvalidArgumentError("unknown tier in plan");
+  }
+  if (heads == 0 || heads > kMaxSegmentHeads) {
+    return absl::InvalidArgumentError(absl::StrCat("heads must be in [1, ", kMaxSegmentHeads, "]"));
+  }
+  return ValidateOptions(options, head_dim);
+}
+
 absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSpec& spec,
                                      std::span<const Tier> tiers, const CodecOptions& options,
                                      const RowKernels& kernels, ByteBuffer* out) {
-  if (absl::Status s = CheckSpec(source, spec, tiers, options); !s.ok()) return s;
+  if (absl::Status s = ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
+      !s.ok()) {
+    return s;
+  }
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
   const size_t heads = source.heads, head_dim = source.head_dim, n = source.row_elements();
   const SectionSizes sizes = ComputeSizes(tiers.size(), [&](size_t i) { return tiers[i]; }, layout,

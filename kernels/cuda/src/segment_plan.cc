@@ -7,37 +7,20 @@
 #include "segment_plan.h"
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/kv_view.h"
+#include "spectrumkv/codec/segment.h"
 
 namespace skv::cuda {
 namespace internal {
-namespace {
-
-constexpr uint32_t kMaxSegmentHeads = 4096;  // as segment.cc
-
-}  // namespace
 
 absl::StatusOr<SegmentEncodePlan> PlanSegmentEncode(const DeviceKvView& source,
                                                     const SegmentSpec& spec,
                                                     std::span<const Tier> tiers,
                                                     const CodecOptions& options) {
-  // The checks of segment.cc's CheckSpec, in the same order, then the device view's own.
-  if (spec.token_count == 0) return absl::InvalidArgumentError("segment token_count must be > 0");
-  if (size_t{spec.token_begin} + spec.token_count > source.tokens) {
-    return absl::OutOfRangeError(absl::StrCat("segment tokens [", spec.token_begin, ", ",
-                                              spec.token_begin + size_t{spec.token_count},
-                                              ") exceed the tensor's ", source.tokens, " tokens"));
+  // The host encoder's checks, then the device view's own.
+  if (absl::Status s = ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
+      !s.ok()) {
+    return s;
   }
-  if (tiers.size() != spec.token_count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("got ", tiers.size(), " tiers for ", spec.token_count, " tokens"));
-  }
-  for (Tier t : tiers) {
-    if (static_cast<int>(t) >= kNumTiers) return absl::InvalidArgumentError("unknown tier in plan");
-  }
-  if (source.heads == 0 || source.heads > kMaxSegmentHeads) {
-    return absl::InvalidArgumentError(absl::StrCat("heads must be in [1, ", kMaxSegmentHeads, "]"));
-  }
-  if (absl::Status s = ValidateOptions(options, source.head_dim); !s.ok()) return s;
   if (absl::Status s = CheckDeviceView(source, "source"); !s.ok()) return s;
 
   // segment.cc's ChooseLayout: transforms only when some row is quantized.

@@ -23,6 +23,13 @@ struct SegmentSpec {
   uint32_t token_count = 0;
 };
 
+// The checks EncodeSegment makes before encoding, shared with the device encoder: the token
+// range fits a tensor of `tensor_tokens` rows, one known tier per row, heads in range, options
+// valid for head_dim.
+absl::Status ValidateSegmentSpec(uint32_t tensor_tokens, uint32_t heads, uint32_t head_dim,
+                                 const SegmentSpec& spec, std::span<const Tier> tiers,
+                                 const CodecOptions& options);
+
 // Encodes rows [token_begin, token_begin + token_count) of `source` with the given tiers (one per
 // row of the segment) and appends the segment to `out`. Returns the segment's size. On error
 // `out` is unchanged.
