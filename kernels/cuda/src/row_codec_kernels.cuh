@@ -57,6 +57,18 @@ struct Slot {
   uint32_t lanes_per_group;
 };
 
+// This thread's place: kLanesPerHead threads per head, each on a chunk of 8 channels.
+template <int kLanesPerHead>
+__device__ __forceinline__ Slot ThreadSlot(uint32_t group_size) {
+  Slot slot;
+  slot.chunk = threadIdx.x % kLanesPerHead;
+  slot.head_in_tile = threadIdx.x / kLanesPerHead;
+  slot.lanes_per_group = group_size / 8;
+  slot.group_in_head = slot.chunk / slot.lanes_per_group;
+  slot.chunk_in_group = slot.chunk % slot.lanes_per_group;
+  return slot;
+}
+
 // In-place block Hadamard of the values of one chunk and its partner lanes, in the reference's
 // butterfly order: distance 1, 2, 4 inside the thread, then 8, 16, ... across lanes; finally
 // the 1/sqrt(block) scaling.
@@ -280,12 +292,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const EncodeRowsJob& job = batch.jobs[blockIdx.y];
   const uint32_t heads = batch.heads, head_dim = batch.head_dim, group_size = batch.group_size;
   const uint32_t heads_per_tile = blockDim.x / kLanesPerHead;
-  Slot slot;
-  slot.chunk = threadIdx.x % kLanesPerHead;
-  slot.head_in_tile = threadIdx.x / kLanesPerHead;
-  slot.lanes_per_group = group_size / 8;
-  slot.group_in_head = slot.chunk / slot.lanes_per_group;
-  slot.chunk_in_group = slot.chunk % slot.lanes_per_group;
+  const Slot slot = ThreadSlot<kLanesPerHead>(group_size);
   uint32_t parity = 0;
 
   for (uint32_t head0 = 0; head0 < heads; head0 += heads_per_tile) {
@@ -352,12 +359,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const DecodeRowsJob& job = batch.jobs[blockIdx.y];
   const uint32_t heads = batch.heads, head_dim = batch.head_dim, group_size = batch.group_size;
   const uint32_t heads_per_tile = blockDim.x / kLanesPerHead;
-  Slot slot;
-  slot.chunk = threadIdx.x % kLanesPerHead;
-  slot.head_in_tile = threadIdx.x / kLanesPerHead;
-  slot.lanes_per_group = group_size / 8;
-  slot.group_in_head = slot.chunk / slot.lanes_per_group;
-  slot.chunk_in_group = slot.chunk % slot.lanes_per_group;
+  const Slot slot = ThreadSlot<kLanesPerHead>(group_size);
   uint32_t parity = 0;
 
   for (uint32_t head0 = 0; head0 < heads; head0 += heads_per_tile) {
