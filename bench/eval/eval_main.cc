@@ -1,0 +1,587 @@
+// skv-eval: the honest quality evaluation of KV compression methods (DESIGN.md section 6) on any
+// llama2.c checkpoint: PD-faithful perplexity / KL / top-1 against FP16 KV, passkey retrieval,
+// and the two INT4 probes. See README.md in this folder.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "diagnose.h"
+#include "kv_methods.h"
+#ifdef SKV_EVAL_WITH_DAEMON
+#include "daemon_codec.h"
+#endif
+#include "passkey.h"
+#include "quality.h"
+#include "report.h"
+#include "spectrumkv/codec/probe.h"
+#include "spectrumkv/engine/engine.h"
+#include "spectrumkv/engine/tokenizer.h"
+#include "text_corpus.h"
+
+ABSL_FLAG(std::string, model, "", "llama2.c checkpoint (default: DATA/models/stories260K.bin)");
+ABSL_FLAG(std::string, tokenizer, "",
+          "llama2.c tokenizer.bin for the model (default: DATA/models/tok512.bin)");
+ABSL_FLAG(std::string, text, "",
+          "comma-separated UTF-8 files or folders of *.txt (default: "
+          "DATA/text/wikitext2-test.raw)");
+ABSL_FLAG(double, text_tail, 1.0,
+          "use only the last fraction of each text file, e.g. 0.1 = the stand-in's held-out part");
+ABSL_FLAG(int, context, 0, "context tokens C (0: the model's seq_len minus --continuation)");
+ABSL_FLAG(int, continuation, 64, "continuation tokens L, teacher-forced and scored");
+ABSL_FLAG(int, windows, 16, "non-overlapping text windows of C + L tokens");
+ABSL_FLAG(std::string, budgets, "0.15,0.2,0.25,0.3,0.4,0.5,0.75", "budgets b for budgeted methods");
+ABSL_FLAG(std::string, methods, "",
+          "comma-separated methods (default: all; see README.md): fp16,int8,int4,int4-rc,pdtrim,"
+          "paper,paper-2tier,rd,rd-norot,rd-nocentre,rd-perchannel,rd-plain");
+ABSL_FLAG(int, passkey_trials, 2, "passkey prompts per depth (0 skips the passkey grid)");
+ABSL_FLAG(std::string, passkey_depths, "0.1,0.3,0.5,0.7,0.9", "passkey depths (fractions)");
+ABSL_FLAG(std::string, passkey_budgets, "", "budgets of the passkey grid (default: --budgets)");
+ABSL_FLAG(int, passkey_tokens, 0, "passkey prompt length (0: the context length C)");
+ABSL_FLAG(bool, probes, true, "run the paper's and the daemon's INT4 probes");
+ABSL_FLAG(int, query_window, 16, "observation-window queries per layer for importance");
+ABSL_FLAG(int, bootstrap, 2000, "bootstrap resamples for the 95% intervals");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the passkey keys and fillers and of the bootstrap");
+ABSL_FLAG(int, threads, 0,
+          "OpenBLAS threads; 0 = OPENBLAS_NUM_THREADS if set, else 1 for dim < 256, else all");
+ABSL_FLAG(bool, json, false,
+          "print {\"model\",\"text\",\"results\":[...]} on stdout instead of the table");
+ABSL_FLAG(std::string, json_out, "", "also write the JSON to this file");
+ABSL_FLAG(std::string, markdown, "", "write a Markdown report (table, grid, probes, command)");
+ABSL_FLAG(std::string, plot, "", "write a PNG: quality vs achieved b, one line per method");
+ABSL_FLAG(std::string, plot_script, SKV_EVAL_PLOT_SCRIPT, "the plotting script");
+ABSL_FLAG(std::string, diagnose, "rd@0.3,rd@0.5,paper@0.3,paper-2tier@0.3,pdtrim@0.3,int4",
+          "METHOD[@BUDGET] list diagnosed layer by layer on the first window: tiers of each "
+          "layer's K and V rows and the relative error of its attention output (empty: none)");
+ABSL_FLAG(std::string, encode_daemon, "",
+          "gRPC address of a spectrumkvd: planner methods are encoded by its stateless Encode "
+          "instead of the in-process codec (needs --decode_daemon; fp16, paper*, rd* only)");
+ABSL_FLAG(std::string, decode_daemon, "",
+          "gRPC address of a second spectrumkvd that decodes those segments (Decode)");
+ABSL_FLAG(std::string, python, "/usr/bin/python3",
+          "interpreter for --plot (Debian's python3-matplotlib is seen by /usr/bin/python3)");
+
+namespace skv::eval {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int kPasskeyDigits = 5;
+constexpr double kPaperProbeBudget = 0.3;
+constexpr double kPaperProbeDepths[] = {0.1, 0.5, 0.9};
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string DataDir() {
+  const char* env = std::getenv("SKV_DATA_DIR");
+  return env != nullptr && *env != '\0' ? env : SKV_EVAL_DEFAULT_DATA_DIR;
+}
+
+absl::StatusOr<std::vector<double>> ParseList(const std::string& text, const char* flag) {
+  std::vector<double> values;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    double v = 0;
+    if (!absl::SimpleAtod(item, &v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", std::string(item), "' is not a number"));
+    }
+    values.push_back(v);
+  }
+  return values;
+}
+
+std::string ShellQuote(std::string_view arg) {
+  if (arg.find_first_of(" \t\"'$\\*?;&|<>()") == std::string_view::npos) return std::string(arg);
+  std::string out = "'";
+  for (char c : arg) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+void ApplyBlasThreadPolicy(const engine::ModelConfig& config, int requested) {
+  constexpr int kSmallModelDim = 256;  // the engine's tools use the same rule
+  if (requested > 0) {
+    engine::SetBlasThreads(requested);
+  } else if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && config.dim < kSmallModelDim) {
+    engine::SetBlasThreads(1);
+  }
+}
+
+// One row of results being accumulated over windows and passkey trials.
+struct RowState {
+  ResultRow row;
+  Method method;
+  double budget = 1.0;
+  std::vector<ContinuationScore> scores;
+  int compressions = 0;
+  double payload_sum = 0, dropped_sum = 0;
+  std::array<double, kNumTiers> tier_sum{};
+  std::map<double, PasskeyCell> passkey;
+
+  // Records one compression's accounting; false (and the error kept) when it failed.
+  bool Account(const absl::StatusOr<CompressedKv>& c, int context_tokens) {
+    if (!c.ok()) {
+      if (row.error.empty()) row.error = std::string(c.status().message());
+      return false;
+    }
+    row.achieved_b = std::max(row.achieved_b, c->achieved_b);
+    payload_sum += c->payload_b;
+    dropped_sum += double(c->dropped_tokens) / double(context_tokens);
+    double rows = 0;
+    for (uint64_t n : c->rows_per_tier) rows += double(n);
+    for (int t = 0; t < kNumTiers; ++t) tier_sum[t] += double(c->rows_per_tier[t]) / rows;
+    ++compressions;
+    return true;
+  }
+};
+
+struct Prefill {
+  engine::KvCache kv;           // context tokens but the last, FP16
+  engine::QueryWindow queries;  // their last W queries
+};
+
+absl::StatusOr<Prefill> RunPrefill(const std::shared_ptr<const engine::Model>& model,
+                                   std::span<const int> tokens, int query_window) {
+  absl::StatusOr<engine::Session> session = engine::Session::Create(model);
+  if (!session.ok()) return session.status();
+  if (absl::Status s = session->Forward(
+          tokens, {.logits = engine::LogitsMode::kNone, .capture_last_queries = query_window});
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<engine::KvCache> kv = session->ExportKv(engine::KvDtype::kFp16);
+  if (!kv.ok()) return kv.status();
+  // The engine hands its queries to the codec in the KV dtype (FP16), as it would to the daemon.
+  engine::QueryWindow queries = session->queries();
+  for (std::vector<float>& layer : queries.layers) {
+    for (float& q : layer) q = engine::Fp16BitsToFloat(engine::FloatToFp16Bits(q));
+  }
+  return Prefill{std::move(*kv), std::move(queries)};
+}
+
+// Decode side: a session over the received KV, fed `feed`; returns its logits.
+absl::StatusOr<std::vector<float>> DecodeLogits(const std::shared_ptr<const engine::Model>& model,
+                                                const CompressedKv& received,
+                                                std::span<const int> feed) {
+  absl::StatusOr<engine::Session> session =
+      engine::Session::FromKv(model, received.kv, received.keep);
+  if (!session.ok()) return session.status();
+  if (absl::Status s = session->Forward(feed, {.logits = engine::LogitsMode::kAll}); !s.ok()) {
+    return s;
+  }
+  return std::vector<float>(session->logits().begin(), session->logits().end());
+}
+
+std::vector<KvLayerViews> ViewsOf(const engine::KvCache& kv) {
+  std::vector<KvLayerViews> layers;
+  for (int l = 0; l < kv.n_layers; ++l) {
+    auto* k = const_cast<uint16_t*>(kv.keys[l].data());  // read only
+    auto* v = const_cast<uint16_t*>(kv.values[l].data());
+    layers.push_back({KvTensorView::Dense(k, DType::kFp16, kv.tokens, kv.n_kv_heads, kv.head_dim),
+                      KvTensorView::Dense(v, DType::kFp16, kv.tokens, kv.n_kv_heads, kv.head_dim)});
+  }
+  return layers;
+}
+
+absl::Status RunDaemonProbe(const Prefill& prefill, ProbeReport* report) {
+  const std::vector<KvLayerViews> layers = ViewsOf(prefill.kv);
+  std::vector<QueryWindow> windows;
+  for (const std::vector<float>& q : prefill.queries.layers) {
+    windows.push_back({q.data(), uint32_t(prefill.queries.tokens),
+                       uint32_t(prefill.queries.n_heads), uint32_t(prefill.queries.head_dim)});
+  }
+  absl::StatusOr<Method> plain = MethodByName("rd-plain");
+  if (!plain.ok()) return plain.status();
+  for (const bool transforms : {true, false}) {
+    const CodecOptions options = transforms ? CodecOptions{} : plain->options;
+    absl::StatusOr<std::vector<LayerProbeResult>> result = ProbeInt4(layers, windows, options);
+    if (!result.ok()) return result.status();
+    std::vector<LayerProbe>& out = transforms ? report->daemon_transforms : report->daemon_plain;
+    for (const LayerProbeResult& l : *result) out.push_back({l.int4_error, l.int8_error});
+  }
+  report->threshold = kDefaultInt4ProbeThreshold;
+  report->daemon_ran = true;
+  report->daemon_note = "on the first window's context KV and its last queries";
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  const auto start = Clock::now();
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) args.push_back(ShellQuote(argv[i]));
+  const std::string command = absl::StrJoin(args, " ");
+
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "skv-eval: %s\n", s.ToString().c_str());
+    return 1;
+  };
+  const std::string data = DataDir();
+  std::string model_path = absl::GetFlag(FLAGS_model);
+  std::string tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
+  std::string text_paths = absl::GetFlag(FLAGS_text);
+  if (model_path.empty()) model_path = data + "/models/stories260K.bin";
+  if (tokenizer_path.empty()) tokenizer_path = data + "/models/tok512.bin";
+  if (text_paths.empty()) text_paths = data + "/text/wikitext2-test.raw";
+  for (const std::string& path : {model_path, tokenizer_path}) {
+    if (!std::filesystem::exists(path)) {
+      std::fprintf(stderr,
+                   "skv-eval: SKIPPED: %s not found (set SKV_DATA_DIR, default %s, or pass "
+                   "--model/--tokenizer/--text)\n",
+                   path.c_str(), SKV_EVAL_DEFAULT_DATA_DIR);
+      return 0;
+    }
+  }
+  for (absl::string_view path : absl::StrSplit(text_paths, ',', absl::SkipEmpty())) {
+    if (!std::filesystem::exists(std::string(path))) {
+      std::fprintf(stderr, "skv-eval: SKIPPED: text %s not found (set SKV_DATA_DIR or --text)\n",
+                   std::string(path).c_str());
+      return 0;
+    }
+  }
+
+  // Where the codec runs: in this process, or through two real daemons (Encode, then Decode).
+  std::string codec_path = "in-process codec (skv::EncodeKv / DecodeKv)";
+  std::function<absl::StatusOr<CompressedKv>(const engine::KvCache&, const engine::QueryWindow&,
+                                              const Method&, double)>
+      compress = CompressKv;
+  const std::string encode_daemon = absl::GetFlag(FLAGS_encode_daemon);
+  const std::string decode_daemon = absl::GetFlag(FLAGS_decode_daemon);
+  if (encode_daemon.empty() != decode_daemon.empty()) {
+    return fail(absl::InvalidArgumentError("--encode_daemon and --decode_daemon go together"));
+  }
+#ifdef SKV_EVAL_WITH_DAEMON
+  std::shared_ptr<DaemonCodec> daemon_codec;
+  if (!encode_daemon.empty()) {
+    absl::StatusOr<std::unique_ptr<DaemonCodec>> c =
+        DaemonCodec::Connect(encode_daemon, decode_daemon);
+    if (!c.ok()) return fail(c.status());
+    daemon_codec = std::move(*c);
+    codec_path = absl::StrCat("daemon pair: Encode on ", encode_daemon, ", Decode on ",
+                              decode_daemon);
+    compress = [daemon_codec](const engine::KvCache& kv, const engine::QueryWindow& q,
+                              const Method& m, double b) { return daemon_codec->Compress(kv, q, m, b); };
+  }
+#else
+  if (!encode_daemon.empty()) {
+    return fail(absl::UnimplementedError(
+        "--encode_daemon: this skv-eval was built without the client (SKV_BUILD_SERVER=OFF)"));
+  }
+#endif
+
+  absl::StatusOr<std::shared_ptr<const engine::Model>> model = engine::Model::Load(model_path);
+  if (!model.ok()) return fail(model.status());
+  const engine::ModelConfig& config = (*model)->config();
+  ApplyBlasThreadPolicy(config, absl::GetFlag(FLAGS_threads));
+  absl::StatusOr<engine::Tokenizer> tokenizer =
+      engine::Tokenizer::Load(tokenizer_path, config.vocab_size);
+  if (!tokenizer.ok()) return fail(tokenizer.status());
+  absl::StatusOr<TextCorpus> corpus = LoadTextCorpus(text_paths, absl::GetFlag(FLAGS_text_tail));
+  if (!corpus.ok()) return fail(corpus.status());
+  absl::StatusOr<std::vector<int>> text_tokens = tokenizer->Encode(corpus->text, false, false);
+  if (!text_tokens.ok()) return fail(text_tokens.status());
+
+  const int continuation = absl::GetFlag(FLAGS_continuation);
+  const int context = absl::GetFlag(FLAGS_context) > 0 ? absl::GetFlag(FLAGS_context)
+                                                       : config.seq_len - continuation;
+  if (continuation < 1 || context < 2 || context + continuation > config.seq_len) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("--context ", context, " + --continuation ", continuation,
+                     " must fit the model's seq_len ", config.seq_len, " (context >= 2)")));
+  }
+  const size_t window_tokens = size_t(context + continuation - 1);  // BOS is the first token
+  int windows = absl::GetFlag(FLAGS_windows);
+  if (size_t(windows) * window_tokens > text_tokens->size()) {
+    const int fit = static_cast<int>(text_tokens->size() / window_tokens);
+    std::fprintf(stderr, "skv-eval: the text holds only %d windows of %zu tokens; using %d\n", fit,
+                 window_tokens, fit);
+    windows = fit;
+  }
+  absl::StatusOr<std::vector<double>> budgets = ParseList(absl::GetFlag(FLAGS_budgets), "budgets");
+  if (!budgets.ok()) return fail(budgets.status());
+  std::string passkey_budget_flag = absl::GetFlag(FLAGS_passkey_budgets);
+  absl::StatusOr<std::vector<double>> passkey_budgets =
+      ParseList(passkey_budget_flag.empty() ? absl::GetFlag(FLAGS_budgets) : passkey_budget_flag,
+                "passkey_budgets");
+  if (!passkey_budgets.ok()) return fail(passkey_budgets.status());
+  absl::StatusOr<std::vector<double>> depths =
+      ParseList(absl::GetFlag(FLAGS_passkey_depths), "passkey_depths");
+  if (!depths.ok()) return fail(depths.status());
+  for (double b : *budgets) {
+    if (!(b > 0 && b <= 1)) return fail(absl::InvalidArgumentError("budgets must be in (0, 1]"));
+  }
+
+  std::vector<std::string> method_names;
+  if (absl::GetFlag(FLAGS_methods).empty()) {
+    method_names = KnownMethodNames();
+  } else {
+    method_names = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',', absl::SkipEmpty());
+  }
+  // Rows: fixed-rate methods once, budgeted ones per budget; passkey budgets may add rows.
+  std::vector<RowState> rows;
+  auto add_row = [&](const Method& m, std::optional<double> budget) {
+    RowState state;
+    state.method = m;
+    state.budget = budget.value_or(1.0);
+    state.row.method = m.name;
+    state.row.description = m.description;
+    state.row.budget = budget;
+    rows.push_back(std::move(state));
+  };
+  std::vector<double> all_budgets = *budgets;
+  for (double b : *passkey_budgets) {
+    if (std::find(all_budgets.begin(), all_budgets.end(), b) == all_budgets.end()) {
+      all_budgets.push_back(b);
+    }
+  }
+  std::sort(all_budgets.begin(), all_budgets.end());
+  for (const std::string& name : method_names) {
+    absl::StatusOr<Method> m = MethodByName(name);
+    if (!m.ok()) return fail(m.status());
+    if (!m->budgeted()) {
+      add_row(*m, std::nullopt);
+    } else {
+      for (double b : all_budgets) add_row(*m, b);
+    }
+  }
+  auto in_list = [](const std::vector<double>& list, const RowState& r) {
+    return !r.row.budget.has_value() ||
+           std::find(list.begin(), list.end(), *r.row.budget) != list.end();
+  };
+
+  EvalReport report;
+  report.model = std::filesystem::path(model_path).filename().string();
+  report.model_shape = absl::StrFormat(
+      "dim %d, hidden %d, %d layers, %d heads / %d KV heads, head_dim %d, vocab %d, seq_len %d",
+      config.dim, config.hidden_dim, config.n_layers, config.n_heads, config.n_kv_heads,
+      config.head_dim(), config.vocab_size, config.seq_len);
+  report.text = corpus->name;
+  report.command = command;
+  report.codec_path = codec_path;
+  if (!absl::GetFlag(FLAGS_plot).empty()) {
+    report.plot_file = std::filesystem::path(absl::GetFlag(FLAGS_plot)).filename().string();
+  }
+  report.context = context;
+  report.continuation = continuation;
+  report.windows = windows;
+  report.query_window = absl::GetFlag(FLAGS_query_window);
+  report.bootstrap_resamples = absl::GetFlag(FLAGS_bootstrap);
+  std::fprintf(stderr, "skv-eval: %s (%s) on %s: %zu text tokens, %d windows of C=%d + L=%d\n",
+               report.model.c_str(), report.model_shape.c_str(), report.text.c_str(),
+               text_tokens->size(), windows, context, continuation);
+
+  // ---- perplexity / KL / top-1 over windows ------------------------------------------------
+  std::vector<ContinuationScore> reference_scores;
+  const size_t stride = windows > 0 ? text_tokens->size() / size_t(windows) : 0;
+  for (int w = 0; w < windows; ++w) {
+    const auto window_start = Clock::now();
+    std::vector<int> tokens = {engine::Tokenizer::kBos};
+    tokens.insert(tokens.end(), text_tokens->begin() + std::ptrdiff_t(size_t(w) * stride),
+                  text_tokens->begin() + std::ptrdiff_t(size_t(w) * stride + window_tokens));
+    const std::span<const int> all(tokens);
+    const std::span<const int> targets = all.subspan(size_t(context), size_t(continuation));
+    // The last context token is fed on the decode side, so its logits (which predict the first
+    // continuation token) come from the received KV too.
+    const std::span<const int> feed = all.subspan(size_t(context - 1), size_t(continuation));
+    absl::StatusOr<Prefill> prefill =
+        RunPrefill(*model, all.first(size_t(context - 1)), report.query_window);
+    if (!prefill.ok()) return fail(prefill.status());
+    if (w == 0) {
+      for (absl::string_view item :
+           absl::StrSplit(absl::GetFlag(FLAGS_diagnose), ',', absl::SkipEmpty())) {
+        std::vector<std::string> parts = absl::StrSplit(item, '@');
+        absl::StatusOr<Method> m = MethodByName(parts[0]);
+        if (!m.ok()) return fail(m.status());
+        double b = 1.0;
+        if (parts.size() > 1 && !absl::SimpleAtod(parts[1], &b)) {
+          return fail(absl::InvalidArgumentError(absl::StrCat("--diagnose: bad budget in '", item, "'")));
+        }
+        report.diagnoses.push_back(Diagnose(prefill->kv, prefill->queries, *m, b));
+      }
+    }
+    if (w == 0 && absl::GetFlag(FLAGS_probes)) {
+      if (absl::Status s = RunDaemonProbe(*prefill, &report.probes); !s.ok()) {
+        report.probes.daemon_note = std::string(s.message());
+      }
+    }
+    CompressedKv reference;
+    reference.kv = prefill->kv;
+    reference.keep.assign(size_t(prefill->kv.tokens), 1);
+    absl::StatusOr<std::vector<float>> reference_logits = DecodeLogits(*model, reference, feed);
+    if (!reference_logits.ok()) return fail(reference_logits.status());
+    reference_scores.push_back(
+        ScoreContinuation(*reference_logits, *reference_logits, targets, config.vocab_size));
+    for (RowState& r : rows) {
+      if (!in_list(*budgets, r)) continue;
+      absl::StatusOr<CompressedKv> received =
+          compress(prefill->kv, prefill->queries, r.method, r.budget);
+      if (!r.Account(received, prefill->kv.tokens)) continue;
+      absl::StatusOr<std::vector<float>> logits = DecodeLogits(*model, *received, feed);
+      if (!logits.ok()) return fail(logits.status());
+      r.scores.push_back(ScoreContinuation(*logits, *reference_logits, targets, config.vocab_size));
+    }
+    std::fprintf(stderr, "skv-eval: window %d/%d done (%.1f s; %.0f s total)\n", w + 1, windows,
+                 SecondsSince(window_start), SecondsSince(start));
+  }
+  report.fp16_ppl = Perplexity(reference_scores);
+
+  // ---- passkey retrieval grid ----------------------------------------------------------------
+  const int passkey_trials = absl::GetFlag(FLAGS_passkey_trials);
+  const int passkey_tokens =
+      absl::GetFlag(FLAGS_passkey_tokens) > 0
+          ? std::min(absl::GetFlag(FLAGS_passkey_tokens), config.seq_len - kPasskeyDigits - 4)
+          : std::min(context, config.seq_len - kPasskeyDigits - 4);
+  report.passkey_prompt_tokens = passkey_tokens;
+  report.passkey_trials_per_depth = passkey_trials;
+  std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
+  auto run_trial = [&](const PasskeyPrompt& prompt, const Method& method, double budget,
+                       const Prefill& prefill,
+                       absl::StatusOr<CompressedKv>* received) -> absl::StatusOr<bool> {
+    *received = compress(prefill.kv, prefill.queries, method, budget);
+    if (!received->ok()) return false;
+    return RetrievesKey(*model, *tokenizer, **received, prompt.tokens.back(), prompt.key);
+  };
+  if (passkey_trials > 0) {
+    int done = 0;
+    const int total = passkey_trials * int(depths->size());
+    for (double depth : *depths) {
+      for (int t = 0; t < passkey_trials; ++t) {
+        absl::StatusOr<PasskeyPrompt> prompt = BuildPasskeyPrompt(
+            *tokenizer, corpus->text, passkey_tokens, depth, kPasskeyDigits, &rng);
+        if (!prompt.ok()) return fail(prompt.status());
+        absl::StatusOr<Prefill> prefill = RunPrefill(
+            *model, std::span<const int>(prompt->tokens).first(prompt->tokens.size() - 1),
+            report.query_window);
+        if (!prefill.ok()) return fail(prefill.status());
+        for (RowState& r : rows) {
+          if (!in_list(*passkey_budgets, r)) continue;
+          absl::StatusOr<CompressedKv> received;
+          absl::StatusOr<bool> hit = run_trial(*prompt, r.method, r.budget, *prefill, &received);
+          if (!hit.ok()) return fail(hit.status());
+          if (!received.ok()) {
+            if (r.row.error.empty()) r.row.error = std::string(received.status().message());
+            continue;
+          }
+          if (r.scores.empty()) r.Account(received, prefill->kv.tokens);  // passkey-only rows
+          PasskeyCell& cell = r.passkey[depth];
+          cell.depth = depth;
+          cell.hits += *hit ? 1 : 0;
+          cell.trials += 1;
+        }
+        std::fprintf(stderr, "skv-eval: passkey %d/%d (depth %.2f) done (%.0f s total)\n", ++done,
+                     total, depth, SecondsSince(start));
+      }
+    }
+  }
+
+  // ---- the paper's INT4 probe ----------------------------------------------------------------
+  if (absl::GetFlag(FLAGS_probes)) {
+    ProbeReport& probe = report.probes;
+    absl::StatusOr<Method> paper = MethodByName("paper");
+    absl::StatusOr<Method> fp16 = MethodByName("fp16");
+    std::mt19937_64 probe_rng(absl::GetFlag(FLAGS_seed) + 1000);
+    probe.paper_ran = true;
+    for (double depth : kPaperProbeDepths) {
+      absl::StatusOr<PasskeyPrompt> prompt = BuildPasskeyPrompt(
+          *tokenizer, corpus->text, passkey_tokens, depth, kPasskeyDigits, &probe_rng);
+      if (!prompt.ok()) return fail(prompt.status());
+      absl::StatusOr<Prefill> prefill =
+          RunPrefill(*model, std::span<const int>(prompt->tokens).first(prompt->tokens.size() - 1),
+                     report.query_window);
+      if (!prefill.ok()) return fail(prefill.status());
+      absl::StatusOr<CompressedKv> received;
+      absl::StatusOr<bool> hit = run_trial(*prompt, *paper, kPaperProbeBudget, *prefill, &received);
+      if (!hit.ok()) return fail(hit.status());
+      if (!received.ok()) probe.paper_note = std::string(received.status().message());
+      absl::StatusOr<bool> fp16_hit = run_trial(*prompt, *fp16, 1.0, *prefill, &received);
+      if (!fp16_hit.ok()) return fail(fp16_hit.status());
+      ++probe.paper_trials;
+      probe.paper_hits += *hit ? 1 : 0;
+      probe.paper_fp16_hits += *fp16_hit ? 1 : 0;
+    }
+    absl::StrAppend(&probe.paper_note, probe.paper_note.empty() ? "" : "; ",
+                    "needles at depth 0.1, 0.5, 0.9 of ", passkey_tokens, "-token prompts");
+  }
+
+  // ---- summaries and output ------------------------------------------------------------------
+  for (RowState& r : rows) {
+    if (!r.scores.empty()) {
+      r.row.has_quality = true;
+      r.row.quality = Summarize(r.scores, reference_scores, report.bootstrap_resamples,
+                                absl::GetFlag(FLAGS_seed));
+    }
+    if (r.compressions > 0) {
+      r.row.error.clear();  // it ran at least once; an error elsewhere would have stopped us
+      r.row.payload_b = r.payload_sum / r.compressions;
+      r.row.dropped_fraction = r.dropped_sum / r.compressions;
+      for (int t = 0; t < kNumTiers; ++t) r.row.tier_fraction[t] = r.tier_sum[t] / r.compressions;
+    }
+    for (const auto& [depth, cell] : r.passkey) r.row.passkey.push_back(cell);
+    report.rows.push_back(r.row);
+  }
+  report.seconds = SecondsSince(start);
+
+  const std::string json = RenderJson(report);
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf("%s\n", json.c_str());
+  } else {
+    std::printf("%s", RenderTable(report).c_str());
+  }
+  auto write = [&](const std::string& path, const std::string& content) -> absl::Status {
+    std::ofstream out(path, std::ios::binary);
+    out << content;
+    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", path));
+    return absl::OkStatus();
+  };
+  int rc = 0;
+  if (!absl::GetFlag(FLAGS_json_out).empty()) {
+    if (absl::Status s = write(absl::GetFlag(FLAGS_json_out), json + "\n"); !s.ok()) rc = fail(s);
+  }
+  if (!absl::GetFlag(FLAGS_markdown).empty()) {
+    if (absl::Status s = write(absl::GetFlag(FLAGS_markdown), RenderMarkdown(report)); !s.ok()) {
+      rc = fail(s);
+    }
+  }
+  if (!absl::GetFlag(FLAGS_plot).empty()) {
+    const std::string json_path = absl::GetFlag(FLAGS_plot) + ".json.tmp";
+    if (absl::Status s = write(json_path, json); !s.ok()) return fail(s);
+    const std::string plot_command = absl::StrCat(
+        ShellQuote(absl::GetFlag(FLAGS_python)), " ", ShellQuote(absl::GetFlag(FLAGS_plot_script)),
+        " ", ShellQuote(json_path), " ", ShellQuote(absl::GetFlag(FLAGS_plot)));
+    const int status = std::system(plot_command.c_str());
+    std::filesystem::remove(json_path);
+    if (status != 0) {
+      rc = fail(absl::InternalError(
+          absl::StrCat("plotting failed (", plot_command, "); is python3-matplotlib installed?")));
+    }
+  }
+  std::fprintf(stderr, "skv-eval: done in %.0f s\n", SecondsSince(start));
+  return rc;
+}
+
+}  // namespace
+}  // namespace skv::eval
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "skv-eval --model M.bin --tokenizer T.bin --text FILE[,FILE|DIR] [--windows N] "
+      "[--budgets ...] [--methods ...] [--json] [--markdown PATH] [--plot PATH]");
+  absl::ParseCommandLine(argc, argv);
+  return skv::eval::Main(argc, argv);
+}

@@ -1,0 +1,235 @@
+#include "kv_methods.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "spectrumkv/codec/codec.h"
+
+namespace skv::eval {
+namespace {
+
+// Transforms off: the baselines quantize per token and group, as the paper does.
+CodecOptions PlainOptions() {
+  CodecOptions o;
+  o.rotate_keys = o.rotate_values = false;
+  o.centre_keys = o.centre_values = false;
+  o.per_channel_keys = false;
+  return o;
+}
+
+std::vector<Method> AllMethods() {
+  std::vector<Method> methods;
+  auto add = [&](std::string name, MethodKind kind, CodecOptions options, std::string description,
+                 Tier tier = Tier::kInt8) {
+    methods.push_back({std::move(name), kind, tier, options, std::move(description)});
+  };
+  add("fp16", MethodKind::kFp16, PlainOptions(), "raw FP16 KV (the reference)");
+  add("int8", MethodKind::kUniform, PlainOptions(), "uniform INT8, sinks FP16, no transforms",
+      Tier::kInt8);
+  add("int4", MethodKind::kUniform, PlainOptions(), "uniform INT4, sinks FP16, no transforms",
+      Tier::kInt4);
+  CodecOptions rotated_centred;  // the codec defaults: rotation on K and V, K centred
+  add("int4-rc", MethodKind::kUniform, rotated_centred,
+      "uniform INT4, sinks FP16, with rd's default rotation + key centring", Tier::kInt4);
+  add("pdtrim", MethodKind::kPdTrim, PlainOptions(),
+      "PDTrim-style: sinks + most recent tokens FP16, the rest dropped");
+  CodecOptions paper = PlainOptions();
+  paper.allocator = AllocatorKind::kPaper;
+  add("paper", MethodKind::kPlanner, paper, "paper allocator, 3 tiers (INT4/INT8/FP16)");
+  paper.allow_int4 = false;
+  add("paper-2tier", MethodKind::kPlanner, paper,
+      "paper allocator, INT4 disabled (its probe-failed fallback: INT8/FP16/DROP)");
+  CodecOptions rd;  // defaults: rd, rotate K and V, centre K, per-token key scales
+  add("rd", MethodKind::kPlanner, rd, "rd allocator, codec defaults (rotation + key centring)");
+  CodecOptions v = rd;
+  v.rotate_keys = v.rotate_values = false;
+  add("rd-norot", MethodKind::kPlanner, v, "rd, rotation off");
+  v = rd;
+  v.centre_keys = false;
+  add("rd-nocentre", MethodKind::kPlanner, v, "rd, key centring off");
+  v = rd;
+  v.per_channel_keys = true;
+  add("rd-perchannel", MethodKind::kPlanner, v, "rd + per-channel key scales");
+  v = PlainOptions();
+  add("rd-plain", MethodKind::kPlanner, v, "rd, every transform off");
+  return methods;
+}
+
+engine::KvCache EmptyLike(const engine::KvCache& source) {
+  engine::KvCache out;
+  out.dtype = source.dtype;
+  out.tokens = source.tokens;
+  out.n_layers = source.n_layers;
+  out.n_kv_heads = source.n_kv_heads;
+  out.head_dim = source.head_dim;
+  out.keys.assign(source.n_layers, std::vector<uint16_t>(source.values_per_layer()));
+  out.values.assign(source.n_layers, std::vector<uint16_t>(source.values_per_layer()));
+  return out;
+}
+
+// Views over a cache's layers; the codec reads them (encode) or writes them (decode).
+std::vector<KvLayerViews> ViewsOf(const engine::KvCache& kv) {
+  const DType dtype = kv.dtype == engine::KvDtype::kFp16 ? DType::kFp16 : DType::kBf16;
+  std::vector<KvLayerViews> layers;
+  for (int l = 0; l < kv.n_layers; ++l) {
+    // The codec's views are untyped and mutable; encoding only reads through them.
+    auto* keys = const_cast<uint16_t*>(kv.keys[l].data());
+    auto* values = const_cast<uint16_t*>(kv.values[l].data());
+    layers.push_back({KvTensorView::Dense(keys, dtype, kv.tokens, kv.n_kv_heads, kv.head_dim),
+                      KvTensorView::Dense(values, dtype, kv.tokens, kv.n_kv_heads, kv.head_dim)});
+  }
+  return layers;
+}
+
+// A plan the method decides itself (uniform, PDTrim), encoded layer by layer.
+absl::StatusOr<std::vector<ByteBuffer>> EncodeFixedPlan(std::span<const KvLayerViews> layers,
+                                                        const TierPlan& plan,
+                                                        const CodecOptions& options) {
+  const uint32_t per_tensor = SegmentsPerTensor(plan.tokens, options);
+  std::vector<ByteBuffer> segments(layers.size() * 2 * per_tensor);
+  for (uint32_t l = 0; l < layers.size(); ++l) {
+    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      const size_t first = (size_t{l} * 2 + static_cast<size_t>(kind)) * per_tensor;
+      if (absl::Status s =
+              EncodeLayer(layers[l], l, kind, plan, options, /*request_id=*/1, BestRowKernels(),
+                          std::span(segments).subspan(first, per_tensor));
+          !s.ok()) {
+        return s;
+      }
+    }
+  }
+  return segments;
+}
+
+TierPlan UniformPlan(const KvShape& shape, Tier tier, uint32_t sinks) {
+  TierPlan plan{shape.layers, shape.tokens,
+                std::vector<Tier>(size_t{shape.layers} * 2 * shape.tokens, tier),
+                std::vector<uint8_t>(shape.tokens, 1)};
+  for (size_t row = 0; row < size_t{shape.layers} * 2; ++row) {
+    for (uint32_t t = 0; t < std::min(sinks, shape.tokens); ++t) {
+      plan.tiers[row * shape.tokens + t] = Tier::kFp16;
+    }
+  }
+  return plan;
+}
+
+// PDTrim: as many whole FP16 tokens as the budget buys, the first `sinks` and then the most
+// recent ones; every other token is dropped in every layer.
+absl::StatusOr<TierPlan> PdTrimPlan(const KvShape& shape, const CodecOptions& options) {
+  const BudgetAccounting acct(shape, options);
+  const size_t token_bytes = size_t{shape.layers} * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
+                                                     acct.RowCost(Tier::kFp16, KvKind::kValue));
+  const uint32_t sinks = std::min(options.sink_tokens, shape.tokens);
+  const size_t minimum = acct.FixedOverhead() + sinks * token_bytes;
+  if (acct.BudgetBytes() < minimum) {
+    return absl::OutOfRangeError(absl::StrCat("budget ", options.budget,
+                                              " is below pdtrim's minimum of ",
+                                              double(minimum) / double(shape.raw_bytes())));
+  }
+  const size_t affordable = (acct.BudgetBytes() - acct.FixedOverhead()) / token_bytes;
+  const uint32_t kept = static_cast<uint32_t>(std::min<size_t>(affordable, shape.tokens));
+  TierPlan plan{shape.layers, shape.tokens,
+                std::vector<Tier>(size_t{shape.layers} * 2 * shape.tokens, Tier::kDrop),
+                std::vector<uint8_t>(shape.tokens, 0)};
+  const uint32_t recent_begin = shape.tokens - (kept - sinks);
+  for (uint32_t t = 0; t < shape.tokens; ++t) {
+    if (t >= sinks && t < recent_begin) continue;
+    plan.kept[t] = 1;
+    for (size_t row = 0; row < size_t{shape.layers} * 2; ++row) {
+      plan.tiers[row * shape.tokens + t] = Tier::kFp16;
+    }
+  }
+  return plan;
+}
+
+}  // namespace
+
+std::vector<std::string> KnownMethodNames() {
+  std::vector<std::string> names;
+  for (const Method& m : AllMethods()) names.push_back(m.name);
+  return names;
+}
+
+absl::StatusOr<Method> MethodByName(std::string_view name) {
+  for (Method& m : AllMethods()) {
+    if (m.name == name) return std::move(m);
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown method '", std::string(name), "'; known: ", absl::StrJoin(KnownMethodNames(), ",")));
+}
+
+absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
+                                        const engine::QueryWindow& queries, const Method& method,
+                                        double budget) {
+  CompressedKv out;
+  if (method.kind == MethodKind::kFp16) {
+    out.kv = source;
+    out.keep.assign(source.tokens, 1);
+    out.rows_per_tier[static_cast<int>(Tier::kFp16)] =
+        uint64_t(source.n_layers) * 2 * uint64_t(source.tokens);
+    return out;
+  }
+
+  const std::vector<KvLayerViews> layers = ViewsOf(source);
+  absl::StatusOr<KvShape> shape = ShapeOf(layers);
+  if (!shape.ok()) return shape.status();
+  CodecOptions options = method.options;
+  options.budget = method.budgeted() ? budget : 1.0;
+
+  std::vector<ByteBuffer> segments;
+  TierPlan plan;
+  if (method.kind == MethodKind::kPlanner) {
+    std::vector<QueryWindow> windows;
+    for (const std::vector<float>& layer : queries.layers) {
+      windows.push_back({layer.data(), static_cast<uint32_t>(queries.tokens),
+                         static_cast<uint32_t>(queries.n_heads),
+                         static_cast<uint32_t>(queries.head_dim)});
+    }
+    absl::StatusOr<EncodedKv> encoded =
+        EncodeKv(layers, ImportanceInput{.query_windows = windows}, options, /*request_id=*/1);
+    if (!encoded.ok()) return encoded.status();
+    segments = std::move(encoded->segments);
+    plan = std::move(encoded->plan);
+  } else {
+    absl::StatusOr<TierPlan> fixed = method.kind == MethodKind::kUniform
+                                         ? absl::StatusOr<TierPlan>(UniformPlan(
+                                               *shape, method.uniform_tier, options.sink_tokens))
+                                         : PdTrimPlan(*shape, options);
+    if (!fixed.ok()) return fixed.status();
+    plan = std::move(*fixed);
+    absl::StatusOr<std::vector<ByteBuffer>> encoded = EncodeFixedPlan(layers, plan, options);
+    if (!encoded.ok()) return encoded.status();
+    segments = std::move(*encoded);
+  }
+
+  // Decode side: only the segments' bytes cross over.
+  out.kv = EmptyLike(source);
+  const std::vector<KvLayerViews> destination = ViewsOf(out.kv);
+  std::vector<std::span<const uint8_t>> spans;
+  size_t wire_bytes = 0;
+  for (const ByteBuffer& s : segments) {
+    spans.emplace_back(s.data(), s.size());
+    wire_bytes += s.size();
+  }
+  if (absl::Status s = DecodeKv(spans, destination, &out.keep); !s.ok()) return s;
+
+  out.rows_per_tier = plan.TierCounts();
+  out.layer_tiers.assign(size_t{plan.layers} * 2, {});
+  for (uint32_t l = 0; l < plan.layers; ++l) {
+    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      auto& counts = out.layer_tiers[size_t{l} * 2 + static_cast<size_t>(kind)];
+      for (Tier t : plan.row_tiers(l, kind)) ++counts[static_cast<size_t>(t)];
+    }
+  }
+  size_t payload_bytes = 0;
+  for (int t = 0; t < kNumTiers; ++t) {
+    payload_bytes += out.rows_per_tier[t] * shape->row_elements() * TierBits(Tier(t)) / 8;
+  }
+  out.achieved_b = double(wire_bytes) / double(shape->raw_bytes());
+  out.payload_b = double(payload_bytes) / double(shape->raw_bytes());
+  out.dropped_tokens = static_cast<uint32_t>(std::count(out.keep.begin(), out.keep.end(), 0));
+  return out;
+}
+
+}  // namespace skv::eval

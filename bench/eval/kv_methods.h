@@ -1,0 +1,61 @@
+// The KV compression methods the evaluation compares, all on the same axes: each takes the
+// prefill node's FP16 KV, goes through the codec's real segments (skv::EncodeKv / EncodeLayer,
+// then skv::DecodeKv) and yields what the decode node would receive, with the honest budget.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "spectrumkv/codec/formats.h"
+#include "spectrumkv/codec/options.h"
+#include "spectrumkv/engine/engine.h"
+
+namespace skv::eval {
+
+enum class MethodKind {
+  kFp16,     // the raw FP16 export, no codec: the baseline every method is compared with
+  kUniform,  // every row at one tier except the sinks (fixed rate, no budget)
+  kPdTrim,   // binary selection: sinks + the most recent tokens at FP16, the rest dropped
+  kPlanner,  // the codec's planner (paper or rd) at a budget, importance from queries
+};
+
+struct Method {
+  std::string name;
+  MethodKind kind = MethodKind::kPlanner;
+  Tier uniform_tier = Tier::kInt8;  // kUniform only
+  CodecOptions options;             // allocator, transforms, tiers allowed, sinks
+  std::string description;
+
+  bool budgeted() const { return kind == MethodKind::kPdTrim || kind == MethodKind::kPlanner; }
+};
+
+// fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
+// rd-perchannel, rd-plain (see README.md).
+absl::StatusOr<Method> MethodByName(std::string_view name);
+std::vector<std::string> KnownMethodNames();
+
+// What the decode node receives.
+struct CompressedKv {
+  engine::KvCache kv;         // FP16, dequantized, transforms undone; dropped rows zero
+  std::vector<uint8_t> keep;  // per token, 1 = attended
+  double achieved_b = 1.0;    // every wire byte / FP16 bytes of K and V
+  double payload_b = 1.0;     // code bytes only: the paper's accounting, for comparison
+  uint32_t dropped_tokens = 0;
+  std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens
+  // Rows per tier of each (layer, K/V), index layer * 2 + kind; empty when the plan is not known
+  // here (the daemon path).
+  std::vector<std::array<uint64_t, kNumTiers>> layer_tiers;
+};
+
+// Compresses `source` (FP16) with `method` at `budget` (ignored by fixed-rate methods) and
+// decodes it again. `queries` are the prefill's last query vectors (importance for planners).
+// A budget below what the method can reach is an OutOfRange error naming the minimum.
+absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
+                                        const engine::QueryWindow& queries, const Method& method,
+                                        double budget);
+
+}  // namespace skv::eval

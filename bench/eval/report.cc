@@ -1,0 +1,436 @@
+#include "report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+
+namespace skv::eval {
+namespace {
+
+std::string JsonString(std::string_view s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(c));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string JsonNumber(double v) {
+  if (!std::isfinite(v)) return "null";
+  return absl::StrFormat("%.8g", v);
+}
+
+std::string JsonInterval(const Interval& i) {
+  return absl::StrCat("[", JsonNumber(i.lo), ",", JsonNumber(i.hi), "]");
+}
+
+const ResultRow* FindRow(const EvalReport& report, std::string_view method,
+                         std::optional<double> budget) {
+  for (const ResultRow& r : report.rows) {
+    if (r.method != method) continue;
+    if (!budget.has_value() && !r.budget.has_value()) return &r;
+    if (budget.has_value() && r.budget.has_value() && std::abs(*budget - *r.budget) < 1e-9) {
+      return &r;
+    }
+  }
+  return nullptr;
+}
+
+std::string BudgetText(const ResultRow& r) {
+  return r.budget.has_value() ? absl::StrFormat("%.2f", *r.budget) : std::string("fixed");
+}
+
+std::string WithInterval(const Interval& i, const char* format) {
+  return absl::StrCat(absl::StrFormat(format, i.value), " [", absl::StrFormat(format, i.lo), ", ",
+                      absl::StrFormat(format, i.hi), "]");
+}
+
+std::string PasskeyText(const ResultRow& r) {
+  if (r.passkey.empty()) return "-";
+  return absl::StrFormat("%d/%d", r.passkey_hits(), r.passkey_trials());
+}
+
+double MaxError(const std::vector<LayerProbe>& layers, bool int4) {
+  double m = 0;
+  for (const LayerProbe& l : layers) m = std::max(m, int4 ? l.int4_error : l.int8_error);
+  return m;
+}
+
+}  // namespace
+
+int ResultRow::passkey_hits() const {
+  int n = 0;
+  for (const PasskeyCell& c : passkey) n += c.hits;
+  return n;
+}
+
+int ResultRow::passkey_trials() const {
+  int n = 0;
+  for (const PasskeyCell& c : passkey) n += c.trials;
+  return n;
+}
+
+std::string RenderJson(const EvalReport& report) {
+  std::string out = absl::StrCat(
+      "{\"model\":", JsonString(report.model), ",\"model_shape\":", JsonString(report.model_shape),
+      ",\"text\":", JsonString(report.text),
+      ",\"codec\":", JsonString(report.codec_path), ",\"context\":", report.context,
+      ",\"continuation\":", report.continuation, ",\"windows\":", report.windows,
+      ",\"fp16_ppl\":", JsonNumber(report.fp16_ppl),
+      ",\"passkey_prompt_tokens\":", report.passkey_prompt_tokens, ",\"results\":[");
+  bool first = true;
+  for (const ResultRow& r : report.rows) {
+    if (!first) out += ",";
+    first = false;
+    absl::StrAppend(&out, "{\"method\":", JsonString(r.method),
+                    ",\"budget\":", r.budget.has_value() ? JsonNumber(*r.budget) : "null");
+    if (!r.error.empty()) {
+      absl::StrAppend(&out,
+                      ",\"achieved_b\":null,\"ppl_change_pct\":null,\"kl\":null,"
+                      "\"top1\":null,\"passkey\":null,\"error\":",
+                      JsonString(r.error), "}");
+      continue;
+    }
+    absl::StrAppend(&out, ",\"achieved_b\":", JsonNumber(r.achieved_b),
+                    ",\"payload_b\":", JsonNumber(r.payload_b));
+    if (r.has_quality) {
+      const QualitySummary& q = r.quality;
+      absl::StrAppend(&out, ",\"ppl_change_pct\":", JsonNumber(q.ppl_change_pct.value),
+                      ",\"ppl_change_pct_ci95\":", JsonInterval(q.ppl_change_pct),
+                      ",\"kl\":", JsonNumber(q.kl.value), ",\"kl_ci95\":", JsonInterval(q.kl),
+                      ",\"top1\":", JsonNumber(q.top1.value),
+                      ",\"top1_ci95\":", JsonInterval(q.top1), ",\"ppl\":", JsonNumber(q.ppl),
+                      ",\"windows\":", q.windows, ",\"tokens\":", q.tokens);
+    } else {
+      absl::StrAppend(&out, ",\"ppl_change_pct\":null,\"kl\":null,\"top1\":null");
+    }
+    if (r.passkey.empty()) {
+      absl::StrAppend(&out, ",\"passkey\":null");
+    } else {
+      absl::StrAppend(
+          &out, ",\"passkey\":", JsonNumber(double(r.passkey_hits()) / double(r.passkey_trials())),
+          ",\"passkey_hits\":", r.passkey_hits(), ",\"passkey_trials\":", r.passkey_trials(),
+          ",\"passkey_by_depth\":[");
+      for (size_t i = 0; i < r.passkey.size(); ++i) {
+        absl::StrAppend(&out, i ? "," : "", "{\"depth\":", JsonNumber(r.passkey[i].depth),
+                        ",\"hits\":", r.passkey[i].hits, ",\"trials\":", r.passkey[i].trials, "}");
+      }
+      out += "]";
+    }
+    absl::StrAppend(&out, ",\"dropped_fraction\":", JsonNumber(r.dropped_fraction),
+                    ",\"tier_fraction\":{");
+    for (int t = 0; t < kNumTiers; ++t) {
+      absl::StrAppend(&out, t ? "," : "", JsonString(TierName(Tier(t))), ":",
+                      JsonNumber(r.tier_fraction[t]));
+    }
+    out += "}}";
+  }
+  out += "],\"probes\":{";
+  const ProbeReport& p = report.probes;
+  absl::StrAppend(&out, "\"paper_passkey\":");
+  if (p.paper_ran) {
+    absl::StrAppend(&out, "{\"trials\":", p.paper_trials, ",\"hits\":", p.paper_hits,
+                    ",\"fp16_hits\":", p.paper_fp16_hits,
+                    ",\"pass\":", p.paper_hits >= 2 ? "true" : "false", "}");
+  } else {
+    absl::StrAppend(&out, "null");
+  }
+  absl::StrAppend(&out, ",\"daemon_fidelity\":");
+  if (p.daemon_ran) {
+    auto layers = [&](const std::vector<LayerProbe>& v) {
+      std::string s = "[";
+      for (size_t i = 0; i < v.size(); ++i) {
+        absl::StrAppend(&s, i ? "," : "", "{\"int4\":", JsonNumber(v[i].int4_error),
+                        ",\"int8\":", JsonNumber(v[i].int8_error), "}");
+      }
+      return s + "]";
+    };
+    absl::StrAppend(
+        &out, "{\"threshold\":", JsonNumber(p.threshold),
+        ",\"transforms\":{\"max_int4\":", JsonNumber(MaxError(p.daemon_transforms, true)),
+        ",\"pass\":", MaxError(p.daemon_transforms, true) < p.threshold ? "true" : "false",
+        ",\"layers\":", layers(p.daemon_transforms), "}",
+        ",\"plain\":{\"max_int4\":", JsonNumber(MaxError(p.daemon_plain, true)),
+        ",\"pass\":", MaxError(p.daemon_plain, true) < p.threshold ? "true" : "false",
+        ",\"layers\":", layers(p.daemon_plain), "}}");
+  } else {
+    absl::StrAppend(&out, "null");
+  }
+  out += "},\"diagnosis\":[";
+  for (size_t i = 0; i < report.diagnoses.size(); ++i) {
+    const Diagnosis& d = report.diagnoses[i];
+    absl::StrAppend(&out, i ? "," : "", "{\"method\":", JsonString(d.method),
+                    ",\"budget\":", JsonNumber(d.budget), ",\"achieved_b\":",
+                    d.error.empty() ? JsonNumber(d.achieved_b) : "null");
+    if (!d.error.empty()) absl::StrAppend(&out, ",\"error\":", JsonString(d.error));
+    out += ",\"layers\":[";
+    for (size_t l = 0; l < d.layers.size(); ++l) {
+      const LayerDiagnosis& x = d.layers[l];
+      auto tiers = [&](const std::array<double, kNumTiers>& f) {
+        std::string t = "{";
+        for (int k = 0; k < kNumTiers; ++k) {
+          absl::StrAppend(&t, k ? "," : "", JsonString(TierName(Tier(k))), ":", JsonNumber(f[k]));
+        }
+        return t + "}";
+      };
+      absl::StrAppend(&out, l ? "," : "", "{\"attention_error\":", JsonNumber(x.attention_error),
+                      ",\"k\":", tiers(x.key_tiers), ",\"v\":", tiers(x.value_tiers), "}");
+    }
+    out += "]}";
+  }
+  out += "]}";
+  return out;
+}
+
+std::string RenderTable(const EvalReport& report) {
+  std::string out =
+      absl::StrFormat("%-14s %6s %8s %8s %22s %12s %7s %8s\n", "method", "budget", "achv_b",
+                      "paper_b", "ppl_change_% [95% CI]", "kl", "top1", "passkey");
+  for (const ResultRow& r : report.rows) {
+    if (!r.error.empty()) {
+      absl::StrAppend(&out, absl::StrFormat("%-14s %6s  %s\n", r.method, BudgetText(r), r.error));
+      continue;
+    }
+    std::string ppl = "-", kl = "-", top1 = "-";
+    if (r.has_quality) {
+      ppl = absl::StrFormat("%+.3f [%+.2f,%+.2f]", r.quality.ppl_change_pct.value,
+                            r.quality.ppl_change_pct.lo, r.quality.ppl_change_pct.hi);
+      kl = absl::StrFormat("%.5f", r.quality.kl.value);
+      top1 = absl::StrFormat("%.4f", r.quality.top1.value);
+    }
+    absl::StrAppend(
+        &out, absl::StrFormat("%-14s %6s %8.4f %8.4f %22s %12s %7s %8s\n", r.method, BudgetText(r),
+                              r.achieved_b, r.payload_b, ppl, kl, top1, PasskeyText(r)));
+  }
+  return out;
+}
+
+std::string RenderMarkdown(const EvalReport& report) {
+  std::string out = absl::StrCat("# ", report.model, " on ", report.text, "\n\n");
+  absl::StrAppend(&out, "Made by `skv-eval` (bench/eval/) in ",
+                  absl::StrFormat("%.0f", report.seconds), " s:\n\n```sh\n", report.command,
+                  "\n```\n\n");
+  absl::StrAppend(
+      &out, report.plot_file.empty() ? "" : absl::StrCat("![quality vs achieved b](", report.plot_file, ")\n\n"),
+      "- Model: ", report.model_shape, "\n", "- Codec: ", report.codec_path, "\n",
+      "- Protocol (DESIGN.md 6): each window is BOS + ", report.context + report.continuation - 1,
+      " text tokens; the first ", report.context, " tokens are the context, prefilled exactly; ",
+      "the KV of all context tokens but the last is exported as FP16, compressed and decoded by ",
+      "the codec (real segments), imported into a decode session with its keep mask, which is fed ",
+      "the last context token and teacher-forced the next ", report.continuation,
+      " tokens. Only those ", report.continuation,
+      " continuation tokens are scored, the same for every method, against a decode session on ",
+      "the uncompressed FP16 export.\n", "- Windows: ", report.windows,
+      " non-overlapping, evenly spaced over the text (", report.windows * report.continuation,
+      " scored tokens); 95% intervals are percentile ", "bootstraps over windows (",
+      report.bootstrap_resamples, " resamples).\n",
+      "- Importance for the planners: SnapKV-style, from the prefill's last ", report.query_window,
+      " query vectors per layer; identical for every method.\n",
+      "- b = every wire byte (headers, tier maps, means, scales, codes) / FP16 bytes of K and V; ",
+      "`paper b` counts code bytes only (the paper's accounting), for comparison.\n",
+      "- FP16-KV perplexity of the continuation tokens: ", absl::StrFormat("%.4f", report.fp16_ppl),
+      "\n\n");
+
+  absl::StrAppend(&out,
+                  "| method | budget | achieved b | paper b | PPL change % [95% CI] | KL (nats) "
+                  "[95% CI] | top-1 agreement [95% CI] | passkey | dropped | INT4 rows |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const ResultRow& r : report.rows) {
+    if (!r.error.empty()) {
+      absl::StrAppend(&out, "| ", r.method, " | ", BudgetText(r), " | - | - | ", r.error,
+                      " | | | | | |\n");
+      continue;
+    }
+    absl::StrAppend(
+        &out, "| ", r.method, " | ", BudgetText(r), " | ", absl::StrFormat("%.4f", r.achieved_b),
+        " | ", absl::StrFormat("%.4f", r.payload_b), " | ",
+        r.has_quality ? WithInterval(r.quality.ppl_change_pct, "%+.3f") : "-", " | ",
+        r.has_quality ? WithInterval(r.quality.kl, "%.5f") : "-", " | ",
+        r.has_quality ? WithInterval(r.quality.top1, "%.4f") : "-", " | ", PasskeyText(r), " | ",
+        absl::StrFormat("%.1f%%", 100.0 * r.dropped_fraction), " | ",
+        absl::StrFormat("%.1f%%", 100.0 * r.tier_fraction[static_cast<int>(Tier::kInt4)]), " |\n");
+  }
+
+  // Passkey grid: depth x budget, per method.
+  bool any_passkey = false;
+  for (const ResultRow& r : report.rows) any_passkey |= !r.passkey.empty();
+  if (any_passkey) {
+    absl::StrAppend(&out, "\n## Passkey retrieval (hits / trials by depth)\n\n", "Prompts of ",
+                    report.passkey_prompt_tokens, " tokens, ", report.passkey_trials_per_depth,
+                    " per depth (depth = fraction of the filler before the key); greedy decoding ",
+                    "must reproduce the 5 digits exactly. FP16 is the ceiling.\n\n");
+    std::vector<double> depths;
+    for (const ResultRow& r : report.rows) {
+      for (const PasskeyCell& c : r.passkey) {
+        if (std::find(depths.begin(), depths.end(), c.depth) == depths.end()) {
+          depths.push_back(c.depth);
+        }
+      }
+    }
+    std::sort(depths.begin(), depths.end());
+    out += "| method | budget |";
+    for (double d : depths) absl::StrAppend(&out, " depth ", absl::StrFormat("%.1f", d), " |");
+    out += " all |\n|---|---|";
+    for (size_t i = 0; i <= depths.size(); ++i) out += "---|";
+    out += "\n";
+    for (const ResultRow& r : report.rows) {
+      if (r.passkey.empty()) continue;
+      absl::StrAppend(&out, "| ", r.method, " | ", BudgetText(r), " |");
+      for (double d : depths) {
+        std::string cell = " - |";
+        for (const PasskeyCell& c : r.passkey) {
+          if (c.depth == d) cell = absl::StrFormat(" %d/%d |", c.hits, c.trials);
+        }
+        out += cell;
+      }
+      absl::StrAppend(&out, " ", PasskeyText(r), " |\n");
+    }
+  }
+
+  const ProbeReport& p = report.probes;
+  absl::StrAppend(&out, "\n## INT4 probes\n\n| probe | result | detail |\n|---|---|---|\n");
+  if (p.paper_ran) {
+    absl::StrAppend(&out,
+                    "| paper (3 aggressive passkey trials, 3-tier paper policy, b=0.3, pass "
+                    "if >= 2) | ",
+                    p.paper_hits >= 2 ? "pass" : "fail", " | ", p.paper_hits, "/", p.paper_trials,
+                    " retrieved (FP16 KV on the same prompts: ", p.paper_fp16_hits, "/",
+                    p.paper_trials, ")", p.paper_note.empty() ? "" : "; ", p.paper_note, " |\n");
+  } else {
+    absl::StrAppend(&out, "| paper | not run | ", p.paper_note, " |\n");
+  }
+  if (p.daemon_ran) {
+    auto line = [&](const char* name, const std::vector<LayerProbe>& v) {
+      std::vector<std::string> per_layer;
+      for (const LayerProbe& l : v) per_layer.push_back(absl::StrFormat("%.4f", l.int4_error));
+      absl::StrAppend(&out, "| daemon (skv::ProbeInt4, ", name, ", threshold ",
+                      absl::StrFormat("%.2f", p.threshold), ") | ",
+                      MaxError(v, true) < p.threshold ? "pass" : "fail", " | max INT4 error ",
+                      absl::StrFormat("%.4f", MaxError(v, true)), " (INT8 ",
+                      absl::StrFormat("%.6f", MaxError(v, false)),
+                      "); per layer INT4: ", absl::StrJoin(per_layer, ", "), " |\n");
+    };
+    line("rd default transforms", p.daemon_transforms);
+    line("transforms off", p.daemon_plain);
+  } else {
+    absl::StrAppend(&out, "| daemon | not run | ", p.daemon_note, " |\n");
+  }
+
+  if (!report.diagnoses.empty()) {
+    absl::StrAppend(
+        &out, "\n## Per-layer diagnosis (first window)\n\n",
+        "Relative error of each layer's attention output when the prefill's last ",
+        report.query_window, " queries attend the received KV instead of the FP16 KV ",
+        "(||o - o_fp16|| / ||o_fp16||, all query heads), and the share of the layer's K and V ",
+        "rows in each tier (fp16/int8/int4/drop).\n\n| method | b | achieved b |");
+    const size_t n_layers = report.diagnoses.front().layers.size();
+    for (size_t l = 0; l < n_layers; ++l) absl::StrAppend(&out, " L", l, " |");
+    out += "\n|---|---|---|";
+    for (size_t l = 0; l < n_layers; ++l) out += "---|";
+    out += "\n";
+    auto mix = [](const std::array<double, kNumTiers>& f) {
+      return absl::StrFormat("%.0f/%.0f/%.0f/%.0f", 100 * f[int(Tier::kFp16)],
+                             100 * f[int(Tier::kInt8)], 100 * f[int(Tier::kInt4)],
+                             100 * f[int(Tier::kDrop)]);
+    };
+    for (const Diagnosis& d : report.diagnoses) {
+      absl::StrAppend(&out, "| ", d.method, " | ", absl::StrFormat("%.2f", d.budget), " | ");
+      if (!d.error.empty()) {
+        absl::StrAppend(&out, "cannot run: ", d.error, " |\n");
+        continue;
+      }
+      absl::StrAppend(&out, absl::StrFormat("%.4f", d.achieved_b), " |");
+      for (const LayerDiagnosis& x : d.layers) {
+        absl::StrAppend(&out, " ", absl::StrFormat("%.4f", x.attention_error), "<br>K ",
+                        mix(x.key_tiers), "<br>V ", mix(x.value_tiers), " |");
+      }
+      out += "\n";
+    }
+  }
+
+  // The project's targets, checked on these numbers (never tuned to pass).
+  absl::StrAppend(&out, "\n## Targets\n\n| target | result | numbers |\n|---|---|---|\n");
+  auto ppl_target = [&](double budget, double limit) {
+    const ResultRow* rd = FindRow(report, "rd", budget);
+    if (rd == nullptr || !rd->error.empty() || !rd->has_quality) {
+      absl::StrAppend(&out, "| rd at b=", budget, ": abs(PPL change) <= ", limit,
+                      "% | not run | |\n");
+      return;
+    }
+    const double v = rd->quality.ppl_change_pct.value;
+    absl::StrAppend(&out, "| rd at b=", budget, ": abs(PPL change) <= ", limit, "% | ",
+                    std::abs(v) <= limit ? "met" : "missed", " | ",
+                    WithInterval(rd->quality.ppl_change_pct, "%+.3f"), "% at achieved b ",
+                    absl::StrFormat("%.4f", rd->achieved_b), " |\n");
+  };
+  ppl_target(0.5, 0.5);
+  ppl_target(0.3, 2.0);
+  // KL is the faithful distance to FP16 KV; PPL change can be negative when a method happens
+  // to help an out-of-domain model, so both are reported, each on its own line.
+  for (const bool by_kl : {true, false}) {
+    std::vector<std::string> worse;
+    int compared = 0;
+    for (const ResultRow& r : report.rows) {
+      if (r.method != "rd" || !r.error.empty() || !r.has_quality) continue;
+      for (const char* other : {"paper", "pdtrim"}) {
+        const ResultRow* o = FindRow(report, other, r.budget);
+        if (o == nullptr || !o->error.empty() || !o->has_quality) continue;
+        ++compared;
+        const double mine = by_kl ? r.quality.kl.value : std::abs(r.quality.ppl_change_pct.value);
+        const double theirs =
+            by_kl ? o->quality.kl.value : std::abs(o->quality.ppl_change_pct.value);
+        if (mine > theirs) {
+          worse.push_back(absl::StrFormat(
+              by_kl ? "b=%.2f vs %s: %.5f vs %.5f" : "b=%.2f vs %s: %.3f%% vs %.3f%%", *r.budget,
+              other, mine, theirs));
+        }
+      }
+    }
+    absl::StrAppend(&out, "| rd no worse than paper and pdtrim at every budget (",
+                    by_kl ? "mean KL" : "abs(PPL change)", ") | ",
+                    compared == 0 ? "not run" : (worse.empty() ? "met" : "missed"), " | ", compared,
+                    " comparisons", worse.empty() ? "" : "; worse: ", absl::StrJoin(worse, "; "),
+                    " |\n");
+  }
+  const ResultRow* fp16 = FindRow(report, "fp16", 1.0);
+  if (fp16 == nullptr) fp16 = FindRow(report, "fp16", std::nullopt);
+  const ResultRow* rd3 = FindRow(report, "rd", 0.3);
+  if (fp16 != nullptr && rd3 != nullptr && !fp16->passkey.empty() && !rd3->passkey.empty()) {
+    const int ceiling = fp16->passkey_hits();
+    const int got = rd3->passkey_hits();
+    std::string verdict =
+        ceiling == 0 ? "n/a: FP16 retrieves nothing" : (got >= 0.95 * ceiling ? "met" : "missed");
+    absl::StrAppend(&out, "| rd passkey at b=0.3 >= 95% of the FP16 ceiling | ", verdict, " | ",
+                    got, "/", rd3->passkey_trials(), " vs FP16 ", ceiling, "/",
+                    fp16->passkey_trials(), " |\n");
+  } else {
+    absl::StrAppend(&out, "| rd passkey at b=0.3 >= 95% of the FP16 ceiling | not run | |\n");
+  }
+  return out;
+}
+
+}  // namespace skv::eval

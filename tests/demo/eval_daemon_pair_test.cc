@@ -1,0 +1,89 @@
+// One skv-eval configuration (stories260K, 2 windows, b = 0.3, rd and paper, one passkey trial)
+// run twice: with the in-process codec, and through two real spectrumkvd processes (Encode on
+// the prefill-side daemon, Decode on the decode-side one). The results must be identical.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "daemon_process.h"
+
+namespace skv::eval {
+namespace {
+
+using skv::testing::DaemonProcess;
+
+std::string DataDir() {
+  const char* env = std::getenv("SKV_DATA_DIR");
+  return env != nullptr && *env != '\0' ? env : SKV_EVAL_TEST_DATA_DIR;
+}
+
+// Runs a command; its stdout, and its exit status in *status.
+std::string RunCommand(const std::string& command, int* status) {
+  std::string out;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) {
+    *status = -1;
+    return out;
+  }
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof(buf), pipe)) > 0;) out.append(buf, n);
+  *status = pclose(pipe);
+  return out;
+}
+
+// The "results" array of skv-eval's JSON, verbatim.
+std::string Results(const std::string& json) {
+  const size_t begin = json.find("\"results\":[");
+  const size_t end = json.find("],\"probes\"");
+  if (begin == std::string::npos || end == std::string::npos || end < begin) return "";
+  return json.substr(begin, end + 1 - begin);
+}
+
+TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
+  const std::string data = DataDir();
+  const std::string model = data + "/models/stories260K.bin";
+  const std::string tokenizer = data + "/models/tok512.bin";
+  const std::string text = data + "/text/wikitext2-test.raw";
+  for (const std::string& f : {model, tokenizer, text}) {
+    if (!std::filesystem::exists(f)) GTEST_SKIP() << "shared data absent: " << f << " (set SKV_DATA_DIR)";
+  }
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
+  ASSERT_TRUE(decode.ok()) << decode.status();
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
+      DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + (*decode)->data_address()}});
+  ASSERT_TRUE(prefill.ok()) << prefill.status();
+
+  const std::string base = absl::StrCat(
+      SKV_EVAL_BINARY, " --model ", model, " --tokenizer ", tokenizer, " --text ", text,
+      " --windows 2 --budgets 0.3 --methods fp16,rd,paper --passkey_trials 1 --passkey_depths 0.5",
+      " --probes=false --bootstrap 200 --json");
+  int status = 0;
+  const std::string in_process = RunCommand(base + " 2>/dev/null", &status);
+  ASSERT_EQ(status, 0) << in_process;
+  const std::string through_daemons =
+      RunCommand(absl::StrCat(base, " --encode_daemon ", (*prefill)->grpc_address(), " --decode_daemon ",
+                       (*decode)->grpc_address(), " 2>/dev/null"),
+          &status);
+  ASSERT_EQ(status, 0) << through_daemons << "\nprefill log:\n"
+                       << (*prefill)->Log() << "\ndecode log:\n"
+                       << (*decode)->Log();
+  EXPECT_NE(in_process.find("in-process codec"), std::string::npos) << in_process;
+  EXPECT_NE(through_daemons.find("daemon pair: Encode on " + (*prefill)->grpc_address()),
+            std::string::npos)
+      << through_daemons;
+  const std::string expected = Results(in_process);
+  ASSERT_FALSE(expected.empty()) << in_process;
+  ASSERT_NE(expected.find("\"method\":\"rd\""), std::string::npos);
+  ASSERT_NE(expected.find("\"ppl_change_pct\":"), std::string::npos);
+  EXPECT_EQ(Results(through_daemons), expected);
+  EXPECT_TRUE((*prefill)->Alive());
+  EXPECT_TRUE((*decode)->Alive());
+}
+
+}  // namespace
+}  // namespace skv::eval
