@@ -370,7 +370,7 @@ absl::StatusOr<v1::DecodeResponse> Daemon::Decode(const v1::DecodeRequest& reque
   if (absl::Status s = DecodeKv(segments, layers, &kept); !s.ok()) return Annotate(s, "segments");
   v1::DecodeResponse response;
   *response.mutable_layout() = request.output_layout();
-  *response.mutable_kept() = MakeMask(kept, uint32_t(layers.size()), request.mask_format());
+  *response.mutable_kept() = MakeMask(kept, request.mask_format());
   response.mutable_stats()->set_wire_bytes(wire);
   response.mutable_stats()->set_segments(uint32_t(segments.size()));
   *response.mutable_stats()->mutable_durations()->mutable_decode() = ToProto(Seconds(start));

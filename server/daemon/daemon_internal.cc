@@ -42,10 +42,10 @@ void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& row
   for (int t = 0; t < kNumTiers; ++t) m.AddTokens(static_cast<control::TokenTier>(t), rows[t]);
 }
 
-v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, uint32_t layers, v1::MaskFormat format) {
+v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, v1::MaskFormat format) {
   v1::KeptTokenMask mask;
   mask.set_tokens(uint32_t(kept.size()));
-  mask.set_layers(layers);
+  mask.set_layers(1);  // the codec keeps or drops a token in every layer alike
   if (format == v1::MASK_FORMAT_PACKED_BITS) {
     mask.set_format(v1::MASK_FORMAT_PACKED_BITS);
     std::string bits((kept.size() + 7) / 8, '\0');

@@ -33,7 +33,7 @@ google::protobuf::Duration ToProto(double seconds);
 std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views);
 void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out);
 void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows);
-v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, uint32_t layers, v1::MaskFormat format);
+v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, v1::MaskFormat format);
 v1::ImportanceSource ImportanceSourceOf(const char* name);
 std::span<const std::byte> Bytes(const transport::MessageBuffer& m);
 // Hands an encoded segment to the transport without copying it.

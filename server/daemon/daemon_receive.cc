@@ -325,7 +325,7 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(const std::shared_ptr<Inbound>&
   *stats.mutable_durations()->mutable_total() = ToProto(total_s);
   if (status.ok()) {
     v1::ReceiveResponse response;
-    *response.mutable_kept() = MakeMask(in->kept, in->begin->layers, in->mask_format);
+    *response.mutable_kept() = MakeMask(in->kept, in->mask_format);
     *response.mutable_stats() = stats;
     if (in->inline_destination) {
       response.set_inline_kv(std::string(static_cast<const char*>(in->region.data()), in->region.size()));
