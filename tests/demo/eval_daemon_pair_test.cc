@@ -3,38 +3,20 @@
 // the prefill-side daemon, Decode on the decode-side one). The results must be identical.
 #include <gtest/gtest.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "daemon_process.h"
+#include "demo_support.h"
 
 namespace skv::eval {
 namespace {
 
 using skv::testing::DaemonProcess;
-
-std::string DataDir() {
-  const char* env = std::getenv("SKV_DATA_DIR");
-  return env != nullptr && *env != '\0' ? env : SKV_EVAL_TEST_DATA_DIR;
-}
-
-// Runs a command; its stdout, and its exit status in *status.
-std::string RunCommand(const std::string& command, int* status) {
-  std::string out;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    *status = -1;
-    return out;
-  }
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof(buf), pipe)) > 0;) out.append(buf, n);
-  *status = pclose(pipe);
-  return out;
-}
+using skv::testing::RunCommand;
+using skv::testing::SharedDataDir;
 
 // The "results" array of skv-eval's JSON, verbatim.
 std::string Results(const std::string& json) {
@@ -45,7 +27,7 @@ std::string Results(const std::string& json) {
 }
 
 TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
-  const std::string data = DataDir();
+  const std::string data = SharedDataDir();
   const std::string model = data + "/models/stories260K.bin";
   const std::string tokenizer = data + "/models/tok512.bin";
   const std::string text = data + "/text/wikitext2-test.raw";

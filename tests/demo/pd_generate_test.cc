@@ -4,43 +4,26 @@
 // Encode/Decode of the same input (the tool fails otherwise).
 #include <gtest/gtest.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "daemon_process.h"
+#include "demo_support.h"
 
 namespace skv::demo {
 namespace {
 
 using skv::testing::DaemonProcess;
-
-std::string DataDir() {
-  const char* env = std::getenv("SKV_DATA_DIR");
-  return env != nullptr && *env != '\0' ? env : SKV_DEMO_TEST_DATA_DIR;
-}
-
-std::string RunCommand(const std::string& command, int* status) {
-  std::string out;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    *status = -1;
-    return out;
-  }
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof(buf), pipe)) > 0;) out.append(buf, n);
-  *status = pclose(pipe);
-  return out;
-}
+using skv::testing::RunCommand;
+using skv::testing::SharedDataDir;
 
 class PdGenerateTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_ = DataDir() + "/models/stories260K.bin";
-    tokenizer_ = DataDir() + "/models/tok512.bin";
+    model_ = SharedDataDir() + "/models/stories260K.bin";
+    tokenizer_ = SharedDataDir() + "/models/tok512.bin";
     for (const std::string& f : {model_, tokenizer_}) {
       if (!std::filesystem::exists(f)) GTEST_SKIP() << "shared data absent: " << f << " (set SKV_DATA_DIR)";
     }
