@@ -40,5 +40,7 @@ echo
   --layers=8 --tokens=1024 --budget=0.5
 echo
 echo "metrics:  curl -s http://127.0.0.1:9464/metrics (prefill), http://127.0.0.1:9465/metrics (decode)"
-curl -s http://127.0.0.1:9465/metrics | grep -E '^spectrumkv_(bytes_total|transfers_total\{result="ok")' || true
+# Bytes and tiers are counted by the sender; each side counts its own finished transfers.
+curl -s http://127.0.0.1:9464/metrics | grep -E '^spectrumkv_(bytes_total|transfers_total\{result="ok")' || true
+curl -s http://127.0.0.1:9465/metrics | grep -E '^spectrumkv_transfers_total\{result="ok"' || true
 echo "logs:     $LOGS"
