@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 
 namespace skv::testing {
@@ -27,6 +28,17 @@ int FreeLoopbackPort() {
 }
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Options& options) {
+  // A port found free can be taken by a test running in parallel before the daemon binds it;
+  // only that failure is worth another try, with fresh ports.
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> d;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    d = StartOnce(options);
+    if (d.ok() || !absl::StrContains(d.status().message(), "Address already in use")) break;
+  }
+  return d;
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Options& options) {
   std::unique_ptr<DaemonProcess> d(new DaemonProcess());
   d->grpc_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
   d->data_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());

@@ -49,6 +49,7 @@ class DaemonProcess {
 
  private:
   DaemonProcess() = default;
+  static absl::StatusOr<std::unique_ptr<DaemonProcess>> StartOnce(const Options& options);
   pid_t pid_ = -1;
   std::string grpc_address_, data_address_, metrics_address_, log_path_;
   std::unique_ptr<client::SpectrumKvClient> client_;
