@@ -324,20 +324,29 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   return seg;
 }
 
+absl::Status ValidateSegmentDestination(const SegmentHeader& h, uint32_t tokens, uint32_t heads,
+                                        uint32_t head_dim, DType dtype) {
+  if (heads != h.heads || head_dim != h.head_dim || static_cast<uint8_t>(dtype) != h.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "segment shape heads=", h.heads, " head_dim=", h.head_dim, " dtype=", h.dtype,
+        " does not match the destination's heads=", heads, " head_dim=", head_dim,
+        " dtype=", static_cast<int>(dtype)));
+  }
+  if (uint64_t{h.token_begin} + h.token_count > tokens) {
+    return absl::OutOfRangeError(absl::StrCat("segment tokens [", h.token_begin, ", ",
+                                              uint64_t{h.token_begin} + h.token_count,
+                                              ") exceed the destination's ", tokens));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
                            const RowKernels& kernels) {
   const SegmentHeader& h = segment.header;
-  if (destination.heads != h.heads || destination.head_dim != h.head_dim ||
-      static_cast<uint8_t>(destination.dtype) != h.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "segment shape heads=", h.heads, " head_dim=", h.head_dim, " dtype=", h.dtype,
-        " does not match the destination's heads=", destination.heads, " head_dim=",
-        destination.head_dim, " dtype=", static_cast<int>(destination.dtype)));
-  }
-  if (uint64_t{h.token_begin} + h.token_count > destination.tokens) {
-    return absl::OutOfRangeError(absl::StrCat("segment tokens [", h.token_begin, ", ",
-                                              uint64_t{h.token_begin} + h.token_count,
-                                              ") exceed the destination's ", destination.tokens));
+  if (absl::Status s = ValidateSegmentDestination(h, destination.tokens, destination.heads,
+                                                  destination.head_dim, destination.dtype);
+      !s.ok()) {
+    return s;
   }
   SegmentLayout layout;
   layout.rotated = h.flags & kSegmentRotated;

@@ -103,17 +103,10 @@ absl::StatusOr<SegmentDecodePlan> PlanSegmentDecode(const ParsedSegment& segment
                                                     const DeviceKvView& destination) {
   const SegmentHeader& h = segment.header;
   if (absl::Status s = CheckDeviceView(destination, "destination"); !s.ok()) return s;
-  if (destination.heads != h.heads || destination.head_dim != h.head_dim ||
-      static_cast<uint8_t>(destination.dtype) != h.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "segment shape heads=", h.heads, " head_dim=", h.head_dim, " dtype=", h.dtype,
-        " does not match the destination's heads=", destination.heads, " head_dim=",
-        destination.head_dim, " dtype=", static_cast<int>(destination.dtype)));
-  }
-  if (uint64_t{h.token_begin} + h.token_count > destination.tokens) {
-    return absl::OutOfRangeError(absl::StrCat("segment tokens [", h.token_begin, ", ",
-                                              uint64_t{h.token_begin} + h.token_count,
-                                              ") exceed the destination's ", destination.tokens));
+  if (absl::Status s = ValidateSegmentDestination(h, destination.tokens, destination.heads,
+                                                  destination.head_dim, destination.dtype);
+      !s.ok()) {
+    return s;
   }
   if (h.flags & kSegmentPerChannelScales) {
     return absl::UnimplementedError(

@@ -57,6 +57,11 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes);
 
 // Writes the segment's rows into `destination` (rows token_begin..), dequantized and with the
 // transforms undone; dropped rows are zeroed. Shape and dtype must match the header.
+// The checks DecodeSegment makes against its destination, shared with the device decoder: the
+// segment's heads, head_dim and dtype match it and its token range fits in `tokens`.
+absl::Status ValidateSegmentDestination(const SegmentHeader& header, uint32_t tokens, uint32_t heads,
+                                        uint32_t head_dim, DType dtype);
+
 absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
                            const RowKernels& kernels);
 
