@@ -133,6 +133,29 @@ size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
       .total();
 }
 
+SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim, DType dtype) {
+  SegmentHeader h{};
+  h.magic = kSegmentMagic;
+  h.version = kSegmentVersion;
+  h.header_bytes = sizeof(SegmentHeader);
+  h.request_id = spec.request_id;
+  h.layer = spec.layer;
+  h.token_begin = spec.token_begin;
+  h.token_count = spec.token_count;
+  h.heads = static_cast<uint16_t>(heads);
+  h.head_dim = static_cast<uint16_t>(head_dim);
+  h.kind = static_cast<uint8_t>(spec.kind);
+  h.dtype = static_cast<uint8_t>(dtype);
+  return h;
+}
+
+void PackTierMap(std::span<const Tier> tiers, uint8_t* out) {
+  std::memset(out, 0, TierMapBytes(tiers.size()));
+  for (size_t i = 0; i < tiers.size(); ++i) {
+    out[i / 2] |= static_cast<uint8_t>(static_cast<unsigned>(tiers[i]) << (4 * (i % 2)));
+  }
+}
+
 absl::Status ValidateSegmentSpec(uint32_t tensor_tokens, uint32_t heads, uint32_t head_dim,
                                  const SegmentSpec& spec, std::span<const Tier> tiers,
                                  const CodecOptions& options) {
@@ -174,18 +197,7 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
   out->resize(start + sizes.total());
   uint8_t* base = out->data() + start;
 
-  SegmentHeader h{};
-  h.magic = kSegmentMagic;
-  h.version = kSegmentVersion;
-  h.header_bytes = sizeof(SegmentHeader);
-  h.request_id = spec.request_id;
-  h.layer = spec.layer;
-  h.token_begin = spec.token_begin;
-  h.token_count = spec.token_count;
-  h.heads = static_cast<uint16_t>(heads);
-  h.head_dim = static_cast<uint16_t>(head_dim);
-  h.kind = static_cast<uint8_t>(spec.kind);
-  h.dtype = static_cast<uint8_t>(source.dtype);
+  SegmentHeader h = NewSegmentHeader(spec, heads, head_dim, source.dtype);
   h.flags = (layout.rotated ? kSegmentRotated : 0) | (layout.centred ? kSegmentCentred : 0) |
             (layout.per_channel ? kSegmentPerChannelScales : 0);
   h.group_size = static_cast<uint16_t>(layout.group_size);
@@ -197,10 +209,7 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
   h.total_bytes = static_cast<uint32_t>(sizes.total());
 
   uint8_t* tier_map = base + sizeof(SegmentHeader);
-  std::memset(tier_map, 0, sizes.tier_map);
-  for (size_t i = 0; i < tiers.size(); ++i) {
-    tier_map[i / 2] |= static_cast<uint8_t>(static_cast<unsigned>(tiers[i]) << (4 * (i % 2)));
-  }
+  PackTierMap(tiers, tier_map);
   uint8_t* mean_out = tier_map + sizes.tier_map;
   uint8_t* params_out = mean_out + sizes.mean;
   uint8_t* payload = params_out + sizes.channel_params;

@@ -64,18 +64,7 @@ absl::StatusOr<SegmentEncodePlan> PlanSegmentEncode(const DeviceKvView& source,
     }
   }
 
-  SegmentHeader h{};
-  h.magic = kSegmentMagic;
-  h.version = kSegmentVersion;
-  h.header_bytes = sizeof(SegmentHeader);
-  h.request_id = spec.request_id;
-  h.layer = spec.layer;
-  h.token_begin = spec.token_begin;
-  h.token_count = spec.token_count;
-  h.heads = static_cast<uint16_t>(source.heads);
-  h.head_dim = static_cast<uint16_t>(source.head_dim);
-  h.kind = static_cast<uint8_t>(spec.kind);
-  h.dtype = static_cast<uint8_t>(source.dtype);
+  SegmentHeader h = NewSegmentHeader(spec, source.heads, source.head_dim, source.dtype);
   h.flags = (plan.rotated ? kSegmentRotated : 0) | (plan.centred ? kSegmentCentred : 0);
   h.group_size = static_cast<uint16_t>(plan.group_size);
   h.channel_group_tokens = 0;
@@ -87,10 +76,7 @@ absl::StatusOr<SegmentEncodePlan> PlanSegmentEncode(const DeviceKvView& source,
   h.crc32c = 0;
   plan.prefix.assign(sizeof(SegmentHeader) + plan.tier_map_bytes, 0);
   std::memcpy(plan.prefix.data(), &h, sizeof(h));
-  uint8_t* tier_map = plan.prefix.data() + sizeof(SegmentHeader);
-  for (size_t i = 0; i < tiers.size(); ++i) {
-    tier_map[i / 2] |= static_cast<uint8_t>(static_cast<unsigned>(tiers[i]) << (4 * (i % 2)));
-  }
+  PackTierMap(tiers, plan.prefix.data() + sizeof(SegmentHeader));
   return plan;
 }
 

@@ -23,6 +23,13 @@ struct SegmentSpec {
   uint32_t token_count = 0;
 };
 
+// A segment header with its identity filled in (magic, version, request, layer, kind, token
+// range, shape); flags and section sizes are the encoder's to set. Shared with the device encoder.
+SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim, DType dtype);
+// Writes the 4-bit tier map of `tiers` (two per byte, low nibble first) to `out`
+// (TierMapBytes(tiers.size()) bytes).
+void PackTierMap(std::span<const Tier> tiers, uint8_t* out);
+
 // The checks EncodeSegment makes before encoding, shared with the device encoder: the token
 // range fits a tensor of `tensor_tokens` rows, one known tier per row, heads in range, options
 // valid for head_dim.
