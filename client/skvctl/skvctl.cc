@@ -60,6 +60,10 @@ int Fail(const absl::Status& s, const char* what) {
   return 1;
 }
 
+absl::Status Annotate(const absl::Status& s, absl::string_view what) {
+  return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+}
+
 std::string Json(const google::protobuf::Message& m) {
   std::string out;
   google::protobuf::util::JsonPrintOptions options;
@@ -189,38 +193,57 @@ absl::StatusOr<std::pair<v1::SendResponse, v1::ReceiveResponse>> Transfer(
 
 std::string ShmName(const char* role) { return absl::StrCat("/skvctl-", getpid(), "-", role); }
 
-int Demo() {
+// What demo and bench move: the daemon pair, a synthetic KV of the flags' shape in shared memory
+// and a destination of the same size.
+struct SyntheticSetup {
+  Pair pair;
+  v1::KvLayout layout;
+  SharedMemoryBuffer src, dst;
+};
+
+absl::StatusOr<SyntheticSetup> PrepareSyntheticTransfer() {
   absl::StatusOr<Pair> pair = ConnectPair();
-  if (!pair.ok()) return Fail(pair.status(), "connecting to the daemons");
+  if (!pair.ok()) return Annotate(pair.status(), "connecting to the daemons");
   const v1::KvLayout layout = LayoutFromFlags();
   const uint64_t bytes = skv::client::DenseLayoutBytes(layout);
   absl::StatusOr<SharedMemoryBuffer> src = SharedMemoryBuffer::Create(ShmName("src"), bytes);
+  if (!src.ok()) return Annotate(src.status(), "source buffer");
   absl::StatusOr<SharedMemoryBuffer> dst = SharedMemoryBuffer::Create(ShmName("dst"), bytes);
-  if (!src.ok()) return Fail(src.status(), "source buffer");
-  if (!dst.ok()) return Fail(dst.status(), "destination buffer");
+  if (!dst.ok()) return Annotate(dst.status(), "destination buffer");
   FillSyntheticKv(src->data(), layout, 7);
+  return SyntheticSetup{std::move(*pair), layout, std::move(*src), std::move(*dst)};
+}
+
+int Demo() {
+  absl::StatusOr<SyntheticSetup> setup = PrepareSyntheticTransfer();
+  if (!setup.ok()) return Fail(setup.status(), "setting up the transfer");
+  Pair& pair = setup->pair;
+  const v1::KvLayout& layout = setup->layout;
+  SharedMemoryBuffer& src = setup->src;
+  SharedMemoryBuffer& dst = setup->dst;
+  const uint64_t bytes = src.size();
   const double budget = absl::GetFlag(FLAGS_budget);
-  auto result = Transfer(*pair, *src, *dst, absl::GetFlag(FLAGS_request_id), budget);
+  auto result = Transfer(pair, src, dst, absl::GetFlag(FLAGS_request_id), budget);
   if (!result.ok()) return Fail(result.status(), "transfer");
   const v1::TransferStats& s = result->first.stats();
 
   // Check: the same KV through the sender daemon's stateless Encode/Decode (the codec without
   // the transport) must give exactly the bytes the receiver wrote.
   v1::EncodeRequest encode;
-  encode.set_kv(std::string(reinterpret_cast<const char*>(src->data()), bytes));
+  encode.set_kv(std::string(reinterpret_cast<const char*>(src.data()), bytes));
   *encode.mutable_layout() = layout;
   encode.set_budget(budget);
   encode.set_request_id(absl::GetFlag(FLAGS_request_id));
   std::string verdict = "skipped (KV above the 64 MiB inline limit; shrink --tokens/--layers)";
   if (bytes < (60u << 20)) {
-    absl::StatusOr<v1::EncodeResponse> encoded = (*pair).sender->Encode(encode);
+    absl::StatusOr<v1::EncodeResponse> encoded = pair.sender->Encode(encode);
     if (!encoded.ok()) return Fail(encoded.status(), "reference encode");
     v1::DecodeRequest decode;
     *decode.mutable_segments() = encoded->segments();
     *decode.mutable_output_layout() = layout;
-    absl::StatusOr<v1::DecodeResponse> decoded = (*pair).sender->Decode(decode);
+    absl::StatusOr<v1::DecodeResponse> decoded = pair.sender->Decode(decode);
     if (!decoded.ok()) return Fail(decoded.status(), "reference decode");
-    const bool same = decoded->kv().size() == bytes && std::memcmp(decoded->kv().data(), dst->data(), bytes) == 0;
+    const bool same = decoded->kv().size() == bytes && std::memcmp(decoded->kv().data(), dst.data(), bytes) == 0;
     verdict = same ? "identical to the codec's Encode/Decode" : "MISMATCH with the codec's Encode/Decode";
     if (!same) {
       std::cerr << "skvctl: the received KV differs from the reference decode\n";
@@ -246,22 +269,19 @@ int Demo() {
 }
 
 int Bench() {
-  absl::StatusOr<Pair> pair = ConnectPair();
-  if (!pair.ok()) return Fail(pair.status(), "connecting to the daemons");
-  const v1::KvLayout layout = LayoutFromFlags();
-  const uint64_t bytes = skv::client::DenseLayoutBytes(layout);
-  absl::StatusOr<SharedMemoryBuffer> src = SharedMemoryBuffer::Create(ShmName("src"), bytes);
-  absl::StatusOr<SharedMemoryBuffer> dst = SharedMemoryBuffer::Create(ShmName("dst"), bytes);
-  if (!src.ok()) return Fail(src.status(), "source buffer");
-  if (!dst.ok()) return Fail(dst.status(), "destination buffer");
-  FillSyntheticKv(src->data(), layout, 7);
+  absl::StatusOr<SyntheticSetup> setup = PrepareSyntheticTransfer();
+  if (!setup.ok()) return Fail(setup.status(), "setting up the transfer");
+  Pair& pair = setup->pair;
+  SharedMemoryBuffer& src = setup->src;
+  SharedMemoryBuffer& dst = setup->dst;
+  const uint64_t bytes = src.size();
   uint64_t request_id = absl::GetFlag(FLAGS_request_id) * 1000;
   std::vector<std::string> rows;
   for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_budgets), ',')) {
     const double budget = std::stod(std::string(b));
     double best = 1e30, achieved = 0;
     for (uint32_t r = 0; r < std::max(1u, absl::GetFlag(FLAGS_repeats)); ++r) {
-      auto result = Transfer(*pair, *src, *dst, ++request_id, budget);
+      auto result = Transfer(pair, src, dst, ++request_id, budget);
       if (!result.ok()) return Fail(result.status(), absl::StrCat("transfer at b=", budget).c_str());
       best = std::min(best, Secs(result->first.stats().durations().total()));
       achieved = result->first.stats().achieved_budget();
