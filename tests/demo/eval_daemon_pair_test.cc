@@ -14,7 +14,6 @@
 namespace skv::eval {
 namespace {
 
-using skv::testing::DaemonProcess;
 using skv::testing::RunCommand;
 using skv::testing::SharedDataDir;
 
@@ -34,11 +33,8 @@ TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
   for (const std::string& f : {model, tokenizer, text}) {
     if (!std::filesystem::exists(f)) GTEST_SKIP() << "shared data absent: " << f << " (set SKV_DATA_DIR)";
   }
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
-  ASSERT_TRUE(decode.ok()) << decode.status();
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
-      DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + (*decode)->data_address()}});
-  ASSERT_TRUE(prefill.ok()) << prefill.status();
+  absl::StatusOr<skv::testing::DaemonPair> pair = skv::testing::StartDaemonPair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
 
   const std::string base = absl::StrCat(
       SKV_EVAL_BINARY, " --model ", model, " --tokenizer ", tokenizer, " --text ", text,
@@ -48,14 +44,14 @@ TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
   const std::string in_process = RunCommand(base + " 2>/dev/null", &status);
   ASSERT_EQ(status, 0) << in_process;
   const std::string through_daemons =
-      RunCommand(absl::StrCat(base, " --encode_daemon ", (*prefill)->grpc_address(), " --decode_daemon ",
-                       (*decode)->grpc_address(), " 2>/dev/null"),
+      RunCommand(absl::StrCat(base, " --encode_daemon ", pair->prefill->grpc_address(), " --decode_daemon ",
+                       pair->decode->grpc_address(), " 2>/dev/null"),
           &status);
   ASSERT_EQ(status, 0) << through_daemons << "\nprefill log:\n"
-                       << (*prefill)->Log() << "\ndecode log:\n"
-                       << (*decode)->Log();
+                       << pair->prefill->Log() << "\ndecode log:\n"
+                       << pair->decode->Log();
   EXPECT_NE(in_process.find("in-process codec"), std::string::npos) << in_process;
-  EXPECT_NE(through_daemons.find("daemon pair: Encode on " + (*prefill)->grpc_address()),
+  EXPECT_NE(through_daemons.find("daemon pair: Encode on " + pair->prefill->grpc_address()),
             std::string::npos)
       << through_daemons;
   const std::string expected = Results(in_process);
@@ -63,8 +59,8 @@ TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
   ASSERT_NE(expected.find("\"method\":\"rd\""), std::string::npos);
   ASSERT_NE(expected.find("\"ppl_change_pct\":"), std::string::npos);
   EXPECT_EQ(Results(through_daemons), expected);
-  EXPECT_TRUE((*prefill)->Alive());
-  EXPECT_TRUE((*decode)->Alive());
+  EXPECT_TRUE(pair->prefill->Alive());
+  EXPECT_TRUE(pair->decode->Alive());
 }
 
 }  // namespace

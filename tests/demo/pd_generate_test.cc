@@ -22,13 +22,10 @@ using skv::testing::SharedDataDir;
 class PdGenerateTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
-    ASSERT_TRUE(decode.ok()) << decode.status();
-    decode_ = std::move(*decode);
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
-        DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + decode_->data_address()}});
-    ASSERT_TRUE(prefill.ok()) << prefill.status();
-    prefill_ = std::move(*prefill);
+    absl::StatusOr<skv::testing::DaemonPair> pair = skv::testing::StartDaemonPair();
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    prefill_ = std::move(pair->prefill);
+    decode_ = std::move(pair->decode);
   }
 
   // The shared stories260K model (small and fast) when present; false when absent.

@@ -77,13 +77,10 @@ std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double bud
 class DaemonPairTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
-    ASSERT_TRUE(decode.ok()) << decode.status();
-    decode_ = std::move(*decode);
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
-        DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + decode_->data_address()}});
-    ASSERT_TRUE(prefill.ok()) << prefill.status();
-    prefill_ = std::move(*prefill);
+    absl::StatusOr<skv::testing::DaemonPair> pair = skv::testing::StartDaemonPair();
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    prefill_ = std::move(pair->prefill);
+    decode_ = std::move(pair->decode);
     for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d).ok());
   }
   void TearDown() override {

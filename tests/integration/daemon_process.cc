@@ -142,4 +142,16 @@ absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
   return response.substr(body + 4);
 }
 
+absl::StatusOr<DaemonPair> StartDaemonPair() {
+  DaemonPair pair;
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
+  if (!decode.ok()) return decode.status();
+  pair.decode = std::move(*decode);
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
+      DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + pair.decode->data_address()}});
+  if (!prefill.ok()) return prefill.status();
+  pair.prefill = std::move(*prefill);
+  return pair;
+}
+
 }  // namespace skv::testing

@@ -58,4 +58,10 @@ class DaemonProcess {
 // GET http://<address>/metrics with a plain socket; the body.
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address);
 
+// A decode daemon and a prefill daemon that knows it as its peer "decode".
+struct DaemonPair {
+  std::unique_ptr<DaemonProcess> prefill, decode;
+};
+absl::StatusOr<DaemonPair> StartDaemonPair();
+
 }  // namespace skv::testing
