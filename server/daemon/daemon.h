@@ -17,6 +17,7 @@
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
+#include "spectrumkv/control/kv_handle_import.h"
 #include "spectrumkv/control/metrics.h"
 #include "spectrumkv/control/request_validation.h"
 #include "spectrumkv/transport/transport.h"
@@ -115,6 +116,8 @@ class Daemon {
   bool shutting_down_ = false;
   // Shared with the transport's completion path, which returns sent segments' buffers.
   std::shared_ptr<SegmentBufferPool> segment_pool_;
+  // Send sources and Receive destinations in shared memory stay mapped between transfers.
+  control::ShmMappingCache shm_mappings_;
 
   std::condition_variable reaper_cv_;
   std::thread reaper_;

@@ -167,7 +167,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
   if (!model.ok()) return refuse(model.status());
   if (absl::Status s = control::ValidateReceiveRequest(request, *model); !s.ok()) return refuse(s);
   absl::StatusOr<control::MappedKvRegion> region =
-      control::ImportKvHandle(request.destination(), KvAccess::kReadWrite, "destination");
+      control::ImportKvHandle(request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
   if (!region.ok()) return refuse(region.status());
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
     return refuse(absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));

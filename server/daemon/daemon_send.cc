@@ -45,7 +45,7 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
   if (!policy.ok()) return policy.status();
   if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override"); !s.ok()) return s;
 
-  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source");
+  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
   if (!region.ok()) return region.status();
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
     return absl::UnimplementedError("source: device memory needs the CUDA build of the daemon");

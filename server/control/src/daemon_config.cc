@@ -332,6 +332,10 @@ const std::vector<ConfigKey>& Keys() {
       {"max_concurrent_transfers", "Send + Receive calls served at once, 1..65536.", false, false,
        Setter(&DaemonConfig::max_concurrent_transfers, Uint32In(1, 65536)),
        [](const DaemonConfig& c) { return absl::StrCat(c.max_concurrent_transfers); }},
+      {"shm_mapping_cache_entries",
+       "Shared-memory KV objects kept mapped between transfers, 0..4096; 0 = map every time.",
+       false, false, Setter(&DaemonConfig::shm_mapping_cache_entries, Uint32In(0, 4096)),
+       [](const DaemonConfig& c) { return absl::StrCat(c.shm_mapping_cache_entries); }},
       {"codec_allocator", "Default tier allocator: paper|rd.", false, false,
        PolicySetter(&CodecPolicySettings::allocator, ParseAllocator),
        [](const DaemonConfig&

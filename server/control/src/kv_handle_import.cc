@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -17,6 +18,67 @@
 #include "unique_fd.h"
 
 namespace skv::control {
+
+struct ShmMappingCache::Mapping {
+  Mapping(std::byte* at, uint64_t from, size_t bytes, UniqueFd object, const struct stat& info)
+      : address(at), offset(from), length(bytes), fd(std::move(object)), device(info.st_dev),
+        inode(info.st_ino) {}
+  ~Mapping() { ::munmap(address, length); }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  std::byte* const address;  // of byte `offset` of the object
+  const uint64_t offset;
+  const size_t length;
+  const UniqueFd fd;  // the object stays open so that its unlinking can be seen (st_nlink == 0)
+  const dev_t device;
+  const ino_t inode;
+};
+
+size_t ShmMappingCache::size() {
+  std::lock_guard<std::mutex> lock(mu_);
+  DropUnlinkedLocked();
+  return entries_.size();
+}
+
+void ShmMappingCache::DropUnlinkedLocked() {
+  std::erase_if(entries_, [](const Entry& e) {
+    struct stat info {};
+    return ::fstat(e.mapping->fd.get(), &info) != 0 || info.st_nlink == 0;
+  });
+}
+
+std::shared_ptr<const ShmMappingCache::Mapping> ShmMappingCache::Find(const std::string& name,
+                                                                      KvAccess access, int fd,
+                                                                      uint64_t end) {
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) return nullptr;
+  std::lock_guard<std::mutex> lock(mu_);
+  DropUnlinkedLocked();
+  for (Entry& e : entries_) {
+    if (e.name != name || e.access != access) continue;
+    const Mapping& m = *e.mapping;
+    if (m.device != info.st_dev || m.inode != info.st_ino || m.offset + m.length < end) {
+      return nullptr;
+    }
+    e.last_use = ++clock_;
+    return e.mapping;
+  }
+  return nullptr;
+}
+
+void ShmMappingCache::Insert(const std::string& name, KvAccess access,
+                             std::shared_ptr<const Mapping> mapping) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::erase_if(entries_, [&](const Entry& e) { return e.name == name && e.access == access; });
+  entries_.push_back({name, access, std::move(mapping), ++clock_});
+  while (entries_.size() > max_entries_) {
+    entries_.erase(std::min_element(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
+      return a.last_use < b.last_use;
+    }));
+  }
+}
+
 namespace {
 
 class OwnedBuffer final : public MappedKvRegion::Owner {
@@ -28,16 +90,14 @@ class OwnedBuffer final : public MappedKvRegion::Owner {
   std::unique_ptr<std::byte[]> bytes_;
 };
 
-class MmapRegion final : public MappedKvRegion::Owner {
+// Keeps a shared mapping alive for as long as a region handed out uses it.
+class SharedMapping final : public MappedKvRegion::Owner {
  public:
-  MmapRegion(void* address, size_t length) : address_(address), length_(length) {}
-  ~MmapRegion() override { ::munmap(address_, length_); }
-  MmapRegion(const MmapRegion&) = delete;
-  MmapRegion& operator=(const MmapRegion&) = delete;
+  explicit SharedMapping(std::shared_ptr<const ShmMappingCache::Mapping> mapping)
+      : mapping_(std::move(mapping)) {}
 
  private:
-  void* address_;
-  size_t length_;
+  std::shared_ptr<const ShmMappingCache::Mapping> mapping_;
 };
 
 absl::StatusOr<MappedKvRegion> ImportInline(const std::string& bytes, KvAccess access,
@@ -59,14 +119,34 @@ absl::StatusOr<MappedKvRegion> ImportInline(const std::string& bytes, KvAccess a
   return MappedKvRegion(data, bytes.size(), access, KvMemoryKind::kHost, -1, std::move(buffer));
 }
 
+// Maps [offset, offset + length) of the object open as `fd` (offset page-aligned).
+absl::StatusOr<std::shared_ptr<const ShmMappingCache::Mapping>> MapObject(
+    UniqueFd fd, const struct stat& info, uint64_t offset, uint64_t length, bool writable,
+    const std::string& name, absl::string_view field) {
+  const int protection = writable ? (PROT_READ | PROT_WRITE) : PROT_READ;
+  void* address = ::mmap(nullptr, static_cast<size_t>(length), protection, MAP_SHARED, fd.get(),
+                         static_cast<off_t>(offset));
+  if (address == MAP_FAILED) {
+    const int err = errno;
+    const auto code =
+        err == ENOMEM ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal;
+    return absl::Status(code, absl::StrCat(field, ": mmap of ", length, " bytes of '", name,
+                                           "' failed: ", std::strerror(err)));
+  }
+  return std::make_shared<const ShmMappingCache::Mapping>(static_cast<std::byte*>(address), offset,
+                                                          static_cast<size_t>(length),
+                                                          std::move(fd), info);
+}
+
 absl::StatusOr<MappedKvRegion> ImportSharedMemory(const spectrumkv::v1::SharedMemoryHandle& shm,
-                                                  KvAccess access, absl::string_view field) {
+                                                  KvAccess access, absl::string_view field,
+                                                  ShmMappingCache* cache) {
   if (absl::Status s = CheckShmName(shm.name(), field); !s.ok()) return s;
   if (absl::Status s = CheckRegionBounds(shm.offset(), shm.length(), field); !s.ok()) return s;
   const uint64_t end = shm.offset() + shm.length();
   const std::string name = absl::StartsWith(shm.name(), "/") ? shm.name() : "/" + shm.name();
   const bool writable = access == KvAccess::kReadWrite;
-  const UniqueFd fd(::shm_open(name.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0));
+  UniqueFd fd(::shm_open(name.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0));
   if (!fd.valid()) {
     const int err = errno;
     if (err == ENOENT) {
@@ -94,36 +174,37 @@ absl::StatusOr<MappedKvRegion> ImportSharedMemory(const spectrumkv::v1::SharedMe
   if (end > static_cast<uint64_t>(SIZE_MAX) || end > static_cast<uint64_t>(INT64_MAX)) {
     return absl::OutOfRangeError(absl::StrCat(field, ": region too large to map"));
   }
-  // mmap offsets must be page-aligned; map from the page holding `offset`.
-  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t map_offset = shm.offset() - shm.offset() % page;
-  const uint64_t lead = shm.offset() - map_offset;
-  const size_t map_length = static_cast<size_t>(lead + shm.length());
-  const int protection = writable ? (PROT_READ | PROT_WRITE) : PROT_READ;
-  void* address =
-      ::mmap(nullptr, map_length, protection, MAP_SHARED, fd.get(), static_cast<off_t>(map_offset));
-  if (address == MAP_FAILED) {
-    const int err = errno;
-    const auto code =
-        err == ENOMEM ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal;
-    return absl::Status(code, absl::StrCat(field, ": mmap of ", map_length, " bytes of '", name,
-                                           "' failed: ", std::strerror(err)));
+  // Cached: the whole object, for this and later requests. Otherwise only the region, from the
+  // page holding `offset` (mmap offsets must be page-aligned).
+  std::shared_ptr<const ShmMappingCache::Mapping> mapping =
+      cache != nullptr ? cache->Find(name, access, fd.get(), end) : nullptr;
+  if (mapping == nullptr) {
+    const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const uint64_t map_offset = cache != nullptr ? 0 : shm.offset() - shm.offset() % page;
+    const uint64_t map_end = cache != nullptr ? object_size : end;
+    absl::StatusOr<std::shared_ptr<const ShmMappingCache::Mapping>> fresh =
+        MapObject(std::move(fd), info, map_offset, map_end - map_offset, writable, name, field);
+    if (!fresh.ok()) return fresh.status();
+    mapping = std::move(*fresh);
+    if (cache != nullptr) cache->Insert(name, access, mapping);
   }
-  auto owner = std::make_unique<MmapRegion>(address, map_length);
-  return MappedKvRegion(static_cast<std::byte*>(address) + lead, static_cast<size_t>(shm.length()),
-                        access, KvMemoryKind::kHost, -1, std::move(owner));
+  std::byte* data = mapping->address + (shm.offset() - mapping->offset);
+  return MappedKvRegion(data, static_cast<size_t>(shm.length()), access, KvMemoryKind::kHost, -1,
+                        std::make_unique<SharedMapping>(std::move(mapping)));
 }
 
 }  // namespace
 
 absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
-                                              KvAccess access, absl::string_view field) {
+                                              KvAccess access, absl::string_view field,
+                                              ShmMappingCache* cache) {
   switch (handle.memory_case()) {
     case spectrumkv::v1::KvHandle::kInlineData:
       return ImportInline(handle.inline_data(), access, field);
     case spectrumkv::v1::KvHandle::kSharedMemory:
       return ImportSharedMemory(handle.shared_memory(), access,
-                                absl::StrCat(field, ".shared_memory"));
+                                absl::StrCat(field, ".shared_memory"),
+                                cache != nullptr && cache->max_entries() > 0 ? cache : nullptr);
     case spectrumkv::v1::KvHandle::kCudaIpc:
       return ImportCudaIpc(handle.cuda_ipc(), access, absl::StrCat(field, ".cuda_ipc"));
     case spectrumkv::v1::KvHandle::MEMORY_NOT_SET:

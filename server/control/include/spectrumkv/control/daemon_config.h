@@ -68,6 +68,9 @@ struct DaemonConfig {
   absl::Duration early_segment_ttl = absl::Seconds(30);
   // Send + Receive calls being served at once; more are refused with RESOURCE_EXHAUSTED.
   uint32_t max_concurrent_transfers = 64;
+  // Shared-memory KV objects kept mapped between transfers (see ShmMappingCache); 0 maps each
+  // transfer's region afresh.
+  uint32_t shm_mapping_cache_entries = 16;
 
   // ---- Codec defaults (the bottom layer under model and request policies).
   CodecPolicySettings default_codec_policy;

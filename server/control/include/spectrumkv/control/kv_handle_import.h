@@ -4,6 +4,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -63,6 +66,48 @@ class MappedKvRegion {
   std::unique_ptr<Owner> owner_;
 };
 
+// Keeps shared-memory mappings between requests. An inference server hands the daemon the same
+// KV pool again and again, and a fresh mapping pays for its page tables on first touch (about
+// 0.1 s per 256 MiB on a virtual machine, even after MADV_POPULATE), so each object is mapped
+// once, whole. An entry is reused while its name still opens the same file (device and inode)
+// and the object still covers the region; it is dropped when the object is unlinked or replaced
+// and, least recently used first, when more than `max_entries` are kept. Regions handed out
+// keep their mapping alive after it leaves the cache. Thread-safe.
+class ShmMappingCache {
+ public:
+  struct Mapping;  // one mmap of a whole object (defined in kv_handle_import.cc)
+
+  explicit ShmMappingCache(size_t max_entries) : max_entries_(max_entries) {}
+  ShmMappingCache(const ShmMappingCache&) = delete;
+  ShmMappingCache& operator=(const ShmMappingCache&) = delete;
+
+  [[nodiscard]] size_t max_entries() const { return max_entries_; }
+  // Entries held now (after dropping unlinked objects).
+  [[nodiscard]] size_t size();
+
+  // The cached mapping of `name` opened as `fd` with `access`, if it is still that file and
+  // covers [0, end); otherwise nullptr. Drops entries whose object was unlinked.
+  std::shared_ptr<const Mapping> Find(const std::string& name, KvAccess access, int fd,
+                                      uint64_t end);
+  // Caches `mapping` under (name, access), replacing any entry there and evicting the least
+  // recently used beyond max_entries().
+  void Insert(const std::string& name, KvAccess access, std::shared_ptr<const Mapping> mapping);
+
+ private:
+  struct Entry {
+    std::string name;
+    KvAccess access;
+    std::shared_ptr<const Mapping> mapping;
+    uint64_t last_use;
+  };
+  void DropUnlinkedLocked();
+
+  const size_t max_entries_;
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
 // Maps `handle`. Errors name `field` (e.g. "source.shared_memory.name"):
 // - no memory set, empty inline data, zero length, bad shm name, wrong IPC handle size:
 //   INVALID_ARGUMENT
@@ -73,9 +118,11 @@ class MappedKvRegion {
 // Inline data imported kReadOnly is a view into `handle` (no copy): the handle must outlive the
 // region. Imported kReadWrite it is an owned, 16-byte aligned copy.
 // Shared memory must not be truncated by its owner while mapped (that would fault the daemon).
+// With a `cache`, shared memory comes from (and goes into) it; without one, only the region is
+// mapped, for this call alone.
 [[nodiscard]] absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
-                                                            KvAccess access,
-                                                            absl::string_view field);
+                                                            KvAccess access, absl::string_view field,
+                                                            ShmMappingCache* cache = nullptr);
 
 // Whether this build can import CUDA IPC handles (SKV_CUDA_ENABLED at build time).
 bool CudaIpcImportSupported();
