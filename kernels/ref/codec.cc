@@ -33,7 +33,7 @@ absl::StatusOr<ImportanceScores> Score(std::span<const KvLayerViews> layers, con
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
                                      const ImportanceInput& importance,
                                      const CodecOptions& options, const RowKernels& kernels,
-                                     EncodeStats* stats) {
+                                     EncodeStats* stats, unsigned threads) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   if (absl::Status s = ValidateOptions(options, shape->head_dim); !s.ok()) return s;
@@ -55,7 +55,7 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
   if (options.allocator == AllocatorKind::kPaper) {
     plan = PlanPaper(*shape, *scores, options);
   } else {
-    absl::StatusOr<DistortionTable> distortion = MeasureDistortion(layers, options, kernels);
+    absl::StatusOr<DistortionTable> distortion = MeasureDistortion(layers, options, kernels, threads);
     if (!distortion.ok()) return distortion.status();
     plan = PlanRd(*shape, *scores, *distortion, options);
   }

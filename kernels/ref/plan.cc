@@ -1,8 +1,10 @@
 #include "spectrumkv/codec/plan.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/half.h"
@@ -167,33 +169,44 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
 
 absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
                                                   const CodecOptions& options,
-                                                  const RowKernels& kernels) {
+                                                  const RowKernels& kernels, unsigned threads) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   const size_t n = shape->row_elements();
   const uint32_t group = EffectiveGroupSize(options, shape->head_dim);
   DistortionTable table{shape->layers, shape->tokens, {}};
   table.rows.resize(size_t{shape->layers} * 2 * shape->tokens);
-  std::vector<float> row(n), mean;
-  for (uint32_t l = 0; l < shape->layers; ++l) {
-    for (KvKind kind : kKinds) {
-      const KvTensorView& v = kind == KvKind::kKey ? layers[l].key : layers[l].value;
-      const bool key = kind == KvKind::kKey;
-      mean.clear();
-      if (key ? options.centre_keys : options.centre_values) {
-        // Over all rows: the writer's mean over quantized rows only is close enough here.
-        for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels)) mean.push_back(Fp16ToFloat(m));
-      }
-      const bool rotate = key ? options.rotate_keys : options.rotate_values;
-      for (uint32_t t = 0; t < v.tokens; ++t) {
-        internal::TransformRow(v.row(t), v, rotate, mean, kernels, row.data());
-        double err[3] = {0, 0, 0};
-        kernels.estimate_error(row.data(), n, group, err);
-        DistortionTable::Row& r = table.rows[(size_t{l} * 2 + size_t(kind)) * shape->tokens + t];
-        for (int i = 0; i < 3; ++i) r.err[i] = float(err[i]);
-      }
+
+  // One K or V tensor: its rows after the encoder's transforms, then their estimated errors.
+  auto measure_tensor = [&](size_t tensor, std::vector<float>& row) {
+    const uint32_t l = uint32_t(tensor / 2);
+    const KvKind kind = kKinds[tensor % 2];
+    const bool key = kind == KvKind::kKey;
+    const KvTensorView& v = key ? layers[l].key : layers[l].value;
+    std::vector<float> mean;
+    if (key ? options.centre_keys : options.centre_values) {
+      // Over all rows: the writer's mean over quantized rows only is close enough here.
+      for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels)) mean.push_back(Fp16ToFloat(m));
     }
-  }
+    const bool rotate = key ? options.rotate_keys : options.rotate_values;
+    for (uint32_t t = 0; t < v.tokens; ++t) {
+      internal::TransformRow(v.row(t), v, rotate, mean, kernels, row.data());
+      double err[3] = {0, 0, 0};
+      kernels.estimate_error(row.data(), n, group, err);
+      DistortionTable::Row& r = table.rows[tensor * shape->tokens + t];
+      for (int i = 0; i < 3; ++i) r.err[i] = float(err[i]);
+    }
+  };
+  const size_t tensors = size_t{shape->layers} * 2;
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    std::vector<float> row(n);
+    for (size_t i = next++; i < tensors; i = next++) measure_tensor(i, row);
+  };
+  std::vector<std::thread> helpers;
+  for (unsigned i = 1; i < std::min<size_t>(std::max(threads, 1u), tensors); ++i) helpers.emplace_back(worker);
+  worker();
+  for (std::thread& h : helpers) h.join();
   return table;
 }
 

@@ -391,6 +391,7 @@ void Daemon::ReapExpired() {
     }
     for (auto it = tombstones_.begin(); it != tombstones_.end();) it = it->second < now ? tombstones_.erase(it) : ++it;
     lock.unlock();
+    shm_mappings_.DropUnlinked();  // frees KV objects their owners deleted since the last transfer
     for (auto& f : after) f();
     for (auto [peer, id] : expired_early) {
       spdlog::warn("request {}: no Receive within the early-segment TTL; dropped", id);

@@ -1,9 +1,10 @@
 #include "daemon.h"
 
-
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -22,6 +23,14 @@
 namespace skv::daemon {
 
 using control::KvAccess;
+
+namespace {
+
+// Threads that measure rd distortion before the first byte goes out (the plan is the same for
+// any count). A few suffice: the measurement is a single read of the KV.
+unsigned PlanningThreads() { return std::clamp(std::thread::hardware_concurrency(), 1u, 4u); }
+
+}  // namespace
 
 // ---- Send. -------------------------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
   uint32_t segments_sent = 0;
   std::chrono::steady_clock::time_point wire_start;
   absl::Status status = [&]() -> absl::Status {
-    absl::StatusOr<TierPlan> plan = PlanRequest(layers, importance, options, BestRowKernels(), &stats);
+    absl::StatusOr<TierPlan> plan = PlanRequest(layers, importance, options, BestRowKernels(), &stats, PlanningThreads());
     if (!plan.ok()) return plan.status();
     const uint32_t per_tensor = SegmentsPerTensor(plan->tokens, options);
     TransferBegin begin{};

@@ -41,6 +41,11 @@ size_t ShmMappingCache::size() {
   return entries_.size();
 }
 
+void ShmMappingCache::DropUnlinked() {
+  std::lock_guard<std::mutex> lock(mu_);
+  DropUnlinkedLocked();
+}
+
 void ShmMappingCache::DropUnlinkedLocked() {
   std::erase_if(entries_, [](const Entry& e) {
     struct stat info {};

@@ -195,5 +195,32 @@ TEST(Planner, RdGivesOutlierRowsMoreBits) {
   EXPECT_GT(key_int8, value_int8);
 }
 
+TEST(Planner, DistortionAndPlanDoNotDependOnTheThreadCount) {
+  SyntheticKvSpec spec{.layers = 5, .tokens = 97, .heads = 2, .head_dim = 64, .outlier_scale = 8};
+  SyntheticKv kv(spec);
+  CodecOptions options;
+  options.budget = 0.3;
+  const RowKernels& kernels = BestRowKernels();
+  absl::StatusOr<DistortionTable> serial = MeasureDistortion(kv.views(), options, kernels, 1);
+  ASSERT_TRUE(serial.ok()) << serial.status();
+  EncodeStats serial_stats;
+  absl::StatusOr<TierPlan> serial_plan = PlanRequest(kv.views(), {}, options, kernels, &serial_stats, 1);
+  ASSERT_TRUE(serial_plan.ok());
+  for (unsigned threads : {0u, 2u, 3u, 64u}) {  // 0 means one; more than the 10 tensors is capped
+    absl::StatusOr<DistortionTable> parallel = MeasureDistortion(kv.views(), options, kernels, threads);
+    ASSERT_TRUE(parallel.ok()) << parallel.status();
+    ASSERT_EQ(parallel->rows.size(), serial->rows.size());
+    for (size_t i = 0; i < serial->rows.size(); ++i) {
+      for (int t = 0; t < 3; ++t) {
+        ASSERT_EQ(parallel->rows[i].err[t], serial->rows[i].err[t]) << "threads " << threads << " row " << i;
+      }
+    }
+    EncodeStats stats;
+    absl::StatusOr<TierPlan> plan = PlanRequest(kv.views(), {}, options, kernels, &stats, threads);
+    ASSERT_TRUE(plan.ok());
+    EXPECT_EQ(plan->tiers, serial_plan->tiers) << "threads " << threads;
+  }
+}
+
 }  // namespace
 }  // namespace skv

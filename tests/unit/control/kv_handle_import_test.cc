@@ -5,9 +5,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -30,7 +32,8 @@ std::string UniqueShmName() {
 // A real POSIX shared-memory object filled with a byte pattern; unlinked on destruction.
 class ShmObject {
  public:
-  explicit ShmObject(size_t size) : name_(UniqueShmName()), size_(size) {
+  explicit ShmObject(size_t size, std::string name = UniqueShmName())
+      : name_(std::move(name)), size_(size) {
     const int fd = ::shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     EXPECT_GE(fd, 0) << std::strerror(errno);
     EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(size)), 0);
@@ -213,6 +216,136 @@ TEST(KvHandleImportTest, CudaIpcWithoutCudaIsUnimplemented) {
     EXPECT_THAT(region.status().message(),
                 AllOf(HasSubstr("source.cuda_ipc"), HasSubstr("built without CUDA")));
   }
+}
+
+// ---- ShmMappingCache: each object is mapped once, whole, and reused while it is the same file.
+
+uint8_t ByteAt(const absl::StatusOr<MappedKvRegion>& region, size_t i) {
+  return static_cast<const uint8_t*>(region->data())[i];
+}
+
+TEST(ShmMappingCacheTest, RepeatedImportsShareOneMappingOfTheWholeObject) {
+  ShmObject shm(3 * 4096);
+  const int own = CountMappings(shm.name());  // the test's own mapping
+  ShmMappingCache cache(4);
+  const void* first_data = nullptr;
+  {
+    auto first = ImportKvHandle(ShmHandle(shm.name(), 100, 50), KvAccess::kReadOnly, "s", &cache);
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(ByteAt(first, 0), ShmObject::Pattern(100));
+    first_data = first->data();
+  }
+  // The first region is gone; its mapping is not.
+  EXPECT_EQ(CountMappings(shm.name()), own + 1);
+  auto again = ImportKvHandle(ShmHandle(shm.name(), 100, 50), KvAccess::kReadOnly, "s", &cache);
+  auto later = ImportKvHandle(ShmHandle(shm.name(), 9000, 10), KvAccess::kReadOnly, "s", &cache);
+  ASSERT_TRUE(again.ok() && later.ok());
+  EXPECT_EQ(again->data(), first_data);
+  EXPECT_EQ(static_cast<const std::byte*>(later->data()) - static_cast<const std::byte*>(again->data()), 8900);
+  EXPECT_EQ(ByteAt(later, 9), ShmObject::Pattern(9009));
+  shm.bytes()[9009] = 0x42;  // the owner's writes show through the cached mapping
+  EXPECT_EQ(ByteAt(later, 9), 0x42);
+  EXPECT_EQ(CountMappings(shm.name()), own + 1);
+  EXPECT_EQ(cache.size(), 1u);
+}
+
+TEST(ShmMappingCacheTest, ReadOnlyAndReadWriteAreSeparateEntries) {
+  ShmObject shm(4096);
+  ShmMappingCache cache(4);
+  auto source = ImportKvHandle(ShmHandle(shm.name(), 0, 64), KvAccess::kReadOnly, "s", &cache);
+  auto destination = ImportKvHandle(ShmHandle(shm.name(), 0, 64), KvAccess::kReadWrite, "d", &cache);
+  ASSERT_TRUE(source.ok() && destination.ok());
+  static_cast<uint8_t*>(destination->data())[3] = 0x99;
+  EXPECT_EQ(ByteAt(source, 3), 0x99);
+  EXPECT_EQ(cache.size(), 2u);
+}
+
+TEST(ShmMappingCacheTest, AnObjectReplacedUnderTheSameNameIsMappedAfresh) {
+  const std::string name = UniqueShmName();
+  ShmMappingCache cache(4);
+  {
+    ShmObject old_object(4096, name);
+    ASSERT_TRUE(ImportKvHandle(ShmHandle(name, 0, 16), KvAccess::kReadOnly, "s", &cache).ok());
+  }  // unlinked here
+  ShmObject replacement(8192, name);
+  replacement.bytes()[5] = 0x77;
+  auto region = ImportKvHandle(ShmHandle(name, 0, 8192), KvAccess::kReadOnly, "s", &cache);
+  ASSERT_TRUE(region.ok()) << region.status();
+  EXPECT_EQ(ByteAt(region, 5), 0x77);
+  EXPECT_EQ(cache.size(), 1u);
+
+  // Renamed away, the old object is still linked: only its identity tells it apart.
+  const std::string moved = UniqueShmName();
+  ASSERT_EQ(::rename(("/dev/shm" + name).c_str(), ("/dev/shm" + moved).c_str()), 0);
+  ShmObject newest(4096, name);
+  newest.bytes()[5] = 0x66;
+  auto fresh = ImportKvHandle(ShmHandle(name, 0, 16), KvAccess::kReadOnly, "s", &cache);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(ByteAt(fresh, 5), 0x66);
+  ::shm_unlink(moved.c_str());
+}
+
+TEST(ShmMappingCacheTest, AnUnlinkedObjectLeavesTheCacheAndIsUnmapped) {
+  const std::string name = UniqueShmName();
+  ShmMappingCache cache(4);
+  {
+    ShmObject shm(4096, name);
+    auto region = ImportKvHandle(ShmHandle(name, 0, 16), KvAccess::kReadOnly, "s", &cache);
+    ASSERT_TRUE(region.ok());
+    EXPECT_EQ(cache.size(), 1u);
+  }
+  EXPECT_EQ(CountMappings(name), 1);  // held by the cache until it looks
+  cache.DropUnlinked();
+  EXPECT_EQ(CountMappings(name), 0);
+  EXPECT_EQ(cache.size(), 0u);
+}
+
+TEST(ShmMappingCacheTest, AGrownObjectIsRemappedToCoverTheRegion) {
+  ShmObject shm(4096);
+  ShmMappingCache cache(4);
+  ASSERT_TRUE(ImportKvHandle(ShmHandle(shm.name(), 0, 4096), KvAccess::kReadOnly, "s", &cache).ok());
+  const int fd = ::shm_open(shm.name().c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 3 * 4096), 0);
+  ::close(fd);
+  auto tail = ImportKvHandle(ShmHandle(shm.name(), 8192, 4096), KvAccess::kReadOnly, "s", &cache);
+  ASSERT_TRUE(tail.ok()) << tail.status();
+  EXPECT_EQ(ByteAt(tail, 4095), 0);  // the new pages are zero
+  EXPECT_EQ(cache.size(), 1u);
+}
+
+TEST(ShmMappingCacheTest, TheLeastRecentlyUsedIsEvictedAndRegionsOutliveEviction) {
+  ShmObject a(4096), b(4096), c(4096);
+  const int own = CountMappings(a.name());
+  ShmMappingCache cache(2);
+  auto import = [&](const ShmObject& o) {
+    return ImportKvHandle(ShmHandle(o.name(), 0, 4096), KvAccess::kReadOnly, "s", &cache);
+  };
+  auto held_b = import(b);
+  ASSERT_TRUE(import(a).ok() && held_b.ok());
+  ASSERT_TRUE(import(a).ok());  // a is now more recent than b
+  ASSERT_TRUE(import(c).ok());  // evicts b
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_EQ(CountMappings(a.name()), own + 1);
+  EXPECT_EQ(CountMappings(c.name()), own + 1);
+  // b left the cache but the region still holds its mapping.
+  EXPECT_EQ(ByteAt(held_b, 10), ShmObject::Pattern(10));
+  EXPECT_EQ(CountMappings(b.name()), own + 1);
+  held_b = absl::InternalError("released");
+  EXPECT_EQ(CountMappings(b.name()), own);
+}
+
+TEST(ShmMappingCacheTest, ZeroEntriesMapsEveryImportAfresh) {
+  ShmObject shm(4096);
+  const int own = CountMappings(shm.name());
+  ShmMappingCache cache(0);
+  {
+    auto region = ImportKvHandle(ShmHandle(shm.name(), 10, 20), KvAccess::kReadOnly, "s", &cache);
+    ASSERT_TRUE(region.ok());
+    EXPECT_EQ(ByteAt(region, 0), ShmObject::Pattern(10));
+  }
+  EXPECT_EQ(CountMappings(shm.name()), own);
+  EXPECT_EQ(cache.size(), 0u);
 }
 
 }  // namespace

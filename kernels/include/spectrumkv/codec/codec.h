@@ -44,11 +44,12 @@ struct EncodedKv {
   EncodeStats stats;
 };
 
-// Scores and plans a request: the stages before encoding.
+// Scores and plans a request: the stages before encoding. rd measures distortion on `threads`
+// threads (the plan does not depend on how many).
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
                                      const ImportanceInput& importance,
                                      const CodecOptions& options, const RowKernels& kernels,
-                                     EncodeStats* stats);
+                                     EncodeStats* stats, unsigned threads = 1);
 
 // How many segments one layer's K (or V) becomes: options.tokens_per_segment splits it.
 uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options);

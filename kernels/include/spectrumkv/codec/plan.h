@@ -88,9 +88,11 @@ struct DistortionTable {
   }
 };
 
+// Measures every row; `threads` share the work by whole K or V tensors (the table is the same
+// for any thread count: each row is measured on its own).
 absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
                                                   const CodecOptions& options,
-                                                  const RowKernels& kernels);
+                                                  const RowKernels& kernels, unsigned threads = 1);
 
 // The paper's allocator: one token-level tier map shared by every layer and by K and V.
 absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,

@@ -84,6 +84,9 @@ class ShmMappingCache {
   [[nodiscard]] size_t max_entries() const { return max_entries_; }
   // Entries held now (after dropping unlinked objects).
   [[nodiscard]] size_t size();
+  // Releases the mappings of unlinked objects (their memory is freed once no region uses them).
+  // Find() does this too; a periodic call frees them when no transfer comes.
+  void DropUnlinked();
 
   // The cached mapping of `name` opened as `fd` with `access`, if it is still that file and
   // covers [0, end); otherwise nullptr. Drops entries whose object was unlinked.
