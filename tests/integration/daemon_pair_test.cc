@@ -5,6 +5,7 @@
 #include <cstring>
 #include <future>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "daemon.h"
@@ -165,6 +166,32 @@ TEST_F(DaemonPairTest, BudgetOneIsBitExact) {
   EXPECT_TRUE(r.sent->stats().passthrough().passthrough());
   EXPECT_EQ(r.sent->stats().passthrough().reason(), v1::PASSTHROUGH_REASON_BUDGET_FULL);
   EXPECT_EQ(std::memcmp(dst.data(), src.data(), bytes), 0);
+}
+
+// The daemons keep shared-memory objects mapped between transfers: a rewritten source and a
+// source replaced under the same name must both be read as they are now.
+TEST_F(DaemonPairTest, ReusedAndReplacedSharedMemoryIsReadAsItIsNow) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  std::optional<SharedMemoryBuffer> src(MakeSource(bytes, 3));
+  const std::string name = src->name();
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  auto transfer_matches_source = [&](uint64_t id) {
+    Result r = Transfer(SendReq(id, *src, 1.0), ReceiveReq(id, dst));
+    ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+    ASSERT_TRUE(r.received.ok()) << r.received.status();
+    EXPECT_EQ(std::memcmp(dst.data(), src->data(), bytes), 0) << "request " << id;
+  };
+  transfer_matches_source(31);
+  SharedMemoryBuffer rewritten = MakeSource(bytes, 4);
+  std::memcpy(src->data(), rewritten.data(), bytes);  // same object, new contents
+  transfer_matches_source(32);
+  src.reset();  // unlinked; a new object takes its name
+  absl::StatusOr<SharedMemoryBuffer> replacement = SharedMemoryBuffer::Create(name, bytes);
+  ASSERT_TRUE(replacement.ok()) << replacement.status();
+  SharedMemoryBuffer contents = MakeSource(bytes, 5);
+  std::memcpy(replacement->data(), contents.data(), bytes);
+  src.emplace(std::move(*replacement));
+  transfer_matches_source(33);
 }
 
 TEST_F(DaemonPairTest, PagedDestinationWithShuffledBlockTable) {
