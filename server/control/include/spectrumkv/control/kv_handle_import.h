@@ -75,7 +75,7 @@ class MappedKvRegion {
 // keep their mapping alive after it leaves the cache. Thread-safe.
 class ShmMappingCache {
  public:
-  struct Mapping;  // one mmap of a whole object (defined in kv_handle_import.cc)
+  struct Mapping;  // one mmap of an object (whole when cached); in kv_handle_import.cc
 
   explicit ShmMappingCache(size_t max_entries) : max_entries_(max_entries) {}
   ShmMappingCache(const ShmMappingCache&) = delete;
