@@ -373,5 +373,8 @@ for r in rows:
               r["budget"], r["achieved_b"], r["seconds"], f(r["ratio_to_passthrough"], "%.3f"),
               p.get("score", 0), p.get("plan", 0), p.get("encode", 0), p.get("wire", 0), p.get("decode", 0),
               p.get("total", 0)))
+print("every run, in order (the first transfer of a run maps the shared memory afresh): %s" % "; ".join(
+    "b=%g %s s" % (r["budget"], ", ".join("%.3f" % x for x in r.get("all_seconds", [r["seconds"]])))
+    for r in rows))
 print("load average before %s, after %s (%d CPUs)" % (env["LOAD_BEFORE"], env["LOAD_AFTER"], os.cpu_count()))
 EOF

@@ -39,6 +39,10 @@ for t in report.get("transfers", []):
     limit = t["budget"] + 1e-9 if t["budget"] < 1 else 1.01
     if not (t.get("achieved_b", 0) > 0 and t["achieved_b"] <= limit and t.get("seconds", 0) > 0):
         bad.append("transfers[b=%s]: achieved_b=%s seconds=%s" % (t.get("budget"), t.get("achieved_b"), t.get("seconds")))
+    runs = t.get("all_seconds")
+    if not (isinstance(runs, list) and runs and abs(min(runs) - t.get("seconds", -1)) < 1e-3):
+        bad.append("transfers[b=%s]: all_seconds=%s does not hold the fastest run %s" % (
+            t.get("budget"), runs, t.get("seconds")))
 if len(report.get("transfers", [])) != 3:
     bad.append("expected 3 transfers (b=1, 0.5, 0.3), got %d" % len(report.get("transfers", [])))
 if bad:
