@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <numeric>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -204,7 +205,13 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
     for (size_t i = next++; i < tensors; i = next++) measure_tensor(i, row);
   };
   std::vector<std::thread> helpers;
-  for (unsigned i = 1; i < std::min<size_t>(std::max(threads, 1u), tensors); ++i) helpers.emplace_back(worker);
+  for (unsigned i = 1; i < std::min<size_t>(std::max(threads, 1u), tensors); ++i) {
+    try {
+      helpers.emplace_back(worker);
+    } catch (const std::system_error&) {
+      break;  // no more threads to be had: the ones running share all the work
+    }
+  }
   worker();
   for (std::thread& h : helpers) h.join();
   return table;
