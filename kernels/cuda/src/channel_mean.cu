@@ -87,13 +87,7 @@ absl::Status LaunchChannelMean(const ChannelMeanJob* jobs, size_t num_jobs, cuda
   for (size_t begin = 0; begin < num_jobs; begin += kMaxJobsPerLaunch) {
     const size_t count = num_jobs - begin < kMaxJobsPerLaunch ? num_jobs - begin : kMaxJobsPerLaunch;
     MeanBatch batch{};
-    batch.num_jobs = uint32_t(count);
-    batch.channels = channels;
-    batch.vector_rows = true;
-    for (size_t i = 0; i < count; ++i) {
-      batch.jobs[i] = jobs[begin + i];
-      batch.vector_rows = batch.vector_rows && internal::RowsAreVectorAligned(jobs[begin + i].source);
-    }
+    kernels::FillMeanBatch(jobs + begin, count, &batch);
     const dim3 grid((channels + kMeanChannels - 1) / kMeanChannels, uint32_t(count));
     (*kernel)<<<grid, kMeanThreads, 0, stream>>>(batch);
     SKV_CUDA_RETURN_IF_LAUNCH_FAILED("ChannelMeanKernel");

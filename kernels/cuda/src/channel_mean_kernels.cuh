@@ -13,6 +13,7 @@
 
 #include "codec_math.h"
 #include "device_primitives.cuh"
+#include "launch_support.h"
 #include "spectrumkv/codec/cuda/row_launchers.h"
 
 namespace skv::cuda::kernels {
@@ -31,6 +32,18 @@ struct MeanBatch {
   ChannelMeanJob jobs[kMaxJobsPerLaunch];
 };
 static_assert(sizeof(MeanBatch) <= 4000, "kernel parameters are limited to 4 KB");
+
+// Fills `batch` for one launch over jobs[0, count) (count <= kMaxJobsPerLaunch, one row shape).
+// The launcher and the emulation tests use it.
+inline void FillMeanBatch(const ChannelMeanJob* jobs, size_t count, MeanBatch* batch) {
+  batch->num_jobs = uint32_t(count);
+  batch->channels = uint32_t(jobs[0].source.row_elements());
+  batch->vector_rows = true;
+  for (size_t i = 0; i < count; ++i) {
+    batch->jobs[i] = jobs[i];
+    batch->vector_rows = batch->vector_rows && internal::RowsAreVectorAligned(jobs[i].source);
+  }
+}
 
 template <DType kDtype>
 __global__ void __launch_bounds__(kMeanThreads)

@@ -18,23 +18,14 @@ namespace {
 using kernels::RowBatch;
 
 template <typename Job>
-const DeviceKvView& TensorOf(const Job& job) {
-  if constexpr (std::is_same_v<Job, EncodeRowsJob>) {
-    return job.source;
-  } else {
-    return job.destination;
-  }
-}
-
-template <typename Job>
 absl::Status CheckJobs(const Job* jobs, size_t num_jobs, uint32_t group_size, const char* role) {
   if (jobs == nullptr || num_jobs == 0) return absl::InvalidArgumentError("no jobs to launch");
-  const DeviceKvView& first = TensorOf(jobs[0]);
+  const DeviceKvView& first = JobTensor(jobs[0]);
   if (absl::Status s = internal::CheckDeviceView(first, role); !s.ok()) return s;
   if (absl::Status s = internal::CheckGroupSize(group_size, first.head_dim); !s.ok()) return s;
   for (size_t i = 0; i < num_jobs; ++i) {
     const Job& job = jobs[i];
-    const DeviceKvView& v = TensorOf(job);
+    const DeviceKvView& v = JobTensor(job);
     if (absl::Status s = internal::CheckDeviceView(v, role); !s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("job ", i, ": ", s.message()));
     }
@@ -100,7 +91,7 @@ absl::Status LaunchRows(const Job* jobs, size_t num_jobs, uint32_t group_size,
   constexpr bool kEncode = std::is_same_v<Job, EncodeRowsJob>;
   const char* role = kEncode ? "source" : "destination";
   if (absl::Status s = CheckJobs(jobs, num_jobs, group_size, role); !s.ok()) return s;
-  const DeviceKvView& shape = TensorOf(jobs[0]);
+  const DeviceKvView& shape = JobTensor(jobs[0]);
   const kernels::RowLaunchShape launch = kernels::PlanRowLaunch(shape.heads, shape.head_dim);
   absl::StatusOr<RowKernel<Job>> kernel = PickRowKernel<Job>(shape.dtype, launch.lanes_per_head);
   if (!kernel.ok()) return kernel.status();
@@ -111,14 +102,7 @@ absl::Status LaunchRows(const Job* jobs, size_t num_jobs, uint32_t group_size,
   for (size_t first = 0; first < num_jobs; first += kMaxJobsPerLaunch) {
     const size_t count = num_jobs - first < kMaxJobsPerLaunch ? num_jobs - first : kMaxJobsPerLaunch;
     RowBatch<Job> batch{};
-    kernels::InitRowBatch(shape.heads, shape.head_dim, group_size, &batch);
-    batch.num_jobs = uint32_t(count);
-    uint32_t max_rows = 0;
-    for (size_t i = 0; i < count; ++i) {
-      batch.jobs[i] = jobs[first + i];
-      batch.vector_rows = batch.vector_rows && internal::RowsAreVectorAligned(TensorOf(jobs[first + i]));
-      max_rows = jobs[first + i].token_count > max_rows ? jobs[first + i].token_count : max_rows;
-    }
+    const uint32_t max_rows = kernels::FillRowBatch(jobs + first, count, group_size, &batch);
     if (max_rows == 0) continue;
     size_t blocks_x = (target_blocks + count - 1) / count;
     if (blocks_x > max_rows) blocks_x = max_rows;

@@ -23,6 +23,7 @@
 
 #include "codec_math.h"
 #include "device_primitives.cuh"
+#include "launch_support.h"
 #include "spectrumkv/codec/cuda/row_launchers.h"
 
 namespace skv::cuda::kernels {
@@ -446,16 +447,26 @@ inline RowLaunchShape PlanRowLaunch(uint32_t heads, uint32_t head_dim) {
   return s;
 }
 
-// Fills the launch-wide fields of a batch (not the jobs).
+// Fills `batch` for one launch over jobs[0, count) (count <= kMaxJobsPerLaunch, one shape);
+// returns the most rows any of the jobs has. The launchers and the emulation tests use it.
 template <typename Job>
-void InitRowBatch(uint32_t heads, uint32_t head_dim, uint32_t group_size, RowBatch<Job>* batch) {
-  batch->heads = heads;
-  batch->head_dim = head_dim;
+uint32_t FillRowBatch(const Job* jobs, size_t count, uint32_t group_size, RowBatch<Job>* batch) {
+  const DeviceKvView& shape = JobTensor(jobs[0]);
+  batch->num_jobs = uint32_t(count);
+  batch->heads = shape.heads;
+  batch->head_dim = shape.head_dim;
   batch->group_size = group_size;
-  batch->hadamard_block = HadamardBlock(head_dim);
+  batch->hadamard_block = HadamardBlock(shape.head_dim);
   batch->hadamard_norm = math::HadamardNorm(batch->hadamard_block);
-  batch->stage_bytes = PlanRowLaunch(heads, head_dim).stage_bytes;
+  batch->stage_bytes = PlanRowLaunch(shape.heads, shape.head_dim).stage_bytes;
   batch->vector_rows = true;
+  uint32_t max_rows = 0;
+  for (size_t i = 0; i < count; ++i) {
+    batch->jobs[i] = jobs[i];
+    batch->vector_rows = batch->vector_rows && internal::RowsAreVectorAligned(JobTensor(jobs[i]));
+    max_rows = jobs[i].token_count > max_rows ? jobs[i].token_count : max_rows;
+  }
+  return max_rows;
 }
 
 }  // namespace skv::cuda::kernels

@@ -76,29 +76,13 @@ void DispatchLanes(const k::RowBatch<Job>& batch, dim3 grid, const k::RowLaunchS
 }
 
 template <typename Job>
-const DeviceKvView& TensorOf(const Job& job) {
-  if constexpr (std::is_same_v<Job, EncodeRowsJob>) {
-    return job.source;
-  } else {
-    return job.destination;
-  }
-}
-
-template <typename Job>
 void EmulateRows(const std::vector<Job>& jobs, uint32_t group_size) {
-  const DeviceKvView& shape = TensorOf(jobs[0]);
+  const DeviceKvView& shape = JobTensor(jobs[0]);
   const k::RowLaunchShape launch = k::PlanRowLaunch(shape.heads, shape.head_dim);
   for (size_t first = 0; first < jobs.size(); first += kMaxJobsPerLaunch) {
     const size_t count = std::min(jobs.size() - first, kMaxJobsPerLaunch);
     auto batch = std::make_unique<k::RowBatch<Job>>();
-    k::InitRowBatch(shape.heads, shape.head_dim, group_size, batch.get());
-    batch->num_jobs = uint32_t(count);
-    uint32_t max_rows = 0;
-    for (size_t i = 0; i < count; ++i) {
-      batch->jobs[i] = jobs[first + i];
-      batch->vector_rows = batch->vector_rows && internal::RowsAreVectorAligned(TensorOf(jobs[first + i]));
-      max_rows = std::max(max_rows, jobs[first + i].token_count);
-    }
+    const uint32_t max_rows = k::FillRowBatch(jobs.data() + first, count, group_size, batch.get());
     const dim3 grid(std::min(max_rows, kEmulatedBlocksX), uint32_t(count));
     if (shape.dtype == DType::kFp16) {
       DispatchLanes<Job, DType::kFp16>(*batch, grid, launch);
@@ -110,13 +94,7 @@ void EmulateRows(const std::vector<Job>& jobs, uint32_t group_size) {
 
 void EmulateMean(const std::vector<ChannelMeanJob>& jobs) {
   auto batch = std::make_unique<k::MeanBatch>();
-  batch->num_jobs = uint32_t(jobs.size());
-  batch->channels = uint32_t(jobs[0].source.row_elements());
-  batch->vector_rows = true;
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    batch->jobs[i] = jobs[i];
-    batch->vector_rows = batch->vector_rows && internal::RowsAreVectorAligned(jobs[i].source);
-  }
+  k::FillMeanBatch(jobs.data(), jobs.size(), batch.get());
   const dim3 grid((batch->channels + k::kMeanChannels - 1) / k::kMeanChannels, uint32_t(jobs.size()));
   const k::MeanBatch& b = *batch;
   emu::Launch(grid, dim3(k::kMeanThreads), 0, [&b] {

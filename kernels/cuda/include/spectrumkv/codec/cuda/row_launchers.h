@@ -83,6 +83,10 @@ struct DecodeRowsJob {
   bool rotate = false;
 };
 
+// The view a row job reads (encode) or writes (decode).
+inline const DeviceKvView& JobTensor(const EncodeRowsJob& job) { return job.source; }
+inline const DeviceKvView& JobTensor(const DecodeRowsJob& job) { return job.destination; }
+
 // The centring mean of one segment: per (head, channel), the fp32 sum over the segment's
 // quantized rows in row order (non-finite values count as 0) divided by their number, sanitized
 // and rounded to fp16 (skv::internal::ChannelMeanFp16, bit for bit).
