@@ -20,7 +20,9 @@
 namespace skv::cuda {
 namespace {
 
+using testing::Dense;
 using testing::FirstDifference;
+using testing::Paged;
 using testing::TensorLayout;
 using testing::TestTensor;
 using testing::Values;
@@ -223,20 +225,6 @@ TEST_P(CudaCodecOddShapes, SegmentBytesAndDecodedRowsMatchReference) {
                             options, stream_.get());
     }
   }
-}
-
-TensorLayout Dense(uint32_t row_pad = 0) {
-  TensorLayout l;
-  l.row_pad_bytes = row_pad;
-  return l;
-}
-TensorLayout Paged(uint32_t block_size, uint32_t row_pad, uint32_t block_pad) {
-  TensorLayout l;
-  l.paged = true;
-  l.block_size = block_size;
-  l.row_pad_bytes = row_pad;
-  l.block_pad_bytes = block_pad;
-  return l;
 }
 
 std::string OddShapeName(const ::testing::TestParamInfo<OddShape>& param) {

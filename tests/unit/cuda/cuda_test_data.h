@@ -1,6 +1,6 @@
-// Host-side KV tensors for the CUDA codec tests: contiguous or paged (shuffled block table, gaps
-// between rows and blocks), filled with Gaussian or adversarial 16-bit values, mirrored in device
-// memory. The same bytes back the host view (for the CPU reference) and the device view.
+// Host-side KV tensors for the CUDA codec tests, contiguous or paged (test_tensor_layout.h),
+// filled with Gaussian or adversarial 16-bit values, mirrored in device memory. The same bytes
+// back the host view (for the CPU reference) and the device view.
 #pragma once
 
 #include <algorithm>
@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <random>
 #include <vector>
 
@@ -16,6 +15,7 @@
 #include "spectrumkv/codec/cuda/cuda_codec.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/kv_view.h"
+#include "test_tensor_layout.h"
 
 namespace skv::cuda::testing {
 
@@ -29,66 +29,18 @@ enum class Values {
   kRandomBits,   // any 16-bit pattern
 };
 
-struct TensorLayout {
-  bool paged = false;
-  uint32_t block_size = 16;
-  uint32_t row_pad_bytes = 0;    // gap after each row (16-byte multiples keep the vector path)
-  uint32_t block_pad_bytes = 48;  // gap after each block (paged)
-};
-
 class TestTensor {
  public:
   TestTensor(DType dtype, uint32_t tokens, uint32_t heads, uint32_t head_dim,
              const TensorLayout& layout, uint32_t seed)
-      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), layout_(layout),
-        rng_(seed) {
-    const size_t row = size_t{heads} * head_dim * 2;
-    row_stride_ = row + layout.row_pad_bytes;
-    if (layout.paged) {
-      const uint32_t blocks = (tokens + layout.block_size - 1) / layout.block_size;
-      const uint32_t pool_blocks = blocks + 3;  // unused blocks in the pool too
-      block_stride_ = size_t{layout.block_size} * row_stride_ + layout.block_pad_bytes;
-      std::vector<uint32_t> ids(pool_blocks);
-      std::iota(ids.begin(), ids.end(), 0u);
-      std::shuffle(ids.begin(), ids.end(), rng_);
-      block_table_.assign(ids.begin(), ids.begin() + blocks);
-      bytes_.assign(pool_blocks * block_stride_, 0);
-    } else {
-      bytes_.assign(size_t{tokens} * row_stride_, 0);
-    }
-  }
+      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), rng_(seed),
+        geometry_(dtype, tokens, heads, head_dim, layout, rng_), bytes_(geometry_.bytes(), 0) {}
 
-  KvTensorView host_view() {
-    KvTensorView v;
-    v.base = bytes_.data();
-    v.dtype = dtype_;
-    v.tokens = tokens_;
-    v.heads = heads_;
-    v.head_dim = head_dim_;
-    v.row_stride_bytes = row_stride_;
-    if (layout_.paged) {
-      v.block_table = block_table_;
-      v.block_size = layout_.block_size;
-      v.block_stride_bytes = block_stride_;
-    }
-    return v;
-  }
+  KvTensorView host_view() { return geometry_.HostView(bytes_.data()); }
 
   // Valid after Upload().
   DeviceKvView device_view() const {
-    DeviceKvView v;
-    v.base = device_.data();
-    v.dtype = dtype_;
-    v.tokens = tokens_;
-    v.heads = heads_;
-    v.head_dim = head_dim_;
-    v.row_stride_bytes = row_stride_;
-    if (layout_.paged) {
-      v.block_table = device_table_.as<uint32_t>();
-      v.block_size = layout_.block_size;
-      v.block_stride_bytes = block_stride_;
-    }
-    return v;
+    return geometry_.DeviceView(device_.data(), device_table_.as<uint32_t>());
   }
 
   void Fill(Values values) {
@@ -112,12 +64,12 @@ class TestTensor {
     device_ = std::move(*d);
     ASSERT_EQ(cudaMemcpy(device_.data(), bytes_.data(), bytes_.size(), cudaMemcpyHostToDevice),
               cudaSuccess);
-    if (layout_.paged) {
-      absl::StatusOr<DeviceBuffer> t = DeviceBuffer::Allocate(block_table_.size() * 4);
+    const std::vector<uint32_t>& table = geometry_.block_table();
+    if (!table.empty()) {
+      absl::StatusOr<DeviceBuffer> t = DeviceBuffer::Allocate(table.size() * 4);
       ASSERT_TRUE(t.ok()) << t.status();
       device_table_ = std::move(*t);
-      ASSERT_EQ(cudaMemcpy(device_table_.data(), block_table_.data(), block_table_.size() * 4,
-                           cudaMemcpyHostToDevice),
+      ASSERT_EQ(cudaMemcpy(device_table_.data(), table.data(), table.size() * 4, cudaMemcpyHostToDevice),
                 cudaSuccess);
     }
   }
@@ -161,11 +113,8 @@ class TestTensor {
 
   DType dtype_;
   uint32_t tokens_, heads_, head_dim_;
-  TensorLayout layout_;
   std::mt19937 rng_;
-  size_t row_stride_ = 0;
-  size_t block_stride_ = 0;
-  std::vector<uint32_t> block_table_;
+  TensorGeometry geometry_;  // after rng_: it shuffles the block table first
   std::vector<uint8_t> bytes_;
   DeviceBuffer device_;
   DeviceBuffer device_table_;

@@ -20,6 +20,7 @@
 #include "launch_support.h"
 #include "row_codec_kernels.cuh"
 #include "segment_plan.h"
+#include "test_tensor_layout.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/importance.h"
 #include "spectrumkv/codec/segment.h"
@@ -29,6 +30,10 @@ namespace {
 
 namespace emu = ::skv::cuda::emulation;
 namespace k = ::skv::cuda::kernels;
+using ::skv::cuda::testing::Dense;
+using ::skv::cuda::testing::Paged;
+using ::skv::cuda::testing::TensorGeometry;
+using ::skv::cuda::testing::TensorLayout;
 
 // Few blocks, so every block loops over several rows (the grid-stride path and the alternating
 // shared-memory stages are exercised).
@@ -155,61 +160,18 @@ void EmulatedDecodeSegment(const ParsedSegment& segment, const DeviceKvView& des
 
 enum class Values { kGaussian, kSignedZeros, kNonFinite, kDenormals, kHuge, kRandomBits };
 
-struct Layout {
-  bool paged = false;
-  uint32_t block_size = 4;
-  uint32_t row_pad = 0;
-  uint32_t block_pad = 48;
-};
-
 class HostTensor {
  public:
-  HostTensor(DType dtype, uint32_t tokens, uint32_t heads, uint32_t head_dim, const Layout& layout,
-             uint32_t seed)
-      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), layout_(layout), rng_(seed) {
-    row_stride_ = size_t{heads} * head_dim * 2 + layout.row_pad;
-    size_t bytes = size_t{tokens} * row_stride_;
-    if (layout.paged) {
-      const uint32_t blocks = (tokens + layout.block_size - 1) / layout.block_size;
-      block_stride_ = layout.block_size * row_stride_ + layout.block_pad;
-      std::vector<uint32_t> ids(blocks + 2);
-      for (uint32_t i = 0; i < ids.size(); ++i) ids[i] = i;
-      std::shuffle(ids.begin(), ids.end(), rng_);
-      table_.assign(ids.begin(), ids.begin() + blocks);
-      bytes = ids.size() * block_stride_;
-    }
-    storage_ = std::make_unique<AlignedBytes>(bytes, 0);
-  }
+  HostTensor(DType dtype, uint32_t tokens, uint32_t heads, uint32_t head_dim,
+             const TensorLayout& layout, uint32_t seed)
+      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), rng_(seed),
+        geometry_(dtype, tokens, heads, head_dim, layout, rng_),
+        storage_(std::make_unique<AlignedBytes>(geometry_.bytes(), 0)) {}
 
-  KvTensorView host_view() const {
-    KvTensorView v;
-    v.base = storage_->data();
-    v.dtype = dtype_;
-    v.tokens = tokens_;
-    v.heads = heads_;
-    v.head_dim = head_dim_;
-    v.row_stride_bytes = row_stride_;
-    if (layout_.paged) {
-      v.block_table = table_;
-      v.block_size = layout_.block_size;
-      v.block_stride_bytes = block_stride_;
-    }
-    return v;
-  }
-  DeviceKvView device_view() const {  // the emulated device reads host memory
-    DeviceKvView v;
-    v.base = storage_->data();
-    v.dtype = dtype_;
-    v.tokens = tokens_;
-    v.heads = heads_;
-    v.head_dim = head_dim_;
-    v.row_stride_bytes = row_stride_;
-    if (layout_.paged) {
-      v.block_table = table_.data();
-      v.block_size = layout_.block_size;
-      v.block_stride_bytes = block_stride_;
-    }
-    return v;
+  KvTensorView host_view() const { return geometry_.HostView(storage_->data()); }
+  // The emulated device reads host memory.
+  DeviceKvView device_view() const {
+    return geometry_.DeviceView(storage_->data(), geometry_.block_table().data());
   }
 
   void Fill(Values values) {
@@ -251,10 +213,8 @@ class HostTensor {
  private:
   DType dtype_;
   uint32_t tokens_, heads_, head_dim_;
-  Layout layout_;
   std::mt19937 rng_;
-  size_t row_stride_ = 0, block_stride_ = 0;
-  std::vector<uint32_t> table_;
+  TensorGeometry geometry_;  // after rng_: it shuffles the block table first
   std::unique_ptr<AlignedBytes> storage_;
 };
 
@@ -281,7 +241,7 @@ std::string FirstDifference(const std::vector<uint8_t>& a, const std::vector<uin
 
 // Reference vs emulated encode, then reference vs emulated decode of the reference segment.
 void CheckSegment(const HostTensor& source, DType dtype, uint32_t tokens, uint32_t heads,
-                  uint32_t head_dim, const Layout& out_layout, uint32_t begin,
+                  uint32_t head_dim, const TensorLayout& out_layout, uint32_t begin,
                   const std::vector<Tier>& tiers, KvKind kind, const CodecOptions& options) {
   const SegmentSpec spec{9, 2, kind, begin, uint32_t(tiers.size())};
   ByteBuffer expected;
@@ -312,9 +272,7 @@ class EmulatedSegmentTest : public ::testing::TestWithParam<SweepParam> {};
 TEST_P(EmulatedSegmentTest, BytesAndRowsMatchReference) {
   const auto [dtype, head_dim, tokens, paged, transforms] = GetParam();
   const uint32_t heads = 3;
-  Layout layout;
-  layout.paged = paged;
-  layout.row_pad = paged ? 16 : 0;
+  const TensorLayout layout = paged ? Paged(4, 16, 48) : Dense();
   HostTensor source(dtype, tokens, heads, head_dim, layout, tokens * 7 + head_dim);
   source.Fill(Values::kGaussian);
   std::mt19937 rng(tokens + head_dim);
@@ -350,7 +308,7 @@ class EmulatedLongSegmentTest : public ::testing::TestWithParam<std::tuple<DType
 TEST_P(EmulatedLongSegmentTest, BytesAndRowsMatchReference) {
   const auto [dtype, paged] = GetParam();
   constexpr uint32_t kTokens = 4096, kHeads = 8, kHeadDim = 128;
-  Layout layout;
+  TensorLayout layout;
   layout.paged = paged;
   layout.block_size = 16;
   HostTensor source(dtype, kTokens, kHeads, kHeadDim, layout, 11);
@@ -372,7 +330,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedLongSegmentTest,
 
 struct OddShape {
   uint32_t heads, head_dim, group, tokens;
-  Layout layout;
+  TensorLayout layout;
 };
 
 class EmulatedOddShapeTest : public ::testing::TestWithParam<OddShape> {};
@@ -395,20 +353,6 @@ TEST_P(EmulatedOddShapeTest, BytesAndRowsMatchReference) {
   }
 }
 
-Layout DenseLayout(uint32_t row_pad = 0) {
-  Layout l;
-  l.row_pad = row_pad;
-  return l;
-}
-Layout PagedLayout(uint32_t block_size, uint32_t row_pad, uint32_t block_pad) {
-  Layout l;
-  l.paged = true;
-  l.block_size = block_size;
-  l.row_pad = row_pad;
-  l.block_pad = block_pad;
-  return l;
-}
-
 std::string OddShapeName(const ::testing::TestParamInfo<OddShape>& param) {
   const OddShape& s = param.param;
   return "h" + std::to_string(s.heads) + "_d" + std::to_string(s.head_dim) + "_g" +
@@ -417,17 +361,17 @@ std::string OddShapeName(const ::testing::TestParamInfo<OddShape>& param) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, EmulatedOddShapeTest,
-    ::testing::Values(OddShape{1, 8, 8, 9, DenseLayout()},          // one chunk per head
-                      OddShape{5, 24, 24, 6, DenseLayout()},        // 3 lanes per group
-                      OddShape{2, 72, 24, 7, DenseLayout()},        // block 8, 9 of 16 lanes
-                      OddShape{3, 96, 32, 7, DenseLayout()},        // block 32 in a 96-wide head
-                      OddShape{2, 200, 40, 5, DenseLayout()},       // 5 lanes per group
-                      OddShape{1, 512, 512, 5, DenseLayout()},      // 64 lanes: cross-warp stage
-                      OddShape{3, 512, 64, 4, DenseLayout()},       // 64 lanes, groups of 8 lanes
-                      OddShape{17, 128, 128, 5, DenseLayout()},     // three tiles of heads
-                      OddShape{8, 128, 32, 9, DenseLayout(2)},      // 2-byte aligned rows
-                      OddShape{8, 128, 128, 9, PagedLayout(1, 0, 2)},
-                      OddShape{4, 64, 16, 13, PagedLayout(3, 16, 32)}),
+    ::testing::Values(OddShape{1, 8, 8, 9, Dense()},          // one chunk per head
+                      OddShape{5, 24, 24, 6, Dense()},        // 3 lanes per group
+                      OddShape{2, 72, 24, 7, Dense()},        // block 8, 9 of 16 lanes
+                      OddShape{3, 96, 32, 7, Dense()},        // block 32 in a 96-wide head
+                      OddShape{2, 200, 40, 5, Dense()},       // 5 lanes per group
+                      OddShape{1, 512, 512, 5, Dense()},      // 64 lanes: cross-warp stage
+                      OddShape{3, 512, 64, 4, Dense()},       // 64 lanes, groups of 8 lanes
+                      OddShape{17, 128, 128, 5, Dense()},     // three tiles of heads
+                      OddShape{8, 128, 32, 9, Dense(2)},      // 2-byte aligned rows
+                      OddShape{8, 128, 128, 9, Paged(1, 0, 2)},
+                      OddShape{4, 64, 16, 13, Paged(3, 16, 32)}),
     OddShapeName);
 
 using AdversarialParam = std::tuple<DType, Values, uint32_t>;
@@ -437,7 +381,7 @@ class EmulatedAdversarialTest : public ::testing::TestWithParam<AdversarialParam
 TEST_P(EmulatedAdversarialTest, BytesAndRowsMatchReference) {
   const auto [dtype, values, group] = GetParam();
   const uint32_t tokens = 11, heads = 2, head_dim = 64;
-  HostTensor source(dtype, tokens, heads, head_dim, Layout{}, 21);
+  HostTensor source(dtype, tokens, heads, head_dim, TensorLayout{}, 21);
   source.Fill(values);
   std::mt19937 rng(22);
   const std::vector<Tier> tiers = MixedTiers(tokens, rng);
@@ -447,7 +391,7 @@ TEST_P(EmulatedAdversarialTest, BytesAndRowsMatchReference) {
     options.rotate_keys = (transforms & 1) != 0;
     options.centre_keys = (transforms & 2) != 0;
     SCOPED_TRACE("transforms " + std::to_string(transforms));
-    CheckSegment(source, dtype, tokens, heads, head_dim, Layout{}, 0, tiers, KvKind::kKey, options);
+    CheckSegment(source, dtype, tokens, heads, head_dim, TensorLayout{}, 0, tiers, KvKind::kKey, options);
   }
 }
 
@@ -471,7 +415,7 @@ TEST(EmulatedBatchTest, ManyJobsInOneLaunchMatchPerSegmentReference) {
   std::mt19937 rng(3);
   CodecOptions options;
   for (uint32_t i = 0; i < kJobs; ++i) {
-    tensors.push_back(std::make_unique<HostTensor>(DType::kFp16, kTokens, kHeads, kHeadDim, Layout{}, i));
+    tensors.push_back(std::make_unique<HostTensor>(DType::kFp16, kTokens, kHeads, kHeadDim, TensorLayout{}, i));
     tensors.back()->Fill(Values::kGaussian);
     std::vector<Tier> tiers = MixedTiers(kTokens, rng);
     tiers[1] = Tier::kInt8;
@@ -504,13 +448,13 @@ TEST(EmulatedBatchTest, ManyJobsInOneLaunchMatchPerSegmentReference) {
 TEST(EmulatedBatchTest, MeanOverMoreRowsThanOneTile) {
   // 600 rows: three shared-memory tiles of 256, the last partial; rows of each tier skipped.
   for (DType dtype : {DType::kFp16, DType::kBf16}) {
-    HostTensor source(dtype, 600, 1, 24, Layout{}, 5);
+    HostTensor source(dtype, 600, 1, 24, TensorLayout{}, 5);
     source.Fill(Values::kNonFinite);
     std::mt19937 rng(6);
     const std::vector<Tier> tiers = MixedTiers(600, rng);
     CodecOptions options;
     options.rotate_keys = false;
-    CheckSegment(source, dtype, 600, 1, 24, Layout{}, 0, tiers, KvKind::kKey, options);
+    CheckSegment(source, dtype, 600, 1, 24, TensorLayout{}, 0, tiers, KvKind::kKey, options);
   }
 }
 
@@ -521,7 +465,7 @@ TEST(EmulatedImportanceTest, MatchesReferenceWithinTolerance) {
     for (uint32_t tokens : {1u, 13u, 40u}) {
       const uint32_t heads = 2, head_dim = 64, group = 2, query_heads = heads * group;
       const uint32_t window = std::min(tokens, 5u);
-      HostTensor keys(dtype, tokens, heads, head_dim, PagedLayout(4, 0, 16), tokens);
+      HostTensor keys(dtype, tokens, heads, head_dim, Paged(4, 0, 16), tokens);
       keys.Fill(Values::kGaussian);
       std::mt19937 rng(tokens);
       std::normal_distribution<float> normal(0.0f, 0.3f);
