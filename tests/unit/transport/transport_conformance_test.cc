@@ -57,8 +57,8 @@ class TransportConformanceTest : public ::testing::TestWithParam<Kind> {
     return std::unique_ptr<Transport>(std::move(*made));
   }
 
-  // Starts a listening server and a client connected to it.
-  void ConnectPair(const TransportConfig& server_config, const TransportConfig& client_config) {
+  // Starts a server listening at server_address_.
+  void StartServer(const TransportConfig& server_config) {
     auto server = Make(server_config);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
@@ -66,6 +66,11 @@ class TransportConformanceTest : public ::testing::TestWithParam<Kind> {
     auto bound = server_->Listen();
     ASSERT_TRUE(bound.ok()) << bound.status();
     server_address_ = *bound;
+  }
+
+  // Starts a listening server and a client connected to it.
+  void ConnectPair(const TransportConfig& server_config, const TransportConfig& client_config) {
+    ASSERT_NO_FATAL_FAILURE(StartServer(server_config));
 
     auto client = Make(client_config);
     ASSERT_TRUE(client.ok()) << client.status();
@@ -203,18 +208,13 @@ TEST_P(TransportConformanceTest, ConcurrentSendersKeepPerThreadOrder) {
 }
 
 TEST_P(TransportConformanceTest, WrongTokenIsPermissionDeniedAndCounted) {
-  auto server = Make(TestConfig("server", "right-token"));
-  ASSERT_TRUE(server.ok());
-  server_ = std::move(*server);
-  ASSERT_TRUE(server_->SetHandlers(server_inbox_.Handlers()).ok());
-  auto bound = server_->Listen();
-  ASSERT_TRUE(bound.ok());
+  ASSERT_NO_FATAL_FAILURE(StartServer(TestConfig("server", "right-token")));
 
   auto client = Make(TestConfig("intruder", "wrong-token"));
   ASSERT_TRUE(client.ok());
   client_ = std::move(*client);
   ASSERT_TRUE(client_->SetHandlers(client_inbox_.Handlers()).ok());
-  absl::StatusOr<PeerInfo> peer = client_->Connect(*bound);
+  absl::StatusOr<PeerInfo> peer = client_->Connect(server_address_);
   ASSERT_EQ(peer.status().code(), absl::StatusCode::kPermissionDenied) << peer.status();
   EXPECT_TRUE(absl::StrContains(peer.status().message(), "auth token")) << peer.status();
 
@@ -233,23 +233,18 @@ TEST_P(TransportConformanceTest, WrongTokenIsPermissionDeniedAndCounted) {
   auto honest = Make(TestConfig("honest", "right-token"));
   ASSERT_TRUE(honest.ok());
   ASSERT_TRUE((*honest)->SetHandlers(honest_inbox.Handlers()).ok());
-  EXPECT_TRUE((*honest)->Connect(*bound).ok());
+  EXPECT_TRUE((*honest)->Connect(server_address_).ok());
   (*honest)->Close();
 }
 
 TEST_P(TransportConformanceTest, IncompatibleProtocolVersionIsFailedPrecondition) {
   TransportConfig client_config = TestConfig("future-client");
   client_config.protocol_version = kPeerProtocolVersion + 1;
-  auto server = Make(TestConfig("server"));
-  ASSERT_TRUE(server.ok());
-  server_ = std::move(*server);
-  ASSERT_TRUE(server_->SetHandlers(server_inbox_.Handlers()).ok());
-  auto bound = server_->Listen();
-  ASSERT_TRUE(bound.ok());
+  ASSERT_NO_FATAL_FAILURE(StartServer(TestConfig("server")));
   auto client = Make(client_config);
   ASSERT_TRUE(client.ok());
   client_ = std::move(*client);
-  absl::StatusOr<PeerInfo> peer = client_->Connect(*bound);
+  absl::StatusOr<PeerInfo> peer = client_->Connect(server_address_);
   ASSERT_EQ(peer.status().code(), absl::StatusCode::kFailedPrecondition) << peer.status();
   EXPECT_TRUE(absl::StrContains(peer.status().message(), "protocol version")) << peer.status();
   ASSERT_TRUE(server_inbox_.WaitForEvents(PeerEventKind::kRejected, 1));
@@ -262,19 +257,14 @@ TEST_P(TransportConformanceTest, ModelMismatchIsFailedPreconditionAndZeroMatches
   server_config.model_compat_hash = 1111;
   TransportConfig other_model = TestConfig("other-model");
   other_model.model_compat_hash = 2222;
-  auto server = Make(server_config);
-  ASSERT_TRUE(server.ok());
-  server_ = std::move(*server);
-  ASSERT_TRUE(server_->SetHandlers(server_inbox_.Handlers()).ok());
-  auto bound = server_->Listen();
-  ASSERT_TRUE(bound.ok());
+  ASSERT_NO_FATAL_FAILURE(StartServer(server_config));
 
   auto mismatched = Make(other_model);
   ASSERT_TRUE(mismatched.ok());
-  EXPECT_EQ((*mismatched)->Connect(*bound).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*mismatched)->Connect(server_address_).status().code(), absl::StatusCode::kFailedPrecondition);
   auto any_model = Make(TestConfig("any-model"));
   ASSERT_TRUE(any_model.ok());
-  EXPECT_TRUE((*any_model)->Connect(*bound).ok());
+  EXPECT_TRUE((*any_model)->Connect(server_address_).ok());
 }
 
 TEST_P(TransportConformanceTest, ConnectToNothingFails) {
