@@ -1,5 +1,6 @@
 #include "spectrumkv/codec/codec.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -137,27 +138,100 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
   return out;
 }
 
-absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
-                      std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,
-                      const RowKernels& kernels) {
-  absl::StatusOr<KvShape> shape = ShapeOf(destination);
-  if (!shape.ok()) return shape.status();
-  kept->assign(shape->tokens, 1);
+namespace {
+
+// Headers of every segment, parsed and checked for one request id and one row shape.
+absl::StatusOr<std::vector<ParsedSegment>> ParseRequestSegments(
+    std::span<const std::span<const uint8_t>> segments) {
+  if (segments.empty()) return absl::InvalidArgumentError("no segments");
+  std::vector<ParsedSegment> parsed;
+  parsed.reserve(segments.size());
   for (size_t i = 0; i < segments.size(); ++i) {
     absl::StatusOr<ParsedSegment> seg = ParseSegment(segments[i]);
     if (!seg.ok()) {
       return absl::Status(seg.status().code(), absl::StrCat("segment ", i, ": ", seg.status().message()));
     }
     const SegmentHeader& h = seg->header;
-    if (h.layer >= destination.size()) {
-      return absl::OutOfRangeError(absl::StrCat("segment ", i, " is for layer ", h.layer, " of ",
-                                                destination.size()));
+    const SegmentHeader& first = parsed.empty() ? h : parsed.front().header;
+    if (h.request_id != first.request_id) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " belongs to request ", h.request_id,
+                                                     ", segment 0 to request ", first.request_id));
     }
+    if (h.heads != first.heads || h.head_dim != first.head_dim || h.dtype != first.dtype) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " has another row shape or dtype than segment 0"));
+    }
+    parsed.push_back(*seg);
+  }
+  return parsed;
+}
+
+// Every (layer, kind) of `layers` x `tokens` covered by exactly one segment row range.
+absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layers, uint32_t tokens) {
+  // (layer, kind) -> (token_begin, token_end), sorted below.
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges(size_t{layers} * 2);
+  for (const ParsedSegment& seg : parsed) {
+    const SegmentHeader& h = seg.header;
+    if (h.layer >= layers || h.kind > 1) {
+      return absl::OutOfRangeError(absl::StrCat("a segment is for layer ", h.layer, " of ", layers));
+    }
+    ranges[size_t{h.layer} * 2 + h.kind].push_back({h.token_begin, uint64_t{h.token_begin} + h.token_count});
+  }
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    auto& r = ranges[i];
+    std::sort(r.begin(), r.end());
+    uint64_t next = 0;
+    for (const auto& [begin, end] : r) {
+      if (begin != next) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layer ", i / 2, (i % 2 == 0 ? " K" : " V"), ": tokens ", std::min(begin, next), "..",
+            std::max(begin, next), begin < next ? " are in more than one segment" : " are in no segment"));
+      }
+      next = end;
+    }
+    if (next != tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", i / 2, (i % 2 == 0 ? " K" : " V"), ": tokens ",
+                                                     next, "..", tokens, " are in no segment"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>> segments) {
+  absl::StatusOr<std::vector<ParsedSegment>> parsed = ParseRequestSegments(segments);
+  if (!parsed.ok()) return parsed.status();
+  KvShape shape;
+  const SegmentHeader& first = parsed->front().header;
+  shape.heads = first.heads;
+  shape.head_dim = first.head_dim;
+  shape.dtype = DType(first.dtype);
+  uint64_t tokens = 0;
+  for (const ParsedSegment& seg : *parsed) {
+    shape.layers = std::max(shape.layers, seg.header.layer + 1);
+    tokens = std::max(tokens, uint64_t{seg.header.token_begin} + seg.header.token_count);
+  }
+  if (tokens > UINT32_MAX) return absl::InvalidArgumentError("segments address more than 2^32 tokens");
+  shape.tokens = uint32_t(tokens);
+  return shape;
+}
+
+absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
+                      std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,
+                      const RowKernels& kernels) {
+  absl::StatusOr<KvShape> shape = ShapeOf(destination);
+  if (!shape.ok()) return shape.status();
+  absl::StatusOr<std::vector<ParsedSegment>> parsed = ParseRequestSegments(segments);
+  if (!parsed.ok()) return parsed.status();
+  if (absl::Status s = CheckCoverage(*parsed, shape->layers, shape->tokens); !s.ok()) return s;
+  kept->assign(shape->tokens, 1);
+  for (const ParsedSegment& seg : *parsed) {
+    const SegmentHeader& h = seg.header;
     const KvLayerViews& layer = destination[h.layer];
     const KvTensorView& view = h.kind == uint8_t(KvKind::kKey) ? layer.key : layer.value;
-    if (absl::Status s = DecodeSegment(*seg, view, kernels); !s.ok()) return s;
+    if (absl::Status s = DecodeSegment(seg, view, kernels); !s.ok()) return s;
     for (uint32_t t = 0; t < h.token_count; ++t) {
-      if (seg->tier(t) == Tier::kDrop) (*kept)[h.token_begin + t] = 0;
+      if (seg.tier(t) == Tier::kDrop) (*kept)[h.token_begin + t] = 0;
     }
   }
   return absl::OkStatus();

@@ -5,6 +5,9 @@
 #include <cstring>
 #include <set>
 
+#include "absl/algorithm/container.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "google/protobuf/util/time_util.h"
@@ -82,33 +85,39 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
   d->data_address_ = *bound;
   d->reaper_ = std::thread([self] { self->ReapExpired(); });
   spdlog::info("data plane listening on {} ({})", d->data_address_, d->transport_->capabilities().name);
+  if (config.peers.empty()) {
+    spdlog::warn("no peers configured: transfers are accepted from any daemon that presents the token "
+                 "(set --peers to accept only those daemons)");
+  }
   return d;
 }
 
 Daemon::~Daemon() { Shutdown(); }
 
 void Daemon::Shutdown() {
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (shutting_down_) return;
     shutting_down_ = true;
     const absl::Status down = absl::UnavailableError("spectrumkvd is shutting down");
-    std::vector<std::shared_ptr<Inbound>> pending;  // FinishInbound erases from inbound_
-    for (auto& [id, in] : inbound_) {
-      if (!in->finished && in->has_receive) pending.push_back(in);
+    for (auto it = receives_.begin(); it != receives_.end();) {
+      std::shared_ptr<Inbound> in = (it++)->second;  // FinishInbound erases it
+      if (!in->finished) after.push_back(FinishInbound(in, down));
     }
-    for (auto& in : pending) after.push_back(FinishInbound(in, down));
-    for (auto& [id, out] : outbound_) {
-      std::lock_guard<std::mutex> ol(out->mu);
-      if (!out->outcome) out->outcome = TransferOutcome{id, down, 0};
-      out->cv.notify_all();
+    for (auto it = arrivals_.begin(); it != arrivals_.end();) {
+      std::shared_ptr<Inbound> in = (it++)->second;
+      if (!in->has_receive) DropStaged(in);
+    }
+    for (auto it = outbound_.begin(); it != outbound_.end();) {
+      std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
+      StopOutbound(out, {out->request_id, down, 0}, /*from_peer=*/false, after);
     }
   }
   for (auto& f : after) f();
   reaper_cv_.notify_all();
   if (reaper_.joinable()) reaper_.join();
-  workers_.Stop();
+  workers_.Stop();  // running senders see their stop flag and finish
   transport_->Close();
 }
 
@@ -188,6 +197,7 @@ absl::StatusOr<transport::PeerId> Daemon::ConnectedPeer(const control::PeerConfi
   }
   std::lock_guard<std::mutex> lock(mu_);
   link->id = info->id;
+  peer_names_[info->id] = info->daemon_id;
   metrics_->SetPeerUp(peer.daemon_id, true);
   return info->id;
 }
@@ -199,37 +209,35 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
   }
   if (event.kind == transport::PeerEventKind::kUp) {
     spdlog::info("peer '{}' up ({})", event.peer.daemon_id, event.peer.address);
+    std::lock_guard<std::mutex> lock(mu_);
+    peer_names_[event.peer.id] = event.peer.daemon_id;
     return;
   }
   spdlog::warn("peer '{}' down: {}", event.peer.daemon_id, event.status.ToString());
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    peer_names_.erase(event.peer.id);
     for (auto& [address, link] : links_) {
       if (link->id == event.peer.id) {
         link->id = transport::kNoPeer;
         metrics_->SetPeerUp(link->config.daemon_id, false);
       }
     }
-    const absl::Status lost = absl::UnavailableError(
-        absl::StrCat("peer '", event.peer.daemon_id, "' went away mid-transfer"));
-    for (auto it = inbound_.begin(); it != inbound_.end();) {
-      std::shared_ptr<Inbound> in = it->second;
-      if (in->peer != event.peer.id || in->finished) {
-        ++it;
-      } else if (in->has_receive) {
-        ++it;  // FinishInbound erases `in` from inbound_
+    const absl::Status lost =
+        absl::UnavailableError(absl::StrCat("peer '", event.peer.daemon_id, "' went away mid-transfer"));
+    for (auto it = arrivals_.begin(); it != arrivals_.end();) {
+      std::shared_ptr<Inbound> in = (it++)->second;  // both calls below erase it
+      if (in->peer != event.peer.id || in->finished) continue;
+      if (in->has_receive) {
         after.push_back(FinishInbound(in, lost));
-      } else {  // only buffered: drop it
-        early_bytes_ -= in->early_bytes;
-        it = inbound_.erase(it);
+      } else {
+        DropStaged(in);
       }
     }
-    for (auto& [id, out] : outbound_) {
-      if (out->peer != event.peer.id) continue;
-      std::lock_guard<std::mutex> ol(out->mu);
-      if (!out->outcome) out->outcome = TransferOutcome{id, lost, 0};
-      out->cv.notify_all();
+    for (auto it = outbound_.begin(); it != outbound_.end();) {
+      std::shared_ptr<Outbound> out = (it++)->second;
+      if (out->peer == event.peer.id) StopOutbound(out, {out->request_id, lost, 0}, /*from_peer=*/false, after);
     }
   }
   for (auto& f : after) f();
@@ -250,10 +258,10 @@ absl::StatusOr<v1::GetTransferResponse> Daemon::GetTransfer(const v1::GetTransfe
 absl::StatusOr<v1::ListTransfersResponse> Daemon::ListTransfers(const v1::ListTransfersRequest& request) {
   if (absl::Status s = control::ValidateListTransfersRequest(request); !s.ok()) return s;
   size_t offset = 0;
-  if (!request.page_token().empty()) {
-    char* end = nullptr;
-    offset = std::strtoull(request.page_token().c_str(), &end, 10);
-    if (end == nullptr || *end != '\0') return absl::InvalidArgumentError("page_token: not a token from ListTransfers");
+  // A token is the decimal offset this daemon wrote; SimpleAtoi alone would take "-1" or " 7".
+  if (!request.page_token().empty() && (!absl::c_all_of(request.page_token(), absl::ascii_isdigit) ||
+                                        !absl::SimpleAtoi(request.page_token(), &offset))) {
+    return absl::InvalidArgumentError("page_token: not a token from ListTransfers");
   }
   const size_t limit = request.page_size() == 0 ? 100 : request.page_size();
   bool more = false;
@@ -268,23 +276,23 @@ absl::StatusOr<v1::ListTransfersResponse> Daemon::ListTransfers(const v1::ListTr
 absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::CancelTransferRequest& request) {
   if (absl::Status s = control::ValidateCancelTransferRequest(request); !s.ok()) return s;
   const absl::Status cancelled = absl::CancelledError("cancelled by CancelTransfer");
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    const bool receiver = request.role() != v1::TRANSFER_ROLE_SENDER;
-    const bool sender = request.role() != v1::TRANSFER_ROLE_RECEIVER;
-    if (receiver) {
-      auto it = inbound_.find(request.request_id());
-      if (it != inbound_.end() && it->second->has_receive && !it->second->finished) {
-        after.push_back(FinishInbound(it->second, cancelled));
-      }
+    if (request.role() != v1::TRANSFER_ROLE_SENDER) {
+      auto it = receives_.find(request.request_id());
+      if (it != receives_.end() && !it->second->finished) after.push_back(FinishInbound(it->second, cancelled));
     }
-    if (sender) {
+    if (request.role() != v1::TRANSFER_ROLE_RECEIVER) {
       auto it = outbound_.find(request.request_id());
       if (it != outbound_.end()) {
-        std::lock_guard<std::mutex> ol(it->second->mu);
-        if (!it->second->outcome) it->second->outcome = TransferOutcome{request.request_id(), cancelled, 0};
-        it->second->cv.notify_all();
+        StopOutbound(it->second, {request.request_id(), cancelled, 0}, /*from_peer=*/false, after);
+        // A sender mid-stream finishes when its worker notices; the record says so already.
+        table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
+          i.set_state(v1::TRANSFER_STATE_CANCELLED);
+          i.set_error_code(int(cancelled.code()));
+          i.set_error_message(std::string(cancelled.message()));
+        });
       }
     }
   }
@@ -295,6 +303,28 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::Canc
     return absl::NotFoundError(absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
   }
   return response;
+}
+
+void Daemon::AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t call_id) {
+  const absl::Status gone = absl::CancelledError("the caller went away");
+  Deferred after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (role == v1::TRANSFER_ROLE_RECEIVER) {
+      auto it = receives_.find(request_id);
+      if (it != receives_.end() && it->second->call_id == call_id && !it->second->finished) {
+        spdlog::info("request {}: the Receive caller went away; releasing its destination", request_id);
+        after.push_back(FinishInbound(it->second, gone));
+      }
+    } else {
+      auto it = outbound_.find(request_id);
+      if (it != outbound_.end() && it->second->call_id == call_id) {
+        spdlog::info("request {}: the Send caller went away; stopping the transfer", request_id);
+        StopOutbound(it->second, {request_id, gone, 0}, /*from_peer=*/false, after);
+      }
+    }
+  }
+  for (auto& f : after) f();
 }
 
 // ---- Stateless codec and probe. ----------------------------------------------------------------
@@ -351,26 +381,38 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
 }
 
 absl::StatusOr<v1::DecodeResponse> Daemon::Decode(const v1::DecodeRequest& request) {
-  if (request.segments().empty()) return absl::InvalidArgumentError("segments: at least one segment is required");
-  absl::StatusOr<uint64_t> extent = control::KvLayoutExtentBytes(request.output_layout(), "output_layout");
-  if (!extent.ok()) return extent.status();
-  if (*extent > (uint64_t{1} << 31)) return absl::InvalidArgumentError("output_layout: larger than 2 GiB");
-  std::string kv(*extent, '\0');
-  absl::StatusOr<control::KvLayoutViews> views =
-      control::BuildKvLayoutViews(request.output_layout(), kv.data(), kv.size(), KvAccess::kReadWrite, "output_layout");
-  if (!views.ok()) return views.status();
-  const std::vector<KvLayerViews> layers = CodecViews(*views);
+  // Validation bounds the output by the gRPC message limit before anything is allocated.
+  if (absl::Status s = control::ValidateDecodeRequest(request); !s.ok()) return s;
   std::vector<std::span<const uint8_t>> segments;
   uint64_t wire = 0;
   for (const std::string& s : request.segments()) {
     segments.emplace_back(reinterpret_cast<const uint8_t*>(s.data()), s.size());
     wire += s.size();
   }
+  v1::KvLayout layout = request.output_layout();
+  if (!request.has_output_layout()) {  // the dense layout of what the segments describe
+    absl::StatusOr<KvShape> shape = ShapeOfSegments(segments);
+    if (!shape.ok()) return Annotate(shape.status(), "segments");
+    layout.set_dtype(shape->dtype == DType::kBf16 ? v1::DTYPE_BF16 : v1::DTYPE_FP16);
+    layout.set_layers(shape->layers);
+    layout.set_kv_heads(shape->heads);
+    layout.set_head_dim(shape->head_dim);
+    layout.set_tokens(shape->tokens);
+    layout.mutable_contiguous();
+    if (absl::Status s = control::CheckInlineKvBytes(layout, "segments"); !s.ok()) return s;
+  }
+  absl::StatusOr<uint64_t> extent = control::KvLayoutExtentBytes(layout, "output_layout");
+  if (!extent.ok()) return extent.status();
+  std::string kv(*extent, '\0');
+  absl::StatusOr<control::KvLayoutViews> views =
+      control::BuildKvLayoutViews(layout, kv.data(), kv.size(), KvAccess::kReadWrite, "output_layout");
+  if (!views.ok()) return views.status();
+  const std::vector<KvLayerViews> layers = CodecViews(*views);
   const auto start = std::chrono::steady_clock::now();
   std::vector<uint8_t> kept;
   if (absl::Status s = DecodeKv(segments, layers, &kept); !s.ok()) return Annotate(s, "segments");
   v1::DecodeResponse response;
-  *response.mutable_layout() = request.output_layout();
+  *response.mutable_layout() = layout;
   *response.mutable_kept() = MakeMask(kept, request.mask_format());
   response.mutable_stats()->set_wire_bytes(wire);
   response.mutable_stats()->set_segments(uint32_t(segments.size()));

@@ -22,6 +22,7 @@
 #include "spectrumkv/control/request_validation.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
+#include "peer_protocol.h"
 #include "transfer_table.h"
 #include "worker_pool.h"
 
@@ -37,6 +38,7 @@ CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double 
 class Daemon {
  public:
   using ReceiveDone = absl::AnyInvocable<void(absl::StatusOr<v1::ReceiveResponse>)>;
+  using SendDone = absl::AnyInvocable<void(absl::StatusOr<v1::SendResponse>)>;
 
   // Starts the data plane on config.data_listen_address. `transport` may be given for tests (a
   // loopback transport); null creates the UCX transport from the config.
@@ -51,10 +53,15 @@ class Daemon {
   const std::string& data_address() const { return data_address_; }
 
   absl::StatusOr<v1::RegisterModelResponse> RegisterModel(const v1::RegisterModelRequest& request);
-  // Blocks until the peer committed, failed or timed out: call it from a worker thread.
-  absl::StatusOr<v1::SendResponse> Send(const v1::SendRequest& request);
-  // Returns at once; `done` runs exactly once, when the KV is written or the transfer failed.
-  void Receive(const v1::ReceiveRequest& request, ReceiveDone done);
+  // Both return at once and run `done` exactly once: Send when the peer committed, refused,
+  // failed or timed out; Receive when the KV is written or the transfer failed. Neither holds a
+  // thread while it waits. `request` must stay valid until `done` has run; `call_id` (unique per
+  // call, nonzero) names the call for AbandonCall.
+  void Send(const v1::SendRequest& request, uint64_t call_id, SendDone done);
+  void Receive(const v1::ReceiveRequest& request, uint64_t call_id, ReceiveDone done);
+  // The caller of call `call_id` went away: cancel that call's transfer (not a later one that
+  // reuses the request id).
+  void AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t call_id);
   absl::StatusOr<v1::GetTransferResponse> GetTransfer(const v1::GetTransferRequest& request);
   absl::StatusOr<v1::ListTransfersResponse> ListTransfers(const v1::ListTransfersRequest& request);
   absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(const v1::CancelTransferRequest& request);
@@ -70,13 +77,11 @@ class Daemon {
   void Shutdown();
 
  private:
-  // Send() without the transfer counter, which Send() updates once for every outcome.
-  absl::StatusOr<v1::SendResponse> SendTransfer(const v1::SendRequest& request);
-
   struct Inbound;
   struct Outbound;
   struct PeerLink;
   class SegmentBufferPool;
+  using Deferred = std::vector<absl::AnyInvocable<void()>>;  // work to run after unlocking mu_
 
   Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
          std::unique_ptr<transport::Transport> transport);
@@ -90,12 +95,30 @@ class Daemon {
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
   absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);
+
+  // Receive side (daemon_receive.cc).
+  // Pairs a Receive with its sender's TransferBegin once both exist (under mu_).
+  void Match(const std::shared_ptr<Inbound>& in, Deferred& after);
   void ScheduleDecode(const std::shared_ptr<Inbound>& transfer);
   void DrainDecodeQueue(std::shared_ptr<Inbound> transfer);
   // Ends an inbound transfer (under mu_); returns what must run after unlocking.
-  absl::AnyInvocable<void()> FinishInbound(const std::shared_ptr<Inbound>& transfer, absl::Status status);
+  absl::AnyInvocable<void()> FinishInbound(std::shared_ptr<Inbound> transfer, absl::Status status);
+  // Forgets a staged transfer that never got its Receive (under mu_).
+  void DropStaged(const std::shared_ptr<Inbound>& transfer);
   void SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
                    double decode_seconds);
+  // Sender: stop `out` with `verdict` (under mu_); finishes it when its worker is done.
+  void StopOutbound(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, bool from_peer,
+                    Deferred& after);
+  bool SenderAllowed(const std::string& daemon_id) const;
+
+  // Send side (daemon_send.cc).
+  void RunSend(const std::shared_ptr<Outbound>& out);
+  // The pipeline on the worker: import, plan, stream. Returns why it stopped early.
+  absl::Status StreamTransfer(Outbound& out);
+  absl::AnyInvocable<void()> FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status);
+  void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds, v1::SendResponse& response);
+
   void ReapExpired();
 
   control::DaemonConfig config_;
@@ -106,10 +129,15 @@ class Daemon {
 
   mutable std::mutex mu_;
   std::map<std::string, control::RegisteredModel> models_;
-  std::map<uint64_t, std::shared_ptr<Inbound>> inbound_;    // by request id
+  // Inbound transfers by Receive (request id) and by sender (daemon id, request id); a matched
+  // transfer is in both.
+  std::map<uint64_t, std::shared_ptr<Inbound>> receives_;
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Inbound>> arrivals_;
   std::map<uint64_t, std::shared_ptr<Outbound>> outbound_;  // by request id
   std::map<std::string, std::shared_ptr<PeerLink>> links_;  // by peer address
-  std::map<uint64_t, absl::Time> tombstones_;  // finished inbound ids: late segments are dropped
+  std::map<transport::PeerId, std::string> peer_names_;    // connected peers' daemon ids
+  // Finished arrivals: late segments are dropped quietly.
+  std::map<std::pair<std::string, uint64_t>, absl::Time> tombstones_;
   size_t early_bytes_ = 0;
   std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
   double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate

@@ -2,6 +2,7 @@
 // Not part of the daemon's interface.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -78,18 +79,24 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const 
 
 // ---- State of one transfer on each side. --------------------------------------------------------
 
+// One transfer into this daemon. It exists from whichever comes first: the sender's
+// TransferBegin (then it is staged, keyed by sending daemon and request id) or the Receive call
+// (then it waits for its sender); the two are matched once both exist. All fields are guarded
+// by Daemon::mu_ except the views' memory, which the decode worker writes outside the lock.
 struct Daemon::Inbound {
   uint64_t request_id = 0;
+  uint64_t call_id = 0;  // the Receive call's serial, for AbandonCall; 0 before Receive
   // From the sender's TransferBegin.
   std::optional<TransferBegin> begin;
   transport::PeerId peer = transport::kNoPeer;
-  std::string peer_daemon_id;
+  std::string sender;  // the sending daemon's id
   // Segments waiting for the Receive call (or, after it, for the decode worker).
   std::deque<transport::MessageBuffer> queue;
   size_t early_bytes = 0;
   absl::Time first_arrival = absl::InfinitePast();
   // Set by Receive.
   bool has_receive = false;
+  std::string expected_sender;  // ReceiveRequest.sender_daemon_id; empty = any allowed daemon
   control::RegisteredModel model;
   control::MappedKvRegion region;
   std::optional<control::KvLayoutViews> views;
@@ -111,14 +118,41 @@ struct Daemon::Inbound {
   double decode_seconds = 0;
   std::chrono::steady_clock::time_point first_segment;
   bool got_segment = false;
+
+  bool matched() const { return has_receive && begin.has_value(); }
 };
 
+// One transfer out of this daemon. A worker runs the send pipeline (import, plan, encode,
+// stream); the transfer then waits for the receiver's verdict without holding a thread. Fields
+// under "worker" are written only by that worker, before it sets `streamed`; the rest are
+// guarded by Daemon::mu_.
 struct Daemon::Outbound {
   uint64_t request_id = 0;
+  uint64_t call_id = 0;
+  const v1::SendRequest* request = nullptr;  // owned by the caller until `done` has run
+  control::RegisteredModel model;
+  control::PeerConfig peer_config;
+  control::CodecPolicySettings policy;
+  SendDone done;
+  std::chrono::steady_clock::time_point started;
+  // Worker.
   transport::PeerId peer = transport::kNoPeer;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::optional<TransferOutcome> outcome;
+  bool begin_sent = false;
+  uint64_t raw_bytes = 0;
+  uint64_t wire_bytes = 0;
+  uint32_t segments_sent = 0;
+  uint32_t segments_total = 0;
+  EncodeStats stats;
+  v1::PassthroughDecision decision;
+  std::chrono::steady_clock::time_point wire_start;
+  // Guarded by mu_.
+  bool streamed = false;   // the worker is done (every segment sent, or it gave up)
+  bool finished = false;
+  // Why to stop early (cancel, peer lost, the receiver's refusal) or the receiver's verdict.
+  std::optional<TransferOutcome> verdict;
+  bool verdict_from_peer = false;
+  absl::Time verdict_deadline = absl::InfiniteFuture();
+  std::atomic<bool> stop{false};  // verdict set: the worker checks it between segments
 };
 
 struct Daemon::PeerLink {

@@ -36,42 +36,64 @@ void Daemon::OnMessage(transport::ReceivedMessage message) {
   }
 }
 
+bool Daemon::SenderAllowed(const std::string& daemon_id) const {
+  if (config_.peers.empty()) return true;  // any daemon that passed the handshake (logged at start)
+  for (const control::PeerConfig& p : config_.peers) {
+    if (p.daemon_id == daemon_id) return true;
+  }
+  return false;
+}
+
 void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload) {
   absl::StatusOr<TransferBegin> begin = ParseBegin(payload);
   if (!begin.ok()) {
     spdlog::warn("dropped a malformed transfer-begin from peer {}: {}", peer, begin.status().ToString());
     return;
   }
-  std::vector<absl::AnyInvocable<void()>> after;
+  const uint64_t id = begin->request_id;
+  Deferred after;
   absl::Status refusal;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto& slot = inbound_[begin->request_id];
-    if (slot == nullptr) {
-      slot = std::make_shared<Inbound>();
-      slot->request_id = begin->request_id;
-    }
-    std::shared_ptr<Inbound> in = slot;
-    if (in->begin.has_value() || in->finished) {
-      refusal = absl::AlreadyExistsError(absl::StrCat("request ", begin->request_id, " is already being received"));
+    auto name = peer_names_.find(peer);
+    if (name == peer_names_.end()) return;  // the peer went down meanwhile
+    const std::string& sender = name->second;
+    auto receive = receives_.find(id);
+    std::shared_ptr<Inbound> claimed = receive == receives_.end() ? nullptr : receive->second;
+    if (shutting_down_) {
+      refusal = absl::UnavailableError("the receiving spectrumkvd is shutting down");
+    } else if (!SenderAllowed(sender)) {
+      refusal = absl::PermissionDeniedError(
+          absl::StrCat("daemon '", sender, "' is not among the receiver's configured peers"));
+    } else if (arrivals_.count({sender, id}) > 0) {
+      refusal = absl::AlreadyExistsError(absl::StrCat("request ", id, " from '", sender, "' is already being received"));
+    } else if (claimed != nullptr && claimed->begin.has_value()) {
+      refusal = absl::AlreadyExistsError(
+          absl::StrCat("request ", id, " is already being received from daemon '", claimed->sender, "'"));
+    } else if (claimed != nullptr && !claimed->expected_sender.empty() && claimed->expected_sender != sender) {
+      refusal = absl::PermissionDeniedError(absl::StrCat("the Receive of request ", id, " expects daemon '",
+                                                         claimed->expected_sender, "'"));
     } else {
+      std::shared_ptr<Inbound> in = claimed;
+      if (in == nullptr) {
+        in = std::make_shared<Inbound>();
+        in->request_id = id;
+      }
       in->begin = *begin;
       in->peer = peer;
+      in->sender = sender;
       in->first_arrival = absl::Now();
-      tombstones_.erase(begin->request_id);
-      if (in->has_receive) {
-        const control::RegisteredModel& m = in->model;
-        if (begin->model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
-            begin->tokens != in->codec_views[0].key.tokens) {
-          after.push_back(FinishInbound(in, absl::FailedPreconditionError(absl::StrCat(
-              "the sender's KV (", begin->layers, " layers x ", begin->tokens, " tokens x ", begin->heads, " x ",
-              begin->head_dim, ") does not match the Receive's destination"))));
-        }
-      }
+      arrivals_[{sender, id}] = in;
+      tombstones_.erase({sender, id});
+      if (in->has_receive) Match(in, after);
+    }
+    if (!refusal.ok()) {
+      spdlog::warn("refused request {} from '{}': {}", id, sender, refusal.ToString());
+      metrics_->TransferFinished(control::TransferRole::kReceiver, refusal.code());
     }
   }
   for (auto& f : after) f();
-  if (!refusal.ok()) SendOutcome(peer, begin->request_id, refusal, 0);
+  if (!refusal.ok()) SendOutcome(peer, id, refusal, 0);
 }
 
 void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload) {
@@ -81,14 +103,17 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
   }
   SegmentHeader h;
   std::memcpy(&h, payload.data(), sizeof(h));  // only the request id is trusted before parsing
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   absl::Status refusal;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = inbound_.find(h.request_id);
-    if (it == inbound_.end() || !it->second->begin.has_value() || it->second->peer != peer) {
-      if (tombstones_.count(h.request_id) == 0) {
-        spdlog::warn("dropped a segment for unknown request {} from peer {}", h.request_id, peer);
+    auto name = peer_names_.find(peer);
+    if (name == peer_names_.end()) return;
+    const std::pair<std::string, uint64_t> key{name->second, h.request_id};
+    auto it = arrivals_.find(key);
+    if (it == arrivals_.end() || it->second->peer != peer) {
+      if (tombstones_.count(key) == 0) {
+        spdlog::warn("dropped a segment for unknown request {} from '{}'", h.request_id, key.first);
       }
       return;
     }
@@ -99,9 +124,8 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
         refusal = absl::ResourceExhaustedError(absl::StrCat(
             "the receiver's early-segment buffer (", config_.early_segment_buffer_bytes,
             " bytes) is full: call Receive before sending"));
-        early_bytes_ -= in->early_bytes;
-        inbound_.erase(it);
-        tombstones_[h.request_id] = absl::Now() + kTombstoneLifetime;
+        DropStaged(in);
+        metrics_->TransferFinished(control::TransferRole::kReceiver, refusal.code());
       } else {
         early_bytes_ += payload.size();
         in->early_bytes += payload.size();
@@ -125,24 +149,24 @@ void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payloa
     spdlog::warn("dropped a malformed outcome from peer {}: {}", peer, outcome.status().ToString());
     return;
   }
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (from_sender) {  // the sender aborted: fail our Receive
-      auto it = inbound_.find(outcome->request_id);
-      if (it == inbound_.end() || it->second->peer != peer || it->second->finished) return;
-      if (it->second->has_receive) {
-        after.push_back(FinishInbound(it->second, Annotate(outcome->status, "the sender aborted")));
+    auto name = peer_names_.find(peer);
+    if (name == peer_names_.end()) return;
+    if (from_sender) {  // the sender aborted: fail our Receive, or forget what was staged
+      auto it = arrivals_.find({name->second, outcome->request_id});
+      if (it == arrivals_.end() || it->second->peer != peer || it->second->finished) return;
+      std::shared_ptr<Inbound> in = it->second;
+      if (in->has_receive) {
+        after.push_back(FinishInbound(in, Annotate(outcome->status, "the sender aborted")));
       } else {
-        early_bytes_ -= it->second->early_bytes;
-        inbound_.erase(it);
+        DropStaged(in);
       }
     } else {
       auto it = outbound_.find(outcome->request_id);
       if (it == outbound_.end() || it->second->peer != peer) return;
-      std::lock_guard<std::mutex> ol(it->second->mu);
-      if (!it->second->outcome) it->second->outcome = *outcome;
-      it->second->cv.notify_all();
+      StopOutbound(it->second, *outcome, /*from_peer=*/true, after);
     }
   }
   for (auto& f : after) f();
@@ -157,7 +181,7 @@ void Daemon::SendOutcome(transport::PeerId peer, uint64_t request_id, const absl
 
 // ---- Receive. ----------------------------------------------------------------------------------
 
-void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
+void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, ReceiveDone done) {
   // Refusals before the transfer exists are counted here; FinishInbound() counts the rest.
   auto refuse = [&](absl::Status s) {
     metrics_->TransferFinished(control::TransferRole::kReceiver, s.code());
@@ -178,58 +202,102 @@ void Daemon::Receive(const v1::ReceiveRequest& request, ReceiveDone done) {
   PrefaultHostRegion(*region,
                      uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2);
 
-  auto in_new = std::make_shared<Inbound>();
-  std::vector<absl::AnyInvocable<void()>> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
-    auto& slot = inbound_[request.request_id()];
-    if (slot != nullptr && slot->has_receive) {
+    if (receives_.count(request.request_id()) > 0) {
       return refuse(absl::AlreadyExistsError(
           absl::StrCat("request_id: ", request.request_id(), " already has a Receive in progress")));
     }
-    if (slot == nullptr) {
-      slot = in_new;
-      slot->request_id = request.request_id();
+    // A staged transfer of this id from the expected sender (or, with none named, the first
+    // allowed one) becomes this Receive's; otherwise the Receive waits for its sender.
+    std::shared_ptr<Inbound> in;
+    for (auto& [key, staged] : arrivals_) {
+      if (key.second == request.request_id() && !staged->has_receive && !staged->finished &&
+          (request.sender_daemon_id().empty() || request.sender_daemon_id() == key.first)) {
+        in = staged;
+        break;
+      }
     }
-    std::shared_ptr<Inbound> in = slot;
+    if (in == nullptr) {
+      in = std::make_shared<Inbound>();
+      in->request_id = request.request_id();
+    }
+    in->call_id = call_id;
     in->has_receive = true;
+    in->expected_sender = request.sender_daemon_id();
     in->model = *model;
     in->region = std::move(*region);
     in->views.emplace(std::move(*views));
     in->codec_views = CodecViews(*in->views);
-    in->mask_format = request.mask_format();
+    in->mask_format = request.mask_format() == v1::MASK_FORMAT_UNSPECIFIED ? v1::MASK_FORMAT_BYTES
+                                                                            : request.mask_format();
     in->inline_destination = request.destination().has_inline_data();
-    const absl::Duration timeout = request.has_timeout()
-                                       ? absl::Nanoseconds(TimeUtil::DurationToNanoseconds(request.timeout()))
-                                       : control::kDefaultReceiveTimeout;
-    in->deadline = absl::Now() + timeout;
+    in->deadline = absl::Now() + control::ReceiveTimeout(request);
     in->done = std::move(done);
     in->started = std::chrono::steady_clock::now();
     in->in_flight.emplace(*metrics_);
     in->kept.assign(in->codec_views[0].key.tokens, 1);
     early_bytes_ -= in->early_bytes;
     in->early_bytes = 0;
-    tombstones_.erase(request.request_id());
+    receives_[request.request_id()] = in;
     v1::TransferInfo info;
     info.set_request_id(request.request_id());
     info.set_role(v1::TRANSFER_ROLE_RECEIVER);
     info.set_state(v1::TRANSFER_STATE_PENDING);
     info.set_model_id(model->model_id);
+    info.set_peer_daemon_id(in->begin.has_value() ? in->sender : request.sender_daemon_id());
     table_.Put(info);
-    if (in->begin.has_value()) {
-      const control::RegisteredModel& m = in->model;
-      if (in->begin->model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
-          in->begin->tokens != in->codec_views[0].key.tokens) {
-        after.push_back(FinishInbound(in, absl::FailedPreconditionError(
-                                              "destination_layout: the sender's KV has another shape")));
-      } else if (!in->queue.empty() && !in->draining) {
-        in->draining = true;
-        after.push_back([this, in] { ScheduleDecode(in); });
-      }
-    }
+    if (in->begin.has_value()) Match(in, after);
   }
   for (auto& f : after) f();
+}
+
+void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
+  const control::RegisteredModel& m = in->model;
+  const TransferBegin& b = *in->begin;
+  table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER, [&](v1::TransferInfo& info) {
+    info.set_state(v1::TRANSFER_STATE_RUNNING);
+    info.set_peer_daemon_id(in->sender);
+    info.set_segments_total(b.segments_total);
+  });
+  if (b.model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
+      b.tokens != in->codec_views[0].key.tokens) {
+    after.push_back(FinishInbound(
+        in, absl::FailedPreconditionError(absl::StrCat("destination_layout: the sender's KV (", b.layers,
+                                                        " layers x ", b.tokens, " tokens x ", b.heads, " heads x ",
+                                                        b.head_dim, ") does not match the Receive's"))));
+    return;
+  }
+  // Other senders that staged the same request id lose the race: tell them now, not at their TTL.
+  for (auto it = arrivals_.begin(); it != arrivals_.end();) {
+    std::shared_ptr<Inbound> other = (it++)->second;
+    if (other->request_id != in->request_id || other == in || other->has_receive) continue;
+    const transport::PeerId peer = other->peer;
+    const uint64_t id = other->request_id;
+    spdlog::warn("request {}: refused a second sender '{}' (matched to '{}')", id, other->sender, in->sender);
+    DropStaged(other);
+    after.push_back([this, peer, id, sender = in->sender] {
+      SendOutcome(peer, id, absl::AlreadyExistsError(absl::StrCat("request ", id,
+                                                                  " is already being received from daemon '",
+                                                                  sender, "'")),
+                  0);
+    });
+  }
+  if (!in->queue.empty() && !in->draining) {
+    in->draining = true;
+    after.push_back([this, in] { ScheduleDecode(in); });
+  }
+}
+
+void Daemon::DropStaged(const std::shared_ptr<Inbound>& in) {
+  early_bytes_ -= in->early_bytes;
+  in->early_bytes = 0;
+  in->queue.clear();
+  in->finished = true;
+  arrivals_.erase({in->sender, in->request_id});
+  tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
 }
 
 void Daemon::ScheduleDecode(const std::shared_ptr<Inbound>& transfer) {
@@ -291,6 +359,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
           ++in->rows[int(tier)];
           if (tier == Tier::kDrop) in->kept[h.token_begin + t] = 0;
         }
+        table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER,
+                      [&](v1::TransferInfo& info) { info.set_segments_done(in->segments_done); });
         if (in->segments_done == in->begin->segments_total) after = FinishInbound(in, absl::OkStatus());
       }
     }
@@ -298,12 +368,18 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
   }
 }
 
-absl::AnyInvocable<void()> Daemon::FinishInbound(const std::shared_ptr<Inbound>& in, absl::Status status) {
+absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, absl::Status status) {
+  // `in` is held by value: the maps below may hold its last other references.
   const auto commit_start = std::chrono::steady_clock::now();
   in->finished = true;
   in->queue.clear();
-  inbound_.erase(in->request_id);
-  tombstones_[in->request_id] = absl::Now() + kTombstoneLifetime;
+  early_bytes_ -= in->early_bytes;
+  in->early_bytes = 0;
+  if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in) receives_.erase(it);
+  if (in->begin.has_value()) {
+    arrivals_.erase({in->sender, in->request_id});
+    tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
+  }
   const double total_s = Seconds(in->started);
   const double wire_s = in->got_segment ? Seconds(in->first_segment) : 0.0;
 
@@ -338,6 +414,8 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(const std::shared_ptr<Inbound>&
     times.decode = absl::Seconds(in->decode_seconds);
     times.commit = absl::Seconds(Seconds(commit_start));
     times.total = absl::Seconds(total_s);
+    *response.mutable_stats()->mutable_durations()->mutable_commit() = ToProto(Seconds(commit_start));
+    *stats.mutable_durations()->mutable_commit() = ToProto(Seconds(commit_start));
     metrics_->ObserveTransfer(control::TransferRole::kReceiver, times);
   }
   metrics_->TransferFinished(control::TransferRole::kReceiver, status.code());
@@ -372,31 +450,37 @@ void Daemon::ReapExpired() {
   while (!shutting_down_) {
     reaper_cv_.wait_for(lock, absl::ToChronoNanoseconds(kReaperPeriod));
     const absl::Time now = absl::Now();
-    std::vector<absl::AnyInvocable<void()>> after;
-    std::vector<std::pair<transport::PeerId, uint64_t>> expired_early;
-    for (auto it = inbound_.begin(); it != inbound_.end();) {
-      std::shared_ptr<Inbound> in = it->second;
-      ++it;
-      if (in->finished) continue;
-      if (in->has_receive && now > in->deadline) {
+    Deferred after;
+    for (auto it = receives_.begin(); it != receives_.end();) {
+      std::shared_ptr<Inbound> in = (it++)->second;  // FinishInbound erases it
+      if (!in->finished && now > in->deadline) {
         after.push_back(FinishInbound(in, absl::DeadlineExceededError(absl::StrCat(
                                               "request ", in->request_id, ": the Receive timeout passed after ",
                                               in->segments_done, " segments"))));
-      } else if (!in->has_receive && now > in->first_arrival + config_.early_segment_ttl) {
-        early_bytes_ -= in->early_bytes;
-        expired_early.push_back({in->peer, in->request_id});
-        inbound_.erase(in->request_id);
-        tombstones_[in->request_id] = now + kTombstoneLifetime;
+      }
+    }
+    for (auto it = arrivals_.begin(); it != arrivals_.end();) {
+      std::shared_ptr<Inbound> in = (it++)->second;
+      if (in->has_receive || now <= in->first_arrival + config_.early_segment_ttl) continue;
+      spdlog::warn("request {} from '{}': no Receive within the early-segment TTL; dropped", in->request_id,
+                   in->sender);
+      metrics_->TransferFinished(control::TransferRole::kReceiver, absl::StatusCode::kDeadlineExceeded);
+      DropStaged(in);
+      after.push_back([this, peer = in->peer, id = in->request_id] {
+        SendOutcome(peer, id, absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"), 0);
+      });
+    }
+    for (auto it = outbound_.begin(); it != outbound_.end();) {
+      std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
+      if (out->streamed && !out->finished && now > out->verdict_deadline) {
+        StopOutbound(out, {out->request_id, absl::DeadlineExceededError("the peer did not confirm the transfer in time"), 0},
+                     /*from_peer=*/false, after);
       }
     }
     for (auto it = tombstones_.begin(); it != tombstones_.end();) it = it->second < now ? tombstones_.erase(it) : ++it;
     lock.unlock();
     shm_mappings_.DropUnlinked();  // frees KV objects their owners deleted since the last transfer
     for (auto& f : after) f();
-    for (auto [peer, id] : expired_early) {
-      spdlog::warn("request {}: no Receive within the early-segment TTL; dropped", id);
-      SendOutcome(peer, id, absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"), 0);
-    }
     lock.lock();
   }
 }

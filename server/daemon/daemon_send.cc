@@ -34,36 +34,112 @@ unsigned PlanningThreads() { return std::clamp(std::thread::hardware_concurrency
 
 // ---- Send. -------------------------------------------------------------------------------------
 
-absl::StatusOr<v1::SendResponse> Daemon::Send(const v1::SendRequest& request) {
-  // Counted here so that refusals before the transfer starts (unknown model, bad handle, peer
-  // unreachable) show in the error rate too.
-  absl::StatusOr<v1::SendResponse> result = SendTransfer(request);
-  metrics_->TransferFinished(control::TransferRole::kSender, result.status().code());
-  return result;
-}
-
-absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& request) {
-  const auto started = std::chrono::steady_clock::now();
+void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone done) {
+  // Refusals before the transfer exists are counted here, so that they show in the error rate
+  // too; FinishOutbound() counts the rest.
+  auto refuse = [&](absl::Status s) {
+    metrics_->TransferFinished(control::TransferRole::kSender, s.code());
+    done(std::move(s));
+  };
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
-  if (!model.ok()) return model.status();
-  if (absl::Status s = control::ValidateSendRequest(request, *model, config_.peers); !s.ok()) return s;
+  if (!model.ok()) return refuse(model.status());
+  if (absl::Status s = control::ValidateSendRequest(request, *model, config_.peers); !s.ok()) return refuse(s);
   absl::StatusOr<control::PeerConfig> peer = control::ResolvePeer(request.peer(), config_.peers);
-  if (!peer.ok()) return peer.status();
+  if (!peer.ok()) return refuse(peer.status());
   absl::StatusOr<control::CodecPolicySettings> policy =
       control::ApplyCodecPolicy(model->policy, request.policy_override(), "policy_override");
-  if (!policy.ok()) return policy.status();
-  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override"); !s.ok()) return s;
+  if (!policy.ok()) return refuse(policy.status());
+  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override"); !s.ok()) {
+    return refuse(s);
+  }
+  auto out = std::make_shared<Outbound>();
+  out->request_id = request.request_id();
+  out->call_id = call_id;
+  out->request = &request;
+  out->model = *model;
+  out->peer_config = *peer;
+  out->policy = *policy;
+  out->started = std::chrono::steady_clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (!outbound_.emplace(request.request_id(), out).second) {
+      return refuse(absl::AlreadyExistsError(absl::StrCat("request_id: ", request.request_id(), " is already being sent")));
+    }
+    out->done = std::move(done);
+    // Recorded before returning, so that a poller never sees NOT_FOUND for a live transfer.
+    v1::TransferInfo info;
+    info.set_request_id(request.request_id());
+    info.set_role(v1::TRANSFER_ROLE_SENDER);
+    info.set_state(v1::TRANSFER_STATE_PENDING);
+    info.set_model_id(model->model_id);
+    info.set_peer_daemon_id(peer->daemon_id);
+    table_.Put(info);
+  }
+  if (!workers_.Post([this, out] { RunSend(out); })) {
+    // Shutdown began between the check above and here: Shutdown() stopped it, finish it now.
+    absl::AnyInvocable<void()> after;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out->streamed = true;
+      if (!out->finished) after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
+    }
+    if (after) after();
+  }
+}
 
-  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
+void Daemon::RunSend(const std::shared_ptr<Outbound>& out) {
+  absl::Status status = StreamTransfer(*out);
+  absl::AnyInvocable<void()> after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out->streamed = true;
+    if (out->finished) return;
+    if (out->verdict.has_value()) {
+      after = FinishOutbound(out, out->verdict->status);  // the receiver answered, or a stop
+    } else if (!status.ok()) {
+      after = FinishOutbound(out, status);
+    } else {  // wait for the receiver's verdict without holding this thread
+      out->verdict_deadline = absl::Now() + config_.early_segment_ttl + kOutcomeGrace;
+      table_.Update(out->request_id, v1::TRANSFER_ROLE_SENDER,
+                    [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
+    }
+  }
+  if (after) after();
+}
+
+void Daemon::StopOutbound(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, bool from_peer,
+                          Deferred& after) {
+  if (out->finished) return;
+  if (!out->verdict.has_value()) {
+    out->verdict = std::move(verdict);
+    out->verdict_from_peer = from_peer;
+    out->stop.store(true);
+  }
+  if (out->streamed) after.push_back(FinishOutbound(out, out->verdict->status));
+}
+
+absl::Status Daemon::StreamTransfer(Outbound& out) {
+  const v1::SendRequest& request = *out.request;
+  const control::RegisteredModel& model = out.model;
+  const uint64_t request_id = out.request_id;
+  auto stopped = [&]() -> absl::Status {
+    std::lock_guard<std::mutex> lock(mu_);
+    return out.verdict.has_value() ? out.verdict->status : absl::OkStatus();
+  };
+
+  absl::StatusOr<control::MappedKvRegion> region =
+      control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
   if (!region.ok()) return region.status();
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
     return absl::UnimplementedError("source: device memory needs the CUDA build of the daemon");
   }
-  absl::StatusOr<control::KvLayoutViews> views = control::BuildKvLayoutViews(request.source_layout(), *region, "source_layout");
+  absl::StatusOr<control::KvLayoutViews> views =
+      control::BuildKvLayoutViews(request.source_layout(), *region, "source_layout");
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
-  const uint64_t raw_bytes = uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2;
-  PrefaultHostRegion(*region, raw_bytes);
+  out.raw_bytes = uint64_t{model.layers} * 2 * views->tokens() * model.kv_heads * model.head_dim * 2;
+  PrefaultHostRegion(*region, out.raw_bytes);
 
   ImportanceInput importance;
   std::vector<float> scores;
@@ -72,7 +148,7 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
     scores.assign(request.token_scores().scores().begin(), request.token_scores().scores().end());
     importance.engine_scores = scores;
   } else if (request.has_observation_window()) {
-    absl::StatusOr<QueryInputs> q = ImportQueries(request.observation_window(), *model, "observation_window");
+    absl::StatusOr<QueryInputs> q = ImportQueries(request.observation_window(), model, "observation_window");
     if (!q.ok()) return q.status();
     queries.emplace(std::move(*q));
     importance.query_windows = queries->windows;
@@ -80,12 +156,12 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
 
   // Passthrough or codec (DESIGN 3.7): compare the link time of raw rows with the slower of
   // encode+decode and the link time of the compressed rows (they overlap, layer by layer).
-  v1::PassthroughDecision decision;
+  v1::PassthroughDecision& decision = out.decision;
   double budget = request.budget();
   double link_bps = 0, codec_bps = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = link_bandwidth_.find(peer->address);
+    auto it = link_bandwidth_.find(out.peer_config.address);
     if (it != link_bandwidth_.end()) link_bps = it->second;
     codec_bps = codec_bytes_per_second_;
   }
@@ -96,8 +172,8 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
   } else if (budget >= 1.0) {
     decision.set_reason(v1::PASSTHROUGH_REASON_BUDGET_FULL);
   } else if (request.passthrough() != v1::PASSTHROUGH_MODE_NEVER && link_bps > 0 && codec_bps > 0) {
-    const double raw_time = raw_bytes / link_bps;
-    const double codec_time = std::max(raw_bytes / codec_bps, budget * raw_bytes / link_bps);
+    const double raw_time = out.raw_bytes / link_bps;
+    const double codec_time = std::max(out.raw_bytes / codec_bps, budget * out.raw_bytes / link_bps);
     if (raw_time < codec_time) decision.set_reason(v1::PASSTHROUGH_REASON_FAST_LINK);
   }
   if (decision.reason() != v1::PASSTHROUGH_REASON_UNSPECIFIED) {
@@ -107,155 +183,157 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
                                : decision.reason() == v1::PASSTHROUGH_REASON_BUDGET_FULL
                                    ? control::PassthroughReason::kBudgetFull
                                    : control::PassthroughReason::kFastLink);
-    spdlog::info("request {}: FP16 passthrough ({})", request.request_id(), v1::PassthroughReason_Name(decision.reason()));
+    spdlog::info("request {}: FP16 passthrough ({})", request_id, v1::PassthroughReason_Name(decision.reason()));
   }
   decision.set_planned_budget(budget);
-  const CodecOptions options = CodecOptionsFor(*policy, budget);
+  const CodecOptions options = CodecOptionsFor(out.policy, budget);
 
-  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(*peer);
+  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
   if (!peer_id.ok()) return peer_id.status();
-
-  auto out = std::make_shared<Outbound>();
-  out->request_id = request.request_id();
-  out->peer = *peer_id;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (shutting_down_) return absl::UnavailableError("spectrumkvd is shutting down");
-    if (!outbound_.emplace(request.request_id(), out).second) {
-      return absl::AlreadyExistsError(absl::StrCat("request_id: ", request.request_id(), " is already being sent"));
-    }
+    out.peer = *peer_id;  // from now on the receiver's verdict and the peer's loss reach `out`
+    if (out.verdict.has_value()) return out.verdict->status;
   }
   auto in_flight = metrics_->TrackInFlight();
-  v1::TransferInfo info;
-  info.set_request_id(request.request_id());
-  info.set_role(v1::TRANSFER_ROLE_SENDER);
-  info.set_state(v1::TRANSFER_STATE_RUNNING);
-  info.set_model_id(model->model_id);
-  info.set_peer_daemon_id(peer->daemon_id);
-  table_.Put(info);
 
-  EncodeStats stats;
-  uint64_t wire_bytes = 0;
-  uint32_t segments_sent = 0;
-  std::chrono::steady_clock::time_point wire_start;
-  absl::Status status = [&]() -> absl::Status {
-    absl::StatusOr<TierPlan> plan = PlanRequest(layers, importance, options, BestRowKernels(), &stats, PlanningThreads());
-    if (!plan.ok()) return plan.status();
-    const uint32_t per_tensor = SegmentsPerTensor(plan->tokens, options);
-    TransferBegin begin{};
-    begin.version = kPeerProtocolVersion;
-    begin.dtype = uint8_t(model->dtype);
-    begin.passthrough = decision.passthrough() ? 1 : 0;
-    begin.layers = model->layers;
-    begin.request_id = request.request_id();
-    begin.model_hash = ModelCompatibilityHash(model->layers, model->kv_heads, model->head_dim, model->dtype);
-    begin.tokens = plan->tokens;
-    begin.heads = model->kv_heads;
-    begin.head_dim = model->head_dim;
-    begin.segments_total = per_tensor * model->layers * 2;
-    begin.requested_budget = request.budget();
-    stats.rows_per_tier = plan->TierCounts();
-    for (int t = 0; t < kNumTiers; ++t) begin.rows_per_tier[t] = stats.rows_per_tier[t];
-    // The honest budget is known exactly only after encoding; the receiver's copy is the plan's.
-    begin.achieved_budget = budget;
-    begin.payload_budget = 0;
-    if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage, SerializeBegin(begin), [](absl::Status) {});
-        !s.ok()) {
-      return s;
-    }
-    wire_start = std::chrono::steady_clock::now();
-    std::vector<ByteBuffer> buffers(per_tensor);
-    for (ByteBuffer& b : buffers) b = segment_pool_->Take();
-    for (uint32_t l = 0; l < model->layers; ++l) {
-      for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-        const auto encode_start = std::chrono::steady_clock::now();
-        if (absl::Status s = EncodeLayer(layers[l], l, kind, *plan, options, request.request_id(), BestRowKernels(), buffers);
+  absl::StatusOr<TierPlan> plan =
+      PlanRequest(layers, importance, options, BestRowKernels(), &out.stats, PlanningThreads());
+  if (!plan.ok()) return plan.status();
+  const uint32_t per_tensor = SegmentsPerTensor(plan->tokens, options);
+  TransferBegin begin{};
+  begin.version = kPeerProtocolVersion;
+  begin.dtype = uint8_t(model.dtype);
+  begin.passthrough = decision.passthrough() ? 1 : 0;
+  begin.layers = model.layers;
+  begin.request_id = request_id;
+  begin.model_hash = ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
+  begin.tokens = plan->tokens;
+  begin.heads = model.kv_heads;
+  begin.head_dim = model.head_dim;
+  begin.segments_total = out.segments_total = per_tensor * model.layers * 2;
+  begin.requested_budget = request.budget();
+  out.stats.rows_per_tier = plan->TierCounts();
+  for (int t = 0; t < kNumTiers; ++t) begin.rows_per_tier[t] = out.stats.rows_per_tier[t];
+  // The honest budget is known exactly only after encoding; the receiver's copy is the plan's.
+  begin.achieved_budget = budget;
+  begin.payload_budget = 0;
+  if (absl::Status s = stopped(); !s.ok()) return s;
+  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage, SerializeBegin(begin), [](absl::Status) {});
+      !s.ok()) {
+    return s;
+  }
+  out.begin_sent = true;
+  table_.Update(request_id, v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
+    i.set_state(v1::TRANSFER_STATE_RUNNING);
+    i.set_segments_total(out.segments_total);
+  });
+  out.wire_start = std::chrono::steady_clock::now();
+  std::vector<ByteBuffer> buffers(per_tensor);
+  for (ByteBuffer& b : buffers) b = segment_pool_->Take();
+  for (uint32_t l = 0; l < model.layers; ++l) {
+    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      const auto encode_start = std::chrono::steady_clock::now();
+      if (absl::Status s = EncodeLayer(layers[l], l, kind, *plan, options, request_id, BestRowKernels(), buffers);
+          !s.ok()) {
+        return s;
+      }
+      out.stats.encode_seconds += Seconds(encode_start);
+      for (ByteBuffer& b : buffers) {
+        // A cancel, the peer's loss or the receiver's refusal stops the stream here.
+        if (out.stop.load()) return stopped();
+        out.wire_bytes += b.size();
+        transport::MessageBuffer message = segment_pool_->ToMessage(std::move(b));
+        b = segment_pool_->Take();
+        // Send() waits while the peer's in-flight window is full: that is the pipeline's
+        // backpressure, and encoding of the next layer overlaps the wire meanwhile.
+        if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message), [](absl::Status) {});
             !s.ok()) {
           return s;
         }
-        stats.encode_seconds += Seconds(encode_start);
-        for (ByteBuffer& b : buffers) {
-          wire_bytes += b.size();
-          transport::MessageBuffer message = segment_pool_->ToMessage(std::move(b));
-          b = segment_pool_->Take();
-          // Send() waits while the peer's in-flight window is full: that is the pipeline's
-          // backpressure, and encoding of the next layer overlaps the wire meanwhile.
-          if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message), [](absl::Status) {});
-              !s.ok()) {
-            return s;
-          }
-          ++segments_sent;
-          table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
-            i.set_segments_done(segments_sent);
-            i.set_segments_total(begin.segments_total);
-          });
-        }
+        ++out.segments_sent;
+        table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
+                      [&](v1::TransferInfo& i) { i.set_segments_done(out.segments_sent); });
       }
     }
-    for (ByteBuffer& b : buffers) segment_pool_->Return(std::move(b));
-    std::unique_lock<std::mutex> ol(out->mu);
-    const bool answered = out->cv.wait_for(ol, absl::ToChronoNanoseconds(config_.early_segment_ttl + kOutcomeGrace),
-                                           [&] { return out->outcome.has_value(); });
-    if (!answered) return absl::DeadlineExceededError("the peer did not confirm the transfer in time");
-    return out->outcome->status;
-  }();
-  const double wire_s = segments_sent > 0 ? Seconds(wire_start) : 0.0;
-  double decode_s = 0;
-  {
-    std::lock_guard<std::mutex> ol(out->mu);
-    if (out->outcome) decode_s = out->outcome->decode_seconds;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    outbound_.erase(request.request_id());
-  }
-  if (!status.ok() && status.code() != absl::StatusCode::kUnavailable && segments_sent > 0) {
-    // Let the receiver release its destination now rather than at its timeout.
-    (void)transport_->Send(*peer_id, kTransferAbortMessage, SerializeOutcome({request.request_id(), status, 0}),
-                           [](absl::Status) {});
-  }
+  for (ByteBuffer& b : buffers) segment_pool_->Return(std::move(b));
+  return absl::OkStatus();
+}
 
-  v1::SendResponse response;
+absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status) {
+  out->finished = true;
+  if (auto it = outbound_.find(out->request_id); it != outbound_.end() && it->second == out) outbound_.erase(it);
+  const double decode_s = out->verdict.has_value() ? out->verdict->decode_seconds : 0.0;
+  // Let the receiver release its destination now rather than at its timeout (it knows already
+  // when it gave the verdict or the link is gone).
+  const bool tell_peer = !status.ok() && out->begin_sent && !out->verdict_from_peer &&
+                         status.code() != absl::StatusCode::kUnavailable;
+  return [this, out, status, decode_s, tell_peer]() mutable {
+    if (tell_peer) {
+      (void)transport_->Send(out->peer, kTransferAbortMessage, SerializeOutcome({out->request_id, status, 0}),
+                             [](absl::Status) {});
+    }
+    v1::SendResponse response;
+    ReportSend(*out, status, decode_s, response);
+    metrics_->TransferFinished(control::TransferRole::kSender, status.code());
+    SendDone done = std::move(out->done);
+    if (status.ok()) {
+      done(std::move(response));
+    } else {
+      done(status);
+    }
+  };
+}
+
+void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode_s, v1::SendResponse& response) {
+  const v1::SendRequest& request = *out.request;
+  const control::RegisteredModel& model = out.model;
+  const double wire_s = out.segments_sent > 0 ? Seconds(out.wire_start) : 0.0;
   v1::TransferStats& ts = *response.mutable_stats();
   ts.set_requested_budget(request.budget());
-  ts.set_raw_bytes(raw_bytes);
-  ts.set_wire_bytes(wire_bytes);
-  ts.set_achieved_budget(raw_bytes > 0 ? double(wire_bytes) / double(raw_bytes) : 0);
+  ts.set_raw_bytes(out.raw_bytes);
+  ts.set_wire_bytes(out.wire_bytes);
+  ts.set_achieved_budget(out.raw_bytes > 0 ? double(out.wire_bytes) / double(out.raw_bytes) : 0);
   uint64_t payload = 0;
-  for (int t = 0; t < kNumTiers; ++t) payload += stats.rows_per_tier[t] * model->kv_heads * model->head_dim * TierBits(Tier(t)) / 8;
-  ts.set_payload_budget(raw_bytes > 0 ? double(payload) / double(raw_bytes) : 0);
-  FillTierCounts(stats.rows_per_tier, ts.mutable_tier_tokens());
-  ts.set_segments(segments_sent);
-  ts.set_importance_source(ImportanceSourceOf(stats.importance_source));
-  *ts.mutable_passthrough() = decision;
-  const double total_s = Seconds(started);
+  for (int t = 0; t < kNumTiers; ++t) {
+    payload += out.stats.rows_per_tier[t] * model.kv_heads * model.head_dim * TierBits(Tier(t)) / 8;
+  }
+  ts.set_payload_budget(out.raw_bytes > 0 ? double(payload) / double(out.raw_bytes) : 0);
+  FillTierCounts(out.stats.rows_per_tier, ts.mutable_tier_tokens());
+  ts.set_segments(out.segments_sent);
+  ts.set_importance_source(ImportanceSourceOf(out.stats.importance_source));
+  *ts.mutable_passthrough() = out.decision;
+  const double total_s = Seconds(out.started);
   v1::PhaseDurations& d = *ts.mutable_durations();
-  *d.mutable_score() = ToProto(stats.score_seconds);
-  *d.mutable_plan() = ToProto(stats.plan_seconds);
-  *d.mutable_encode() = ToProto(stats.encode_seconds);
+  *d.mutable_score() = ToProto(out.stats.score_seconds);
+  *d.mutable_plan() = ToProto(out.stats.plan_seconds);
+  *d.mutable_encode() = ToProto(out.stats.encode_seconds);
   *d.mutable_wire() = ToProto(wire_s);
   *d.mutable_decode() = ToProto(decode_s);
   *d.mutable_total() = ToProto(total_s);
 
-  table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
     i.set_state(status.ok() ? v1::TRANSFER_STATE_COMMITTED
                 : status.code() == absl::StatusCode::kCancelled ? v1::TRANSFER_STATE_CANCELLED
                                                                 : v1::TRANSFER_STATE_FAILED);
     i.set_error_code(int(status.code()));
     i.set_error_message(std::string(status.message()));
+    i.set_segments_done(out.segments_sent);
     *i.mutable_stats() = ts;
   });
   if (!status.ok()) {
-    spdlog::warn("request {}: send to '{}' failed: {}", request.request_id(), peer->daemon_id, status.ToString());
-    return status;
+    spdlog::warn("request {}: send to '{}' failed after {} of {} segments: {}", out.request_id,
+                 out.peer_config.daemon_id, out.segments_sent, out.segments_total, status.ToString());
+    return;
   }
-  metrics_->AddBytes(raw_bytes, wire_bytes);
+  metrics_->AddBytes(out.raw_bytes, out.wire_bytes);
   metrics_->ObserveBudget(request.budget(), ts.achieved_budget());
-  CountTokens(*metrics_, stats.rows_per_tier);
+  CountTokens(*metrics_, out.stats.rows_per_tier);
   control::TransferPhaseTimes times;
-  times.score = absl::Seconds(stats.score_seconds);
-  times.plan = absl::Seconds(stats.plan_seconds);
-  times.encode = absl::Seconds(stats.encode_seconds);
+  times.score = absl::Seconds(out.stats.score_seconds);
+  times.plan = absl::Seconds(out.stats.plan_seconds);
+  times.encode = absl::Seconds(out.stats.encode_seconds);
   times.wire = absl::Seconds(wire_s);
   times.total = absl::Seconds(total_s);
   metrics_->ObserveTransfer(control::TransferRole::kSender, times);
@@ -264,19 +342,18 @@ absl::StatusOr<v1::SendResponse> Daemon::SendTransfer(const v1::SendRequest& req
     std::lock_guard<std::mutex> lock(mu_);
     if (wire_s > 0) {
       // Encoding overlaps the wire; the wire time is bounded below by bytes / link rate.
-      const double observed = double(wire_bytes) / wire_s;
-      double& link = link_bandwidth_[peer->address];
+      const double observed = double(out.wire_bytes) / wire_s;
+      double& link = link_bandwidth_[out.peer_config.address];
       link = link == 0 ? observed : 0.7 * link + 0.3 * observed;
-      metrics_->SetLinkBandwidth(peer->daemon_id, link);
+      metrics_->SetLinkBandwidth(out.peer_config.daemon_id, link);
     }
-    if (!decision.passthrough() && stats.encode_seconds + decode_s > 0) {
-      const double observed = double(raw_bytes) / (stats.encode_seconds + stats.plan_seconds + decode_s);
+    if (!out.decision.passthrough() && out.stats.encode_seconds + decode_s > 0) {
+      const double observed = double(out.raw_bytes) / (out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
       codec_bytes_per_second_ = codec_bytes_per_second_ == 0 ? observed : 0.7 * codec_bytes_per_second_ + 0.3 * observed;
     }
   }
-  spdlog::info("request {}: sent to '{}' at b={:.3f} ({} of {} bytes) in {:.3f} s", request.request_id(),
-               peer->daemon_id, ts.achieved_budget(), wire_bytes, raw_bytes, total_s);
-  return response;
+  spdlog::info("request {}: sent to '{}' at b={:.3f} ({} of {} bytes) in {:.3f} s", out.request_id,
+               out.peer_config.daemon_id, ts.achieved_budget(), out.wire_bytes, out.raw_bytes, total_s);
 }
 
 }  // namespace skv::daemon

@@ -1,6 +1,7 @@
 #include "grpc_service.h"
 
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +24,66 @@ grpc::ServerUnaryReactor* SpectrumKvService::OnWorker(grpc::CallbackServerContex
   return reactor;
 }
 
+template <typename Response, typename Call>
+grpc::ServerUnaryReactor* SpectrumKvService::Inline(grpc::CallbackServerContext* ctx, Response* resp, Call call) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<Response> result = call();
+  if (result.ok()) *resp = std::move(*result);
+  reactor->Finish(ToGrpcStatus(result.status()));
+  return reactor;
+}
+
+namespace {
+
+// The reactor of a Send or Receive call: it tells the daemon when the caller goes away, so an
+// abandoned transfer releases its slot and destination at once instead of at its timeout.
+// gRPC may finish the call (OnDone) before Started() returns; the last of the two deletes it.
+class TransferReactor final : public grpc::ServerUnaryReactor {
+ public:
+  TransferReactor(Daemon* daemon, v1::TransferRole role, uint64_t request_id, uint64_t call_id)
+      : daemon_(daemon), role_(role), request_id_(request_id), call_id_(call_id) {}
+  // The daemon has the transfer (or refused it): a cancel from now on reaches it.
+  void Started() {
+    bool cancelled, done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      started_ = true;
+      cancelled = cancelled_;
+      done = done_;
+    }
+    if (cancelled) daemon_->AbandonCall(role_, request_id_, call_id_);
+    if (done) delete this;
+  }
+  void OnCancel() override {
+    bool started;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      started = started_;
+    }
+    if (started) daemon_->AbandonCall(role_, request_id_, call_id_);
+  }
+  void OnDone() override {
+    bool started;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      started = started_;
+    }
+    if (started) delete this;
+  }
+
+ private:
+  Daemon* const daemon_;
+  const v1::TransferRole role_;
+  const uint64_t request_id_;
+  const uint64_t call_id_;
+  std::mutex mu_;
+  bool started_ = false, cancelled_ = false, done_ = false;
+};
+
+}  // namespace
+
 bool SpectrumKvService::AdmitTransfer() {
   uint32_t current = transfers_.load();
   while (current < max_transfers_) {
@@ -31,59 +92,63 @@ bool SpectrumKvService::AdmitTransfer() {
   return false;
 }
 
+template <typename Request, typename Response, typename Start>
+grpc::ServerUnaryReactor* SpectrumKvService::Transfer(v1::TransferRole role, const Request* req, Response* resp,
+                                                      Start start) {
+  const uint64_t call_id = next_call_id_.fetch_add(1) + 1;
+  auto* reactor = new TransferReactor(daemon_, role, req->request_id(), call_id);
+  if (!AdmitTransfer()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                 absl::StrCat("max_concurrent_transfers (", max_transfers_, ") reached")));
+  } else {
+    start(*req, call_id, [this, reactor, resp](absl::StatusOr<Response> result) {
+      if (result.ok()) *resp = std::move(*result);
+      transfers_.fetch_sub(1);
+      reactor->Finish(ToGrpcStatus(result.status()));
+    });
+  }
+  reactor->Started();
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* SpectrumKvService::RegisterModel(grpc::CallbackServerContext* ctx,
                                                            const v1::RegisterModelRequest* req,
                                                            v1::RegisterModelResponse* resp) {
-  return OnWorker(ctx, resp, [this, req] { return daemon_->RegisterModel(*req); });
+  return Inline(ctx, resp, [this, req] { return daemon_->RegisterModel(*req); });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Send(grpc::CallbackServerContext* ctx, const v1::SendRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Send(grpc::CallbackServerContext*, const v1::SendRequest* req,
                                                   v1::SendResponse* resp) {
-  if (!AdmitTransfer()) {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                 absl::StrCat("max_concurrent_transfers (", max_transfers_, ") reached")));
-    return reactor;
-  }
-  return OnWorker(ctx, resp, [this, req] {
-    absl::StatusOr<v1::SendResponse> r = daemon_->Send(*req);
-    transfers_.fetch_sub(1);
-    return r;
-  });
+  return Transfer(v1::TRANSFER_ROLE_SENDER, req, resp,
+                  [this](const v1::SendRequest& r, uint64_t call_id, Daemon::SendDone done) {
+                    daemon_->Send(r, call_id, std::move(done));
+                  });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Receive(grpc::CallbackServerContext* ctx, const v1::ReceiveRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Receive(grpc::CallbackServerContext*, const v1::ReceiveRequest* req,
                                                      v1::ReceiveResponse* resp) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (!AdmitTransfer()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                 absl::StrCat("max_concurrent_transfers (", max_transfers_, ") reached")));
-    return reactor;
-  }
-  daemon_->Receive(*req, [this, reactor, resp](absl::StatusOr<v1::ReceiveResponse> result) {
-    if (result.ok()) *resp = std::move(*result);
-    transfers_.fetch_sub(1);
-    reactor->Finish(ToGrpcStatus(result.status()));
+  return Transfer(v1::TRANSFER_ROLE_RECEIVER, req, resp, [this](const v1::ReceiveRequest& r, uint64_t call_id,
+                                                                 Daemon::ReceiveDone done) {
+    daemon_->Receive(r, call_id, std::move(done));
   });
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::GetTransfer(grpc::CallbackServerContext* ctx,
                                                          const v1::GetTransferRequest* req,
                                                          v1::GetTransferResponse* resp) {
-  return OnWorker(ctx, resp, [this, req] { return daemon_->GetTransfer(*req); });
+  return Inline(ctx, resp, [this, req] { return daemon_->GetTransfer(*req); });
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::ListTransfers(grpc::CallbackServerContext* ctx,
                                                            const v1::ListTransfersRequest* req,
                                                            v1::ListTransfersResponse* resp) {
-  return OnWorker(ctx, resp, [this, req] { return daemon_->ListTransfers(*req); });
+  return Inline(ctx, resp, [this, req] { return daemon_->ListTransfers(*req); });
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::CancelTransfer(grpc::CallbackServerContext* ctx,
                                                             const v1::CancelTransferRequest* req,
                                                             v1::CancelTransferResponse* resp) {
-  return OnWorker(ctx, resp, [this, req] { return daemon_->CancelTransfer(*req); });
+  return Inline(ctx, resp, [this, req] { return daemon_->CancelTransfer(*req); });
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::Probe(grpc::CallbackServerContext* ctx, const v1::ProbeRequest* req,

@@ -1,5 +1,5 @@
-// The gRPC face of spectrumkvd: the callback-API service (long calls run on the daemon's workers)
-// and the server that hosts it with health checking and reflection.
+// The gRPC face of spectrumkvd: the callback-API service (codec calls run on the daemon's workers,
+// control calls answer inline, transfers wait without a thread) and its credentials.
 #pragma once
 
 #include <atomic>
@@ -39,14 +39,22 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
                                    v1::DecodeResponse* resp) override;
 
  private:
-  // Runs `call` on a worker and finishes the reactor with its result.
+  // Runs `call` on a worker (codec work) and finishes the reactor with its result.
   template <typename Response, typename Call>
   grpc::ServerUnaryReactor* OnWorker(grpc::CallbackServerContext* ctx, Response* resp, Call call);
+  // Runs `call` on gRPC's thread: control calls that only take short locks, so that they answer
+  // however busy the workers are.
+  template <typename Response, typename Call>
+  grpc::ServerUnaryReactor* Inline(grpc::CallbackServerContext* ctx, Response* resp, Call call);
+  // Admits a Send or Receive and starts it in the daemon; nothing waits on a thread meanwhile.
+  template <typename Request, typename Response, typename Start>
+  grpc::ServerUnaryReactor* Transfer(v1::TransferRole role, const Request* req, Response* resp, Start start);
   bool AdmitTransfer();
 
   Daemon* daemon_;
   const uint32_t max_transfers_;
   std::atomic<uint32_t> transfers_{0};
+  std::atomic<uint64_t> next_call_id_{0};
 };
 
 // gRPC server credentials from the config: insecure, TLS, or mutual TLS.

@@ -73,8 +73,8 @@ int Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int bound_port = 0;
   builder.AddListeningPort(config->grpc_listen_address, *credentials, &bound_port);
-  builder.SetMaxReceiveMessageSize(64 << 20);
-  builder.SetMaxSendMessageSize(64 << 20);
+  builder.SetMaxReceiveMessageSize(int(skv::control::kMaxGrpcMessageBytes));
+  builder.SetMaxSendMessageSize(int(skv::control::kMaxGrpcMessageBytes));
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {

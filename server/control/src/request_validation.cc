@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -14,8 +15,6 @@ namespace {
 
 namespace v1 = spectrumkv::v1;
 
-// The service's cap on a KV it must hold inline (Decode output); protobuf messages stop at 2 GiB.
-constexpr uint64_t kMaxInlineKvBytes = uint64_t{1} << 30;
 constexpr uint32_t kMaxQueryHeads = 16384;
 
 absl::Status Invalid(absl::string_view field, absl::string_view reason) {
@@ -340,6 +339,13 @@ absl::Status ValidateReceiveRequest(const v1::ReceiveRequest& request,
                                              " is outside (0, 1h] or malformed"));
     }
   }
+  if (!request.sender_daemon_id().empty()) {
+    const std::string& id = request.sender_daemon_id();
+    const bool well_formed = id.size() <= 128 && absl::c_all_of(id, [](char c) {
+      return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-';
+    });
+    if (!well_formed) return Invalid("sender_daemon_id", "a daemon id has 1..128 characters of [A-Za-z0-9._-]");
+  }
   return ValidateMaskFormat(request.mask_format(), "mask_format");
 }
 
@@ -431,19 +437,24 @@ absl::Status ValidateEncodeRequest(const v1::EncodeRequest& request) {
   return absl::OkStatus();
 }
 
+absl::Status CheckInlineKvBytes(const v1::KvLayout& layout, absl::string_view field) {
+  absl::StatusOr<uint64_t> extent = KvLayoutExtentBytes(layout, field);
+  if (!extent.ok()) return extent.status();
+  if (*extent > kMaxGrpcMessageBytes - kGrpcMessageHeadroomBytes) {
+    return Invalid(field, absl::StrCat("addresses ", *extent, " bytes; a KV returned inline is limited to ",
+                                       kMaxGrpcMessageBytes - kGrpcMessageHeadroomBytes,
+                                       " bytes (the gRPC message limit): use Send/Receive with shared memory"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateDecodeRequest(const v1::DecodeRequest& request) {
   if (request.segments_size() == 0) return Invalid("segments", "at least one segment is needed");
   for (int i = 0; i < request.segments_size(); ++i) {
     if (request.segments(i).empty()) return Invalid(absl::StrCat("segments[", i, "]"), "empty");
   }
   if (request.has_output_layout()) {
-    auto extent = KvLayoutExtentBytes(request.output_layout(), "output_layout");
-    if (!extent.ok()) return extent.status();
-    if (*extent > kMaxInlineKvBytes) {
-      return Invalid("output_layout",
-                     absl::StrCat("addresses ", *extent, " bytes; inline output is limited to ",
-                                  kMaxInlineKvBytes));
-    }
+    if (absl::Status s = CheckInlineKvBytes(request.output_layout(), "output_layout"); !s.ok()) return s;
   }
   return ValidateMaskFormat(request.mask_format(), "mask_format");
 }

@@ -80,6 +80,53 @@ TEST(Codec, DecodeReportsDroppedTokensAndRejectsForeignSegments) {
   EXPECT_EQ(DecodeKv(Spans(enc->segments), small.views(), &kept).code(), absl::StatusCode::kOutOfRange);
 }
 
+// Decode takes a whole request or nothing: a missing, repeated or foreign segment is refused
+// before a row is written, and the shape of a complete set is read off its headers.
+TEST(Codec, DecodeRefusesIncompleteDuplicateAndMixedSegments) {
+  SyntheticKvSpec spec{.layers = 2, .tokens = 300, .heads = 2, .head_dim = 32};
+  SyntheticKv kv(spec);
+  CodecOptions options;
+  options.budget = 0.5;
+  options.tokens_per_segment = 128;
+  absl::StatusOr<EncodedKv> enc = EncodeKv(kv.views(), {}, options, 21);
+  absl::StatusOr<EncodedKv> other = EncodeKv(kv.views(), {}, options, 22);
+  ASSERT_TRUE(enc.ok() && other.ok());
+  ASSERT_GT(enc->segments.size(), 4u) << "several segments per tensor";
+  std::vector<std::span<const uint8_t>> all = Spans(enc->segments);
+
+  absl::StatusOr<KvShape> shape = ShapeOfSegments(all);
+  ASSERT_TRUE(shape.ok()) << shape.status();
+  EXPECT_EQ(shape->layers, spec.layers);
+  EXPECT_EQ(shape->tokens, spec.tokens);
+  EXPECT_EQ(shape->heads, spec.heads);
+  EXPECT_EQ(shape->head_dim, spec.head_dim);
+
+  SyntheticKv dst = SyntheticKv::ZerosLike(spec);
+  std::vector<uint8_t> kept;
+  auto missing = all;
+  missing.erase(missing.begin() + 1);
+  absl::Status s = DecodeKv(missing, dst.views(), &kept);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("in no segment"), absl::string_view::npos) << s;
+  EXPECT_TRUE(DecodeKv({all.data(), 1}, dst.views(), &kept).code() == absl::StatusCode::kInvalidArgument);
+
+  auto repeated = all;
+  repeated.push_back(all[2]);
+  s = DecodeKv(repeated, dst.views(), &kept);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("more than one segment"), absl::string_view::npos) << s;
+
+  auto mixed = all;
+  mixed[3] = std::span<const uint8_t>(other->segments[3].data(), other->segments[3].size());
+  s = DecodeKv(mixed, dst.views(), &kept);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("request 22"), absl::string_view::npos) << s;
+  EXPECT_EQ(ShapeOfSegments(mixed).status().code(), absl::StatusCode::kInvalidArgument);
+
+  for (uint16_t v : dst.buffer(0, 0)) ASSERT_EQ(v, 0) << "nothing written by a refused decode";
+  ASSERT_TRUE(DecodeKv(all, dst.views(), &kept).ok());
+}
+
 // Paged source and destination with shuffled block tables decode to the same bytes as dense.
 TEST(Codec, PagedLayoutsRoundTrip) {
   SyntheticKvSpec spec{.layers = 1, .tokens = 45, .heads = 2, .head_dim = 16, .seed = 4};

@@ -70,7 +70,15 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
                                    uint64_t request_id,
                                    const RowKernels& kernels = BestRowKernels());
 
-// Decodes segments into `destination` (any order, each exactly once is the caller's duty).
+// The KV shape a complete set of segments describes: layers and tokens from the largest layer
+// index and token range, heads, head_dim and dtype from the headers (which must all agree, as
+// must the request id). Checks headers only (not CRCs); InvalidArgument names the culprit.
+absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>> segments);
+
+// Decodes a whole request into `destination` (segments in any order). The segments must belong
+// to one request and cover every token of every layer's K and V exactly once: a missing,
+// duplicated or overlapping segment is InvalidArgument (a layer beyond `destination` OutOfRange)
+// and nothing is reported as decoded.
 // `kept` (tokens entries) gets 0 for every token a segment marks dropped.
 absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
                       std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,

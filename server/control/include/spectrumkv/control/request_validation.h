@@ -53,6 +53,10 @@ inline constexpr uint32_t kMaxWindowTokens = 1024;
 inline constexpr uint32_t kMaxListPageSize = 1000;
 inline constexpr absl::Duration kDefaultReceiveTimeout = absl::Seconds(30);
 inline constexpr absl::Duration kMaxReceiveTimeout = absl::Hours(1);
+// The largest gRPC message the daemon sends or accepts; a KV returned inline (Decode) must fit
+// in one with room for the mask and stats.
+inline constexpr size_t kMaxGrpcMessageBytes = size_t{64} << 20;
+inline constexpr size_t kGrpcMessageHeadroomBytes = size_t{1} << 20;
 
 // ---- Single fields.
 absl::Status ValidateRequestId(uint64_t request_id, absl::string_view field = "request_id");
@@ -99,6 +103,8 @@ absl::Status ValidateProbeRequest(const spectrumkv::v1::ProbeRequest& request,
 // Encode has no registered model: the layout alone defines the shape.
 absl::Status ValidateEncodeRequest(const spectrumkv::v1::EncodeRequest& request);
 absl::Status ValidateDecodeRequest(const spectrumkv::v1::DecodeRequest& request);
+// InvalidArgument naming `field` when a KV in `layout` cannot be returned in one gRPC message.
+absl::Status CheckInlineKvBytes(const spectrumkv::v1::KvLayout& layout, absl::string_view field);
 
 // The effective Receive timeout: unset = kDefaultReceiveTimeout. Call after validation.
 absl::Duration ReceiveTimeout(const spectrumkv::v1::ReceiveRequest& request);
