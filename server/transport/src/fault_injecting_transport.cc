@@ -57,6 +57,7 @@ std::optional<FaultAction> FaultInjectingTransport::ApplyFaults(FaultDirection d
         break;
       case FaultAction::kDrop:
       case FaultAction::kKillLink:
+      case FaultAction::kPause:
         break;
     }
   }
@@ -101,6 +102,12 @@ absl::Status FaultInjectingTransport::Send(PeerId peer, MessageType type, Messag
     (void)inner_->Disconnect(peer);
     return absl::UnavailableError(absl::StrCat("fault injection cut the link to peer ", peer));
   }
+  if (action == FaultAction::kPause) {
+    absl::MutexLock lock(&mutex_);
+    ++paused_sends_;
+    mutex_.Await(absl::Condition(&resumed_));
+    --paused_sends_;
+  }
   return inner_->Send(peer, type, std::move(payload), std::move(on_complete));
 }
 
@@ -110,7 +117,21 @@ absl::StatusOr<PeerInfo> FaultInjectingTransport::Connect(std::string_view addre
   return inner_->Connect(address);
 }
 absl::Status FaultInjectingTransport::Disconnect(PeerId peer) { return inner_->Disconnect(peer); }
-void FaultInjectingTransport::Close() { inner_->Close(); }
+void FaultInjectingTransport::Close() {
+  Resume();  // a held sender must not outlive the transport
+  inner_->Close();
+}
+
+bool FaultInjectingTransport::WaitUntilPaused(absl::Duration timeout) {
+  absl::MutexLock lock(&mutex_);
+  bool (*held)(int*) = [](int* sends) { return *sends > 0; };
+  return mutex_.AwaitWithTimeout(absl::Condition(held, &paused_sends_), timeout);
+}
+
+void FaultInjectingTransport::Resume() {
+  absl::MutexLock lock(&mutex_);
+  resumed_ = true;
+}
 TransportStats FaultInjectingTransport::stats() const { return inner_->stats(); }
 
 }  // namespace spectrumkv::transport

@@ -29,6 +29,7 @@ enum class FaultAction {
   kCorrupt,   // XOR corrupt_xor_mask into the byte at corrupt_offset (clamped to the last byte)
   kTruncate,  // keep only the first truncate_to_bytes bytes
   kKillLink,  // disconnect the peer; the message is lost (outbound: Send returns Unavailable)
+  kPause,     // outbound only: Send() holds the caller until Resume() or Close(), then sends it
 };
 
 // Fires on matching messages: after `skip` matches have passed untouched, the next `count`
@@ -54,6 +55,10 @@ class FaultInjectingTransport final : public Transport {
   void ClearFaults();
   // How many messages the rules have hit so far.
   [[nodiscard]] uint64_t faults_injected() const;
+  // Waits until a Send() is held by a kPause rule; false when none is after `timeout`.
+  [[nodiscard]] bool WaitUntilPaused(absl::Duration timeout);
+  // Lets every held Send() go on; later kPause hits do not hold any more.
+  void Resume();
 
   [[nodiscard]] Capabilities capabilities() const override;
   [[nodiscard]] absl::Status SetHandlers(TransportHandlers handlers) override;
@@ -80,6 +85,8 @@ class FaultInjectingTransport final : public Transport {
   mutable absl::Mutex mutex_;
   std::vector<ArmedRule> rules_ ABSL_GUARDED_BY(mutex_);
   uint64_t faults_injected_ ABSL_GUARDED_BY(mutex_) = 0;
+  int paused_sends_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool resumed_ ABSL_GUARDED_BY(mutex_) = false;
 };
 
 }  // namespace spectrumkv::transport

@@ -1,0 +1,391 @@
+// The daemon core under cancels, lost peers, intruding senders and bad Decode input: daemons in
+// one process on the loopback transport, the sender's data path paused at a chosen segment by the
+// fault-injecting transport so that "mid-transfer" is a fact, not a hope about timing.
+#include <future>
+#include <random>
+
+#include "daemon.h"
+#include "google/protobuf/util/time_util.h"
+#include "gtest/gtest.h"
+#include "spectrumkv/codec/half.h"
+#include "spectrumkv/transport/fault_injecting_transport.h"
+#include "spectrumkv/transport/loopback_transport.h"
+
+namespace skv::daemon {
+namespace {
+
+namespace tp = ::spectrumkv::transport;
+using google::protobuf::util::TimeUtil;
+
+constexpr uint32_t kLayers = 8, kHeads = 2, kHeadDim = 64, kTokens = 256;
+constexpr char kModel[] = "unit-model";
+constexpr char kToken[] = "unit-token";
+constexpr auto kPatience = std::chrono::seconds(10);  // bound on every wait; a pass takes ms
+
+v1::KvLayout Layout() {
+  v1::KvLayout l;
+  l.set_dtype(v1::DTYPE_FP16);
+  l.set_layers(kLayers);
+  l.set_kv_heads(kHeads);
+  l.set_head_dim(kHeadDim);
+  l.set_tokens(kTokens);
+  l.mutable_contiguous();
+  return l;
+}
+constexpr size_t kKvBytes = size_t{kLayers} * 2 * kTokens * kHeads * kHeadDim * 2;
+
+std::string RandomKv(uint32_t seed) {
+  std::string kv(kKvBytes, '\0');
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto* v = reinterpret_cast<uint16_t*>(kv.data());
+  for (size_t i = 0; i < kKvBytes / 2; ++i) v[i] = FloatToFp16(normal(rng));
+  return kv;
+}
+
+// One daemon on the shared loopback network, its transport wrapped for fault injection.
+struct TestDaemon {
+  control::Metrics metrics;
+  tp::FaultInjectingTransport* faults = nullptr;  // owned by `daemon`
+  std::unique_ptr<Daemon> daemon;
+  uint64_t next_call = 1;
+
+  static std::unique_ptr<TestDaemon> Start(const std::string& id, const std::shared_ptr<tp::LoopbackNetwork>& net,
+                                           std::vector<control::PeerConfig> peers = {}) {
+    auto d = std::make_unique<TestDaemon>();
+    control::DaemonConfig config;
+    config.daemon_id = id;
+    config.auth_token = kToken;
+    config.data_listen_address = "127.0.0.1:0";
+    config.peers = std::move(peers);
+    config.early_segment_ttl = absl::Seconds(5);
+    tp::TransportConfig tc;
+    tc.daemon_id = id;
+    tc.auth_token = kToken;
+    tc.listen_address = config.data_listen_address;
+    absl::StatusOr<std::unique_ptr<tp::LoopbackTransport>> loop = tp::LoopbackTransport::Create(tc, net);
+    EXPECT_TRUE(loop.ok()) << loop.status();
+    auto faulty = std::make_unique<tp::FaultInjectingTransport>(std::move(*loop));
+    d->faults = faulty.get();
+    absl::StatusOr<std::unique_ptr<Daemon>> started = Daemon::Start(config, &d->metrics, std::move(faulty));
+    EXPECT_TRUE(started.ok()) << started.status();
+    d->daemon = std::move(*started);
+    v1::RegisterModelRequest r;
+    r.set_name(kModel);
+    r.mutable_shape()->set_layers(kLayers);
+    r.mutable_shape()->set_kv_heads(kHeads);
+    r.mutable_shape()->set_head_dim(kHeadDim);
+    r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    EXPECT_TRUE(d->daemon->RegisterModel(r).ok());
+    return d;
+  }
+
+  // Holds the sender's data path when it is about to send segment `k` (0-based).
+  void PauseAtSegment(uint64_t k) {
+    faults->AddFault({.direction = tp::FaultDirection::kOutbound,
+                      .action = tp::FaultAction::kPause,
+                      .message_type = kSegmentMessage,
+                      .skip = k});
+  }
+
+  // A call in flight: its result arrives through the future.
+  template <typename Response>
+  struct Call {
+    std::unique_ptr<typename std::conditional_t<std::is_same_v<Response, v1::SendResponse>, v1::SendRequest,
+                                                v1::ReceiveRequest>>
+        request;
+    std::future<absl::StatusOr<Response>> result;
+    absl::StatusOr<Response> Get() {
+      if (result.wait_for(kPatience) != std::future_status::ready) return absl::DeadlineExceededError("no answer");
+      return result.get();
+    }
+  };
+
+  Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer) {
+    Call<v1::SendResponse> call;
+    call.request = std::make_unique<v1::SendRequest>();
+    v1::SendRequest& s = *call.request;
+    s.set_request_id(id);
+    s.set_model_id(kModel);
+    s.mutable_source()->set_inline_data(kv);
+    *s.mutable_source_layout() = Layout();
+    s.mutable_peer()->set_daemon_id(peer);
+    s.set_budget(0.5);
+    s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
+    auto promise = std::make_shared<std::promise<absl::StatusOr<v1::SendResponse>>>();
+    call.result = promise->get_future();
+    daemon->Send(s, next_call++, [promise](absl::StatusOr<v1::SendResponse> r) { promise->set_value(std::move(r)); });
+    return call;
+  }
+
+  Call<v1::ReceiveResponse> Receive(uint64_t id, const std::string& sender = "") {
+    Call<v1::ReceiveResponse> call;
+    call.request = std::make_unique<v1::ReceiveRequest>();
+    v1::ReceiveRequest& r = *call.request;
+    r.set_request_id(id);
+    r.set_model_id(kModel);
+    r.mutable_destination()->set_inline_data(std::string(kKvBytes, '\0'));
+    *r.mutable_destination_layout() = Layout();
+    *r.mutable_timeout() = TimeUtil::SecondsToDuration(30);
+    r.set_sender_daemon_id(sender);
+    auto promise = std::make_shared<std::promise<absl::StatusOr<v1::ReceiveResponse>>>();
+    call.result = promise->get_future();
+    daemon->Receive(r, next_call++,
+                    [promise](absl::StatusOr<v1::ReceiveResponse> res) { promise->set_value(std::move(res)); });
+    return call;
+  }
+
+  absl::StatusOr<v1::CancelTransferResponse> Cancel(uint64_t id, v1::TransferRole role) {
+    v1::CancelTransferRequest c;
+    c.set_request_id(id);
+    c.set_role(role);
+    return daemon->CancelTransfer(c);
+  }
+
+  std::optional<v1::TransferInfo> Info(uint64_t id, v1::TransferRole role) {
+    v1::GetTransferRequest g;
+    g.set_request_id(id);
+    g.set_role(role);
+    absl::StatusOr<v1::GetTransferResponse> r = daemon->GetTransfer(g);
+    if (!r.ok() || r->transfers().empty()) return std::nullopt;
+    return r->transfers(0);
+  }
+
+  // Polls (bounded) until the transfer's record satisfies `ready`.
+  bool WaitFor(uint64_t id, v1::TransferRole role, const std::function<bool(const v1::TransferInfo&)>& ready) {
+    const auto until = std::chrono::steady_clock::now() + kPatience;
+    while (std::chrono::steady_clock::now() < until) {
+      std::optional<v1::TransferInfo> info = Info(id, role);
+      if (info && ready(*info)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+};
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    decode_ = TestDaemon::Start("decode", net_);
+    prefill_ = TestDaemon::Start("prefill", net_, {{"decode", decode_->daemon->data_address()}});
+  }
+
+  // A whole transfer prefill -> decode succeeds and lands the codec's bytes.
+  void ExpectTransferWorks(uint64_t id) {
+    const std::string kv = RandomKv(uint32_t(id));
+    auto received = decode_->Receive(id, "prefill");
+    auto sent = prefill_->Send(id, kv, "decode");
+    absl::StatusOr<v1::SendResponse> s = sent.Get();
+    absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->inline_kv().size(), kKvBytes);
+    EXPECT_EQ(r->stats().segments(), kLayers * 2);
+  }
+
+  std::shared_ptr<tp::LoopbackNetwork> net_ = tp::LoopbackNetwork::Create();
+  std::unique_ptr<TestDaemon> decode_, prefill_;
+};
+
+TEST_F(DaemonTest, CancelOfAWaitingReceiveAnswersCancelled) {
+  auto received = decode_->Receive(11);
+  absl::StatusOr<v1::CancelTransferResponse> c = decode_->Cancel(11, v1::TRANSFER_ROLE_RECEIVER);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->transfers(0).state(), v1::TRANSFER_STATE_CANCELLED);
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  ExpectTransferWorks(11);  // the id is free again and the daemon serves
+}
+
+TEST_F(DaemonTest, ReceiverCancelledMidTransfer) {
+  prefill_->PauseAtSegment(3);
+  auto received = decode_->Receive(12);
+  auto sent = prefill_->Send(12, RandomKv(12), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  ASSERT_TRUE(decode_->WaitFor(12, v1::TRANSFER_ROLE_RECEIVER,
+                               [](const v1::TransferInfo& i) { return i.segments_done() == 3; }));
+  ASSERT_TRUE(decode_->Cancel(12, v1::TRANSFER_ROLE_RECEIVER).ok());
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  prefill_->faults->Resume();
+  absl::StatusOr<v1::SendResponse> s = sent.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kCancelled) << s.status();
+  ExpectTransferWorks(13);
+}
+
+TEST_F(DaemonTest, SenderCancelStopsTheStreamAndReleasesTheReceiver) {
+  prefill_->PauseAtSegment(3);
+  auto received = decode_->Receive(14);
+  auto sent = prefill_->Send(14, RandomKv(14), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  absl::StatusOr<v1::CancelTransferResponse> c = prefill_->Cancel(14, v1::TRANSFER_ROLE_SENDER);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->transfers(0).state(), v1::TRANSFER_STATE_CANCELLED) << "the reply agrees with GetTransfer";
+  prefill_->faults->Resume();
+  absl::StatusOr<v1::SendResponse> s = sent.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kCancelled) << s.status();
+  std::optional<v1::TransferInfo> info = prefill_->Info(14, v1::TRANSFER_ROLE_SENDER);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state(), v1::TRANSFER_STATE_CANCELLED);
+  EXPECT_LE(info->segments_done(), 4u) << "stopped at the held segment, not after all " << kLayers * 2;
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_NE(r.status().message().find("sender aborted"), absl::string_view::npos) << r.status();
+  ExpectTransferWorks(15);
+}
+
+TEST_F(DaemonTest, PeerLostMidTransferFailsTheSendWithUnavailable) {
+  prefill_->PauseAtSegment(5);
+  auto received = decode_->Receive(16);
+  auto sent = prefill_->Send(16, RandomKv(16), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  decode_.reset();  // the receiving daemon goes away with the transfer at segment 5
+  EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kUnavailable);
+  prefill_->faults->Resume();
+  absl::StatusOr<v1::SendResponse> s = sent.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
+  std::optional<v1::TransferInfo> info = prefill_->Info(16, v1::TRANSFER_ROLE_SENDER);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state(), v1::TRANSFER_STATE_FAILED);
+}
+
+TEST_F(DaemonTest, OnlyTheNamedSenderFillsAReceive) {
+  auto intruder = TestDaemon::Start("intruder", net_, {{"decode", decode_->daemon->data_address()}});
+  auto received = decode_->Receive(21, "prefill");
+  absl::StatusOr<v1::SendResponse> forged = intruder->Send(21, RandomKv(99), "decode").Get();
+  EXPECT_EQ(forged.status().code(), absl::StatusCode::kPermissionDenied) << forged.status();
+  const std::string kv = RandomKv(21);
+  absl::StatusOr<v1::SendResponse> s = prefill_->Send(21, kv, "decode").Get();
+  ASSERT_TRUE(s.ok()) << s.status();
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::optional<v1::TransferInfo> info = decode_->Info(21, v1::TRANSFER_ROLE_RECEIVER);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->peer_daemon_id(), "prefill");
+  EXPECT_GT(info->stats().durations().commit().nanos() + info->stats().durations().commit().seconds(), 0);
+}
+
+TEST_F(DaemonTest, OnlyConfiguredPeersMaySend) {
+  auto guarded = TestDaemon::Start("guarded", net_, {{"prefill", "127.0.0.1:1"}});
+  auto intruder = TestDaemon::Start("intruder", net_, {{"guarded", guarded->daemon->data_address()}});
+  auto received = guarded->Receive(22);  // no sender named: the peer list decides
+  absl::StatusOr<v1::SendResponse> forged = intruder->Send(22, RandomKv(22), "guarded").Get();
+  EXPECT_EQ(forged.status().code(), absl::StatusCode::kPermissionDenied) << forged.status();
+  EXPECT_NE(forged.status().message().find("configured peers"), absl::string_view::npos) << forged.status();
+  ASSERT_TRUE(guarded->Cancel(22, v1::TRANSFER_ROLE_RECEIVER).ok());
+  EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST_F(DaemonTest, ASecondSenderOfAMatchedRequestIsRefusedAtOnce) {
+  auto second = TestDaemon::Start("second", net_, {{"decode", decode_->daemon->data_address()}});
+  prefill_->PauseAtSegment(1);
+  auto received = decode_->Receive(23);
+  auto sent = prefill_->Send(23, RandomKv(23), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  ASSERT_TRUE(decode_->WaitFor(23, v1::TRANSFER_ROLE_RECEIVER,
+                               [](const v1::TransferInfo& i) { return i.peer_daemon_id() == "prefill"; }));
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::SendResponse> dup = second->Send(23, RandomKv(24), "decode").Get();
+  EXPECT_EQ(dup.status().code(), absl::StatusCode::kAlreadyExists) << dup.status();
+  EXPECT_NE(dup.status().message().find("'prefill'"), absl::string_view::npos) << dup.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5)) << "refused, not timed out";
+  prefill_->faults->Resume();
+  EXPECT_TRUE(sent.Get().ok());
+  EXPECT_TRUE(received.Get().ok());
+}
+
+TEST_F(DaemonTest, ATransferIsVisibleAsSoonAsSendReturns) {
+  prefill_->PauseAtSegment(0);
+  auto sent = prefill_->Send(31, RandomKv(31), "decode");
+  std::optional<v1::TransferInfo> info = prefill_->Info(31, v1::TRANSFER_ROLE_SENDER);
+  ASSERT_TRUE(info.has_value()) << "GetTransfer must not answer NOT_FOUND for a live transfer";
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  ASSERT_TRUE(prefill_->Cancel(31, v1::TRANSFER_ROLE_SENDER).ok());
+  prefill_->faults->Resume();
+  EXPECT_EQ(sent.Get().status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST_F(DaemonTest, AnAbandonedReceiveReleasesItsSlot) {
+  auto received = decode_->Receive(32);
+  decode_->daemon->AbandonCall(v1::TRANSFER_ROLE_RECEIVER, 32, /*call_id=*/999);  // another call: no effect
+  EXPECT_EQ(received.result.wait_for(std::chrono::milliseconds(50)), std::future_status::timeout);
+  decode_->daemon->AbandonCall(v1::TRANSFER_ROLE_RECEIVER, 32, /*call_id=*/1);
+  EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kCancelled);
+  ExpectTransferWorks(32);
+}
+
+TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
+  v1::ListTransfersRequest l;
+  l.set_page_token("-1");
+  EXPECT_EQ(decode_->daemon->ListTransfers(l).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---- Stateless Decode: the whole request or a clear refusal, and no allocation a request can
+// inflate beyond the message limit.
+
+class DecodeContractTest : public DaemonTest {
+ protected:
+  void SetUp() override {
+    DaemonTest::SetUp();
+    v1::EncodeRequest e;
+    e.set_request_id(41);
+    e.set_kv(RandomKv(41));
+    *e.mutable_layout() = Layout();
+    e.set_budget(0.5);
+    absl::StatusOr<v1::EncodeResponse> enc = decode_->daemon->Encode(e);
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    segments_.assign(enc->segments().begin(), enc->segments().end());
+  }
+  absl::StatusOr<v1::DecodeResponse> Decode(const std::vector<std::string>& segments,
+                                            std::optional<v1::KvLayout> layout = std::nullopt) {
+    v1::DecodeRequest d;
+    for (const std::string& s : segments) d.add_segments(s);
+    if (layout) *d.mutable_output_layout() = *layout;
+    return decode_->daemon->Decode(d);
+  }
+  std::vector<std::string> segments_;
+};
+
+TEST_F(DecodeContractTest, MissingOutputLayoutMeansDense) {
+  absl::StatusOr<v1::DecodeResponse> r = Decode(segments_);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->kv().size(), kKvBytes);
+  EXPECT_EQ(r->layout().tokens(), kTokens);
+  EXPECT_EQ(r->layout().layers(), kLayers);
+  absl::StatusOr<v1::DecodeResponse> explicit_layout = Decode(segments_, Layout());
+  ASSERT_TRUE(explicit_layout.ok());
+  EXPECT_EQ(explicit_layout->kv(), r->kv());
+}
+
+TEST_F(DecodeContractTest, IncompleteDuplicateAndForeignSegmentsAreRefused) {
+  std::vector<std::string> one(segments_.begin(), segments_.begin() + 1);
+  EXPECT_EQ(Decode(one, Layout()).status().code(), absl::StatusCode::kInvalidArgument);
+  std::vector<std::string> dup = segments_;
+  dup.push_back(segments_[3]);
+  EXPECT_EQ(Decode(dup).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::EncodeRequest e;
+  e.set_request_id(42);
+  e.set_kv(RandomKv(42));
+  *e.mutable_layout() = Layout();
+  e.set_budget(0.5);
+  absl::StatusOr<v1::EncodeResponse> other = decode_->daemon->Encode(e);
+  ASSERT_TRUE(other.ok());
+  std::vector<std::string> mixed = segments_;
+  mixed[2] = other->segments(2);
+  EXPECT_EQ(Decode(mixed).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DecodeContractTest, UnknownMaskFormatAndHugeOutputAreRefused) {
+  v1::DecodeRequest d;
+  for (const std::string& s : segments_) d.add_segments(s);
+  d.set_mask_format(static_cast<v1::MaskFormat>(77));
+  EXPECT_EQ(decode_->daemon->Decode(d).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::KvLayout huge = Layout();
+  huge.set_tokens(1u << 24);  // 2 GiB of output from a few hundred request bytes
+  absl::StatusOr<v1::DecodeResponse> r = Decode(segments_, huge);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_NE(r.status().message().find("gRPC message limit"), absl::string_view::npos) << r.status();
+}
+
+}  // namespace
+}  // namespace skv::daemon
