@@ -63,7 +63,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
     transport::TransportConfig tc;
     tc.daemon_id = config.daemon_id;
     tc.listen_address = config.data_listen_address;
-    tc.auth_token = config.auth_token.empty() ? kLoopbackToken : config.auth_token;
+    tc.auth_token = config.auth_token.empty() ? control::kLoopbackOnlyToken : config.auth_token;
     if (!config.ucx_tls.empty()) tc.ucx_tls = config.ucx_tls;
     if (!config.ucx_net_devices.empty()) tc.ucx_net_devices = config.ucx_net_devices;
     tc.max_inflight_bytes_per_peer = std::max<size_t>(config.max_inflight_bytes, size_t{64} << 20);

@@ -25,9 +25,6 @@ namespace skv::daemon {
 inline constexpr absl::Duration kOutcomeGrace = absl::Seconds(10);
 inline constexpr absl::Duration kTombstoneLifetime = absl::Minutes(2);
 inline constexpr absl::Duration kReaperPeriod = absl::Milliseconds(50);
-// Built-in token for loopback-only deployments that configure none (the config refuses an empty
-// token on any other address).
-inline constexpr char kLoopbackToken[] = "spectrumkv-loopback-only";
 
 double Seconds(std::chrono::steady_clock::time_point since);
 google::protobuf::Duration ToProto(double seconds);

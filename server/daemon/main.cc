@@ -62,6 +62,11 @@ int Run(int argc, char** argv) {
     spdlog::critical("{}", daemon.status().ToString());
     return 1;
   }
+  if (config->tls_cert_file.empty() && !skv::control::IsLoopbackAddress(config->grpc_listen_address)) {
+    spdlog::warn("INSECURE: gRPC on {} without TLS (allow_insecure_grpc=true): anyone who reaches this "
+                 "port can read and write KV through this daemon",
+                 config->grpc_listen_address);
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = skv::daemon::MakeServerCredentials(*config);
   if (!credentials.ok()) {
     spdlog::critical("{}", credentials.status().ToString());

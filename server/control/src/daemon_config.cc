@@ -314,6 +314,10 @@ const std::vector<ConfigKey>& Keys() {
       {"tls_require_client_cert", "Require and verify client certificates (mutual TLS).", false,
        true, Setter(&DaemonConfig::tls_require_client_cert, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.tls_require_client_cert); }},
+      {"allow_insecure_grpc",
+       "Serve gRPC without TLS on a non-loopback address (refused otherwise); logged loudly.", false,
+       true, Setter(&DaemonConfig::allow_insecure_grpc, ParseBool),
+       [](const DaemonConfig& c) { return FormatBool(c.allow_insecure_grpc); }},
       {"max_inflight_bytes",
        "Bytes of encoded segments held at once across transfers, e.g. 1GiB; >= 1MiB.", false, false,
        Setter(&DaemonConfig::max_inflight_bytes, BytesAtLeast(uint64_t{1} << 20)),
@@ -610,10 +614,11 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
   if (absl::Status s = CheckDaemonId(c.daemon_id); !s.ok()) {
     return field_error("daemon_id", s.message());
   }
-  if (c.auth_token.empty() && !IsLoopbackAddress(c.data_listen_address)) {
+  if ((c.auth_token.empty() || c.auth_token == kLoopbackOnlyToken) &&
+      !IsLoopbackAddress(c.data_listen_address)) {
     return field_error("auth_token",
-                       absl::StrCat("required because data_listen_address '", c.data_listen_address,
-                                    "' is not a loopback address"));
+                       absl::StrCat("a token of your own is required because data_listen_address '",
+                                    c.data_listen_address, "' is not a loopback address"));
   }
   std::set<std::string, std::less<>> peer_ids;
   std::set<std::string, std::less<>> peer_addresses;
@@ -639,6 +644,18 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
   if (c.tls_require_client_cert && (c.tls_ca_file.empty() || c.tls_cert_file.empty())) {
     return field_error("tls_require_client_cert",
                        "mutual TLS needs tls_ca_file, tls_cert_file and tls_key_file");
+  }
+  if (!c.tls_ca_file.empty() && !c.tls_require_client_cert) {
+    return field_error("tls_ca_file",
+                       "a client CA without tls_require_client_cert=true verifies no client: set "
+                       "tls_require_client_cert=true for mutual TLS, or drop tls_ca_file");
+  }
+  if (c.tls_cert_file.empty() && !c.allow_insecure_grpc && !IsLoopbackAddress(c.grpc_listen_address)) {
+    return field_error("grpc_listen_address",
+                       absl::StrCat("'", c.grpc_listen_address,
+                                    "' is not loopback and TLS is off: set tls_cert_file and "
+                                    "tls_key_file, or allow_insecure_grpc=true where the network is "
+                                    "already closed to others"));
   }
   if (c.max_inflight_bytes < (uint64_t{1} << 20)) {
     return field_error("max_inflight_bytes", "must be at least 1MiB");

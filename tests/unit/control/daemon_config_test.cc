@@ -285,6 +285,20 @@ TEST(DaemonConfigTest, TlsPairsAndMutualTls) {
                   .ok());
 }
 
+TEST(DaemonConfigTest, PlaintextOffLoopbackAndHalfMutualTlsAreRefused) {
+  auto open_grpc = Load({"--grpc_listen_address=0.0.0.0:50551"});
+  EXPECT_THAT(open_grpc.status().message(), AllOf(HasSubstr("grpc_listen_address"), HasSubstr("TLS is off")));
+  EXPECT_TRUE(Load({"--grpc_listen_address=0.0.0.0:50551", "--allow_insecure_grpc"}).ok());
+  EXPECT_TRUE(Load({"--grpc_listen_address=0.0.0.0:50551", "--tls_cert_file=/c.pem", "--tls_key_file=/k.pem"}).ok());
+  EXPECT_TRUE(Load({"--grpc_listen_address=unix:/run/skv.sock"}).ok());
+  // A CA without the requirement would verify no client certificate at all.
+  auto half = Load({"--tls_cert_file=/c.pem", "--tls_key_file=/k.pem", "--tls_ca_file=/ca.pem"});
+  EXPECT_THAT(half.status().message(), HasSubstr("tls_ca_file"));
+  // The built-in loopback token is no secret: refused on any other data address.
+  auto builtin = Load({"--data_listen_address=10.0.0.5:50552", "--auth_token=spectrumkv-loopback-only"});
+  EXPECT_THAT(builtin.status().message(), HasSubstr("auth_token"));
+}
+
 TEST(DaemonConfigTest, ListenersMustDiffer) {
   auto clash = Load({"--metrics_listen_address=127.0.0.1:50551"});
   EXPECT_THAT(clash.status().message(),

@@ -58,6 +58,10 @@ struct DaemonConfig {
   std::string tls_key_file;
   std::string tls_ca_file;  // CA that client certificates must chain to
   bool tls_require_client_cert = false;
+  // Serve gRPC without TLS on an address that is not loopback. Off: such a config is refused,
+  // because anyone who reaches the port could then read and write KV through the daemon. Set it
+  // only where a network policy or a pod boundary already limits who can connect.
+  bool allow_insecure_grpc = false;
 
   // ---- Memory and concurrency bounds.
   // Bytes of encoded segments held at once across all transfers (staging, send and receive
@@ -133,6 +137,9 @@ std::string EnvironmentVariableForKey(absl::string_view key);  // "SKV_" + upper
 
 // True for localhost, 127.0.0.0/8, ::1 and unix: addresses.
 bool IsLoopbackAddress(absl::string_view address);
+
+// The peer token a daemon uses when none is configured; accepted on loopback data planes only.
+inline constexpr char kLoopbackOnlyToken[] = "spectrumkv-loopback-only";
 
 absl::string_view LogLevelName(LogLevel level);
 
