@@ -25,8 +25,8 @@ trap cleanup EXIT
 
 COMMON=(--auth_token=demo-token --ucx_tls=tcp --ucx_net_devices=lo)
 "$BIN/spectrumkvd" --daemon_id=decode --grpc_listen_address=127.0.0.1:50561 \
-  --data_listen_address=127.0.0.1:50562 --metrics_listen_address=127.0.0.1:9465 "${COMMON[@]}" \
-  >"$LOGS/decode.log" 2>&1 &
+  --data_listen_address=127.0.0.1:50562 --metrics_listen_address=127.0.0.1:9465 \
+  --peers=prefill=127.0.0.1:50552 "${COMMON[@]}" >"$LOGS/decode.log" 2>&1 &
 PIDS+=($!)
 "$BIN/spectrumkvd" --daemon_id=prefill --grpc_listen_address=127.0.0.1:50551 \
   --data_listen_address=127.0.0.1:50552 --metrics_listen_address=127.0.0.1:9464 \

@@ -94,6 +94,33 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
 
 Daemon::~Daemon() { Shutdown(); }
 
+void Daemon::Drain(absl::Duration grace) {
+  const absl::Status refused = absl::UnavailableError("spectrumkvd is shutting down");
+  Deferred after;
+  std::unique_lock<std::mutex> lock(mu_);
+  draining_ = true;
+  for (auto it = receives_.begin(); it != receives_.end();) {
+    std::shared_ptr<Inbound> in = (it++)->second;  // FinishInbound erases it
+    if (!in->finished && !in->begin.has_value()) after.push_back(FinishInbound(in, refused));
+  }
+  lock.unlock();
+  for (auto& f : after) f();
+  lock.lock();
+  const size_t moving = receives_.size() + outbound_.size();
+  spdlog::info("draining: {} transfers in flight get up to {} to finish", moving, absl::FormatDuration(grace));
+  drained_cv_.wait_for(lock, absl::ToChronoNanoseconds(grace), [&] { return receives_.empty() && outbound_.empty(); });
+  if (!receives_.empty() || !outbound_.empty()) {
+    for (const auto& [id, in] : receives_) {
+      spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender, in->segments_done);
+    }
+    for (const auto& [id, out] : outbound_) {
+      spdlog::warn("shutdown cuts send {} to '{}'", id, out->peer_config.daemon_id);
+    }
+  }
+  lock.unlock();
+  Shutdown();
+}
+
 void Daemon::Shutdown() {
   Deferred after;
   {

@@ -72,6 +72,10 @@ class Daemon {
   // Runs `task` on the daemon's workers; false once shutting down.
   bool PostWork(absl::AnyInvocable<void()> task) { return workers_.Post(std::move(task)); }
 
+  // For a graceful stop (SIGTERM): refuses new transfers and Receives still waiting for their
+  // sender, lets transfers that move data finish for up to `grace`, then Shutdown(). Logs what
+  // it had to cut.
+  void Drain(absl::Duration grace);
   // Fails every in-flight transfer with Unavailable, closes the data plane, stops the workers.
   // Idempotent; returns when nothing runs any more.
   void Shutdown();
@@ -141,7 +145,9 @@ class Daemon {
   size_t early_bytes_ = 0;
   std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
   double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate
+  bool draining_ = false;  // Drain() began: no new transfers
   bool shutting_down_ = false;
+  std::condition_variable drained_cv_;  // notified whenever a transfer finishes
   // Shared with the transport's completion path, which returns sent segments' buffers.
   std::shared_ptr<SegmentBufferPool> segment_pool_;
   // Send sources and Receive destinations in shared memory stay mapped between transfers.

@@ -60,7 +60,7 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
     const std::string& sender = name->second;
     auto receive = receives_.find(id);
     std::shared_ptr<Inbound> claimed = receive == receives_.end() ? nullptr : receive->second;
-    if (shutting_down_) {
+    if (draining_ || shutting_down_) {
       refusal = absl::UnavailableError("the receiving spectrumkvd is shutting down");
     } else if (!SenderAllowed(sender)) {
       refusal = absl::PermissionDeniedError(
@@ -205,7 +205,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
   Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (draining_ || shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
     if (receives_.count(request.request_id()) > 0) {
       return refuse(absl::AlreadyExistsError(
           absl::StrCat("request_id: ", request.request_id(), " already has a Receive in progress")));
@@ -376,6 +376,7 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   early_bytes_ -= in->early_bytes;
   in->early_bytes = 0;
   if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in) receives_.erase(it);
+  drained_cv_.notify_all();
   if (in->begin.has_value()) {
     arrivals_.erase({in->sender, in->request_id});
     tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;

@@ -62,7 +62,7 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
   out->started = std::chrono::steady_clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (draining_ || shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
     if (!outbound_.emplace(request.request_id(), out).second) {
       return refuse(absl::AlreadyExistsError(absl::StrCat("request_id: ", request.request_id(), " is already being sent")));
     }
@@ -264,6 +264,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
 absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status) {
   out->finished = true;
   if (auto it = outbound_.find(out->request_id); it != outbound_.end() && it->second == out) outbound_.erase(it);
+  drained_cv_.notify_all();
   const double decode_s = out->verdict.has_value() ? out->verdict->decode_seconds : 0.0;
   // Let the receiver release its destination now rather than at its timeout (it knows already
   // when it gave the verdict or the link is gone).

@@ -86,6 +86,8 @@ int Run(int argc, char** argv) {
     spdlog::critical("cannot serve gRPC on {}", config->grpc_listen_address);
     return 1;
   }
+  // Health answers for "" (the whole server) and for the service name, as probes ask either.
+  server->GetHealthCheckService()->SetServingStatus(spectrumkv::v1::SpectrumKV::service_full_name(), true);
   server->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("gRPC API on {} (port {}), data plane on {}", config->grpc_listen_address, bound_port,
                (*daemon)->data_address());
@@ -94,10 +96,11 @@ int Run(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  spdlog::info("signal {}: shutting down (in-flight transfers fail with UNAVAILABLE)", signal_number);
+  spdlog::info("signal {}: shutting down (new transfers refused; in-flight ones get {})", signal_number,
+               absl::FormatDuration(config->shutdown_grace));
   server->GetHealthCheckService()->SetServingStatus(false);
-  (*daemon)->Shutdown();  // fails what is in flight, so the calls below finish promptly
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  (*daemon)->Drain(config->shutdown_grace);  // then fails what is left, so the calls below finish
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   spdlog::info("stopped");
   return 0;
 }

@@ -314,6 +314,23 @@ TEST_F(DaemonTest, AnAbandonedReceiveReleasesItsSlot) {
   ExpectTransferWorks(32);
 }
 
+TEST_F(DaemonTest, DrainLetsAMovingTransferFinishAndRefusesNewOnes) {
+  prefill_->PauseAtSegment(4);
+  auto idle = decode_->Receive(33, "nobody-yet");  // waits for a sender that never came
+  auto received = decode_->Receive(34);
+  auto sent = prefill_->Send(34, RandomKv(34), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  std::thread drain([&] { decode_->daemon->Drain(absl::Seconds(10)); });
+  EXPECT_EQ(idle.Get().status().code(), absl::StatusCode::kUnavailable) << "nothing in flight: refused at once";
+  ASSERT_TRUE(decode_->WaitFor(33, v1::TRANSFER_ROLE_RECEIVER,
+                               [](const v1::TransferInfo& i) { return i.state() == v1::TRANSFER_STATE_FAILED; }));
+  EXPECT_EQ(decode_->Receive(35).Get().status().code(), absl::StatusCode::kUnavailable) << "draining";
+  prefill_->faults->Resume();
+  EXPECT_TRUE(sent.Get().ok());
+  EXPECT_TRUE(received.Get().ok()) << "the moving transfer finished within the grace";
+  drain.join();
+}
+
 TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
   v1::ListTransfersRequest l;
   l.set_page_token("-1");

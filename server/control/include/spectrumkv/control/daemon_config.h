@@ -70,6 +70,10 @@ struct DaemonConfig {
   // Segments that arrive before their Receive: total bytes buffered, and how long they wait.
   uint64_t early_segment_buffer_bytes = uint64_t{256} << 20;
   absl::Duration early_segment_ttl = absl::Seconds(30);
+  // On SIGTERM: how long transfers already moving data may take to finish before they are cut.
+  // Keep it below the pod's terminationGracePeriodSeconds (30 s by default) so the daemon exits
+  // on its own instead of being killed.
+  absl::Duration shutdown_grace = absl::Seconds(20);
   // Send + Receive calls being served at once; more are refused with RESOURCE_EXHAUSTED.
   uint32_t max_concurrent_transfers = 64;
   // Shared-memory KV objects kept mapped between transfers (see ShmMappingCache); 0 maps each
