@@ -231,12 +231,13 @@ start_daemon() {  # ns veth id addr peers log
   local ns=$1 veth=$2 id=$3 addr=$4 peers=$5 logf=$6
   ip netns exec "$ns" "$BIN/spectrumkvd" --daemon_id="$id" --grpc_listen_address="$addr:50551" \
     --data_listen_address="$addr:50552" --metrics_listen_address="$addr:50553" --auth_token="$TOKEN" \
-    --ucx_tls=tcp --ucx_net_devices="$veth" ${peers:+--peers=$peers} >"$logf" 2>&1 &
+    --ucx_tls=tcp --ucx_net_devices="$veth" ${peers:+--peers=$peers} \
+    --allow_insecure_grpc >"$logf" 2>&1 &  # plaintext gRPC only inside the bench's private namespaces
   PIDS+=($!)
   DAEMON_PIDS+=($!)
 }
 DAEMON_PIDS=()
-start_daemon "$NS_B" "$VETH_B" decode "$ADDR_B" "" "$WORK/decode.log"
+start_daemon "$NS_B" "$VETH_B" decode "$ADDR_B" "prefill=$ADDR_A:50552" "$WORK/decode.log"
 start_daemon "$NS_A" "$VETH_A" prefill "$ADDR_A" "decode=$ADDR_B:50552" "$WORK/prefill.log"
 ready=0
 for _ in $(seq 200); do
