@@ -1,4 +1,6 @@
 // spectrumkvd: the SpectrumKV sidecar daemon. See `spectrumkvd --help` for every setting.
+#include <sys/resource.h>
+
 #include <csignal>
 #include <iostream>
 #include <memory>
@@ -23,6 +25,18 @@ void SetLogLevel(skv::control::LogLevel level) {
   spdlog::set_level(kLevels[static_cast<int>(level)]);
 }
 
+// Raises the soft fd limit to the hard one: each peer connection, shared-memory mapping and
+// reclaimed abandoned connection (abandoned_sockets.h) takes an fd, and 1024 is soon too few.
+void RaiseFdLimit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+  const rlim_t before = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+    spdlog::info("fd limit raised from {} to {}", before, limit.rlim_cur);
+  }
+}
+
 int Run(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (skv::control::HelpRequested(args)) {
@@ -35,6 +49,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   SetLogLevel(config->log_level);
+  RaiseFdLimit();
   spdlog::info("spectrumkvd '{}' starting; effective configuration:\n{}", config->daemon_id,
                skv::control::FormatDaemonConfig(*config));
 

@@ -22,6 +22,7 @@ struct AtomicStats {
   std::atomic<uint64_t> handshakes_rejected_version{0};
   std::atomic<uint64_t> handshakes_timed_out{0};
   std::atomic<uint64_t> peers_up{0};
+  std::atomic<uint64_t> abandoned_connections_closed{0};
 
   [[nodiscard]] TransportStats Snapshot() const {
     return TransportStats{
@@ -37,6 +38,7 @@ struct AtomicStats {
         .handshakes_rejected_version = handshakes_rejected_version.load(),
         .handshakes_timed_out = handshakes_timed_out.load(),
         .peers_up = peers_up.load(),
+        .abandoned_connections_closed = abandoned_connections_closed.load(),
     };
   }
 

@@ -1,5 +1,6 @@
 #include "spectrumkv/transport/ucx_transport.h"
 
+#include <netinet/in.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
 #include <ucp/api/ucp.h>
@@ -17,6 +18,7 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "abandoned_sockets.h"
 #include "absl_compat.h"
 #include "atomic_stats.h"
 #include "receive_buffer_pool.h"
@@ -52,6 +54,10 @@ enum AmId : unsigned {
 // The progress thread wakes at least this often (UCX keepalive and our handshake deadlines run
 // from it); otherwise it sleeps on the worker's event fd.
 constexpr absl::Duration kMaxSleep = absl::Milliseconds(100);
+// How often the data port is scanned for connections UCX abandoned, and how long one must sit in
+// CLOSE_WAIT before it is closed (UCX closes the connections it still owns well within that).
+constexpr absl::Duration kAbandonedSocketScanPeriod = absl::Seconds(1);
+constexpr absl::Duration kAbandonedSocketGrace = absl::Seconds(3);
 // Progress calls per round before queued commands get their turn again: a constant inbound
 // stream must not starve sends issued by handlers and other threads.
 constexpr int kMaxProgressPerRound = 64;
@@ -296,6 +302,8 @@ class UcxTransport::Impl {
   bool shutting_down_ = false;
   std::vector<absl::AnyInvocable<void()>> deferred_;
   UcpListener listener_;
+  std::optional<internal::AbandonedSocketReaper> socket_reaper_;  // set by StartListening
+  absl::Time next_socket_scan_ = absl::InfiniteFuture();
   PeerId next_peer_id_ = 1;
   size_t pending_handshakes_ = 0;
   absl::flat_hash_map<PeerId, std::unique_ptr<Peer>> peers_;
@@ -635,6 +643,12 @@ absl::StatusOr<std::string> UcxTransport::Impl::StartListening(const SocketAddre
   attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
   SKV_RETURN_IF_UCS_ERROR(ucp_listener_query(raw_listener, &attr));
   listener_ = std::move(listener);
+  const sockaddr* bound_addr = reinterpret_cast<const sockaddr*>(&attr.sockaddr);
+  const uint16_t port = ntohs(bound_addr->sa_family == AF_INET6
+                                  ? reinterpret_cast<const sockaddr_in6*>(bound_addr)->sin6_port
+                                  : reinterpret_cast<const sockaddr_in*>(bound_addr)->sin_port);
+  socket_reaper_.emplace(port, kAbandonedSocketGrace);
+  next_socket_scan_ = absl::Now() + kAbandonedSocketScanPeriod;
   std::string bound = internal::FormatSocketAddress(attr.sockaddr);
   spdlog::info("[transport] daemon '{}' listening on {}", config_.daemon_id, bound);
   return bound;
@@ -815,6 +829,10 @@ void UcxTransport::Impl::HandleEndpointError(ucp_ep_h endpoint, ucs_status_t sta
 
 void UcxTransport::Impl::CheckDeadlines() {
   const absl::Time now = absl::Now();
+  if (socket_reaper_ && now >= next_socket_scan_) {
+    stats_.abandoned_connections_closed += socket_reaper_->Reap(now);
+    next_socket_scan_ = now + kAbandonedSocketScanPeriod;
+  }
   std::vector<PeerId> expired;
   for (const auto& [id, peer] : peers_) {
     if (peer->deadline <= now) expired.push_back(id);
@@ -853,7 +871,7 @@ void UcxTransport::Impl::CheckDeadlines() {
 }
 
 absl::Time UcxTransport::Impl::NextDeadline() const {
-  absl::Time next = absl::InfiniteFuture();
+  absl::Time next = next_socket_scan_;
   for (const auto& [id, peer] : peers_) next = std::min(next, peer->deadline);
   return next;
 }

@@ -3,7 +3,16 @@
 
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
 #include <iostream>
+#include <random>
+#include <sstream>
+#include <thread>
 
 #include "absl/synchronization/mutex.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
@@ -174,6 +183,68 @@ TEST_F(UcxTransportTest, ListeningTwiceOnOnePortFails) {
   ASSERT_TRUE(second.ok());
   EXPECT_FALSE((*second)->Listen().ok());
   EXPECT_EQ((*first)->Listen().status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Sockets of this process on `port` in TCP state CLOSE_WAIT, read from /proc/net/tcp{,6}.
+int CloseWaitSocketsOn(uint16_t port) {
+  int count = 0;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state;
+      fields >> slot >> local >> remote >> state;
+      const size_t colon = local.rfind(':');
+      if (colon != std::string::npos && std::stoul(local.substr(colon + 1), nullptr, 16) == port && state == "08") {
+        ++count;
+      }
+    }
+  }
+  return count;
+}
+
+// A client that sends a few KiB of garbage to the listening port and hangs up leaves UCX holding
+// the socket for good (CLOSE_WAIT); the transport closes such sockets itself, so a flood of them
+// costs neither TCP sockets nor the listener's usefulness.
+TEST_F(UcxTransportTest, GarbageConnectionsToTheListenerAreClosed) {
+  auto server = UcxTransport::Create(TestConfig("server"));
+  ASSERT_TRUE(server.ok());
+  server_ = std::move(*server);
+  ASSERT_TRUE(server_->SetHandlers(server_inbox_.Handlers()).ok());
+  auto bound = server_->Listen();
+  ASSERT_TRUE(bound.ok());
+  const uint16_t port = uint16_t(std::stoi(bound->substr(bound->rfind(':') + 1)));
+  constexpr int kGarbage = 40;
+  std::mt19937 rng(5);
+  for (int i = 0; i < kGarbage; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    std::vector<uint8_t> junk(4096);
+    for (uint8_t& b : junk) b = uint8_t(rng());
+    junk[0] = 0xFF;  // the header's length field claims far more than follows
+    ASSERT_EQ(write(fd, junk.data(), junk.size()), ssize_t(junk.size()));
+    close(fd);
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  while (std::chrono::steady_clock::now() < until && CloseWaitSocketsOn(port) > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(CloseWaitSocketsOn(port), 0) << "abandoned connections still open";
+  EXPECT_GT(server_->stats().abandoned_connections_closed, 0u);
+  // The listener still serves a real peer.
+  auto client = UcxTransport::Create(TestConfig("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect(*bound);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  ASSERT_TRUE((*client)->SendAndWait(peer->id, 1, PatternPayload(100, 1), kWait).ok());
+  EXPECT_TRUE(server_inbox_.WaitForMessages(1));
 }
 
 }  // namespace

@@ -92,6 +92,9 @@ struct TransportStats {
   uint64_t handshakes_rejected_version = 0;  // of which: protocol version mismatch
   uint64_t handshakes_timed_out = 0;  // accepted connections that never presented credentials
   uint64_t peers_up = 0;              // currently connected
+  // Connections to the listening port dropped before the connection handshake and closed by us
+  // (UCX leaves them open; see abandoned_sockets.h).
+  uint64_t abandoned_connections_closed = 0;
 };
 
 class Transport {
