@@ -168,6 +168,10 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(const v1::Regist
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = models_.find(model.model_id);
+    if (it == models_.end() && models_.size() >= kMaxRegisteredModels) {
+      return absl::ResourceExhaustedError(absl::StrCat("name: ", kMaxRegisteredModels,
+                                                       " models are registered already, the daemon's limit"));
+    }
     if (it != models_.end()) {
       const control::RegisteredModel& old = it->second;
       if (old.layers != model.layers || old.kv_heads != model.kv_heads || old.head_dim != model.head_dim ||
@@ -268,6 +272,25 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
     }
   }
   for (auto& f : after) f();
+}
+
+void Daemon::PublishTransportStats() {
+  const transport::TransportStats t = transport_->stats();
+  control::TransportCounters c;
+  c.messages_sent = t.messages_sent;
+  c.messages_received = t.messages_received;
+  c.bytes_sent = t.bytes_sent;
+  c.bytes_received = t.bytes_received;
+  c.send_failures = t.send_failures;
+  c.malformed_messages_dropped = t.malformed_messages_dropped;
+  c.handshakes_accepted = t.handshakes_accepted;
+  c.handshakes_rejected_auth = t.handshakes_rejected_auth;
+  c.handshakes_rejected_version = t.handshakes_rejected_version;
+  c.handshakes_rejected_other = t.handshakes_rejected - t.handshakes_rejected_auth - t.handshakes_rejected_version;
+  c.handshakes_timed_out = t.handshakes_timed_out;
+  c.abandoned_connections_closed = t.abandoned_connections_closed;
+  c.peers_up = t.peers_up;
+  metrics_->SetTransportCounters(c);
 }
 
 // ---- Transfers. --------------------------------------------------------------------------------

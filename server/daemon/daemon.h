@@ -124,6 +124,7 @@ class Daemon {
   void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds, v1::SendResponse& response);
 
   void ReapExpired();
+  void PublishTransportStats();
 
   control::DaemonConfig config_;
   control::Metrics* metrics_;

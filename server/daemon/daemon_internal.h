@@ -25,6 +25,8 @@ namespace skv::daemon {
 inline constexpr absl::Duration kOutcomeGrace = absl::Seconds(10);
 inline constexpr absl::Duration kTombstoneLifetime = absl::Minutes(2);
 inline constexpr absl::Duration kReaperPeriod = absl::Milliseconds(50);
+// Models one daemon serves; each adds series to /metrics, so registrations are bounded.
+inline constexpr size_t kMaxRegisteredModels = 256;
 
 double Seconds(std::chrono::steady_clock::time_point since);
 google::protobuf::Duration ToProto(double seconds);

@@ -481,6 +481,7 @@ void Daemon::ReapExpired() {
     for (auto it = tombstones_.begin(); it != tombstones_.end();) it = it->second < now ? tombstones_.erase(it) : ++it;
     lock.unlock();
     shm_mappings_.DropUnlinked();  // frees KV objects their owners deleted since the last transfer
+    PublishTransportStats();
     for (auto& f : after) f();
     lock.lock();
   }

@@ -1,7 +1,10 @@
 #include "spectrumkv/control/metrics.h"
 
+#include <algorithm>
 #include <array>
 #include <exception>
+#include <map>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "prometheus/counter.h"
@@ -81,7 +84,58 @@ struct Metrics::Families {
   std::array<std::array<prometheus::Counter*, kStatusCodeCount>, kTransferRoleCount> transfers{};
   prometheus::Gauge* in_flight = nullptr;
   std::array<prometheus::Counter*, kPassthroughReasonCount> passthrough{};
+
+  // Transport counters, in the order of TransportCounterFields(), and the last values seen.
+  std::vector<prometheus::Counter*> transport;
+  std::vector<uint64_t> transport_last;
+  prometheus::Gauge* transport_peers = nullptr;
+  std::mutex transport_mu;
 };
+
+namespace {
+
+// Each TransportCounters count: its field, metric family, and label.
+struct TransportCounterField {
+  uint64_t TransportCounters::*field;
+  const char* family;
+  const char* label_name;
+  const char* label_value;
+};
+const std::vector<TransportCounterField>& TransportCounterFields() {
+  static const std::vector<TransportCounterField> fields = {
+      {&TransportCounters::messages_sent, "spectrumkv_transport_messages_total", "direction", "sent"},
+      {&TransportCounters::messages_received, "spectrumkv_transport_messages_total", "direction", "received"},
+      {&TransportCounters::bytes_sent, "spectrumkv_transport_bytes_total", "direction", "sent"},
+      {&TransportCounters::bytes_received, "spectrumkv_transport_bytes_total", "direction", "received"},
+      {&TransportCounters::send_failures, "spectrumkv_transport_send_failures_total", nullptr, nullptr},
+      {&TransportCounters::malformed_messages_dropped, "spectrumkv_transport_malformed_messages_total", nullptr,
+       nullptr},
+      {&TransportCounters::handshakes_accepted, "spectrumkv_transport_handshakes_total", "result", "accepted"},
+      {&TransportCounters::handshakes_rejected_auth, "spectrumkv_transport_handshakes_total", "result",
+       "rejected_auth"},
+      {&TransportCounters::handshakes_rejected_version, "spectrumkv_transport_handshakes_total", "result",
+       "rejected_version"},
+      {&TransportCounters::handshakes_rejected_other, "spectrumkv_transport_handshakes_total", "result",
+       "rejected_other"},
+      {&TransportCounters::handshakes_timed_out, "spectrumkv_transport_handshakes_total", "result", "timed_out"},
+      {&TransportCounters::abandoned_connections_closed, "spectrumkv_transport_abandoned_connections_total",
+       nullptr, nullptr},
+  };
+  return fields;
+}
+
+const char* TransportFamilyHelp(absl::string_view family) {
+  if (family == "spectrumkv_transport_messages_total") return "Data-plane messages, by direction.";
+  if (family == "spectrumkv_transport_bytes_total") return "Data-plane payload bytes, by direction.";
+  if (family == "spectrumkv_transport_send_failures_total") return "Data-plane sends that failed.";
+  if (family == "spectrumkv_transport_malformed_messages_total") {
+    return "Received data-plane messages dropped as malformed.";
+  }
+  if (family == "spectrumkv_transport_handshakes_total") return "Peer handshakes on the listener, by result.";
+  return "Connections to the data port abandoned before the connection handshake and closed by the daemon.";
+}
+
+}  // namespace
 
 Metrics::Metrics()
     : registry_(std::make_shared<prometheus::Registry>()), families_(std::make_unique<Families>()) {
@@ -164,6 +218,22 @@ Metrics::Metrics()
                         .Name("spectrumkv_int4_enabled")
                         .Help("1 when the model may use the INT4 tier (probe passed), else 0.")
                         .Register(r);
+
+  std::map<std::string, prometheus::Family<prometheus::Counter>*> transport_families;
+  for (const TransportCounterField& field : TransportCounterFields()) {
+    auto*& family = transport_families[field.family];
+    if (family == nullptr) {
+      family = &prometheus::BuildCounter().Name(field.family).Help(TransportFamilyHelp(field.family)).Register(r);
+    }
+    f.transport.push_back(field.label_name == nullptr ? &family->Add({})
+                                                      : &family->Add({{field.label_name, field.label_value}}));
+  }
+  f.transport_last.assign(f.transport.size(), 0);
+  f.transport_peers = &prometheus::BuildGauge()
+                           .Name("spectrumkv_transport_peers")
+                           .Help("Peer daemons connected on the data plane now.")
+                           .Register(r)
+                           .Add({});
 }
 
 Metrics::~Metrics() = default;
@@ -221,6 +291,18 @@ void Metrics::SetLinkBandwidth(absl::string_view peer, double bytes_per_second) 
 
 void Metrics::SetInt4Enabled(absl::string_view model, bool enabled) {
   families_->int4_enabled->Add({{"model", std::string(model)}}).Set(enabled ? 1 : 0);
+}
+
+void Metrics::SetTransportCounters(const TransportCounters& now) {
+  Families& f = *families_;
+  std::lock_guard<std::mutex> lock(f.transport_mu);
+  const std::vector<TransportCounterField>& fields = TransportCounterFields();
+  for (size_t i = 0; i < fields.size(); ++i) {
+    const uint64_t value = now.*fields[i].field;
+    if (value > f.transport_last[i]) f.transport[i]->Increment(double(value - f.transport_last[i]));
+    f.transport_last[i] = std::max(f.transport_last[i], value);
+  }
+  f.transport_peers->Set(double(now.peers_up));
 }
 
 MetricsHttpEndpoint::MetricsHttpEndpoint(std::unique_ptr<prometheus::Exposer> exposer,

@@ -12,6 +12,8 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
 
 namespace skv::control {
 namespace {
@@ -181,6 +183,24 @@ TEST(MetricsTest, LabelsAndBuckets) {
   const auto ratios = Metrics::BudgetRatioBuckets();
   EXPECT_DOUBLE_EQ(ratios.back(), 1.0);
   EXPECT_GT(ratios.front(), 0.0);
+}
+
+TEST(MetricsTest, TransportCountersAdvanceByTheirDifference) {
+  Metrics m;
+  TransportCounters t;
+  t.messages_sent = 10;
+  t.handshakes_rejected_auth = 2;
+  t.abandoned_connections_closed = 7;
+  t.peers_up = 3;
+  m.SetTransportCounters(t);
+  t.messages_sent = 15;
+  m.SetTransportCounters(t);
+  m.SetTransportCounters(t);  // unchanged: no double count
+  const std::string text = prometheus::TextSerializer().Serialize(m.registry()->Collect());
+  EXPECT_NE(text.find("spectrumkv_transport_messages_total{direction=\"sent\"} 15"), std::string::npos) << text;
+  EXPECT_NE(text.find("spectrumkv_transport_handshakes_total{result=\"rejected_auth\"} 2"), std::string::npos);
+  EXPECT_NE(text.find("spectrumkv_transport_abandoned_connections_total 7"), std::string::npos);
+  EXPECT_NE(text.find("spectrumkv_transport_peers 3"), std::string::npos);
 }
 
 TEST(MetricsTest, UnbindableAddressIsAnError) {

@@ -331,6 +331,25 @@ TEST_F(DaemonTest, DrainLetsAMovingTransferFinishAndRefusesNewOnes) {
   drain.join();
 }
 
+TEST_F(DaemonTest, ModelRegistrationsAreBounded) {
+  v1::RegisterModelRequest r;
+  r.mutable_shape()->set_layers(1);
+  r.mutable_shape()->set_kv_heads(1);
+  r.mutable_shape()->set_head_dim(64);
+  r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+  absl::Status last;
+  int registered = 1;  // kModel
+  for (int i = 0; i < 300 && last.ok(); ++i) {
+    r.set_name(absl::StrCat("m", i));
+    last = decode_->daemon->RegisterModel(r).status();
+    if (last.ok()) ++registered;
+  }
+  EXPECT_EQ(last.code(), absl::StatusCode::kResourceExhausted) << last;
+  EXPECT_EQ(registered, 256);
+  r.set_name("m0");  // re-registering a known model is still fine
+  EXPECT_TRUE(decode_->daemon->RegisterModel(r).ok());
+}
+
 TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
   v1::ListTransfersRequest l;
   l.set_page_token("-1");

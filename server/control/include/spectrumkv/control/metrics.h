@@ -66,6 +66,23 @@ struct TransferPhaseTimes {
   std::optional<absl::Duration> total;
 };
 
+// The data plane's own counts (what the transport saw), as absolute values since it started.
+struct TransportCounters {
+  uint64_t messages_sent = 0;
+  uint64_t messages_received = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_received = 0;
+  uint64_t send_failures = 0;
+  uint64_t malformed_messages_dropped = 0;
+  uint64_t handshakes_accepted = 0;
+  uint64_t handshakes_rejected_auth = 0;
+  uint64_t handshakes_rejected_version = 0;
+  uint64_t handshakes_rejected_other = 0;
+  uint64_t handshakes_timed_out = 0;
+  uint64_t abandoned_connections_closed = 0;
+  uint64_t peers_up = 0;  // a level, not a count
+};
+
 class Metrics {
  public:
   Metrics();  // creates its own registry and registers every family in it
@@ -110,6 +127,9 @@ class Metrics {
   void SetPeerUp(absl::string_view peer, bool up);
   void SetLinkBandwidth(absl::string_view peer, double bytes_per_second);
   void SetInt4Enabled(absl::string_view model, bool enabled);
+  // Brings the spectrumkv_transport_* series up to `now` (counters advance by the difference
+  // from the previous call; counts never go back).
+  void SetTransportCounters(const TransportCounters& now);
 
   // Bucket boundaries, exposed for tests and dashboards.
   static std::vector<double> DurationBucketsSeconds();
