@@ -10,7 +10,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
   libopenblas-dev
   python3 python3-grpcio python3-protobuf
-  iproute2 iperf3 prometheus curl
+  iproute2 iperf3 prometheus curl openssl
 )
 
 # ---- Deployment checks (tests/deploy): node + npm run the offline validators (npm packages go to

@@ -8,7 +8,8 @@
 //   skvctl bench    --sender=H:P --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json]
 // demo and bench generate a synthetic KV (7B-shaped by default) in shared memory, register the
 // model on both daemons and move it; demo also checks the result against the codec's own
-// Encode/Decode of the same KV and prints a report.
+// Encode/Decode of the same KV and prints a report. Every command speaks TLS to the daemons with
+// --tls_ca_file (mutual TLS with --tls_cert_file and --tls_key_file).
 #include <unistd.h>
 
 #include <cmath>
@@ -48,6 +49,9 @@ ABSL_FLAG(std::string, budgets, "1,0.5,0.3", "bench: budgets to time (1 = FP16 p
 ABSL_FLAG(uint32_t, repeats, 3, "bench: transfers per budget (the fastest counts)");
 ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
 ABSL_FLAG(bool, json, false, "print JSON");
+ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA of the daemons' certificates; set = TLS");
+ABSL_FLAG(std::string, tls_cert_file, "", "PEM client certificate (mutual TLS, with --tls_key_file)");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM client key (mutual TLS)");
 
 namespace {
 
@@ -107,7 +111,11 @@ v1::KvHandle ShmHandle(const std::string& name) {
 }
 
 absl::StatusOr<std::unique_ptr<SpectrumKvClient>> Connect(const std::string& target) {
-  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> c = SpectrumKvClient::Connect(target);
+  skv::client::ClientOptions options;
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> c = SpectrumKvClient::Connect(target, options);
   if (!c.ok()) return c.status();
   if (absl::Status s = (*c)->WaitUntilServing(std::chrono::seconds(10)); !s.ok()) {
     return absl::UnavailableError(absl::StrCat(target, ": ", s.message()));
