@@ -320,7 +320,10 @@ absl::StatusOr<std::unique_ptr<MetricsHttpEndpoint>> MetricsHttpEndpoint::Start(
   // prometheus-cpp reports bind failures by throwing (civetweb); keep exceptions inside.
   std::unique_ptr<prometheus::Exposer> exposer;
   try {
-    exposer = std::make_unique<prometheus::Exposer>(listen_address, /*num_threads=*/2);
+    // Keep-alive on: with it off, civetweb closes a kept-alive connection without answering its
+    // second request, so every other scrape of a keep-alive client failed.
+    exposer = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", listen_address, "num_threads", "2", "enable_keep_alive", "yes"});
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("metrics_listen_address: cannot listen on '",
                                                listen_address, "': ", e.what()));

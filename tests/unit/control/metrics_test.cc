@@ -49,6 +49,49 @@ std::string HttpGet(uint16_t port, const std::string& path) {
   return response;
 }
 
+// `n` HTTP/1.1 GETs of `path` on one kept-alive connection; how many were answered 200.
+int KeptAliveGets(uint16_t port, const std::string& path, int n) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  timeval timeout{.tv_sec = 5, .tv_usec = 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int ok = 0;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0) {
+    std::string pending;
+    for (int i = 0; i < n; ++i) {
+      const std::string request = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+      if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) != ssize_t(request.size())) break;
+      // Read the head, then exactly Content-Length bytes of body.
+      size_t head_end;
+      char buffer[4096];
+      while ((head_end = pending.find("\r\n\r\n")) == std::string::npos) {
+        const ssize_t got = ::recv(fd, buffer, sizeof(buffer), 0);
+        if (got <= 0) break;
+        pending.append(buffer, size_t(got));
+      }
+      if (head_end == std::string::npos) break;
+      const std::string head = pending.substr(0, head_end);
+      const size_t length_at = head.find("Content-Length: ");
+      if (length_at == std::string::npos) break;
+      const size_t length = std::stoul(head.substr(length_at + 16));
+      while (pending.size() < head_end + 4 + length) {
+        const ssize_t got = ::recv(fd, buffer, sizeof(buffer), 0);
+        if (got <= 0) break;
+        pending.append(buffer, size_t(got));
+      }
+      if (pending.size() < head_end + 4 + length) break;
+      if (head.find(" 200 ") != std::string::npos) ++ok;
+      pending.erase(0, head_end + 4 + length);
+    }
+  }
+  ::close(fd);
+  return ok;
+}
+
 // Body lines of a /metrics response, without comments.
 std::set<std::string> SeriesLines(const std::string& response) {
   const size_t body = response.find("\r\n\r\n");
@@ -68,6 +111,7 @@ TEST(MetricsEndpointTest, ScrapeShowsEveryFamilyAndRecordedValues) {
   ASSERT_TRUE(started.ok()) << started.status();
   const std::unique_ptr<MetricsHttpEndpoint> endpoint = *std::move(started);
   ASSERT_NE(endpoint->port(), 0);
+  EXPECT_EQ(KeptAliveGets(endpoint->port(), "/metrics", 3), 3) << "a keep-alive scraper gets every answer";
 
   // ---- Before anything is recorded: every fixed-label family is there, at zero.
   const std::string initial = HttpGet(endpoint->port(), "/metrics");
