@@ -96,6 +96,7 @@ class Daemon {
   void OnBegin(transport::PeerId peer, std::span<const std::byte> payload);
   void OnSegment(transport::PeerId peer, transport::MessageBuffer payload);
   void OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender);
+  void OnMatched(transport::PeerId peer, std::span<const std::byte> payload);
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
   absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);

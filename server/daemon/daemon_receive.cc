@@ -32,6 +32,7 @@ void Daemon::OnMessage(transport::ReceivedMessage message) {
     case kSegmentMessage: OnSegment(message.peer, std::move(message.payload)); break;
     case kTransferResultMessage: OnOutcome(message.peer, Bytes(message.payload), false); break;
     case kTransferAbortMessage: OnOutcome(message.peer, Bytes(message.payload), true); break;
+    case kTransferMatchedMessage: OnMatched(message.peer, Bytes(message.payload)); break;
     default: spdlog::warn("dropped a peer message of unknown type {}", message.type); break;
   }
 }
@@ -172,6 +173,19 @@ void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payloa
   for (auto& f : after) f();
 }
 
+void Daemon::OnMatched(transport::PeerId peer, std::span<const std::byte> payload) {
+  absl::StatusOr<TransferOutcome> matched = ParseOutcome(payload);
+  if (!matched.ok()) {
+    spdlog::warn("dropped a malformed match notice from peer {}: {}", peer, matched.status().ToString());
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = outbound_.find(matched->request_id);
+  if (it == outbound_.end() || it->second->peer != peer || it->second->finished || it->second->verdict) return;
+  table_.Update(matched->request_id, v1::TRANSFER_ROLE_SENDER,
+                [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
+}
+
 void Daemon::SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
                          double decode_seconds) {
   const absl::Status s = transport_->Send(peer, kTransferResultMessage,
@@ -285,6 +299,12 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
                   0);
     });
   }
+  // The sender shows RUNNING from now on (PENDING until its transfer has a Receive).
+  after.push_back([this, peer = in->peer, id = in->request_id] {
+    const absl::Status s = transport_->Send(peer, kTransferMatchedMessage, SerializeOutcome({id, absl::OkStatus(), 0}),
+                                            [](absl::Status) {});
+    if (!s.ok()) spdlog::debug("could not tell peer {} that request {} matched: {}", peer, id, s.ToString());
+  });
   if (!in->queue.empty() && !in->draining) {
     in->draining = true;
     after.push_back([this, in] { ScheduleDecode(in); });

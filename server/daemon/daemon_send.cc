@@ -101,8 +101,6 @@ void Daemon::RunSend(const std::shared_ptr<Outbound>& out) {
       after = FinishOutbound(out, status);
     } else {  // wait for the receiver's verdict without holding this thread
       out->verdict_deadline = absl::Now() + config_.early_segment_ttl + kOutcomeGrace;
-      table_.Update(out->request_id, v1::TRANSFER_ROLE_SENDER,
-                    [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
     }
   }
   if (after) after();
@@ -224,10 +222,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     return s;
   }
   out.begin_sent = true;
-  table_.Update(request_id, v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
-    i.set_state(v1::TRANSFER_STATE_RUNNING);
-    i.set_segments_total(out.segments_total);
-  });
+  table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
+                [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
   out.wire_start = std::chrono::steady_clock::now();
   std::vector<ByteBuffer> buffers(per_tensor);
   for (ByteBuffer& b : buffers) b = segment_pool_->Take();

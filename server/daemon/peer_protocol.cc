@@ -51,7 +51,9 @@ std::vector<std::byte> SerializeOutcome(const TransferOutcome& outcome) {
                   outcome.request_id, outcome.decode_seconds, uint32_t(text.size()), 0};
   std::vector<std::byte> out(sizeof(h) + text.size());
   std::memcpy(out.data(), &h, sizeof(h));
-  std::memcpy(out.data() + sizeof(h), text.data(), text.size());
+  // An OK status's message has no storage (data() is null); memcpy from null is undefined even
+  // for 0 bytes.
+  if (!text.empty()) std::memcpy(out.data() + sizeof(h), text.data(), text.size());
   return out;
 }
 

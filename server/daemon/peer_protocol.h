@@ -20,6 +20,7 @@ enum PeerMessageType : uint16_t {
   kSegmentMessage = 2,         // sender -> receiver, one encoded segment
   kTransferResultMessage = 3,  // receiver -> sender: committed, or why not
   kTransferAbortMessage = 4,   // sender -> receiver: the sender gave up
+  kTransferMatchedMessage = 5, // receiver -> sender: a Receive took the transfer (outcome format, OK)
 };
 
 inline constexpr uint16_t kPeerProtocolVersion = 1;

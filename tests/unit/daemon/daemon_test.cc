@@ -350,6 +350,30 @@ TEST_F(DaemonTest, ModelRegistrationsAreBounded) {
   EXPECT_TRUE(decode_->daemon->RegisterModel(r).ok());
 }
 
+TEST_F(DaemonTest, ASenderIsPendingUntilItsReceiveArrives) {
+  auto sent = prefill_->Send(36, RandomKv(36), "decode");
+  // Every segment goes out into the receiver's staging; still no Receive: PENDING.
+  ASSERT_TRUE(prefill_->WaitFor(36, v1::TRANSFER_ROLE_SENDER,
+                                [](const v1::TransferInfo& i) { return i.segments_done() == kLayers * 2; }));
+  EXPECT_EQ(prefill_->Info(36, v1::TRANSFER_ROLE_SENDER)->state(), v1::TRANSFER_STATE_PENDING);
+  auto received = decode_->Receive(36, "prefill");
+  EXPECT_TRUE(received.Get().ok());
+  EXPECT_TRUE(sent.Get().ok());
+  EXPECT_EQ(prefill_->Info(36, v1::TRANSFER_ROLE_SENDER)->state(), v1::TRANSFER_STATE_COMMITTED);
+}
+
+TEST_F(DaemonTest, AMatchedSenderIsRunning) {
+  prefill_->PauseAtSegment(2);
+  auto received = decode_->Receive(37);
+  auto sent = prefill_->Send(37, RandomKv(37), "decode");
+  ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  EXPECT_TRUE(prefill_->WaitFor(37, v1::TRANSFER_ROLE_SENDER,
+                                [](const v1::TransferInfo& i) { return i.state() == v1::TRANSFER_STATE_RUNNING; }));
+  prefill_->faults->Resume();
+  EXPECT_TRUE(sent.Get().ok());
+  EXPECT_TRUE(received.Get().ok());
+}
+
 TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
   v1::ListTransfersRequest l;
   l.set_page_token("-1");
