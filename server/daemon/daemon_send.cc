@@ -125,6 +125,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     std::lock_guard<std::mutex> lock(mu_);
     return out.verdict.has_value() ? out.verdict->status : absl::OkStatus();
   };
+  if (out.stop.load()) return stopped();  // cancelled (or shutting down) while queued
 
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
