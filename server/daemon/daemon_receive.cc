@@ -278,10 +278,15 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
   });
   if (b.model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
       b.tokens != in->codec_views[0].key.tokens) {
+    auto shape = [](uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim, DType dtype) {
+      return absl::StrCat(layers, " layers x ", tokens, " tokens x ", heads, " heads x ", head_dim, " ",
+                          dtype == DType::kBf16 ? "BF16" : "FP16");
+    };
     after.push_back(FinishInbound(
-        in, absl::FailedPreconditionError(absl::StrCat("destination_layout: the sender's KV (", b.layers,
-                                                        " layers x ", b.tokens, " tokens x ", b.heads, " heads x ",
-                                                        b.head_dim, ") does not match the Receive's"))));
+        in, absl::FailedPreconditionError(absl::StrCat(
+                "destination_layout: the sender's KV (", shape(b.layers, b.tokens, b.heads, b.head_dim, DType(b.dtype)),
+                ") does not match the Receive's (",
+                shape(m.layers, in->codec_views[0].key.tokens, m.kv_heads, m.head_dim, m.dtype), ")"))));
     return;
   }
   // Other senders that staged the same request id lose the race: tell them now, not at their TTL.

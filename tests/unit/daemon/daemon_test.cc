@@ -22,9 +22,9 @@ constexpr char kModel[] = "unit-model";
 constexpr char kToken[] = "unit-token";
 constexpr auto kPatience = std::chrono::seconds(10);  // bound on every wait; a pass takes ms
 
-v1::KvLayout Layout() {
+v1::KvLayout Layout(v1::DType dtype = v1::DTYPE_FP16) {
   v1::KvLayout l;
-  l.set_dtype(v1::DTYPE_FP16);
+  l.set_dtype(dtype);
   l.set_layers(kLayers);
   l.set_kv_heads(kHeads);
   l.set_head_dim(kHeadDim);
@@ -48,11 +48,14 @@ struct TestDaemon {
   control::Metrics metrics;
   tp::FaultInjectingTransport* faults = nullptr;  // owned by `daemon`
   std::unique_ptr<Daemon> daemon;
+  v1::DType dtype = v1::DTYPE_FP16;  // of its registered model
   uint64_t next_call = 1;
 
   static std::unique_ptr<TestDaemon> Start(const std::string& id, const std::shared_ptr<tp::LoopbackNetwork>& net,
-                                           std::vector<control::PeerConfig> peers = {}) {
+                                           std::vector<control::PeerConfig> peers = {},
+                                           v1::DType dtype = v1::DTYPE_FP16) {
     auto d = std::make_unique<TestDaemon>();
+    d->dtype = dtype;
     control::DaemonConfig config;
     config.daemon_id = id;
     config.auth_token = kToken;
@@ -75,7 +78,7 @@ struct TestDaemon {
     r.mutable_shape()->set_layers(kLayers);
     r.mutable_shape()->set_kv_heads(kHeads);
     r.mutable_shape()->set_head_dim(kHeadDim);
-    r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    r.mutable_shape()->set_dtype(dtype);
     EXPECT_TRUE(d->daemon->RegisterModel(r).ok());
     return d;
   }
@@ -108,7 +111,7 @@ struct TestDaemon {
     s.set_request_id(id);
     s.set_model_id(kModel);
     s.mutable_source()->set_inline_data(kv);
-    *s.mutable_source_layout() = Layout();
+    *s.mutable_source_layout() = Layout(dtype);
     s.mutable_peer()->set_daemon_id(peer);
     s.set_budget(0.5);
     s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
@@ -372,6 +375,18 @@ TEST_F(DaemonTest, AMatchedSenderIsRunning) {
   prefill_->faults->Resume();
   EXPECT_TRUE(sent.Get().ok());
   EXPECT_TRUE(received.Get().ok());
+}
+
+// The compatibility check is per transfer (a daemon serves several models, registered after its
+// data plane is up): a sender's KV of another shape is refused on both sides.
+TEST_F(DaemonTest, AKvOfAnotherModelShapeIsRefusedOnBothSides) {
+  auto bf16 = TestDaemon::Start("bf16-prefill", net_, {{"decode", decode_->daemon->data_address()}},
+                                v1::DTYPE_BF16);  // same model name and row bytes, another dtype
+  auto received = decode_->Receive(38);
+  absl::StatusOr<v1::SendResponse> s = bf16->Send(38, RandomKv(38), "decode").Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
 }
 
 TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
