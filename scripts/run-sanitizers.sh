@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite under the sanitizers: every test under AddressSanitizer + UBSan (build-asan/),
-# then the daemon, transport and integration tests under ThreadSanitizer (build-tsan/). Any report
-# fails the run (halt_on_error). CI runs this before scripts/run-tests.sh.
+# The test suite under the sanitizers: every test under AddressSanitizer + UBSan (build-asan/)
+# but the deployment-file checks (they inspect what an image would ship, and an ASan binary ships
+# libasan), then the daemon, transport and integration tests under ThreadSanitizer (build-tsan/).
+# Any report fails the run (halt_on_error). CI runs this before scripts/run-tests.sh.
 # Usage: scripts/run-sanitizers.sh [asan|tsan]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
