@@ -138,7 +138,7 @@ void Daemon::Shutdown() {
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {
       std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
-      StopOutbound(out, {out->request_id, down, 0}, /*from_peer=*/false, after);
+      StopOutbound(out, down, after);
     }
   }
   for (auto& f : after) f();
@@ -268,7 +268,7 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {
       std::shared_ptr<Outbound> out = (it++)->second;
-      if (out->peer == event.peer.id) StopOutbound(out, {out->request_id, lost, 0}, /*from_peer=*/false, after);
+      if (out->peer == event.peer.id) StopOutbound(out, lost, after);
     }
   }
   for (auto& f : after) f();
@@ -336,13 +336,17 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::Canc
     if (request.role() != v1::TRANSFER_ROLE_RECEIVER) {
       auto it = outbound_.find(request.request_id());
       if (it != outbound_.end()) {
-        StopOutbound(it->second, {request.request_id(), cancelled, 0}, /*from_peer=*/false, after);
-        // A sender mid-stream finishes when its worker notices; the record says so already.
-        table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
-          i.set_state(v1::TRANSFER_STATE_CANCELLED);
-          i.set_error_code(int(cancelled.code()));
-          i.set_error_message(std::string(cancelled.message()));
-        });
+        const std::shared_ptr<Outbound> out = it->second;
+        StopOutbound(out, cancelled, after);
+        // A sender mid-stream finishes when its worker notices, and the record says so already.
+        // After its last segment only the receiver's answer decides (it may have committed).
+        if (!out->finished && !out->abort_sent) {
+          table_.Update(request.request_id(), v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
+            i.set_state(v1::TRANSFER_STATE_CANCELLED);
+            i.set_error_code(int(cancelled.code()));
+            i.set_error_message(std::string(cancelled.message()));
+          });
+        }
       }
     }
   }
@@ -370,7 +374,7 @@ void Daemon::AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t ca
       auto it = outbound_.find(request_id);
       if (it != outbound_.end() && it->second->call_id == call_id) {
         spdlog::info("request {}: the Send caller went away; stopping the transfer", request_id);
-        StopOutbound(it->second, {request_id, gone, 0}, /*from_peer=*/false, after);
+        StopOutbound(it->second, gone, after);
       }
     }
   }

@@ -97,6 +97,8 @@ class Daemon {
   void OnSegment(transport::PeerId peer, transport::MessageBuffer payload);
   void OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender);
   void OnMatched(transport::PeerId peer, std::span<const std::byte> payload);
+  void OnSenderAbort(const std::string& sender, transport::PeerId peer, const TransferOutcome& abort,
+                     Deferred& after);
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
   absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);
@@ -112,9 +114,11 @@ class Daemon {
   void DropStaged(const std::shared_ptr<Inbound>& transfer);
   void SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
                    double decode_seconds);
-  // Sender: stop `out` with `verdict` (under mu_); finishes it when its worker is done.
-  void StopOutbound(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, bool from_peer,
-                    Deferred& after);
+  // Sender side, under mu_: a local reason to stop `out`, and the receiver's answer. Either one
+  // stops the stream; SettleOutbound() finishes the transfer once that can be decided.
+  void StopOutbound(const std::shared_ptr<Outbound>& out, absl::Status why, Deferred& after);
+  void OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, Deferred& after);
+  void SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& after);
   bool SenderAllowed(const std::string& daemon_id) const;
 
   // Send side (daemon_send.cc).
@@ -144,6 +148,13 @@ class Daemon {
   std::map<transport::PeerId, std::string> peer_names_;    // connected peers' daemon ids
   // Finished arrivals: late segments are dropped quietly.
   std::map<std::pair<std::string, uint64_t>, absl::Time> tombstones_;
+  // Receives that ended before any sender arrived (cancelled, timed out): a sender arriving later
+  // is told at once instead of streaming into staging until its TTL. By request id.
+  struct EndedReceive {
+    absl::Status status;
+    absl::Time expires;
+  };
+  std::map<uint64_t, EndedReceive> ended_receives_;
   size_t early_bytes_ = 0;
   std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
   double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate

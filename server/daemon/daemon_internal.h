@@ -147,11 +147,15 @@ struct Daemon::Outbound {
   // Guarded by mu_.
   bool streamed = false;   // the worker is done (every segment sent, or it gave up)
   bool finished = false;
-  // Why to stop early (cancel, peer lost, the receiver's refusal) or the receiver's verdict.
-  std::optional<TransferOutcome> verdict;
-  bool verdict_from_peer = false;
+  std::optional<absl::Status> local_stop;    // cancel, caller gone, peer lost, shutdown, own error
+  std::optional<TransferOutcome> peer_verdict;  // the receiver's answer; it decides when present
+  bool abort_sent = false;  // stopped after the last segment: the receiver's answer is awaited
   absl::Time verdict_deadline = absl::InfiniteFuture();
-  std::atomic<bool> stop{false};  // verdict set: the worker checks it between segments
+  std::atomic<bool> stop{false};  // local_stop or peer_verdict set: checked between segments
+
+  // Every segment has left: the receiver may commit at any moment, so only its answer can say
+  // how the transfer ended.
+  bool fully_streamed() const { return begin_sent && segments_sent == segments_total; }
 };
 
 struct Daemon::PeerLink {

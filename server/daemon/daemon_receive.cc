@@ -66,6 +66,9 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
     } else if (!SenderAllowed(sender)) {
       refusal = absl::PermissionDeniedError(
           absl::StrCat("daemon '", sender, "' is not among the receiver's configured peers"));
+    } else if (auto ended = ended_receives_.find(id); claimed == nullptr && ended != ended_receives_.end()) {
+      refusal = Annotate(ended->second.status,
+                         absl::StrCat("the Receive of request ", id, " ended before this sender arrived"));
     } else if (arrivals_.count({sender, id}) > 0) {
       refusal = absl::AlreadyExistsError(absl::StrCat("request ", id, " from '", sender, "' is already being received"));
     } else if (claimed != nullptr && claimed->begin.has_value()) {
@@ -155,22 +158,38 @@ void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payloa
     std::lock_guard<std::mutex> lock(mu_);
     auto name = peer_names_.find(peer);
     if (name == peer_names_.end()) return;
-    if (from_sender) {  // the sender aborted: fail our Receive, or forget what was staged
-      auto it = arrivals_.find({name->second, outcome->request_id});
-      if (it == arrivals_.end() || it->second->peer != peer || it->second->finished) return;
-      std::shared_ptr<Inbound> in = it->second;
-      if (in->has_receive) {
-        after.push_back(FinishInbound(in, Annotate(outcome->status, "the sender aborted")));
-      } else {
-        DropStaged(in);
-      }
+    if (from_sender) {
+      OnSenderAbort(name->second, peer, *outcome, after);
     } else {
       auto it = outbound_.find(outcome->request_id);
-      if (it == outbound_.end() || it->second->peer != peer) return;
-      StopOutbound(it->second, *outcome, /*from_peer=*/true, after);
+      if (it != outbound_.end() && it->second->peer == peer) OnReceiverVerdict(it->second, *outcome, after);
     }
   }
   for (auto& f : after) f();
+}
+
+void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer, const TransferOutcome& abort,
+                           Deferred& after) {
+  auto it = arrivals_.find({sender, abort.request_id});
+  if (it != arrivals_.end()) {  // fail our Receive, or forget what was staged
+    std::shared_ptr<Inbound> in = it->second;
+    if (in->peer != peer || in->finished) return;
+    if (in->has_receive) {
+      after.push_back(FinishInbound(in, Annotate(abort.status, "the sender aborted")));
+    } else {
+      DropStaged(in);
+    }
+    return;
+  }
+  // It gave up before its first message: a Receive waiting for it need not wait any more.
+  auto waiting = receives_.find(abort.request_id);
+  if (waiting == receives_.end()) return;
+  std::shared_ptr<Inbound> in = waiting->second;
+  if (in->begin.has_value() || in->finished || !SenderAllowed(sender) ||
+      !(in->expected_sender.empty() || in->expected_sender == sender)) {
+    return;
+  }
+  after.push_back(FinishInbound(in, Annotate(abort.status, absl::StrCat("sender '", sender, "' gave up"))));
 }
 
 void Daemon::OnMatched(transport::PeerId peer, std::span<const std::byte> payload) {
@@ -181,7 +200,7 @@ void Daemon::OnMatched(transport::PeerId peer, std::span<const std::byte> payloa
   }
   std::lock_guard<std::mutex> lock(mu_);
   auto it = outbound_.find(matched->request_id);
-  if (it == outbound_.end() || it->second->peer != peer || it->second->finished || it->second->verdict) return;
+  if (it == outbound_.end() || it->second->peer != peer || it->second->finished || it->second->stop.load()) return;
   table_.Update(matched->request_id, v1::TRANSFER_ROLE_SENDER,
                 [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
 }
@@ -256,6 +275,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
     early_bytes_ -= in->early_bytes;
     in->early_bytes = 0;
     receives_[request.request_id()] = in;
+    ended_receives_.erase(request.request_id());
     v1::TransferInfo info;
     info.set_request_id(request.request_id());
     info.set_role(v1::TRANSFER_ROLE_RECEIVER);
@@ -405,6 +425,8 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   if (in->begin.has_value()) {
     arrivals_.erase({in->sender, in->request_id});
     tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
+  } else if (!status.ok()) {
+    ended_receives_[in->request_id] = {status, absl::Now() + kTombstoneLifetime};
   }
   const double total_s = Seconds(in->started);
   const double wire_s = in->got_segment ? Seconds(in->first_segment) : 0.0;
@@ -499,11 +521,14 @@ void Daemon::ReapExpired() {
     for (auto it = outbound_.begin(); it != outbound_.end();) {
       std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
       if (out->streamed && !out->finished && now > out->verdict_deadline) {
-        StopOutbound(out, {out->request_id, absl::DeadlineExceededError("the peer did not confirm the transfer in time"), 0},
-                     /*from_peer=*/false, after);
+        after.push_back(FinishOutbound(
+            out, out->local_stop.value_or(absl::DeadlineExceededError("the peer did not confirm the transfer in time"))));
       }
     }
     for (auto it = tombstones_.begin(); it != tombstones_.end();) it = it->second < now ? tombstones_.erase(it) : ++it;
+    for (auto it = ended_receives_.begin(); it != ended_receives_.end();) {
+      it = it->second.expires < now ? ended_receives_.erase(it) : ++it;
+    }
     lock.unlock();
     shm_mappings_.DropUnlinked();  // frees KV objects their owners deleted since the last transfer
     PublishTransportStats();

@@ -90,31 +90,53 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
 
 void Daemon::RunSend(const std::shared_ptr<Outbound>& out) {
   absl::Status status = StreamTransfer(*out);
-  absl::AnyInvocable<void()> after;
+  Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
     out->streamed = true;
-    if (out->finished) return;
-    if (out->verdict.has_value()) {
-      after = FinishOutbound(out, out->verdict->status);  // the receiver answered, or a stop
-    } else if (!status.ok()) {
-      after = FinishOutbound(out, status);
-    } else {  // wait for the receiver's verdict without holding this thread
-      out->verdict_deadline = absl::Now() + config_.early_segment_ttl + kOutcomeGrace;
-    }
+    if (!status.ok() && !out->local_stop && !out->peer_verdict) out->local_stop = status;
+    // Waiting for the receiver's answer holds no thread; the reaper enforces the deadline.
+    out->verdict_deadline = absl::Now() + config_.early_segment_ttl + kOutcomeGrace;
+    SettleOutbound(out, after);
   }
-  if (after) after();
+  for (auto& f : after) f();
 }
 
-void Daemon::StopOutbound(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, bool from_peer,
-                          Deferred& after) {
-  if (out->finished) return;
-  if (!out->verdict.has_value()) {
-    out->verdict = std::move(verdict);
-    out->verdict_from_peer = from_peer;
-    out->stop.store(true);
+void Daemon::StopOutbound(const std::shared_ptr<Outbound>& out, absl::Status why, Deferred& after) {
+  if (out->finished || out->local_stop) return;
+  out->local_stop = std::move(why);
+  out->stop.store(true);
+  SettleOutbound(out, after);
+}
+
+void Daemon::OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, Deferred& after) {
+  if (out->finished || out->peer_verdict) return;
+  out->peer_verdict = std::move(verdict);
+  out->stop.store(true);
+  SettleOutbound(out, after);
+}
+
+void Daemon::SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& after) {
+  if (out->finished || !out->streamed) return;  // the worker settles it when it stops
+  if (out->peer_verdict) {
+    after.push_back(FinishOutbound(out, out->peer_verdict->status));
+    return;
   }
-  if (out->streamed) after.push_back(FinishOutbound(out, out->verdict->status));
+  if (!out->local_stop) return;  // every segment sent: the receiver's answer comes (or the deadline)
+  const bool link_alive = out->local_stop->code() != absl::StatusCode::kUnavailable;
+  if (out->fully_streamed() && link_alive) {
+    // Stopped after the last segment: the receiver may already have committed. Ask it to abort
+    // and let its answer decide, so both sides always report the same outcome.
+    if (!out->abort_sent) {
+      out->abort_sent = true;
+      out->verdict_deadline = absl::Now() + kOutcomeGrace;
+      after.push_back([this, peer = out->peer, id = out->request_id, why = *out->local_stop] {
+        (void)transport_->Send(peer, kTransferAbortMessage, SerializeOutcome({id, why, 0}), [](absl::Status) {});
+      });
+    }
+    return;
+  }
+  after.push_back(FinishOutbound(out, *out->local_stop));
 }
 
 absl::Status Daemon::StreamTransfer(Outbound& out) {
@@ -123,9 +145,18 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   const uint64_t request_id = out.request_id;
   auto stopped = [&]() -> absl::Status {
     std::lock_guard<std::mutex> lock(mu_);
-    return out.verdict.has_value() ? out.verdict->status : absl::OkStatus();
+    if (out.peer_verdict) return out.peer_verdict->status;
+    return out.local_stop.value_or(absl::OkStatus());
   };
   if (out.stop.load()) return stopped();  // cancelled (or shutting down) while queued
+  // Connected first, so that whatever fails below can be told to the receiver.
+  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
+  if (!peer_id.ok()) return peer_id.status();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out.peer = *peer_id;  // from now on the receiver's answer and the peer's loss reach `out`
+  }
+  if (out.stop.load()) return stopped();
 
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
@@ -187,13 +218,6 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   decision.set_planned_budget(budget);
   const CodecOptions options = CodecOptionsFor(out.policy, budget);
 
-  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
-  if (!peer_id.ok()) return peer_id.status();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    out.peer = *peer_id;  // from now on the receiver's verdict and the peer's loss reach `out`
-    if (out.verdict.has_value()) return out.verdict->status;
-  }
   auto in_flight = metrics_->TrackInFlight();
 
   absl::StatusOr<TierPlan> plan =
@@ -262,10 +286,10 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
   out->finished = true;
   if (auto it = outbound_.find(out->request_id); it != outbound_.end() && it->second == out) outbound_.erase(it);
   drained_cv_.notify_all();
-  const double decode_s = out->verdict.has_value() ? out->verdict->decode_seconds : 0.0;
-  // Let the receiver release its destination now rather than at its timeout (it knows already
-  // when it gave the verdict or the link is gone).
-  const bool tell_peer = !status.ok() && out->begin_sent && !out->verdict_from_peer &&
+  const double decode_s = out->peer_verdict ? out->peer_verdict->decode_seconds : 0.0;
+  // Let the receiver release its destination (or a Receive still waiting for this sender) now
+  // rather than at its timeout; it knows already when it answered or the link is gone.
+  const bool tell_peer = !status.ok() && out->peer != transport::kNoPeer && !out->peer_verdict && !out->abort_sent &&
                          status.code() != absl::StatusCode::kUnavailable;
   return [this, out, status, decode_s, tell_peer]() mutable {
     if (tell_peer) {

@@ -4,12 +4,15 @@
 #include <poll.h>
 #include <spdlog/spdlog.h>
 #include <ucp/api/ucp.h>
+#include <ucs/config/global_opts.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -58,6 +61,7 @@ constexpr absl::Duration kMaxSleep = absl::Milliseconds(100);
 // CLOSE_WAIT before it is closed (UCX closes the connections it still owns well within that).
 constexpr absl::Duration kAbandonedSocketScanPeriod = absl::Seconds(1);
 constexpr absl::Duration kAbandonedSocketGrace = absl::Seconds(3);
+constexpr unsigned kUcxAsyncMaxEvents = 1u << 20;
 // Progress calls per round before queued commands get their turn again: a constant inbound
 // stream must not starve sends issued by handlers and other threads.
 constexpr int kMaxProgressPerRound = 64;
@@ -108,8 +112,25 @@ std::vector<std::byte> CopyBytes(const void* data, size_t length) {
   return std::vector<std::byte>(first, first + length);
 }
 
+// Process-wide UCX settings the data plane needs; an operator's own UCX_* environment wins.
+//  - TCP_CM_REUSEADDR: a daemon restarted after kill -9 must get its port back at once; without it,
+//    any connection open at the kill kept the port busy for up to a minute.
+//  - async_max_events: UCX's async context refuses fds beyond this count (1024 by default), and
+//    each abandoned connection the transport reclaims keeps its fd number (abandoned_sockets.h).
+void ApplyProcessWideUcxSettings() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    setenv("UCX_TCP_CM_REUSEADDR", "y", /*overwrite=*/0);
+    setenv("UCX_RDMA_CM_REUSEADDR", "y", /*overwrite=*/0);
+    if (getenv("UCX_ASYNC_MAX_EVENTS") == nullptr) {
+      ucs_global_opts.async_max_events = std::max(ucs_global_opts.async_max_events, kUcxAsyncMaxEvents);
+    }
+  });
+}
+
 absl::StatusOr<UcpContext> CreateContext(const TransportConfig& config,
                                          const SocketAddress& listen_address) {
+  ApplyProcessWideUcxSettings();
   ucp_config_t* raw_config = nullptr;
   SKV_RETURN_IF_UCS_ERROR(ucp_config_read(nullptr, nullptr, &raw_config));
   const internal::UcxOwner<ucp_config_t*, &internal::ReleaseUcpConfig> ucp_config(raw_config);

@@ -104,7 +104,7 @@ struct TestDaemon {
     }
   };
 
-  Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer) {
+  Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer, double budget = 0.5) {
     Call<v1::SendResponse> call;
     call.request = std::make_unique<v1::SendRequest>();
     v1::SendRequest& s = *call.request;
@@ -113,7 +113,7 @@ struct TestDaemon {
     s.mutable_source()->set_inline_data(kv);
     *s.mutable_source_layout() = Layout(dtype);
     s.mutable_peer()->set_daemon_id(peer);
-    s.set_budget(0.5);
+    s.set_budget(budget);
     s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
     auto promise = std::make_shared<std::promise<absl::StatusOr<v1::SendResponse>>>();
     call.result = promise->get_future();
@@ -387,6 +387,43 @@ TEST_F(DaemonTest, AKvOfAnotherModelShapeIsRefusedOnBothSides) {
   EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
   absl::StatusOr<v1::ReceiveResponse> r = received.Get();
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+}
+
+// Cancelled after its last segment left, a sender cannot know whether the receiver committed:
+// it asks the receiver to abort and reports the receiver's answer, so both sides agree.
+TEST_F(DaemonTest, ASenderCancelledAfterItsLastSegmentReportsWhatTheReceiverDid) {
+  decode_->faults->AddFault({.direction = tp::FaultDirection::kOutbound,
+                             .action = tp::FaultAction::kPause,
+                             .message_type = kTransferResultMessage});
+  auto received = decode_->Receive(42);
+  auto sent = prefill_->Send(42, RandomKv(42), "decode");
+  ASSERT_TRUE(decode_->faults->WaitUntilPaused(absl::Seconds(10)));  // committed, answer held
+  ASSERT_TRUE(prefill_->Cancel(42, v1::TRANSFER_ROLE_SENDER).ok());
+  decode_->faults->Resume();
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();
+  absl::StatusOr<v1::SendResponse> s = sent.Get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(s.ok()) << "the receiver committed, so the Send did too: " << s.status();
+  EXPECT_EQ(prefill_->Info(42, v1::TRANSFER_ROLE_SENDER)->state(), v1::TRANSFER_STATE_COMMITTED);
+}
+
+TEST_F(DaemonTest, ASenderArrivingAfterItsReceiveWasCancelledIsToldAtOnce) {
+  auto received = decode_->Receive(43);
+  ASSERT_TRUE(decode_->Cancel(43, v1::TRANSFER_ROLE_RECEIVER).ok());
+  EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kCancelled);
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::SendResponse> s = prefill_->Send(43, RandomKv(43), "decode").Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kCancelled) << s.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3)) << "not after the staging TTL";
+}
+
+TEST_F(DaemonTest, ASenderThatGivesUpBeforeItsFirstMessageReleasesTheReceive) {
+  auto received = decode_->Receive(44, "prefill");
+  absl::StatusOr<v1::SendResponse> s = prefill_->Send(44, RandomKv(44), "decode", /*budget=*/0.001).Get();
+  ASSERT_FALSE(s.ok());
+  absl::StatusOr<v1::ReceiveResponse> r = received.Get();  // at once, not after its 30 s timeout
+  EXPECT_EQ(r.status().code(), s.status().code()) << r.status();
+  EXPECT_NE(r.status().message().find("gave up"), absl::string_view::npos) << r.status();
 }
 
 TEST_F(DaemonTest, ListTransfersRefusesANegativePageToken) {
