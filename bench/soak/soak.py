@@ -45,10 +45,12 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 SKIP = 77
 
 # Model and workload shape. One token of the whole model (every layer, K and V) is
-# LAYERS * 2 * KV_HEADS * HEAD_DIM * 2 bytes = 4 KiB, so the token counts below span 32 KiB..4 MiB.
+# LAYERS * 2 * KV_HEADS * HEAD_DIM * 2 bytes = 4 KiB, so the token counts below span 128 KiB..4 MiB.
+# 32 tokens is the smallest count for which every budget below is feasible: under it the fixed
+# headers and the FP16 sink tokens alone exceed b = 0.2 and Send answers OUT_OF_RANGE.
 LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 64
 ROW_BYTES = KV_HEADS * HEAD_DIM * 2
-TOKEN_CHOICES = (8, 100, 333, 1024)
+TOKEN_CHOICES = (32, 100, 333, 1024)
 BUDGET_CHOICES = (1.0, 0.5, 0.3, 0.2)
 BLOCK_SIZES = (16, 32)
 MODEL_NAME = "soak-%dx%dx%d-fp16" % (LAYERS, KV_HEADS, HEAD_DIM)
@@ -87,6 +89,12 @@ def parse_args(argv):
                         "(default 30)")
     p.add_argument("--send-deadline", type=float, default=60.0,
                    help="gRPC deadline of each Send, seconds (default 60)")
+    p.add_argument("--restart-timeout", type=float, default=75.0,
+                   help="seconds a restart of the decode daemon may take, retries included (its data port can "
+                        "stay busy for a minute after kill -9, see README); then the run fails (default 75)")
+    p.add_argument("--ucx-reuseaddr", action="store_true",
+                   help="start the daemons with UCX_TCP_CM_REUSEADDR=y, so a restarted daemon can listen on "
+                        "its data port at once")
     p.add_argument("--sample-every", type=float, default=2.0,
                    help="seconds between RSS/fd/thread samples (default 2)")
     p.add_argument("--log-dir", default=None, help="where the daemon logs go (default: a new /tmp/skv-soak.*)")
@@ -199,20 +207,20 @@ def free_ports(n):
 
 
 def read_proc(pid):
-    """(rss_kib, fds, threads) of `pid`, or None when it is gone."""
+    """(rss_kib, fds, threads, rss_anon_kib) of `pid`, or None when it is gone. VmRSS includes the
+    shared-memory KV objects the daemon keeps mapped (RssShmem); RssAnon is its own heap."""
     try:
-        rss = threads = None
+        fields = {}
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Threads:"):
-                    threads = int(line.split()[1])
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "Threads", "RssAnon"):
+                    fields[key] = int(value.split()[0])
         fds = len(os.listdir("/proc/%d/fd" % pid))
-        if rss is None or threads is None:
+        if "VmRSS" not in fields or "Threads" not in fields:
             return None
-        return rss, fds, threads
-    except (OSError, ValueError):
+        return fields["VmRSS"], fds, fields["Threads"], fields.get("RssAnon", 0)
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -251,8 +259,9 @@ def scan_log(path):
 class Daemon:
     """One spectrumkvd role; `lives` records every process started for it."""
 
-    def __init__(self, name, binary, ports, peer, log_dir):
+    def __init__(self, name, binary, ports, peer, log_dir, env=None):
         self.name = name
+        self.env = env
         self.binary = binary
         self.grpc_port, self.data_port, self.metrics_port = ports
         self.peer = peer  # "id=127.0.0.1:port"
@@ -281,7 +290,7 @@ class Daemon:
         path = os.path.join(self.log_dir, "%s-%d.log" % (self.name, len(self.lives) + 1))
         with open(path, "wb") as out:
             proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env=self.env)
         with REG.lock:
             REG.procs.append(proc)
         life = {"proc": proc, "log": path, "started": time.monotonic(), "ended": None, "killed": False,
@@ -293,6 +302,7 @@ class Daemon:
             if proc.poll() is not None:
                 life["ended"] = time.monotonic()
                 life["exit"] = proc.returncode
+                life["start_failed"] = True
                 return "%s exited at start with %s; log %s:\n%s" % (self.name, proc.returncode, path, log_tail(path))
             try:
                 with open(path, "rb") as f:
@@ -301,6 +311,11 @@ class Daemon:
             except OSError:
                 pass
             time.sleep(0.05)
+        life["start_failed"] = True
+        proc.kill()
+        proc.wait()
+        life["ended"] = time.monotonic()
+        life["exit"] = proc.returncode
         return "%s not ready after %.0f s; log %s" % (self.name, timeout, path)
 
     def kill9(self):
@@ -320,11 +335,13 @@ class Daemon:
     def crashed(self):
         """The current life's exit status if it ended without the driver asking, else None."""
         life = self.lives[-1] if self.lives else None
-        if life is None or life["killed"] or life.get("terminated"):
+        if life is None or life["killed"] or life.get("terminated") or life.get("start_failed") \
+                or life.get("crash_reported"):
             return None
         rc = life["proc"].poll()
         if rc is None:
             return None
+        life["crash_reported"] = True
         if life["ended"] is None:
             life["ended"] = time.monotonic()
             life["exit"] = rc
@@ -335,6 +352,7 @@ class Daemon:
         life = self.lives[-1]
         life["terminated"] = True
         if self.proc.poll() is not None:
+            life["ended"] = time.monotonic()
             life["exit"] = self.proc.returncode
             return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
@@ -399,7 +417,7 @@ class Soak:
         self.results = []                    # one dict per finished transfer
         self.inflight = 0
         self.garbage = collections.Counter()
-        self.samples = {"prefill": [], "decode": []}  # (t, rss_kib, fds, threads, life)
+        self.samples = {"prefill": [], "decode": []}  # (t, rss_kib, fds, threads, life, anon_kib)
         self.crashes = []
         self.problems = []                   # set-up / restart / shutdown problems (fatal)
         self.shutdown = {}
@@ -528,11 +546,17 @@ class Soak:
             send_deadline = args.send_deadline
             calls = {}
 
+            done_at = {}
+
             def start(side):
+                t = time.monotonic()
                 if side == "recv":
-                    calls["recv"] = (time.monotonic(), decode_client.stub.Receive.future(recv_req, timeout=recv_deadline))
+                    fut = decode_client.stub.Receive.future(recv_req, timeout=recv_deadline)
                 else:
-                    calls["send"] = (time.monotonic(), prefill_client.stub.Send.future(send_req, timeout=send_deadline))
+                    fut = prefill_client.stub.Send.future(send_req, timeout=send_deadline)
+                calls[side] = (t, fut)
+                # When the call completed (not when this thread got round to looking at it).
+                fut.add_done_callback(lambda _f, side=side: done_at.setdefault(side, time.monotonic()))
 
             first, second = ("recv", "send") if receive_first else ("send", "recv")
             start(first)
@@ -557,12 +581,12 @@ class Soak:
                 remaining = started + deadline + 10.0 - time.monotonic()
                 try:
                     resp = fut.result(timeout=max(0.0, remaining))
-                    outcome[side] = ("OK", time.monotonic() - started, resp, "")
+                    outcome[side] = ("OK", done_at.get(side, time.monotonic()) - started, resp, "")
                 except grpc.FutureTimeoutError:
                     outcome[side] = ("LOST", time.monotonic() - started, None, "no answer from the client library")
                     fut.cancel()
                 except grpc.RpcError as e:
-                    elapsed = time.monotonic() - started
+                    elapsed = done_at.get(side, time.monotonic()) - started
                     code = code_name(e.code())
                     # The daemon did not answer: gRPC's own deadline fired on this side.
                     if code == "DEADLINE_EXCEEDED" and elapsed >= deadline - 0.05:
@@ -619,6 +643,8 @@ class Soak:
             rec["check"] = "bytes"
         else:
             planned = s_resp.stats.passthrough.planned_budget or budget
+            with self.lock:  # the decode daemon now serving (it may have restarted since)
+                decode_client = self.clients["decode"]
             try:
                 enc = decode_client.encode(src.read(), src_layout, planned, request_id=rec["id"])
                 dec = decode_client.decode(enc.segments)
@@ -690,14 +716,17 @@ class Soak:
             life = len(d.lives)
             v = read_proc(d.proc.pid) if d.proc.poll() is None else None
             if v is not None:
-                self.samples[d.name].append((now, v[0], v[1], v[2], life))
+                self.samples[d.name].append((now, v[0], v[1], v[2], life, v[3]))
 
     # -- the run --
     def run(self, binary, log_dir):
         args = self.args
         ports = free_ports(6)
-        decode = Daemon("decode", binary, ports[0:3], "prefill=127.0.0.1:%d" % ports[4], log_dir)
-        prefill = Daemon("prefill", binary, ports[3:6], "decode=127.0.0.1:%d" % ports[1], log_dir)
+        env = dict(os.environ)
+        if args.ucx_reuseaddr:
+            env["UCX_TCP_CM_REUSEADDR"] = "y"
+        decode = Daemon("decode", binary, ports[0:3], "prefill=127.0.0.1:%d" % ports[4], log_dir, env)
+        prefill = Daemon("prefill", binary, ports[3:6], "decode=127.0.0.1:%d" % ports[1], log_dir, env)
         self.daemons = (decode, prefill)
         log("daemon logs: %s" % log_dir)
         for d in (decode, prefill):
@@ -773,15 +802,18 @@ class Soak:
             if rc is not None:
                 self.crashes.append({"daemon": d.name, "life": len(d.lives), "exit": rc, "log": d.lives[-1]["log"],
                                      "at_s": time.monotonic() - self.t0, "tail": log_tail(d.lives[-1]["log"])})
-        for d in self.daemons:
-            if d.lives[-1]["ended"] is not None:
-                continue
-            started = time.monotonic()
-            rc = d.terminate()
+        # SIGTERM both at once; each gets 10 s (its shutdown grace is 2 s, gRPC's 2 s more).
+        running = [d for d in self.daemons if d.lives[-1]["ended"] is None]
+        started = time.monotonic()
+        for d in running:
+            d.lives[-1]["terminated"] = True
+            d.proc.send_signal(signal.SIGTERM)
+        for d in running:
+            rc = d.terminate(timeout=max(0.1, started + 10.0 - time.monotonic()))
             self.shutdown[d.name] = {"exit": rc, "seconds": round(time.monotonic() - started, 2)}
             if rc != 0:
                 self.problems.append("%s did not stop cleanly on SIGTERM: exit %s; log %s" % (
-                    d.name, "killed after 15 s" if rc is None else rc, d.lives[-1]["log"]))
+                    d.name, "killed after 10 s" if rc is None else rc, d.lives[-1]["log"]))
 
     def kill_and_restart(self, decode):
         with self.lock:
@@ -799,12 +831,21 @@ class Soak:
                                  "tail": log_tail(decode.lives[-1]["log"]),
                                  "note": "had already exited before the kill"})
         self.sample(self.daemons)
+        # The data port can stay busy after kill -9 (the old connections' sockets linger in
+        # FIN_WAIT2/TIME_WAIT and the listener does not set SO_REUSEADDR): retry, bounded.
         err = None
-        for attempt in range(3):  # the ports may linger a moment after kill -9
+        attempts = 0
+        give_up = kill_at + self.args.restart_timeout
+        while True:
+            attempts += 1
             err = decode.start()
-            if err is None:
+            if err is None or time.monotonic() >= give_up:
                 break
+            if "Device is busy" in err or "Address already in use" in err:
+                rec["port_busy"] = True
+            self.sample(self.daemons[1:])
             time.sleep(0.5)
+        rec["attempts"] = attempts
         if err is None:
             try:
                 self.connect(decode)
@@ -814,7 +855,8 @@ class Soak:
             self.problems.append("decode restart after kill %d failed: %s" % (self.kills, err))
             return
         rec["ready_at"] = time.monotonic()
-        log("killed decode pid %d, restarted as pid %d in %.2f s" % (pid, decode.proc.pid, rec["ready_at"] - kill_at))
+        log("killed decode pid %d, restarted as pid %d in %.2f s (%d start%s)" % (
+            pid, decode.proc.pid, rec["ready_at"] - kill_at, attempts, "" if attempts == 1 else "s"))
         self.sample(self.daemons)
         self.decode_up.set()
 
@@ -844,47 +886,60 @@ class Soak:
         ok_bytes = sum(r["bytes"] for r in res if r["verdict"] == "ok")
         duration = (self.t_end - self.t0) if self.t0 and self.t_end else 0.0
         cancels = [r for r in res if r.get("cancel")]
+        # CancelTransfer on one side should end the other side's call CANCELLED too.
+        not_propagated = collections.Counter(
+            "%s cancelled, other side %s" % (r["cancel"], r["recv"] if r["cancel"] == "sender" else r["send"])
+            for r in res if r["verdict"] == "cancelled" and r.get("cancel_result") == "OK"
+            and (r["recv"] if r["cancel"] == "sender" else r["send"]) != "CANCELLED")
         procs = {}
+
+        def point(x):
+            return {"rss_mib": round(x[1] / 1024, 1), "fds": x[2], "threads": x[3], "anon_mib": round(x[5] / 1024, 1)}
+
         for name in ("prefill", "decode"):
             s = self.samples[name]
             entry = {"samples": len(s)}
             if s:
-                entry["start"] = {"rss_mib": round(s[0][1] / 1024, 1), "fds": s[0][2], "threads": s[0][3]}
-                entry["end"] = {"rss_mib": round(s[-1][1] / 1024, 1), "fds": s[-1][2], "threads": s[-1][3]}
+                entry["start"] = point(s[0])
+                entry["end"] = point(s[-1])
                 entry["max"] = {"rss_mib": round(max(x[1] for x in s) / 1024, 1), "fds": max(x[2] for x in s),
-                                "threads": max(x[3] for x in s)}
+                                "threads": max(x[3] for x in s), "anon_mib": round(max(x[5] for x in s) / 1024, 1)}
+                # Slopes over the samples taken while the traffic ran (not the drain after it).
+                traffic = [x for x in s if x[0] <= duration + 0.5] or s
                 if name == "prefill":
-                    span = s
-                    entry["slope_over"] = "whole run (%.0f s)" % (s[-1][0] - s[0][0])
+                    span = traffic
+                    entry["slope_over"] = "whole run (%.0f s, %d samples)" % (span[-1][0] - span[0][0], len(span))
                 else:
                     lives = collections.defaultdict(list)
-                    for x in s:
+                    for x in traffic:
                         lives[x[4]].append(x)
                     best = max(lives.values(), key=lambda v: (v[-1][0] - v[0][0], len(v)))
                     span = best
                     entry["slope_over"] = "life %d (%.0f s, %d samples)" % (best[0][4], best[-1][0] - best[0][0], len(best))
                     entry["lives"] = len(self.daemons[0].lives) if hasattr(self, "daemons") else 1
-                    entry["life_used"] = {"start": {"rss_mib": round(best[0][1] / 1024, 1), "fds": best[0][2],
-                                                    "threads": best[0][3]},
-                                          "end": {"rss_mib": round(best[-1][1] / 1024, 1), "fds": best[-1][2],
-                                                  "threads": best[-1][3]}}
+                    entry["life_used"] = {"start": point(best[0]), "end": point(best[-1])}
                 entry["slope_per_min"] = {
                     "rss_mib": slope_per_minute([(x[0], x[1] / 1024) for x in span]),
                     "fds": slope_per_minute([(x[0], x[2]) for x in span]),
-                    "threads": slope_per_minute([(x[0], x[3]) for x in span])}
+                    "threads": slope_per_minute([(x[0], x[3]) for x in span]),
+                    "anon_mib": slope_per_minute([(x[0], x[5] / 1024) for x in span])}
             procs[name] = entry
         restart_s = [r["ready_at"] - r["kill_at"] for r in self.restarts if r.get("ready_at")]
         first_ok_s = [r["first_ok_at"] - r["ready_at"] for r in self.restarts if r.get("first_ok_at")]
         logs = {}
         if hasattr(self, "daemons"):
             for d in self.daemons:
-                for i, life in enumerate(d.lives):
-                    c = scan_log(life["log"])
-                    if c:
-                        logs[os.path.basename(life["log"])] = c
+                total = collections.Counter()
+                failed = collections.Counter()
+                for life in d.lives:
+                    (failed if life.get("start_failed") else total).update(scan_log(life["log"]))
+                logs[d.name] = {"lives": sum(1 for x in d.lives if not x.get("start_failed")),
+                                "failed_starts": sum(1 for x in d.lives if x.get("start_failed")),
+                                "lines": dict(total), "failed_start_lines": dict(failed)}
         half = [r for r in res if r["verdict"] == "half_committed"]
         out = {
             "config": {"duration_s": args.duration, "concurrency": args.concurrency, "kill_every_s": args.kill_every,
+                       "ucx_reuseaddr": args.ucx_reuseaddr, "restart_timeout_s": args.restart_timeout,
                        "garbage_rate_per_s": args.garbage_rate, "cancel_fraction": args.cancel_fraction,
                        "verify_fraction": args.verify_fraction, "receive_timeout_s": args.receive_timeout,
                        "send_deadline_s": args.send_deadline, "seed": args.seed,
@@ -901,6 +956,7 @@ class Soak:
             "cancel_requested": len(cancels),
             "cancel_too_late_both_ok": sum(1 for r in cancels if r["verdict"] == "ok"),
             "cancel_result": dict(collections.Counter(r.get("cancel_result") for r in cancels)),
+            "cancel_not_propagated": dict(not_propagated),
             "lost": verdicts["lost"],
             "half_committed": verdicts["half_committed"],
             "half_committed_explained_by_kill": verdicts["half_committed_kill"],
@@ -916,7 +972,11 @@ class Soak:
             "send_latency_by_tokens": lat_by_tokens,
             "kills": self.kills,
             "restart_s": {"mean": (sum(restart_s) / len(restart_s)) if restart_s else None,
-                          "max": max(restart_s) if restart_s else None},
+                          "max": max(restart_s) if restart_s else None,
+                          "all": [round(x, 2) for x in restart_s]},
+            "restarts_port_busy": sum(1 for r in self.restarts if r.get("port_busy")),
+            "decode_down_s": round(sum(r["ready_at"] - r["kill_at"] for r in self.restarts if r.get("ready_at")), 1),
+            "restart_start_attempts": sum(r.get("attempts", 0) for r in self.restarts),
             "first_ok_after_restart_s": {"mean": (sum(first_ok_s) / len(first_ok_s)) if first_ok_s else None,
                                          "max": max(first_ok_s) if first_ok_s else None,
                                          "restarts_without_ok": len(restart_s) - len(first_ok_s)},
@@ -948,8 +1008,11 @@ def print_table(s):
     w = sys.stdout.write
     c = s["config"]
     w("SpectrumKV soak: %.0f s, concurrency %d, kill -9 decode every %s, garbage %.1f conn/s, cancel %.0f%%, "
-      "seed %d\n" % (s["run_s"], c["concurrency"], ("%.0f s" % c["kill_every_s"]) if c["kill_every_s"] else "never",
-                     c["garbage_rate_per_s"], 100 * c["cancel_fraction"], c["seed"]))
+      "seed %d%s\n" % (s["run_s"], c["concurrency"], ("%.0f s" % c["kill_every_s"]) if c["kill_every_s"] else "never",
+                       c["garbage_rate_per_s"], 100 * c["cancel_fraction"], c["seed"],
+                       ", UCX_TCP_CM_REUSEADDR=y" if c["ucx_reuseaddr"] else ""))
+    if s["kills"]:
+        w("decode daemon down (kill -> serving again) %.1f s of the %.0f s\n" % (s["decode_down_s"], s["run_s"]))
     w("\n%-40s %10s\n" % ("transfers", s["transfers"]))
     w("%-40s %10d   (%s/s, %s MiB/s)\n" % ("ok (both sides OK)", s["ok"], s["ok_per_s"], s["ok_mib_per_s"]))
     w("%-40s %10s\n" % ("  checked", ", ".join("%s %d" % kv for kv in sorted(s["checks"].items())) or "-"))
@@ -960,6 +1023,8 @@ def print_table(s):
         "cancelled", s["cancelled"], s["cancel_requested"], s["cancel_too_late_both_ok"]))
     for k, v in sorted(s["cancelled_by_code"].items(), key=lambda kv: -kv[1]):
         w("    %-52s %6d\n" % (k, v))
+    for k, v in sorted(s["cancel_not_propagated"].items(), key=lambda kv: -kv[1]):
+        w("    not propagated: %-36s %6d\n" % (k, v))
     w("%-40s %10d\n" % ("LOST (no answer within the deadline)", s["lost"]))
     w("%-40s %10d\n" % ("HALF-COMMITTED (unexplained)", s["half_committed"]))
     w("%-40s %10d\n" % ("half-committed, explained by a kill", s["half_committed_explained_by_kill"]))
@@ -978,10 +1043,14 @@ def print_table(s):
           s["kills"], fmt(s["restart_s"]["mean"], "%.2f"), fmt(s["restart_s"]["max"], "%.2f"),
           fmt(s["first_ok_after_restart_s"]["mean"], "%.2f"), fmt(s["first_ok_after_restart_s"]["max"], "%.2f"),
           s["first_ok_after_restart_s"]["restarts_without_ok"]))
+    if s["restarts_port_busy"]:
+        w("  %d of %d restarts found the data port busy (\"Device is busy\") and needed %d starts in all; "
+          "slowest %.1f s\n" % (s["restarts_port_busy"], s["kills"], s["restart_start_attempts"],
+                                s["restart_s"]["max"] or 0))
     g = s["garbage"]
     w("garbage connections: %d connected (%d KiB), %d refused, %d errors\n" % (
         g.get("connected", 0), g.get("bytes", 0) // 1024, g.get("refused", 0), g.get("errors", 0)))
-    w("\n%-8s %-6s %10s %10s %10s   %s\n" % ("daemon", "", "RSS MiB", "fds", "threads", ""))
+    w("\n%-8s %-6s %10s %10s %10s %10s   %s\n" % ("daemon", "", "RSS MiB", "fds", "threads", "anon MiB", ""))
     for name in ("prefill", "decode"):
         p = s["processes"].get(name, {})
         if "start" not in p:
@@ -993,11 +1062,12 @@ def print_table(s):
             rows.append(("life s", p["life_used"]["start"], "longest life, start"))
             rows.append(("life e", p["life_used"]["end"], "longest life, end"))
         for label, v, note in rows:
-            w("%-8s %-6s %10.1f %10d %10d   %s\n" % (name, label, v["rss_mib"], v["fds"], v["threads"], note))
+            w("%-8s %-6s %10.1f %10d %10d %10.1f   %s\n" % (name, label, v["rss_mib"], v["fds"], v["threads"],
+                                                       v["anon_mib"], note))
         sp = p["slope_per_min"]
-        w("%-8s %-6s %10s %10s %10s   per minute, least squares over %s\n" % (
+        w("%-8s %-6s %10s %10s %10s %10s   per minute, least squares over %s\n" % (
             name, "slope", fmt(sp["rss_mib"], "%+.2f"), fmt(sp["fds"], "%+.1f"), fmt(sp["threads"], "%+.2f"),
-            p["slope_over"]))
+            fmt(sp["anon_mib"], "%+.2f"), p["slope_over"]))
     for c in s["crashes"]:
         w("\nCRASH: %s life %d exited with %s at %.1f s on its own; log %s\n%s\n" % (
             c["daemon"], c["life"], c["exit"], c["at_s"], c["log"], c["tail"]))
@@ -1006,11 +1076,16 @@ def print_table(s):
     for kind in ("lost", "half_committed", "corrupt"):
         for r in s["examples"][kind]:
             w("%s: %s\n" % (kind.upper(), json.dumps(r, sort_keys=True)))
-    if s["log_lines"]:
-        w("\nlog lines by level: %s\n" % ", ".join("%s %s" % (k, v) for k, v in sorted(s["log_lines"].items())))
+    for name, v in sorted(s["log_lines"].items()):
+        w("%s log lines: %s over %d li%s%s\n" % (
+            name, ", ".join("%s %d" % kv for kv in sorted(v["lines"].items())) or "none", v["lives"],
+            "fe" if v["lives"] == 1 else "ves",
+            ("; %d failed starts (%s)" % (v["failed_starts"], ", ".join("%s %d" % kv for kv in
+                                                                        sorted(v["failed_start_lines"].items()))))
+            if v["failed_starts"] else ""))
     w("shutdown on SIGTERM: %s\n" % ", ".join("%s exit %s in %.1f s" % (k, v["exit"], v["seconds"])
                                               for k, v in sorted(s["shutdown"].items())))
-    w("daemon logs: %s\n" % s["log_dir"])
+    w("daemon logs: %s (and summary.json, transfers.jsonl, samples.json)\n" % s["log_dir"])
     w("result: %s\n" % ("PASS" if s["pass"] else "FAIL"))
 
 
@@ -1044,6 +1119,16 @@ def main(argv):
         REG.cleanup()
     summary = soak.summary(log_dir)
     summary["interrupted"] = interrupted
+    try:
+        with open(os.path.join(log_dir, "transfers.jsonl"), "w") as f:
+            for r in list(soak.results):
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        with open(os.path.join(log_dir, "samples.json"), "w") as f:
+            json.dump(soak.samples, f)
+        with open(os.path.join(log_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, sort_keys=True, indent=1)
+    except OSError as e:
+        log("cannot write the per-transfer records: %s" % e)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:

@@ -50,12 +50,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   HandshakeReplyWire header;
   std::memcpy(&header, data, sizeof(header));
   Check(static_cast<uint32_t>(reply->verdict.code()) == header.status_code);
-  std::vector<uint8_t> expected(data, data + size);
+  size_t expected_size = size;
   if (header.status_code == 0) {  // an accepting verdict's message is not kept
-    expected.resize(sizeof(header) + header.daemon_id_bytes);
-    std::memset(expected.data() + offsetof(HandshakeReplyWire, message_bytes), 0,
-                sizeof(HandshakeReplyWire::message_bytes));
+    expected_size = sizeof(header) + header.daemon_id_bytes;
+    header.message_bytes = 0;
   }
+  std::vector<uint8_t> expected(reinterpret_cast<const uint8_t*>(&header),
+                                reinterpret_cast<const uint8_t*>(&header) + sizeof(header));
+  expected.insert(expected.end(), data + sizeof(header), data + expected_size);
   const std::vector<std::byte> again = wire::EncodeHandshakeReply(*reply);
   Check(again.size() == expected.size() && std::memcmp(again.data(), expected.data(), expected.size()) == 0);
   absl::StatusOr<HandshakeReply> redecoded = wire::DecodeHandshakeReply(again);

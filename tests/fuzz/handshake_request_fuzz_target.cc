@@ -47,9 +47,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Check(size <= wire::kMaxHandshakeBytes && request->daemon_id.size() <= wire::kMaxDaemonIdBytes &&
         request->auth_token.size() <= wire::kMaxAuthTokenBytes);
 
-  std::vector<uint8_t> expected(data, data + size);
-  std::memset(expected.data() + offsetof(HandshakeRequestWire, reserved), 0,
-              sizeof(HandshakeRequestWire::reserved));
+  HandshakeRequestWire header;
+  std::memcpy(&header, data, sizeof(header));
+  header.reserved = 0;
+  std::vector<uint8_t> expected(reinterpret_cast<const uint8_t*>(&header),
+                                reinterpret_cast<const uint8_t*>(&header) + sizeof(header));
+  expected.insert(expected.end(), data + sizeof(header), data + size);
   const std::vector<std::byte> again = wire::EncodeHandshakeRequest(*request);
   Check(again.size() == expected.size() && std::memcmp(again.data(), expected.data(), expected.size()) == 0);
   absl::StatusOr<HandshakeRequest> redecoded = wire::DecodeHandshakeRequest(again);

@@ -41,15 +41,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!outcome.ok()) return 0;
   Check(size >= kHeaderBytes);
 
-  std::vector<uint8_t> expected(data, data + size);
-  std::memset(expected.data() + kReservedAt, 0, 2);
-  std::memset(expected.data() + kReserved2At, 0, 4);
+  uint8_t header[kHeaderBytes];
+  std::memcpy(header, data, kHeaderBytes);
+  std::memset(header + kReservedAt, 0, 2);
+  std::memset(header + kReserved2At, 0, 4);
   int32_t code;
-  std::memcpy(&code, data + kCodeAt, sizeof(code));
+  std::memcpy(&code, header + kCodeAt, sizeof(code));
+  size_t expected_size = size;
   if (code == 0) {  // absl::OkStatus() carries no message
-    expected.resize(kHeaderBytes);
-    std::memset(expected.data() + kMessageBytesAt, 0, 4);
+    expected_size = kHeaderBytes;
+    std::memset(header + kMessageBytesAt, 0, 4);
   }
+  std::vector<uint8_t> expected(header, header + kHeaderBytes);
+  expected.insert(expected.end(), data + kHeaderBytes, data + expected_size);
   const std::vector<std::byte> again = skv::daemon::SerializeOutcome(*outcome);
   Check(again.size() == expected.size() && std::memcmp(again.data(), expected.data(), expected.size()) == 0);
   absl::StatusOr<TransferOutcome> reparsed = skv::daemon::ParseOutcome(again);
