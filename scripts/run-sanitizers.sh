@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite under the sanitizers. asan (the default, what CI runs before scripts/run-tests.sh):
-# every test under AddressSanitizer + UBSan (build-asan/) but the deployment-file checks (they
-# inspect what an image would ship, and an ASan binary ships libasan). tsan: the daemon, transport
+# every test under AddressSanitizer + UBSan (build-asan/, -O0) but the deployment-file checks (they
+# inspect what an image would ship, and an ASan binary ships libasan) and the CUDA-emulation tests
+# (20-80 s each at -O0 under ASan; they emulate the device kernels whose host paths the codec
+# tests cover, and run in the plain build). tsan: the daemon, transport
 # and integration tests under ThreadSanitizer (build-tsan/) — not in CI: Debian's abseil is not
 # built with TSan, so absl::Mutex (the transport's lock) is invisible to it and most tests report
 # races inside correctly locked code; it needs an abseil built with -fsanitize=thread.
