@@ -109,13 +109,11 @@ void Daemon::Drain(absl::Duration grace) {
   const size_t moving = receives_.size() + outbound_.size();
   spdlog::info("draining: {} transfers in flight get up to {} to finish", moving, absl::FormatDuration(grace));
   drained_cv_.wait_for(lock, absl::ToChronoNanoseconds(grace), [&] { return receives_.empty() && outbound_.empty(); });
-  if (!receives_.empty() || !outbound_.empty()) {
-    for (const auto& [id, in] : receives_) {
-      spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender, in->segments_done);
-    }
-    for (const auto& [id, out] : outbound_) {
-      spdlog::warn("shutdown cuts send {} to '{}'", id, out->peer_config.daemon_id);
-    }
+  for (const auto& [id, in] : receives_) {
+    spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender, in->segments_done);
+  }
+  for (const auto& [id, out] : outbound_) {
+    spdlog::warn("shutdown cuts send {} to '{}'", id, out->peer_config.daemon_id);
   }
   lock.unlock();
   Shutdown();
@@ -134,7 +132,7 @@ void Daemon::Shutdown() {
     }
     for (auto it = arrivals_.begin(); it != arrivals_.end();) {
       std::shared_ptr<Inbound> in = (it++)->second;
-      if (!in->has_receive) DropStaged(in);
+      if (!in->has_receive) Unlink(in);
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {
       std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
@@ -263,7 +261,7 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
       if (in->has_receive) {
         after.push_back(FinishInbound(in, lost));
       } else {
-        DropStaged(in);
+        Unlink(in);
       }
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {

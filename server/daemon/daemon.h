@@ -110,10 +110,12 @@ class Daemon {
   void DrainDecodeQueue(std::shared_ptr<Inbound> transfer);
   // Ends an inbound transfer (under mu_); returns what must run after unlocking.
   absl::AnyInvocable<void()> FinishInbound(std::shared_ptr<Inbound> transfer, absl::Status status);
-  // Forgets a staged transfer that never got its Receive (under mu_).
-  void DropStaged(const std::shared_ptr<Inbound>& transfer);
-  void SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
-                   double decode_seconds);
+  // Ends an inbound transfer's place in the maps and frees its staged segments (under mu_):
+  // the whole end of a staged transfer that never got its Receive, part of FinishInbound.
+  void Unlink(const std::shared_ptr<Inbound>& transfer);
+  // A control message to a peer (result, abort, matched), carried in the outcome format.
+  void SendPeerNotice(transport::PeerId peer, PeerMessageType type, uint64_t request_id, const absl::Status& status,
+                      double decode_seconds = 0);
   // Sender side, under mu_: a local reason to stop `out`, and the receiver's answer. Either one
   // stops the stream; SettleOutbound() finishes the transfer once that can be decided.
   void StopOutbound(const std::shared_ptr<Outbound>& out, absl::Status why, Deferred& after);

@@ -97,7 +97,7 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
     }
   }
   for (auto& f : after) f();
-  if (!refusal.ok()) SendOutcome(peer, id, refusal, 0);
+  if (!refusal.ok()) SendPeerNotice(peer, kTransferResultMessage, id, refusal);
 }
 
 void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload) {
@@ -128,7 +128,7 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
         refusal = absl::ResourceExhaustedError(absl::StrCat(
             "the receiver's early-segment buffer (", config_.early_segment_buffer_bytes,
             " bytes) is full: call Receive before sending"));
-        DropStaged(in);
+        Unlink(in);
         metrics_->TransferFinished(control::TransferRole::kReceiver, refusal.code());
       } else {
         early_bytes_ += payload.size();
@@ -144,7 +144,7 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
     }
   }
   for (auto& f : after) f();
-  if (!refusal.ok()) SendOutcome(peer, h.request_id, refusal, 0);
+  if (!refusal.ok()) SendPeerNotice(peer, kTransferResultMessage, h.request_id, refusal);
 }
 
 void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender) {
@@ -177,7 +177,7 @@ void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer, co
     if (in->has_receive) {
       after.push_back(FinishInbound(in, Annotate(abort.status, "the sender aborted")));
     } else {
-      DropStaged(in);
+      Unlink(in);
     }
     return;
   }
@@ -205,11 +205,11 @@ void Daemon::OnMatched(transport::PeerId peer, std::span<const std::byte> payloa
                 [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
 }
 
-void Daemon::SendOutcome(transport::PeerId peer, uint64_t request_id, const absl::Status& status,
-                         double decode_seconds) {
-  const absl::Status s = transport_->Send(peer, kTransferResultMessage,
-                                          SerializeOutcome({request_id, status, decode_seconds}), [](absl::Status) {});
-  if (!s.ok()) spdlog::warn("could not tell peer {} the outcome of request {}: {}", peer, request_id, s.ToString());
+void Daemon::SendPeerNotice(transport::PeerId peer, PeerMessageType type, uint64_t request_id,
+                            const absl::Status& status, double decode_seconds) {
+  const absl::Status s =
+      transport_->Send(peer, type, SerializeOutcome({request_id, status, decode_seconds}), [](absl::Status) {});
+  if (!s.ok()) spdlog::warn("could not send message {} of request {} to peer {}: {}", int(type), request_id, peer, s.ToString());
 }
 
 // ---- Receive. ----------------------------------------------------------------------------------
@@ -316,19 +316,16 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
     const transport::PeerId peer = other->peer;
     const uint64_t id = other->request_id;
     spdlog::warn("request {}: refused a second sender '{}' (matched to '{}')", id, other->sender, in->sender);
-    DropStaged(other);
+    Unlink(other);
     after.push_back([this, peer, id, sender = in->sender] {
-      SendOutcome(peer, id, absl::AlreadyExistsError(absl::StrCat("request ", id,
-                                                                  " is already being received from daemon '",
-                                                                  sender, "'")),
-                  0);
+      SendPeerNotice(peer, kTransferResultMessage, id,
+                     absl::AlreadyExistsError(
+                         absl::StrCat("request ", id, " is already being received from daemon '", sender, "'")));
     });
   }
   // The sender shows RUNNING from now on (PENDING until its transfer has a Receive).
   after.push_back([this, peer = in->peer, id = in->request_id] {
-    const absl::Status s = transport_->Send(peer, kTransferMatchedMessage, SerializeOutcome({id, absl::OkStatus(), 0}),
-                                            [](absl::Status) {});
-    if (!s.ok()) spdlog::debug("could not tell peer {} that request {} matched: {}", peer, id, s.ToString());
+    SendPeerNotice(peer, kTransferMatchedMessage, id, absl::OkStatus());
   });
   if (!in->queue.empty() && !in->draining) {
     in->draining = true;
@@ -336,13 +333,17 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
   }
 }
 
-void Daemon::DropStaged(const std::shared_ptr<Inbound>& in) {
+void Daemon::Unlink(const std::shared_ptr<Inbound>& in) {
+  in->finished = true;
+  in->queue.clear();
   early_bytes_ -= in->early_bytes;
   in->early_bytes = 0;
-  in->queue.clear();
-  in->finished = true;
-  arrivals_.erase({in->sender, in->request_id});
-  tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
+  if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in) receives_.erase(it);
+  if (in->begin.has_value()) {
+    arrivals_.erase({in->sender, in->request_id});
+    tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
+  }
+  drained_cv_.notify_all();
 }
 
 void Daemon::ScheduleDecode(const std::shared_ptr<Inbound>& transfer) {
@@ -416,16 +417,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
 absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, absl::Status status) {
   // `in` is held by value: the maps below may hold its last other references.
   const auto commit_start = std::chrono::steady_clock::now();
-  in->finished = true;
-  in->queue.clear();
-  early_bytes_ -= in->early_bytes;
-  in->early_bytes = 0;
-  if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in) receives_.erase(it);
-  drained_cv_.notify_all();
-  if (in->begin.has_value()) {
-    arrivals_.erase({in->sender, in->request_id});
-    tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
-  } else if (!status.ok()) {
+  Unlink(in);
+  if (!in->begin.has_value() && !status.ok()) {
     ended_receives_[in->request_id] = {status, absl::Now() + kTombstoneLifetime};
   }
   const double total_s = Seconds(in->started);
@@ -450,20 +443,21 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   if (status.ok()) {
     v1::ReceiveResponse response;
     *response.mutable_kept() = MakeMask(in->kept, in->mask_format);
-    *response.mutable_stats() = stats;
     if (in->inline_destination) {
       response.set_inline_kv(std::string(static_cast<const char*>(in->region.data()), in->region.size()));
     }
+    // Commit: from the last verified segment to the answer (mask, inline copy).
+    const double commit_s = Seconds(commit_start);
+    *stats.mutable_durations()->mutable_commit() = ToProto(commit_s);
+    *response.mutable_stats() = stats;
     result = std::move(response);
     // Bytes and tiers are counted by the sender only, so that sums over daemons count each
-    // transfer once. Commit: from the last verified segment to the answer (mask, inline copy).
+    // transfer once.
     control::TransferPhaseTimes times;
     times.wire = absl::Seconds(wire_s);
     times.decode = absl::Seconds(in->decode_seconds);
-    times.commit = absl::Seconds(Seconds(commit_start));
+    times.commit = absl::Seconds(commit_s);
     times.total = absl::Seconds(total_s);
-    *response.mutable_stats()->mutable_durations()->mutable_commit() = ToProto(Seconds(commit_start));
-    *stats.mutable_durations()->mutable_commit() = ToProto(Seconds(commit_start));
     metrics_->ObserveTransfer(control::TransferRole::kReceiver, times);
   }
   metrics_->TransferFinished(control::TransferRole::kReceiver, status.code());
@@ -487,7 +481,9 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   }
   // Tell the sender, then the Receive caller; free the mapping with the last reference.
   return [this, in, result = std::move(result), status]() mutable {
-    if (in->peer != transport::kNoPeer) SendOutcome(in->peer, in->request_id, status, in->decode_seconds);
+    if (in->peer != transport::kNoPeer) {
+      SendPeerNotice(in->peer, kTransferResultMessage, in->request_id, status, in->decode_seconds);
+    }
     if (in->done) in->done(std::move(result));
     in->in_flight.reset();
   };
@@ -513,9 +509,10 @@ void Daemon::ReapExpired() {
       spdlog::warn("request {} from '{}': no Receive within the early-segment TTL; dropped", in->request_id,
                    in->sender);
       metrics_->TransferFinished(control::TransferRole::kReceiver, absl::StatusCode::kDeadlineExceeded);
-      DropStaged(in);
+      Unlink(in);
       after.push_back([this, peer = in->peer, id = in->request_id] {
-        SendOutcome(peer, id, absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"), 0);
+        SendPeerNotice(peer, kTransferResultMessage, id,
+                       absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"));
       });
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {

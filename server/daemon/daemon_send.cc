@@ -131,7 +131,7 @@ void Daemon::SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& afte
       out->abort_sent = true;
       out->verdict_deadline = absl::Now() + kOutcomeGrace;
       after.push_back([this, peer = out->peer, id = out->request_id, why = *out->local_stop] {
-        (void)transport_->Send(peer, kTransferAbortMessage, SerializeOutcome({id, why, 0}), [](absl::Status) {});
+        SendPeerNotice(peer, kTransferAbortMessage, id, why);
       });
     }
     return;
@@ -292,10 +292,7 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
   const bool tell_peer = !status.ok() && out->peer != transport::kNoPeer && !out->peer_verdict && !out->abort_sent &&
                          status.code() != absl::StatusCode::kUnavailable;
   return [this, out, status, decode_s, tell_peer]() mutable {
-    if (tell_peer) {
-      (void)transport_->Send(out->peer, kTransferAbortMessage, SerializeOutcome({out->request_id, status, 0}),
-                             [](absl::Status) {});
-    }
+    if (tell_peer) SendPeerNotice(out->peer, kTransferAbortMessage, out->request_id, status);
     v1::SendResponse response;
     ReportSend(*out, status, decode_s, response);
     metrics_->TransferFinished(control::TransferRole::kSender, status.code());

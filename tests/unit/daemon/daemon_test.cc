@@ -262,6 +262,8 @@ TEST_F(DaemonTest, OnlyTheNamedSenderFillsAReceive) {
   ASSERT_TRUE(s.ok()) << s.status();
   absl::StatusOr<v1::ReceiveResponse> r = received.Get();
   ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->stats().durations().commit().nanos() + r->stats().durations().commit().seconds(), 0)
+      << "the Receive's own answer carries the commit duration";
   std::optional<v1::TransferInfo> info = decode_->Info(21, v1::TRANSFER_ROLE_RECEIVER);
   ASSERT_TRUE(info.has_value());
   EXPECT_EQ(info->peer_daemon_id(), "prefill");
