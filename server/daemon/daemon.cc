@@ -64,6 +64,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
     tc.daemon_id = config.daemon_id;
     tc.listen_address = config.data_listen_address;
     tc.auth_token = config.auth_token.empty() ? control::kLoopbackOnlyToken : config.auth_token;
+    tc.allowed_source_networks = config.data_allowed_sources;
     if (!config.ucx_tls.empty()) tc.ucx_tls = config.ucx_tls;
     if (!config.ucx_net_devices.empty()) tc.ucx_net_devices = config.ucx_net_devices;
     tc.max_inflight_bytes_per_peer = std::max<size_t>(config.max_inflight_bytes, size_t{64} << 20);
@@ -85,6 +86,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
   d->data_address_ = *bound;
   d->reaper_ = std::thread([self] { self->ReapExpired(); });
   spdlog::info("data plane listening on {} ({})", d->data_address_, d->transport_->capabilities().name);
+  if (config.data_allowed_sources.empty() && !control::IsLoopbackAddress(config.data_listen_address)) {
+    spdlog::warn("the data plane on {} accepts connections from any host that reaches it, and UCX aborts "
+                 "the daemon on some malformed connection data: set data_allowed_sources to the peers' "
+                 "networks (or firewall UCX's ports)",
+                 d->data_address_);
+  }
   if (config.peers.empty()) {
     spdlog::warn("no peers configured: transfers are accepted from any daemon that presents the token "
                  "(set --peers to accept only those daemons)");

@@ -1,6 +1,11 @@
 // Two real spectrumkvd processes, real UCX over TCP on loopback, real gRPC: transfers between
 // POSIX shared-memory buffers, checked byte for byte against the codec; the metrics endpoint;
 // and the bad-input table (each error with its status code, the daemons still serving after).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -403,6 +408,57 @@ TEST_F(DaemonPairTest, WrongAuthTokenIsRefused) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << r.status();
   EXPECT_TRUE(decode_->Alive());
+}
+
+// Bytes that make UCX 1.13's connection manager abort the whole process (an overflowing length in
+// its header); data_allowed_sources keeps them from ever arriving. Linux routes all of
+// 127.0.0.0/8 to lo, so 127.0.0.2 stands for a host outside the allowed network.
+bool SendUcxCrashBytesFrom(const char* source, const std::string& data_address) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  sockaddr_in from{}, to{};
+  from.sin_family = to.sin_family = AF_INET;
+  inet_pton(AF_INET, source, &from.sin_addr);
+  inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+  to.sin_port = htons(uint16_t(std::stoi(data_address.substr(data_address.rfind(':') + 1))));
+  bool sent = bind(fd, reinterpret_cast<sockaddr*>(&from), sizeof(from)) == 0;
+  if (sent && connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0) {
+    pollfd p{fd, POLLOUT, 0};
+    int error = 0;
+    socklen_t len = sizeof(error);
+    sent = errno == EINPROGRESS && poll(&p, 1, 1000) == 1 &&
+           getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
+  }
+  std::string bytes(8, '\xff');
+  bytes.append(4096, 'A');
+  if (sent) sent = write(fd, bytes.data(), bytes.size()) == ssize_t(bytes.size());
+  close(fd);
+  return sent;
+}
+
+TEST_F(DaemonPairTest, DataPlaneBytesFromOutsideTheAllowedNetworksNeverArrive) {
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode =
+      DaemonProcess::Start({.daemon_id = "decode", .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
+  ASSERT_TRUE(decode.ok()) << decode.status();
+  decode_ = std::move(*decode);
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill = DaemonProcess::Start(
+      {.daemon_id = "prefill", .peers = {"decode=" + decode_->data_address()},
+       .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
+  ASSERT_TRUE(prefill.ok()) << prefill.status();
+  prefill_ = std::move(*prefill);
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d).ok());
+
+  EXPECT_FALSE(SendUcxCrashBytesFrom("127.0.0.2", decode_->data_address()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_TRUE(decode_->Alive());
+  EXPECT_NE(decode_->Log().find("accept connections only from 127.0.0.1/32"), std::string::npos);
+
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 12);
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  Result r = Transfer(SendReq(121, src, 0.5), ReceiveReq(121, dst));
+  ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+  ASSERT_TRUE(r.received.ok()) << r.received.status();
+  EXPECT_EQ(std::memcmp(dst.data(), ReferenceDecode(src.data(), bytes, 0.5, 121).data(), bytes), 0);
 }
 
 TEST_F(DaemonPairTest, PeerKilledMidTransferFailsTheSendCleanly) {

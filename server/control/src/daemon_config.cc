@@ -302,6 +302,15 @@ const std::vector<ConfigKey>& Keys() {
       {"peers", "Peer daemons: comma-separated id=host:port (their data_listen_address).", false,
        false, Setter(&DaemonConfig::peers, ParsePeers),
        [](const DaemonConfig& c) { return FormatPeers(c.peers); }},
+      {"data_allowed_sources",
+       "Networks allowed to connect to the data plane: comma-separated CIDRs or addresses "
+       "(10.0.0.0/8,fd00::/8); empty = any host that reaches it.",
+       false, false,
+       Setter(&DaemonConfig::data_allowed_sources,
+              [](absl::string_view v) -> absl::StatusOr<std::vector<std::string>> {
+                return absl::StrSplit(v, absl::ByAnyChar(", \t"), absl::SkipWhitespace());
+              }),
+       [](const DaemonConfig& c) { return absl::StrJoin(c.data_allowed_sources, ","); }},
       {"tls_cert_file", "PEM server certificate for gRPC TLS (with tls_key_file).", false, false,
        Setter(&DaemonConfig::tls_cert_file, StringWith(nullptr)),
        [](const DaemonConfig& c) { return c.tls_cert_file; }},

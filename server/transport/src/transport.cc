@@ -9,6 +9,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl_compat.h"
 #include "socket_address.h"
+#include "source_filter.h"
 #include "wire_format.h"
 
 namespace spectrumkv::transport {
@@ -33,6 +34,14 @@ absl::Status ValidateTransportConfig(const TransportConfig& config) {
   if (!internal::ParseSocketAddress(config.listen_address).ok()) {
     return BadConfig("listen_address",
                      absl::StrCat("'", config.listen_address, "' is not a valid host:port"));
+  }
+  if (config.allowed_source_networks.size() > internal::kMaxAllowedNetworks) {
+    return BadConfig("allowed_source_networks", absl::StrCat("has more than ", internal::kMaxAllowedNetworks, " entries"));
+  }
+  for (const std::string& network : config.allowed_source_networks) {
+    if (absl::StatusOr<internal::NetworkPrefix> p = internal::ParseNetworkPrefix(network); !p.ok()) {
+      return BadConfig("allowed_source_networks", internal::ToStd(p.status().message()));
+    }
   }
   if (config.max_inflight_bytes_per_peer <= kSendOverheadBytes) {
     return BadConfig("max_inflight_bytes_per_peer", "is too small");

@@ -14,12 +14,14 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "abandoned_sockets.h"
 #include "absl_compat.h"
@@ -27,6 +29,7 @@
 #include "receive_buffer_pool.h"
 #include "send_budget.h"
 #include "socket_address.h"
+#include "source_filter.h"
 #include "ucx_handles.h"
 #include "wire_format.h"
 
@@ -275,6 +278,10 @@ class UcxTransport::Impl {
   void Teardown();
 
   absl::StatusOr<std::string> StartListening(const SocketAddress& address);
+  // Attaches the source filter to the TCP listeners UCX opened since `before` (see
+  // source_filter.h). `required`: fail when there is none (the filter would protect nothing).
+  absl::Status RestrictSources(const std::set<internal::ListeningSocket>& before, absl::string_view what,
+                               bool required);
   void StartConnect(std::shared_ptr<ConnectResult> result, const SocketAddress& address,
                     std::string address_text);
   void StartSend(PeerId id, MessageType type, MessageBuffer payload, SendCallback done);
@@ -371,8 +378,11 @@ absl::Status UcxTransport::Impl::Start() {
   worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
   ucp_worker_h worker = nullptr;
+  const std::set<internal::ListeningSocket> before_worker = internal::ListeningTcpSockets();
   SKV_RETURN_IF_UCS_ERROR(ucp_worker_create(context_.get(), &worker_params, &worker));
   worker_ = UcpWorker(worker);
+  // The worker's TCP interfaces listen for their peers' data connections on ports of their own.
+  if (absl::Status s = RestrictSources(before_worker, "TCP interface", /*required=*/false); !s.ok()) return s;
   SKV_RETURN_IF_UCS_ERROR(ucp_worker_get_efd(worker, &worker_fd_));
 
   ucp_worker_attr_t worker_attr{};
@@ -642,6 +652,30 @@ void UcxTransport::Impl::Shutdown() {
   RunDeferred();
 }
 
+absl::Status UcxTransport::Impl::RestrictSources(const std::set<internal::ListeningSocket>& before,
+                                                 absl::string_view what, bool required) {
+  if (config_.allowed_source_networks.empty()) return absl::OkStatus();
+  std::vector<internal::NetworkPrefix> allowed;
+  for (const std::string& text : config_.allowed_source_networks) {
+    absl::StatusOr<internal::NetworkPrefix> prefix = internal::ParseNetworkPrefix(text);
+    if (!prefix.ok()) return prefix.status();
+    allowed.push_back(*prefix);
+  }
+  const std::vector<int> listeners = internal::NewListeningSockets(before, internal::ListeningTcpSockets());
+  if (listeners.empty() && required) {
+    return absl::InternalError(absl::StrCat("allowed_source_networks is set but UCX's ", what,
+                                            " listening socket was not found; refusing to listen unfiltered"));
+  }
+  for (int fd : listeners) {
+    if (absl::Status s = internal::AttachSourceFilter(fd, allowed); !s.ok()) {
+      return absl::InternalError(absl::StrCat("filtering UCX's ", what, " listener: ", s.message()));
+    }
+  }
+  spdlog::info("[transport] daemon '{}': {} {} listening socket(s) accept connections only from {}",
+               config_.daemon_id, listeners.size(), internal::ToStd(what), absl::StrJoin(config_.allowed_source_networks, ", "));
+  return absl::OkStatus();
+}
+
 // ------------------------------------------------------------------------------------------
 // Progress thread: connection setup and handshake
 
@@ -655,11 +689,15 @@ absl::StatusOr<std::string> UcxTransport::Impl::StartListening(const SocketAddre
   params.conn_handler.cb = &OnConnRequest;
   params.conn_handler.arg = this;
   ucp_listener_h raw_listener = nullptr;
+  const std::set<internal::ListeningSocket> before_listener = internal::ListeningTcpSockets();
   const ucs_status_t created = ucp_listener_create(worker_.get(), &params, &raw_listener);
   if (created != UCS_OK) {
     return UcsError(created, absl::StrCat("listen on ", config_.listen_address));
   }
   UcpListener listener(raw_listener);
+  if (absl::Status s = RestrictSources(before_listener, "connection manager", /*required=*/true); !s.ok()) {
+    return s;
+  }
   ucp_listener_attr_t attr{};
   attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
   SKV_RETURN_IF_UCS_ERROR(ucp_listener_query(raw_listener, &attr));

@@ -251,6 +251,16 @@ TEST(DaemonConfigTest, Peers) {
   EXPECT_THAT(dup_address.status().message(), HasSubstr("listed twice"));
 }
 
+TEST(DaemonConfigTest, DataAllowedSources) {
+  DaemonConfig c;
+  ASSERT_TRUE(SetDaemonConfigKey("data_allowed_sources", "10.0.0.0/8, fd00::/8,192.168.1.7", c).ok());
+  EXPECT_EQ(c.data_allowed_sources, (std::vector<std::string>{"10.0.0.0/8", "fd00::/8", "192.168.1.7"}));
+  ASSERT_TRUE(SetDaemonConfigKey("data_allowed_sources", "", c).ok());
+  EXPECT_TRUE(c.data_allowed_sources.empty());
+  // The addresses themselves are checked where the data plane starts (transport config), with
+  // the same message; see UcxTransportTest.AllowedSourceNetworksAreValidated.
+}
+
 TEST(DaemonConfigTest, TokenRequiredOffLoopback) {
   auto open = Load({"--data_listen_address=0.0.0.0:50552"});
   EXPECT_EQ(open.status().code(), absl::StatusCode::kInvalidArgument);

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -15,6 +16,7 @@
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
+#include "source_filter.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
 #include "transport_test_util.h"
 
@@ -245,6 +247,75 @@ TEST_F(UcxTransportTest, GarbageConnectionsToTheListenerAreClosed) {
   ASSERT_TRUE(peer.ok()) << peer.status();
   ASSERT_TRUE((*client)->SendAndWait(peer->id, 1, PatternPayload(100, 1), kWait).ok());
   EXPECT_TRUE(server_inbox_.WaitForMessages(1));
+}
+
+// Opens a TCP connection from `source` to 127.0.0.1:port and writes `bytes`; false when no
+// connection is established within half a second (the SYN was dropped).
+bool SendFrom(const char* source, uint16_t port, const std::vector<uint8_t>& bytes) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  sockaddr_in from{}, to{};
+  from.sin_family = to.sin_family = AF_INET;
+  inet_pton(AF_INET, source, &from.sin_addr);
+  to.sin_port = htons(port);
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool connected = bind(fd, reinterpret_cast<sockaddr*>(&from), sizeof(from)) == 0;
+  if (connected && connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0) {
+    pollfd p{fd, POLLOUT, 0};
+    int error = 0;
+    socklen_t len = sizeof(error);
+    connected = errno == EINPROGRESS && poll(&p, 1, 500) == 1 &&
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
+  }
+  if (connected) connected = write(fd, bytes.data(), bytes.size()) > 0;
+  close(fd);
+  return connected;
+}
+
+uint16_t LocalPort(int fd) {
+  sockaddr_in addr{};
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  return ntohs(addr.sin_port);
+}
+
+// UCX 1.13 aborts the process on this (an overflowing length in the connection manager's header);
+// only a peer outside allowed_source_networks is kept from sending it.
+TEST_F(UcxTransportTest, HostsOutsideTheAllowedNetworksCannotReachUcx) {
+  const std::set<internal::ListeningSocket> before = internal::ListeningTcpSockets();
+  TransportConfig server_config = TestConfig("server");
+  server_config.allowed_source_networks = {"127.0.0.1/32"};
+  auto server = UcxTransport::Create(server_config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = std::move(*server);
+  ASSERT_TRUE(server_->SetHandlers(server_inbox_.Handlers()).ok());
+  auto bound = server_->Listen();
+  ASSERT_TRUE(bound.ok()) << bound.status();
+  // Every socket UCX listens on: the data port and the TCP interface's own port.
+  const std::vector<int> listeners = internal::NewListeningSockets(before, internal::ListeningTcpSockets());
+  ASSERT_GE(listeners.size(), 2u);
+  std::vector<uint8_t> crash(4096, 0x41);
+  std::fill_n(crash.begin(), 8, 0xff);
+  for (int fd : listeners) {
+    SCOPED_TRACE(::testing::Message() << "port " << LocalPort(fd));
+    EXPECT_FALSE(SendFrom("127.0.0.2", LocalPort(fd), crash));
+  }
+  // The allowed peer connects, and its data lanes to the TCP interface's port get through too.
+  auto client = UcxTransport::Create(TestConfig("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect(*bound);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  ASSERT_TRUE((*client)->SendAndWait(peer->id, 1, PatternPayload(8 << 20, 3), kWait).ok());
+  EXPECT_TRUE(server_inbox_.WaitForMessages(1));
+}
+
+TEST_F(UcxTransportTest, AllowedSourceNetworksAreValidated) {
+  TransportConfig config = TestConfig("server");
+  config.allowed_source_networks = {"127.0.0.1/32", "10.1.0.0/8"};
+  absl::StatusOr<std::unique_ptr<UcxTransport>> transport = UcxTransport::Create(config);
+  ASSERT_FALSE(transport.ok());
+  EXPECT_EQ(transport.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(transport.status().message().find("allowed_source_networks"), std::string_view::npos)
+      << transport.status();
 }
 
 }  // namespace

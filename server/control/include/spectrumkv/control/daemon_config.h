@@ -51,6 +51,10 @@ struct DaemonConfig {
   std::string auth_token_file;
   // Daemons this one may send to; Send's peer must name one of them.
   std::vector<PeerConfig> peers;
+  // Networks allowed to connect to the UCX data plane ("10.0.0.0/8", "192.168.1.7", "fd00::/8");
+  // packets from anywhere else are dropped in the kernel before a connection exists. Empty = any
+  // host that reaches the ports. Checked when the data plane starts (transport::TransportConfig).
+  std::vector<std::string> data_allowed_sources;
 
   // ---- gRPC TLS. Certificate and key together enable TLS; adding the CA and
   // tls_require_client_cert enables mutual TLS. PEM files, read when the server starts.

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -28,6 +29,13 @@ struct TransportConfig {
   // bytes): a daemon never accepts unauthenticated peers. Compared in constant time. Sent in clear,
   // so run peers on a trusted network or a tunnel.
   std::string auth_token;
+
+  // Networks allowed to connect to this transport's listening sockets ("10.0.0.0/8",
+  // "192.168.1.7", "fd00::/8"; at most 128). Non-empty: a kernel socket filter on every TCP socket
+  // UCX listens on (the data port and the TCP interfaces' own ports) drops packets from any other
+  // source before a connection exists (see src/source_filter.h for why UCX needs this). Empty:
+  // anyone who reaches the ports may connect. UCX only.
+  std::vector<std::string> allowed_source_networks;
 
   // Protocol version announced in the handshake. Leave at the default; tests override it to check
   // that mismatched peers are refused.
