@@ -15,24 +15,24 @@ FaultInjectingTransport::FaultInjectingTransport(std::unique_ptr<Transport> inne
 FaultInjectingTransport::~FaultInjectingTransport() { inner_->Close(); }
 
 void FaultInjectingTransport::AddFault(const FaultRule& rule) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   rules_.push_back(ArmedRule{.rule = rule});
 }
 
 void FaultInjectingTransport::ClearFaults() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   rules_.clear();
 }
 
 uint64_t FaultInjectingTransport::faults_injected() const {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return faults_injected_;
 }
 
 std::optional<FaultAction> FaultInjectingTransport::ApplyFaults(FaultDirection direction,
                                                                 PeerId peer, MessageType type,
                                                                 MessageBuffer& payload) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   std::optional<FaultAction> hit;
   // Every matching rule counts the message, so each rule's skip is independent of the others;
   // the first rule that fires decides what happens to it.
@@ -103,9 +103,9 @@ absl::Status FaultInjectingTransport::Send(PeerId peer, MessageType type, Messag
     return absl::UnavailableError(absl::StrCat("fault injection cut the link to peer ", peer));
   }
   if (action == FaultAction::kPause) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     ++paused_sends_;
-    mutex_.Await(absl::Condition(&resumed_));
+    mutex_.Await([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return resumed_; });
     --paused_sends_;
   }
   return inner_->Send(peer, type, std::move(payload), std::move(on_complete));
@@ -123,13 +123,13 @@ void FaultInjectingTransport::Close() {
 }
 
 bool FaultInjectingTransport::WaitUntilPaused(absl::Duration timeout) {
-  absl::MutexLock lock(&mutex_);
-  bool (*held)(int*) = [](int* sends) { return *sends > 0; };
-  return mutex_.AwaitWithTimeout(absl::Condition(held, &paused_sends_), timeout);
+  MutexLock lock(&mutex_);
+  return mutex_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return paused_sends_ > 0; },
+                                 timeout);
 }
 
 void FaultInjectingTransport::Resume() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   resumed_ = true;
 }
 TransportStats FaultInjectingTransport::stats() const { return inner_->stats(); }

@@ -13,7 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "absl_compat.h"
 #include "atomic_stats.h"
 #include "send_budget.h"
@@ -34,7 +34,7 @@ class Dispatcher {
 
   // False once stopping: the closure is dropped.
   bool Post(absl::AnyInvocable<void()> work) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     if (stopping_) return false;
     queue_.push_back(std::move(work));
     return true;
@@ -45,7 +45,7 @@ class Dispatcher {
   // Runs what is queued, then ends the thread. From the thread itself it only asks it to stop.
   void StopAndJoin() {
     {
-      absl::MutexLock lock(&mutex_);
+      MutexLock lock(&mutex_);
       stopping_ = true;
     }
     if (OnThread() || !thread_.joinable()) return;
@@ -58,11 +58,11 @@ class Dispatcher {
     while (true) {
       absl::AnyInvocable<void()> work;
       {
-        absl::MutexLock lock(&mutex_);
+        MutexLock lock(&mutex_);
         auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
           return stopping_ || !queue_.empty();
         };
-        mutex_.Await(absl::Condition(&ready));
+        mutex_.Await(ready);
         if (queue_.empty()) return;  // stopping and drained
         work = std::move(queue_.front());
         queue_.pop_front();
@@ -71,7 +71,7 @@ class Dispatcher {
     }
   }
 
-  absl::Mutex mutex_;
+  Mutex mutex_;
   std::deque<absl::AnyInvocable<void()>> queue_ ABSL_GUARDED_BY(mutex_);
   bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
   std::atomic<std::thread::id> thread_id_;
@@ -105,7 +105,7 @@ class LoopbackNetwork::Registry {
                                    std::weak_ptr<LoopbackTransport::Endpoint> endpoint) {
     absl::StatusOr<std::string> canonical = CanonicalAddress(address);
     if (!canonical.ok()) return canonical.status();
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     std::string bound = *canonical;
     if (absl::EndsWith(bound, ":0")) {
       do {
@@ -132,20 +132,20 @@ class LoopbackNetwork::Registry {
   }
 
   void Unbind(const std::string& address) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     listeners_.erase(address);
   }
 
   std::shared_ptr<LoopbackTransport::Endpoint> Find(std::string_view address) {
     absl::StatusOr<std::string> canonical = CanonicalAddress(address);
     if (!canonical.ok()) return nullptr;
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     auto it = listeners_.find(*canonical);
     return it == listeners_.end() ? nullptr : it->second.lock();
   }
 
  private:
-  absl::Mutex mutex_;
+  Mutex mutex_;
   absl::flat_hash_map<std::string, std::weak_ptr<LoopbackTransport::Endpoint>> listeners_
       ABSL_GUARDED_BY(mutex_);
   uint32_t next_port_ ABSL_GUARDED_BY(mutex_) = 20000;
@@ -181,19 +181,19 @@ class LoopbackTransport::Endpoint : public std::enable_shared_from_this<Endpoint
   // A connection: two endpoints and the id each uses for the other. Side 0 connected, side 1
   // listened.
   struct Link {
-    absl::Mutex mutex;
+    Mutex mutex;
     bool alive ABSL_GUARDED_BY(mutex) = true;
     std::weak_ptr<Endpoint> ends[2];
     PeerId peer_id_at[2] = {kNoPeer, kNoPeer};
     PeerInfo info_at[2];  // what each side knows of the other
 
     bool IsAlive() {
-      absl::MutexLock lock(&mutex);
+      MutexLock lock(&mutex);
       return alive;
     }
     // Marks the link dead; true for the one caller that did it.
     bool Kill() {
-      absl::MutexLock lock(&mutex);
+      MutexLock lock(&mutex);
       return std::exchange(alive, false);
     }
   };
@@ -227,7 +227,7 @@ class LoopbackTransport::Endpoint : public std::enable_shared_from_this<Endpoint
   internal::SendBudget budget_;
   internal::AtomicStats stats_;
 
-  mutable absl::Mutex mutex_;
+  mutable Mutex mutex_;
   bool started_ ABSL_GUARDED_BY(mutex_) = false;
   bool closing_ ABSL_GUARDED_BY(mutex_) = false;
   std::string bound_address_ ABSL_GUARDED_BY(mutex_);
@@ -241,7 +241,7 @@ class LoopbackTransport::Endpoint : public std::enable_shared_from_this<Endpoint
 };
 
 absl::Status LoopbackTransport::Endpoint::SetHandlers(TransportHandlers handlers) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (started_) {
     return absl::FailedPreconditionError("SetHandlers() must come before Listen() and Connect()");
   }
@@ -250,7 +250,7 @@ absl::Status LoopbackTransport::Endpoint::SetHandlers(TransportHandlers handlers
 }
 
 absl::StatusOr<std::string> LoopbackTransport::Endpoint::Listen() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (closing_) return absl::FailedPreconditionError("transport is closed");
   if (!bound_address_.empty()) return absl::FailedPreconditionError("already listening");
   absl::StatusOr<std::string> bound =
@@ -266,7 +266,7 @@ absl::StatusOr<PeerId> LoopbackTransport::Endpoint::JudgeConnection(
   const std::string who = absl::StrCat("loopback:", request.daemon_id);
   absl::Status verdict = internal::JudgeHandshakeRequest(config_, request, who);
   reply = internal::MakeHandshakeReply(config_, verdict);
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (closing_ || bound_address_.empty()) {
     return absl::UnavailableError(
         absl::StrCat("daemon '", config_.daemon_id, "' is not listening"));
@@ -290,7 +290,7 @@ absl::StatusOr<PeerInfo> LoopbackTransport::Endpoint::Connect(std::string_view a
   }
   PeerId local_id = kNoPeer;
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     if (closing_) return absl::FailedPreconditionError("transport is closed");
     started_ = true;
     local_id = next_peer_id_++;
@@ -343,7 +343,7 @@ absl::StatusOr<PeerInfo> LoopbackTransport::Endpoint::Connect(std::string_view a
 }
 
 absl::Status LoopbackTransport::Endpoint::AttachLink(const std::shared_ptr<Link>& link, int side) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (closing_) {
     return absl::UnavailableError(absl::StrCat("daemon '", config_.daemon_id, "' is closing"));
   }
@@ -352,7 +352,7 @@ absl::Status LoopbackTransport::Endpoint::AttachLink(const std::shared_ptr<Link>
 }
 
 void LoopbackTransport::Endpoint::AnnounceLink(const std::shared_ptr<Link>& link, int side) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (closing_ || !links_.contains(link->peer_id_at[side])) return;
   ++stats_.peers_up;
   PostEvent(PeerEvent{PeerEventKind::kUp, link->info_at[side], absl::OkStatus()});
@@ -373,7 +373,7 @@ void LoopbackTransport::Endpoint::KillLink(const std::shared_ptr<Link>& link, in
 void LoopbackTransport::Endpoint::DetachLink(const std::shared_ptr<Link>& link, int side,
                                              const absl::Status& reason) {
   const PeerId id = link->peer_id_at[side];
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (links_.erase(id) == 0) return;
   budget_.ClosePeer(id);
   --stats_.peers_up;
@@ -406,7 +406,7 @@ absl::Status LoopbackTransport::Endpoint::Send(PeerId peer, MessageType type, Me
   pending->bytes = bytes;
   pending->done = std::move(on_complete);
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     auto it = links_.find(peer);
     if (closing_ || it == links_.end()) {
       budget_.Release(peer, bytes);
@@ -445,7 +445,7 @@ bool LoopbackTransport::Endpoint::Deliver(std::shared_ptr<Link> link, int side, 
 }
 
 void LoopbackTransport::Endpoint::FinishSend(PendingSend* raw, absl::Status status) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto node = pending_sends_.extract(raw);
   if (node.empty()) return;  // already failed by a link going down or Close()
   std::shared_ptr<PendingSend> pending = std::move(node.mapped());
@@ -464,7 +464,7 @@ void LoopbackTransport::Endpoint::FinishSend(PendingSend* raw, absl::Status stat
 absl::Status LoopbackTransport::Endpoint::Disconnect(PeerId peer) {
   std::shared_ptr<Link> link;
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     auto it = links_.find(peer);
     if (it == links_.end()) {
       return absl::NotFoundError(absl::StrCat("peer ", peer, " is not connected"));
@@ -482,7 +482,7 @@ void LoopbackTransport::Endpoint::Close() {
   std::vector<std::shared_ptr<Link>> links;
   std::string bound;
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     if (closing_) return;
     closing_ = true;
     for (const auto& [id, link] : links_) links.push_back(link);
@@ -497,7 +497,7 @@ void LoopbackTransport::Endpoint::Close() {
              absl::UnavailableError(absl::StrCat("daemon '", config_.daemon_id, "' closed")));
   }
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     for (auto& [raw, pending] : pending_sends_) {
       dispatcher_.Post([this, pending = pending]() mutable {
         ++stats_.send_failures;

@@ -27,7 +27,7 @@ MessageBuffer ReceiveBufferPool::Take(size_t size) {
   }
   Block block;
   {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     // Smallest idle block that fits, unless it would waste more than half of itself.
     auto it = idle_.lower_bound(size);
     if (it != idle_.end() && it->first <= 2 * size) {
@@ -46,12 +46,12 @@ MessageBuffer ReceiveBufferPool::Take(size_t size) {
 }
 
 size_t ReceiveBufferPool::idle_bytes() const {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return idle_bytes_;
 }
 
 void ReceiveBufferPool::Return(Block block) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (idle_bytes_ + block.capacity > max_idle_bytes_) return;  // freed here
   idle_bytes_ += block.capacity;
   idle_.emplace(block.capacity, std::move(block));

@@ -8,7 +8,7 @@
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/message_buffer.h"
 
 namespace spectrumkv::transport::internal {
@@ -37,7 +37,7 @@ class ReceiveBufferPool : public std::enable_shared_from_this<ReceiveBufferPool>
   void Return(Block block);
 
   const size_t max_idle_bytes_;
-  mutable absl::Mutex mutex_;
+  mutable Mutex mutex_;
   std::multimap<size_t, Block> idle_ ABSL_GUARDED_BY(mutex_);  // by capacity
   size_t idle_bytes_ ABSL_GUARDED_BY(mutex_) = 0;
 };

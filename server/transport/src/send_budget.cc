@@ -10,30 +10,30 @@ SendBudget::SendBudget(size_t max_inflight_bytes_per_peer, absl::Duration wait_t
     : max_inflight_bytes_(max_inflight_bytes_per_peer), wait_timeout_(wait_timeout) {}
 
 void SendBudget::OpenPeer(PeerId peer, size_t peer_max_message_bytes) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   if (closed_) return;
   peers_[peer] = PeerBudget{.max_message_bytes = peer_max_message_bytes};
 }
 
 void SendBudget::ClosePeer(PeerId peer) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   peers_.erase(peer);
 }
 
 void SendBudget::CloseAll() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   closed_ = true;
   peers_.clear();
 }
 
 bool SendBudget::IsOpen(PeerId peer) const {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return peers_.contains(peer);
 }
 
 absl::Status SendBudget::Acquire(PeerId peer, size_t payload_bytes, bool may_block) {
   const size_t charge = payload_bytes + kSendOverheadBytes;
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto it = peers_.find(peer);
   if (closed_) return absl::CancelledError("transport is closing");
   if (it == peers_.end()) {
@@ -54,7 +54,7 @@ absl::Status SendBudget::Acquire(PeerId peer, size_t payload_bytes, bool may_blo
            found->second.inflight_bytes + charge <= max_inflight_bytes_;
   };
   if (!has_room_or_gone() && may_block && wait_timeout_ > absl::ZeroDuration()) {
-    mutex_.AwaitWithTimeout(absl::Condition(&has_room_or_gone), wait_timeout_);
+    mutex_.AwaitWithTimeout(has_room_or_gone, wait_timeout_);
   }
   it = peers_.find(peer);
   if (closed_) return absl::CancelledError("transport is closing");
@@ -74,7 +74,7 @@ absl::Status SendBudget::Acquire(PeerId peer, size_t payload_bytes, bool may_blo
 }
 
 void SendBudget::Release(PeerId peer, size_t payload_bytes) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto it = peers_.find(peer);
   if (it == peers_.end()) return;  // closed meanwhile; nothing left to account
   it->second.inflight_bytes -= payload_bytes + kSendOverheadBytes;

@@ -7,7 +7,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "absl/time/time.h"
 #include "spectrumkv/transport/transport.h"
 
@@ -43,7 +43,7 @@ class SendBudget {
 
   const size_t max_inflight_bytes_;
   const absl::Duration wait_timeout_;
-  mutable absl::Mutex mutex_;
+  mutable Mutex mutex_;
   absl::flat_hash_map<PeerId, PeerBudget> peers_ ABSL_GUARDED_BY(mutex_);
   bool closed_ ABSL_GUARDED_BY(mutex_) = false;
 };

@@ -5,8 +5,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
+#include "spectrumkv/transport/mutex.h"
 #include "absl_compat.h"
 #include "socket_address.h"
 #include "source_filter.h"
@@ -66,7 +65,7 @@ absl::Status Transport::SendAndWait(PeerId peer, MessageType type, MessageBuffer
                                     absl::Duration timeout) {
   // Shared with the callback, which may run after a timed-out wait has returned.
   struct Completion {
-    absl::Notification done;
+    Notification done;
     absl::Status status;
   };
   auto completion = std::make_shared<Completion>();

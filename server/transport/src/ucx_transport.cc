@@ -22,7 +22,7 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "abandoned_sockets.h"
 #include "absl_compat.h"
 #include "atomic_stats.h"
@@ -79,7 +79,7 @@ class PendingResult {
  public:
   // Returns false when nobody will read the value: the waiter gave up, or it was already set.
   bool Resolve(T value) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     if (abandoned_ || value_.has_value()) return false;
     value_.emplace(std::move(value));
     return true;
@@ -87,9 +87,9 @@ class PendingResult {
 
   // nullopt on timeout; a later Resolve() then returns false.
   std::optional<T> Wait(absl::Duration timeout) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     auto has_value = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return value_.has_value(); };
-    mutex_.AwaitWithTimeout(absl::Condition(&has_value), timeout);
+    mutex_.AwaitWithTimeout(has_value, timeout);
     if (!value_.has_value()) {
       abandoned_ = true;
       return std::nullopt;
@@ -98,7 +98,7 @@ class PendingResult {
   }
 
  private:
-  absl::Mutex mutex_;
+  Mutex mutex_;
   std::optional<T> value_ ABSL_GUARDED_BY(mutex_);
   bool abandoned_ ABSL_GUARDED_BY(mutex_) = false;
 };
@@ -318,7 +318,7 @@ class UcxTransport::Impl {
   UcpWorker worker_;
   int worker_fd_ = -1;  // owned by the worker
 
-  absl::Mutex queue_mutex_;
+  Mutex queue_mutex_;
   std::deque<absl::AnyInvocable<void()>> commands_ ABSL_GUARDED_BY(queue_mutex_);
   bool stopping_ ABSL_GUARDED_BY(queue_mutex_) = false;
   bool started_ ABSL_GUARDED_BY(queue_mutex_) = false;
@@ -418,7 +418,7 @@ absl::Status UcxTransport::Impl::Start() {
 
 void UcxTransport::Impl::Close() {
   {
-    absl::MutexLock lock(&queue_mutex_);
+    MutexLock lock(&queue_mutex_);
     if (stopping_) return;
     stopping_ = true;
     if (worker_) ucp_worker_signal(worker_.get());
@@ -443,7 +443,7 @@ void UcxTransport::Impl::Teardown() {
 // API
 
 absl::Status UcxTransport::Impl::SetHandlers(TransportHandlers handlers) {
-  absl::MutexLock lock(&queue_mutex_);
+  MutexLock lock(&queue_mutex_);
   if (started_) {
     return absl::FailedPreconditionError("SetHandlers() must come before Listen() and Connect()");
   }
@@ -452,12 +452,12 @@ absl::Status UcxTransport::Impl::SetHandlers(TransportHandlers handlers) {
 }
 
 void UcxTransport::Impl::MarkStarted() {
-  absl::MutexLock lock(&queue_mutex_);
+  MutexLock lock(&queue_mutex_);
   started_ = true;
 }
 
 bool UcxTransport::Impl::Post(absl::AnyInvocable<void()> command) {
-  absl::MutexLock lock(&queue_mutex_);
+  MutexLock lock(&queue_mutex_);
   if (stopping_) return false;
   commands_.push_back(std::move(command));
   // Under the lock: Close() cannot destroy the worker between the check and the signal.
@@ -555,7 +555,7 @@ bool UcxTransport::Impl::RunCommands() {
   std::deque<absl::AnyInvocable<void()>> commands;
   bool stop = false;
   {
-    absl::MutexLock lock(&queue_mutex_);
+    MutexLock lock(&queue_mutex_);
     commands.swap(commands_);
     stop = stopping_;
   }
@@ -588,7 +588,7 @@ void UcxTransport::Impl::SleepUntilEvent() {
   const ucs_status_t armed = ucp_worker_arm(worker_.get());
   if (armed == UCS_ERR_BUSY) return;  // events arrived meanwhile: progress again
   {
-    absl::MutexLock lock(&queue_mutex_);
+    MutexLock lock(&queue_mutex_);
     if (!commands_.empty() || stopping_) return;
   }
   absl::Duration sleep = std::min(kMaxSleep, NextDeadline() - absl::Now());

@@ -6,7 +6,7 @@
 
 #include <limits>
 
-#include "absl/synchronization/notification.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
 #include "transport_test_util.h"
 
@@ -171,7 +171,7 @@ TEST_F(FaultInjectionTest, OutboundKillLinkFailsTheSend) {
 TEST(LoopbackTransportTest, KilledLinkFailsQueuedSends) {
   auto network = LoopbackNetwork::Create();
   Inbox server_inbox;
-  absl::Notification resume;
+  Notification resume;
   server_inbox.SetMessageHook(
       [&](const ReceivedMessage&) { resume.WaitForNotificationWithTimeout(kWait); });
   auto server = MakeLoopback(network, TestConfig("server"));

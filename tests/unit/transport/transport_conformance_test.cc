@@ -6,7 +6,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
-#include "absl/synchronization/notification.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/loopback_transport.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/transport/ucx_transport.h"
@@ -322,7 +322,7 @@ TEST_P(TransportConformanceTest, BackpressureBoundsInflightBytes) {
   client_config.max_inflight_bytes_per_peer = 4 << 20;
   client_config.max_message_bytes = 1 << 20;
   client_config.send_wait_timeout = absl::Milliseconds(100);
-  absl::Notification resume;
+  Notification resume;
   server_inbox_.SetMessageHook(
       [&](const ReceivedMessage&) { resume.WaitForNotificationWithTimeout(kWait); });
   ConnectPair(TestConfig("server"), client_config);
@@ -350,7 +350,7 @@ TEST_P(TransportConformanceTest, CloseCancelsPendingSendsAndReturnsPromptly) {
   client_config.max_inflight_bytes_per_peer = 8 << 20;
   client_config.max_message_bytes = 1 << 20;
   client_config.send_wait_timeout = absl::ZeroDuration();
-  absl::Notification resume;
+  Notification resume;
   server_inbox_.SetMessageHook(
       [&](const ReceivedMessage&) { resume.WaitForNotificationWithTimeout(kWait); });
   ConnectPair(TestConfig("server"), client_config);

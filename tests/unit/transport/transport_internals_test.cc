@@ -3,7 +3,7 @@
 
 #include <thread>
 
-#include "absl/synchronization/notification.h"
+#include "spectrumkv/transport/mutex.h"
 #include "receive_buffer_pool.h"
 #include "send_budget.h"
 #include "socket_address.h"

@@ -63,46 +63,46 @@ TransportHandlers Inbox::Handlers() {
           [this](ReceivedMessage message) {
             std::function<void(const ReceivedMessage&)> hook;
             {
-              absl::MutexLock lock(&mutex_);
+              MutexLock lock(&mutex_);
               hook = hook_;
             }
             if (hook) hook(message);
-            absl::MutexLock lock(&mutex_);
+            MutexLock lock(&mutex_);
             if (drop_payloads_) message.payload = MessageBuffer();
             messages_.push_back(std::move(message));
             ++received_;
           },
       .on_peer_event =
           [this](const PeerEvent& event) {
-            absl::MutexLock lock(&mutex_);
+            MutexLock lock(&mutex_);
             events_.push_back(event);
           },
   };
 }
 
 bool Inbox::WaitForMessages(size_t count, absl::Duration timeout) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return received_ >= count; };
-  return mutex_.AwaitWithTimeout(absl::Condition(&enough), timeout);
+  return mutex_.AwaitWithTimeout(enough, timeout);
 }
 
 bool Inbox::WaitForEvents(PeerEventKind kind, size_t count, absl::Duration timeout) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     size_t seen = 0;
     for (const PeerEvent& event : events_) seen += event.kind == kind ? 1 : 0;
     return seen >= count;
   };
-  return mutex_.AwaitWithTimeout(absl::Condition(&enough), timeout);
+  return mutex_.AwaitWithTimeout(enough, timeout);
 }
 
 std::vector<ReceivedMessage> Inbox::TakeMessages() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return std::exchange(messages_, {});
 }
 
 std::vector<PeerEvent> Inbox::Events(PeerEventKind kind) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   std::vector<PeerEvent> matching;
   for (const PeerEvent& event : events_) {
     if (event.kind == kind) matching.push_back(event);
@@ -111,12 +111,12 @@ std::vector<PeerEvent> Inbox::Events(PeerEventKind kind) {
 }
 
 size_t Inbox::message_count() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return received_;
 }
 
 void Inbox::SetMessageHook(std::function<void(const ReceivedMessage&)> hook) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   hook_ = std::move(hook);
 }
 
@@ -124,24 +124,24 @@ void Inbox::SetMessageHook(std::function<void(const ReceivedMessage&)> hook) {
 
 SendCallback SendTracker::Track() {
   return [this](absl::Status status) {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     statuses_.push_back(std::move(status));
   };
 }
 
 bool SendTracker::WaitForCompletions(size_t count, absl::Duration timeout) {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return statuses_.size() >= count; };
-  return mutex_.AwaitWithTimeout(absl::Condition(&enough), timeout);
+  return mutex_.AwaitWithTimeout(enough, timeout);
 }
 
 std::vector<absl::Status> SendTracker::statuses() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return statuses_;
 }
 
 size_t SendTracker::completed() {
-  absl::MutexLock lock(&mutex_);
+  MutexLock lock(&mutex_);
   return statuses_.size();
 }
 

@@ -14,7 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "spectrumkv/transport/transport.h"
@@ -47,12 +47,12 @@ class Inbox {
   void SetMessageHook(std::function<void(const ReceivedMessage&)> hook);
   // Records messages without their payloads (frees them at once, like a consumer would).
   void DropPayloads() {
-    absl::MutexLock lock(&mutex_);
+    MutexLock lock(&mutex_);
     drop_payloads_ = true;
   }
 
  private:
-  absl::Mutex mutex_;
+  Mutex mutex_;
   std::vector<ReceivedMessage> messages_ ABSL_GUARDED_BY(mutex_);
   size_t received_ ABSL_GUARDED_BY(mutex_) = 0;
   std::vector<PeerEvent> events_ ABSL_GUARDED_BY(mutex_);
@@ -69,7 +69,7 @@ class SendTracker {
   size_t completed();
 
  private:
-  absl::Mutex mutex_;
+  Mutex mutex_;
   std::vector<absl::Status> statuses_ ABSL_GUARDED_BY(mutex_);
 };
 

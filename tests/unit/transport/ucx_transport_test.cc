@@ -15,7 +15,7 @@
 #include <sstream>
 #include <thread>
 
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "source_filter.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
 #include "transport_test_util.h"
@@ -111,11 +111,11 @@ TEST_F(UcxTransportTest, ThroughputOf64MiBMessages) {
     payloads.push_back(PatternPayload(kMessageBytes, i));
     checksums.push_back(spot_checksum(payloads.back()));
   }
-  absl::Mutex mutex;
+  Mutex mutex;
   std::vector<uint64_t> received_checksums;
   server_inbox_.SetMessageHook([&](const ReceivedMessage& message) {
     const uint64_t checksum = spot_checksum(message.payload.span());
-    absl::MutexLock lock(&mutex);
+    MutexLock lock(&mutex);
     received_checksums.push_back(checksum);
   });
   server_inbox_.DropPayloads();
@@ -133,7 +133,7 @@ TEST_F(UcxTransportTest, ThroughputOf64MiBMessages) {
   const absl::Duration elapsed = absl::Now() - start;
   ASSERT_TRUE(tracker.WaitForCompletions(kMeasured));
   {
-    absl::MutexLock lock(&mutex);
+    MutexLock lock(&mutex);
     EXPECT_EQ(received_checksums, checksums);
   }
   const double mb_per_s =

@@ -13,7 +13,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/transport.h"
 
 namespace spectrumkv::transport {
@@ -82,7 +82,7 @@ class FaultInjectingTransport final : public Transport {
 
   std::unique_ptr<Transport> inner_;
   TransportHandlers handlers_;  // the user's, written once in SetHandlers
-  mutable absl::Mutex mutex_;
+  mutable Mutex mutex_;
   std::vector<ArmedRule> rules_ ABSL_GUARDED_BY(mutex_);
   uint64_t faults_injected_ ABSL_GUARDED_BY(mutex_) = 0;
   int paused_sends_ ABSL_GUARDED_BY(mutex_) = 0;
