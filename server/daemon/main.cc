@@ -10,6 +10,7 @@
 #include "grpc_service.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "reflection_v1.h"
 #include "spdlog/spdlog.h"
 #include "spectrumkv/control/daemon_config.h"
 #include "spectrumkv/control/metrics.h"
@@ -96,6 +97,11 @@ int Run(int argc, char** argv) {
   builder.SetMaxReceiveMessageSize(int(skv::control::kMaxGrpcMessageBytes));
   builder.SetMaxSendMessageSize(int(skv::control::kMaxGrpcMessageBytes));
   builder.RegisterService(&service);
+  // v1alpha comes from gRPC's plugin above; v1 is ours (reflection_v1.h).
+  skv::daemon::ReflectionV1Service reflection_v1({spectrumkv::v1::SpectrumKV::service_full_name(),
+                                                   "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                                                   "grpc.reflection.v1alpha.ServerReflection"});
+  builder.RegisterService(&reflection_v1);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
     spdlog::critical("cannot serve gRPC on {}", config->grpc_listen_address);

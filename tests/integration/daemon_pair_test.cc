@@ -14,6 +14,10 @@
 #include <random>
 
 #include "daemon.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/descriptor.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
+#include "grpcpp/create_channel.h"
 #include "daemon_process.h"
 #include "google/protobuf/util/time_util.h"
 #include "gtest/gtest.h"
@@ -459,6 +463,41 @@ TEST_F(DaemonPairTest, DataPlaneBytesFromOutsideTheAllowedNetworksNeverArrive) {
   ASSERT_TRUE(r.sent.ok()) << r.sent.status();
   ASSERT_TRUE(r.received.ok()) << r.received.status();
   EXPECT_EQ(std::memcmp(dst.data(), ReferenceDecode(src.data(), bytes, 0.5, 121).data(), bytes), 0);
+}
+
+TEST_F(DaemonPairTest, ReflectionV1ListsTheApiAndServesItsDescriptors) {
+  namespace reflection = grpc::reflection::v1;
+  auto channel = grpc::CreateChannel(prefill_->grpc_address(), grpc::InsecureChannelCredentials());
+  auto stub = reflection::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto stream = stub->ServerReflectionInfo(&context);
+  reflection::ServerReflectionRequest request;
+  reflection::ServerReflectionResponse response;
+
+  request.set_list_services("");
+  ASSERT_TRUE(stream->Write(request) && stream->Read(&response));
+  std::vector<std::string> services;
+  for (const auto& s : response.list_services_response().service()) services.push_back(s.name());
+  EXPECT_THAT(services, ::testing::Contains("spectrumkv.v1.SpectrumKV"));
+  EXPECT_THAT(services, ::testing::Contains("grpc.reflection.v1.ServerReflection"));
+
+  request.set_file_containing_symbol("spectrumkv.v1.SpectrumKV.Send");
+  ASSERT_TRUE(stream->Write(request) && stream->Read(&response));
+  ASSERT_GE(response.file_descriptor_response().file_descriptor_proto_size(), 2);  // + imports
+  google::protobuf::FileDescriptorProto file;
+  ASSERT_TRUE(file.ParseFromString(response.file_descriptor_response().file_descriptor_proto(0)));
+  EXPECT_EQ(file.name(), "spectrumkv/v1/spectrumkv.proto");
+  ASSERT_EQ(file.service_size(), 1);
+  EXPECT_EQ(file.service(0).name(), "SpectrumKV");
+
+  request.set_file_by_filename("no/such.proto");
+  ASSERT_TRUE(stream->Write(request) && stream->Read(&response));
+  EXPECT_EQ(response.error_response().error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(response.original_request().file_by_filename(), "no/such.proto");
+
+  ASSERT_TRUE(stream->WritesDone());
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 TEST_F(DaemonPairTest, PeerKilledMidTransferFailsTheSendCleanly) {
