@@ -45,7 +45,7 @@ size_t AbandonedSocketReaper::Reap(absl::Time now) {
   if (placeholder_fd_ < 0 || port_ == 0) return 0;
   DIR* dir = opendir("/proc/self/fd");
   if (dir == nullptr) return 0;
-  std::set<int> waiting;
+  std::set<std::pair<int, uint64_t>> waiting;
   const int own = dirfd(dir);
   while (const dirent* entry = readdir(dir)) {
     char* end = nullptr;
@@ -53,17 +53,18 @@ size_t AbandonedSocketReaper::Reap(absl::Time now) {
     if (end == entry->d_name || *end != '\0' || fd == own) continue;
     struct stat st {};
     if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    if (LocalPort(int(fd)) == port_ && InCloseWait(int(fd))) waiting.insert(int(fd));
+    if (LocalPort(int(fd)) == port_ && InCloseWait(int(fd))) waiting.insert({int(fd), uint64_t(st.st_ino)});
   }
   closedir(dir);
 
   size_t reclaimed = 0;
-  std::map<int, absl::Time> still_waiting;
-  for (int fd : waiting) {
-    auto seen = close_wait_since_.find(fd);
+  std::map<std::pair<int, uint64_t>, absl::Time> still_waiting;
+  for (const auto& socket : waiting) {
+    const int fd = socket.first;
+    auto seen = close_wait_since_.find(socket);
     const absl::Time since = seen == close_wait_since_.end() ? now : seen->second;
     if (now - since < grace_) {
-      still_waiting[fd] = since;
+      still_waiting[socket] = since;
     } else if (dup2(placeholder_fd_, fd) == fd) {
       ++reclaimed;
     }

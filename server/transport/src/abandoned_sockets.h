@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <map>
+#include <utility>
 
 #include "absl/time/time.h"
 
@@ -35,7 +36,8 @@ class AbandonedSocketReaper {
   const uint16_t port_;
   const absl::Duration grace_;
   int placeholder_fd_ = -1;                  // /dev/null, dup2()ed over reclaimed sockets
-  std::map<int, absl::Time> close_wait_since_;  // fd -> when first seen in CLOSE_WAIT
+  // (fd, inode) -> when first seen in CLOSE_WAIT; the inode tells a reused fd number apart.
+  std::map<std::pair<int, uint64_t>, absl::Time> close_wait_since_;
 };
 
 }  // namespace spectrumkv::transport::internal

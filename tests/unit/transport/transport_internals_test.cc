@@ -196,3 +196,44 @@ TEST(ReceiveBufferPoolTest, ReusesLargeBlocksWithinItsBound) {
 
 }  // namespace
 }  // namespace spectrumkv::transport::internal
+
+namespace spectrumkv::transport {
+namespace {
+
+// A thread that changes state under the lock and then waits (Await releases the lock without
+// Unlock) must still wake a thread waiting for that state.
+TEST(Mutex, AwaitWakesWhoeverWaitsForWhatTheAwaiterChanged) {
+  Mutex mutex;
+  int paused = 0;
+  bool resumed = false;
+  std::thread worker;
+  absl::Duration waited;
+  {
+    MutexLock lock(&mutex);
+    // Started under the lock: the worker can only run once this thread is waiting.
+    worker = std::thread([&] {
+      MutexLock worker_lock(&mutex);
+      ++paused;
+      mutex.Await([&] { return resumed; });
+    });
+    // Without a wake-up the wait would end only at its timeout (and then see paused > 0).
+    const absl::Time start = absl::Now();
+    EXPECT_TRUE(mutex.AwaitWithTimeout([&] { return paused > 0; }, absl::Seconds(20)));
+    waited = absl::Now() - start;
+    resumed = true;
+  }
+  worker.join();
+  EXPECT_LT(waited, absl::Seconds(10)) << "woken by the timeout, not by the worker";
+}
+
+TEST(Notification, WakesAWaiterAndStaysSet) {
+  Notification done;
+  EXPECT_FALSE(done.WaitForNotificationWithTimeout(absl::Milliseconds(1)));
+  std::thread notifier([&] { done.Notify(); });
+  EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  notifier.join();
+  EXPECT_TRUE(done.HasBeenNotified());
+}
+
+}  // namespace
+}  // namespace spectrumkv::transport

@@ -21,9 +21,11 @@ class ABSL_LOCKABLE Mutex {
  public:
   void Lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mutex_.lock(); }
   // Any change made under the lock may satisfy a waiter's condition: wake them all to re-check.
+  // Before unlocking: a waiter that sees its condition may destroy this Mutex at once, so nothing
+  // may touch it after the unlock.
   void Unlock() ABSL_UNLOCK_FUNCTION() {
-    mutex_.unlock();
     changed_.notify_all();
+    mutex_.unlock();
   }
 
   // Releases the lock until `condition()` (evaluated under the lock) holds, then returns with the
@@ -31,6 +33,7 @@ class ABSL_LOCKABLE Mutex {
   template <typename Condition>
   void Await(Condition condition) ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
     std::unique_lock<std::mutex> lock(mutex_, std::adopt_lock);
+    changed_.notify_all();  // waiting releases the lock: others must re-check what we changed
     changed_.wait(lock, condition);
     lock.release();
   }
@@ -42,6 +45,7 @@ class ABSL_LOCKABLE Mutex {
       return true;
     }
     std::unique_lock<std::mutex> lock(mutex_, std::adopt_lock);
+    changed_.notify_all();
     const bool met = changed_.wait_for(lock, absl::ToChronoNanoseconds(timeout), condition);
     lock.release();
     return met;
