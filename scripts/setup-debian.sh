@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  build-essential cmake ninja-build pkg-config git clang
+  build-essential cmake ninja-build pkg-config git clang clang-format python3-pyflakes
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libucx-dev ucx-utils libspdlog-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
@@ -21,6 +21,10 @@ PACKAGES=(
 command -v node >/dev/null || PACKAGES+=(nodejs)
 command -v npm >/dev/null || PACKAGES+=(npm)
 command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
+# deploy.podman_image builds docker/Dockerfile and runs it with rootful podman: runc as the OCI
+# runtime (the test selects it), debootstrap for the Debian 12 base images. Rootless extras
+# (uidmap, slirp4netns, fuse-overlayfs) are not needed: root, host network, native overlayfs.
+PACKAGES+=(podman runc debootstrap)
 # ---- end of deployment checks
 
 SUDO=""
