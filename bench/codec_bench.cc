@@ -91,7 +91,8 @@ int Run() {
   const double raw_bytes = double(layers) * 2 * tensor_elems * 2;
 
   const double memcpy_s = BestSeconds(repeats, [&] {
-    for (uint32_t i = 0; i < layers * 2; ++i) std::memcpy(dst[i].data(), src[i].data(), tensor_elems * 2);
+    for (uint32_t i = 0; i < layers * 2; ++i)
+      std::memcpy(dst[i].data(), src[i].data(), tensor_elems * 2);
   });
   const double memcpy_gbps = raw_bytes / memcpy_s / 1e9;
 
@@ -103,20 +104,23 @@ int Run() {
                                                                   : skv::AllocatorKind::kRd;
     skv::EncodedKv reused;  // steady state: segment buffers are reused, as a daemon pool would
     absl::Status encoded;
-    const double encode_s = BestSeconds(repeats, [&] {
-      encoded = skv::EncodeKvInto(source, {}, options, 1, kernels, &reused);
-    });
+    const double encode_s = BestSeconds(
+        repeats, [&] { encoded = skv::EncodeKvInto(source, {}, options, 1, kernels, &reused); });
     if (!encoded.ok()) {
-      std::fprintf(stderr, "encode failed at b=%g: %s\n", b, std::string(encoded.message()).c_str());
+      std::fprintf(stderr, "encode failed at b=%g: %s\n", b,
+                   std::string(encoded.message()).c_str());
       return 1;
     }
     const skv::EncodedKv* result = &reused;
-    std::vector<std::span<const uint8_t>> segments(result->segments.begin(), result->segments.end());
+    std::vector<std::span<const uint8_t>> segments(result->segments.begin(),
+                                                   result->segments.end());
     std::vector<uint8_t> kept;
     absl::Status decoded;
-    const double decode_s = BestSeconds(repeats, [&] { decoded = skv::DecodeKv(segments, destination, &kept, kernels); });
+    const double decode_s = BestSeconds(
+        repeats, [&] { decoded = skv::DecodeKv(segments, destination, &kept, kernels); });
     if (!decoded.ok()) {
-      std::fprintf(stderr, "decode failed at b=%g: %s\n", b, std::string(decoded.message()).c_str());
+      std::fprintf(stderr, "decode failed at b=%g: %s\n", b,
+                   std::string(decoded.message()).c_str());
       return 1;
     }
     const skv::EncodeStats& s = result->stats;
@@ -134,23 +138,25 @@ int Run() {
           r.budget, r.achieved, r.encode_gbps, r.decode_gbps, r.encode_gbps / memcpy_gbps,
           r.decode_gbps / memcpy_gbps));
     }
-    std::printf("{\"kernels\":\"%s\",\"allocator\":\"%s\",\"layers\":%u,\"tokens\":%u,\"heads\":%u,"
-                "\"head_dim\":%u,\"memcpy_gbps\":%.3f,\"budgets\":[%s]}\n",
-                kernels.name, absl::GetFlag(FLAGS_allocator).c_str(), layers, tokens, heads,
-                head_dim, memcpy_gbps, absl::StrJoin(items, ",").c_str());
+    std::printf(
+        "{\"kernels\":\"%s\",\"allocator\":\"%s\",\"layers\":%u,\"tokens\":%u,\"heads\":%u,"
+        "\"head_dim\":%u,\"memcpy_gbps\":%.3f,\"budgets\":[%s]}\n",
+        kernels.name, absl::GetFlag(FLAGS_allocator).c_str(), layers, tokens, heads, head_dim,
+        memcpy_gbps, absl::StrJoin(items, ",").c_str());
     return 0;
   }
-  std::printf("skv-codec-bench: %u layers x %u tokens x %u heads x %u dims FP16 (%.1f MiB), one thread, "
-              "%s kernels, %s allocator, best of %u\n",
-              layers, tokens, heads, head_dim, raw_bytes / (1 << 20), kernels.name,
-              absl::GetFlag(FLAGS_allocator).c_str(), repeats);
+  std::printf(
+      "skv-codec-bench: %u layers x %u tokens x %u heads x %u dims FP16 (%.1f MiB), one thread, "
+      "%s kernels, %s allocator, best of %u\n",
+      layers, tokens, heads, head_dim, raw_bytes / (1 << 20), kernels.name,
+      absl::GetFlag(FLAGS_allocator).c_str(), repeats);
   std::printf("memcpy: %.2f GB/s\n\n", memcpy_gbps);
-  std::printf("%8s %10s %12s %10s %12s %10s %14s\n", "budget", "achieved", "encode GB/s", "x memcpy",
-              "decode GB/s", "x memcpy", "score+plan %");
+  std::printf("%8s %10s %12s %10s %12s %10s %14s\n", "budget", "achieved", "encode GB/s",
+              "x memcpy", "decode GB/s", "x memcpy", "score+plan %");
   for (const BudgetResult& r : results) {
-    std::printf("%8.2f %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.achieved, r.encode_gbps,
-                r.encode_gbps / memcpy_gbps, r.decode_gbps, r.decode_gbps / memcpy_gbps,
-                100 * r.score_plan_share);
+    std::printf("%8.2f %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.achieved,
+                r.encode_gbps, r.encode_gbps / memcpy_gbps, r.decode_gbps,
+                r.decode_gbps / memcpy_gbps, 100 * r.score_plan_share);
   }
   return 0;
 }
@@ -186,7 +192,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const bool bare = (a == "--device" || a == "-device") && i + 1 < argc;
-    if ((bare && std::string(argv[i + 1]) == "cuda") || a == "--device=cuda" || a == "-device=cuda") {
+    if ((bare && std::string(argv[i + 1]) == "cuda") || a == "--device=cuda" ||
+        a == "-device=cuda") {
       return ExecCudaBench(argc, argv);
     }
   }

@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/setup-debian.sh
-cmake --preset default >/dev/null
-cmake --build --preset default -j "$(nproc)" --target spectrumkvd skvctl skv-pd-generate
+cmake --preset cpu >/dev/null
+cmake --build --preset cpu -j "$(nproc)" --target spectrumkvd skvctl skv-pd-generate
 
 BIN=build/bin
 LOGS=$(mktemp -d /tmp/spectrumkv-demo.XXXXXX)

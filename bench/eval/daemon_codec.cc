@@ -27,8 +27,9 @@ absl::Status Annotate(const absl::Status& s, const std::string& what) {
 
 class GrpcDaemonCodec final : public DaemonCodec {
  public:
-  GrpcDaemonCodec(std::unique_ptr<SpectrumKvClient> encoder, std::unique_ptr<SpectrumKvClient> decoder,
-                  std::string encode_target, std::string decode_target)
+  GrpcDaemonCodec(std::unique_ptr<SpectrumKvClient> encoder,
+                  std::unique_ptr<SpectrumKvClient> decoder, std::string encode_target,
+                  std::string decode_target)
       : encoder_(std::move(encoder)),
         decoder_(std::move(decoder)),
         encode_target_(std::move(encode_target)),
@@ -39,16 +40,18 @@ class GrpcDaemonCodec final : public DaemonCodec {
                                         double budget) override {
     if (method.kind == MethodKind::kFp16) return CompressKv(source, queries, method, budget);
     if (method.kind != MethodKind::kPlanner) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "method ", method.name, " builds its plan by hand; only fp16, paper* and rd* can go "
-          "through a daemon"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("method ", method.name,
+                       " builds its plan by hand; only fp16, paper* and rd* can go "
+                       "through a daemon"));
     }
     if (source.dtype != engine::KvDtype::kFp16) {
       return absl::InvalidArgumentError("the daemon path takes FP16 KV");
     }
     const uint32_t layers = uint32_t(source.n_layers), heads = uint32_t(source.n_kv_heads),
                    head_dim = uint32_t(source.head_dim), tokens = uint32_t(source.tokens);
-    const v1::KvLayout layout = client::DenseLayout(v1::DTYPE_FP16, layers, heads, head_dim, tokens);
+    const v1::KvLayout layout =
+        client::DenseLayout(v1::DTYPE_FP16, layers, heads, head_dim, tokens);
     const size_t per_tensor_bytes = source.values_per_layer() * 2;
 
     // Dense [layers][K, V][tokens][kv_heads][head_dim] FP16, the engine's export as it is.
@@ -56,7 +59,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     std::string& kv = *encode.mutable_kv();
     kv.resize(size_t{layers} * 2 * per_tensor_bytes);
     for (uint32_t l = 0; l < layers; ++l) {
-      std::memcpy(kv.data() + size_t{l} * 2 * per_tensor_bytes, source.keys[l].data(), per_tensor_bytes);
+      std::memcpy(kv.data() + size_t{l} * 2 * per_tensor_bytes, source.keys[l].data(),
+                  per_tensor_bytes);
       std::memcpy(kv.data() + (size_t{l} * 2 + 1) * per_tensor_bytes, source.values[l].data(),
                   per_tensor_bytes);
     }
@@ -65,7 +69,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     encode.set_request_id(1);  // as the in-process path stamps
     v1::CodecPolicy& policy = *encode.mutable_policy();
     const CodecOptions& o = method.options;
-    policy.set_allocator(o.allocator == AllocatorKind::kPaper ? v1::ALLOCATOR_PAPER : v1::ALLOCATOR_RD);
+    policy.set_allocator(o.allocator == AllocatorKind::kPaper ? v1::ALLOCATOR_PAPER
+                                                              : v1::ALLOCATOR_RD);
     policy.set_rotate(o.rotate_keys);
     policy.set_centre(o.centre_keys);
     policy.set_per_channel_keys(o.per_channel_keys);
@@ -76,7 +81,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     policy.set_recent_tokens(o.recent_tokens);
     if (o.rotate_keys != o.rotate_values || o.centre_values) {
       return absl::InvalidArgumentError(
-          absl::StrCat("method ", method.name, ": the daemon policy rotates K and V together and "
+          absl::StrCat("method ", method.name,
+                       ": the daemon policy rotates K and V together and "
                        "never centres V"));
     }
     if (queries.tokens > 0) {
@@ -93,17 +99,19 @@ class GrpcDaemonCodec final : public DaemonCodec {
       }
     }
     absl::StatusOr<v1::EncodeResponse> encoded = encoder_->Encode(encode);
-    if (!encoded.ok()) return Annotate(encoded.status(), absl::StrCat("Encode on ", encode_target_));
+    if (!encoded.ok())
+      return Annotate(encoded.status(), absl::StrCat("Encode on ", encode_target_));
 
     v1::DecodeRequest decode;
     *decode.mutable_segments() = encoded->segments();
     *decode.mutable_output_layout() = layout;
     decode.set_mask_format(v1::MASK_FORMAT_BYTES);
     absl::StatusOr<v1::DecodeResponse> decoded = decoder_->Decode(decode);
-    if (!decoded.ok()) return Annotate(decoded.status(), absl::StrCat("Decode on ", decode_target_));
+    if (!decoded.ok())
+      return Annotate(decoded.status(), absl::StrCat("Decode on ", decode_target_));
     if (decoded->kv().size() < kv.size()) {
-      return absl::DataLossError(absl::StrCat("Decode returned ", decoded->kv().size(), " bytes, expected ",
-                                              kv.size()));
+      return absl::DataLossError(
+          absl::StrCat("Decode returned ", decoded->kv().size(), " bytes, expected ", kv.size()));
     }
 
     CompressedKv out;
@@ -117,7 +125,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     const char* base = decoded->kv().data();
     for (uint32_t l = 0; l < layers; ++l) {
       std::memcpy(out.kv.keys[l].data(), base + size_t{l} * 2 * per_tensor_bytes, per_tensor_bytes);
-      std::memcpy(out.kv.values[l].data(), base + (size_t{l} * 2 + 1) * per_tensor_bytes, per_tensor_bytes);
+      std::memcpy(out.kv.values[l].data(), base + (size_t{l} * 2 + 1) * per_tensor_bytes,
+                  per_tensor_bytes);
     }
     const v1::KeptTokenMask& kept = decoded->kept();
     // One shared mask (`tokens` bytes; the daemon may still report `layers` = the layout's), or
@@ -128,7 +137,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
                                               tokens, " (or a multiple)"));
     }
     out.keep.assign(tokens, 1);
-    for (size_t i = 0; i < kept.mask().size(); ++i) out.keep[i % tokens] &= uint8_t(kept.mask()[i] != 0);
+    for (size_t i = 0; i < kept.mask().size(); ++i)
+      out.keep[i % tokens] &= uint8_t(kept.mask()[i] != 0);
 
     // The same accounting as CompressKv: wire bytes are the segments' sizes.
     size_t wire_bytes = 0;
@@ -158,8 +168,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DaemonCodec>> DaemonCodec::Connect(const std::string& encode_target,
-                                                                  const std::string& decode_target) {
+absl::StatusOr<std::unique_ptr<DaemonCodec>> DaemonCodec::Connect(
+    const std::string& encode_target, const std::string& decode_target) {
   absl::StatusOr<std::unique_ptr<SpectrumKvClient>> encoder = ConnectOne(encode_target);
   if (!encoder.ok()) return encoder.status();
   absl::StatusOr<std::unique_ptr<SpectrumKvClient>> decoder = ConnectOne(decode_target);

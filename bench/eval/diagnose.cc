@@ -40,14 +40,16 @@ std::vector<double> AttentionErrors(const engine::KvCache& reference, const Comp
         double z_ref = 0, z_got = 0;
         for (int t = 0; t <= position; ++t) {
           a_ref[size_t(t)] = std::exp(a_ref[size_t(t)] - max_ref);
-          a_got[size_t(t)] = std::isfinite(a_got[size_t(t)]) ? std::exp(a_got[size_t(t)] - max_got) : 0.0;
+          a_got[size_t(t)] =
+              std::isfinite(a_got[size_t(t)]) ? std::exp(a_got[size_t(t)] - max_got) : 0.0;
           z_ref += a_ref[size_t(t)];
           z_got += a_got[size_t(t)];
         }
         std::fill(o_ref.begin(), o_ref.end(), 0.0);
         std::fill(o_got.begin(), o_got.end(), 0.0);
         for (int t = 0; t <= position; ++t) {
-          const double wr = a_ref[size_t(t)] / z_ref, wg = z_got > 0 ? a_got[size_t(t)] / z_got : 0.0;
+          const double wr = a_ref[size_t(t)] / z_ref,
+                       wg = z_got > 0 ? a_got[size_t(t)] / z_got : 0.0;
           for (int d = 0; d < hd; ++d) {
             o_ref[size_t(d)] += wr * at(reference.values[size_t(l)], t, g, d);
             if (wg != 0) o_got[size_t(d)] += wg * at(received.kv.values[size_t(l)], t, g, d);

@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -259,7 +259,7 @@ int Main(int argc, char** argv) {
   // Where the codec runs: in this process, or through two real daemons (Encode, then Decode).
   std::string codec_path = "in-process codec (skv::EncodeKv / DecodeKv)";
   std::function<absl::StatusOr<CompressedKv>(const engine::KvCache&, const engine::QueryWindow&,
-                                              const Method&, double)>
+                                             const Method&, double)>
       compress = CompressKv;
   const std::string encode_daemon = absl::GetFlag(FLAGS_encode_daemon);
   const std::string decode_daemon = absl::GetFlag(FLAGS_decode_daemon);
@@ -273,10 +273,11 @@ int Main(int argc, char** argv) {
         DaemonCodec::Connect(encode_daemon, decode_daemon);
     if (!c.ok()) return fail(c.status());
     daemon_codec = std::move(*c);
-    codec_path = absl::StrCat("daemon pair: Encode on ", encode_daemon, ", Decode on ",
-                              decode_daemon);
+    codec_path =
+        absl::StrCat("daemon pair: Encode on ", encode_daemon, ", Decode on ", decode_daemon);
     compress = [daemon_codec](const engine::KvCache& kv, const engine::QueryWindow& q,
-                              const Method& m, double b) { return daemon_codec->Compress(kv, q, m, b); };
+                              const Method& m,
+                              double b) { return daemon_codec->Compress(kv, q, m, b); };
   }
 #else
   if (!encode_daemon.empty()) {
@@ -410,7 +411,8 @@ int Main(int argc, char** argv) {
         if (!m.ok()) return fail(m.status());
         double b = 1.0;
         if (parts.size() > 1 && !absl::SimpleAtod(parts[1], &b)) {
-          return fail(absl::InvalidArgumentError(absl::StrCat("--diagnose: bad budget in '", item, "'")));
+          return fail(
+              absl::InvalidArgumentError(absl::StrCat("--diagnose: bad budget in '", item, "'")));
         }
         report.diagnoses.push_back(Diagnose(prefill->kv, prefill->queries, *m, b));
       }

@@ -97,10 +97,9 @@ int ResultRow::passkey_trials() const {
 std::string RenderJson(const EvalReport& report) {
   std::string out = absl::StrCat(
       "{\"model\":", JsonString(report.model), ",\"model_shape\":", JsonString(report.model_shape),
-      ",\"text\":", JsonString(report.text),
-      ",\"codec\":", JsonString(report.codec_path), ",\"context\":", report.context,
-      ",\"continuation\":", report.continuation, ",\"windows\":", report.windows,
-      ",\"fp16_ppl\":", JsonNumber(report.fp16_ppl),
+      ",\"text\":", JsonString(report.text), ",\"codec\":", JsonString(report.codec_path),
+      ",\"context\":", report.context, ",\"continuation\":", report.continuation,
+      ",\"windows\":", report.windows, ",\"fp16_ppl\":", JsonNumber(report.fp16_ppl),
       ",\"passkey_prompt_tokens\":", report.passkey_prompt_tokens, ",\"results\":[");
   bool first = true;
   for (const ResultRow& r : report.rows) {
@@ -184,8 +183,8 @@ std::string RenderJson(const EvalReport& report) {
   for (size_t i = 0; i < report.diagnoses.size(); ++i) {
     const Diagnosis& d = report.diagnoses[i];
     absl::StrAppend(&out, i ? "," : "", "{\"method\":", JsonString(d.method),
-                    ",\"budget\":", JsonNumber(d.budget), ",\"achieved_b\":",
-                    d.error.empty() ? JsonNumber(d.achieved_b) : "null");
+                    ",\"budget\":", JsonNumber(d.budget),
+                    ",\"achieved_b\":", d.error.empty() ? JsonNumber(d.achieved_b) : "null");
     if (!d.error.empty()) absl::StrAppend(&out, ",\"error\":", JsonString(d.error));
     out += ",\"layers\":[";
     for (size_t l = 0; l < d.layers.size(); ++l) {
@@ -235,7 +234,10 @@ std::string RenderMarkdown(const EvalReport& report) {
                   absl::StrFormat("%.0f", report.seconds), " s:\n\n```sh\n", report.command,
                   "\n```\n\n");
   absl::StrAppend(
-      &out, report.plot_file.empty() ? "" : absl::StrCat("![quality vs achieved b](", report.plot_file, ")\n\n"),
+      &out,
+      report.plot_file.empty()
+          ? ""
+          : absl::StrCat("![quality vs achieved b](", report.plot_file, ")\n\n"),
       "- Model: ", report.model_shape, "\n", "- Codec: ", report.codec_path, "\n",
       "- Protocol (DESIGN.md 6): each window is BOS + ", report.context + report.continuation - 1,
       " text tokens; the first ", report.context, " tokens are the context, prefilled exactly; ",

@@ -26,7 +26,6 @@ crashed on its own (or failed to restart / to stop on SIGTERM); 2 = bad usage or
 """
 
 import argparse
-import bisect
 import collections
 import json
 import math

@@ -1,11 +1,11 @@
 // skvctl: command-line client of spectrumkvd.
-//   skvctl register --target=H:P --model=NAME --layers=N --kv_heads=N --head_dim=N [--dtype=fp16|bf16]
-//   skvctl send     --target=H:P --model=NAME --request_id=N --shm=/name --tokens=N --peer=ID --budget=B
-//   skvctl receive  --target=H:P --model=NAME --request_id=N --shm=/name --tokens=N [--timeout_s=S]
-//   skvctl status   --target=H:P [--request_id=N]
-//   skvctl probe    --target=H:P --model=NAME --shm=/name --tokens=N
-//   skvctl demo     --sender=H:P --receiver=H:P --peer=ID [--tokens=N --layers=N --budget=B]
-//   skvctl bench    --sender=H:P --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json]
+//   skvctl register --target=H:P --model=NAME --layers=N --kv_heads=N --head_dim=N
+//   [--dtype=fp16|bf16] skvctl send     --target=H:P --model=NAME --request_id=N --shm=/name
+//   --tokens=N --peer=ID --budget=B skvctl receive  --target=H:P --model=NAME --request_id=N
+//   --shm=/name --tokens=N [--timeout_s=S] skvctl status   --target=H:P [--request_id=N] skvctl
+//   probe    --target=H:P --model=NAME --shm=/name --tokens=N skvctl demo     --sender=H:P
+//   --receiver=H:P --peer=ID [--tokens=N --layers=N --budget=B] skvctl bench    --sender=H:P
+//   --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json]
 // demo and bench generate a synthetic KV (7B-shaped by default) in shared memory, register the
 // model on both daemons and move it; demo also checks the result against the codec's own
 // Encode/Decode of the same KV and prints a report. Every command speaks TLS to the daemons with
@@ -36,7 +36,8 @@ ABSL_FLAG(std::string, target, "127.0.0.1:50551", "daemon gRPC address");
 ABSL_FLAG(std::string, sender, "127.0.0.1:50551", "demo/bench: the prefill-side daemon");
 ABSL_FLAG(std::string, receiver, "127.0.0.1:50561", "demo/bench: the decode-side daemon");
 ABSL_FLAG(std::string, peer, "decode", "the receiving daemon's id as the sender knows it");
-ABSL_FLAG(std::string, model, "", "model name; empty = derived from the shape, e.g. synthetic-32x8x128-fp16");
+ABSL_FLAG(std::string, model, "",
+          "model name; empty = derived from the shape, e.g. synthetic-32x8x128-fp16");
 ABSL_FLAG(uint32_t, layers, 32, "layers");
 ABSL_FLAG(uint32_t, kv_heads, 8, "KV heads");
 ABSL_FLAG(uint32_t, head_dim, 128, "head dimension");
@@ -50,7 +51,8 @@ ABSL_FLAG(uint32_t, repeats, 3, "bench: transfers per budget (the fastest counts
 ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
 ABSL_FLAG(bool, json, false, "print JSON");
 ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA of the daemons' certificates; set = TLS");
-ABSL_FLAG(std::string, tls_cert_file, "", "PEM client certificate (mutual TLS, with --tls_key_file)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate (mutual TLS, with --tls_key_file)");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM client key (mutual TLS)");
 
 namespace {
@@ -80,17 +82,20 @@ double Secs(const google::protobuf::Duration& d) {
   return double(google::protobuf::util::TimeUtil::DurationToNanoseconds(d)) / 1e9;
 }
 
-v1::DType DTypeFlag() { return absl::GetFlag(FLAGS_dtype) == "bf16" ? v1::DTYPE_BF16 : v1::DTYPE_FP16; }
+v1::DType DTypeFlag() {
+  return absl::GetFlag(FLAGS_dtype) == "bf16" ? v1::DTYPE_BF16 : v1::DTYPE_FP16;
+}
 
 std::string ModelName() {
   if (!absl::GetFlag(FLAGS_model).empty()) return absl::GetFlag(FLAGS_model);
-  return absl::StrCat("synthetic-", absl::GetFlag(FLAGS_layers), "x", absl::GetFlag(FLAGS_kv_heads), "x",
-                      absl::GetFlag(FLAGS_head_dim), "-", absl::GetFlag(FLAGS_dtype));
+  return absl::StrCat("synthetic-", absl::GetFlag(FLAGS_layers), "x", absl::GetFlag(FLAGS_kv_heads),
+                      "x", absl::GetFlag(FLAGS_head_dim), "-", absl::GetFlag(FLAGS_dtype));
 }
 
 v1::KvLayout LayoutFromFlags() {
-  return skv::client::DenseLayout(DTypeFlag(), absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_kv_heads),
-                                  absl::GetFlag(FLAGS_head_dim), absl::GetFlag(FLAGS_tokens));
+  return skv::client::DenseLayout(DTypeFlag(), absl::GetFlag(FLAGS_layers),
+                                  absl::GetFlag(FLAGS_kv_heads), absl::GetFlag(FLAGS_head_dim),
+                                  absl::GetFlag(FLAGS_tokens));
 }
 
 v1::RegisterModelRequest RegisterRequest() {
@@ -173,15 +178,16 @@ absl::StatusOr<Pair> ConnectPair() {
 // One transfer from the sender's shm to the receiver's shm: Receive first (as a decode server
 // would, before its prefill finishes), then Send.
 absl::StatusOr<std::pair<v1::SendResponse, v1::ReceiveResponse>> Transfer(
-    Pair& pair, const SharedMemoryBuffer& source, const SharedMemoryBuffer& destination, uint64_t request_id,
-    double budget) {
+    Pair& pair, const SharedMemoryBuffer& source, const SharedMemoryBuffer& destination,
+    uint64_t request_id, double budget) {
   const v1::KvLayout layout = LayoutFromFlags();
   v1::ReceiveRequest receive;
   receive.set_request_id(request_id);
   receive.set_model_id(ModelName());
   *receive.mutable_destination() = destination.handle();
   *receive.mutable_destination_layout() = layout;
-  *receive.mutable_timeout() = google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
+  *receive.mutable_timeout() =
+      google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
   auto received = std::async(std::launch::async, [&] { return pair.receiver->Receive(receive); });
 
   v1::SendRequest send;
@@ -251,8 +257,10 @@ int Demo() {
     *decode.mutable_output_layout() = layout;
     absl::StatusOr<v1::DecodeResponse> decoded = pair.sender->Decode(decode);
     if (!decoded.ok()) return Fail(decoded.status(), "reference decode");
-    const bool same = decoded->kv().size() == bytes && std::memcmp(decoded->kv().data(), dst.data(), bytes) == 0;
-    verdict = same ? "identical to the codec's Encode/Decode" : "MISMATCH with the codec's Encode/Decode";
+    const bool same =
+        decoded->kv().size() == bytes && std::memcmp(decoded->kv().data(), dst.data(), bytes) == 0;
+    verdict =
+        same ? "identical to the codec's Encode/Decode" : "MISMATCH with the codec's Encode/Decode";
     if (!same) {
       std::cerr << "skvctl: the received KV differs from the reference decode\n";
       return 1;
@@ -260,18 +268,24 @@ int Demo() {
   }
   const auto& t = s.tier_tokens();
   const auto& d = s.durations();
-  std::printf("SpectrumKV demo: %u layers x %u tokens x %u kv heads x %u dims (%s), %s -> %s\n", layout.layers(),
-              layout.tokens(), layout.kv_heads(), layout.head_dim(), absl::GetFlag(FLAGS_dtype).c_str(),
-              absl::GetFlag(FLAGS_sender).c_str(), absl::GetFlag(FLAGS_receiver).c_str());
-  std::printf("  budget     requested %.3f, achieved %.4f (paper's payload-only accounting: %.4f)\n",
-              s.requested_budget(), s.achieved_budget(), s.payload_budget());
-  std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller)\n", (unsigned long long)s.raw_bytes(),
-              (unsigned long long)s.wire_bytes(), double(s.raw_bytes()) / std::max<uint64_t>(1, s.wire_bytes()));
-  std::printf("  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu\n", (unsigned long long)t.fp16(),
-              (unsigned long long)t.int8(), (unsigned long long)t.int4(), (unsigned long long)t.int2(),
+  std::printf("SpectrumKV demo: %u layers x %u tokens x %u kv heads x %u dims (%s), %s -> %s\n",
+              layout.layers(), layout.tokens(), layout.kv_heads(), layout.head_dim(),
+              absl::GetFlag(FLAGS_dtype).c_str(), absl::GetFlag(FLAGS_sender).c_str(),
+              absl::GetFlag(FLAGS_receiver).c_str());
+  std::printf(
+      "  budget     requested %.3f, achieved %.4f (paper's payload-only accounting: %.4f)\n",
+      s.requested_budget(), s.achieved_budget(), s.payload_budget());
+  std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller)\n",
+              (unsigned long long)s.raw_bytes(), (unsigned long long)s.wire_bytes(),
+              double(s.raw_bytes()) / std::max<uint64_t>(1, s.wire_bytes()));
+  std::printf("  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu\n",
+              (unsigned long long)t.fp16(), (unsigned long long)t.int8(),
+              (unsigned long long)t.int4(), (unsigned long long)t.int2(),
               (unsigned long long)t.drop());
-  std::printf("  time (s)   score %.4f, plan %.4f, encode %.4f, wire %.4f, decode %.4f, total %.4f\n", Secs(d.score()),
-              Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.decode()), Secs(d.total()));
+  std::printf(
+      "  time (s)   score %.4f, plan %.4f, encode %.4f, wire %.4f, decode %.4f, total %.4f\n",
+      Secs(d.score()), Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.decode()),
+      Secs(d.total()));
   std::printf("  result     %s\n", verdict.c_str());
   return 0;
 }
@@ -291,21 +305,25 @@ int Bench() {
     std::vector<std::string> all;  // every repeat in order: the first one maps the buffers
     for (uint32_t r = 0; r < std::max(1u, absl::GetFlag(FLAGS_repeats)); ++r) {
       auto result = Transfer(pair, src, dst, ++request_id, budget);
-      if (!result.ok()) return Fail(result.status(), absl::StrCat("transfer at b=", budget).c_str());
+      if (!result.ok())
+        return Fail(result.status(), absl::StrCat("transfer at b=", budget).c_str());
       const double seconds = Secs(result->first.stats().durations().total());
       best = std::min(best, seconds);
       all.push_back(absl::StrFormat("%.4f", seconds));
       achieved = result->first.stats().achieved_budget();
     }
     rows.push_back(absl::StrFormat(
-        "{\"budget\":%g,\"achieved_b\":%.4f,\"seconds\":%.4f,\"all_seconds\":[%s],\"raw_bytes\":%llu}", budget,
-        achieved, best, absl::StrJoin(all, ","), (unsigned long long)bytes));
+        "{\"budget\":%g,\"achieved_b\":%.4f,\"seconds\":%.4f,\"all_seconds\":[%s],\"raw_bytes\":%"
+        "llu}",
+        budget, achieved, best, absl::StrJoin(all, ","), (unsigned long long)bytes));
     if (!absl::GetFlag(FLAGS_json)) {
-      std::printf("b=%-5g achieved %.4f  send-to-commit %.4f s  (%.2f GB/s of FP16 KV; runs %s s)\n", budget,
-                  achieved, best, double(bytes) / best / 1e9, absl::StrJoin(all, ", ").c_str());
+      std::printf(
+          "b=%-5g achieved %.4f  send-to-commit %.4f s  (%.2f GB/s of FP16 KV; runs %s s)\n",
+          budget, achieved, best, double(bytes) / best / 1e9, absl::StrJoin(all, ", ").c_str());
     }
   }
-  if (absl::GetFlag(FLAGS_json)) std::printf("{\"transfers\":[%s]}\n", absl::StrJoin(rows, ",").c_str());
+  if (absl::GetFlag(FLAGS_json))
+    std::printf("{\"transfers\":[%s]}\n", absl::StrJoin(rows, ",").c_str());
   return 0;
 }
 
@@ -319,7 +337,8 @@ int Main(const std::string& command) {
     if (!r.ok()) return Fail(r.status(), "register");
     std::cout << Json(*r);
   } else if (command == "send" || command == "receive" || command == "probe") {
-    if (absl::GetFlag(FLAGS_shm).empty()) return Fail(absl::InvalidArgumentError("--shm is required"), command.c_str());
+    if (absl::GetFlag(FLAGS_shm).empty())
+      return Fail(absl::InvalidArgumentError("--shm is required"), command.c_str());
     const v1::KvHandle handle = ShmHandle(absl::GetFlag(FLAGS_shm));
     if (command == "send") {
       v1::SendRequest req;
@@ -338,7 +357,8 @@ int Main(const std::string& command) {
       req.set_model_id(ModelName());
       *req.mutable_destination() = handle;
       *req.mutable_destination_layout() = LayoutFromFlags();
-      *req.mutable_timeout() = google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
+      *req.mutable_timeout() = google::protobuf::util::TimeUtil::SecondsToDuration(
+          int64_t(absl::GetFlag(FLAGS_timeout_s)));
       auto r = (*client)->Receive(req);
       if (!r.ok()) return Fail(r.status(), "receive");
       r->clear_inline_kv();
@@ -376,10 +396,12 @@ int Main(const std::string& command) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "skvctl <register|send|receive|status|probe|demo|bench> [--flags]\n"
-      "  demo: two daemons move a synthetic 7B-shaped KV and the result is checked; bench: time it.");
+      "  demo: two daemons move a synthetic 7B-shaped KV and the result is checked; bench: time "
+      "it.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() != 2) {
-    std::cerr << "usage: skvctl <register|send|receive|status|probe|demo|bench> [--flags]  (--help for all)\n";
+    std::cerr << "usage: skvctl <register|send|receive|status|probe|demo|bench> [--flags]  (--help "
+                 "for all)\n";
     return 2;
   }
   return Main(positional[1]);

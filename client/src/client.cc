@@ -41,11 +41,12 @@ absl::StatusOr<Response> Call(v1::SpectrumKV::Stub* stub, Method method, const R
 
 }  // namespace
 
-SpectrumKvClient::SpectrumKvClient(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options)
+SpectrumKvClient::SpectrumKvClient(std::shared_ptr<grpc::Channel> channel,
+                                   const ClientOptions& options)
     : channel_(std::move(channel)), stub_(v1::SpectrumKV::NewStub(channel_)), options_(options) {}
 
-absl::StatusOr<std::unique_ptr<SpectrumKvClient>> SpectrumKvClient::Connect(const std::string& target,
-                                                                           const ClientOptions& options) {
+absl::StatusOr<std::unique_ptr<SpectrumKvClient>> SpectrumKvClient::Connect(
+    const std::string& target, const ClientOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (!options.tls_ca_file.empty()) {
     grpc::SslCredentialsOptions ssl;
@@ -69,10 +70,10 @@ absl::StatusOr<std::unique_ptr<SpectrumKvClient>> SpectrumKvClient::Connect(cons
       new SpectrumKvClient(grpc::CreateCustomChannel(target, credentials, args), options));
 }
 
-#define SKV_CLIENT_METHOD(Name, timeout)                                                                   \
-  absl::StatusOr<v1::Name##Response> SpectrumKvClient::Name(const v1::Name##Request& request) {          \
-    return Call<v1::Name##Request, v1::Name##Response>(stub_.get(), &v1::SpectrumKV::Stub::Name, request, \
-                                                       options_.timeout);                                 \
+#define SKV_CLIENT_METHOD(Name, timeout)                                                         \
+  absl::StatusOr<v1::Name##Response> SpectrumKvClient::Name(const v1::Name##Request& request) {  \
+    return Call<v1::Name##Request, v1::Name##Response>(stub_.get(), &v1::SpectrumKV::Stub::Name, \
+                                                       request, options_.timeout);               \
   }
 SKV_CLIENT_METHOD(RegisterModel, call_timeout)
 SKV_CLIENT_METHOD(Send, transfer_timeout)
@@ -95,12 +96,15 @@ absl::Status SpectrumKvClient::WaitUntilServing(std::chrono::milliseconds timeou
 
 // ---- Shared memory. ----------------------------------------------------------------------------
 
-absl::StatusOr<SharedMemoryBuffer> SharedMemoryBuffer::Create(const std::string& name, size_t bytes) {
+absl::StatusOr<SharedMemoryBuffer> SharedMemoryBuffer::Create(const std::string& name,
+                                                              size_t bytes) {
   if (name.empty() || name[0] != '/' || name.find('/', 1) != std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("shared memory name '", name, "' must look like /name"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shared memory name '", name, "' must look like /name"));
   }
   const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0) return absl::InternalError(absl::StrCat("shm_open(", name, "): ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::InternalError(absl::StrCat("shm_open(", name, "): ", std::strerror(errno)));
   if (ftruncate(fd, off_t(bytes)) != 0) {
     const int err = errno;
     close(fd);
@@ -149,7 +153,8 @@ v1::KvHandle SharedMemoryBuffer::handle() const {
   return handle;
 }
 
-v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, uint32_t head_dim, uint32_t tokens) {
+v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, uint32_t head_dim,
+                         uint32_t tokens) {
   v1::KvLayout layout;
   layout.set_dtype(dtype);
   layout.set_layers(layers);
@@ -161,7 +166,8 @@ v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, ui
 }
 
 uint64_t DenseLayoutBytes(const v1::KvLayout& layout) {
-  return uint64_t{layout.layers()} * 2 * layout.tokens() * layout.kv_heads() * layout.head_dim() * 2;
+  return uint64_t{layout.layers()} * 2 * layout.tokens() * layout.kv_heads() * layout.head_dim() *
+         2;
 }
 
 }  // namespace skv::client

@@ -81,7 +81,8 @@ int Argmax(std::span<const float> logits) {
 
 // Greedy continuation: `logits` predict the first token; stops at BOS, at `count` tokens or at
 // the end of the context.
-absl::StatusOr<std::vector<int>> Greedy(Session& session, std::span<const float> logits, int count) {
+absl::StatusOr<std::vector<int>> Greedy(Session& session, std::span<const float> logits,
+                                        int count) {
   std::vector<int> out;
   const int seq_len = session.config().seq_len;
   while (int(out.size()) < count) {
@@ -147,21 +148,25 @@ absl::Status Run() {
     const std::string stand_in = std::string(SKV_PD_SOURCE_DIR) + "/" + kStandInModel;
     if (std::filesystem::exists(stand_in)) {
       model_path = stand_in;
-      if (tokenizer_path.empty()) tokenizer_path = std::string(SKV_PD_SOURCE_DIR) + "/" + kStandInTokenizer;
+      if (tokenizer_path.empty())
+        tokenizer_path = std::string(SKV_PD_SOURCE_DIR) + "/" + kStandInTokenizer;
       if (prompt_text.empty()) prompt_text = kStandInPrompt;
     } else {
-      std::fprintf(stderr, "skv-pd-generate: %s not found; using the shared stories260K\n", stand_in.c_str());
+      std::fprintf(stderr, "skv-pd-generate: %s not found; using the shared stories260K\n",
+                   stand_in.c_str());
       model_path = DataDir() + "/models/stories260K.bin";
       if (tokenizer_path.empty()) tokenizer_path = DataDir() + "/models/tok512.bin";
     }
   }
-  if (tokenizer_path.empty()) return absl::InvalidArgumentError("--tokenizer is required with --model");
+  if (tokenizer_path.empty())
+    return absl::InvalidArgumentError("--tokenizer is required with --model");
   if (prompt_text.empty()) {
     prompt_text = model_path.find("stories") != std::string::npos ? kStoriesPrompt : kStandInPrompt;
   }
   for (const std::string& path : {model_path, tokenizer_path}) {
     if (!std::filesystem::exists(path)) {
-      return absl::NotFoundError(absl::StrCat(path, " not found (pass --model/--tokenizer, or set SKV_DATA_DIR)"));
+      return absl::NotFoundError(
+          absl::StrCat(path, " not found (pass --model/--tokenizer, or set SKV_DATA_DIR)"));
     }
   }
   absl::StatusOr<std::shared_ptr<const Model>> model = Model::Load(model_path);
@@ -170,13 +175,15 @@ absl::Status Run() {
   ApplyBlasThreadPolicy(config, absl::GetFlag(FLAGS_threads));
   absl::StatusOr<Tokenizer> tokenizer = Tokenizer::Load(tokenizer_path, config.vocab_size);
   if (!tokenizer.ok()) return tokenizer.status();
-  absl::StatusOr<std::vector<int>> prompt = tokenizer->Encode(prompt_text, /*add_bos=*/true, /*add_eos=*/false);
+  absl::StatusOr<std::vector<int>> prompt =
+      tokenizer->Encode(prompt_text, /*add_bos=*/true, /*add_eos=*/false);
   if (!prompt.ok()) return prompt.status();
   const int count = absl::GetFlag(FLAGS_tokens);
   if (prompt->size() < 3) return absl::InvalidArgumentError("the prompt needs at least 2 tokens");
   if (count < 1 || int(prompt->size()) + count > config.seq_len) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt->size(), " tokens) + --tokens ", count,
-                                                   " must fit the model's seq_len ", config.seq_len));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt->size(), " tokens) + --tokens ", count,
+                     " must fit the model's seq_len ", config.seq_len));
   }
   const double budget = absl::GetFlag(FLAGS_budget);
   if (!(budget > 0 && budget <= 1)) return absl::InvalidArgumentError("--budget must be in (0, 1]");
@@ -194,7 +201,8 @@ absl::Status Run() {
   const auto prefill_start = Clock::now();
   absl::StatusOr<Session> prefill = Session::Create(*model);
   if (!prefill.ok()) return prefill.status();
-  if (absl::Status s = prefill->Forward(context, {.logits = LogitsMode::kNone, .capture_last_queries = window});
+  if (absl::Status s =
+          prefill->Forward(context, {.logits = LogitsMode::kNone, .capture_last_queries = window});
       !s.ok()) {
     return s;
   }
@@ -204,15 +212,18 @@ absl::Status Run() {
 
   const uint32_t layers = uint32_t(config.n_layers), kv_heads = uint32_t(config.n_kv_heads),
                  head_dim = uint32_t(config.head_dim()), tokens = uint32_t(kv->tokens);
-  const v1::KvLayout layout = client::DenseLayout(v1::DTYPE_FP16, layers, kv_heads, head_dim, tokens);
+  const v1::KvLayout layout =
+      client::DenseLayout(v1::DTYPE_FP16, layers, kv_heads, head_dim, tokens);
   const uint64_t bytes = client::DenseLayoutBytes(layout);
   const size_t tensor_bytes = kv->values_per_layer() * 2;
   const std::string shm_prefix = absl::StrCat("/skv-pd-", getpid(), "-");
-  absl::StatusOr<SharedMemoryBuffer> source = SharedMemoryBuffer::Create(shm_prefix + "prefill-kv", bytes);
+  absl::StatusOr<SharedMemoryBuffer> source =
+      SharedMemoryBuffer::Create(shm_prefix + "prefill-kv", bytes);
   if (!source.ok()) return Annotate(source.status(), "prefill KV buffer");
   for (uint32_t l = 0; l < layers; ++l) {  // dense [layers][K, V][tokens][kv_heads][head_dim]
     std::memcpy(source->data() + size_t{l} * 2 * tensor_bytes, kv->keys[l].data(), tensor_bytes);
-    std::memcpy(source->data() + (size_t{l} * 2 + 1) * tensor_bytes, kv->values[l].data(), tensor_bytes);
+    std::memcpy(source->data() + (size_t{l} * 2 + 1) * tensor_bytes, kv->values[l].data(),
+                tensor_bytes);
   }
   // Queries in the KV dtype, [layers][W][query heads][head_dim] (the ObservationWindow default).
   const QueryWindow& queries = prefill->queries();
@@ -223,7 +234,8 @@ absl::Status Run() {
       query_bytes.append(reinterpret_cast<const char*>(&bits), 2);
     }
   }
-  absl::StatusOr<SharedMemoryBuffer> query_shm = SharedMemoryBuffer::Create(shm_prefix + "queries", query_bytes.size());
+  absl::StatusOr<SharedMemoryBuffer> query_shm =
+      SharedMemoryBuffer::Create(shm_prefix + "queries", query_bytes.size());
   if (!query_shm.ok()) return Annotate(query_shm.status(), "query buffer");
   std::memcpy(query_shm->data(), query_bytes.data(), query_bytes.size());
   v1::ObservationWindow observation;
@@ -234,7 +246,8 @@ absl::Status Run() {
   // ---- the daemons --------------------------------------------------------------------------
   absl::StatusOr<std::unique_ptr<SpectrumKvClient>> sender = Connect(absl::GetFlag(FLAGS_sender));
   if (!sender.ok()) return Annotate(sender.status(), "prefill-side daemon");
-  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> receiver = Connect(absl::GetFlag(FLAGS_receiver));
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> receiver =
+      Connect(absl::GetFlag(FLAGS_receiver));
   if (!receiver.ok()) return Annotate(receiver.status(), "decode-side daemon");
   v1::RegisterModelRequest reg;
   reg.set_name(ModelName(model_path));
@@ -248,12 +261,14 @@ absl::Status Run() {
   absl::StatusOr<v1::RegisterModelResponse> receiver_model = (*receiver)->RegisterModel(reg);
   if (!receiver_model.ok()) return Annotate(receiver_model.status(), "RegisterModel (decode side)");
 
-  absl::StatusOr<SharedMemoryBuffer> destination = SharedMemoryBuffer::Create(shm_prefix + "decode-kv", bytes);
+  absl::StatusOr<SharedMemoryBuffer> destination =
+      SharedMemoryBuffer::Create(shm_prefix + "decode-kv", bytes);
   if (!destination.ok()) return Annotate(destination.status(), "decode KV buffer");
   uint64_t request_id = absl::GetFlag(FLAGS_request_id);
   if (request_id == 0) {
-    request_id = (uint64_t(getpid()) << 32) ^
-                 uint64_t(std::chrono::system_clock::now().time_since_epoch().count() & 0xffffffff) ^ 1;
+    request_id =
+        (uint64_t(getpid()) << 32) ^
+        uint64_t(std::chrono::system_clock::now().time_since_epoch().count() & 0xffffffff) ^ 1;
   }
   // Receive first, as a decode server would before its prefill finishes; then Send.
   v1::ReceiveRequest receive;
@@ -262,8 +277,8 @@ absl::Status Run() {
   *receive.mutable_destination() = destination->handle();
   *receive.mutable_destination_layout() = layout;
   receive.set_mask_format(v1::MASK_FORMAT_BYTES);
-  *receive.mutable_timeout() =
-      google::protobuf::util::TimeUtil::MillisecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s) * 1000));
+  *receive.mutable_timeout() = google::protobuf::util::TimeUtil::MillisecondsToDuration(
+      int64_t(absl::GetFlag(FLAGS_timeout_s) * 1000));
   auto received = std::async(std::launch::async, [&] { return (*receiver)->Receive(receive); });
   v1::SendRequest send;
   send.set_request_id(request_id);
@@ -291,7 +306,8 @@ absl::Status Run() {
   imported.keys.assign(layers, std::vector<uint16_t>(kv->values_per_layer()));
   imported.values.assign(layers, std::vector<uint16_t>(kv->values_per_layer()));
   for (uint32_t l = 0; l < layers; ++l) {
-    std::memcpy(imported.keys[l].data(), destination->data() + size_t{l} * 2 * tensor_bytes, tensor_bytes);
+    std::memcpy(imported.keys[l].data(), destination->data() + size_t{l} * 2 * tensor_bytes,
+                tensor_bytes);
     std::memcpy(imported.values[l].data(), destination->data() + (size_t{l} * 2 + 1) * tensor_bytes,
                 tensor_bytes);
   }
@@ -301,7 +317,8 @@ absl::Status Run() {
   if (kept.tokens() != tokens || kept.mask().empty() || kept.mask().size() % tokens != 0) {
     return absl::DataLossError("Receive returned a kept mask of the wrong size");
   }
-  std::vector<uint8_t> keep(tokens, 1);  // per-layer masks: a token is attended where all layers kept it
+  std::vector<uint8_t> keep(tokens,
+                            1);  // per-layer masks: a token is attended where all layers kept it
   for (size_t i = 0; i < kept.mask().size(); ++i) keep[i % tokens] &= uint8_t(kept.mask()[i] != 0);
   const auto decode_start = Clock::now();
   absl::StatusOr<Session> decode = Session::FromKv(*model, imported, keep);
@@ -339,9 +356,11 @@ absl::Status Run() {
       const bool same = decoded->kv().size() >= bytes &&
                         std::memcmp(decoded->kv().data(), destination->data(), bytes) == 0 &&
                         decoded->kept().mask() == kept.mask();
-      check = same ? "received KV and mask identical to the daemon's stateless Encode/Decode of the same input"
+      check = same ? "received KV and mask identical to the daemon's stateless Encode/Decode of "
+                     "the same input"
                    : "MISMATCH with the daemon's stateless Encode/Decode";
-      if (!same) return absl::DataLossError("the received KV differs from the reference Encode/Decode");
+      if (!same)
+        return absl::DataLossError("the received KV differs from the reference Encode/Decode");
     }
   }
 
@@ -361,46 +380,58 @@ absl::Status Run() {
   const auto& d = s.durations();
   const int last_prompt = prompt->back();
   std::printf("SpectrumKV disaggregated generation\n");
-  std::printf("  model      %s (%d layers, %d heads / %d KV heads, head_dim %d)\n", model_path.c_str(),
-              config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim());
-  std::printf("  path       prefill engine -> shm -> daemon %s == Send ==> daemon %s (peer '%s') -> shm -> "
-              "decode engine\n",
-              absl::GetFlag(FLAGS_sender).c_str(), absl::GetFlag(FLAGS_receiver).c_str(),
-              absl::GetFlag(FLAGS_peer).c_str());
-  std::printf("  prompt     %zu tokens: %u prefilled and transferred, the last fed on the decode side\n",
-              prompt->size(), tokens);
-  std::printf("\n--- text (prompt, then %zu tokens decoded from the received KV) ---\n", generated->size());
+  std::printf("  model      %s (%d layers, %d heads / %d KV heads, head_dim %d)\n",
+              model_path.c_str(), config.n_layers, config.n_heads, config.n_kv_heads,
+              config.head_dim());
+  std::printf(
+      "  path       prefill engine -> shm -> daemon %s == Send ==> daemon %s (peer '%s') -> shm -> "
+      "decode engine\n",
+      absl::GetFlag(FLAGS_sender).c_str(), absl::GetFlag(FLAGS_receiver).c_str(),
+      absl::GetFlag(FLAGS_peer).c_str());
+  std::printf(
+      "  prompt     %zu tokens: %u prefilled and transferred, the last fed on the decode side\n",
+      prompt->size(), tokens);
+  std::printf("\n--- text (prompt, then %zu tokens decoded from the received KV) ---\n",
+              generated->size());
   std::printf("%s%s\n", prompt_text.c_str(), Text(*tokenizer, last_prompt, *generated).c_str());
-  std::printf("\n--- agreement with non-disaggregated generation (one session, FP32 KV, no transfer) ---\n");
-  std::printf("  first token  %s\n", !generated->empty() && !reference->empty() &&
-                                             (*generated)[0] == (*reference)[0]
-                                         ? "same"
-                                         : "DIFFERENT");
-  std::printf("  tokens       %d of %zu agree position by position; identical prefix %d tokens\n", agree,
-              compared, prefix);
+  std::printf(
+      "\n--- agreement with non-disaggregated generation (one session, FP32 KV, no transfer) "
+      "---\n");
+  std::printf("  first token  %s\n",
+              !generated->empty() && !reference->empty() && (*generated)[0] == (*reference)[0]
+                  ? "same"
+                  : "DIFFERENT");
+  std::printf("  tokens       %d of %zu agree position by position; identical prefix %d tokens\n",
+              agree, compared, prefix);
   if (prefix < int(compared)) {
     std::printf("  reference    ...%s\n", Text(*tokenizer, last_prompt, *reference).c_str());
   }
   std::printf("\n--- transfer report (request %llu) ---\n", (unsigned long long)request_id);
-  std::printf("  budget     requested %.3f, achieved %.4f (paper's payload-only accounting: %.4f)\n",
-              s.requested_budget(), s.achieved_budget(), s.payload_budget());
+  std::printf(
+      "  budget     requested %.3f, achieved %.4f (paper's payload-only accounting: %.4f)\n",
+      s.requested_budget(), s.achieved_budget(), s.payload_budget());
   std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller), %u segments\n",
               (unsigned long long)s.raw_bytes(), (unsigned long long)s.wire_bytes(),
               double(s.raw_bytes()) / double(std::max<uint64_t>(1, s.wire_bytes())), s.segments());
-  std::printf("  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu (of %u layers x K,V x %u tokens)\n",
-              (unsigned long long)t.fp16(), (unsigned long long)t.int8(), (unsigned long long)t.int4(),
-              (unsigned long long)t.int2(), (unsigned long long)t.drop(), layers, tokens);
+  std::printf(
+      "  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu (of %u layers x K,V x %u "
+      "tokens)\n",
+      (unsigned long long)t.fp16(), (unsigned long long)t.int8(), (unsigned long long)t.int4(),
+      (unsigned long long)t.int2(), (unsigned long long)t.drop(), layers, tokens);
   const std::string route =
       s.passthrough().passthrough()
-          ? absl::StrCat("raw FP16 rows (", v1::PassthroughReason_Name(s.passthrough().reason()), ")")
+          ? absl::StrCat("raw FP16 rows (", v1::PassthroughReason_Name(s.passthrough().reason()),
+                         ")")
           : absl::StrFormat("codec at planned budget %.3f", s.passthrough().planned_budget());
-  std::printf("  importance %s; route: %s\n", v1::ImportanceSource_Name(s.importance_source()).c_str(),
-              route.c_str());
-  std::printf("  time (s)   sender: score %.4f, plan %.4f, encode %.4f, wire %.4f, total %.4f; receiver: "
-              "decode %.4f, commit %.4f, total %.4f\n",
-              Secs(d.score()), Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.total()),
-              Secs(r.durations().decode()), Secs(r.durations().commit()), Secs(r.durations().total()));
-  std::printf("  engine (s) prefill %.4f, Send->Receive %.4f, decode %.4f\n", prefill_s, transfer_s, decode_s);
+  std::printf("  importance %s; route: %s\n",
+              v1::ImportanceSource_Name(s.importance_source()).c_str(), route.c_str());
+  std::printf(
+      "  time (s)   sender: score %.4f, plan %.4f, encode %.4f, wire %.4f, total %.4f; receiver: "
+      "decode %.4f, commit %.4f, total %.4f\n",
+      Secs(d.score()), Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.total()),
+      Secs(r.durations().decode()), Secs(r.durations().commit()), Secs(r.durations().total()));
+  std::printf("  engine (s) prefill %.4f, Send->Receive %.4f, decode %.4f\n", prefill_s, transfer_s,
+              decode_s);
   std::printf("  check      %s\n", check.c_str());
   return absl::OkStatus();
 }

@@ -27,7 +27,8 @@ void LoadAvx2(const uint16_t* src, DType dtype, size_t n, float* dst) {
 inline __m128i ToBf16x8(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
   const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(is_nan));
@@ -40,8 +41,8 @@ void StoreAvx2(const float* src, DType dtype, size_t n, uint16_t* dst) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(src + i);
-    const __m128i h = dtype == DType::kFp16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)
-                                            : ToBf16x8(x);
+    const __m128i h =
+        dtype == DType::kFp16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT) : ToBf16x8(x);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
   for (; i < n; ++i) dst[i] = FloatToHalf(src[i], dtype);
@@ -61,8 +62,8 @@ inline __m256 ButterflyInVector(__m256 v) {
   } else {
     partner = _mm256_permute2f128_ps(v, v, 0x01);  // swap halves
   }
-  const __m256 sum = _mm256_add_ps(v, partner);      // lower lanes: a + b
-  const __m256 diff = _mm256_sub_ps(partner, v);     // upper lanes: a - b
+  const __m256 sum = _mm256_add_ps(v, partner);   // lower lanes: a + b
+  const __m256 diff = _mm256_sub_ps(partner, v);  // upper lanes: a - b
   return _mm256_blend_ps(sum, diff, kOddMask);
 }
 
@@ -72,7 +73,8 @@ template <int kVectors>
 void HadamardBlockInRegisters(float* v, __m256 norm) {
   __m256 r[kVectors];
   for (int i = 0; i < kVectors; ++i) {
-    r[i] = ButterflyInVector<4>(ButterflyInVector<2>(ButterflyInVector<1>(_mm256_loadu_ps(v + 8 * i))));
+    r[i] = ButterflyInVector<4>(
+        ButterflyInVector<2>(ButterflyInVector<1>(_mm256_loadu_ps(v + 8 * i))));
   }
   for (int h = 1; h < kVectors; h *= 2) {
     for (int i = 0; i < kVectors; i += 2 * h) {
@@ -87,16 +89,28 @@ void HadamardBlockInRegisters(float* v, __m256 norm) {
 }
 
 void HadamardAvx2(float* x, size_t n, size_t block) {
-  const __m256 norm = _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
+  const __m256 norm =
+      _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
   for (size_t b = 0; b < n; b += block) {
     float* v = x + b;
     switch (block) {
-      case 8: HadamardBlockInRegisters<1>(v, norm); continue;
-      case 16: HadamardBlockInRegisters<2>(v, norm); continue;
-      case 32: HadamardBlockInRegisters<4>(v, norm); continue;
-      case 64: HadamardBlockInRegisters<8>(v, norm); continue;
-      case 128: HadamardBlockInRegisters<16>(v, norm); continue;
-      default: break;
+      case 8:
+        HadamardBlockInRegisters<1>(v, norm);
+        continue;
+      case 16:
+        HadamardBlockInRegisters<2>(v, norm);
+        continue;
+      case 32:
+        HadamardBlockInRegisters<4>(v, norm);
+        continue;
+      case 64:
+        HadamardBlockInRegisters<8>(v, norm);
+        continue;
+      case 128:
+        HadamardBlockInRegisters<16>(v, norm);
+        continue;
+      default:
+        break;
     }
     for (size_t i = 0; i < block; i += 8) {
       __m256 r = _mm256_loadu_ps(v + i);
@@ -128,7 +142,8 @@ inline float FromFp16(uint16_t h) { return _cvtsh_ss(h); }
 
 inline GroupParams MakeGroupParamsF16c(float min_value, float max_value, int bits) {
   uint16_t offset = ToFp16(min_value);
-  if (FromFp16(offset) > min_value) offset = offset == 0 ? 0x8001u : (offset & 0x8000u) ? offset + 1 : offset - 1;
+  if (FromFp16(offset) > min_value)
+    offset = offset == 0 ? 0x8001u : (offset & 0x8000u) ? offset + 1 : offset - 1;
   const float scale_f = (max_value - FromFp16(offset)) / float(MaxCode(bits));
   uint16_t scale = ToFp16(scale_f > 0.0f ? scale_f : 0.0f);
   if (FromFp16(scale) < scale_f) scale = scale + 1;  // scale_f >= 0: the next fp16 up
@@ -177,8 +192,9 @@ inline uint32_t HorizontalOr(__m256i v) {
 // Writes 8 codes (int32 lanes, each in [0, 2^bits)) as 8 * bits / 8 bytes.
 inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
   if (bits == 8) {
-    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i gather =
+        _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                         -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i b = _mm256_shuffle_epi8(codes, gather);
     const uint32_t lo = static_cast<uint32_t>(_mm256_extract_epi32(b, 0));
     const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
@@ -271,7 +287,7 @@ void EstimateErrorAvx2(const float* x, size_t n, size_t group, double err[3]) {
 
 const RowKernels* Avx2RowKernels() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  static constexpr RowKernels kAvx2{"avx2", LoadAvx2, StoreAvx2, HadamardAvx2,
+  static constexpr RowKernels kAvx2{"avx2",       LoadAvx2,       StoreAvx2,        HadamardAvx2,
                                     QuantizeAvx2, DequantizeAvx2, EstimateErrorAvx2};
   return supported ? &kAvx2 : nullptr;
 }

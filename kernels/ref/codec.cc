@@ -32,9 +32,9 @@ absl::StatusOr<ImportanceScores> Score(std::span<const KvLayerViews> layers, con
 }  // namespace
 
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
-                                     const ImportanceInput& importance,
-                                     const CodecOptions& options, const RowKernels& kernels,
-                                     EncodeStats* stats, unsigned threads) {
+                                     const ImportanceInput& importance, const CodecOptions& options,
+                                     const RowKernels& kernels, EncodeStats* stats,
+                                     unsigned threads) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   if (absl::Status s = ValidateOptions(options, shape->head_dim); !s.ok()) return s;
@@ -56,7 +56,8 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
   if (options.allocator == AllocatorKind::kPaper) {
     plan = PlanPaper(*shape, *scores, options);
   } else {
-    absl::StatusOr<DistortionTable> distortion = MeasureDistortion(layers, options, kernels, threads);
+    absl::StatusOr<DistortionTable> distortion =
+        MeasureDistortion(layers, options, kernels, threads);
     if (!distortion.ok()) return distortion.status();
     plan = PlanRd(*shape, *scores, *distortion, options);
   }
@@ -75,7 +76,8 @@ absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind
   const KvTensorView& view = kind == KvKind::kKey ? layer.key : layer.value;
   if (layer_index >= plan.layers || view.tokens != plan.tokens ||
       out.size() != SegmentsPerTensor(view.tokens, options)) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer_index, " does not match the plan"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer_index, " does not match the plan"));
   }
   const std::span<const Tier> tiers = plan.row_tiers(layer_index, kind);
   const uint32_t per = options.tokens_per_segment == 0 ? view.tokens : options.tokens_per_segment;
@@ -83,8 +85,9 @@ absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind
     const uint32_t begin = i * per;
     const uint32_t count = std::min(per, view.tokens - begin);
     out[i].clear();
-    absl::StatusOr<size_t> size = EncodeSegment(view, {request_id, layer_index, kind, begin, count},
-                                                tiers.subspan(begin, count), options, kernels, &out[i]);
+    absl::StatusOr<size_t> size =
+        EncodeSegment(view, {request_id, layer_index, kind, begin, count},
+                      tiers.subspan(begin, count), options, kernels, &out[i]);
     if (!size.ok()) return size.status();
   }
   return absl::OkStatus();
@@ -132,7 +135,8 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
                                    const ImportanceInput& importance, const CodecOptions& options,
                                    uint64_t request_id, const RowKernels& kernels) {
   EncodedKv out;
-  if (absl::Status s = EncodeKvInto(layers, importance, options, request_id, kernels, &out); !s.ok()) {
+  if (absl::Status s = EncodeKvInto(layers, importance, options, request_id, kernels, &out);
+      !s.ok()) {
     return s;
   }
   return out;
@@ -149,16 +153,19 @@ absl::StatusOr<std::vector<ParsedSegment>> ParseRequestSegments(
   for (size_t i = 0; i < segments.size(); ++i) {
     absl::StatusOr<ParsedSegment> seg = ParseSegment(segments[i]);
     if (!seg.ok()) {
-      return absl::Status(seg.status().code(), absl::StrCat("segment ", i, ": ", seg.status().message()));
+      return absl::Status(seg.status().code(),
+                          absl::StrCat("segment ", i, ": ", seg.status().message()));
     }
     const SegmentHeader& h = seg->header;
     const SegmentHeader& first = parsed.empty() ? h : parsed.front().header;
     if (h.request_id != first.request_id) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " belongs to request ", h.request_id,
-                                                     ", segment 0 to request ", first.request_id));
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " belongs to request ",
+                                                     h.request_id, ", segment 0 to request ",
+                                                     first.request_id));
     }
     if (h.heads != first.heads || h.head_dim != first.head_dim || h.dtype != first.dtype) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " has another row shape or dtype than segment 0"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("segment ", i, " has another row shape or dtype than segment 0"));
     }
     parsed.push_back(*seg);
   }
@@ -166,15 +173,18 @@ absl::StatusOr<std::vector<ParsedSegment>> ParseRequestSegments(
 }
 
 // Every (layer, kind) of `layers` x `tokens` covered by exactly one segment row range.
-absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layers, uint32_t tokens) {
+absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layers,
+                           uint32_t tokens) {
   // (layer, kind) -> (token_begin, token_end), sorted below.
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges(size_t{layers} * 2);
   for (const ParsedSegment& seg : parsed) {
     const SegmentHeader& h = seg.header;
     if (h.layer >= layers || h.kind > 1) {
-      return absl::OutOfRangeError(absl::StrCat("a segment is for layer ", h.layer, " of ", layers));
+      return absl::OutOfRangeError(
+          absl::StrCat("a segment is for layer ", h.layer, " of ", layers));
     }
-    ranges[size_t{h.layer} * 2 + h.kind].push_back({h.token_begin, uint64_t{h.token_begin} + h.token_count});
+    ranges[size_t{h.layer} * 2 + h.kind].push_back(
+        {h.token_begin, uint64_t{h.token_begin} + h.token_count});
   }
   for (size_t i = 0; i < ranges.size(); ++i) {
     auto& r = ranges[i];
@@ -182,15 +192,17 @@ absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layer
     uint64_t next = 0;
     for (const auto& [begin, end] : r) {
       if (begin != next) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "layer ", i / 2, (i % 2 == 0 ? " K" : " V"), ": tokens ", std::min(begin, next), "..",
-            std::max(begin, next), begin < next ? " are in more than one segment" : " are in no segment"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", i / 2, (i % 2 == 0 ? " K" : " V"), ": tokens ",
+                         std::min(begin, next), "..", std::max(begin, next),
+                         begin < next ? " are in more than one segment" : " are in no segment"));
       }
       next = end;
     }
     if (next != tokens) {
-      return absl::InvalidArgumentError(absl::StrCat("layer ", i / 2, (i % 2 == 0 ? " K" : " V"), ": tokens ",
-                                                     next, "..", tokens, " are in no segment"));
+      return absl::InvalidArgumentError(absl::StrCat("layer ", i / 2, (i % 2 == 0 ? " K" : " V"),
+                                                     ": tokens ", next, "..", tokens,
+                                                     " are in no segment"));
     }
   }
   return absl::OkStatus();
@@ -211,7 +223,8 @@ absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>
     shape.layers = std::max(shape.layers, seg.header.layer + 1);
     tokens = std::max(tokens, uint64_t{seg.header.token_begin} + seg.header.token_count);
   }
-  if (tokens > UINT32_MAX) return absl::InvalidArgumentError("segments address more than 2^32 tokens");
+  if (tokens > UINT32_MAX)
+    return absl::InvalidArgumentError("segments address more than 2^32 tokens");
   shape.tokens = uint32_t(tokens);
   return shape;
 }

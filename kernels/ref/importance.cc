@@ -24,7 +24,8 @@ std::vector<float> ImportanceScores::TokenLevel() const {
 ImportanceScores PositionalImportance(uint32_t layers, uint32_t tokens) {
   ImportanceScores s{layers, tokens, std::vector<float>(size_t{layers} * tokens)};
   for (uint32_t l = 0; l < layers; ++l) {
-    for (uint32_t t = 0; t < tokens; ++t) s.values[size_t{l} * tokens + t] = float(t + 1) / float(tokens);
+    for (uint32_t t = 0; t < tokens; ++t)
+      s.values[size_t{l} * tokens + t] = float(t + 1) / float(tokens);
   }
   return s;
 }
@@ -34,7 +35,8 @@ absl::StatusOr<ImportanceScores> ImportanceFromEngine(std::span<const float> sco
   ImportanceScores s{layers, tokens, std::vector<float>(size_t{layers} * tokens)};
   if (scores.size() == tokens) {
     for (uint32_t l = 0; l < layers; ++l) {
-      for (uint32_t t = 0; t < tokens; ++t) s.values[size_t{l} * tokens + t] = CleanScore(scores[t]);
+      for (uint32_t t = 0; t < tokens; ++t)
+        s.values[size_t{l} * tokens + t] = CleanScore(scores[t]);
     }
   } else if (scores.size() == s.values.size()) {
     for (size_t i = 0; i < scores.size(); ++i) s.values[i] = CleanScore(scores[i]);
@@ -50,11 +52,12 @@ absl::StatusOr<ImportanceScores> ImportanceFromQueries(std::span<const KvTensorV
                                                        std::span<const QueryWindow> queries,
                                                        uint32_t pool_window) {
   if (keys.empty() || keys.size() != queries.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("query windows: got ", queries.size(),
-                                                   " for ", keys.size(), " layers"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query windows: got ", queries.size(), " for ", keys.size(), " layers"));
   }
   const uint32_t tokens = keys[0].tokens;
-  ImportanceScores s{uint32_t(keys.size()), tokens, std::vector<float>(keys.size() * size_t{tokens}, 0.0f)};
+  ImportanceScores s{uint32_t(keys.size()), tokens,
+                     std::vector<float>(keys.size() * size_t{tokens}, 0.0f)};
   std::vector<float> key_f32, logits(tokens), raw(tokens);
   for (size_t l = 0; l < keys.size(); ++l) {
     const KvTensorView& k = keys[l];
@@ -63,8 +66,8 @@ absl::StatusOr<ImportanceScores> ImportanceFromQueries(std::span<const KvTensorV
         q.head_dim != k.head_dim || q.query_heads == 0 || q.query_heads % k.heads != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "query window of layer ", l, " (window=", q.window, ", query_heads=", q.query_heads,
-          ", head_dim=", q.head_dim, ") does not fit its keys (tokens=", k.tokens, ", heads=",
-          k.heads, ", head_dim=", k.head_dim, ")"));
+          ", head_dim=", q.head_dim, ") does not fit its keys (tokens=", k.tokens,
+          ", heads=", k.heads, ", head_dim=", k.head_dim, ")"));
     }
     const size_t d = k.head_dim;
     const size_t row = k.row_elements();
@@ -102,7 +105,8 @@ absl::StatusOr<ImportanceScores> ImportanceFromQueries(std::span<const KvTensorV
     float* out = s.values.data() + l * size_t{tokens};
     for (int32_t t = 0; t < int32_t(tokens); ++t) {
       float m = 0.0f;
-      for (int32_t j = std::max(0, t - radius); j <= std::min(int32_t(tokens) - 1, t + radius); ++j) {
+      for (int32_t j = std::max(0, t - radius); j <= std::min(int32_t(tokens) - 1, t + radius);
+           ++j) {
         m = std::max(m, raw[j]);
       }
       out[t] = m;

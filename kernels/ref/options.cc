@@ -10,11 +10,16 @@ namespace skv {
 
 const char* TierName(Tier t) {
   switch (t) {
-    case Tier::kFp16: return "fp16";
-    case Tier::kInt8: return "int8";
-    case Tier::kInt4: return "int4";
-    case Tier::kInt2: return "int2";
-    case Tier::kDrop: return "drop";
+    case Tier::kFp16:
+      return "fp16";
+    case Tier::kInt8:
+      return "int8";
+    case Tier::kInt4:
+      return "int4";
+    case Tier::kInt2:
+      return "int2";
+    case Tier::kDrop:
+      return "drop";
   }
   return "unknown";
 }
@@ -31,8 +36,9 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
     return absl::InvalidArgumentError("allocator is unknown");
   }
   if (head_dim < kMinHeadDim || head_dim > kMaxHeadDim || head_dim % 8 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("head_dim must be a multiple of 8 in [", kMinHeadDim,
-                                                   ", ", kMaxHeadDim, "], got ", head_dim));
+    return absl::InvalidArgumentError(absl::StrCat("head_dim must be a multiple of 8 in [",
+                                                   kMinHeadDim, ", ", kMaxHeadDim, "], got ",
+                                                   head_dim));
   }
   const uint32_t group = EffectiveGroupSize(o, head_dim);
   if (group % 8 != 0 || head_dim % group != 0) {
@@ -55,7 +61,8 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
 
 absl::Status ValidateView(const KvTensorView& v, size_t extent_bytes) {
   if (v.base == nullptr) return absl::InvalidArgumentError("view has no data");
-  if (v.tokens == 0 || v.heads == 0) return absl::InvalidArgumentError("view has zero tokens or heads");
+  if (v.tokens == 0 || v.heads == 0)
+    return absl::InvalidArgumentError("view has zero tokens or heads");
   if (v.head_dim < kMinHeadDim || v.head_dim > kMaxHeadDim || v.head_dim % 8 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("head_dim ", v.head_dim, " is unsupported"));
   }

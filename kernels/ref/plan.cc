@@ -8,8 +8,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "spectrumkv/codec/half.h"
 #include "row_transform.h"
+#include "spectrumkv/codec/half.h"
 
 namespace skv {
 namespace {
@@ -69,31 +69,34 @@ absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScor
 
   const size_t fp16_token = shape.layers * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
                                             acct.RowCost(Tier::kFp16, KvKind::kValue));
-  const size_t floor_token = shape.layers * (acct.RowCost(floor, KvKind::kKey) +
-                                             acct.RowCost(floor, KvKind::kValue));
+  const size_t floor_token =
+      shape.layers * (acct.RowCost(floor, KvKind::kKey) + acct.RowCost(floor, KvKind::kValue));
   const size_t n_protected = std::count(base.is_protected.begin(), base.is_protected.end(), 1);
   const size_t minimum = acct.FixedOverhead() + n_protected * fp16_token;
   if (acct.BudgetBytes() < minimum) {
     return absl::OutOfRangeError(absl::StrCat(
-        "budget ", options.budget, " (", acct.BudgetBytes(), " bytes) is below this request's minimum of ",
-        double(minimum) / double(shape.raw_bytes()), " (", minimum,
-        " bytes: headers, tier maps and protected tokens)"));
+        "budget ", options.budget, " (", acct.BudgetBytes(),
+        " bytes) is below this request's minimum of ", double(minimum) / double(shape.raw_bytes()),
+        " (", minimum, " bytes: headers, tier maps and protected tokens)"));
   }
   size_t available = acct.BudgetBytes() - minimum;
   const size_t free_tokens = shape.tokens - n_protected;
-  const size_t keep = floor_token == 0 ? free_tokens : std::min(free_tokens, available / floor_token);
+  const size_t keep =
+      floor_token == 0 ? free_tokens : std::min(free_tokens, available / floor_token);
   size_t kept_free = 0;
   for (uint32_t t : base.order) {  // most important first keeps the best `keep` tokens
     if (base.is_protected[t]) {
       for (uint32_t l = 0; l < shape.layers; ++l) {
-        for (KvKind k : kKinds) base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kFp16;
+        for (KvKind k : kKinds)
+          base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kFp16;
       }
     } else if (kept_free < keep) {
       ++kept_free;
     } else {
       base.plan.kept[t] = 0;
       for (uint32_t l = 0; l < shape.layers; ++l) {
-        for (KvKind k : kKinds) base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kDrop;
+        for (KvKind k : kKinds)
+          base.plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = Tier::kDrop;
       }
     }
   }
@@ -111,8 +114,9 @@ absl::StatusOr<KvShape> ShapeOf(std::span<const KvLayerViews> layers) {
     for (const KvTensorView* v : {&layers[l].key, &layers[l].value}) {
       if (v->tokens != shape.tokens || v->heads != shape.heads || v->head_dim != shape.head_dim ||
           v->dtype != shape.dtype) {
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " ", v == &layers[l].key ? "K" : "V",
-                                                       " has a different shape or dtype than layer 0 K"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", l, " ", v == &layers[l].key ? "K" : "V",
+                         " has a different shape or dtype than layer 0 K"));
       }
     }
   }
@@ -142,7 +146,8 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
         cost = n * TierBits(tier) / 8;
       } else if (per_channel && IsQuantized(tier)) {
         const size_t chunk = options.channel_group_tokens;
-        cost = RowCodeBytes(tier, shape.heads, shape.head_dim) + (n * sizeof(GroupParams) + chunk - 1) / chunk;
+        cost = RowCodeBytes(tier, shape.heads, shape.head_dim) +
+               (n * sizeof(GroupParams) + chunk - 1) / chunk;
       } else {
         cost = RowBytes(tier, shape.heads, shape.head_dim, group);
       }
@@ -151,7 +156,8 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
   }
   if (honest) {
     const size_t segments = SegmentsPerTensor(shape, options);
-    const uint32_t per = options.tokens_per_segment == 0 ? shape.tokens : options.tokens_per_segment;
+    const uint32_t per =
+        options.tokens_per_segment == 0 ? shape.tokens : options.tokens_per_segment;
     size_t tier_maps = 0;
     for (size_t s = 0; s < segments; ++s) {
       tier_maps += TierMapBytes(std::min<size_t>(per, shape.tokens - s * per));
@@ -187,7 +193,8 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
     std::vector<float> mean;
     if (key ? options.centre_keys : options.centre_values) {
       // Over all rows: the writer's mean over quantized rows only is close enough here.
-      for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels)) mean.push_back(Fp16ToFloat(m));
+      for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels))
+        mean.push_back(Fp16ToFloat(m));
     }
     const bool rotate = key ? options.rotate_keys : options.rotate_values;
     for (uint32_t t = 0; t < v.tokens; ++t) {
@@ -228,7 +235,8 @@ absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores&
   };
   auto set_token = [&](uint32_t t, Tier tier) {
     for (uint32_t l = 0; l < shape.layers; ++l) {
-      for (KvKind k : kKinds) base->plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = tier;
+      for (KvKind k : kKinds)
+        base->plan.tiers[(size_t{l} * 2 + size_t(k)) * shape.tokens + t] = tier;
     }
   };
   // Upgrade the most important tokens one tier at a time: first everything to INT8 (as far as
@@ -238,7 +246,8 @@ absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores&
     if (from == Tier::kInt4 && floor != Tier::kInt4) continue;
     const size_t delta = token_cost(to) - token_cost(from);
     for (uint32_t t : base->order) {
-      if (base->is_protected[t] || !base->plan.kept[t] || base->plan.at(0, KvKind::kKey, t) != from) continue;
+      if (base->is_protected[t] || !base->plan.kept[t] || base->plan.at(0, KvKind::kKey, t) != from)
+        continue;
       if (delta > base->remaining) break;
       base->remaining -= delta;
       set_token(t, to);
@@ -308,7 +317,8 @@ absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& im
             if (slope > best_slope) best_slope = slope, best = j;
           }
           if (best == 0) break;  // no further point reduces distortion
-          steps.push_back({best_slope, row, ladder[at], ladder[best], uint32_t(cost[best] - cost[at])});
+          steps.push_back(
+              {best_slope, row, ladder[at], ladder[best], uint32_t(cost[best] - cost[at])});
           at = best;
         }
       }

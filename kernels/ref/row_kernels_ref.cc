@@ -125,7 +125,7 @@ float InverseScale(uint16_t scale_fp16) {
 }
 
 const RowKernels& ReferenceRowKernels() {
-  static constexpr RowKernels kRef{"scalar", LoadRef, StoreRef, HadamardRef,
+  static constexpr RowKernels kRef{"scalar",    LoadRef,       StoreRef,        HadamardRef,
                                    QuantizeRef, DequantizeRef, EstimateErrorRef};
   return kRef;
 }

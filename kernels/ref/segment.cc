@@ -5,9 +5,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "row_transform.h"
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/half.h"
-#include "row_transform.h"
 
 namespace skv {
 namespace {
@@ -45,7 +45,9 @@ size_t RecordBytes(Tier t, const SegmentLayout& layout, size_t heads, size_t hea
 
 struct SectionSizes {
   size_t tier_map = 0, mean = 0, channel_params = 0, payload = 0;
-  size_t total() const { return sizeof(SegmentHeader) + tier_map + mean + channel_params + payload; }
+  size_t total() const {
+    return sizeof(SegmentHeader) + tier_map + mean + channel_params + payload;
+  }
 };
 
 // Sizes implied by a tier map; shared by the writer and the reader so they cannot disagree.
@@ -63,7 +65,8 @@ SectionSizes ComputeSizes(size_t count, TierAt tier_at, const SegmentLayout& lay
   }
   if (layout.per_channel) {
     for (Tier t : kQuantizedTiers) {
-      s.channel_params += ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, heads, head_dim);
+      s.channel_params +=
+          ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, heads, head_dim);
     }
   }
   return s;
@@ -96,9 +99,10 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
       const size_t count = std::min<size_t>(layout.chunk, rows.size() - first);
       staged.resize(count * n);
       for (size_t r = 0; r < count; ++r) {
-        internal::TransformRow(source.row(spec.token_begin + rows[first + r]), source, layout.rotated,
-                               mean, k, staged.data() + r * n);
-        std::memset(payload + record_offset[rows[first + r]], 0, RowCodeBytes(tier, source.heads, source.head_dim));
+        internal::TransformRow(source.row(spec.token_begin + rows[first + r]), source,
+                               layout.rotated, mean, k, staged.data() + r * n);
+        std::memset(payload + record_offset[rows[first + r]], 0,
+                    RowCodeBytes(tier, source.heads, source.head_dim));
       }
       for (size_t c = 0; c < n; ++c) {
         float lo = SanitizeForQuant(staged[c]);
@@ -128,12 +132,14 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
 size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
                            std::span<const Tier> tiers, const CodecOptions& options) {
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
-  return ComputeSizes(tiers.size(), [&](size_t i) { return tiers[i]; }, layout, source.heads,
-                      source.head_dim)
+  return ComputeSizes(
+             tiers.size(), [&](size_t i) { return tiers[i]; }, layout, source.heads,
+             source.head_dim)
       .total();
 }
 
-SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim, DType dtype) {
+SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim,
+                               DType dtype) {
   SegmentHeader h{};
   h.magic = kSegmentMagic;
   h.version = kSegmentVersion;
@@ -181,14 +187,15 @@ absl::Status ValidateSegmentSpec(uint32_t tensor_tokens, uint32_t heads, uint32_
 absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSpec& spec,
                                      std::span<const Tier> tiers, const CodecOptions& options,
                                      const RowKernels& kernels, ByteBuffer* out) {
-  if (absl::Status s = ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
+  if (absl::Status s =
+          ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
       !s.ok()) {
     return s;
   }
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
   const size_t heads = source.heads, head_dim = source.head_dim, n = source.row_elements();
-  const SectionSizes sizes = ComputeSizes(tiers.size(), [&](size_t i) { return tiers[i]; }, layout,
-                                          heads, head_dim);
+  const SectionSizes sizes = ComputeSizes(
+      tiers.size(), [&](size_t i) { return tiers[i]; }, layout, heads, head_dim);
   if (sizes.total() > UINT32_MAX) {
     return absl::InvalidArgumentError("segment would exceed 4 GiB; set tokens_per_segment");
   }
@@ -238,11 +245,13 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
       std::memcpy(payload + record_offset[i], row, n * 2);
     } else if (IsQuantized(t) && !layout.per_channel) {
       internal::TransformRow(row, source, layout.rotated, mean, kernels, row_f32.data());
-      kernels.quantize(row_f32.data(), n, layout.group_size, TierBits(t), payload + record_offset[i]);
+      kernels.quantize(row_f32.data(), n, layout.group_size, TierBits(t),
+                       payload + record_offset[i]);
     }
   }
   if (layout.per_channel) {
-    EncodePerChannel(source, spec, tiers, layout, mean, record_offset, kernels, params_out, payload);
+    EncodePerChannel(source, spec, tiers, layout, mean, record_offset, kernels, params_out,
+                     payload);
   }
 
   std::memcpy(base, &h, sizeof(h));
@@ -259,18 +268,19 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   ParsedSegment seg;
   SegmentHeader& h = seg.header;
   std::memcpy(&h, bytes.data(), sizeof(h));
-  if (h.magic != kSegmentMagic) return absl::DataLossError("segment magic mismatch: not a SpectrumKV segment");
+  if (h.magic != kSegmentMagic)
+    return absl::DataLossError("segment magic mismatch: not a SpectrumKV segment");
   if (h.version != kSegmentVersion) {
-    return absl::FailedPreconditionError(absl::StrCat("segment version ", h.version,
-                                                      " is not supported (expected ", kSegmentVersion, ")"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "segment version ", h.version, " is not supported (expected ", kSegmentVersion, ")"));
   }
   if (h.header_bytes != sizeof(SegmentHeader)) {
     return absl::DataLossError(absl::StrCat("segment header_bytes ", h.header_bytes, " != 64"));
   }
   if (h.total_bytes != bytes.size()) {
-    return absl::DataLossError(absl::StrCat("segment size mismatch: header says ", h.total_bytes,
-                                            " bytes, received ", bytes.size(),
-                                            h.total_bytes > bytes.size() ? " (truncated)" : " (oversized)"));
+    return absl::DataLossError(
+        absl::StrCat("segment size mismatch: header says ", h.total_bytes, " bytes, received ",
+                     bytes.size(), h.total_bytes > bytes.size() ? " (truncated)" : " (oversized)"));
   }
   SegmentHeader zeroed = h;
   zeroed.crc32c = 0;
@@ -279,7 +289,8 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   if (crc != h.crc32c) return absl::DataLossError("segment CRC32C mismatch: corrupted in transit");
 
   if (h.kind > 1) return absl::DataLossError(absl::StrCat("segment kind ", h.kind, " is invalid"));
-  if (h.dtype > 1) return absl::DataLossError(absl::StrCat("segment dtype ", h.dtype, " is invalid"));
+  if (h.dtype > 1)
+    return absl::DataLossError(absl::StrCat("segment dtype ", h.dtype, " is invalid"));
   if ((h.flags & ~kKnownSegmentFlags) != 0 || h.reserved0 != 0) {
     return absl::DataLossError("segment has unknown flags");
   }
@@ -288,8 +299,8 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   }
   if (h.heads == 0 || h.heads > kMaxSegmentHeads || h.head_dim < kMinHeadDim ||
       h.head_dim > kMaxHeadDim || h.head_dim % 8 != 0) {
-    return absl::DataLossError(absl::StrCat("segment shape heads=", h.heads, " head_dim=", h.head_dim,
-                                            " is unsupported"));
+    return absl::DataLossError(
+        absl::StrCat("segment shape heads=", h.heads, " head_dim=", h.head_dim, " is unsupported"));
   }
   if (h.group_size < 8 || h.group_size % 8 != 0 || h.head_dim % h.group_size != 0) {
     return absl::DataLossError(absl::StrCat("segment group_size ", h.group_size, " is invalid"));
@@ -311,15 +322,15 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   seg.tier_map = bytes.subspan(sizeof(h), tier_map_bytes);
   for (uint32_t i = 0; i < h.token_count; ++i) {
     if (static_cast<int>(seg.tier(i)) >= kNumTiers) {
-      return absl::DataLossError(absl::StrCat("segment token ", i, " has unknown tier ",
-                                              static_cast<int>(seg.tier(i))));
+      return absl::DataLossError(
+          absl::StrCat("segment token ", i, " has unknown tier ", static_cast<int>(seg.tier(i))));
     }
   }
   if (h.token_count % 2 == 1 && (seg.tier_map.back() >> 4) != 0) {
     return absl::DataLossError("segment tier map padding is not zero");
   }
-  const SectionSizes sizes = ComputeSizes(h.token_count, [&](size_t i) { return seg.tier(uint32_t(i)); },
-                                          layout, h.heads, h.head_dim);
+  const SectionSizes sizes = ComputeSizes(
+      h.token_count, [&](size_t i) { return seg.tier(uint32_t(i)); }, layout, h.heads, h.head_dim);
   if (h.mean_bytes != sizes.mean || h.channel_params_bytes != sizes.channel_params ||
       h.payload_bytes != sizes.payload || sizes.total() != bytes.size()) {
     return absl::DataLossError("segment section sizes disagree with its tier map");
@@ -336,10 +347,10 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
 absl::Status ValidateSegmentDestination(const SegmentHeader& h, uint32_t tokens, uint32_t heads,
                                         uint32_t head_dim, DType dtype) {
   if (heads != h.heads || head_dim != h.head_dim || static_cast<uint8_t>(dtype) != h.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "segment shape heads=", h.heads, " head_dim=", h.head_dim, " dtype=", h.dtype,
-        " does not match the destination's heads=", heads, " head_dim=", head_dim,
-        " dtype=", static_cast<int>(dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("segment shape heads=", h.heads, " head_dim=", h.head_dim, " dtype=", h.dtype,
+                     " does not match the destination's heads=", heads, " head_dim=", head_dim,
+                     " dtype=", static_cast<int>(dtype)));
   }
   if (uint64_t{h.token_begin} + h.token_count > tokens) {
     return absl::OutOfRangeError(absl::StrCat("segment tokens [", h.token_begin, ", ",
@@ -406,7 +417,8 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
         for (size_t c = 0; c < n; ++c) {
           GroupParams p;
           std::memcpy(&p, params + c * sizeof(p), sizeof(p));
-          row_f32[c] = float(GetCode(record, c, bits)) * Fp16ToFloat(p.scale) + Fp16ToFloat(p.offset);
+          row_f32[c] =
+              float(GetCode(record, c, bits)) * Fp16ToFloat(p.scale) + Fp16ToFloat(p.offset);
         }
       } else {
         kernels.dequantize(record, n, layout.group_size, bits, row_f32.data());

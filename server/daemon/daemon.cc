@@ -1,6 +1,5 @@
 #include "daemon.h"
 
-
 #include <chrono>
 #include <cstring>
 #include <set>
@@ -10,8 +9,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "google/protobuf/util/time_util.h"
 #include "daemon_internal.h"
+#include "google/protobuf/util/time_util.h"
 #include "peer_protocol.h"
 #include "spdlog/spdlog.h"
 #include "spectrumkv/codec/codec.h"
@@ -27,13 +26,14 @@ namespace skv::daemon {
 using control::KvAccess;
 using google::protobuf::util::TimeUtil;
 
-
 CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double budget) {
   CodecOptions o;
-  o.allocator = policy.allocator == control::CodecAllocator::kPaper ? AllocatorKind::kPaper : AllocatorKind::kRd;
+  o.allocator = policy.allocator == control::CodecAllocator::kPaper ? AllocatorKind::kPaper
+                                                                    : AllocatorKind::kRd;
   o.budget = budget;
   // The paper's method has no transforms; ours rotates keys and values and centres keys.
-  o.rotate_keys = o.rotate_values = policy.rotate && policy.allocator == control::CodecAllocator::kRd;
+  o.rotate_keys = o.rotate_values =
+      policy.rotate && policy.allocator == control::CodecAllocator::kRd;
   o.centre_keys = policy.centre && policy.allocator == control::CodecAllocator::kRd;
   o.centre_values = false;
   o.per_channel_keys = policy.per_channel_keys;
@@ -52,13 +52,14 @@ Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
     : config_(config),
       metrics_(metrics),
       transport_(std::move(transport)),
-      segment_pool_(std::make_shared<SegmentBufferPool>(std::min<size_t>(config.max_inflight_bytes, kSegmentPoolIdleBytes))),
+      segment_pool_(std::make_shared<SegmentBufferPool>(
+          std::min<size_t>(config.max_inflight_bytes, kSegmentPoolIdleBytes))),
       shm_mappings_(config.shm_mapping_cache_entries),
       workers_(std::max<size_t>(4, std::thread::hardware_concurrency())) {}
 
-absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfig& config,
-                                                      control::Metrics* metrics,
-                                                      std::unique_ptr<transport::Transport> transport) {
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
+    const control::DaemonConfig& config, control::Metrics* metrics,
+    std::unique_ptr<transport::Transport> transport) {
   if (transport == nullptr) {
     transport::TransportConfig tc;
     tc.daemon_id = config.daemon_id;
@@ -68,10 +69,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
     if (!config.ucx_tls.empty()) tc.ucx_tls = config.ucx_tls;
     if (!config.ucx_net_devices.empty()) tc.ucx_net_devices = config.ucx_net_devices;
     tc.max_inflight_bytes_per_peer = std::max<size_t>(config.max_inflight_bytes, size_t{64} << 20);
-    tc.max_message_bytes = std::min<size_t>(tc.max_inflight_bytes_per_peer - transport::kSendOverheadBytes,
-                                            size_t{1} << 30);
+    tc.max_message_bytes = std::min<size_t>(
+        tc.max_inflight_bytes_per_peer - transport::kSendOverheadBytes, size_t{1} << 30);
     tc.send_wait_timeout = absl::Seconds(30);
-    absl::StatusOr<std::unique_ptr<transport::UcxTransport>> ucx = transport::UcxTransport::Create(tc);
+    absl::StatusOr<std::unique_ptr<transport::UcxTransport>> ucx =
+        transport::UcxTransport::Create(tc);
     if (!ucx.ok()) return Annotate(ucx.status(), "starting the UCX data plane");
     transport = std::move(*ucx);
   }
@@ -82,19 +84,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const control::DaemonConfi
        [self](const transport::PeerEvent& e) { self->OnPeerEvent(e); }});
   if (!s.ok()) return s;
   absl::StatusOr<std::string> bound = d->transport_->Listen();
-  if (!bound.ok()) return Annotate(bound.status(), absl::StrCat("listening on ", config.data_listen_address));
+  if (!bound.ok())
+    return Annotate(bound.status(), absl::StrCat("listening on ", config.data_listen_address));
   d->data_address_ = *bound;
   d->reaper_ = std::thread([self] { self->ReapExpired(); });
-  spdlog::info("data plane listening on {} ({})", d->data_address_, d->transport_->capabilities().name);
-  if (config.data_allowed_sources.empty() && !control::IsLoopbackAddress(config.data_listen_address)) {
-    spdlog::warn("the data plane on {} accepts connections from any host that reaches it, and UCX aborts "
-                 "the daemon on some malformed connection data: set data_allowed_sources to the peers' "
-                 "networks (or firewall UCX's ports)",
-                 d->data_address_);
+  spdlog::info("data plane listening on {} ({})", d->data_address_,
+               d->transport_->capabilities().name);
+  if (config.data_allowed_sources.empty() &&
+      !control::IsLoopbackAddress(config.data_listen_address)) {
+    spdlog::warn(
+        "the data plane on {} accepts connections from any host that reaches it, and UCX aborts "
+        "the daemon on some malformed connection data: set data_allowed_sources to the peers' "
+        "networks (or firewall UCX's ports)",
+        d->data_address_);
   }
   if (config.peers.empty()) {
-    spdlog::warn("no peers configured: transfers are accepted from any daemon that presents the token "
-                 "(set --peers to accept only those daemons)");
+    spdlog::warn(
+        "no peers configured: transfers are accepted from any daemon that presents the token "
+        "(set --peers to accept only those daemons)");
   }
   return d;
 }
@@ -114,10 +121,13 @@ void Daemon::Drain(absl::Duration grace) {
   for (auto& f : after) f();
   lock.lock();
   const size_t moving = receives_.size() + outbound_.size();
-  spdlog::info("draining: {} transfers in flight get up to {} to finish", moving, absl::FormatDuration(grace));
-  drained_cv_.wait_for(lock, absl::ToChronoNanoseconds(grace), [&] { return receives_.empty() && outbound_.empty(); });
+  spdlog::info("draining: {} transfers in flight get up to {} to finish", moving,
+               absl::FormatDuration(grace));
+  drained_cv_.wait_for(lock, absl::ToChronoNanoseconds(grace),
+                       [&] { return receives_.empty() && outbound_.empty(); });
   for (const auto& [id, in] : receives_) {
-    spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender, in->segments_done);
+    spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender,
+                 in->segments_done);
   }
   for (const auto& [id, out] : outbound_) {
     spdlog::warn("shutdown cuts send {} to '{}'", id, out->peer_config.daemon_id);
@@ -155,13 +165,16 @@ void Daemon::Shutdown() {
 
 // ---- Models. -----------------------------------------------------------------------------------
 
-absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(const v1::RegisterModelRequest& request) {
+absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
+    const v1::RegisterModelRequest& request) {
   if (absl::Status s = control::ValidateRegisterModelRequest(request); !s.ok()) return s;
-  absl::StatusOr<control::CodecPolicySettings> policy =
-      control::ApplyCodecPolicy(config_.default_codec_policy, request.default_policy(), "default_policy");
+  absl::StatusOr<control::CodecPolicySettings> policy = control::ApplyCodecPolicy(
+      config_.default_codec_policy, request.default_policy(), "default_policy");
   if (!policy.ok()) return policy.status();
   const v1::ModelShape& shape = request.shape();
-  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, shape.head_dim(), "default_policy"); !s.ok()) return s;
+  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, shape.head_dim(), "default_policy");
+      !s.ok())
+    return s;
   control::RegisteredModel model;
   model.model_id = request.name();
   model.layers = shape.layers();
@@ -174,28 +187,31 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(const v1::Regist
     std::lock_guard<std::mutex> lock(mu_);
     auto it = models_.find(model.model_id);
     if (it == models_.end() && models_.size() >= kMaxRegisteredModels) {
-      return absl::ResourceExhaustedError(absl::StrCat("name: ", kMaxRegisteredModels,
-                                                       " models are registered already, the daemon's limit"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "name: ", kMaxRegisteredModels, " models are registered already, the daemon's limit"));
     }
     if (it != models_.end()) {
       const control::RegisteredModel& old = it->second;
-      if (old.layers != model.layers || old.kv_heads != model.kv_heads || old.head_dim != model.head_dim ||
-          old.dtype != model.dtype || old.query_heads != model.query_heads) {
+      if (old.layers != model.layers || old.kv_heads != model.kv_heads ||
+          old.head_dim != model.head_dim || old.dtype != model.dtype ||
+          old.query_heads != model.query_heads) {
         return absl::AlreadyExistsError(absl::StrCat("name: model '", model.model_id,
                                                      "' is already registered with another shape"));
       }
-      model.policy.allow_int4 = model.policy.allow_int4 && old.policy.allow_int4;  // keep a failed probe
+      model.policy.allow_int4 =
+          model.policy.allow_int4 && old.policy.allow_int4;  // keep a failed probe
     }
     models_[model.model_id] = model;
   }
   metrics_->SetInt4Enabled(model.model_id, model.policy.allow_int4);
   v1::RegisterModelResponse response;
   response.set_model_id(model.model_id);
-  response.set_compatibility_hash(ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype));
+  response.set_compatibility_hash(
+      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype));
   *response.mutable_effective_policy() = control::CodecPolicyToProto(model.policy);
   response.set_int4_enabled(model.policy.allow_int4);
-  spdlog::info("registered model '{}' ({} layers x {} kv heads x {} dims)", model.model_id, model.layers,
-               model.kv_heads, model.head_dim);
+  spdlog::info("registered model '{}' ({} layers x {} kv heads x {} dims)", model.model_id,
+               model.layers, model.kv_heads, model.head_dim);
   return response;
 }
 
@@ -203,7 +219,8 @@ absl::StatusOr<control::RegisteredModel> Daemon::FindModel(const std::string& mo
   std::lock_guard<std::mutex> lock(mu_);
   auto it = models_.find(model_id);
   if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model_id: '", model_id, "' is not registered (call RegisterModel)"));
+    return absl::NotFoundError(
+        absl::StrCat("model_id: '", model_id, "' is not registered (call RegisterModel)"));
   }
   return it->second;
 }
@@ -240,7 +257,8 @@ absl::StatusOr<transport::PeerId> Daemon::ConnectedPeer(const control::PeerConfi
 
 void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
   if (event.kind == transport::PeerEventKind::kRejected) {
-    spdlog::warn("refused a peer claiming to be '{}': {}", event.peer.daemon_id, event.status.ToString());
+    spdlog::warn("refused a peer claiming to be '{}': {}", event.peer.daemon_id,
+                 event.status.ToString());
     return;
   }
   if (event.kind == transport::PeerEventKind::kUp) {
@@ -260,8 +278,8 @@ void Daemon::OnPeerEvent(const transport::PeerEvent& event) {
         metrics_->SetPeerUp(link->config.daemon_id, false);
       }
     }
-    const absl::Status lost =
-        absl::UnavailableError(absl::StrCat("peer '", event.peer.daemon_id, "' went away mid-transfer"));
+    const absl::Status lost = absl::UnavailableError(
+        absl::StrCat("peer '", event.peer.daemon_id, "' went away mid-transfer"));
     for (auto it = arrivals_.begin(); it != arrivals_.end();) {
       std::shared_ptr<Inbound> in = (it++)->second;  // both calls below erase it
       if (in->peer != event.peer.id || in->finished) continue;
@@ -291,7 +309,8 @@ void Daemon::PublishTransportStats() {
   c.handshakes_accepted = t.handshakes_accepted;
   c.handshakes_rejected_auth = t.handshakes_rejected_auth;
   c.handshakes_rejected_version = t.handshakes_rejected_version;
-  c.handshakes_rejected_other = t.handshakes_rejected - t.handshakes_rejected_auth - t.handshakes_rejected_version;
+  c.handshakes_rejected_other =
+      t.handshakes_rejected - t.handshakes_rejected_auth - t.handshakes_rejected_version;
   c.handshakes_timed_out = t.handshakes_timed_out;
   c.abandoned_connections_closed = t.abandoned_connections_closed;
   c.peers_up = t.peers_up;
@@ -303,19 +322,23 @@ void Daemon::PublishTransportStats() {
 absl::StatusOr<v1::GetTransferResponse> Daemon::GetTransfer(const v1::GetTransferRequest& request) {
   if (absl::Status s = control::ValidateGetTransferRequest(request); !s.ok()) return s;
   v1::GetTransferResponse response;
-  for (auto& info : table_.Get(request.request_id(), request.role())) *response.add_transfers() = std::move(info);
+  for (auto& info : table_.Get(request.request_id(), request.role()))
+    *response.add_transfers() = std::move(info);
   if (response.transfers().empty()) {
-    return absl::NotFoundError(absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
+    return absl::NotFoundError(
+        absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
   }
   return response;
 }
 
-absl::StatusOr<v1::ListTransfersResponse> Daemon::ListTransfers(const v1::ListTransfersRequest& request) {
+absl::StatusOr<v1::ListTransfersResponse> Daemon::ListTransfers(
+    const v1::ListTransfersRequest& request) {
   if (absl::Status s = control::ValidateListTransfersRequest(request); !s.ok()) return s;
   size_t offset = 0;
   // A token is the decimal offset this daemon wrote; SimpleAtoi alone would take "-1" or " 7".
-  if (!request.page_token().empty() && (!absl::c_all_of(request.page_token(), absl::ascii_isdigit) ||
-                                        !absl::SimpleAtoi(request.page_token(), &offset))) {
+  if (!request.page_token().empty() &&
+      (!absl::c_all_of(request.page_token(), absl::ascii_isdigit) ||
+       !absl::SimpleAtoi(request.page_token(), &offset))) {
     return absl::InvalidArgumentError("page_token: not a token from ListTransfers");
   }
   const size_t limit = request.page_size() == 0 ? 100 : request.page_size();
@@ -328,7 +351,8 @@ absl::StatusOr<v1::ListTransfersResponse> Daemon::ListTransfers(const v1::ListTr
   return response;
 }
 
-absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::CancelTransferRequest& request) {
+absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(
+    const v1::CancelTransferRequest& request) {
   if (absl::Status s = control::ValidateCancelTransferRequest(request); !s.ok()) return s;
   const absl::Status cancelled = absl::CancelledError("cancelled by CancelTransfer");
   Deferred after;
@@ -336,7 +360,8 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::Canc
     std::lock_guard<std::mutex> lock(mu_);
     if (request.role() != v1::TRANSFER_ROLE_SENDER) {
       auto it = receives_.find(request.request_id());
-      if (it != receives_.end() && !it->second->finished) after.push_back(FinishInbound(it->second, cancelled));
+      if (it != receives_.end() && !it->second->finished)
+        after.push_back(FinishInbound(it->second, cancelled));
     }
     if (request.role() != v1::TRANSFER_ROLE_RECEIVER) {
       auto it = outbound_.find(request.request_id());
@@ -357,9 +382,11 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(const v1::Canc
   }
   for (auto& f : after) f();
   v1::CancelTransferResponse response;
-  for (auto& info : table_.Get(request.request_id(), request.role())) *response.add_transfers() = std::move(info);
+  for (auto& info : table_.Get(request.request_id(), request.role()))
+    *response.add_transfers() = std::move(info);
   if (response.transfers().empty()) {
-    return absl::NotFoundError(absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
+    return absl::NotFoundError(
+        absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
   }
   return response;
 }
@@ -372,7 +399,8 @@ void Daemon::AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t ca
     if (role == v1::TRANSFER_ROLE_RECEIVER) {
       auto it = receives_.find(request_id);
       if (it != receives_.end() && it->second->call_id == call_id && !it->second->finished) {
-        spdlog::info("request {}: the Receive caller went away; releasing its destination", request_id);
+        spdlog::info("request {}: the Receive caller went away; releasing its destination",
+                     request_id);
         after.push_back(FinishInbound(it->second, gone));
       }
     } else {
@@ -393,10 +421,14 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
   absl::StatusOr<control::CodecPolicySettings> policy =
       control::ApplyCodecPolicy(config_.default_codec_policy, request.policy(), "policy");
   if (!policy.ok()) return policy.status();
-  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, request.layout().head_dim(), "policy"); !s.ok()) return s;
-  void* data = const_cast<char*>(request.kv().data());  // read-only view: the codec never writes a source
-  absl::StatusOr<control::KvLayoutViews> views =
-      control::BuildKvLayoutViews(request.layout(), data, request.kv().size(), KvAccess::kReadOnly, "layout");
+  if (absl::Status s =
+          control::CheckPolicyFitsHeadDim(*policy, request.layout().head_dim(), "policy");
+      !s.ok())
+    return s;
+  void* data =
+      const_cast<char*>(request.kv().data());  // read-only view: the codec never writes a source
+  absl::StatusOr<control::KvLayoutViews> views = control::BuildKvLayoutViews(
+      request.layout(), data, request.kv().size(), KvAccess::kReadOnly, "layout");
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
   std::vector<float> scores;
@@ -410,19 +442,22 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
     shape.layers = request.layout().layers();
     shape.kv_heads = request.layout().kv_heads();
     shape.head_dim = request.layout().head_dim();
-    shape.query_heads = request.observation_window().query_heads() == 0 ? shape.kv_heads
-                                                                         : request.observation_window().query_heads();
+    shape.query_heads = request.observation_window().query_heads() == 0
+                            ? shape.kv_heads
+                            : request.observation_window().query_heads();
     shape.dtype = views->dtype();
-    absl::StatusOr<QueryInputs> q = ImportQueries(request.observation_window(), shape, "observation_window");
+    absl::StatusOr<QueryInputs> q =
+        ImportQueries(request.observation_window(), shape, "observation_window");
     if (!q.ok()) return q.status();
     queries.emplace(std::move(*q));
     importance.query_windows = queries->windows;
   }
-  absl::StatusOr<EncodedKv> encoded =
-      EncodeKv(layers, importance, CodecOptionsFor(*policy, request.budget()), request.request_id());
+  absl::StatusOr<EncodedKv> encoded = EncodeKv(
+      layers, importance, CodecOptionsFor(*policy, request.budget()), request.request_id());
   if (!encoded.ok()) return encoded.status();
   v1::EncodeResponse response;
-  for (const ByteBuffer& s : encoded->segments) response.add_segments(std::string(s.begin(), s.end()));
+  for (const ByteBuffer& s : encoded->segments)
+    response.add_segments(std::string(s.begin(), s.end()));
   v1::TransferStats& ts = *response.mutable_stats();
   const EncodeStats& st = encoded->stats;
   ts.set_requested_budget(st.requested_budget);
@@ -463,8 +498,8 @@ absl::StatusOr<v1::DecodeResponse> Daemon::Decode(const v1::DecodeRequest& reque
   absl::StatusOr<uint64_t> extent = control::KvLayoutExtentBytes(layout, "output_layout");
   if (!extent.ok()) return extent.status();
   std::string kv(*extent, '\0');
-  absl::StatusOr<control::KvLayoutViews> views =
-      control::BuildKvLayoutViews(layout, kv.data(), kv.size(), KvAccess::kReadWrite, "output_layout");
+  absl::StatusOr<control::KvLayoutViews> views = control::BuildKvLayoutViews(
+      layout, kv.data(), kv.size(), KvAccess::kReadWrite, "output_layout");
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
   const auto start = std::chrono::steady_clock::now();
@@ -484,12 +519,14 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return model.status();
   if (absl::Status s = control::ValidateProbeRequest(request, *model); !s.ok()) return s;
-  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(request.sample(), KvAccess::kReadOnly, "sample");
+  absl::StatusOr<control::MappedKvRegion> region =
+      control::ImportKvHandle(request.sample(), KvAccess::kReadOnly, "sample");
   if (!region.ok()) return region.status();
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
     return absl::UnimplementedError("sample: device memory needs the CUDA build of the daemon");
   }
-  absl::StatusOr<control::KvLayoutViews> views = control::BuildKvLayoutViews(request.sample_layout(), *region, "sample_layout");
+  absl::StatusOr<control::KvLayoutViews> views =
+      control::BuildKvLayoutViews(request.sample_layout(), *region, "sample_layout");
   if (!views.ok()) return views.status();
   std::optional<QueryInputs> queries;
   if (request.has_queries()) {
@@ -497,10 +534,12 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
     if (!q.ok()) return q.status();
     queries.emplace(std::move(*q));
   }
-  const double threshold = request.max_int4_error() > 0 ? request.max_int4_error() : kDefaultInt4ProbeThreshold;
+  const double threshold =
+      request.max_int4_error() > 0 ? request.max_int4_error() : kDefaultInt4ProbeThreshold;
   CodecOptions options = CodecOptionsFor(model->policy, 0.5);
   absl::StatusOr<std::vector<LayerProbeResult>> result = ProbeInt4(
-      CodecViews(*views), queries ? std::span<const QueryWindow>(queries->windows) : std::span<const QueryWindow>(),
+      CodecViews(*views),
+      queries ? std::span<const QueryWindow>(queries->windows) : std::span<const QueryWindow>(),
       options);
   if (!result.ok()) return result.status();
   v1::ProbeResponse response;
@@ -519,7 +558,8 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
     models_[model->model_id].policy.allow_int4 = enabled;
     metrics_->SetInt4Enabled(model->model_id, enabled);
   }
-  spdlog::info("model '{}': INT4 probe {} (threshold {})", model->model_id, enabled ? "passed" : "failed", threshold);
+  spdlog::info("model '{}': INT4 probe {} (threshold {})", model->model_id,
+               enabled ? "passed" : "failed", threshold);
   return response;
 }
 

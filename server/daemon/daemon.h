@@ -14,6 +14,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "peer_protocol.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
@@ -22,7 +23,6 @@
 #include "spectrumkv/control/request_validation.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
-#include "peer_protocol.h"
 #include "transfer_table.h"
 #include "worker_pool.h"
 
@@ -42,9 +42,9 @@ class Daemon {
 
   // Starts the data plane on config.data_listen_address. `transport` may be given for tests (a
   // loopback transport); null creates the UCX transport from the config.
-  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const control::DaemonConfig& config,
-                                                       control::Metrics* metrics,
-                                                       std::unique_ptr<transport::Transport> transport);
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(
+      const control::DaemonConfig& config, control::Metrics* metrics,
+      std::unique_ptr<transport::Transport> transport);
   ~Daemon();
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -64,7 +64,8 @@ class Daemon {
   void AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t call_id);
   absl::StatusOr<v1::GetTransferResponse> GetTransfer(const v1::GetTransferRequest& request);
   absl::StatusOr<v1::ListTransfersResponse> ListTransfers(const v1::ListTransfersRequest& request);
-  absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(const v1::CancelTransferRequest& request);
+  absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(
+      const v1::CancelTransferRequest& request);
   absl::StatusOr<v1::ProbeResponse> Probe(const v1::ProbeRequest& request);
   absl::StatusOr<v1::EncodeResponse> Encode(const v1::EncodeRequest& request);
   absl::StatusOr<v1::DecodeResponse> Decode(const v1::DecodeRequest& request);
@@ -97,8 +98,8 @@ class Daemon {
   void OnSegment(transport::PeerId peer, transport::MessageBuffer payload);
   void OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender);
   void OnMatched(transport::PeerId peer, std::span<const std::byte> payload);
-  void OnSenderAbort(const std::string& sender, transport::PeerId peer, const TransferOutcome& abort,
-                     Deferred& after);
+  void OnSenderAbort(const std::string& sender, transport::PeerId peer,
+                     const TransferOutcome& abort, Deferred& after);
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
   absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);
@@ -114,12 +115,13 @@ class Daemon {
   // the whole end of a staged transfer that never got its Receive, part of FinishInbound.
   void Unlink(const std::shared_ptr<Inbound>& transfer);
   // A control message to a peer (result, abort, matched), carried in the outcome format.
-  void SendPeerNotice(transport::PeerId peer, PeerMessageType type, uint64_t request_id, const absl::Status& status,
-                      double decode_seconds = 0);
+  void SendPeerNotice(transport::PeerId peer, PeerMessageType type, uint64_t request_id,
+                      const absl::Status& status, double decode_seconds = 0);
   // Sender side, under mu_: a local reason to stop `out`, and the receiver's answer. Either one
   // stops the stream; SettleOutbound() finishes the transfer once that can be decided.
   void StopOutbound(const std::shared_ptr<Outbound>& out, absl::Status why, Deferred& after);
-  void OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, Deferred& after);
+  void OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict,
+                         Deferred& after);
   void SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& after);
   bool SenderAllowed(const std::string& daemon_id) const;
 
@@ -128,7 +130,8 @@ class Daemon {
   // The pipeline on the worker: import, plan, stream. Returns why it stopped early.
   absl::Status StreamTransfer(Outbound& out);
   absl::AnyInvocable<void()> FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status);
-  void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds, v1::SendResponse& response);
+  void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds,
+                  v1::SendResponse& response);
 
   void ReapExpired();
   void PublishTransportStats();
@@ -147,7 +150,7 @@ class Daemon {
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Inbound>> arrivals_;
   std::map<uint64_t, std::shared_ptr<Outbound>> outbound_;  // by request id
   std::map<std::string, std::shared_ptr<PeerLink>> links_;  // by peer address
-  std::map<transport::PeerId, std::string> peer_names_;    // connected peers' daemon ids
+  std::map<transport::PeerId, std::string> peer_names_;     // connected peers' daemon ids
   // Finished arrivals: late segments are dropped quietly.
   std::map<std::pair<std::string, uint64_t>, absl::Time> tombstones_;
   // Receives that ended before any sender arrived (cancelled, timed out): a sender arriving later
@@ -160,7 +163,7 @@ class Daemon {
   size_t early_bytes_ = 0;
   std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
   double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate
-  bool draining_ = false;  // Drain() began: no new transfers
+  bool draining_ = false;                         // Drain() began: no new transfers
   bool shutting_down_ = false;
   std::condition_variable drained_cv_;  // notified whenever a transfer finishes
   // Shared with the transport's completion path, which returns sent segments' buffers.

@@ -14,8 +14,6 @@ namespace skv::daemon {
 using control::KvAccess;
 using google::protobuf::util::TimeUtil;
 
-
-
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -87,7 +85,8 @@ void PrefaultHostRegion(const control::MappedKvRegion& region, uint64_t kv_bytes
   // A fresh mapping of a 256 MiB KV takes 65536 page faults in the codec loops; on virtual
   // machines a fault costs tens of microseconds, enough to make decode slower than a 1 Gbit/s
   // link. Populating the page tables in one call is 10x cheaper there.
-  if (region.memory_kind() != control::KvMemoryKind::kHost || region.size() == 0 || region.size() / 2 > kv_bytes) {
+  if (region.memory_kind() != control::KvMemoryKind::kHost || region.size() == 0 ||
+      region.size() / 2 > kv_bytes) {
     return;
   }
   const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
@@ -113,14 +112,16 @@ ByteBuffer Daemon::SegmentBufferPool::Take() {
 
 void Daemon::SegmentBufferPool::Return(ByteBuffer bytes) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (bytes.capacity() == 0 || idle_bytes_ + bytes.capacity() > max_idle_bytes_) return;  // freed here
+  if (bytes.capacity() == 0 || idle_bytes_ + bytes.capacity() > max_idle_bytes_)
+    return;  // freed here
   idle_bytes_ += bytes.capacity();
   idle_.push_back(std::move(bytes));
 }
 
 transport::MessageBuffer Daemon::SegmentBufferPool::ToMessage(ByteBuffer bytes) {
   struct Owner : transport::MessageBuffer::Owner {
-    std::shared_ptr<SegmentBufferPool> pool;  // outlives the daemon if the transport holds the buffer
+    std::shared_ptr<SegmentBufferPool>
+        pool;  // outlives the daemon if the transport holds the buffer
     ByteBuffer bytes;
     ~Owner() override { pool->Return(std::move(bytes)); }
   };
@@ -136,7 +137,8 @@ absl::Status Annotate(const absl::Status& s, absl::string_view context) {
   return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
 }
 
-absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const control::RegisteredModel& model,
+absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w,
+                                          const control::RegisteredModel& model,
                                           absl::string_view field) {
   QueryInputs q;
   absl::StatusOr<control::MappedKvRegion> region =
@@ -144,20 +146,24 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const 
   if (!region.ok()) return region.status();
   q.region = std::move(*region);
   if (q.region.memory_kind() != control::KvMemoryKind::kHost) {
-    return absl::UnimplementedError(absl::StrCat(field, ": device-resident queries are not supported yet"));
+    return absl::UnimplementedError(
+        absl::StrCat(field, ": device-resident queries are not supported yet"));
   }
   const uint32_t heads = w.query_heads() == 0 ? model.query_heads : w.query_heads();
   const uint64_t row = uint64_t{heads} * model.head_dim * 2;
   const uint64_t token_stride = w.token_stride_bytes() == 0 ? row : w.token_stride_bytes();
-  const uint64_t layer_stride = w.layer_stride_bytes() == 0 ? token_stride * w.window_tokens() : w.layer_stride_bytes();
-  const uint64_t last = (uint64_t{model.layers} - 1) * layer_stride + (uint64_t{w.window_tokens()} - 1) * token_stride + row;
+  const uint64_t layer_stride =
+      w.layer_stride_bytes() == 0 ? token_stride * w.window_tokens() : w.layer_stride_bytes();
+  const uint64_t last = (uint64_t{model.layers} - 1) * layer_stride +
+                        (uint64_t{w.window_tokens()} - 1) * token_stride + row;
   if (last > q.region.size()) {
     return absl::OutOfRangeError(absl::StrCat(field, ".queries: the window needs ", last,
                                               " bytes, the handle has ", q.region.size()));
   }
   const auto* base = static_cast<const uint8_t*>(q.region.data());
   for (uint32_t l = 0; l < model.layers; ++l) {
-    std::vector<float>& dense = q.per_layer.emplace_back(size_t{w.window_tokens()} * heads * model.head_dim);
+    std::vector<float>& dense =
+        q.per_layer.emplace_back(size_t{w.window_tokens()} * heads * model.head_dim);
     for (uint32_t t = 0; t < w.window_tokens(); ++t) {
       const uint8_t* src = base + l * layer_stride + t * token_stride;
       for (size_t i = 0; i < size_t{heads} * model.head_dim; ++i) {
@@ -167,9 +173,9 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const 
       }
     }
   }
-  for (const auto& dense : q.per_layer) q.windows.push_back({dense.data(), w.window_tokens(), heads, model.head_dim});
+  for (const auto& dense : q.per_layer)
+    q.windows.push_back({dense.data(), w.window_tokens(), heads, model.head_dim});
   return q;
 }
-
 
 }  // namespace skv::daemon

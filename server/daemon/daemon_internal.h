@@ -73,7 +73,8 @@ struct QueryInputs {
   std::vector<std::vector<float>> per_layer;
   std::vector<QueryWindow> windows;
 };
-absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w, const control::RegisteredModel& model,
+absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w,
+                                          const control::RegisteredModel& model,
                                           absl::string_view field);
 
 // ---- State of one transfer on each side. --------------------------------------------------------
@@ -145,9 +146,9 @@ struct Daemon::Outbound {
   v1::PassthroughDecision decision;
   std::chrono::steady_clock::time_point wire_start;
   // Guarded by mu_.
-  bool streamed = false;   // the worker is done (every segment sent, or it gave up)
+  bool streamed = false;  // the worker is done (every segment sent, or it gave up)
   bool finished = false;
-  std::optional<absl::Status> local_stop;    // cancel, caller gone, peer lost, shutdown, own error
+  std::optional<absl::Status> local_stop;  // cancel, caller gone, peer lost, shutdown, own error
   std::optional<TransferOutcome> peer_verdict;  // the receiver's answer; it decides when present
   bool abort_sent = false;  // stopped after the last segment: the receiver's answer is awaited
   absl::Time verdict_deadline = absl::InfiniteFuture();

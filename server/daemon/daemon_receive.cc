@@ -1,14 +1,12 @@
-#include "daemon.h"
-
-
 #include <chrono>
 #include <cstring>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "google/protobuf/util/time_util.h"
+#include "daemon.h"
 #include "daemon_internal.h"
+#include "google/protobuf/util/time_util.h"
 #include "peer_protocol.h"
 #include "spdlog/spdlog.h"
 #include "spectrumkv/codec/codec.h"
@@ -28,12 +26,24 @@ using google::protobuf::util::TimeUtil;
 
 void Daemon::OnMessage(transport::ReceivedMessage message) {
   switch (message.type) {
-    case kTransferBeginMessage: OnBegin(message.peer, Bytes(message.payload)); break;
-    case kSegmentMessage: OnSegment(message.peer, std::move(message.payload)); break;
-    case kTransferResultMessage: OnOutcome(message.peer, Bytes(message.payload), false); break;
-    case kTransferAbortMessage: OnOutcome(message.peer, Bytes(message.payload), true); break;
-    case kTransferMatchedMessage: OnMatched(message.peer, Bytes(message.payload)); break;
-    default: spdlog::warn("dropped a peer message of unknown type {}", message.type); break;
+    case kTransferBeginMessage:
+      OnBegin(message.peer, Bytes(message.payload));
+      break;
+    case kSegmentMessage:
+      OnSegment(message.peer, std::move(message.payload));
+      break;
+    case kTransferResultMessage:
+      OnOutcome(message.peer, Bytes(message.payload), false);
+      break;
+    case kTransferAbortMessage:
+      OnOutcome(message.peer, Bytes(message.payload), true);
+      break;
+    case kTransferMatchedMessage:
+      OnMatched(message.peer, Bytes(message.payload));
+      break;
+    default:
+      spdlog::warn("dropped a peer message of unknown type {}", message.type);
+      break;
   }
 }
 
@@ -48,7 +58,8 @@ bool Daemon::SenderAllowed(const std::string& daemon_id) const {
 void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload) {
   absl::StatusOr<TransferBegin> begin = ParseBegin(payload);
   if (!begin.ok()) {
-    spdlog::warn("dropped a malformed transfer-begin from peer {}: {}", peer, begin.status().ToString());
+    spdlog::warn("dropped a malformed transfer-begin from peer {}: {}", peer,
+                 begin.status().ToString());
     return;
   }
   const uint64_t id = begin->request_id;
@@ -66,17 +77,20 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
     } else if (!SenderAllowed(sender)) {
       refusal = absl::PermissionDeniedError(
           absl::StrCat("daemon '", sender, "' is not among the receiver's configured peers"));
-    } else if (auto ended = ended_receives_.find(id); claimed == nullptr && ended != ended_receives_.end()) {
-      refusal = Annotate(ended->second.status,
-                         absl::StrCat("the Receive of request ", id, " ended before this sender arrived"));
+    } else if (auto ended = ended_receives_.find(id);
+               claimed == nullptr && ended != ended_receives_.end()) {
+      refusal = Annotate(ended->second.status, absl::StrCat("the Receive of request ", id,
+                                                            " ended before this sender arrived"));
     } else if (arrivals_.count({sender, id}) > 0) {
-      refusal = absl::AlreadyExistsError(absl::StrCat("request ", id, " from '", sender, "' is already being received"));
-    } else if (claimed != nullptr && claimed->begin.has_value()) {
       refusal = absl::AlreadyExistsError(
-          absl::StrCat("request ", id, " is already being received from daemon '", claimed->sender, "'"));
-    } else if (claimed != nullptr && !claimed->expected_sender.empty() && claimed->expected_sender != sender) {
-      refusal = absl::PermissionDeniedError(absl::StrCat("the Receive of request ", id, " expects daemon '",
-                                                         claimed->expected_sender, "'"));
+          absl::StrCat("request ", id, " from '", sender, "' is already being received"));
+    } else if (claimed != nullptr && claimed->begin.has_value()) {
+      refusal = absl::AlreadyExistsError(absl::StrCat(
+          "request ", id, " is already being received from daemon '", claimed->sender, "'"));
+    } else if (claimed != nullptr && !claimed->expected_sender.empty() &&
+               claimed->expected_sender != sender) {
+      refusal = absl::PermissionDeniedError(absl::StrCat(
+          "the Receive of request ", id, " expects daemon '", claimed->expected_sender, "'"));
     } else {
       std::shared_ptr<Inbound> in = claimed;
       if (in == nullptr) {
@@ -147,7 +161,8 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
   if (!refusal.ok()) SendPeerNotice(peer, kTransferResultMessage, h.request_id, refusal);
 }
 
-void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payload, bool from_sender) {
+void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payload,
+                       bool from_sender) {
   absl::StatusOr<TransferOutcome> outcome = ParseOutcome(payload);
   if (!outcome.ok()) {
     spdlog::warn("dropped a malformed outcome from peer {}: {}", peer, outcome.status().ToString());
@@ -162,14 +177,15 @@ void Daemon::OnOutcome(transport::PeerId peer, std::span<const std::byte> payloa
       OnSenderAbort(name->second, peer, *outcome, after);
     } else {
       auto it = outbound_.find(outcome->request_id);
-      if (it != outbound_.end() && it->second->peer == peer) OnReceiverVerdict(it->second, *outcome, after);
+      if (it != outbound_.end() && it->second->peer == peer)
+        OnReceiverVerdict(it->second, *outcome, after);
     }
   }
   for (auto& f : after) f();
 }
 
-void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer, const TransferOutcome& abort,
-                           Deferred& after) {
+void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer,
+                           const TransferOutcome& abort, Deferred& after) {
   auto it = arrivals_.find({sender, abort.request_id});
   if (it != arrivals_.end()) {  // fail our Receive, or forget what was staged
     std::shared_ptr<Inbound> in = it->second;
@@ -189,27 +205,33 @@ void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer, co
       !(in->expected_sender.empty() || in->expected_sender == sender)) {
     return;
   }
-  after.push_back(FinishInbound(in, Annotate(abort.status, absl::StrCat("sender '", sender, "' gave up"))));
+  after.push_back(
+      FinishInbound(in, Annotate(abort.status, absl::StrCat("sender '", sender, "' gave up"))));
 }
 
 void Daemon::OnMatched(transport::PeerId peer, std::span<const std::byte> payload) {
   absl::StatusOr<TransferOutcome> matched = ParseOutcome(payload);
   if (!matched.ok()) {
-    spdlog::warn("dropped a malformed match notice from peer {}: {}", peer, matched.status().ToString());
+    spdlog::warn("dropped a malformed match notice from peer {}: {}", peer,
+                 matched.status().ToString());
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
   auto it = outbound_.find(matched->request_id);
-  if (it == outbound_.end() || it->second->peer != peer || it->second->finished || it->second->stop.load()) return;
+  if (it == outbound_.end() || it->second->peer != peer || it->second->finished ||
+      it->second->stop.load())
+    return;
   table_.Update(matched->request_id, v1::TRANSFER_ROLE_SENDER,
                 [](v1::TransferInfo& i) { i.set_state(v1::TRANSFER_STATE_RUNNING); });
 }
 
 void Daemon::SendPeerNotice(transport::PeerId peer, PeerMessageType type, uint64_t request_id,
                             const absl::Status& status, double decode_seconds) {
-  const absl::Status s =
-      transport_->Send(peer, type, SerializeOutcome({request_id, status, decode_seconds}), [](absl::Status) {});
-  if (!s.ok()) spdlog::warn("could not send message {} of request {} to peer {}: {}", int(type), request_id, peer, s.ToString());
+  const absl::Status s = transport_->Send(
+      peer, type, SerializeOutcome({request_id, status, decode_seconds}), [](absl::Status) {});
+  if (!s.ok())
+    spdlog::warn("could not send message {} of request {} to peer {}: {}", int(type), request_id,
+                 peer, s.ToString());
 }
 
 // ---- Receive. ----------------------------------------------------------------------------------
@@ -223,25 +245,27 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return refuse(model.status());
   if (absl::Status s = control::ValidateReceiveRequest(request, *model); !s.ok()) return refuse(s);
-  absl::StatusOr<control::MappedKvRegion> region =
-      control::ImportKvHandle(request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
+  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
+      request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
   if (!region.ok()) return refuse(region.status());
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return refuse(absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));
+    return refuse(
+        absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));
   }
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.destination_layout(), *region, "destination_layout");
   if (!views.ok()) return refuse(views.status());
-  PrefaultHostRegion(*region,
-                     uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads * model->head_dim * 2);
+  PrefaultHostRegion(*region, uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads *
+                                  model->head_dim * 2);
 
   Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (draining_ || shutting_down_)
+      return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
     if (receives_.count(request.request_id()) > 0) {
-      return refuse(absl::AlreadyExistsError(
-          absl::StrCat("request_id: ", request.request_id(), " already has a Receive in progress")));
+      return refuse(absl::AlreadyExistsError(absl::StrCat("request_id: ", request.request_id(),
+                                                          " already has a Receive in progress")));
     }
     // A staged transfer of this id from the expected sender (or, with none named, the first
     // allowed one) becomes this Receive's; otherwise the Receive waits for its sender.
@@ -265,7 +289,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
     in->views.emplace(std::move(*views));
     in->codec_views = CodecViews(*in->views);
     in->mask_format = request.mask_format() == v1::MASK_FORMAT_UNSPECIFIED ? v1::MASK_FORMAT_BYTES
-                                                                            : request.mask_format();
+                                                                           : request.mask_format();
     in->inline_destination = request.destination().has_inline_data();
     in->deadline = absl::Now() + control::ReceiveTimeout(request);
     in->done = std::move(done);
@@ -298,15 +322,18 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
   });
   if (b.model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
       b.tokens != in->codec_views[0].key.tokens) {
-    auto shape = [](uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim, DType dtype) {
-      return absl::StrCat(layers, " layers x ", tokens, " tokens x ", heads, " heads x ", head_dim, " ",
-                          dtype == DType::kBf16 ? "BF16" : "FP16");
+    auto shape = [](uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim,
+                    DType dtype) {
+      return absl::StrCat(layers, " layers x ", tokens, " tokens x ", heads, " heads x ", head_dim,
+                          " ", dtype == DType::kBf16 ? "BF16" : "FP16");
     };
     after.push_back(FinishInbound(
         in, absl::FailedPreconditionError(absl::StrCat(
-                "destination_layout: the sender's KV (", shape(b.layers, b.tokens, b.heads, b.head_dim, DType(b.dtype)),
+                "destination_layout: the sender's KV (",
+                shape(b.layers, b.tokens, b.heads, b.head_dim, DType(b.dtype)),
                 ") does not match the Receive's (",
-                shape(m.layers, in->codec_views[0].key.tokens, m.kv_heads, m.head_dim, m.dtype), ")"))));
+                shape(m.layers, in->codec_views[0].key.tokens, m.kv_heads, m.head_dim, m.dtype),
+                ")"))));
     return;
   }
   // Other senders that staged the same request id lose the race: tell them now, not at their TTL.
@@ -315,12 +342,13 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
     if (other->request_id != in->request_id || other == in || other->has_receive) continue;
     const transport::PeerId peer = other->peer;
     const uint64_t id = other->request_id;
-    spdlog::warn("request {}: refused a second sender '{}' (matched to '{}')", id, other->sender, in->sender);
+    spdlog::warn("request {}: refused a second sender '{}' (matched to '{}')", id, other->sender,
+                 in->sender);
     Unlink(other);
     after.push_back([this, peer, id, sender = in->sender] {
       SendPeerNotice(peer, kTransferResultMessage, id,
-                     absl::AlreadyExistsError(
-                         absl::StrCat("request ", id, " is already being received from daemon '", sender, "'")));
+                     absl::AlreadyExistsError(absl::StrCat(
+                         "request ", id, " is already being received from daemon '", sender, "'")));
     });
   }
   // The sender shows RUNNING from now on (PENDING until its transfer has a Receive).
@@ -338,7 +366,8 @@ void Daemon::Unlink(const std::shared_ptr<Inbound>& in) {
   in->queue.clear();
   early_bytes_ -= in->early_bytes;
   in->early_bytes = 0;
-  if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in) receives_.erase(it);
+  if (auto it = receives_.find(in->request_id); it != receives_.end() && it->second == in)
+    receives_.erase(it);
   if (in->begin.has_value()) {
     arrivals_.erase({in->sender, in->request_id});
     tombstones_[{in->sender, in->request_id}] = absl::Now() + kTombstoneLifetime;
@@ -364,18 +393,20 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       }
       bytes = std::move(in->queue.front());
       in->queue.pop_front();
-      if (!in->got_segment) in->first_segment = std::chrono::steady_clock::now(), in->got_segment = true;
+      if (!in->got_segment)
+        in->first_segment = std::chrono::steady_clock::now(), in->got_segment = true;
     }
     // Verify and decode outside the lock; the views stay valid while `in` is alive.
     const auto start = std::chrono::steady_clock::now();
-    const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+    const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                        bytes.size());
     absl::StatusOr<ParsedSegment> seg = ParseSegment(span);
     absl::Status status = seg.status();
     if (status.ok()) {
       const SegmentHeader& h = seg->header;
       if (h.request_id != in->request_id || h.layer >= in->codec_views.size() || h.kind > 1) {
-        status = absl::DataLossError(absl::StrCat("segment for request ", h.request_id, " layer ", h.layer,
-                                                  " does not belong to this transfer"));
+        status = absl::DataLossError(absl::StrCat("segment for request ", h.request_id, " layer ",
+                                                  h.layer, " does not belong to this transfer"));
       } else {
         const KvLayerViews& layer = in->codec_views[h.layer];
         status = DecodeSegment(*seg, h.kind == 0 ? layer.key : layer.value, BestRowKernels());
@@ -389,8 +420,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       if (status.ok()) {
         const SegmentHeader& h = seg->header;
         if (!in->seen.insert({h.layer, h.kind, h.token_begin}).second) {
-          status = absl::DataLossError(absl::StrCat("duplicate segment: layer ", h.layer, " kind ", int(h.kind),
-                                                    " tokens from ", h.token_begin));
+          status = absl::DataLossError(absl::StrCat("duplicate segment: layer ", h.layer, " kind ",
+                                                    int(h.kind), " tokens from ", h.token_begin));
         }
       }
       if (!status.ok()) {
@@ -407,7 +438,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
         }
         table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER,
                       [&](v1::TransferInfo& info) { info.set_segments_done(in->segments_done); });
-        if (in->segments_done == in->begin->segments_total) after = FinishInbound(in, absl::OkStatus());
+        if (in->segments_done == in->begin->segments_total)
+          after = FinishInbound(in, absl::OkStatus());
       }
     }
     if (after) after();
@@ -431,7 +463,8 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
     stats.set_requested_budget(in->begin->requested_budget);
     stats.set_achieved_budget(in->begin->achieved_budget);
     stats.set_payload_budget(in->begin->payload_budget);
-    stats.set_raw_bytes(uint64_t{in->begin->layers} * 2 * in->begin->tokens * in->begin->heads * in->begin->head_dim * 2);
+    stats.set_raw_bytes(uint64_t{in->begin->layers} * 2 * in->begin->tokens * in->begin->heads *
+                        in->begin->head_dim * 2);
     stats.mutable_passthrough()->set_passthrough(in->begin->passthrough != 0);
   }
   stats.set_wire_bytes(in->wire_bytes);
@@ -444,7 +477,8 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
     v1::ReceiveResponse response;
     *response.mutable_kept() = MakeMask(in->kept, in->mask_format);
     if (in->inline_destination) {
-      response.set_inline_kv(std::string(static_cast<const char*>(in->region.data()), in->region.size()));
+      response.set_inline_kv(
+          std::string(static_cast<const char*>(in->region.data()), in->region.size()));
     }
     // Commit: from the last verified segment to the answer (mask, inline copy).
     const double commit_s = Seconds(commit_start);
@@ -461,10 +495,11 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
     metrics_->ObserveTransfer(control::TransferRole::kReceiver, times);
   }
   metrics_->TransferFinished(control::TransferRole::kReceiver, status.code());
-  const v1::TransferState state = status.ok() ? v1::TRANSFER_STATE_COMMITTED
-                                  : status.code() == absl::StatusCode::kDeadlineExceeded ? v1::TRANSFER_STATE_EXPIRED
-                                  : status.code() == absl::StatusCode::kCancelled ? v1::TRANSFER_STATE_CANCELLED
-                                                                                  : v1::TRANSFER_STATE_FAILED;
+  const v1::TransferState state =
+      status.ok()                                            ? v1::TRANSFER_STATE_COMMITTED
+      : status.code() == absl::StatusCode::kDeadlineExceeded ? v1::TRANSFER_STATE_EXPIRED
+      : status.code() == absl::StatusCode::kCancelled        ? v1::TRANSFER_STATE_CANCELLED
+                                                             : v1::TRANSFER_STATE_FAILED;
   table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER, [&](v1::TransferInfo& info) {
     info.set_state(state);
     info.set_segments_done(in->segments_done);
@@ -498,31 +533,35 @@ void Daemon::ReapExpired() {
     for (auto it = receives_.begin(); it != receives_.end();) {
       std::shared_ptr<Inbound> in = (it++)->second;  // FinishInbound erases it
       if (!in->finished && now > in->deadline) {
-        after.push_back(FinishInbound(in, absl::DeadlineExceededError(absl::StrCat(
-                                              "request ", in->request_id, ": the Receive timeout passed after ",
-                                              in->segments_done, " segments"))));
+        after.push_back(FinishInbound(
+            in, absl::DeadlineExceededError(absl::StrCat("request ", in->request_id,
+                                                         ": the Receive timeout passed after ",
+                                                         in->segments_done, " segments"))));
       }
     }
     for (auto it = arrivals_.begin(); it != arrivals_.end();) {
       std::shared_ptr<Inbound> in = (it++)->second;
       if (in->has_receive || now <= in->first_arrival + config_.early_segment_ttl) continue;
-      spdlog::warn("request {} from '{}': no Receive within the early-segment TTL; dropped", in->request_id,
-                   in->sender);
-      metrics_->TransferFinished(control::TransferRole::kReceiver, absl::StatusCode::kDeadlineExceeded);
+      spdlog::warn("request {} from '{}': no Receive within the early-segment TTL; dropped",
+                   in->request_id, in->sender);
+      metrics_->TransferFinished(control::TransferRole::kReceiver,
+                                 absl::StatusCode::kDeadlineExceeded);
       Unlink(in);
       after.push_back([this, peer = in->peer, id = in->request_id] {
-        SendPeerNotice(peer, kTransferResultMessage, id,
-                       absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"));
+        SendPeerNotice(
+            peer, kTransferResultMessage, id,
+            absl::DeadlineExceededError("no matching Receive arrived within the receiver's TTL"));
       });
     }
     for (auto it = outbound_.begin(); it != outbound_.end();) {
       std::shared_ptr<Outbound> out = (it++)->second;  // FinishOutbound erases it
       if (out->streamed && !out->finished && now > out->verdict_deadline) {
-        after.push_back(FinishOutbound(
-            out, out->local_stop.value_or(absl::DeadlineExceededError("the peer did not confirm the transfer in time"))));
+        after.push_back(FinishOutbound(out, out->local_stop.value_or(absl::DeadlineExceededError(
+                                                "the peer did not confirm the transfer in time"))));
       }
     }
-    for (auto it = tombstones_.begin(); it != tombstones_.end();) it = it->second < now ? tombstones_.erase(it) : ++it;
+    for (auto it = tombstones_.begin(); it != tombstones_.end();)
+      it = it->second < now ? tombstones_.erase(it) : ++it;
     for (auto it = ended_receives_.begin(); it != ended_receives_.end();) {
       it = it->second.expires < now ? ended_receives_.erase(it) : ++it;
     }

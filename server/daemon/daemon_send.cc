@@ -1,5 +1,3 @@
-#include "daemon.h"
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -8,8 +6,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "google/protobuf/util/time_util.h"
+#include "daemon.h"
 #include "daemon_internal.h"
+#include "google/protobuf/util/time_util.h"
 #include "peer_protocol.h"
 #include "spdlog/spdlog.h"
 #include "spectrumkv/codec/codec.h"
@@ -43,13 +42,15 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
   };
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return refuse(model.status());
-  if (absl::Status s = control::ValidateSendRequest(request, *model, config_.peers); !s.ok()) return refuse(s);
+  if (absl::Status s = control::ValidateSendRequest(request, *model, config_.peers); !s.ok())
+    return refuse(s);
   absl::StatusOr<control::PeerConfig> peer = control::ResolvePeer(request.peer(), config_.peers);
   if (!peer.ok()) return refuse(peer.status());
   absl::StatusOr<control::CodecPolicySettings> policy =
       control::ApplyCodecPolicy(model->policy, request.policy_override(), "policy_override");
   if (!policy.ok()) return refuse(policy.status());
-  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override"); !s.ok()) {
+  if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override");
+      !s.ok()) {
     return refuse(s);
   }
   auto out = std::make_shared<Outbound>();
@@ -62,9 +63,11 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
   out->started = std::chrono::steady_clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || shutting_down_) return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (draining_ || shutting_down_)
+      return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
     if (!outbound_.emplace(request.request_id(), out).second) {
-      return refuse(absl::AlreadyExistsError(absl::StrCat("request_id: ", request.request_id(), " is already being sent")));
+      return refuse(absl::AlreadyExistsError(
+          absl::StrCat("request_id: ", request.request_id(), " is already being sent")));
     }
     out->done = std::move(done);
     // Recorded before returning, so that a poller never sees NOT_FOUND for a live transfer.
@@ -82,7 +85,8 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
     {
       std::lock_guard<std::mutex> lock(mu_);
       out->streamed = true;
-      if (!out->finished) after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
+      if (!out->finished)
+        after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
     }
     if (after) after();
   }
@@ -109,7 +113,8 @@ void Daemon::StopOutbound(const std::shared_ptr<Outbound>& out, absl::Status why
   SettleOutbound(out, after);
 }
 
-void Daemon::OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict, Deferred& after) {
+void Daemon::OnReceiverVerdict(const std::shared_ptr<Outbound>& out, TransferOutcome verdict,
+                               Deferred& after) {
   if (out->finished || out->peer_verdict) return;
   out->peer_verdict = std::move(verdict);
   out->stop.store(true);
@@ -122,7 +127,8 @@ void Daemon::SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& afte
     after.push_back(FinishOutbound(out, out->peer_verdict->status));
     return;
   }
-  if (!out->local_stop) return;  // every segment sent: the receiver's answer comes (or the deadline)
+  if (!out->local_stop)
+    return;  // every segment sent: the receiver's answer comes (or the deadline)
   const bool link_alive = out->local_stop->code() != absl::StatusCode::kUnavailable;
   if (out->fully_streamed() && link_alive) {
     // Stopped after the last segment: the receiver may already have committed. Ask it to abort
@@ -168,7 +174,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
       control::BuildKvLayoutViews(request.source_layout(), *region, "source_layout");
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
-  out.raw_bytes = uint64_t{model.layers} * 2 * views->tokens() * model.kv_heads * model.head_dim * 2;
+  out.raw_bytes =
+      uint64_t{model.layers} * 2 * views->tokens() * model.kv_heads * model.head_dim * 2;
   PrefaultHostRegion(*region, out.raw_bytes);
 
   ImportanceInput importance;
@@ -178,7 +185,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     scores.assign(request.token_scores().scores().begin(), request.token_scores().scores().end());
     importance.engine_scores = scores;
   } else if (request.has_observation_window()) {
-    absl::StatusOr<QueryInputs> q = ImportQueries(request.observation_window(), model, "observation_window");
+    absl::StatusOr<QueryInputs> q =
+        ImportQueries(request.observation_window(), model, "observation_window");
     if (!q.ok()) return q.status();
     queries.emplace(std::move(*q));
     importance.query_windows = queries->windows;
@@ -203,17 +211,20 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     decision.set_reason(v1::PASSTHROUGH_REASON_BUDGET_FULL);
   } else if (request.passthrough() != v1::PASSTHROUGH_MODE_NEVER && link_bps > 0 && codec_bps > 0) {
     const double raw_time = out.raw_bytes / link_bps;
-    const double codec_time = std::max(out.raw_bytes / codec_bps, budget * out.raw_bytes / link_bps);
+    const double codec_time =
+        std::max(out.raw_bytes / codec_bps, budget * out.raw_bytes / link_bps);
     if (raw_time < codec_time) decision.set_reason(v1::PASSTHROUGH_REASON_FAST_LINK);
   }
   if (decision.reason() != v1::PASSTHROUGH_REASON_UNSPECIFIED) {
     decision.set_passthrough(true);
     budget = 1.0;
-    metrics_->CountPassthrough(decision.reason() == v1::PASSTHROUGH_REASON_FORCED ? control::PassthroughReason::kForced
+    metrics_->CountPassthrough(decision.reason() == v1::PASSTHROUGH_REASON_FORCED
+                                   ? control::PassthroughReason::kForced
                                : decision.reason() == v1::PASSTHROUGH_REASON_BUDGET_FULL
                                    ? control::PassthroughReason::kBudgetFull
                                    : control::PassthroughReason::kFastLink);
-    spdlog::info("request {}: FP16 passthrough ({})", request_id, v1::PassthroughReason_Name(decision.reason()));
+    spdlog::info("request {}: FP16 passthrough ({})", request_id,
+                 v1::PassthroughReason_Name(decision.reason()));
   }
   decision.set_planned_budget(budget);
   const CodecOptions options = CodecOptionsFor(out.policy, budget);
@@ -225,12 +236,13 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   if (!plan.ok()) return plan.status();
   const uint32_t per_tensor = SegmentsPerTensor(plan->tokens, options);
   TransferBegin begin{};
-  begin.version = kPeerProtocolVersion;
+  begin.version = kTransferMessageVersion;
   begin.dtype = uint8_t(model.dtype);
   begin.passthrough = decision.passthrough() ? 1 : 0;
   begin.layers = model.layers;
   begin.request_id = request_id;
-  begin.model_hash = ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
+  begin.model_hash =
+      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
   begin.tokens = plan->tokens;
   begin.heads = model.kv_heads;
   begin.head_dim = model.head_dim;
@@ -242,7 +254,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   begin.achieved_budget = budget;
   begin.payload_budget = 0;
   if (absl::Status s = stopped(); !s.ok()) return s;
-  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage, SerializeBegin(begin), [](absl::Status) {});
+  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage, SerializeBegin(begin),
+                                        [](absl::Status) {});
       !s.ok()) {
     return s;
   }
@@ -255,7 +268,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   for (uint32_t l = 0; l < model.layers; ++l) {
     for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
       const auto encode_start = std::chrono::steady_clock::now();
-      if (absl::Status s = EncodeLayer(layers[l], l, kind, *plan, options, request_id, BestRowKernels(), buffers);
+      if (absl::Status s = EncodeLayer(layers[l], l, kind, *plan, options, request_id,
+                                       BestRowKernels(), buffers);
           !s.ok()) {
         return s;
       }
@@ -268,7 +282,8 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
         b = segment_pool_->Take();
         // Send() waits while the peer's in-flight window is full: that is the pipeline's
         // backpressure, and encoding of the next layer overlaps the wire meanwhile.
-        if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message), [](absl::Status) {});
+        if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message),
+                                              [](absl::Status) {});
             !s.ok()) {
           return s;
         }
@@ -282,15 +297,17 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   return absl::OkStatus();
 }
 
-absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status) {
+absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
+                                                  absl::Status status) {
   out->finished = true;
-  if (auto it = outbound_.find(out->request_id); it != outbound_.end() && it->second == out) outbound_.erase(it);
+  if (auto it = outbound_.find(out->request_id); it != outbound_.end() && it->second == out)
+    outbound_.erase(it);
   drained_cv_.notify_all();
   const double decode_s = out->peer_verdict ? out->peer_verdict->decode_seconds : 0.0;
   // Let the receiver release its destination (or a Receive still waiting for this sender) now
   // rather than at its timeout; it knows already when it answered or the link is gone.
-  const bool tell_peer = !status.ok() && out->peer != transport::kNoPeer && !out->peer_verdict && !out->abort_sent &&
-                         status.code() != absl::StatusCode::kUnavailable;
+  const bool tell_peer = !status.ok() && out->peer != transport::kNoPeer && !out->peer_verdict &&
+                         !out->abort_sent && status.code() != absl::StatusCode::kUnavailable;
   return [this, out, status, decode_s, tell_peer]() mutable {
     if (tell_peer) SendPeerNotice(out->peer, kTransferAbortMessage, out->request_id, status);
     v1::SendResponse response;
@@ -305,7 +322,8 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
   };
 }
 
-void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode_s, v1::SendResponse& response) {
+void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode_s,
+                        v1::SendResponse& response) {
   const v1::SendRequest& request = *out.request;
   const control::RegisteredModel& model = out.model;
   const double wire_s = out.segments_sent > 0 ? Seconds(out.wire_start) : 0.0;
@@ -333,7 +351,7 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
   *d.mutable_total() = ToProto(total_s);
 
   table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER, [&](v1::TransferInfo& i) {
-    i.set_state(status.ok() ? v1::TRANSFER_STATE_COMMITTED
+    i.set_state(status.ok()                                     ? v1::TRANSFER_STATE_COMMITTED
                 : status.code() == absl::StatusCode::kCancelled ? v1::TRANSFER_STATE_CANCELLED
                                                                 : v1::TRANSFER_STATE_FAILED);
     i.set_error_code(int(status.code()));
@@ -343,7 +361,8 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
   });
   if (!status.ok()) {
     spdlog::warn("request {}: send to '{}' failed after {} of {} segments: {}", out.request_id,
-                 out.peer_config.daemon_id, out.segments_sent, out.segments_total, status.ToString());
+                 out.peer_config.daemon_id, out.segments_sent, out.segments_total,
+                 status.ToString());
     return;
   }
   metrics_->AddBytes(out.raw_bytes, out.wire_bytes);
@@ -367,12 +386,15 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
       metrics_->SetLinkBandwidth(out.peer_config.daemon_id, link);
     }
     if (!out.decision.passthrough() && out.stats.encode_seconds + decode_s > 0) {
-      const double observed = double(out.raw_bytes) / (out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
-      codec_bytes_per_second_ = codec_bytes_per_second_ == 0 ? observed : 0.7 * codec_bytes_per_second_ + 0.3 * observed;
+      const double observed =
+          double(out.raw_bytes) / (out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
+      codec_bytes_per_second_ =
+          codec_bytes_per_second_ == 0 ? observed : 0.7 * codec_bytes_per_second_ + 0.3 * observed;
     }
   }
   spdlog::info("request {}: sent to '{}' at b={:.3f} ({} of {} bytes) in {:.3f} s", out.request_id,
-               out.peer_config.daemon_id, ts.achieved_budget(), out.wire_bytes, out.raw_bytes, total_s);
+               out.peer_config.daemon_id, ts.achieved_budget(), out.wire_bytes, out.raw_bytes,
+               total_s);
 }
 
 }  // namespace skv::daemon

@@ -13,19 +13,22 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 }
 
 template <typename Response, typename Call>
-grpc::ServerUnaryReactor* SpectrumKvService::OnWorker(grpc::CallbackServerContext* ctx, Response* resp, Call call) {
+grpc::ServerUnaryReactor* SpectrumKvService::OnWorker(grpc::CallbackServerContext* ctx,
+                                                      Response* resp, Call call) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const bool posted = daemon_->PostWork([reactor, resp, call = std::move(call)]() mutable {
     absl::StatusOr<Response> result = call();
     if (result.ok()) *resp = std::move(*result);
     reactor->Finish(ToGrpcStatus(result.status()));
   });
-  if (!posted) reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "spectrumkvd is shutting down"));
+  if (!posted)
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "spectrumkvd is shutting down"));
   return reactor;
 }
 
 template <typename Response, typename Call>
-grpc::ServerUnaryReactor* SpectrumKvService::Inline(grpc::CallbackServerContext* ctx, Response* resp, Call call) {
+grpc::ServerUnaryReactor* SpectrumKvService::Inline(grpc::CallbackServerContext* ctx,
+                                                    Response* resp, Call call) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   absl::StatusOr<Response> result = call();
   if (result.ok()) *resp = std::move(*result);
@@ -93,13 +96,14 @@ bool SpectrumKvService::AdmitTransfer() {
 }
 
 template <typename Request, typename Response, typename Start>
-grpc::ServerUnaryReactor* SpectrumKvService::Transfer(v1::TransferRole role, const Request* req, Response* resp,
-                                                      Start start) {
+grpc::ServerUnaryReactor* SpectrumKvService::Transfer(v1::TransferRole role, const Request* req,
+                                                      Response* resp, Start start) {
   const uint64_t call_id = next_call_id_.fetch_add(1) + 1;
   auto* reactor = new TransferReactor(daemon_, role, req->request_id(), call_id);
   if (!AdmitTransfer()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                 absl::StrCat("max_concurrent_transfers (", max_transfers_, ") reached")));
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     absl::StrCat("max_concurrent_transfers (", max_transfers_, ") reached")));
   } else {
     start(*req, call_id, [this, reactor, resp](absl::StatusOr<Response> result) {
       if (result.ok()) *resp = std::move(*result);
@@ -117,7 +121,8 @@ grpc::ServerUnaryReactor* SpectrumKvService::RegisterModel(grpc::CallbackServerC
   return Inline(ctx, resp, [this, req] { return daemon_->RegisterModel(*req); });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Send(grpc::CallbackServerContext*, const v1::SendRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Send(grpc::CallbackServerContext*,
+                                                  const v1::SendRequest* req,
                                                   v1::SendResponse* resp) {
   return Transfer(v1::TRANSFER_ROLE_SENDER, req, resp,
                   [this](const v1::SendRequest& r, uint64_t call_id, Daemon::SendDone done) {
@@ -125,12 +130,13 @@ grpc::ServerUnaryReactor* SpectrumKvService::Send(grpc::CallbackServerContext*, 
                   });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Receive(grpc::CallbackServerContext*, const v1::ReceiveRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Receive(grpc::CallbackServerContext*,
+                                                     const v1::ReceiveRequest* req,
                                                      v1::ReceiveResponse* resp) {
-  return Transfer(v1::TRANSFER_ROLE_RECEIVER, req, resp, [this](const v1::ReceiveRequest& r, uint64_t call_id,
-                                                                 Daemon::ReceiveDone done) {
-    daemon_->Receive(r, call_id, std::move(done));
-  });
+  return Transfer(v1::TRANSFER_ROLE_RECEIVER, req, resp,
+                  [this](const v1::ReceiveRequest& r, uint64_t call_id, Daemon::ReceiveDone done) {
+                    daemon_->Receive(r, call_id, std::move(done));
+                  });
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::GetTransfer(grpc::CallbackServerContext* ctx,
@@ -151,17 +157,20 @@ grpc::ServerUnaryReactor* SpectrumKvService::CancelTransfer(grpc::CallbackServer
   return Inline(ctx, resp, [this, req] { return daemon_->CancelTransfer(*req); });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Probe(grpc::CallbackServerContext* ctx, const v1::ProbeRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Probe(grpc::CallbackServerContext* ctx,
+                                                   const v1::ProbeRequest* req,
                                                    v1::ProbeResponse* resp) {
   return OnWorker(ctx, resp, [this, req] { return daemon_->Probe(*req); });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Encode(grpc::CallbackServerContext* ctx, const v1::EncodeRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Encode(grpc::CallbackServerContext* ctx,
+                                                    const v1::EncodeRequest* req,
                                                     v1::EncodeResponse* resp) {
   return OnWorker(ctx, resp, [this, req] { return daemon_->Encode(*req); });
 }
 
-grpc::ServerUnaryReactor* SpectrumKvService::Decode(grpc::CallbackServerContext* ctx, const v1::DecodeRequest* req,
+grpc::ServerUnaryReactor* SpectrumKvService::Decode(grpc::CallbackServerContext* ctx,
+                                                    const v1::DecodeRequest* req,
                                                     v1::DecodeResponse* resp) {
   return OnWorker(ctx, resp, [this, req] { return daemon_->Decode(*req); });
 }
@@ -178,7 +187,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view 
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const control::DaemonConfig& config) {
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const control::DaemonConfig& config) {
   if (config.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
   absl::StatusOr<std::string> cert = ReadFile(config.tls_cert_file, "tls_cert_file");
   if (!cert.ok()) return cert.status();

@@ -19,17 +19,21 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
   SpectrumKvService(Daemon* daemon, uint32_t max_concurrent_transfers)
       : daemon_(daemon), max_transfers_(max_concurrent_transfers) {}
 
-  grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
+  grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx,
+                                          const v1::RegisterModelRequest* req,
                                           v1::RegisterModelResponse* resp) override;
   grpc::ServerUnaryReactor* Send(grpc::CallbackServerContext* ctx, const v1::SendRequest* req,
                                  v1::SendResponse* resp) override;
   grpc::ServerUnaryReactor* Receive(grpc::CallbackServerContext* ctx, const v1::ReceiveRequest* req,
                                     v1::ReceiveResponse* resp) override;
-  grpc::ServerUnaryReactor* GetTransfer(grpc::CallbackServerContext* ctx, const v1::GetTransferRequest* req,
+  grpc::ServerUnaryReactor* GetTransfer(grpc::CallbackServerContext* ctx,
+                                        const v1::GetTransferRequest* req,
                                         v1::GetTransferResponse* resp) override;
-  grpc::ServerUnaryReactor* ListTransfers(grpc::CallbackServerContext* ctx, const v1::ListTransfersRequest* req,
+  grpc::ServerUnaryReactor* ListTransfers(grpc::CallbackServerContext* ctx,
+                                          const v1::ListTransfersRequest* req,
                                           v1::ListTransfersResponse* resp) override;
-  grpc::ServerUnaryReactor* CancelTransfer(grpc::CallbackServerContext* ctx, const v1::CancelTransferRequest* req,
+  grpc::ServerUnaryReactor* CancelTransfer(grpc::CallbackServerContext* ctx,
+                                           const v1::CancelTransferRequest* req,
                                            v1::CancelTransferResponse* resp) override;
   grpc::ServerUnaryReactor* Probe(grpc::CallbackServerContext* ctx, const v1::ProbeRequest* req,
                                   v1::ProbeResponse* resp) override;
@@ -48,7 +52,8 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
   grpc::ServerUnaryReactor* Inline(grpc::CallbackServerContext* ctx, Response* resp, Call call);
   // Admits a Send or Receive and starts it in the daemon; nothing waits on a thread meanwhile.
   template <typename Request, typename Response, typename Start>
-  grpc::ServerUnaryReactor* Transfer(v1::TransferRole role, const Request* req, Response* resp, Start start);
+  grpc::ServerUnaryReactor* Transfer(v1::TransferRole role, const Request* req, Response* resp,
+                                     Start start);
   bool AdmitTransfer();
 
   Daemon* daemon_;
@@ -58,6 +63,7 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
 };
 
 // gRPC server credentials from the config: insecure, TLS, or mutual TLS.
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const control::DaemonConfig& config);
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const control::DaemonConfig& config);
 
 }  // namespace skv::daemon

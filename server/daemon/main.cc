@@ -19,10 +19,9 @@ namespace {
 
 void SetLogLevel(skv::control::LogLevel level) {
   using skv::control::LogLevel;
-  static constexpr spdlog::level::level_enum kLevels[] = {spdlog::level::trace, spdlog::level::debug,
-                                                          spdlog::level::info,  spdlog::level::warn,
-                                                          spdlog::level::err,   spdlog::level::critical,
-                                                          spdlog::level::off};
+  static constexpr spdlog::level::level_enum kLevels[] = {
+      spdlog::level::trace, spdlog::level::debug,    spdlog::level::info, spdlog::level::warn,
+      spdlog::level::err,   spdlog::level::critical, spdlog::level::off};
   spdlog::set_level(kLevels[static_cast<int>(level)]);
 }
 
@@ -73,17 +72,21 @@ int Run(int argc, char** argv) {
     metrics_endpoint = std::move(*endpoint);
     spdlog::info("metrics on http://{}/metrics", config->metrics_listen_address);
   }
-  absl::StatusOr<std::unique_ptr<skv::daemon::Daemon>> daemon = skv::daemon::Daemon::Start(*config, &metrics, nullptr);
+  absl::StatusOr<std::unique_ptr<skv::daemon::Daemon>> daemon =
+      skv::daemon::Daemon::Start(*config, &metrics, nullptr);
   if (!daemon.ok()) {
     spdlog::critical("{}", daemon.status().ToString());
     return 1;
   }
-  if (config->tls_cert_file.empty() && !skv::control::IsLoopbackAddress(config->grpc_listen_address)) {
-    spdlog::warn("INSECURE: gRPC on {} without TLS (allow_insecure_grpc=true): anyone who reaches this "
-                 "port can read and write KV through this daemon",
-                 config->grpc_listen_address);
+  if (config->tls_cert_file.empty() &&
+      !skv::control::IsLoopbackAddress(config->grpc_listen_address)) {
+    spdlog::warn(
+        "INSECURE: gRPC on {} without TLS (allow_insecure_grpc=true): anyone who reaches this "
+        "port can read and write KV through this daemon",
+        config->grpc_listen_address);
   }
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = skv::daemon::MakeServerCredentials(*config);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      skv::daemon::MakeServerCredentials(*config);
   if (!credentials.ok()) {
     spdlog::critical("{}", credentials.status().ToString());
     return 1;
@@ -98,9 +101,9 @@ int Run(int argc, char** argv) {
   builder.SetMaxSendMessageSize(int(skv::control::kMaxGrpcMessageBytes));
   builder.RegisterService(&service);
   // v1alpha comes from gRPC's plugin above; v1 is ours (reflection_v1.h).
-  skv::daemon::ReflectionV1Service reflection_v1({spectrumkv::v1::SpectrumKV::service_full_name(),
-                                                   "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-                                                   "grpc.reflection.v1alpha.ServerReflection"});
+  skv::daemon::ReflectionV1Service reflection_v1(
+      {spectrumkv::v1::SpectrumKV::service_full_name(), "grpc.health.v1.Health",
+       "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"});
   builder.RegisterService(&reflection_v1);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
@@ -108,17 +111,18 @@ int Run(int argc, char** argv) {
     return 1;
   }
   // Health answers for "" (the whole server) and for the service name, as probes ask either.
-  server->GetHealthCheckService()->SetServingStatus(spectrumkv::v1::SpectrumKV::service_full_name(), true);
+  server->GetHealthCheckService()->SetServingStatus(spectrumkv::v1::SpectrumKV::service_full_name(),
+                                                    true);
   server->GetHealthCheckService()->SetServingStatus(true);
-  spdlog::info("gRPC API on {} (port {}), data plane on {}", config->grpc_listen_address, bound_port,
-               (*daemon)->data_address());
-  std::cout << "spectrumkvd ready: grpc=" << config->grpc_listen_address << " data=" << (*daemon)->data_address()
-            << std::endl;
+  spdlog::info("gRPC API on {} (port {}), data plane on {}", config->grpc_listen_address,
+               bound_port, (*daemon)->data_address());
+  std::cout << "spectrumkvd ready: grpc=" << config->grpc_listen_address
+            << " data=" << (*daemon)->data_address() << std::endl;
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  spdlog::info("signal {}: shutting down (new transfers refused; in-flight ones get {})", signal_number,
-               absl::FormatDuration(config->shutdown_grace));
+  spdlog::info("signal {}: shutting down (new transfers refused; in-flight ones get {})",
+               signal_number, absl::FormatDuration(config->shutdown_grace));
   server->GetHealthCheckService()->SetServingStatus(false);
   (*daemon)->Drain(config->shutdown_grace);  // then fails what is left, so the calls below finish
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));

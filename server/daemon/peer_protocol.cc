@@ -30,13 +30,13 @@ std::vector<std::byte> SerializeBegin(const TransferBegin& begin) {
 absl::StatusOr<TransferBegin> ParseBegin(std::span<const std::byte> bytes) {
   TransferBegin begin;
   if (bytes.size() != sizeof(begin)) {
-    return absl::DataLossError(absl::StrCat("transfer-begin message has ", bytes.size(), " bytes, expected ",
-                                            sizeof(begin)));
+    return absl::DataLossError(absl::StrCat("transfer-begin message has ", bytes.size(),
+                                            " bytes, expected ", sizeof(begin)));
   }
   std::memcpy(&begin, bytes.data(), sizeof(begin));
-  if (begin.version != kPeerProtocolVersion) {
+  if (begin.version != kTransferMessageVersion) {
     return absl::FailedPreconditionError(
-        absl::StrCat("peer protocol version ", begin.version, " is not ", kPeerProtocolVersion));
+        absl::StrCat("peer protocol version ", begin.version, " is not ", kTransferMessageVersion));
   }
   if (begin.dtype > 1 || begin.layers == 0 || begin.tokens == 0 || begin.heads == 0 ||
       begin.head_dim == 0 || begin.segments_total == 0 || begin.request_id == 0) {
@@ -47,8 +47,13 @@ absl::StatusOr<TransferBegin> ParseBegin(std::span<const std::byte> bytes) {
 
 std::vector<std::byte> SerializeOutcome(const TransferOutcome& outcome) {
   const absl::string_view text = outcome.status.message().substr(0, kMaxOutcomeMessage);
-  OutcomeHeader h{kPeerProtocolVersion, 0, static_cast<int32_t>(outcome.status.code()),
-                  outcome.request_id, outcome.decode_seconds, uint32_t(text.size()), 0};
+  OutcomeHeader h{kTransferMessageVersion,
+                  0,
+                  static_cast<int32_t>(outcome.status.code()),
+                  outcome.request_id,
+                  outcome.decode_seconds,
+                  uint32_t(text.size()),
+                  0};
   std::vector<std::byte> out(sizeof(h) + text.size());
   std::memcpy(out.data(), &h, sizeof(h));
   // An OK status's message has no storage (data() is null); memcpy from null is undefined even
@@ -61,9 +66,9 @@ absl::StatusOr<TransferOutcome> ParseOutcome(std::span<const std::byte> bytes) {
   OutcomeHeader h;
   if (bytes.size() < sizeof(h)) return absl::DataLossError("transfer-outcome message truncated");
   std::memcpy(&h, bytes.data(), sizeof(h));
-  if (h.version != kPeerProtocolVersion) {
-    return absl::FailedPreconditionError(absl::StrCat("peer protocol version ", h.version, " is not ",
-                                                      kPeerProtocolVersion));
+  if (h.version != kTransferMessageVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("peer protocol version ", h.version, " is not ", kTransferMessageVersion));
   }
   if (h.message_bytes > kMaxOutcomeMessage || bytes.size() != sizeof(h) + h.message_bytes ||
       h.code < 0 || h.code > 16) {
@@ -72,12 +77,14 @@ absl::StatusOr<TransferOutcome> ParseOutcome(std::span<const std::byte> bytes) {
   TransferOutcome outcome;
   outcome.request_id = h.request_id;
   outcome.decode_seconds = h.decode_seconds;
-  const std::string message(reinterpret_cast<const char*>(bytes.data() + sizeof(h)), h.message_bytes);
+  const std::string message(reinterpret_cast<const char*>(bytes.data() + sizeof(h)),
+                            h.message_bytes);
   outcome.status = absl::Status(static_cast<absl::StatusCode>(h.code), message);
   return outcome;
 }
 
-uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim, DType dtype) {
+uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim,
+                                DType dtype) {
   uint64_t h = 0xcbf29ce484222325ull;
   for (uint32_t v : {layers, kv_heads, head_dim, uint32_t(dtype)}) {
     for (int i = 0; i < 4; ++i) {

@@ -20,26 +20,29 @@ enum PeerMessageType : uint16_t {
   kSegmentMessage = 2,         // sender -> receiver, one encoded segment
   kTransferResultMessage = 3,  // receiver -> sender: committed, or why not
   kTransferAbortMessage = 4,   // sender -> receiver: the sender gave up
-  kTransferMatchedMessage = 5, // receiver -> sender: a Receive took the transfer (outcome format, OK)
+  kTransferMatchedMessage =
+      5,  // receiver -> sender: a Receive took the transfer (outcome format, OK)
 };
 
-inline constexpr uint16_t kPeerProtocolVersion = 1;
+// Version of the transfer messages above (begin, outcome), carried in each of them. The transport's
+// handshake has its own version (transport::kPeerProtocolVersion) for the connection itself.
+inline constexpr uint16_t kTransferMessageVersion = 1;
 
 // What a receiver needs to know before segments arrive.
 struct TransferBegin {
   uint16_t version;
-  uint8_t dtype;         // skv::DType
-  uint8_t passthrough;   // 1 when every row travels as FP16
+  uint8_t dtype;        // skv::DType
+  uint8_t passthrough;  // 1 when every row travels as FP16
   uint32_t layers;
   uint64_t request_id;
-  uint64_t model_hash;   // shape + dtype of the sender's model; must equal the receiver's
+  uint64_t model_hash;  // shape + dtype of the sender's model; must equal the receiver's
   uint32_t tokens;
   uint32_t heads;
   uint32_t head_dim;
   uint32_t segments_total;
   double requested_budget;
-  double achieved_budget;   // the sender's plan, honest accounting
-  double payload_budget;    // the paper's accounting
+  double achieved_budget;  // the sender's plan, honest accounting
+  double payload_budget;   // the paper's accounting
   uint64_t rows_per_tier[kNumTiers];
 };
 static_assert(sizeof(TransferBegin) == 104);

@@ -24,11 +24,13 @@ void AddFileWithDependencies(const FileDescriptor* file, std::set<std::string>& 
   google::protobuf::FileDescriptorProto proto;
   file->CopyTo(&proto);
   proto.SerializeToString(out.add_file_descriptor_proto());
-  for (int i = 0; i < file->dependency_count(); ++i) AddFileWithDependencies(file->dependency(i), seen, out);
+  for (int i = 0; i < file->dependency_count(); ++i)
+    AddFileWithDependencies(file->dependency(i), seen, out);
 }
 
 // Answers one request; the stream's reactor calls this for each message it reads.
-class Reactor final : public grpc::ServerBidiReactor<v1::ServerReflectionRequest, v1::ServerReflectionResponse> {
+class Reactor final
+    : public grpc::ServerBidiReactor<v1::ServerReflectionRequest, v1::ServerReflectionResponse> {
  public:
   explicit Reactor(const ReflectionV1Service* service) : service_(service) { StartRead(&request_); }
 
@@ -62,7 +64,8 @@ ReflectionV1Service::ServerReflectionInfo(grpc::CallbackServerContext*) {
   return new Reactor(this);
 }
 
-v1::ServerReflectionResponse ReflectionV1Service::Answer(const v1::ServerReflectionRequest& request) const {
+v1::ServerReflectionResponse ReflectionV1Service::Answer(
+    const v1::ServerReflectionRequest& request) const {
   const DescriptorPool* pool = DescriptorPool::generated_pool();
   v1::ServerReflectionResponse response;
   response.set_valid_host(request.host());
@@ -77,10 +80,12 @@ v1::ServerReflectionResponse ReflectionV1Service::Answer(const v1::ServerReflect
   };
   switch (request.message_request_case()) {
     case v1::ServerReflectionRequest::kListServices:
-      for (const std::string& name : services_) response.mutable_list_services_response()->add_service()->set_name(name);
+      for (const std::string& name : services_)
+        response.mutable_list_services_response()->add_service()->set_name(name);
       break;
     case v1::ServerReflectionRequest::kFileByFilename:
-      send_file(pool->FindFileByName(request.file_by_filename()), "file '" + request.file_by_filename() + "'");
+      send_file(pool->FindFileByName(request.file_by_filename()),
+                "file '" + request.file_by_filename() + "'");
       break;
     case v1::ServerReflectionRequest::kFileContainingSymbol:
       send_file(pool->FindFileContainingSymbol(request.file_containing_symbol()),
@@ -92,20 +97,24 @@ v1::ServerReflectionResponse ReflectionV1Service::Answer(const v1::ServerReflect
       const google::protobuf::FieldDescriptor* extension =
           type == nullptr ? nullptr : pool->FindExtensionByNumber(type, e.extension_number());
       send_file(extension == nullptr ? nullptr : extension->file(),
-                "extension " + std::to_string(e.extension_number()) + " of '" + e.containing_type() + "'");
+                "extension " + std::to_string(e.extension_number()) + " of '" +
+                    e.containing_type() + "'");
       break;
     }
     case v1::ServerReflectionRequest::kAllExtensionNumbersOfType: {
-      const google::protobuf::Descriptor* type = pool->FindMessageTypeByName(request.all_extension_numbers_of_type());
+      const google::protobuf::Descriptor* type =
+          pool->FindMessageTypeByName(request.all_extension_numbers_of_type());
       if (type == nullptr) {
-        SetError(response, grpc::StatusCode::NOT_FOUND, "type '" + request.all_extension_numbers_of_type() + "' not found");
+        SetError(response, grpc::StatusCode::NOT_FOUND,
+                 "type '" + request.all_extension_numbers_of_type() + "' not found");
         break;
       }
       std::vector<const google::protobuf::FieldDescriptor*> extensions;
       pool->FindAllExtensions(type, &extensions);
       v1::ExtensionNumberResponse* numbers = response.mutable_all_extension_numbers_response();
       numbers->set_base_type_name(type->full_name());
-      for (const google::protobuf::FieldDescriptor* f : extensions) numbers->add_extension_number(f->number());
+      for (const google::protobuf::FieldDescriptor* f : extensions)
+        numbers->add_extension_number(f->number());
       break;
     }
     case v1::ServerReflectionRequest::MESSAGE_REQUEST_NOT_SET:

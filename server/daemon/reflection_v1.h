@@ -15,14 +15,16 @@ namespace skv::daemon {
 class ReflectionV1Service final : public grpc::reflection::v1::ServerReflection::CallbackService {
  public:
   // `services`: the full names answered to list_services.
-  explicit ReflectionV1Service(std::vector<std::string> services) : services_(std::move(services)) {}
+  explicit ReflectionV1Service(std::vector<std::string> services)
+      : services_(std::move(services)) {}
 
   grpc::ServerBidiReactor<grpc::reflection::v1::ServerReflectionRequest,
                           grpc::reflection::v1::ServerReflectionResponse>*
   ServerReflectionInfo(grpc::CallbackServerContext* context) override;
 
   // One answer; public so that it can be tested without a server.
-  grpc::reflection::v1::ServerReflectionResponse Answer(const grpc::reflection::v1::ServerReflectionRequest& request) const;
+  grpc::reflection::v1::ServerReflectionResponse Answer(
+      const grpc::reflection::v1::ServerReflectionRequest& request) const;
 
  private:
   const std::vector<std::string> services_;

@@ -24,7 +24,8 @@ void TransferTable::Stamp(TransferInfo& info) {
 
 void TransferTable::RememberIfFinished(const Key& key, const TransferInfo& info) {
   if (!IsFinished(info.state())) return;
-  if (std::find(finished_order_.begin(), finished_order_.end(), key) != finished_order_.end()) return;
+  if (std::find(finished_order_.begin(), finished_order_.end(), key) != finished_order_.end())
+    return;
   finished_order_.push_back(key);
   while (finished_order_.size() > max_finished_) {
     records_.erase(finished_order_.front());
@@ -47,7 +48,8 @@ void TransferTable::Put(TransferInfo info) {
 std::vector<TransferInfo> TransferTable::Get(uint64_t request_id, TransferRole role) const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TransferInfo> out;
-  for (TransferRole r : {spectrumkv::v1::TRANSFER_ROLE_SENDER, spectrumkv::v1::TRANSFER_ROLE_RECEIVER}) {
+  for (TransferRole r :
+       {spectrumkv::v1::TRANSFER_ROLE_SENDER, spectrumkv::v1::TRANSFER_ROLE_RECEIVER}) {
     if (role != spectrumkv::v1::TRANSFER_ROLE_UNSPECIFIED && role != r) continue;
     auto it = records_.find({request_id, r});
     if (it != records_.end()) out.push_back(it->second);
@@ -67,8 +69,10 @@ std::vector<TransferInfo> TransferTable::List(TransferRole role, TransferState s
     }
   }
   std::sort(all.begin(), all.end(), [](const TransferInfo& a, const TransferInfo& b) {
-    if (a.created().seconds() != b.created().seconds()) return a.created().seconds() > b.created().seconds();
-    if (a.created().nanos() != b.created().nanos()) return a.created().nanos() > b.created().nanos();
+    if (a.created().seconds() != b.created().seconds())
+      return a.created().seconds() > b.created().seconds();
+    if (a.created().nanos() != b.created().nanos())
+      return a.created().nanos() > b.created().nanos();
     return a.request_id() > b.request_id();
   });
   *more = all.size() > offset + limit;

@@ -33,8 +33,8 @@ class TransferTable {
                                                 spectrumkv::v1::TransferRole role) const;
   // Newest first, filtered; `offset` is the page start.
   std::vector<spectrumkv::v1::TransferInfo> List(spectrumkv::v1::TransferRole role,
-                                                 spectrumkv::v1::TransferState state,
-                                                 size_t offset, size_t limit, bool* more) const;
+                                                 spectrumkv::v1::TransferState state, size_t offset,
+                                                 size_t limit, bool* more) const;
 
   static bool IsFinished(spectrumkv::v1::TransferState state);
 

@@ -31,7 +31,8 @@ TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
   const std::string tokenizer = data + "/models/tok512.bin";
   const std::string text = data + "/text/wikitext2-test.raw";
   for (const std::string& f : {model, tokenizer, text}) {
-    if (!std::filesystem::exists(f)) GTEST_SKIP() << "shared data absent: " << f << " (set SKV_DATA_DIR)";
+    if (!std::filesystem::exists(f))
+      GTEST_SKIP() << "shared data absent: " << f << " (set SKV_DATA_DIR)";
   }
   absl::StatusOr<skv::testing::DaemonPair> pair = skv::testing::StartDaemonPair();
   ASSERT_TRUE(pair.ok()) << pair.status();
@@ -44,9 +45,9 @@ TEST(EvalDaemonPair, SameNumbersAsTheInProcessCodec) {
   const std::string in_process = RunCommand(base + " 2>/dev/null", &status);
   ASSERT_EQ(status, 0) << in_process;
   const std::string through_daemons =
-      RunCommand(absl::StrCat(base, " --encode_daemon ", pair->prefill->grpc_address(), " --decode_daemon ",
-                       pair->decode->grpc_address(), " 2>/dev/null"),
-          &status);
+      RunCommand(absl::StrCat(base, " --encode_daemon ", pair->prefill->grpc_address(),
+                              " --decode_daemon ", pair->decode->grpc_address(), " 2>/dev/null"),
+                 &status);
   ASSERT_EQ(status, 0) << through_daemons << "\nprefill log:\n"
                        << pair->prefill->Log() << "\ndecode log:\n"
                        << pair->decode->Log();

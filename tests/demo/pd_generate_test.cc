@@ -1,7 +1,8 @@
 // Smoke test of the README's main demo: skv-pd-generate through two real spectrumkvd processes
 // (Send/Receive over UCX on loopback), a few tokens: on the stand-in model committed in models/
-// (always), and on the shared stories260K model at b = 0.5 and b = 1 (when the data is there). Checks the report and that the received KV equals the daemon's own
-// Encode/Decode of the same input (the tool fails otherwise).
+// (always), and on the shared stories260K model at b = 0.5 and b = 1 (when the data is there).
+// Checks the report and that the received KV equals the daemon's own Encode/Decode of the same
+// input (the tool fails otherwise).
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -37,11 +38,13 @@ class PdGenerateTest : public ::testing::Test {
 
   // Empty model_ means the tool's default: the stand-in model committed in models/.
   std::string Generate(const std::string& extra, int* status) {
-    const std::string model = model_.empty() ? "" : absl::StrCat(" --model ", model_, " --tokenizer ", tokenizer_);
-    return RunCommand(absl::StrCat(SKV_PD_GENERATE_BINARY, model, " --sender ", prefill_->grpc_address(),
-                                   " --receiver ", decode_->grpc_address(), " --peer decode --tokens 12 ", extra,
-                                   " 2>&1"),
-                      status);
+    const std::string model =
+        model_.empty() ? "" : absl::StrCat(" --model ", model_, " --tokenizer ", tokenizer_);
+    return RunCommand(
+        absl::StrCat(SKV_PD_GENERATE_BINARY, model, " --sender ", prefill_->grpc_address(),
+                     " --receiver ", decode_->grpc_address(), " --peer decode --tokens 12 ", extra,
+                     " 2>&1"),
+        status);
   }
 
   std::string model_, tokenizer_;
@@ -52,13 +55,16 @@ class PdGenerateTest : public ::testing::Test {
 TEST_F(PdGenerateTest, StandInModelGeneratesThroughTheDaemonPair) {
   int status = 0;
   const std::string out = Generate("--budget 0.5", &status);
-  ASSERT_EQ(status, 0) << out << "\nprefill log:\n" << prefill_->Log() << "\ndecode log:\n" << decode_->Log();
+  ASSERT_EQ(status, 0) << out << "\nprefill log:\n"
+                       << prefill_->Log() << "\ndecode log:\n"
+                       << decode_->Log();
   EXPECT_NE(out.find("austen-byte-6l-h64"), std::string::npos) << out;
   EXPECT_NE(out.find("of 12 agree position by position"), std::string::npos) << out;
   // Honest accounting: never above the request, and the budget is used.
   const size_t at = out.find("requested 0.500, achieved ");
   ASSERT_NE(at, std::string::npos) << out;
-  const double achieved = std::stod(out.substr(at + std::string("requested 0.500, achieved ").size(), 6));
+  const double achieved =
+      std::stod(out.substr(at + std::string("requested 0.500, achieved ").size(), 6));
   EXPECT_LE(achieved, 0.5);
   EXPECT_GT(achieved, 0.45);
   EXPECT_NE(out.find("received KV and mask identical"), std::string::npos) << out;
@@ -68,7 +74,9 @@ TEST_F(PdGenerateTest, GeneratesThroughTheDaemonPairAndReports) {
   if (!UseStories()) GTEST_SKIP() << "shared data absent: " << model_ << " (set SKV_DATA_DIR)";
   int status = 0;
   const std::string out = Generate("--budget 0.5", &status);
-  ASSERT_EQ(status, 0) << out << "\nprefill log:\n" << prefill_->Log() << "\ndecode log:\n" << decode_->Log();
+  ASSERT_EQ(status, 0) << out << "\nprefill log:\n"
+                       << prefill_->Log() << "\ndecode log:\n"
+                       << decode_->Log();
   EXPECT_NE(out.find("Once upon a time"), std::string::npos) << out;
   EXPECT_NE(out.find("first token  "), std::string::npos) << out;
   EXPECT_NE(out.find("of 12 agree position by position"), std::string::npos) << out;

@@ -293,7 +293,7 @@ scrape_configs:
     check(reasons.get("forced", 0) > 0, f"passthrough by reason: {reasons} (bench at b=1 forces passthrough)")
     results = {(r["metric"].get("role"), r["metric"].get("result")): float(r["value"][1])
                for r in values[("Transfers/s by result", "A")]}
-    check(results.get(("receiver", "deadline_exceeded"), 0) > 0, f"transfers by result: missing the timeout")
+    check(results.get(("receiver", "deadline_exceeded"), 0) > 0, "transfers by result: missing the timeout")
 
     # ---- Template variable query (label_values(metric, label) is Grafana's, not PromQL).
     for var in dashboard["templating"]["list"]:

@@ -54,7 +54,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                 reinterpret_cast<const uint8_t*>(&header) + sizeof(header));
   expected.insert(expected.end(), data + sizeof(header), data + size);
   const std::vector<std::byte> again = wire::EncodeHandshakeRequest(*request);
-  Check(again.size() == expected.size() && std::memcmp(again.data(), expected.data(), expected.size()) == 0);
+  Check(again.size() == expected.size() &&
+        std::memcmp(again.data(), expected.data(), expected.size()) == 0);
   absl::StatusOr<HandshakeRequest> redecoded = wire::DecodeHandshakeRequest(again);
   Check(redecoded.ok() && SameRequest(*redecoded, *request));
   return 0;
@@ -62,7 +63,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
 // Half of the mutants get the magic and id and token lengths that add up to their size, so the
 // checks behind them are reached.
-extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size,
+                                          unsigned int seed) {
   std::minstd_rand rng(seed);
   size = LLVMFuzzerMutate(data, size, max_size);
   if (rng() % 2 && size >= sizeof(HandshakeRequestWire)) {

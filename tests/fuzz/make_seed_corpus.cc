@@ -28,7 +28,8 @@ template <typename Bytes>
 void Write(const fs::path& dir, const std::string& name, const Bytes& bytes) {
   fs::create_directories(dir);
   std::ofstream out(dir / name, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   if (!out) {
     std::fprintf(stderr, "cannot write %s\n", (dir / name).c_str());
     std::exit(1);
@@ -45,7 +46,8 @@ struct SegmentSeed {
 // Small shapes (at most a few KB per segment) covering every tier, both dtypes, every flag, a
 // split request (token_begin > 0) and head sizes up to 256.
 const SegmentSeed kSegmentSeeds[] = {
-    {"fp16-passthrough", skv::DType::kFp16, 12, 1, 16, [](skv::CodecOptions& o) { o.budget = 1.0; }},
+    {"fp16-passthrough", skv::DType::kFp16, 12, 1, 16,
+     [](skv::CodecOptions& o) { o.budget = 1.0; }},
     {"fp16-rd", skv::DType::kFp16, 16, 2, 16, [](skv::CodecOptions& o) { o.budget = 0.6; }},
     {"bf16-int2", skv::DType::kBf16, 16, 1, 32,
      [](skv::CodecOptions& o) {
@@ -124,13 +126,16 @@ void WriteSegments(const fs::path& dir) {
       std::fprintf(stderr, "segment seed %s: %s\n", s.name, enc.status().ToString().c_str());
       std::exit(1);
     }
-    std::printf("%-22s budget %.2f rows per tier (fp16 int8 int4 int2 drop):", s.name, options.budget);
-    for (uint64_t rows : enc->stats.rows_per_tier) std::printf(" %llu", static_cast<unsigned long long>(rows));
+    std::printf("%-22s budget %.2f rows per tier (fp16 int8 int4 int2 drop):", s.name,
+                options.budget);
+    for (uint64_t rows : enc->stats.rows_per_tier)
+      std::printf(" %llu", static_cast<unsigned long long>(rows));
     std::printf("\n");
     const size_t per_tensor = enc->segments.size() / 2;
     for (size_t i = 0; i < enc->segments.size(); ++i) {
       const std::string kind = i < per_tensor ? "k" : "v";
-      Write(dir, std::string(s.name) + "-" + kind + std::to_string(i % per_tensor), enc->segments[i]);
+      Write(dir, std::string(s.name) + "-" + kind + std::to_string(i % per_tensor),
+            enc->segments[i]);
     }
   }
 }
@@ -138,7 +143,7 @@ void WriteSegments(const fs::path& dir) {
 void WritePeerMessages(const fs::path& begin_dir, const fs::path& outcome_dir) {
   using skv::daemon::TransferBegin;
   TransferBegin begin{};
-  begin.version = skv::daemon::kPeerProtocolVersion;
+  begin.version = skv::daemon::kTransferMessageVersion;
   begin.dtype = static_cast<uint8_t>(skv::DType::kFp16);
   begin.passthrough = 0;
   begin.layers = 6;
@@ -170,7 +175,8 @@ void WritePeerMessages(const fs::path& begin_dir, const fs::path& outcome_dir) {
         skv::daemon::SerializeOutcome(TransferOutcome{
             42, absl::DataLossError("segment CRC32C mismatch: corrupted in transit"), 0.002}));
   Write(outcome_dir, "outcome-sender-cancelled",
-        skv::daemon::SerializeOutcome(TransferOutcome{7, absl::CancelledError("cancelled by the sender"), 0}));
+        skv::daemon::SerializeOutcome(
+            TransferOutcome{7, absl::CancelledError("cancelled by the sender"), 0}));
 }
 
 void WriteHandshakes(const fs::path& request_dir, const fs::path& reply_dir) {
@@ -184,7 +190,8 @@ void WriteHandshakes(const fs::path& request_dir, const fs::path& reply_dir) {
   anonymous.daemon_id = "p";
   anonymous.auth_token = std::string(64, 't');
   anonymous.model_compat_hash = 0;
-  Write(request_dir, "request-any-model", wire::EncodeHandshakeRequest(wire::MakeHandshakeRequest(anonymous)));
+  Write(request_dir, "request-any-model",
+        wire::EncodeHandshakeRequest(wire::MakeHandshakeRequest(anonymous)));
 
   spectrumkv::transport::TransportConfig decode = prefill;
   decode.daemon_id = "decode-0";
@@ -192,7 +199,8 @@ void WriteHandshakes(const fs::path& request_dir, const fs::path& reply_dir) {
         wire::EncodeHandshakeReply(wire::MakeHandshakeReply(decode, absl::OkStatus())));
   Write(reply_dir, "reply-refused",
         wire::EncodeHandshakeReply(wire::MakeHandshakeReply(
-            decode, absl::PermissionDeniedError("daemon 'decode-0' refused 'prefill-0': wrong auth token"))));
+            decode, absl::PermissionDeniedError(
+                        "daemon 'decode-0' refused 'prefill-0': wrong auth token"))));
 }
 
 }  // namespace

@@ -28,7 +28,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
   absl::StatusOr<TransferBegin> begin = skv::daemon::ParseBegin(bytes);
   if (!begin.ok()) return 0;
-  Check(begin->version == skv::daemon::kPeerProtocolVersion && begin->dtype <= 1 &&
+  Check(begin->version == skv::daemon::kTransferMessageVersion && begin->dtype <= 1 &&
         begin->layers != 0 && begin->tokens != 0 && begin->heads != 0 && begin->head_dim != 0 &&
         begin->segments_total != 0 && begin->request_id != 0);
   const std::vector<std::byte> again = skv::daemon::SerializeBegin(*begin);
@@ -40,13 +40,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
 // Half of the mutants keep the exact size and the current version, so the shape checks behind
 // them are reached.
-extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size,
+                                          unsigned int seed) {
   std::minstd_rand rng(seed);
   size = LLVMFuzzerMutate(data, size, max_size);
   if (rng() % 2 && max_size >= sizeof(TransferBegin)) {
     if (size < sizeof(TransferBegin)) std::memset(data + size, 0, sizeof(TransferBegin) - size);
     size = sizeof(TransferBegin);
-    const uint16_t version = skv::daemon::kPeerProtocolVersion;
+    const uint16_t version = skv::daemon::kTransferMessageVersion;
     std::memcpy(data + offsetof(TransferBegin, version), &version, sizeof(version));
   }
   return size;

@@ -55,7 +55,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<uint8_t> expected(header, header + kHeaderBytes);
   expected.insert(expected.end(), data + kHeaderBytes, data + expected_size);
   const std::vector<std::byte> again = skv::daemon::SerializeOutcome(*outcome);
-  Check(again.size() == expected.size() && std::memcmp(again.data(), expected.data(), expected.size()) == 0);
+  Check(again.size() == expected.size() &&
+        std::memcmp(again.data(), expected.data(), expected.size()) == 0);
   absl::StatusOr<TransferOutcome> reparsed = skv::daemon::ParseOutcome(again);
   Check(reparsed.ok() && SameOutcome(*reparsed, *outcome));
   return 0;
@@ -63,11 +64,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
 // Half of the mutants get a message length that agrees with their size and the current version,
 // so the checks behind them are reached.
-extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size,
+                                          unsigned int seed) {
   std::minstd_rand rng(seed);
   size = LLVMFuzzerMutate(data, size, max_size);
   if (rng() % 2 && size >= kHeaderBytes) {
-    const uint16_t version = skv::daemon::kPeerProtocolVersion;
+    const uint16_t version = skv::daemon::kTransferMessageVersion;
     std::memcpy(data, &version, sizeof(version));
     const uint32_t message_bytes = uint32_t(size - kHeaderBytes);
     std::memcpy(data + kMessageBytesAt, &message_bytes, sizeof(message_bytes));

@@ -31,12 +31,10 @@ namespace {
 std::mt19937 rng;
 
 // Values that sit on the edges parsers check: zero, one, all ones, sign bits, small counts.
-constexpr uint64_t kInteresting[] = {0,          1,          2,          3,        4,
-                                     7,          8,          16,         32,       63,
-                                     64,         0x7f,       0x80,       0xff,     0x100,
-                                     0x3ff,      0x400,      0x7fff,     0x8000,   0xffff,
-                                     0x10000,    0x7fffffff, 0x80000000, 0xffffffff,
-                                     ~uint64_t{0}};
+constexpr uint64_t kInteresting[] = {
+    0,      1,      2,       3,          4,          7,          8,           16,    32,
+    63,     64,     0x7f,    0x80,       0xff,       0x100,      0x3ff,       0x400, 0x7fff,
+    0x8000, 0xffff, 0x10000, 0x7fffffff, 0x80000000, 0xffffffff, ~uint64_t{0}};
 
 }  // namespace
 
@@ -106,7 +104,8 @@ std::vector<std::vector<uint8_t>> LoadSeeds(const std::vector<std::string>& dirs
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
       if (entry.is_regular_file()) files.push_back(entry.path());
     }
-    if (ec) std::fprintf(stderr, "cannot read corpus folder %s: %s\n", dir.c_str(), ec.message().c_str());
+    if (ec)
+      std::fprintf(stderr, "cannot read corpus folder %s: %s\n", dir.c_str(), ec.message().c_str());
   }
   std::sort(files.begin(), files.end());  // a fixed order, so a seed number replays the same run
   std::vector<std::vector<uint8_t>> seeds;

@@ -33,10 +33,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   absl::StatusOr<skv::ParsedSegment> seg = skv::ParseSegment(std::span(data, size));
   if (!seg.ok()) return 0;
   const skv::SegmentHeader& h = seg->header;
-  Check(h.total_bytes == size && Inside(seg->tier_map, data, size) && Inside(seg->mean, data, size) &&
-        Inside(seg->channel_params, data, size) && Inside(seg->payload, data, size));
+  Check(h.total_bytes == size && Inside(seg->tier_map, data, size) &&
+        Inside(seg->mean, data, size) && Inside(seg->channel_params, data, size) &&
+        Inside(seg->payload, data, size));
   Check(sizeof(h) + seg->tier_map.size() + seg->mean.size() + seg->channel_params.size() +
-            seg->payload.size() == size);
+            seg->payload.size() ==
+        size);
 
   // Decode into a destination exactly as large as the header says (bounded to keep runs fast).
   const uint32_t tokens = h.token_begin + h.token_count;
@@ -44,10 +46,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size_t{tokens} * n > (size_t{1} << 22)) return 0;
   const auto dtype = static_cast<skv::DType>(h.dtype);
   std::vector<uint16_t> fast(size_t{tokens} * n, kUntouched), ref(fast);
-  Check(skv::DecodeSegment(*seg, skv::KvTensorView::Dense(fast.data(), dtype, tokens, h.heads, h.head_dim),
-                           skv::BestRowKernels())
+  Check(skv::DecodeSegment(
+            *seg, skv::KvTensorView::Dense(fast.data(), dtype, tokens, h.heads, h.head_dim),
+            skv::BestRowKernels())
             .ok());
-  Check(skv::DecodeSegment(*seg, skv::KvTensorView::Dense(ref.data(), dtype, tokens, h.heads, h.head_dim),
+  Check(skv::DecodeSegment(*seg,
+                           skv::KvTensorView::Dense(ref.data(), dtype, tokens, h.heads, h.head_dim),
                            skv::ReferenceRowKernels())
             .ok());
   Check(fast == ref);
@@ -64,8 +68,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } else if (t == skv::Tier::kDrop) {
       for (size_t c = 0; c < n; ++c) Check(row[c] == 0);
     }
-    record += per_channel && skv::IsQuantized(t) ? skv::RowCodeBytes(t, h.heads, h.head_dim)
-                                                 : skv::RowBytes(t, h.heads, h.head_dim, h.group_size);
+    record += per_channel && skv::IsQuantized(t)
+                  ? skv::RowCodeBytes(t, h.heads, h.head_dim)
+                  : skv::RowBytes(t, h.heads, h.head_dim, h.group_size);
   }
   Check(record == seg->payload.size());
   return 0;
@@ -74,7 +79,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 // Mutants mostly get a consistent size field and a fresh CRC32C, so the checks behind the CRC
 // are reached (a random mutation almost never keeps the CRC right); some keep a stale one so the
 // CRC check itself stays covered. Small values in header fields reach the shape checks.
-extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size,
+                                          unsigned int seed) {
   std::minstd_rand rng(seed);
   size = LLVMFuzzerMutate(data, size, max_size);
   if (size < sizeof(skv::SegmentHeader)) return size;

@@ -14,12 +14,12 @@
 #include <random>
 
 #include "daemon.h"
+#include "daemon_process.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/descriptor.pb.h"
+#include "google/protobuf/util/time_util.h"
 #include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "grpcpp/create_channel.h"
-#include "daemon_process.h"
-#include "google/protobuf/util/time_util.h"
 #include "gtest/gtest.h"
 #include "peer_protocol.h"
 #include "spectrumkv/codec/codec.h"
@@ -52,7 +52,8 @@ SharedMemoryBuffer MakeSource(uint64_t bytes, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   auto* v = reinterpret_cast<uint16_t*>(b->data());
-  for (size_t i = 0; i < bytes / 2; ++i) v[i] = FloatToFp16(normal(rng) + (i % kHeadDim == 3 ? 6.0f : 0.0f));
+  for (size_t i = 0; i < bytes / 2; ++i)
+    v[i] = FloatToFp16(normal(rng) + (i % kHeadDim == 3 ? 6.0f : 0.0f));
   return std::move(*b);
 }
 
@@ -67,19 +68,23 @@ std::vector<KvLayerViews> DenseViews(uint8_t* data, uint32_t tokens = kTokens) {
   std::vector<KvLayerViews> views;
   const size_t tensor = size_t{tokens} * kHeads * kHeadDim * 2;
   for (uint32_t l = 0; l < kLayers; ++l) {
-    views.push_back({KvTensorView::Dense(data + (2 * l) * tensor, DType::kFp16, tokens, kHeads, kHeadDim),
-                     KvTensorView::Dense(data + (2 * l + 1) * tensor, DType::kFp16, tokens, kHeads, kHeadDim)});
+    views.push_back(
+        {KvTensorView::Dense(data + (2 * l) * tensor, DType::kFp16, tokens, kHeads, kHeadDim),
+         KvTensorView::Dense(data + (2 * l + 1) * tensor, DType::kFp16, tokens, kHeads, kHeadDim)});
   }
   return views;
 }
 
 // What the codec itself makes of `source` at `budget` under the daemon's default policy.
-std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget, uint64_t request_id) {
-  const CodecOptions options = daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, budget);
+std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget,
+                                     uint64_t request_id) {
+  const CodecOptions options =
+      daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, budget);
   absl::StatusOr<EncodedKv> encoded = EncodeKv(DenseViews(source), {}, options, request_id);
   EXPECT_TRUE(encoded.ok()) << encoded.status();
   std::vector<uint8_t> out(bytes, 0);
-  std::vector<std::span<const uint8_t>> segments(encoded->segments.begin(), encoded->segments.end());
+  std::vector<std::span<const uint8_t>> segments(encoded->segments.begin(),
+                                                 encoded->segments.end());
   std::vector<uint8_t> kept;
   EXPECT_TRUE(DecodeKv(segments, DenseViews(out.data()), &kept).ok());
   return out;
@@ -122,7 +127,8 @@ class DaemonPairTest : public ::testing::Test {
     s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
     return s;
   }
-  static v1::ReceiveRequest ReceiveReq(uint64_t id, const SharedMemoryBuffer& dst, int timeout_s = 30) {
+  static v1::ReceiveRequest ReceiveReq(uint64_t id, const SharedMemoryBuffer& dst,
+                                       int timeout_s = 30) {
     v1::ReceiveRequest r;
     r.set_request_id(id);
     r.set_model_id(kModel);
@@ -137,7 +143,8 @@ class DaemonPairTest : public ::testing::Test {
     absl::StatusOr<v1::ReceiveResponse> received;
   };
   Result Transfer(const v1::SendRequest& send, const v1::ReceiveRequest& receive) {
-    auto received = std::async(std::launch::async, [&] { return decode_->client().Receive(receive); });
+    auto received =
+        std::async(std::launch::async, [&] { return decode_->client().Receive(receive); });
     absl::StatusOr<v1::SendResponse> sent = prefill_->client().Send(send);
     return {sent, received.get()};
   }
@@ -237,9 +244,11 @@ TEST_F(DaemonPairTest, PagedDestinationWithShuffledBlockTable) {
   for (uint32_t l = 0; l < kLayers; ++l) {
     for (int kind = 0; kind < 2; ++kind) {
       for (uint32_t t = 0; t < kTokens; ++t) {
-        const uint8_t* got = dst.data() + (2 * l + kind) * pool + ids[t / block] * block * row + (t % block) * row;
+        const uint8_t* got =
+            dst.data() + (2 * l + kind) * pool + ids[t / block] * block * row + (t % block) * row;
         const uint8_t* want = expected.data() + ((2 * l + kind) * uint64_t{kTokens} + t) * row;
-        ASSERT_EQ(std::memcmp(got, want, row), 0) << "layer " << l << " kind " << kind << " token " << t;
+        ASSERT_EQ(std::memcmp(got, want, row), 0)
+            << "layer " << l << " kind " << kind << " token " << t;
       }
     }
   }
@@ -255,20 +264,28 @@ TEST_F(DaemonPairTest, MetricsEndpointShowsTheTransfer) {
     const std::string role = sender ? "sender" : "receiver";
     absl::StatusOr<std::string> body = ScrapeMetrics(d->metrics_address());
     ASSERT_TRUE(body.ok()) << body.status();
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfers_total{result=\"ok\",role=\"", role, "\"} 1")),
-              std::string::npos);
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_transfer_duration_seconds_count{phase=\"total\",role=\"", role,
-                                      "\"} 1")),
-              std::string::npos);
+    EXPECT_NE(
+        body->find(absl::StrCat("spectrumkv_transfers_total{result=\"ok\",role=\"", role, "\"} 1")),
+        std::string::npos);
+    EXPECT_NE(
+        body->find(absl::StrCat(
+            "spectrumkv_transfer_duration_seconds_count{phase=\"total\",role=\"", role, "\"} 1")),
+        std::string::npos);
     // Bytes and tiers are the sender's to count, so that a sum over daemons counts them once.
     const uint64_t raw = sender ? bytes : 0, wire = sender ? r.sent->stats().wire_bytes() : 0;
     const uint64_t int8 = sender ? r.sent->stats().tier_tokens().int8() : 0;
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", raw, "\n")), std::string::npos) << *body;
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"wire\"} ", wire, "\n")), std::string::npos);
-    EXPECT_NE(body->find(absl::StrCat("spectrumkv_tokens_total{tier=\"int8\"} ", int8, "\n")), std::string::npos);
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", raw, "\n")),
+              std::string::npos)
+        << *body;
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"wire\"} ", wire, "\n")),
+              std::string::npos);
+    EXPECT_NE(body->find(absl::StrCat("spectrumkv_tokens_total{tier=\"int8\"} ", int8, "\n")),
+              std::string::npos);
     if (!sender) {
-      EXPECT_NE(body->find("spectrumkv_transfer_duration_seconds_count{phase=\"commit\",role=\"receiver\"} 1"),
-                std::string::npos);
+      EXPECT_NE(
+          body->find(
+              "spectrumkv_transfer_duration_seconds_count{phase=\"commit\",role=\"receiver\"} 1"),
+          std::string::npos);
     }
   }
 }
@@ -282,7 +299,8 @@ TEST_F(DaemonPairTest, RefusedSendIsCountedAsAFailure) {
   ASSERT_EQ(sent.status().code(), absl::StatusCode::kNotFound) << sent.status();
   absl::StatusOr<std::string> body = ScrapeMetrics(prefill_->metrics_address());
   ASSERT_TRUE(body.ok()) << body.status();
-  EXPECT_NE(body->find("spectrumkv_transfers_total{result=\"not_found\",role=\"sender\"} 1"), std::string::npos)
+  EXPECT_NE(body->find("spectrumkv_transfers_total{result=\"not_found\",role=\"sender\"} 1"),
+            std::string::npos)
       << *body;
 }
 
@@ -302,16 +320,20 @@ TEST_F(DaemonPairTest, BadRequestsGetClearStatusesAndTheDaemonsKeepServing) {
        [](v1::SendRequest& s) { s.mutable_source()->mutable_shared_memory()->set_length(1024); },
        absl::StatusCode::kInvalidArgument, "the handle maps"},
       {"missing shared memory object",
-       [](v1::SendRequest& s) { s.mutable_source()->mutable_shared_memory()->set_name("/skv-it-does-not-exist"); },
+       [](v1::SendRequest& s) {
+         s.mutable_source()->mutable_shared_memory()->set_name("/skv-it-does-not-exist");
+       },
        absl::StatusCode::kNotFound, "skv-it-does-not-exist"},
-      {"budget zero", [](v1::SendRequest& s) { s.set_budget(0); }, absl::StatusCode::kInvalidArgument, "budget"},
-      {"budget above one", [](v1::SendRequest& s) { s.set_budget(1.5); }, absl::StatusCode::kInvalidArgument, "budget"},
+      {"budget zero", [](v1::SendRequest& s) { s.set_budget(0); },
+       absl::StatusCode::kInvalidArgument, "budget"},
+      {"budget above one", [](v1::SendRequest& s) { s.set_budget(1.5); },
+       absl::StatusCode::kInvalidArgument, "budget"},
       {"unknown peer", [](v1::SendRequest& s) { s.mutable_peer()->set_daemon_id("nobody"); },
        absl::StatusCode::kNotFound, "peer"},
-      {"unknown model", [](v1::SendRequest& s) { s.set_model_id("no-such-model"); }, absl::StatusCode::kNotFound,
-       "model_id"},
-      {"request id zero", [](v1::SendRequest& s) { s.set_request_id(0); }, absl::StatusCode::kInvalidArgument,
-       "request_id"},
+      {"unknown model", [](v1::SendRequest& s) { s.set_model_id("no-such-model"); },
+       absl::StatusCode::kNotFound, "model_id"},
+      {"request id zero", [](v1::SendRequest& s) { s.set_request_id(0); },
+       absl::StatusCode::kInvalidArgument, "request_id"},
   };
   for (const Case& c : cases) {
     v1::SendRequest send = SendReq(61, src, 0.5);
@@ -319,13 +341,16 @@ TEST_F(DaemonPairTest, BadRequestsGetClearStatusesAndTheDaemonsKeepServing) {
     absl::StatusOr<v1::SendResponse> r = prefill_->client().Send(send);
     ASSERT_FALSE(r.ok()) << c.name;
     EXPECT_EQ(r.status().code(), c.code) << c.name << ": " << r.status();
-    EXPECT_NE(r.status().message().find(c.message_part), std::string::npos) << c.name << ": " << r.status();
+    EXPECT_NE(r.status().message().find(c.message_part), std::string::npos)
+        << c.name << ": " << r.status();
   }
   // Receive-side checks: duplicate request id, and a deadline that passes.
   SharedMemoryBuffer dst = MakeBuffer(bytes), dst2 = MakeBuffer(bytes);
-  auto first = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(62, dst, 2)); });
+  auto first = std::async(std::launch::async,
+                          [&] { return decode_->client().Receive(ReceiveReq(62, dst, 2)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  absl::StatusOr<v1::ReceiveResponse> duplicate = decode_->client().Receive(ReceiveReq(62, dst2, 2));
+  absl::StatusOr<v1::ReceiveResponse> duplicate =
+      decode_->client().Receive(ReceiveReq(62, dst2, 2));
   EXPECT_EQ(duplicate.status().code(), absl::StatusCode::kAlreadyExists) << duplicate.status();
   absl::StatusOr<v1::ReceiveResponse> expired = first.get();
   EXPECT_EQ(expired.status().code(), absl::StatusCode::kDeadlineExceeded) << expired.status();
@@ -347,7 +372,8 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
   namespace tp = ::spectrumkv::transport;
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 7);
-  const CodecOptions options = daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, 0.5);
+  const CodecOptions options =
+      daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, 0.5);
   tp::TransportConfig config;
   config.daemon_id = "fake-sender";
   config.auth_token = "integration-token";
@@ -363,9 +389,10 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
     absl::StatusOr<EncodedKv> enc = EncodeKv(DenseViews(src.data()), {}, options, id);
     ASSERT_TRUE(enc.ok());
     SharedMemoryBuffer dst = MakeBuffer(bytes);
-    auto received = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(id, dst, 10)); });
+    auto received = std::async(std::launch::async,
+                               [&] { return decode_->client().Receive(ReceiveReq(id, dst, 10)); });
     daemon::TransferBegin begin{};
-    begin.version = daemon::kPeerProtocolVersion;
+    begin.version = daemon::kTransferMessageVersion;
     begin.dtype = 0;
     begin.layers = kLayers;
     begin.request_id = id;
@@ -375,15 +402,20 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
     begin.head_dim = kHeadDim;
     begin.segments_total = uint32_t(enc->segments.size());
     begin.requested_budget = 0.5;
-    ASSERT_TRUE((*fake)->SendAndWait(peer->id, daemon::kTransferBeginMessage, daemon::SerializeBegin(begin),
-                                     absl::Seconds(5)).ok());
+    ASSERT_TRUE((*fake)
+                    ->SendAndWait(peer->id, daemon::kTransferBeginMessage,
+                                  daemon::SerializeBegin(begin), absl::Seconds(5))
+                    .ok());
     for (size_t i = 0; i < enc->segments.size(); ++i) {
       const ByteBuffer& s = enc->segments[i];
       std::vector<std::byte> message(s.size());
       std::memcpy(message.data(), s.data(), s.size());
       if (i == 2 && damage[0] == 'b') message[message.size() / 2] ^= std::byte{0x10};
       if (i == 2 && damage[0] == 't') message.resize(message.size() - 100);
-      ASSERT_TRUE((*fake)->SendAndWait(peer->id, daemon::kSegmentMessage, std::move(message), absl::Seconds(5)).ok());
+      ASSERT_TRUE(
+          (*fake)
+              ->SendAndWait(peer->id, daemon::kSegmentMessage, std::move(message), absl::Seconds(5))
+              .ok());
     }
     absl::StatusOr<v1::ReceiveResponse> r = received.get();
     ASSERT_FALSE(r.ok()) << damage;
@@ -392,18 +424,22 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
     get.set_request_id(id);
     absl::StatusOr<v1::GetTransferResponse> info = decode_->client().GetTransfer(get);
     ASSERT_TRUE(info.ok());
-    EXPECT_EQ(info->transfers(0).state(), v1::TRANSFER_STATE_FAILED) << "never reported as committed";
+    EXPECT_EQ(info->transfers(0).state(), v1::TRANSFER_STATE_FAILED)
+        << "never reported as committed";
   }
   (*fake)->Close();
   // The real sender still works afterwards.
   SharedMemoryBuffer dst = MakeBuffer(bytes);
   Result good = Transfer(SendReq(73, src, 0.5), ReceiveReq(73, dst));
-  EXPECT_TRUE(good.sent.ok() && good.received.ok()) << good.sent.status() << " / " << good.received.status();
+  EXPECT_TRUE(good.sent.ok() && good.received.ok())
+      << good.sent.status() << " / " << good.received.status();
 }
 
 TEST_F(DaemonPairTest, WrongAuthTokenIsRefused) {
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> intruder = DaemonProcess::Start(
-      {.daemon_id = "intruder", .auth_token = "wrong-token", .peers = {"decode=" + decode_->data_address()}});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> intruder =
+      DaemonProcess::Start({.daemon_id = "intruder",
+                            .auth_token = "wrong-token",
+                            .peers = {"decode=" + decode_->data_address()}});
   ASSERT_TRUE(intruder.ok()) << intruder.status();
   ASSERT_TRUE(Register(**intruder).ok());
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
@@ -440,13 +476,14 @@ bool SendUcxCrashBytesFrom(const char* source, const std::string& data_address) 
 }
 
 TEST_F(DaemonPairTest, DataPlaneBytesFromOutsideTheAllowedNetworksNeverArrive) {
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode =
-      DaemonProcess::Start({.daemon_id = "decode", .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start(
+      {.daemon_id = "decode", .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
   ASSERT_TRUE(decode.ok()) << decode.status();
   decode_ = std::move(*decode);
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill = DaemonProcess::Start(
-      {.daemon_id = "prefill", .peers = {"decode=" + decode_->data_address()},
-       .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
+      DaemonProcess::Start({.daemon_id = "prefill",
+                            .peers = {"decode=" + decode_->data_address()},
+                            .extra_flags = {"--data_allowed_sources=127.0.0.1/32"}});
   ASSERT_TRUE(prefill.ok()) << prefill.status();
   prefill_ = std::move(*prefill);
   for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d).ok());
@@ -541,7 +578,8 @@ TEST_F(DaemonPairTest, ControlCallsAnswerWhileSendsWaitForTheirReceive) {
   SharedMemoryBuffer src = MakeSource(bytes, 10);
   std::vector<std::future<absl::StatusOr<v1::SendResponse>>> waiting;
   for (uint64_t id = 200; id < 208; ++id) {
-    waiting.push_back(std::async(std::launch::async, [&, id] { return prefill_->client().Send(SendReq(id, src, 0.5)); }));
+    waiting.push_back(std::async(
+        std::launch::async, [&, id] { return prefill_->client().Send(SendReq(id, src, 0.5)); }));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   auto start = std::chrono::steady_clock::now();
@@ -552,7 +590,8 @@ TEST_F(DaemonPairTest, ControlCallsAnswerWhileSendsWaitForTheirReceive) {
   start = std::chrono::steady_clock::now();
   SharedMemoryBuffer dst = MakeBuffer(bytes);
   Result good = Transfer(SendReq(210, src, 0.5), ReceiveReq(210, dst));
-  EXPECT_TRUE(good.sent.ok() && good.received.ok()) << good.sent.status() << " / " << good.received.status();
+  EXPECT_TRUE(good.sent.ok() && good.received.ok())
+      << good.sent.status() << " / " << good.received.status();
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3));
   for (uint64_t id = 200; id < 208; ++id) {
     v1::CancelTransferRequest c;
@@ -564,8 +603,8 @@ TEST_F(DaemonPairTest, ControlCallsAnswerWhileSendsWaitForTheirReceive) {
 }
 
 TEST_F(DaemonPairTest, AnAbandonedReceiveFreesItsSlotAtOnce) {
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode =
-      DaemonProcess::Start({.daemon_id = "decode2", .extra_flags = {"--max_concurrent_transfers=2"}});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start(
+      {.daemon_id = "decode2", .extra_flags = {"--max_concurrent_transfers=2"}});
   ASSERT_TRUE(decode.ok()) << decode.status();
   ASSERT_TRUE(Register(**decode).ok());
   client::ClientOptions impatient;
@@ -576,7 +615,8 @@ TEST_F(DaemonPairTest, AnAbandonedReceiveFreesItsSlotAtOnce) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer dst = MakeBuffer(bytes);
   for (uint64_t id : {301, 302}) {  // each waits up to an hour; its caller leaves after 300 ms
-    EXPECT_EQ((*caller)->Receive(ReceiveReq(id, dst, 3600)).status().code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_EQ((*caller)->Receive(ReceiveReq(id, dst, 3600)).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   v1::ReceiveRequest r = ReceiveReq(303, dst, 1);
@@ -593,7 +633,8 @@ TEST_F(DaemonPairTest, AnAbandonedReceiveFreesItsSlotAtOnce) {
 TEST_F(DaemonPairTest, SigtermFailsPendingReceivesAndExitsCleanly) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer dst = MakeBuffer(bytes);
-  auto pending = std::async(std::launch::async, [&] { return decode_->client().Receive(ReceiveReq(101, dst, 30)); });
+  auto pending = std::async(std::launch::async,
+                            [&] { return decode_->client().Receive(ReceiveReq(101, dst, 30)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   const auto start = std::chrono::steady_clock::now();
   const int status = decode_->Stop(SIGTERM);

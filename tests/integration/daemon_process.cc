@@ -73,15 +73,18 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Op
     _exit(127);
   }
   d->pid_ = pid;
-  absl::StatusOr<std::unique_ptr<client::SpectrumKvClient>> c = client::SpectrumKvClient::Connect(d->grpc_address_);
+  absl::StatusOr<std::unique_ptr<client::SpectrumKvClient>> c =
+      client::SpectrumKvClient::Connect(d->grpc_address_);
   if (!c.ok()) return c.status();
   d->client_ = std::move(*c);
   // Ready when gRPC answers; fail fast if the process died (bad flags, port taken).
   for (int i = 0; i < 200; ++i) {
-    if (!d->Alive()) return absl::InternalError(absl::StrCat("spectrumkvd exited at start:\n", d->Log()));
+    if (!d->Alive())
+      return absl::InternalError(absl::StrCat("spectrumkvd exited at start:\n", d->Log()));
     if (d->client_->WaitUntilServing(std::chrono::milliseconds(50)).ok()) return d;
   }
-  return absl::DeadlineExceededError(absl::StrCat("spectrumkvd did not start in 10 s:\n", d->Log()));
+  return absl::DeadlineExceededError(
+      absl::StrCat("spectrumkvd did not start in 10 s:\n", d->Log()));
 }
 
 std::string DaemonProcess::Log() const {
@@ -144,11 +147,12 @@ absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
 
 absl::StatusOr<DaemonPair> StartDaemonPair() {
   DaemonPair pair;
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode = DaemonProcess::Start({.daemon_id = "decode"});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> decode =
+      DaemonProcess::Start({.daemon_id = "decode"});
   if (!decode.ok()) return decode.status();
   pair.decode = std::move(*decode);
-  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill =
-      DaemonProcess::Start({.daemon_id = "prefill", .peers = {"decode=" + pair.decode->data_address()}});
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill = DaemonProcess::Start(
+      {.daemon_id = "prefill", .peers = {"decode=" + pair.decode->data_address()}});
   if (!prefill.ok()) return prefill.status();
   pair.prefill = std::move(*prefill);
   return pair;

@@ -33,16 +33,14 @@ def load():
             if directory not in sys.path:
                 sys.path.insert(0, directory)
             break
-    else:
-        # Maybe they are importable already (PYTHONPATH); otherwise say where we looked.
-        try:
-            from spectrumkv.v1 import spectrumkv_pb2, spectrumkv_pb2_grpc  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                "spectrumkv.v1 stubs not found in %s; build them with "
-                "`ninja -C <build> skv_python_stubs` and set SKV_PYTHON_STUBS=<build>/python"
-                % ", ".join(tried)) from None
-    from spectrumkv.v1 import spectrumkv_pb2, spectrumkv_pb2_grpc
+    # Found above, or maybe importable already (PYTHONPATH); otherwise say where we looked.
+    try:
+        from spectrumkv.v1 import spectrumkv_pb2, spectrumkv_pb2_grpc
+    except ImportError as error:
+        raise ImportError(
+            "spectrumkv.v1 stubs not importable (%s); looked in %s; build them with "
+            "`ninja -C <build> skv_python_stubs` and set SKV_PYTHON_STUBS=<build>/python"
+            % (error, ", ".join(tried))) from error
     return spectrumkv_pb2, spectrumkv_pb2_grpc
 
 

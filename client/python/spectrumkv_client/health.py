@@ -6,8 +6,6 @@ descriptor that mirrors grpc/health/v1/health.proto (field numbers and names are
 ones). When `grpc_health` is installed, its generated classes are used instead.
 """
 
-import grpc
-
 try:  # pip's grpcio-health-checking
     from grpc_health.v1 import health_pb2 as _health_pb2
 

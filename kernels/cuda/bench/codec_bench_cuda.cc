@@ -37,13 +37,13 @@ using skv::cuda::CudaEvent;
 using skv::cuda::DeviceBuffer;
 using skv::cuda::DeviceKvView;
 
-#define BENCH_CHECK(expr)                                                           \
-  do {                                                                              \
-    const absl::Status bench_status_ = (expr);                                      \
-    if (!bench_status_.ok()) {                                                      \
+#define BENCH_CHECK(expr)                                                                   \
+  do {                                                                                      \
+    const absl::Status bench_status_ = (expr);                                              \
+    if (!bench_status_.ok()) {                                                              \
       std::fprintf(stderr, "skv-codec-bench-cuda: %s\n", bench_status_.ToString().c_str()); \
-      return 1;                                                                     \
-    }                                                                               \
+      return 1;                                                                             \
+    }                                                                                       \
   } while (0)
 #define BENCH_CUDA(expr) BENCH_CHECK(skv::cuda::CudaErrorStatus((expr), #expr, __FILE__, __LINE__))
 
@@ -65,7 +65,9 @@ void FillKv(uint16_t* data, size_t tokens, size_t row, bool key, skv::DType dtyp
     for (size_t c = 0; c < row; ++c) {
       const uint64_t r = next();
       float x = (float(r & 0xffff) + float((r >> 16) & 0xffff) + float((r >> 32) & 0xffff) +
-                 float(r >> 48)) / 65536.0f - 2.0f;
+                 float(r >> 48)) /
+                    65536.0f -
+                2.0f;
       x *= 1.7f;
       if (key && (c % 128 == 3 || c % 128 == 17)) x *= 12.0f;
       data[t * row + c] = skv::FloatToHalf(x + bias[c], dtype);
@@ -112,7 +114,8 @@ int Run() {
   const uint32_t layers = absl::GetFlag(FLAGS_layers), heads = absl::GetFlag(FLAGS_heads);
   const uint32_t head_dim = absl::GetFlag(FLAGS_head_dim);
   const uint32_t repeats = std::max(1u, absl::GetFlag(FLAGS_repeats));
-  const skv::DType dtype = absl::GetFlag(FLAGS_dtype) == "bf16" ? skv::DType::kBf16 : skv::DType::kFp16;
+  const skv::DType dtype =
+      absl::GetFlag(FLAGS_dtype) == "bf16" ? skv::DType::kBf16 : skv::DType::kFp16;
   std::vector<uint32_t> token_counts;
   for (absl::string_view t : absl::StrSplit(absl::GetFlag(FLAGS_tokens), ',')) {
     token_counts.push_back(uint32_t(std::stoul(std::string(t))));
@@ -169,8 +172,10 @@ int Run() {
       for (uint32_t l = 0; l < layers; ++l) {
         for (int kind = 0; kind < 2; ++kind) {
           const skv::SegmentSpec spec{1, l, skv::KvKind(kind), 0, tokens};
-          absl::StatusOr<skv::cuda::internal::SegmentEncodePlan> s = skv::cuda::internal::PlanSegmentEncode(
-              device_view(*source, l, kind), spec, plan->row_tiers(l, skv::KvKind(kind)), options);
+          absl::StatusOr<skv::cuda::internal::SegmentEncodePlan> s =
+              skv::cuda::internal::PlanSegmentEncode(device_view(*source, l, kind), spec,
+                                                     plan->row_tiers(l, skv::KvKind(kind)),
+                                                     options);
           BENCH_CHECK(s.status());
           seg_at.push_back(arena_bytes);
           offsets_at.push_back(offsets_count);
@@ -208,28 +213,45 @@ int Run() {
       }
       const uint32_t group = skv::EffectiveGroupSize(options, head_dim);
 
-      Result r{tokens, budget, double(wire_bytes) / double(raw_bytes), 0, 0, 0, 0, raw_bytes,
+      Result r{tokens,     budget, double(wire_bytes) / double(raw_bytes), 0, 0, 0, 0, raw_bytes,
                wire_bytes, false};
-      BENCH_CHECK(BestMs(repeats, stream, [&]() -> absl::Status {
-        SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dest->data(), source->data(), raw_bytes,
-                                                 cudaMemcpyDeviceToDevice, stream));
-        return absl::OkStatus();
-      }, &r.copy_ms));
-      BENCH_CHECK(BestMs(repeats, stream, [&]() -> absl::Status {
-        return means.empty() ? absl::OkStatus() : skv::cuda::LaunchChannelMean(means.data(), means.size(), stream);
-      }, &r.mean_ms));
-      BENCH_CHECK(BestMs(repeats, stream, [&]() -> absl::Status {
-        if (!means.empty()) {
-          if (absl::Status s = skv::cuda::LaunchChannelMean(means.data(), means.size(), stream); !s.ok()) return s;
-        }
-        return encodes.empty() ? absl::OkStatus()
-                               : skv::cuda::LaunchEncodeRows(encodes.data(), encodes.size(), group, stream);
-      }, &r.encode_ms));
+      BENCH_CHECK(BestMs(
+          repeats, stream,
+          [&]() -> absl::Status {
+            SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dest->data(), source->data(), raw_bytes,
+                                                     cudaMemcpyDeviceToDevice, stream));
+            return absl::OkStatus();
+          },
+          &r.copy_ms));
+      BENCH_CHECK(BestMs(
+          repeats, stream,
+          [&]() -> absl::Status {
+            return means.empty() ? absl::OkStatus()
+                                 : skv::cuda::LaunchChannelMean(means.data(), means.size(), stream);
+          },
+          &r.mean_ms));
+      BENCH_CHECK(BestMs(
+          repeats, stream,
+          [&]() -> absl::Status {
+            if (!means.empty()) {
+              if (absl::Status s = skv::cuda::LaunchChannelMean(means.data(), means.size(), stream);
+                  !s.ok())
+                return s;
+            }
+            return encodes.empty()
+                       ? absl::OkStatus()
+                       : skv::cuda::LaunchEncodeRows(encodes.data(), encodes.size(), group, stream);
+          },
+          &r.encode_ms));
       BENCH_CUDA(cudaMemset(dest->data(), 0, raw_bytes));
-      BENCH_CHECK(BestMs(repeats, stream, [&]() -> absl::Status {
-        return decodes.empty() ? absl::OkStatus()
-                               : skv::cuda::LaunchDecodeRows(decodes.data(), decodes.size(), group, stream);
-      }, &r.decode_ms));
+      BENCH_CHECK(BestMs(
+          repeats, stream,
+          [&]() -> absl::Status {
+            return decodes.empty()
+                       ? absl::OkStatus()
+                       : skv::cuda::LaunchDecodeRows(decodes.data(), decodes.size(), group, stream);
+          },
+          &r.decode_ms));
       BENCH_CUDA(cudaStreamSynchronize(stream));
 
       if (absl::GetFlag(FLAGS_verify)) {  // layer 0 K and V against the CPU reference
@@ -244,21 +266,25 @@ int Run() {
           const skv::KvTensorView& view = kind == 0 ? views[0].key : views[0].value;
           BENCH_CHECK(skv::EncodeSegment(view, {1, 0, skv::KvKind(kind), 0, tokens},
                                          plan->row_tiers(0, skv::KvKind(kind)), options,
-                                         skv::ReferenceRowKernels(), &want).status());
+                                         skv::ReferenceRowKernels(), &want)
+                          .status());
           r.verified = r.verified && want.size() == got.size() &&
                        std::equal(want.begin(), want.end(), got.begin());
           absl::StatusOr<skv::ParsedSegment> parsed = skv::ParseSegment(want);
           BENCH_CHECK(parsed.status());
           std::vector<uint16_t> ref(tensor_elems, 0), rows(tensor_elems);
-          BENCH_CHECK(skv::DecodeSegment(*parsed, skv::KvTensorView::Dense(ref.data(), dtype, tokens, heads, head_dim),
-                                         skv::ReferenceRowKernels()));
+          BENCH_CHECK(skv::DecodeSegment(
+              *parsed, skv::KvTensorView::Dense(ref.data(), dtype, tokens, heads, head_dim),
+              skv::ReferenceRowKernels()));
           BENCH_CUDA(cudaMemcpy(rows.data(), dest->bytes() + size_t(kind) * tensor_elems * 2,
                                 tensor_elems * 2, cudaMemcpyDeviceToHost));
           r.verified = r.verified && rows == ref;
         }
         if (!r.verified) {
-          std::fprintf(stderr, "skv-codec-bench-cuda: MISMATCH against the CPU reference at "
-                               "tokens=%u budget=%.2f\n", tokens, budget);
+          std::fprintf(stderr,
+                       "skv-codec-bench-cuda: MISMATCH against the CPU reference at "
+                       "tokens=%u budget=%.2f\n",
+                       tokens, budget);
         }
       }
       results.push_back(r);
@@ -290,11 +316,12 @@ int Run() {
         prop.name, layers, heads, head_dim, absl::GetFlag(FLAGS_dtype).c_str(),
         absl::GetFlag(FLAGS_allocator).c_str(), repeats, absl::StrJoin(rows, ", ").c_str());
   } else {
-    std::printf("%s: %u layers x %u heads x %u dims, %s, %s allocator; GB/s of FP16 input, best of %u\n",
-                prop.name, layers, heads, head_dim, absl::GetFlag(FLAGS_dtype).c_str(),
-                absl::GetFlag(FLAGS_allocator).c_str(), repeats);
-    std::printf("%7s %6s %8s %9s %9s %9s %9s %8s %8s %s\n", "tokens", "b", "achieved", "copy", "encode",
-                "decode", "mean ms", "enc/copy", "dec/copy", "verified");
+    std::printf(
+        "%s: %u layers x %u heads x %u dims, %s, %s allocator; GB/s of FP16 input, best of %u\n",
+        prop.name, layers, heads, head_dim, absl::GetFlag(FLAGS_dtype).c_str(),
+        absl::GetFlag(FLAGS_allocator).c_str(), repeats);
+    std::printf("%7s %6s %8s %9s %9s %9s %9s %8s %8s %s\n", "tokens", "b", "achieved", "copy",
+                "encode", "decode", "mean ms", "enc/copy", "dec/copy", "verified");
     for (const Result& r : results) {
       const double copy = gbps(r.raw_bytes, r.copy_ms), enc = gbps(r.raw_bytes, r.encode_ms),
                    dec = gbps(r.raw_bytes, r.decode_ms);

@@ -2,7 +2,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-
 #include <cub/block/block_scan.cuh>
 
 #include "absl/status/statusor.h"
@@ -25,8 +24,10 @@ using MeanKernel = void (*)(T);
 
 absl::StatusOr<MeanKernel<MeanBatch>> PickMeanKernel(DType dtype) {
   switch (dtype) {
-    case DType::kFp16: return &kernels::ChannelMeanKernel<DType::kFp16>;
-    case DType::kBf16: return &kernels::ChannelMeanKernel<DType::kBf16>;
+    case DType::kFp16:
+      return &kernels::ChannelMeanKernel<DType::kFp16>;
+    case DType::kBf16:
+      return &kernels::ChannelMeanKernel<DType::kBf16>;
     default:
       return absl::InvalidArgumentError(absl::StrCat("no mean kernel for dtype ", int(dtype)));
   }
@@ -74,18 +75,20 @@ absl::Status LaunchChannelMean(const ChannelMeanJob* jobs, size_t num_jobs, cuda
           absl::StrCat("job ", i, ": every job of one launch must share dtype and row shape"));
     }
     if (uint64_t{job.token_begin} + job.token_count > job.source.tokens) {
-      return absl::OutOfRangeError(absl::StrCat("job ", i, ": rows exceed the source's ",
-                                                job.source.tokens, " tokens"));
+      return absl::OutOfRangeError(
+          absl::StrCat("job ", i, ": rows exceed the source's ", job.source.tokens, " tokens"));
     }
     if (job.tier_map == nullptr || job.mean_out == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat("job ", i, ": tier_map and mean_out are required"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("job ", i, ": tier_map and mean_out are required"));
     }
   }
   absl::StatusOr<MeanKernel<MeanBatch>> kernel = PickMeanKernel(first.dtype);
   if (!kernel.ok()) return kernel.status();
   const uint32_t channels = uint32_t(first.row_elements());
   for (size_t begin = 0; begin < num_jobs; begin += kMaxJobsPerLaunch) {
-    const size_t count = num_jobs - begin < kMaxJobsPerLaunch ? num_jobs - begin : kMaxJobsPerLaunch;
+    const size_t count =
+        num_jobs - begin < kMaxJobsPerLaunch ? num_jobs - begin : kMaxJobsPerLaunch;
     MeanBatch batch{};
     kernels::FillMeanBatch(jobs + begin, count, &batch);
     const dim3 grid((channels + kMeanChannels - 1) / kMeanChannels, uint32_t(count));

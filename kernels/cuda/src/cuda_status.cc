@@ -4,21 +4,27 @@
 
 namespace skv::cuda {
 
-absl::Status CudaErrorStatus(cudaError_t error, const char* expression, const char* file, int line) {
+absl::Status CudaErrorStatus(cudaError_t error, const char* expression, const char* file,
+                             int line) {
   const std::string message = absl::StrCat(expression, " failed: ", cudaGetErrorName(error), " (",
                                            cudaGetErrorString(error), ") at ", file, ":", line);
   switch (error) {
-    case cudaSuccess: return absl::OkStatus();
-    case cudaErrorMemoryAllocation: return absl::ResourceExhaustedError(message);
+    case cudaSuccess:
+      return absl::OkStatus();
+    case cudaErrorMemoryAllocation:
+      return absl::ResourceExhaustedError(message);
     case cudaErrorInvalidValue:
     case cudaErrorInvalidConfiguration:
     case cudaErrorInvalidDevicePointer:
-    case cudaErrorInvalidResourceHandle: return absl::InvalidArgumentError(message);
+    case cudaErrorInvalidResourceHandle:
+      return absl::InvalidArgumentError(message);
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
     case cudaErrorNoKernelImageForDevice:
-    case cudaErrorDevicesUnavailable: return absl::UnavailableError(message);
-    default: return absl::InternalError(message);
+    case cudaErrorDevicesUnavailable:
+      return absl::UnavailableError(message);
+    default:
+      return absl::InternalError(message);
   }
 }
 

@@ -30,7 +30,8 @@ __device__ __forceinline__ uint8_t* RowPointer(const DeviceKvView& v, uint32_t t
   uint8_t* base = static_cast<uint8_t*>(v.base);
   if (v.block_table == nullptr) return base + size_t{token} * v.row_stride_bytes;
   const uint32_t block = v.block_table[token / v.block_size];
-  return base + size_t{block} * v.block_stride_bytes + size_t{token % v.block_size} * v.row_stride_bytes;
+  return base + size_t{block} * v.block_stride_bytes +
+         size_t{token % v.block_size} * v.row_stride_bytes;
 }
 
 // Tier of row i of a tier map (4 bits per row, low nibble first).
@@ -127,7 +128,8 @@ __device__ __forceinline__ uint8_t* StageFor(uint8_t* stage_base, const void* gl
   return stage_base + (reinterpret_cast<uintptr_t>(global) & 15u);
 }
 
-__device__ __forceinline__ void StageToGlobal(uint8_t* dst, const uint8_t* staged, uint32_t nbytes) {
+__device__ __forceinline__ void StageToGlobal(uint8_t* dst, const uint8_t* staged,
+                                              uint32_t nbytes) {
   const uint32_t misalign = uint32_t(reinterpret_cast<uintptr_t>(dst) & 15u);
   const uint32_t head = min(nbytes, (16u - misalign) & 15u);
   const uint32_t words = (nbytes - head) / 16;
@@ -140,7 +142,8 @@ __device__ __forceinline__ void StageToGlobal(uint8_t* dst, const uint8_t* stage
   for (uint32_t i = tail_begin + threadIdx.x; i < nbytes; i += blockDim.x) dst[i] = staged[i];
 }
 
-__device__ __forceinline__ void GlobalToStage(uint8_t* staged, const uint8_t* src, uint32_t nbytes) {
+__device__ __forceinline__ void GlobalToStage(uint8_t* staged, const uint8_t* src,
+                                              uint32_t nbytes) {
   const uint32_t misalign = uint32_t(reinterpret_cast<uintptr_t>(src) & 15u);
   const uint32_t head = min(nbytes, (16u - misalign) & 15u);
   const uint32_t words = (nbytes - head) / 16;

@@ -1,8 +1,8 @@
 // The CUDA-runtime half of launch_support.h (the rest, launch_support.cc, is plain C++).
+#include <cuda_runtime_api.h>
+
 #include <array>
 #include <atomic>
-
-#include <cuda_runtime_api.h>
 
 #include "launch_support.h"
 

@@ -17,7 +17,6 @@ using kernels::ImportanceParams;
 using kernels::kThreads;
 using kernels::kWarps;
 
-
 size_t StatsBytes(uint32_t window, uint32_t query_heads) {
   return (size_t{window} * query_heads * sizeof(float2) + 255) / 256 * 256;
 }
@@ -46,7 +45,8 @@ absl::Status LaunchQueryImportance(const DeviceKvView& keys, const DeviceQueryWi
         absl::StrCat("pool_window must be odd and <= 255, got ", pool_window));
   }
   if (scores == nullptr || workspace == nullptr ||
-      workspace_bytes < QueryImportanceWorkspaceBytes(keys.tokens, queries.window, queries.query_heads)) {
+      workspace_bytes <
+          QueryImportanceWorkspaceBytes(keys.tokens, queries.window, queries.query_heads)) {
     return absl::InvalidArgumentError("scores and a large enough workspace are required");
   }
   if (uint64_t{queries.window} * queries.query_heads > INT32_MAX) {
@@ -78,7 +78,8 @@ absl::Status LaunchQueryImportance(const DeviceKvView& keys, const DeviceQueryWi
     kernels::AccumulateKernel<DType::kBf16><<<token_blocks, kThreads, 0, stream>>>(p);
     SKV_CUDA_RETURN_IF_LAUNCH_FAILED("AccumulateKernel");
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("no importance kernel for dtype ", int(keys.dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("no importance kernel for dtype ", int(keys.dtype)));
   }
   kernels::MaxPoolKernel<ImportanceParams><<<(keys.tokens + 255) / 256, 256, 0, stream>>>(p);
   SKV_CUDA_RETURN_IF_LAUNCH_FAILED("MaxPoolKernel");

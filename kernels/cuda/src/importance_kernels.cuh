@@ -24,7 +24,8 @@ namespace m = ::skv::cuda::math;
 
 inline constexpr uint32_t kWarps = 8;
 inline constexpr uint32_t kThreads = kWarps * 32;
-inline constexpr uint32_t kMaxChunksPerLane = kMaxHeadDim / 8 / 32;  // 8-value chunks of a head per lane
+inline constexpr uint32_t kMaxChunksPerLane =
+    kMaxHeadDim / 8 / 32;  // 8-value chunks of a head per lane
 
 struct ImportanceParams {
   DeviceKvView keys;
@@ -34,9 +35,9 @@ struct ImportanceParams {
   uint32_t group;  // query heads per KV head
   float inv_sqrt_d;
   uint32_t pool_radius;
-  float2* stats;   // [window * query_heads]: (max logit, sum of exp)
-  float* raw;      // [tokens]
-  float* scores;   // [tokens]
+  float2* stats;  // [window * query_heads]: (max logit, sum of exp)
+  float* raw;     // [tokens]
+  float* scores;  // [tokens]
 };
 
 // This lane's share of one head of a key row: chunks lane, lane + 32, ... of 8 values.
@@ -85,7 +86,8 @@ __device__ __forceinline__ float Logit(float inv_sqrt_d, const float (&q)[kMaxCh
 }
 
 template <DType kDtype>
-__global__ void __launch_bounds__(kThreads) SoftmaxStatsKernel(const __grid_constant__ ImportanceParams p) {
+__global__ void __launch_bounds__(kThreads)
+    SoftmaxStatsKernel(const __grid_constant__ ImportanceParams p) {
   __shared__ float2 warp_stats[kWarps];
   const uint32_t w = blockIdx.x / p.query_heads, qh = blockIdx.x % p.query_heads;
   const uint32_t tokens = p.keys.tokens, d = p.keys.head_dim;
@@ -114,7 +116,8 @@ __global__ void __launch_bounds__(kThreads) SoftmaxStatsKernel(const __grid_cons
     float total = 0.0f;
     if (total_max != -INFINITY) {
       for (uint32_t i = 0; i < kWarps; ++i) {
-        if (warp_stats[i].x != -INFINITY) total += warp_stats[i].y * expf(warp_stats[i].x - total_max);
+        if (warp_stats[i].x != -INFINITY)
+          total += warp_stats[i].y * expf(warp_stats[i].x - total_max);
       }
     }
     p.stats[blockIdx.x] = make_float2(total_max, total);
@@ -122,10 +125,11 @@ __global__ void __launch_bounds__(kThreads) SoftmaxStatsKernel(const __grid_cons
 }
 
 template <DType kDtype>
-__global__ void __launch_bounds__(kThreads) AccumulateKernel(const __grid_constant__ ImportanceParams p) {
+__global__ void __launch_bounds__(kThreads)
+    AccumulateKernel(const __grid_constant__ ImportanceParams p) {
   const uint32_t t = blockIdx.x * kWarps + threadIdx.x / 32;
   const uint32_t tokens = p.keys.tokens, d = p.keys.head_dim;
-  if (t >= tokens) return;  // warp-uniform
+  if (t >= tokens) return;                                                          // warp-uniform
   const uint32_t first_query = t + p.window >= tokens ? t + p.window - tokens : 0;  // sees t
   float raw = 0.0f;
   for (uint32_t kv_head = 0; kv_head < p.keys.heads; ++kv_head) {

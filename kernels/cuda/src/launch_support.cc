@@ -10,7 +10,8 @@ absl::Status CheckDeviceView(const DeviceKvView& v, const char* role) {
     return absl::InvalidArgumentError(absl::StrCat(role, " dtype ", int(v.dtype), " is unknown"));
   }
   if (v.heads == 0 || v.heads > 4096) {
-    return absl::InvalidArgumentError(absl::StrCat(role, " heads must be in [1, 4096], got ", v.heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat(role, " heads must be in [1, 4096], got ", v.heads));
   }
   if (v.head_dim < kMinHeadDim || v.head_dim > kMaxHeadDim || v.head_dim % 8 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(role, " head_dim must be a multiple of 8 in [",
@@ -26,7 +27,8 @@ absl::Status CheckDeviceView(const DeviceKvView& v, const char* role) {
     return absl::InvalidArgumentError(absl::StrCat(role, " is paged with block_size 0"));
   }
   const uintptr_t base = reinterpret_cast<uintptr_t>(v.base);
-  if (base % 2 != 0 || v.row_stride_bytes % 2 != 0 || (v.paged() && v.block_stride_bytes % 2 != 0)) {
+  if (base % 2 != 0 || v.row_stride_bytes % 2 != 0 ||
+      (v.paged() && v.block_stride_bytes % 2 != 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat(role, " rows must be 2-byte aligned (base, row and block strides)"));
   }

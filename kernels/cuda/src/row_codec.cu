@@ -30,8 +30,8 @@ absl::Status CheckJobs(const Job* jobs, size_t num_jobs, uint32_t group_size, co
       return absl::InvalidArgumentError(absl::StrCat("job ", i, ": ", s.message()));
     }
     if (v.dtype != first.dtype || v.heads != first.heads || v.head_dim != first.head_dim) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("job ", i, ": every job of one launch must share dtype, heads and head_dim"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "job ", i, ": every job of one launch must share dtype, heads and head_dim"));
     }
     if (uint64_t{job.token_begin} + job.token_count > v.tokens) {
       return absl::OutOfRangeError(absl::StrCat("job ", i, ": rows [", job.token_begin, ", ",
@@ -78,8 +78,10 @@ absl::StatusOr<RowKernel<Job>> PickForLanes(uint32_t lanes) {
 template <typename Job>
 absl::StatusOr<RowKernel<Job>> PickRowKernel(DType dtype, uint32_t lanes) {
   switch (dtype) {
-    case DType::kFp16: return PickForLanes<Job, DType::kFp16>(lanes);
-    case DType::kBf16: return PickForLanes<Job, DType::kBf16>(lanes);
+    case DType::kFp16:
+      return PickForLanes<Job, DType::kFp16>(lanes);
+    case DType::kBf16:
+      return PickForLanes<Job, DType::kBf16>(lanes);
     default:
       return absl::InvalidArgumentError(absl::StrCat("no row kernel for dtype ", int(dtype)));
   }
@@ -100,7 +102,8 @@ absl::Status LaunchRows(const Job* jobs, size_t num_jobs, uint32_t group_size,
   const size_t target_blocks = size_t(internal::MultiprocessorCount()) * resident_per_sm * 2;
 
   for (size_t first = 0; first < num_jobs; first += kMaxJobsPerLaunch) {
-    const size_t count = num_jobs - first < kMaxJobsPerLaunch ? num_jobs - first : kMaxJobsPerLaunch;
+    const size_t count =
+        num_jobs - first < kMaxJobsPerLaunch ? num_jobs - first : kMaxJobsPerLaunch;
     RowBatch<Job> batch{};
     const uint32_t max_rows = kernels::FillRowBatch(jobs + first, count, group_size, &batch);
     if (max_rows == 0) continue;

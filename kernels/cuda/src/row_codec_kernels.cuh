@@ -51,9 +51,9 @@ static_assert(sizeof(RowBatch<DecodeRowsJob>) <= 4000, "kernel parameters are li
 
 // Which part of a row this thread works on, for one tile of heads.
 struct Slot {
-  uint32_t chunk;           // chunk of 8 channels within the head
+  uint32_t chunk;  // chunk of 8 channels within the head
   uint32_t head_in_tile;
-  uint32_t group_in_head;   // quantization group
+  uint32_t group_in_head;  // quantization group
   uint32_t chunk_in_group;
   uint32_t lanes_per_group;
 };
@@ -167,7 +167,8 @@ __device__ __forceinline__ uint4 Pack(const float (&v)[8]) {
   uint32_t h[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) h[i] = m::StoreHalf<kDtype>(v[i]);
-  return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+  return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16),
+                    h[6] | (h[7] << 16));
 }
 
 __device__ __forceinline__ uint32_t GroupBytes(uint32_t group_size, int bits) {

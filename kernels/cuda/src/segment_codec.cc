@@ -30,8 +30,8 @@ absl::StatusOr<size_t> CudaSegmentCodec::Encode(const DeviceKvView& source, cons
   std::memcpy(host + offsets_at, plan->record_offsets.data(), offsets_bytes);
 
   uint8_t* device = device_segment_.bytes();
-  SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device, host, plan->prefix.size(),
-                                           cudaMemcpyHostToDevice, stream));
+  SKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(device, host, plan->prefix.size(), cudaMemcpyHostToDevice, stream));
   SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_offsets_.data(), host + offsets_at, offsets_bytes,
                                            cudaMemcpyHostToDevice, stream));
   const uint8_t* device_tier_map = device + sizeof(SegmentHeader);
@@ -63,9 +63,10 @@ absl::StatusOr<size_t> CudaSegmentCodec::Encode(const DeviceKvView& source, cons
   return total;
 }
 
-absl::Status CudaSegmentCodec::Decode(const ParsedSegment& segment,
-                                      const DeviceKvView& destination, cudaStream_t stream) {
-  absl::StatusOr<internal::SegmentDecodePlan> plan = internal::PlanSegmentDecode(segment, destination);
+absl::Status CudaSegmentCodec::Decode(const ParsedSegment& segment, const DeviceKvView& destination,
+                                      cudaStream_t stream) {
+  absl::StatusOr<internal::SegmentDecodePlan> plan =
+      internal::PlanSegmentDecode(segment, destination);
   if (!plan.ok()) return plan.status();
   const SegmentHeader& h = segment.header;
 
@@ -83,8 +84,8 @@ absl::Status CudaSegmentCodec::Decode(const ParsedSegment& segment,
     if (!part.empty()) std::memcpy(at, part.data(), part.size());
     at += part.size();
   }
-  SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_offsets_.data(), host, offsets_bytes,
-                                           cudaMemcpyHostToDevice, stream));
+  SKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(device_offsets_.data(), host, offsets_bytes, cudaMemcpyHostToDevice, stream));
   SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_segment_.data(), host + sections_at, sections,
                                            cudaMemcpyHostToDevice, stream));
   const uint8_t* device = device_segment_.bytes();

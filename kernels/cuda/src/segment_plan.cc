@@ -1,10 +1,11 @@
 // The host half of the CUDA segment codec (segment_plan.h): plain C++ with no CUDA dependency,
 // so the emulated kernel tests can use it where no CUDA toolkit is installed.
+#include "segment_plan.h"
+
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "launch_support.h"
-#include "segment_plan.h"
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/codec/segment.h"
@@ -17,7 +18,8 @@ absl::StatusOr<SegmentEncodePlan> PlanSegmentEncode(const DeviceKvView& source,
                                                     std::span<const Tier> tiers,
                                                     const CodecOptions& options) {
   // The host encoder's checks, then the device view's own.
-  if (absl::Status s = ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
+  if (absl::Status s =
+          ValidateSegmentSpec(source.tokens, source.heads, source.head_dim, spec, tiers, options);
       !s.ok()) {
     return s;
   }

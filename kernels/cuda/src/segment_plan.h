@@ -32,8 +32,8 @@ struct SegmentEncodePlan {
   size_t mean_bytes = 0;
   size_t payload_bytes = 0;
   size_t total_bytes = 0;
-  std::vector<uint8_t> prefix;            // SegmentHeader (crc32c = 0) + tier map
-  std::vector<uint32_t> record_offsets;   // per row, into the payload
+  std::vector<uint8_t> prefix;           // SegmentHeader (crc32c = 0) + tier map
+  std::vector<uint32_t> record_offsets;  // per row, into the payload
   size_t mean_at() const { return prefix.size(); }
   size_t payload_at() const { return prefix.size() + mean_bytes; }
 };

@@ -324,8 +324,8 @@ const std::vector<ConfigKey>& Keys() {
        true, Setter(&DaemonConfig::tls_require_client_cert, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.tls_require_client_cert); }},
       {"allow_insecure_grpc",
-       "Serve gRPC without TLS on a non-loopback address (refused otherwise); logged loudly.", false,
-       true, Setter(&DaemonConfig::allow_insecure_grpc, ParseBool),
+       "Serve gRPC without TLS on a non-loopback address (refused otherwise); logged loudly.",
+       false, true, Setter(&DaemonConfig::allow_insecure_grpc, ParseBool),
        [](const DaemonConfig& c) { return FormatBool(c.allow_insecure_grpc); }},
       {"max_inflight_bytes",
        "Bytes of encoded segments held at once across transfers, e.g. 1GiB; >= 1MiB.", false, false,
@@ -336,9 +336,10 @@ const std::vector<ConfigKey>& Keys() {
        false, Setter(&DaemonConfig::early_segment_buffer_bytes, BytesAtLeast(uint64_t{1} << 20)),
        [](const DaemonConfig& c) { return absl::StrCat(c.early_segment_buffer_bytes); }},
       {"shutdown_grace_seconds",
-       "On SIGTERM, seconds in-flight transfers get to finish before they are cut, (0, 3600].", false,
-       false,
-       Setter(&DaemonConfig::shutdown_grace, [](absl::string_view v) { return ParsePositiveSeconds(v, 3600); }),
+       "On SIGTERM, seconds in-flight transfers get to finish before they are cut, (0, 3600].",
+       false, false,
+       Setter(&DaemonConfig::shutdown_grace,
+              [](absl::string_view v) { return ParsePositiveSeconds(v, 3600); }),
        [](const DaemonConfig& c) { return absl::StrCat(absl::ToDoubleSeconds(c.shutdown_grace)); }},
       {"early_segment_ttl_seconds", "Seconds an early segment waits for its Receive, (0, 3600].",
        false, false,
@@ -385,10 +386,12 @@ const std::vector<ConfigKey>& Keys() {
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
        [](const DaemonConfig& c) { return std::string(LogLevelName(c.log_level)); }},
-      {"ucx_tls", "UCX transports (UCX_TLS), e.g. tcp or rc,sm; empty = UCX default.", false, false,
+      {"ucx_tls", "UCX transports (UCX_TLS), e.g. tcp or rc,tcp; empty = tcp.", false, false,
        Setter(&DaemonConfig::ucx_tls, StringWith(nullptr)),
        [](const DaemonConfig& c) { return c.ucx_tls; }},
-      {"ucx_net_devices", "UCX network devices (UCX_NET_DEVICES), e.g. eth0; empty = default.",
+      {"ucx_net_devices",
+       "UCX network devices (UCX_NET_DEVICES), e.g. eth0; empty = lo on loopback, else UCX's "
+       "choice.",
        false, false, Setter(&DaemonConfig::ucx_net_devices, StringWith(nullptr)),
        [](const DaemonConfig& c) { return c.ucx_net_devices; }},
   };
@@ -664,12 +667,14 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
                        "a client CA without tls_require_client_cert=true verifies no client: set "
                        "tls_require_client_cert=true for mutual TLS, or drop tls_ca_file");
   }
-  if (c.tls_cert_file.empty() && !c.allow_insecure_grpc && !IsLoopbackAddress(c.grpc_listen_address)) {
-    return field_error("grpc_listen_address",
-                       absl::StrCat("'", c.grpc_listen_address,
-                                    "' is not loopback and TLS is off: set tls_cert_file and "
-                                    "tls_key_file, or allow_insecure_grpc=true where the network is "
-                                    "already closed to others"));
+  if (c.tls_cert_file.empty() && !c.allow_insecure_grpc &&
+      !IsLoopbackAddress(c.grpc_listen_address)) {
+    return field_error(
+        "grpc_listen_address",
+        absl::StrCat("'", c.grpc_listen_address,
+                     "' is not loopback and TLS is off: set tls_cert_file and "
+                     "tls_key_file, or allow_insecure_grpc=true where the network is "
+                     "already closed to others"));
   }
   if (c.max_inflight_bytes < (uint64_t{1} << 20)) {
     return field_error("max_inflight_bytes", "must be at least 1MiB");

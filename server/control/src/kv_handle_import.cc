@@ -21,7 +21,11 @@ namespace skv::control {
 
 struct ShmMappingCache::Mapping {
   Mapping(std::byte* at, uint64_t from, size_t bytes, UniqueFd object, const struct stat& info)
-      : address(at), offset(from), length(bytes), fd(std::move(object)), device(info.st_dev),
+      : address(at),
+        offset(from),
+        length(bytes),
+        fd(std::move(object)),
+        device(info.st_dev),
         inode(info.st_ino) {}
   ~Mapping() { ::munmap(address, length); }
   Mapping(const Mapping&) = delete;
@@ -78,9 +82,9 @@ void ShmMappingCache::Insert(const std::string& name, KvAccess access,
   std::erase_if(entries_, [&](const Entry& e) { return e.name == name && e.access == access; });
   entries_.push_back({name, access, std::move(mapping), ++clock_});
   while (entries_.size() > max_entries_) {
-    entries_.erase(std::min_element(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
-      return a.last_use < b.last_use;
-    }));
+    entries_.erase(
+        std::min_element(entries_.begin(), entries_.end(),
+                         [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; }));
   }
 }
 
@@ -138,9 +142,8 @@ absl::StatusOr<std::shared_ptr<const ShmMappingCache::Mapping>> MapObject(
     return absl::Status(code, absl::StrCat(field, ": mmap of ", length, " bytes of '", name,
                                            "' failed: ", std::strerror(err)));
   }
-  return std::make_shared<const ShmMappingCache::Mapping>(static_cast<std::byte*>(address), offset,
-                                                          static_cast<size_t>(length),
-                                                          std::move(fd), info);
+  return std::make_shared<const ShmMappingCache::Mapping>(
+      static_cast<std::byte*>(address), offset, static_cast<size_t>(length), std::move(fd), info);
 }
 
 absl::StatusOr<MappedKvRegion> ImportSharedMemory(const spectrumkv::v1::SharedMemoryHandle& shm,

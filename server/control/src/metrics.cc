@@ -103,36 +103,45 @@ struct TransportCounterField {
 };
 const std::vector<TransportCounterField>& TransportCounterFields() {
   static const std::vector<TransportCounterField> fields = {
-      {&TransportCounters::messages_sent, "spectrumkv_transport_messages_total", "direction", "sent"},
-      {&TransportCounters::messages_received, "spectrumkv_transport_messages_total", "direction", "received"},
+      {&TransportCounters::messages_sent, "spectrumkv_transport_messages_total", "direction",
+       "sent"},
+      {&TransportCounters::messages_received, "spectrumkv_transport_messages_total", "direction",
+       "received"},
       {&TransportCounters::bytes_sent, "spectrumkv_transport_bytes_total", "direction", "sent"},
-      {&TransportCounters::bytes_received, "spectrumkv_transport_bytes_total", "direction", "received"},
-      {&TransportCounters::send_failures, "spectrumkv_transport_send_failures_total", nullptr, nullptr},
-      {&TransportCounters::malformed_messages_dropped, "spectrumkv_transport_malformed_messages_total", nullptr,
+      {&TransportCounters::bytes_received, "spectrumkv_transport_bytes_total", "direction",
+       "received"},
+      {&TransportCounters::send_failures, "spectrumkv_transport_send_failures_total", nullptr,
        nullptr},
-      {&TransportCounters::handshakes_accepted, "spectrumkv_transport_handshakes_total", "result", "accepted"},
-      {&TransportCounters::handshakes_rejected_auth, "spectrumkv_transport_handshakes_total", "result",
-       "rejected_auth"},
-      {&TransportCounters::handshakes_rejected_version, "spectrumkv_transport_handshakes_total", "result",
-       "rejected_version"},
-      {&TransportCounters::handshakes_rejected_other, "spectrumkv_transport_handshakes_total", "result",
-       "rejected_other"},
-      {&TransportCounters::handshakes_timed_out, "spectrumkv_transport_handshakes_total", "result", "timed_out"},
-      {&TransportCounters::abandoned_connections_closed, "spectrumkv_transport_abandoned_connections_total",
-       nullptr, nullptr},
+      {&TransportCounters::malformed_messages_dropped,
+       "spectrumkv_transport_malformed_messages_total", nullptr, nullptr},
+      {&TransportCounters::handshakes_accepted, "spectrumkv_transport_handshakes_total", "result",
+       "accepted"},
+      {&TransportCounters::handshakes_rejected_auth, "spectrumkv_transport_handshakes_total",
+       "result", "rejected_auth"},
+      {&TransportCounters::handshakes_rejected_version, "spectrumkv_transport_handshakes_total",
+       "result", "rejected_version"},
+      {&TransportCounters::handshakes_rejected_other, "spectrumkv_transport_handshakes_total",
+       "result", "rejected_other"},
+      {&TransportCounters::handshakes_timed_out, "spectrumkv_transport_handshakes_total", "result",
+       "timed_out"},
+      {&TransportCounters::abandoned_connections_closed,
+       "spectrumkv_transport_abandoned_connections_total", nullptr, nullptr},
   };
   return fields;
 }
 
 const char* TransportFamilyHelp(absl::string_view family) {
   if (family == "spectrumkv_transport_messages_total") return "Data-plane messages, by direction.";
-  if (family == "spectrumkv_transport_bytes_total") return "Data-plane payload bytes, by direction.";
+  if (family == "spectrumkv_transport_bytes_total")
+    return "Data-plane payload bytes, by direction.";
   if (family == "spectrumkv_transport_send_failures_total") return "Data-plane sends that failed.";
   if (family == "spectrumkv_transport_malformed_messages_total") {
     return "Received data-plane messages dropped as malformed.";
   }
-  if (family == "spectrumkv_transport_handshakes_total") return "Peer handshakes on the listener, by result.";
-  return "Connections to the data port abandoned before the connection handshake and closed by the daemon.";
+  if (family == "spectrumkv_transport_handshakes_total")
+    return "Peer handshakes on the listener, by result.";
+  return "Connections to the data port abandoned before the connection handshake and closed by the "
+         "daemon.";
 }
 
 }  // namespace
@@ -172,10 +181,11 @@ Metrics::Metrics()
   f.budget_requested = &budget.Add({{"kind", "requested"}}, BudgetRatioBuckets());
   f.budget_achieved = &budget.Add({{"kind", "achieved"}}, BudgetRatioBuckets());
 
-  auto& tokens = prometheus::BuildCounter()
-                     .Name("spectrumkv_tokens_total")
-                     .Help("Token rows sent per tier, counted over (layer, K/V, token) by the sender.")
-                     .Register(r);
+  auto& tokens =
+      prometheus::BuildCounter()
+          .Name("spectrumkv_tokens_total")
+          .Help("Token rows sent per tier, counted over (layer, K/V, token) by the sender.")
+          .Register(r);
   for (size_t tier = 0; tier < kTokenTierCount; ++tier) {
     f.tokens[tier] = &tokens.Add({{"tier", Label(kTierLabels[tier])}});
   }
@@ -223,10 +233,14 @@ Metrics::Metrics()
   for (const TransportCounterField& field : TransportCounterFields()) {
     auto*& family = transport_families[field.family];
     if (family == nullptr) {
-      family = &prometheus::BuildCounter().Name(field.family).Help(TransportFamilyHelp(field.family)).Register(r);
+      family = &prometheus::BuildCounter()
+                    .Name(field.family)
+                    .Help(TransportFamilyHelp(field.family))
+                    .Register(r);
     }
-    f.transport.push_back(field.label_name == nullptr ? &family->Add({})
-                                                      : &family->Add({{field.label_name, field.label_value}}));
+    f.transport.push_back(field.label_name == nullptr
+                              ? &family->Add({})
+                              : &family->Add({{field.label_name, field.label_value}}));
   }
   f.transport_last.assign(f.transport.size(), 0);
   f.transport_peers = &prometheus::BuildGauge()

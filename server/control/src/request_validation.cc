@@ -342,9 +342,10 @@ absl::Status ValidateReceiveRequest(const v1::ReceiveRequest& request,
   if (!request.sender_daemon_id().empty()) {
     const std::string& id = request.sender_daemon_id();
     const bool well_formed = id.size() <= 128 && absl::c_all_of(id, [](char c) {
-      return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-';
-    });
-    if (!well_formed) return Invalid("sender_daemon_id", "a daemon id has 1..128 characters of [A-Za-z0-9._-]");
+                               return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-';
+                             });
+    if (!well_formed)
+      return Invalid("sender_daemon_id", "a daemon id has 1..128 characters of [A-Za-z0-9._-]");
   }
   return ValidateMaskFormat(request.mask_format(), "mask_format");
 }
@@ -441,9 +442,11 @@ absl::Status CheckInlineKvBytes(const v1::KvLayout& layout, absl::string_view fi
   absl::StatusOr<uint64_t> extent = KvLayoutExtentBytes(layout, field);
   if (!extent.ok()) return extent.status();
   if (*extent > kMaxGrpcMessageBytes - kGrpcMessageHeadroomBytes) {
-    return Invalid(field, absl::StrCat("addresses ", *extent, " bytes; a KV returned inline is limited to ",
-                                       kMaxGrpcMessageBytes - kGrpcMessageHeadroomBytes,
-                                       " bytes (the gRPC message limit): use Send/Receive with shared memory"));
+    return Invalid(
+        field,
+        absl::StrCat("addresses ", *extent, " bytes; a KV returned inline is limited to ",
+                     kMaxGrpcMessageBytes - kGrpcMessageHeadroomBytes,
+                     " bytes (the gRPC message limit): use Send/Receive with shared memory"));
   }
   return absl::OkStatus();
 }
@@ -454,7 +457,8 @@ absl::Status ValidateDecodeRequest(const v1::DecodeRequest& request) {
     if (request.segments(i).empty()) return Invalid(absl::StrCat("segments[", i, "]"), "empty");
   }
   if (request.has_output_layout()) {
-    if (absl::Status s = CheckInlineKvBytes(request.output_layout(), "output_layout"); !s.ok()) return s;
+    if (absl::Status s = CheckInlineKvBytes(request.output_layout(), "output_layout"); !s.ok())
+      return s;
   }
   return ValidateMaskFormat(request.mask_format(), "mask_format");
 }

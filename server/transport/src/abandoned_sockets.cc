@@ -29,7 +29,8 @@ uint16_t LocalPort(int fd) {
 bool InCloseWait(int fd) {
   tcp_info info{};
   socklen_t len = sizeof(info);
-  return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_state == TCP_CLOSE_WAIT;
+  return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 &&
+         info.tcpi_state == TCP_CLOSE_WAIT;
 }
 
 }  // namespace
@@ -53,7 +54,8 @@ size_t AbandonedSocketReaper::Reap(absl::Time now) {
     if (end == entry->d_name || *end != '\0' || fd == own) continue;
     struct stat st {};
     if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    if (LocalPort(int(fd)) == port_ && InCloseWait(int(fd))) waiting.insert({int(fd), uint64_t(st.st_ino)});
+    if (LocalPort(int(fd)) == port_ && InCloseWait(int(fd)))
+      waiting.insert({int(fd), uint64_t(st.st_ino)});
   }
   closedir(dir);
 
@@ -71,9 +73,10 @@ size_t AbandonedSocketReaper::Reap(absl::Time now) {
   }
   close_wait_since_ = std::move(still_waiting);
   if (reclaimed > 0) {
-    spdlog::warn("[transport] closed {} connection(s) to port {} that the peer abandoned before the "
-                 "connection handshake (garbage or a port scan)",
-                 reclaimed, port_);
+    spdlog::warn(
+        "[transport] closed {} connection(s) to port {} that the peer abandoned before the "
+        "connection handshake (garbage or a port scan)",
+        reclaimed, port_);
   }
   return reclaimed;
 }

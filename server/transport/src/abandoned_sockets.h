@@ -35,7 +35,7 @@ class AbandonedSocketReaper {
  private:
   const uint16_t port_;
   const absl::Duration grace_;
-  int placeholder_fd_ = -1;                  // /dev/null, dup2()ed over reclaimed sockets
+  int placeholder_fd_ = -1;  // /dev/null, dup2()ed over reclaimed sockets
   // (fd, inode) -> when first seen in CLOSE_WAIT; the inode tells a reused fd number apart.
   std::map<std::pair<int, uint64_t>, absl::Time> close_wait_since_;
 };

@@ -124,8 +124,8 @@ void FaultInjectingTransport::Close() {
 
 bool FaultInjectingTransport::WaitUntilPaused(absl::Duration timeout) {
   MutexLock lock(&mutex_);
-  return mutex_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return paused_sends_ > 0; },
-                                 timeout);
+  return mutex_.AwaitWithTimeout(
+      [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return paused_sends_ > 0; }, timeout);
 }
 
 void FaultInjectingTransport::Resume() {

@@ -13,11 +13,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-#include "spectrumkv/transport/mutex.h"
 #include "absl_compat.h"
 #include "atomic_stats.h"
 #include "send_budget.h"
 #include "socket_address.h"
+#include "spectrumkv/transport/mutex.h"
 #include "wire_format.h"
 
 namespace spectrumkv::transport {

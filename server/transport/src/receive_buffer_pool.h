@@ -8,8 +8,8 @@
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
-#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/message_buffer.h"
+#include "spectrumkv/transport/mutex.h"
 
 namespace spectrumkv::transport::internal {
 

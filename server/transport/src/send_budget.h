@@ -7,8 +7,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
-#include "spectrumkv/transport/mutex.h"
 #include "absl/time/time.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/transport.h"
 
 namespace spectrumkv::transport::internal {

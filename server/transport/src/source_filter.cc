@@ -33,7 +33,9 @@ uint32_t AddressWord(const NetworkPrefix& p, int word) {
 }
 
 sock_filter Statement(uint16_t code, uint32_t k) { return BPF_STMT(code, k); }
-sock_filter Jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) { return BPF_JUMP(code, k, jt, jf); }
+sock_filter Jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) {
+  return BPF_JUMP(code, k, jt, jf);
+}
 
 // Appends one prefix test: falls through to the next test when the source is outside `p`, jumps to
 // `accept` (an index patched in by the caller through `accept_jumps`) when inside.
@@ -43,8 +45,10 @@ void AppendPrefixTest(const NetworkPrefix& p, std::vector<sock_filter>& program,
   const uint32_t source_offset = p.family == AF_INET ? 12 : 8;
   const int words = (p.prefix_length + 31) / 32;
   for (int w = 0; w < words; ++w) {
-    const uint8_t remaining = uint8_t(3 * (words - 1 - w) + 1);  // the rest of this test, then its `ja`
-    program.push_back(Statement(BPF_LD | BPF_W | BPF_ABS, uint32_t(SKF_NET_OFF) + source_offset + 4 * w));
+    const uint8_t remaining =
+        uint8_t(3 * (words - 1 - w) + 1);  // the rest of this test, then its `ja`
+    program.push_back(
+        Statement(BPF_LD | BPF_W | BPF_ABS, uint32_t(SKF_NET_OFF) + source_offset + 4 * w));
     program.push_back(Statement(BPF_ALU | BPF_AND | BPF_K, MaskWord(p.prefix_length, w)));
     program.push_back(Jump(BPF_JMP | BPF_JEQ | BPF_K, AddressWord(p, w), 0, remaining));
   }
@@ -52,8 +56,8 @@ void AppendPrefixTest(const NetworkPrefix& p, std::vector<sock_filter>& program,
   program.push_back(Statement(BPF_JMP | BPF_JA, 0));
 }
 
-void AppendTests(int family, const std::vector<NetworkPrefix>& allowed, std::vector<sock_filter>& program,
-                 std::vector<size_t>& accept_jumps) {
+void AppendTests(int family, const std::vector<NetworkPrefix>& allowed,
+                 std::vector<sock_filter>& program, std::vector<size_t>& accept_jumps) {
   for (const NetworkPrefix& p : allowed) {
     if (p.family == family) AppendPrefixTest(p, program, accept_jumps);
   }
@@ -80,7 +84,8 @@ absl::StatusOr<NetworkPrefix> ParseNetworkPrefix(absl::string_view text) {
   } else if (inet_pton(AF_INET6, host.c_str(), p.address.data()) == 1) {
     p.family = AF_INET6;
   } else {
-    return bad("expected an IPv4 or IPv6 address, optionally with /prefix-length (10.0.0.0/8, fd00::/8)");
+    return bad(
+        "expected an IPv4 or IPv6 address, optionally with /prefix-length (10.0.0.0/8, fd00::/8)");
   }
   const int max_length = 8 * AddressBytes(p.family);
   p.prefix_length = max_length;
@@ -92,7 +97,8 @@ absl::StatusOr<NetworkPrefix> ParseNetworkPrefix(absl::string_view text) {
   for (int bit = p.prefix_length; bit < max_length; ++bit) {
     if (p.address[bit / 8] & (0x80 >> (bit % 8))) {
       NetworkPrefix network = p;
-      for (int b = p.prefix_length; b < max_length; ++b) network.address[b / 8] &= uint8_t(~(0x80 >> (b % 8)));
+      for (int b = p.prefix_length; b < max_length; ++b)
+        network.address[b / 8] &= uint8_t(~(0x80 >> (b % 8)));
       return bad(absl::StrCat("host bits are set (did you mean ", network.ToString(), "?)"));
     }
   }
@@ -112,9 +118,12 @@ std::set<ListeningSocket> ListeningTcpSockets() {
     if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
     int listening = 0, protocol = 0;
     socklen_t len = sizeof(int);
-    if (getsockopt(int(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0) continue;
+    if (getsockopt(int(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0)
+      continue;
     len = sizeof(int);
-    if (getsockopt(int(fd), SOL_SOCKET, SO_PROTOCOL, &protocol, &len) != 0 || protocol != IPPROTO_TCP) continue;
+    if (getsockopt(int(fd), SOL_SOCKET, SO_PROTOCOL, &protocol, &len) != 0 ||
+        protocol != IPPROTO_TCP)
+      continue;
     sockets.insert({int(fd), uint64_t(st.st_ino)});
   }
   closedir(dir);
@@ -132,11 +141,13 @@ std::vector<int> NewListeningSockets(const std::set<ListeningSocket>& before,
 
 absl::Status AttachSourceFilter(int fd, const std::vector<NetworkPrefix>& allowed) {
   if (allowed.empty() || allowed.size() > kMaxAllowedNetworks) {
-    return absl::InvalidArgumentError(absl::StrCat("1 to ", kMaxAllowedNetworks, " allowed networks"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("1 to ", kMaxAllowedNetworks, " allowed networks"));
   }
   int domain = 0;
   socklen_t len = sizeof(domain);
-  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || (domain != AF_INET && domain != AF_INET6)) {
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 ||
+      (domain != AF_INET && domain != AF_INET6)) {
     return absl::InvalidArgumentError(absl::StrCat("fd ", fd, " is not an IPv4 or IPv6 socket"));
   }
   std::vector<sock_filter> program;
@@ -157,11 +168,13 @@ absl::Status AttachSourceFilter(int fd, const std::vector<NetworkPrefix>& allowe
   for (size_t at : accept_jumps) program[at].k = uint32_t(accept - at - 1);
   if (program.size() > BPF_MAXINSNS) {
     return absl::InvalidArgumentError(absl::StrCat("too many allowed networks: ", program.size(),
-                                                   " BPF instructions, the kernel takes ", BPF_MAXINSNS));
+                                                   " BPF instructions, the kernel takes ",
+                                                   BPF_MAXINSNS));
   }
   sock_fprog fprog{uint16_t(program.size()), program.data()};
   if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof(fprog)) != 0) {
-    return absl::InternalError(absl::StrCat("SO_ATTACH_FILTER on fd ", fd, ": ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("SO_ATTACH_FILTER on fd ", fd, ": ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }

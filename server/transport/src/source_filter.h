@@ -3,30 +3,31 @@
 // UCX 1.13 trusts the length fields of what arrives on its TCP sockets: eight bytes of 0xff sent
 // to the connection manager's port (the data port), or a header with a large length sent to a TCP
 // interface's port after its public magic number, fail an assertion that Debian's build keeps, and
-// the whole daemon aborts before any handshake of ours runs. Nothing in UCX's API lets us read those
-// bytes first. What we can do is decide who may connect at all: a classic BPF socket filter on each
-// listening socket UCX opened drops every packet whose source address is outside the allowed
-// networks, so a SYN from anywhere else never becomes a connection. Accepted connections inherit
-// the filter. Peers inside the allowed networks are trusted hosts (they hold the peer token anyway).
+// the whole daemon aborts before any handshake of ours runs. Nothing in UCX's API lets us read
+// those bytes first. What we can do is decide who may connect at all: a classic BPF socket filter
+// on each listening socket UCX opened drops every packet whose source address is outside the
+// allowed networks, so a SYN from anywhere else never becomes a connection. Accepted connections
+// inherit the filter. Peers inside the allowed networks are trusted hosts (they hold the peer token
+// anyway).
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <set>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace spectrumkv::transport::internal {
 
 // An address prefix such as 10.0.0.0/8, 192.168.1.7 (= /32), fd00::/8 or ::1 (= /128).
 struct NetworkPrefix {
-  int family = 0;                    // AF_INET or AF_INET6
+  int family = 0;                     // AF_INET or AF_INET6
   std::array<uint8_t, 16> address{};  // network byte order; IPv4 uses the first 4 bytes
-  int prefix_length = 0;             // 0..32 or 0..128
+  int prefix_length = 0;              // 0..32 or 0..128
 
   [[nodiscard]] std::string ToString() const;
 };

@@ -5,10 +5,10 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "spectrumkv/transport/mutex.h"
 #include "absl_compat.h"
 #include "socket_address.h"
 #include "source_filter.h"
+#include "spectrumkv/transport/mutex.h"
 #include "wire_format.h"
 
 namespace spectrumkv::transport {
@@ -35,10 +35,12 @@ absl::Status ValidateTransportConfig(const TransportConfig& config) {
                      absl::StrCat("'", config.listen_address, "' is not a valid host:port"));
   }
   if (config.allowed_source_networks.size() > internal::kMaxAllowedNetworks) {
-    return BadConfig("allowed_source_networks", absl::StrCat("has more than ", internal::kMaxAllowedNetworks, " entries"));
+    return BadConfig("allowed_source_networks",
+                     absl::StrCat("has more than ", internal::kMaxAllowedNetworks, " entries"));
   }
   for (const std::string& network : config.allowed_source_networks) {
-    if (absl::StatusOr<internal::NetworkPrefix> p = internal::ParseNetworkPrefix(network); !p.ok()) {
+    if (absl::StatusOr<internal::NetworkPrefix> p = internal::ParseNetworkPrefix(network);
+        !p.ok()) {
       return BadConfig("allowed_source_networks", internal::ToStd(p.status().message()));
     }
   }

@@ -18,18 +18,18 @@
 #include <thread>
 #include <utility>
 
+#include "abandoned_sockets.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "spectrumkv/transport/mutex.h"
-#include "abandoned_sockets.h"
 #include "absl_compat.h"
 #include "atomic_stats.h"
 #include "receive_buffer_pool.h"
 #include "send_budget.h"
 #include "socket_address.h"
 #include "source_filter.h"
+#include "spectrumkv/transport/mutex.h"
 #include "ucx_handles.h"
 #include "wire_format.h"
 
@@ -126,7 +126,8 @@ void ApplyProcessWideUcxSettings() {
     setenv("UCX_TCP_CM_REUSEADDR", "y", /*overwrite=*/0);
     setenv("UCX_RDMA_CM_REUSEADDR", "y", /*overwrite=*/0);
     if (getenv("UCX_ASYNC_MAX_EVENTS") == nullptr) {
-      ucs_global_opts.async_max_events = std::max(ucs_global_opts.async_max_events, kUcxAsyncMaxEvents);
+      ucs_global_opts.async_max_events =
+          std::max(ucs_global_opts.async_max_events, kUcxAsyncMaxEvents);
     }
   });
 }
@@ -280,8 +281,8 @@ class UcxTransport::Impl {
   absl::StatusOr<std::string> StartListening(const SocketAddress& address);
   // Attaches the source filter to the TCP listeners UCX opened since `before` (see
   // source_filter.h). `required`: fail when there is none (the filter would protect nothing).
-  absl::Status RestrictSources(const std::set<internal::ListeningSocket>& before, absl::string_view what,
-                               bool required);
+  absl::Status RestrictSources(const std::set<internal::ListeningSocket>& before,
+                               absl::string_view what, bool required);
   void StartConnect(std::shared_ptr<ConnectResult> result, const SocketAddress& address,
                     std::string address_text);
   void StartSend(PeerId id, MessageType type, MessageBuffer payload, SendCallback done);
@@ -382,7 +383,8 @@ absl::Status UcxTransport::Impl::Start() {
   SKV_RETURN_IF_UCS_ERROR(ucp_worker_create(context_.get(), &worker_params, &worker));
   worker_ = UcpWorker(worker);
   // The worker's TCP interfaces listen for their peers' data connections on ports of their own.
-  if (absl::Status s = RestrictSources(before_worker, "TCP interface", /*required=*/false); !s.ok()) return s;
+  if (absl::Status s = RestrictSources(before_worker, "TCP interface", /*required=*/false); !s.ok())
+    return s;
   SKV_RETURN_IF_UCS_ERROR(ucp_worker_get_efd(worker, &worker_fd_));
 
   ucp_worker_attr_t worker_attr{};
@@ -661,18 +663,22 @@ absl::Status UcxTransport::Impl::RestrictSources(const std::set<internal::Listen
     if (!prefix.ok()) return prefix.status();
     allowed.push_back(*prefix);
   }
-  const std::vector<int> listeners = internal::NewListeningSockets(before, internal::ListeningTcpSockets());
+  const std::vector<int> listeners =
+      internal::NewListeningSockets(before, internal::ListeningTcpSockets());
   if (listeners.empty() && required) {
-    return absl::InternalError(absl::StrCat("allowed_source_networks is set but UCX's ", what,
-                                            " listening socket was not found; refusing to listen unfiltered"));
+    return absl::InternalError(
+        absl::StrCat("allowed_source_networks is set but UCX's ", what,
+                     " listening socket was not found; refusing to listen unfiltered"));
   }
   for (int fd : listeners) {
     if (absl::Status s = internal::AttachSourceFilter(fd, allowed); !s.ok()) {
-      return absl::InternalError(absl::StrCat("filtering UCX's ", what, " listener: ", s.message()));
+      return absl::InternalError(
+          absl::StrCat("filtering UCX's ", what, " listener: ", s.message()));
     }
   }
   spdlog::info("[transport] daemon '{}': {} {} listening socket(s) accept connections only from {}",
-               config_.daemon_id, listeners.size(), internal::ToStd(what), absl::StrJoin(config_.allowed_source_networks, ", "));
+               config_.daemon_id, listeners.size(), internal::ToStd(what),
+               absl::StrJoin(config_.allowed_source_networks, ", "));
   return absl::OkStatus();
 }
 
@@ -695,7 +701,8 @@ absl::StatusOr<std::string> UcxTransport::Impl::StartListening(const SocketAddre
     return UcsError(created, absl::StrCat("listen on ", config_.listen_address));
   }
   UcpListener listener(raw_listener);
-  if (absl::Status s = RestrictSources(before_listener, "connection manager", /*required=*/true); !s.ok()) {
+  if (absl::Status s = RestrictSources(before_listener, "connection manager", /*required=*/true);
+      !s.ok()) {
     return s;
   }
   ucp_listener_attr_t attr{};

@@ -26,10 +26,14 @@ TEST(Codec, SimdAndReferenceProduceIdenticalSegmentsAndDecodes) {
   if (avx2 == nullptr) GTEST_SKIP() << "no AVX2/F16C on this CPU";
   std::mt19937 rng(21);
   for (int trial = 0; trial < 16; ++trial) {
-    SyntheticKvSpec spec{.layers = 1 + uint32_t(rng() % 2), .tokens = 1 + 2 * uint32_t(rng() % 90),
-                         .heads = 1 + uint32_t(rng() % 4), .head_dim = 8 * (1 + uint32_t(rng() % 32)),
+    SyntheticKvSpec spec{.layers = 1 + uint32_t(rng() % 2),
+                         .tokens = 1 + 2 * uint32_t(rng() % 90),
+                         .heads = 1 + uint32_t(rng() % 4),
+                         .head_dim = 8 * (1 + uint32_t(rng() % 32)),
                          .dtype = trial % 2 ? DType::kBf16 : DType::kFp16,
-                         .outlier_scale = trial % 3 ? 20.0f : 0.0f, .channel_bias = 3, .seed = uint32_t(trial)};
+                         .outlier_scale = trial % 3 ? 20.0f : 0.0f,
+                         .channel_bias = 3,
+                         .seed = uint32_t(trial)};
     SyntheticKv kv(spec);
     if (trial % 4 == 1) kv.buffer(0, 0)[0] = 0x7e00;  // a NaN key element
     if (trial % 4 == 2) kv.buffer(0, 1)[3] = 0x7c00;  // an Inf value element
@@ -50,7 +54,8 @@ TEST(Codec, SimdAndReferenceProduceIdenticalSegmentsAndDecodes) {
     ASSERT_EQ(ref->segments, fast->segments) << "trial " << trial << " head_dim " << spec.head_dim;
     SyntheticKv out_ref = SyntheticKv::ZerosLike(spec), out_fast = SyntheticKv::ZerosLike(spec);
     std::vector<uint8_t> kept_ref, kept_fast;
-    ASSERT_TRUE(DecodeKv(Spans(ref->segments), out_ref.views(), &kept_ref, ReferenceRowKernels()).ok());
+    ASSERT_TRUE(
+        DecodeKv(Spans(ref->segments), out_ref.views(), &kept_ref, ReferenceRowKernels()).ok());
     ASSERT_TRUE(DecodeKv(Spans(ref->segments), out_fast.views(), &kept_fast, *avx2).ok());
     EXPECT_EQ(kept_ref, kept_fast);
     for (uint32_t l = 0; l < spec.layers; ++l) {
@@ -72,12 +77,14 @@ TEST(Codec, DecodeReportsDroppedTokensAndRejectsForeignSegments) {
   std::vector<uint8_t> kept;
   ASSERT_TRUE(DecodeKv(Spans(enc->segments), dst.views(), &kept).ok());
   EXPECT_EQ(kept, enc->plan.kept);
-  for (uint32_t t = 0; t < options.sink_tokens; ++t) EXPECT_EQ(kept[t], 1) << "sinks are never dropped";
+  for (uint32_t t = 0; t < options.sink_tokens; ++t)
+    EXPECT_EQ(kept[t], 1) << "sinks are never dropped";
 
   SyntheticKvSpec one_layer = spec;
   one_layer.layers = 1;
   SyntheticKv small = SyntheticKv::ZerosLike(one_layer);
-  EXPECT_EQ(DecodeKv(Spans(enc->segments), small.views(), &kept).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(DecodeKv(Spans(enc->segments), small.views(), &kept).code(),
+            absl::StatusCode::kOutOfRange);
 }
 
 // Decode takes a whole request or nothing: a missing, repeated or foreign segment is refused
@@ -108,7 +115,8 @@ TEST(Codec, DecodeRefusesIncompleteDuplicateAndMixedSegments) {
   absl::Status s = DecodeKv(missing, dst.views(), &kept);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("in no segment"), absl::string_view::npos) << s;
-  EXPECT_TRUE(DecodeKv({all.data(), 1}, dst.views(), &kept).code() == absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(DecodeKv({all.data(), 1}, dst.views(), &kept).code() ==
+              absl::StatusCode::kInvalidArgument);
 
   auto repeated = all;
   repeated.push_back(all[2]);
@@ -161,8 +169,8 @@ TEST(Codec, PagedLayoutsRoundTrip) {
   std::vector<uint16_t> k_pool, v_pool, k_out_pool, v_out_pool;
   std::vector<uint32_t> k_table, v_table, k_out_table, v_out_table;
   std::vector<KvLayerViews> paged{{make_paged(k_pool, k_table, 0), make_paged(v_pool, v_table, 1)}};
-  std::vector<KvLayerViews> paged_out{{make_paged(k_out_pool, k_out_table, -1),
-                                       make_paged(v_out_pool, v_out_table, -1)}};
+  std::vector<KvLayerViews> paged_out{
+      {make_paged(k_out_pool, k_out_table, -1), make_paged(v_out_pool, v_out_table, -1)}};
   CodecOptions options;
   options.budget = 0.4;
   absl::StatusOr<EncodedKv> from_paged = EncodeKv(paged, {}, options, 3);
@@ -174,8 +182,11 @@ TEST(Codec, PagedLayoutsRoundTrip) {
   SyntheticKv dense_out = SyntheticKv::ZerosLike(spec);
   ASSERT_TRUE(DecodeKv(Spans(from_dense->segments), dense_out.views(), &kept).ok());
   for (uint32_t t = 0; t < spec.tokens; ++t) {
-    ASSERT_EQ(std::memcmp(paged_out[0].key.row(t), dense_out.buffer(0, 0).data() + t * row, row * 2), 0);
-    ASSERT_EQ(std::memcmp(paged_out[0].value.row(t), dense_out.buffer(0, 1).data() + t * row, row * 2), 0);
+    ASSERT_EQ(
+        std::memcmp(paged_out[0].key.row(t), dense_out.buffer(0, 0).data() + t * row, row * 2), 0);
+    ASSERT_EQ(
+        std::memcmp(paged_out[0].value.row(t), dense_out.buffer(0, 1).data() + t * row, row * 2),
+        0);
   }
   // Rows outside the table stay untouched: the decoder writes only where the layout says.
   size_t untouched = std::count(k_out_pool.begin(), k_out_pool.end(), uint16_t{0xffff});
@@ -217,7 +228,8 @@ TEST(Importance, QueriesFindTheKeyTheyMatchWithinTheirCausalPrefix) {
 }
 
 // Attention output of fresh queries over (possibly masked) K and V, all layers and heads.
-std::vector<float> AttentionOutputs(const std::vector<KvLayerViews>& kv, const std::vector<uint8_t>& kept,
+std::vector<float> AttentionOutputs(const std::vector<KvLayerViews>& kv,
+                                    const std::vector<uint8_t>& kept,
                                     const std::vector<float>& queries, uint32_t n_queries) {
   std::vector<float> out;
   for (const KvLayerViews& layer : kv) {
@@ -230,12 +242,14 @@ std::vector<float> AttentionOutputs(const std::vector<KvLayerViews>& kv, const s
         for (uint32_t t = 0; t < layer.key.tokens; ++t) {
           if (!kept[t]) continue;
           double dot = 0;
-          for (uint32_t c = 0; c < d; ++c) dot += q[c] * HalfToFloat(layer.key.row(t)[h * d + c], layer.key.dtype);
+          for (uint32_t c = 0; c < d; ++c)
+            dot += q[c] * HalfToFloat(layer.key.row(t)[h * d + c], layer.key.dtype);
           p[t] = dot / std::sqrt(double(d));
           max_logit = std::max(max_logit, p[t]);
         }
         double total = 0;
-        for (uint32_t t = 0; t < layer.key.tokens; ++t) total += kept[t] ? (p[t] = std::exp(p[t] - max_logit)) : (p[t] = 0);
+        for (uint32_t t = 0; t < layer.key.tokens; ++t)
+          total += kept[t] ? (p[t] = std::exp(p[t] - max_logit)) : (p[t] = 0);
         for (uint32_t c = 0; c < d; ++c) {
           double o = 0;
           for (uint32_t t = 0; t < layer.key.tokens; ++t) {
@@ -251,7 +265,8 @@ std::vector<float> AttentionOutputs(const std::vector<KvLayerViews>& kv, const s
 
 double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
   double err = 0, energy = 0;
-  for (size_t i = 0; i < a.size(); ++i) err += double(a[i] - b[i]) * (a[i] - b[i]), energy += double(a[i]) * a[i];
+  for (size_t i = 0; i < a.size(); ++i)
+    err += double(a[i] - b[i]) * (a[i] - b[i]), energy += double(a[i]) * a[i];
   return err / energy;
 }
 
@@ -259,16 +274,23 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
 // Qwen2.x failure mode), rd with rotation + centring beats the paper's allocator at the same
 // achieved bytes, measured as attention-output error of queries the planner never saw.
 TEST(Codec, RdWithRotationAndCentringBeatsPaperOnOutlierKeys) {
-  SyntheticKvSpec spec{.layers = 2, .tokens = 256, .heads = 2, .head_dim = 64,
-                       .outlier_scale = 12, .channel_bias = 6, .seed = 31};
+  SyntheticKvSpec spec{.layers = 2,
+                       .tokens = 256,
+                       .heads = 2,
+                       .head_dim = 64,
+                       .outlier_scale = 12,
+                       .channel_bias = 6,
+                       .seed = 31};
   SyntheticKv kv(spec);
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 0.35f);
   const uint32_t window = 8, eval = 32;
-  std::vector<float> window_q(size_t{window} * spec.heads * spec.head_dim), eval_q(size_t{eval} * spec.heads * spec.head_dim);
+  std::vector<float> window_q(size_t{window} * spec.heads * spec.head_dim),
+      eval_q(size_t{eval} * spec.heads * spec.head_dim);
   for (float& v : window_q) v = normal(rng);
   for (float& v : eval_q) v = normal(rng);
-  std::vector<QueryWindow> windows(spec.layers, QueryWindow{window_q.data(), window, spec.heads, spec.head_dim});
+  std::vector<QueryWindow> windows(spec.layers,
+                                   QueryWindow{window_q.data(), window, spec.heads, spec.head_dim});
   const std::vector<uint8_t> all_kept(spec.tokens, 1);
   const std::vector<float> reference = AttentionOutputs(kv.views(), all_kept, eval_q, eval);
 
@@ -293,9 +315,10 @@ TEST(Codec, RdWithRotationAndCentringBeatsPaperOnOutlierKeys) {
       achieved[i] = enc->stats.achieved_budget;
       ++i;
     }
-    std::printf("b=%.2f  paper: achieved b %.4f, attention-output rel. sq. error %.3e | "
-                "rd+rotate+centre: achieved b %.4f, error %.3e (%.1fx lower)\n",
-                b, achieved[0], error[0], achieved[1], error[1], error[0] / error[1]);
+    std::printf(
+        "b=%.2f  paper: achieved b %.4f, attention-output rel. sq. error %.3e | "
+        "rd+rotate+centre: achieved b %.4f, error %.3e (%.1fx lower)\n",
+        b, achieved[0], error[0], achieved[1], error[1], error[0] / error[1]);
     EXPECT_LE(achieved[1], b);
     EXPECT_LE(achieved[0], b);
     EXPECT_NEAR(achieved[0], achieved[1], 0.01) << "compared at the same bytes";
@@ -311,8 +334,13 @@ namespace {
 
 TEST(Probe, Int4ErrorExceedsInt8AndTransformsReduceIt) {
   using skv::testing::SyntheticKv;
-  SyntheticKv kv({.layers = 2, .tokens = 128, .heads = 2, .head_dim = 64, .outlier_scale = 12,
-                  .channel_bias = 6, .seed = 3});
+  SyntheticKv kv({.layers = 2,
+                  .tokens = 128,
+                  .heads = 2,
+                  .head_dim = 64,
+                  .outlier_scale = 12,
+                  .channel_bias = 6,
+                  .seed = 3});
   CodecOptions plain;
   plain.rotate_keys = plain.rotate_values = plain.centre_keys = false;
   CodecOptions transformed;  // defaults: rotate K and V, centre K
@@ -321,15 +349,16 @@ TEST(Probe, Int4ErrorExceedsInt8AndTransformsReduceIt) {
   ASSERT_TRUE(a.ok() && b.ok());
   ASSERT_EQ(a->size(), 2u);
   for (size_t l = 0; l < 2; ++l) {
-    std::printf("layer %zu: INT4 error %.3e plain, %.3e rotated+centred; INT8 %.3e\n", l, (*a)[l].int4_error,
-                (*b)[l].int4_error, (*a)[l].int8_error);
+    std::printf("layer %zu: INT4 error %.3e plain, %.3e rotated+centred; INT8 %.3e\n", l,
+                (*a)[l].int4_error, (*b)[l].int4_error, (*a)[l].int8_error);
     EXPECT_GT((*a)[l].int4_error, (*a)[l].int8_error);
     EXPECT_LT((*b)[l].int4_error, (*a)[l].int4_error);
   }
   std::vector<float> q(16 * 2 * 32);
   QueryWindow wrong{q.data(), 16, 2, 32};  // head_dim 32 does not fit 64
   std::vector<QueryWindow> windows{wrong, wrong};
-  EXPECT_EQ(ProbeInt4(kv.views(), windows, plain).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ProbeInt4(kv.views(), windows, plain).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,3 +1,5 @@
+#include "spectrumkv/codec/half.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -5,7 +7,6 @@
 
 #include "gtest/gtest.h"
 #include "spectrumkv/codec/crc32c.h"
-#include "spectrumkv/codec/half.h"
 
 namespace skv {
 namespace {
@@ -23,14 +24,14 @@ TEST(Half, EveryFp16ValueRoundTripsThroughFloat) {
 
 TEST(Half, Fp16RoundsToNearestEven) {
   EXPECT_EQ(FloatToFp16(1.0f), 0x3c00);
-  EXPECT_EQ(FloatToFp16(1.0f + 1.0f / 2048), 0x3c00);       // halfway, ties to even (down)
-  EXPECT_EQ(FloatToFp16(1.0f + 3.0f / 2048), 0x3c02);       // halfway, ties to even (up)
+  EXPECT_EQ(FloatToFp16(1.0f + 1.0f / 2048), 0x3c00);  // halfway, ties to even (down)
+  EXPECT_EQ(FloatToFp16(1.0f + 3.0f / 2048), 0x3c02);  // halfway, ties to even (up)
   EXPECT_EQ(FloatToFp16(65504.0f), 0x7bff);
   EXPECT_EQ(FloatToFp16(65519.0f), 0x7bff);
-  EXPECT_EQ(FloatToFp16(65520.0f), 0x7c00);                 // overflows to Inf
+  EXPECT_EQ(FloatToFp16(65520.0f), 0x7c00);  // overflows to Inf
   EXPECT_EQ(FloatToFp16(-std::numeric_limits<float>::infinity()), 0xfc00);
-  EXPECT_EQ(FloatToFp16(std::ldexp(1.0f, -24)), 0x0001);     // smallest subnormal
-  EXPECT_EQ(FloatToFp16(std::ldexp(1.0f, -25)), 0x0000);     // halfway to it: ties to even (0)
+  EXPECT_EQ(FloatToFp16(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(FloatToFp16(std::ldexp(1.0f, -25)), 0x0000);  // halfway to it: ties to even (0)
   EXPECT_EQ(FloatToFp16(std::ldexp(1.5f, -25)), 0x0001);
   EXPECT_EQ(FloatToFp16(-0.0f), 0x8000);
 }

@@ -72,8 +72,10 @@ class BudgetAccountingTest : public ::testing::TestWithParam<AllocatorKind> {};
 TEST_P(BudgetAccountingTest, AchievedBytesNeverExceedTheBudget) {
   std::mt19937 rng(17);
   for (int trial = 0; trial < 12; ++trial) {
-    SyntheticKvSpec spec{.layers = 1 + uint32_t(rng() % 3), .tokens = 5 + uint32_t(rng() % 300),
-                         .heads = 1 + uint32_t(rng() % 3), .head_dim = 8 * (1 + uint32_t(rng() % 16)),
+    SyntheticKvSpec spec{.layers = 1 + uint32_t(rng() % 3),
+                         .tokens = 5 + uint32_t(rng() % 300),
+                         .heads = 1 + uint32_t(rng() % 3),
+                         .head_dim = 8 * (1 + uint32_t(rng() % 16)),
                          .seed = uint32_t(trial)};
     SyntheticKv kv(spec);
     CodecOptions options;
@@ -91,14 +93,17 @@ TEST_P(BudgetAccountingTest, AchievedBytesNeverExceedTheBudget) {
       }
       const size_t budget_bytes = size_t(std::floor(b * enc->stats.raw_bytes));
       ASSERT_LE(enc->stats.wire_bytes, budget_bytes)
-          << "trial " << trial << " b=" << b << " tokens=" << spec.tokens << " head_dim=" << spec.head_dim;
-      EXPECT_NEAR(enc->stats.achieved_budget, double(enc->stats.wire_bytes) / enc->stats.raw_bytes, 1e-12);
+          << "trial " << trial << " b=" << b << " tokens=" << spec.tokens
+          << " head_dim=" << spec.head_dim;
+      EXPECT_NEAR(enc->stats.achieved_budget, double(enc->stats.wire_bytes) / enc->stats.raw_bytes,
+                  1e-12);
       if (GetParam() == AllocatorKind::kRd && enc->stats.dropped_tokens == 0 &&
           enc->stats.rows_per_tier[int(Tier::kFp16)] < enc->plan.tiers.size()) {
         // rd leaves unspent at most two row upgrades plus the fixed overhead it reserved
         // (means and per-channel params of segments that ended up without quantized rows).
         const KvShape shape = *ShapeOf(kv.views());
-        const double slack = 2.0 * shape.row_elements() * 2 + BudgetAccounting(shape, options).FixedOverhead();
+        const double slack =
+            2.0 * shape.row_elements() * 2 + BudgetAccounting(shape, options).FixedOverhead();
         EXPECT_GE(double(enc->stats.wire_bytes), double(budget_bytes) - slack) << "b=" << b;
       }
     }
@@ -204,15 +209,18 @@ TEST(Planner, DistortionAndPlanDoNotDependOnTheThreadCount) {
   absl::StatusOr<DistortionTable> serial = MeasureDistortion(kv.views(), options, kernels, 1);
   ASSERT_TRUE(serial.ok()) << serial.status();
   EncodeStats serial_stats;
-  absl::StatusOr<TierPlan> serial_plan = PlanRequest(kv.views(), {}, options, kernels, &serial_stats, 1);
+  absl::StatusOr<TierPlan> serial_plan =
+      PlanRequest(kv.views(), {}, options, kernels, &serial_stats, 1);
   ASSERT_TRUE(serial_plan.ok());
   for (unsigned threads : {0u, 2u, 3u, 64u}) {  // 0 means one; more than the 10 tensors is capped
-    absl::StatusOr<DistortionTable> parallel = MeasureDistortion(kv.views(), options, kernels, threads);
+    absl::StatusOr<DistortionTable> parallel =
+        MeasureDistortion(kv.views(), options, kernels, threads);
     ASSERT_TRUE(parallel.ok()) << parallel.status();
     ASSERT_EQ(parallel->rows.size(), serial->rows.size());
     for (size_t i = 0; i < serial->rows.size(); ++i) {
       for (int t = 0; t < 3; ++t) {
-        ASSERT_EQ(parallel->rows[i].err[t], serial->rows[i].err[t]) << "threads " << threads << " row " << i;
+        ASSERT_EQ(parallel->rows[i].err[t], serial->rows[i].err[t])
+            << "threads " << threads << " row " << i;
       }
     }
     EncodeStats stats;

@@ -1,5 +1,7 @@
 // The SIMD row kernels against the scalar reference: bit-identical on random and adversarial
 // inputs, and the reference's own round-trip accuracy against named thresholds.
+#include "spectrumkv/codec/row_kernels.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -8,7 +10,6 @@
 
 #include "gtest/gtest.h"
 #include "spectrumkv/codec/half.h"
-#include "spectrumkv/codec/row_kernels.h"
 
 namespace skv {
 namespace {
@@ -22,18 +23,37 @@ constexpr double kMaxRelRmsInt2 = 0.65;
 // Hadamard applied twice is the identity up to fp32 rounding of log2(n) butterfly stages.
 constexpr double kHadamardRoundTripUlps = 16;
 
-enum class Pattern { kGaussian, kZeros, kConstant, kOutliers, kDenormals, kNonFinite, kHuge, kRandomBits };
+enum class Pattern {
+  kGaussian,
+  kZeros,
+  kConstant,
+  kOutliers,
+  kDenormals,
+  kNonFinite,
+  kHuge,
+  kRandomBits
+};
 
 std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> x(n);
   for (size_t i = 0; i < n; ++i) {
     switch (p) {
-      case Pattern::kGaussian: x[i] = normal(rng); break;
-      case Pattern::kZeros: x[i] = 0.0f; break;
-      case Pattern::kConstant: x[i] = 3.25f; break;
-      case Pattern::kOutliers: x[i] = (i % 13 == 3) ? 900.0f * normal(rng) : normal(rng); break;
-      case Pattern::kDenormals: x[i] = std::ldexp(normal(rng), -20); break;  // fp16 subnormals
+      case Pattern::kGaussian:
+        x[i] = normal(rng);
+        break;
+      case Pattern::kZeros:
+        x[i] = 0.0f;
+        break;
+      case Pattern::kConstant:
+        x[i] = 3.25f;
+        break;
+      case Pattern::kOutliers:
+        x[i] = (i % 13 == 3) ? 900.0f * normal(rng) : normal(rng);
+        break;
+      case Pattern::kDenormals:
+        x[i] = std::ldexp(normal(rng), -20);
+        break;  // fp16 subnormals
       case Pattern::kNonFinite: {
         const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
                                   std::numeric_limits<float>::infinity(),
@@ -41,16 +61,20 @@ std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
         x[i] = specials[rng() % 4];
         break;
       }
-      case Pattern::kHuge: x[i] = 60000.0f * (rng() % 2 ? 1.0f : -1.0f) * (rng() % 100) / 100.0f; break;
-      case Pattern::kRandomBits: x[i] = BitsFloat(uint32_t(rng())); break;  // any float at all
+      case Pattern::kHuge:
+        x[i] = 60000.0f * (rng() % 2 ? 1.0f : -1.0f) * (rng() % 100) / 100.0f;
+        break;
+      case Pattern::kRandomBits:
+        x[i] = BitsFloat(uint32_t(rng()));
+        break;  // any float at all
     }
   }
   return x;
 }
 
-constexpr Pattern kAllPatterns[] = {Pattern::kGaussian,  Pattern::kZeros,     Pattern::kConstant,
-                                    Pattern::kOutliers,  Pattern::kDenormals, Pattern::kNonFinite,
-                                    Pattern::kHuge,      Pattern::kRandomBits};
+constexpr Pattern kAllPatterns[] = {Pattern::kGaussian, Pattern::kZeros,     Pattern::kConstant,
+                                    Pattern::kOutliers, Pattern::kDenormals, Pattern::kNonFinite,
+                                    Pattern::kHuge,     Pattern::kRandomBits};
 
 class Avx2VsReference : public ::testing::Test {
  protected:
@@ -146,8 +170,8 @@ TEST(ReferenceRoundTrip, ErrorPerTierIsBelowThreshold) {
   std::mt19937 rng(4);
   const size_t n = 128 * 256, group = 128;
   const std::vector<float> x = MakeData(Pattern::kGaussian, n, rng);
-  for (auto [bits, threshold] : {std::pair{8, kMaxRelRmsInt8}, std::pair{4, kMaxRelRmsInt4},
-                                 std::pair{2, kMaxRelRmsInt2}}) {
+  for (auto [bits, threshold] :
+       {std::pair{8, kMaxRelRmsInt8}, std::pair{4, kMaxRelRmsInt4}, std::pair{2, kMaxRelRmsInt2}}) {
     std::vector<uint8_t> q(n / group * (4 + group * bits / 8));
     std::vector<float> y(n);
     k.quantize(x.data(), n, group, bits, q.data());
@@ -159,7 +183,8 @@ TEST(ReferenceRoundTrip, ErrorPerTierIsBelowThreshold) {
       const float lo = *std::min_element(x.begin() + g, x.begin() + g + group);
       const float hi = *std::max_element(x.begin() + g, x.begin() + g + group);
       const float step = (hi - lo) / MaxCode(bits);
-      for (size_t i = g; i < g + group; ++i) ASSERT_LE(std::fabs(x[i] - y[i]), 0.5f * step * 1.01f + 1e-6f);
+      for (size_t i = g; i < g + group; ++i)
+        ASSERT_LE(std::fabs(x[i] - y[i]), 0.5f * step * 1.01f + 1e-6f);
     }
   }
 }
@@ -181,12 +206,14 @@ TEST(ReferenceRoundTrip, HadamardTwiceIsIdentity) {
     std::vector<float> y = x;
     k.hadamard(y.data(), y.size(), block);
     double energy_x = 0, energy_y = 0;
-    for (size_t i = 0; i < x.size(); ++i) energy_x += double(x[i]) * x[i], energy_y += double(y[i]) * y[i];
+    for (size_t i = 0; i < x.size(); ++i)
+      energy_x += double(x[i]) * x[i], energy_y += double(y[i]) * y[i];
     EXPECT_NEAR(energy_y / energy_x, 1.0, 1e-5) << "orthonormal";
     k.hadamard(y.data(), y.size(), block);
     float max_abs = 0;
     for (float v : x) max_abs = std::max(max_abs, std::fabs(v));
-    const double tolerance = kHadamardRoundTripUlps * std::numeric_limits<float>::epsilon() * max_abs;
+    const double tolerance =
+        kHadamardRoundTripUlps * std::numeric_limits<float>::epsilon() * max_abs;
     for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(y[i], x[i], tolerance) << "block " << block;
   }
 }

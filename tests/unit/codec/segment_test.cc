@@ -49,8 +49,14 @@ class SegmentRoundTrip : public ::testing::TestWithParam<std::tuple<DType, Optio
 
 TEST_P(SegmentRoundTrip, EveryTierDecodesAsSpecified) {
   const auto [dtype, oc] = GetParam();
-  SyntheticKvSpec spec{.layers = 1, .tokens = 77, .heads = 3, .head_dim = 64, .dtype = dtype,
-                       .outlier_scale = 8, .channel_bias = 4, .seed = 9};
+  SyntheticKvSpec spec{.layers = 1,
+                       .tokens = 77,
+                       .heads = 3,
+                       .head_dim = 64,
+                       .dtype = dtype,
+                       .outlier_scale = 8,
+                       .channel_bias = 4,
+                       .seed = 9};
   SyntheticKv src(spec);
   CodecOptions options;
   options.rotate_keys = options.rotate_values = oc.rotate;
@@ -93,12 +99,14 @@ TEST_P(SegmentRoundTrip, EveryTierDecodesAsSpecified) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    DtypesAndOptions, SegmentRoundTrip,
-    ::testing::Combine(::testing::Values(DType::kFp16, DType::kBf16),
-                       ::testing::Values(OptionCase{false, false, false, 0}, OptionCase{true, false, false, 0},
-                                         OptionCase{false, true, false, 0}, OptionCase{true, true, false, 32},
-                                         OptionCase{true, true, true, 0}, OptionCase{false, false, true, 8})));
+INSTANTIATE_TEST_SUITE_P(DtypesAndOptions, SegmentRoundTrip,
+                         ::testing::Combine(::testing::Values(DType::kFp16, DType::kBf16),
+                                            ::testing::Values(OptionCase{false, false, false, 0},
+                                                              OptionCase{true, false, false, 0},
+                                                              OptionCase{false, true, false, 0},
+                                                              OptionCase{true, true, false, 32},
+                                                              OptionCase{true, true, true, 0},
+                                                              OptionCase{false, false, true, 8})));
 
 class SegmentReader : public ::testing::Test {
  protected:
@@ -198,12 +206,15 @@ TEST(SegmentWriter, RejectsBadSpecs) {
   std::vector<Tier> tiers(8, Tier::kInt8);
   CodecOptions options;
   EXPECT_FALSE(EncodeSegment(src.views()[0].key, {1, 0, KvKind::kKey, 4, 8}, tiers, options,
-                             BestRowKernels(), &out).ok());  // range past the tensor
+                             BestRowKernels(), &out)
+                   .ok());  // range past the tensor
   EXPECT_FALSE(EncodeSegment(src.views()[0].key, {1, 0, KvKind::kKey, 0, 7}, tiers, options,
-                             BestRowKernels(), &out).ok());  // tier count mismatch
+                             BestRowKernels(), &out)
+                   .ok());  // tier count mismatch
   options.group_size = 12;
   EXPECT_FALSE(EncodeSegment(src.views()[0].key, {1, 0, KvKind::kKey, 0, 8}, tiers, options,
-                             BestRowKernels(), &out).ok());
+                             BestRowKernels(), &out)
+                   .ok());
   EXPECT_TRUE(out.empty()) << "nothing is appended on error";
 }
 

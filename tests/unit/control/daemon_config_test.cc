@@ -253,8 +253,10 @@ TEST(DaemonConfigTest, Peers) {
 
 TEST(DaemonConfigTest, DataAllowedSources) {
   DaemonConfig c;
-  ASSERT_TRUE(SetDaemonConfigKey("data_allowed_sources", "10.0.0.0/8, fd00::/8,192.168.1.7", c).ok());
-  EXPECT_EQ(c.data_allowed_sources, (std::vector<std::string>{"10.0.0.0/8", "fd00::/8", "192.168.1.7"}));
+  ASSERT_TRUE(
+      SetDaemonConfigKey("data_allowed_sources", "10.0.0.0/8, fd00::/8,192.168.1.7", c).ok());
+  EXPECT_EQ(c.data_allowed_sources,
+            (std::vector<std::string>{"10.0.0.0/8", "fd00::/8", "192.168.1.7"}));
   ASSERT_TRUE(SetDaemonConfigKey("data_allowed_sources", "", c).ok());
   EXPECT_TRUE(c.data_allowed_sources.empty());
   // The addresses themselves are checked where the data plane starts (transport config), with
@@ -297,15 +299,19 @@ TEST(DaemonConfigTest, TlsPairsAndMutualTls) {
 
 TEST(DaemonConfigTest, PlaintextOffLoopbackAndHalfMutualTlsAreRefused) {
   auto open_grpc = Load({"--grpc_listen_address=0.0.0.0:50551"});
-  EXPECT_THAT(open_grpc.status().message(), AllOf(HasSubstr("grpc_listen_address"), HasSubstr("TLS is off")));
+  EXPECT_THAT(open_grpc.status().message(),
+              AllOf(HasSubstr("grpc_listen_address"), HasSubstr("TLS is off")));
   EXPECT_TRUE(Load({"--grpc_listen_address=0.0.0.0:50551", "--allow_insecure_grpc"}).ok());
-  EXPECT_TRUE(Load({"--grpc_listen_address=0.0.0.0:50551", "--tls_cert_file=/c.pem", "--tls_key_file=/k.pem"}).ok());
+  EXPECT_TRUE(Load({"--grpc_listen_address=0.0.0.0:50551", "--tls_cert_file=/c.pem",
+                    "--tls_key_file=/k.pem"})
+                  .ok());
   EXPECT_TRUE(Load({"--grpc_listen_address=unix:/run/skv.sock"}).ok());
   // A CA without the requirement would verify no client certificate at all.
   auto half = Load({"--tls_cert_file=/c.pem", "--tls_key_file=/k.pem", "--tls_ca_file=/ca.pem"});
   EXPECT_THAT(half.status().message(), HasSubstr("tls_ca_file"));
   // The built-in loopback token is no secret: refused on any other data address.
-  auto builtin = Load({"--data_listen_address=10.0.0.5:50552", "--auth_token=spectrumkv-loopback-only"});
+  auto builtin =
+      Load({"--data_listen_address=10.0.0.5:50552", "--auth_token=spectrumkv-loopback-only"});
   EXPECT_THAT(builtin.status().message(), HasSubstr("auth_token"));
 }
 

@@ -241,7 +241,9 @@ TEST(ShmMappingCacheTest, RepeatedImportsShareOneMappingOfTheWholeObject) {
   auto later = ImportKvHandle(ShmHandle(shm.name(), 9000, 10), KvAccess::kReadOnly, "s", &cache);
   ASSERT_TRUE(again.ok() && later.ok());
   EXPECT_EQ(again->data(), first_data);
-  EXPECT_EQ(static_cast<const std::byte*>(later->data()) - static_cast<const std::byte*>(again->data()), 8900);
+  EXPECT_EQ(
+      static_cast<const std::byte*>(later->data()) - static_cast<const std::byte*>(again->data()),
+      8900);
   EXPECT_EQ(ByteAt(later, 9), ShmObject::Pattern(9009));
   shm.bytes()[9009] = 0x42;  // the owner's writes show through the cached mapping
   EXPECT_EQ(ByteAt(later, 9), 0x42);
@@ -253,7 +255,8 @@ TEST(ShmMappingCacheTest, ReadOnlyAndReadWriteAreSeparateEntries) {
   ShmObject shm(4096);
   ShmMappingCache cache(4);
   auto source = ImportKvHandle(ShmHandle(shm.name(), 0, 64), KvAccess::kReadOnly, "s", &cache);
-  auto destination = ImportKvHandle(ShmHandle(shm.name(), 0, 64), KvAccess::kReadWrite, "d", &cache);
+  auto destination =
+      ImportKvHandle(ShmHandle(shm.name(), 0, 64), KvAccess::kReadWrite, "d", &cache);
   ASSERT_TRUE(source.ok() && destination.ok());
   static_cast<uint8_t*>(destination->data())[3] = 0x99;
   EXPECT_EQ(ByteAt(source, 3), 0x99);
@@ -303,7 +306,8 @@ TEST(ShmMappingCacheTest, AnUnlinkedObjectLeavesTheCacheAndIsUnmapped) {
 TEST(ShmMappingCacheTest, AGrownObjectIsRemappedToCoverTheRegion) {
   ShmObject shm(4096);
   ShmMappingCache cache(4);
-  ASSERT_TRUE(ImportKvHandle(ShmHandle(shm.name(), 0, 4096), KvAccess::kReadOnly, "s", &cache).ok());
+  ASSERT_TRUE(
+      ImportKvHandle(ShmHandle(shm.name(), 0, 4096), KvAccess::kReadOnly, "s", &cache).ok());
   const int fd = ::shm_open(shm.name().c_str(), O_RDWR, 0);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(::ftruncate(fd, 3 * 4096), 0);

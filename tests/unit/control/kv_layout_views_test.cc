@@ -229,7 +229,7 @@ TEST(KvLayoutViewsTest, ShapeErrors) {
   ExpectInvalid(with([](v1::KvLayout& l) { l.set_kv_heads(0); }), "source_layout.kv_heads");
   ExpectInvalid(with([](v1::KvLayout& l) { l.set_head_dim(0); }), "source_layout.head_dim");
   ExpectInvalid(with([](v1::KvLayout& l) { l.set_head_dim(12); }), "source_layout.head_dim");
-  ExpectInvalid(with([](v1::KvLayout& l) { l.set_head_dim(264); }), "source_layout.head_dim");
+  ExpectInvalid(with([](v1::KvLayout& l) { l.set_head_dim(520); }), "source_layout.head_dim");
   ExpectInvalid(with([](v1::KvLayout& l) { l.set_tokens(0); }), "source_layout.tokens");
   ExpectInvalid(with([](v1::KvLayout& l) { l.set_tokens(UINT32_MAX); }), "source_layout.tokens");
   ExpectInvalid(with([](v1::KvLayout& l) { l.clear_contiguous(); }), "source_layout.storage");

@@ -64,7 +64,8 @@ int KeptAliveGets(uint16_t port, const std::string& path, int n) {
     std::string pending;
     for (int i = 0; i < n; ++i) {
       const std::string request = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-      if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) != ssize_t(request.size())) break;
+      if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) != ssize_t(request.size()))
+        break;
       // Read the head, then exactly Content-Length bytes of body.
       size_t head_end;
       char buffer[4096];
@@ -111,7 +112,8 @@ TEST(MetricsEndpointTest, ScrapeShowsEveryFamilyAndRecordedValues) {
   ASSERT_TRUE(started.ok()) << started.status();
   const std::unique_ptr<MetricsHttpEndpoint> endpoint = *std::move(started);
   ASSERT_NE(endpoint->port(), 0);
-  EXPECT_EQ(KeptAliveGets(endpoint->port(), "/metrics", 3), 3) << "a keep-alive scraper gets every answer";
+  EXPECT_EQ(KeptAliveGets(endpoint->port(), "/metrics", 3), 3)
+      << "a keep-alive scraper gets every answer";
 
   // ---- Before anything is recorded: every fixed-label family is there, at zero.
   const std::string initial = HttpGet(endpoint->port(), "/metrics");
@@ -241,8 +243,11 @@ TEST(MetricsTest, TransportCountersAdvanceByTheirDifference) {
   m.SetTransportCounters(t);
   m.SetTransportCounters(t);  // unchanged: no double count
   const std::string text = prometheus::TextSerializer().Serialize(m.registry()->Collect());
-  EXPECT_NE(text.find("spectrumkv_transport_messages_total{direction=\"sent\"} 15"), std::string::npos) << text;
-  EXPECT_NE(text.find("spectrumkv_transport_handshakes_total{result=\"rejected_auth\"} 2"), std::string::npos);
+  EXPECT_NE(text.find("spectrumkv_transport_messages_total{direction=\"sent\"} 15"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("spectrumkv_transport_handshakes_total{result=\"rejected_auth\"} 2"),
+            std::string::npos);
   EXPECT_NE(text.find("spectrumkv_transport_abandoned_connections_total 7"), std::string::npos);
   EXPECT_NE(text.find("spectrumkv_transport_peers 3"), std::string::npos);
 }

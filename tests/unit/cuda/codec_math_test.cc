@@ -2,13 +2,14 @@
 // helpers (codec_math.h, compiled here by the host compiler) against kernels/ref, host emulations
 // of the kernels' parallel orders (lane-ordered min/max, lane-split Hadamard) against the
 // sequential reference, and the host half's record offsets.
+#include "codec_math.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
 
-#include "codec_math.h"
 #include "gtest/gtest.h"
 #include "segment_plan.h"
 #include "spectrumkv/codec/half.h"
@@ -35,9 +36,24 @@ TEST(CodecMathTest, InverseScaleMatchesReferenceForEveryInput) {
 }
 
 std::vector<float> SpecialValues() {
-  return {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, -65504.0f, 65519.0f, 65520.0f, 1e-8f, -1e-8f,
-          5.96e-8f, 6.1e-5f, 3.0f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
-          -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+  return {0.0f,
+          -0.0f,
+          1.0f,
+          -1.0f,
+          65504.0f,
+          -65504.0f,
+          65519.0f,
+          65520.0f,
+          1e-8f,
+          -1e-8f,
+          5.96e-8f,
+          6.1e-5f,
+          3.0f,
+          1e30f,
+          -1e30f,
+          std::numeric_limits<float>::infinity(),
+          -std::numeric_limits<float>::infinity(),
+          std::numeric_limits<float>::quiet_NaN(),
           std::numeric_limits<float>::denorm_min()};
 }
 
@@ -84,7 +100,9 @@ std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
   std::vector<float> x(n);
   for (size_t i = 0; i < n; ++i) {
     switch (p) {
-      case Pattern::kGaussian: x[i] = normal(rng); break;
+      case Pattern::kGaussian:
+        x[i] = normal(rng);
+        break;
       case Pattern::kSignedZeros: {  // the case where a group's min keeps the sign of a zero
         const float choices[] = {0.0f, -0.0f, 1.0f, 2.5f};
         x[i] = choices[rng() % 4];
@@ -97,9 +115,15 @@ std::vector<float> MakeData(Pattern p, size_t n, std::mt19937& rng) {
         x[i] = choices[rng() % 4];
         break;
       }
-      case Pattern::kDenormals: x[i] = std::ldexp(normal(rng), -20); break;
-      case Pattern::kHuge: x[i] = 1e6f * normal(rng); break;
-      case Pattern::kRandomBits: x[i] = BitsFloat(uint32_t(rng())); break;
+      case Pattern::kDenormals:
+        x[i] = std::ldexp(normal(rng), -20);
+        break;
+      case Pattern::kHuge:
+        x[i] = 1e6f * normal(rng);
+        break;
+      case Pattern::kRandomBits:
+        x[i] = BitsFloat(uint32_t(rng()));
+        break;
     }
   }
   return x;
@@ -220,8 +244,8 @@ void EmulateHadamard(std::vector<float>& x, uint32_t block) {
 TEST(CodecMathTest, LaneSplitHadamardMatchesReference) {
   std::mt19937 rng(4);
   for (uint32_t block : {8u, 16u, 32u, 64u, 128u, 256u, 512u}) {
-    for (Pattern p : {Pattern::kGaussian, Pattern::kSignedZeros, Pattern::kDenormals,
-                      Pattern::kHuge}) {
+    for (Pattern p :
+         {Pattern::kGaussian, Pattern::kSignedZeros, Pattern::kDenormals, Pattern::kHuge}) {
       std::vector<float> a = MakeData(p, size_t{block} * 3, rng), b = a;
       ReferenceRowKernels().hadamard(a.data(), a.size(), block);
       EmulateHadamard(b, block);

@@ -2,6 +2,8 @@
 // decoded rows identical to skv::DecodeSegment (ReferenceRowKernels), on every dtype, tier,
 // head size, token count, layout and transform; plus odd shapes, adversarial values, the batched
 // launchers, the device scan and the importance hint. Every test skips without a CUDA device.
+#include "spectrumkv/codec/cuda/cuda_codec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,7 +15,6 @@
 
 #include "cuda_test_data.h"
 #include "gtest/gtest.h"
-#include "spectrumkv/codec/cuda/cuda_codec.h"
 #include "spectrumkv/codec/importance.h"
 #include "spectrumkv/codec/segment.h"
 
@@ -27,24 +28,30 @@ using testing::TensorLayout;
 using testing::TestTensor;
 using testing::Values;
 
-#define SKV_SKIP_WITHOUT_CUDA()                                                          \
-  do {                                                                                   \
-    if (!CudaDeviceAvailable()) {                                                        \
+#define SKV_SKIP_WITHOUT_CUDA()                                                         \
+  do {                                                                                  \
+    if (!CudaDeviceAvailable()) {                                                       \
       GTEST_SKIP() << "no CUDA device (or driver) on this machine; run on a GPU host: " \
-                      "see kernels/cuda/README.md";                                      \
-    }                                                                                    \
+                      "see kernels/cuda/README.md";                                     \
+    }                                                                                   \
   } while (0)
 
 enum class TierMix { kFp16, kInt8, kInt4, kInt2, kDrop, kMixed };
 
 const char* TierMixName(TierMix t) {
   switch (t) {
-    case TierMix::kFp16: return "fp16";
-    case TierMix::kInt8: return "int8";
-    case TierMix::kInt4: return "int4";
-    case TierMix::kInt2: return "int2";
-    case TierMix::kDrop: return "drop";
-    case TierMix::kMixed: return "mixed";
+    case TierMix::kFp16:
+      return "fp16";
+    case TierMix::kInt8:
+      return "int8";
+    case TierMix::kInt4:
+      return "int4";
+    case TierMix::kInt2:
+      return "int2";
+    case TierMix::kDrop:
+      return "drop";
+    case TierMix::kMixed:
+      return "mixed";
   }
   return "?";
 }
@@ -53,12 +60,24 @@ std::vector<Tier> MakeTiers(TierMix mix, uint32_t count, std::mt19937& rng) {
   std::vector<Tier> tiers(count);
   for (Tier& t : tiers) {
     switch (mix) {
-      case TierMix::kFp16: t = Tier::kFp16; break;
-      case TierMix::kInt8: t = Tier::kInt8; break;
-      case TierMix::kInt4: t = Tier::kInt4; break;
-      case TierMix::kInt2: t = Tier::kInt2; break;
-      case TierMix::kDrop: t = Tier::kDrop; break;
-      case TierMix::kMixed: t = Tier(rng() % kNumTiers); break;
+      case TierMix::kFp16:
+        t = Tier::kFp16;
+        break;
+      case TierMix::kInt8:
+        t = Tier::kInt8;
+        break;
+      case TierMix::kInt4:
+        t = Tier::kInt4;
+        break;
+      case TierMix::kInt2:
+        t = Tier::kInt2;
+        break;
+      case TierMix::kDrop:
+        t = Tier::kDrop;
+        break;
+      case TierMix::kMixed:
+        t = Tier(rng() % kNumTiers);
+        break;
     }
   }
   return tiers;
@@ -73,8 +92,8 @@ struct Transforms {
 // same layout and expects identical buffers, gaps included.
 void ExpectSameAsReference(TestTensor& source, const TensorLayout& layout, DType dtype,
                            uint32_t tokens, uint32_t heads, uint32_t head_dim, uint32_t begin,
-                           const std::vector<Tier>& tiers, KvKind kind,
-                           const CodecOptions& options, cudaStream_t stream) {
+                           const std::vector<Tier>& tiers, KvKind kind, const CodecOptions& options,
+                           cudaStream_t stream) {
   const SegmentSpec spec{77, 3, kind, begin, uint32_t(tiers.size())};
   ByteBuffer expected;
   absl::StatusOr<size_t> ref_size =
@@ -83,7 +102,8 @@ void ExpectSameAsReference(TestTensor& source, const TensorLayout& layout, DType
 
   CudaSegmentCodec codec;
   ByteBuffer actual = {0xEE, 0xEE};  // Encode appends
-  absl::StatusOr<size_t> size = codec.Encode(source.device_view(), spec, tiers, options, stream, &actual);
+  absl::StatusOr<size_t> size =
+      codec.Encode(source.device_view(), spec, tiers, options, stream, &actual);
   ASSERT_TRUE(size.ok()) << size.status();
   ASSERT_EQ(*size, expected.size());
   ASSERT_EQ(actual.size(), expected.size() + 2);
@@ -154,14 +174,15 @@ std::string SweepName(const ::testing::TestParamInfo<SweepParam>& param) {
          ((transforms & 1) ? "_rot" : "") + ((transforms & 2) ? "_centre" : "");
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllShapes, CudaCodecSweep,
-    ::testing::Combine(::testing::Values(DType::kFp16, DType::kBf16),
-                       ::testing::Values(TierMix::kFp16, TierMix::kInt8, TierMix::kInt4,
-                                         TierMix::kInt2, TierMix::kDrop, TierMix::kMixed),
-                       ::testing::Values(64u, 128u, 256u), ::testing::Values(1u, 17u, 4096u),
-                       ::testing::Bool(), ::testing::Values(0, 1, 2, 3)),
-    SweepName);
+INSTANTIATE_TEST_SUITE_P(AllShapes, CudaCodecSweep,
+                         ::testing::Combine(::testing::Values(DType::kFp16, DType::kBf16),
+                                            ::testing::Values(TierMix::kFp16, TierMix::kInt8,
+                                                              TierMix::kInt4, TierMix::kInt2,
+                                                              TierMix::kDrop, TierMix::kMixed),
+                                            ::testing::Values(64u, 128u, 256u),
+                                            ::testing::Values(1u, 17u, 4096u), ::testing::Bool(),
+                                            ::testing::Values(0, 1, 2, 3)),
+                         SweepName);
 
 // ---- Adversarial values -------------------------------------------------------------------------
 
@@ -230,22 +251,23 @@ TEST_P(CudaCodecOddShapes, SegmentBytesAndDecodedRowsMatchReference) {
 std::string OddShapeName(const ::testing::TestParamInfo<OddShape>& param) {
   const OddShape& s = param.param;
   return "h" + std::to_string(s.heads) + "_d" + std::to_string(s.head_dim) + "_g" +
-         std::to_string(s.group) + "_t" + std::to_string(s.tokens) + "_" + std::to_string(param.index);
+         std::to_string(s.group) + "_t" + std::to_string(s.tokens) + "_" +
+         std::to_string(param.index);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaCodecOddShapes,
     ::testing::Values(
-        OddShape{1, 8, 8, 33, Dense()},            // one chunk per head
-        OddShape{5, 24, 24, 40, Dense()},          // 3 lanes per group: shared-memory min/max
-        OddShape{2, 72, 24, 40, Dense()},          // rotation block 8, 9 of 16 lanes active
-        OddShape{3, 96, 32, 65, Dense()},          // rotation block 32 inside a 96-wide head
-        OddShape{2, 200, 40, 21, Dense()},         // 5 lanes per group, block 8
-        OddShape{1, 512, 512, 19, Dense()},        // 64 lanes: cross-warp rotation and groups
-        OddShape{3, 512, 64, 19, Dense()},         // 64 lanes per head, groups of 8 lanes
-        OddShape{17, 128, 128, 30, Dense()},       // a row in three tiles of heads
-        OddShape{8, 128, 32, 50, Dense(2)},        // rows 2-byte aligned: scalar path
-        OddShape{8, 128, 128, 50, Paged(1, 0, 2)}, // one-row blocks, unaligned block stride
+        OddShape{1, 8, 8, 33, Dense()},             // one chunk per head
+        OddShape{5, 24, 24, 40, Dense()},           // 3 lanes per group: shared-memory min/max
+        OddShape{2, 72, 24, 40, Dense()},           // rotation block 8, 9 of 16 lanes active
+        OddShape{3, 96, 32, 65, Dense()},           // rotation block 32 inside a 96-wide head
+        OddShape{2, 200, 40, 21, Dense()},          // 5 lanes per group, block 8
+        OddShape{1, 512, 512, 19, Dense()},         // 64 lanes: cross-warp rotation and groups
+        OddShape{3, 512, 64, 19, Dense()},          // 64 lanes per head, groups of 8 lanes
+        OddShape{17, 128, 128, 30, Dense()},        // a row in three tiles of heads
+        OddShape{8, 128, 32, 50, Dense(2)},         // rows 2-byte aligned: scalar path
+        OddShape{8, 128, 128, 50, Paged(1, 0, 2)},  // one-row blocks, unaligned block stride
         OddShape{4, 64, 16, 77, Paged(7, 16, 32)}),
     OddShapeName);
 
@@ -266,13 +288,14 @@ TEST_F(CudaCodecTest, BatchedLaunchersMatchPerSegmentReference) {
   options.rotate_keys = true;
   std::mt19937 rng(5);
   for (uint32_t i = 0; i < kSegments; ++i) {
-    tensors.push_back(std::make_unique<TestTensor>(dtype, kTokens, kHeads, kHeadDim, layout, 100 + i));
+    tensors.push_back(
+        std::make_unique<TestTensor>(dtype, kTokens, kHeads, kHeadDim, layout, 100 + i));
     tensors.back()->Fill(Values::kGaussian);
     tensors.back()->Upload();
     tiers[i] = MakeTiers(TierMix::kMixed, kTokens, rng);
     tiers[i][0] = Tier::kInt4;  // at least one quantized row: every segment is centred
-    ASSERT_TRUE(EncodeSegment(tensors.back()->host_view(), {1, i, KvKind::kKey, 0, kTokens}, tiers[i],
-                              options, ReferenceRowKernels(), &expected[i])
+    ASSERT_TRUE(EncodeSegment(tensors.back()->host_view(), {1, i, KvKind::kKey, 0, kTokens},
+                              tiers[i], options, ReferenceRowKernels(), &expected[i])
                     .ok());
   }
   // Device arena per segment: tier map | mean | payload, copied from the reference (the tier
@@ -281,7 +304,8 @@ TEST_F(CudaCodecTest, BatchedLaunchersMatchPerSegmentReference) {
   for (uint32_t i = 0; i < kSegments; ++i) at[i + 1] = at[i] + expected[i].size() + 3;  // misalign
   absl::StatusOr<DeviceBuffer> arena = DeviceBuffer::Allocate(at[kSegments]);
   absl::StatusOr<DeviceBuffer> offsets = DeviceBuffer::Allocate(kSegments * kTokens * 4);
-  absl::StatusOr<DeviceBuffer> decoded = DeviceBuffer::Allocate(kSegments * size_t{kTokens} * kHeads * kHeadDim * 2);
+  absl::StatusOr<DeviceBuffer> decoded =
+      DeviceBuffer::Allocate(kSegments * size_t{kTokens} * kHeads * kHeadDim * 2);
   ASSERT_TRUE(arena.ok() && offsets.ok() && decoded.ok());
   ASSERT_EQ(cudaMemset(arena->data(), 0, arena->size()), cudaSuccess);
   std::vector<EncodeRowsJob> encode(kSegments);
@@ -291,16 +315,19 @@ TEST_F(CudaCodecTest, BatchedLaunchersMatchPerSegmentReference) {
     absl::StatusOr<ParsedSegment> p = ParseSegment(expected[i]);
     ASSERT_TRUE(p.ok());
     uint8_t* base = arena->bytes() + at[i];
-    ASSERT_EQ(cudaMemcpy(base, p->tier_map.data(), p->tier_map.size(), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(base, p->tier_map.data(), p->tier_map.size(), cudaMemcpyHostToDevice),
+              cudaSuccess);
     uint32_t* seg_offsets = offsets->as<uint32_t>() + i * kTokens;
     ASSERT_TRUE(LaunchRecordOffsets(base, kTokens, kHeads, kHeadDim, kGroup, seg_offsets, nullptr,
-                                    stream_.get()).ok());
+                                    stream_.get())
+                    .ok());
     uint8_t* mean = base + p->tier_map.size();
     uint8_t* payload = mean + p->mean.size();
     means[i] = {tensors[i]->device_view(), 0, kTokens, base, mean};
     encode[i] = {tensors[i]->device_view(), 0, kTokens, base, seg_offsets, mean, payload, true};
-    DeviceKvView out = DeviceKvView::Dense(decoded->bytes() + size_t{i} * kTokens * kHeads * kHeadDim * 2,
-                                           dtype, kTokens, kHeads, kHeadDim);
+    DeviceKvView out =
+        DeviceKvView::Dense(decoded->bytes() + size_t{i} * kTokens * kHeads * kHeadDim * 2, dtype,
+                            kTokens, kHeads, kHeadDim);
     decode[i] = {out, 0, kTokens, base, seg_offsets, mean, payload, true};
   }
   ASSERT_TRUE(LaunchChannelMean(means.data(), kSegments, stream_.get()).ok());
@@ -311,15 +338,18 @@ TEST_F(CudaCodecTest, BatchedLaunchersMatchPerSegmentReference) {
     absl::StatusOr<ParsedSegment> p = ParseSegment(expected[i]);
     const size_t sections = p->tier_map.size() + p->mean.size() + p->payload.size();
     std::vector<uint8_t> got(sections);
-    ASSERT_EQ(cudaMemcpy(got.data(), arena->bytes() + at[i], sections, cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(got.data(), arena->bytes() + at[i], sections, cudaMemcpyDeviceToHost),
+              cudaSuccess);
     ASSERT_TRUE(std::equal(got.begin(), got.end(), expected[i].begin() + sizeof(SegmentHeader)))
         << "segment " << i;
     std::vector<uint16_t> ref(size_t{kTokens} * kHeads * kHeadDim, 0xA5A5);
     ASSERT_TRUE(DecodeSegment(*p, KvTensorView::Dense(ref.data(), dtype, kTokens, kHeads, kHeadDim),
-                              ReferenceRowKernels()).ok());
+                              ReferenceRowKernels())
+                    .ok());
     std::vector<uint16_t> rows(ref.size());
-    ASSERT_EQ(cudaMemcpy(rows.data(), decoded->bytes() + size_t{i} * rows.size() * 2, rows.size() * 2,
-                         cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(rows.data(), decoded->bytes() + size_t{i} * rows.size() * 2,
+                         rows.size() * 2, cudaMemcpyDeviceToHost),
+              cudaSuccess);
     ASSERT_EQ(rows, ref) << "segment " << i;
   }
 }
@@ -336,9 +366,12 @@ TEST_F(CudaCodecTest, DeviceRecordOffsetsMatchHost) {
     absl::StatusOr<DeviceBuffer> d_map = DeviceBuffer::Allocate(map.size());
     absl::StatusOr<DeviceBuffer> d_out = DeviceBuffer::Allocate(count * 4 + 4);
     ASSERT_TRUE(d_map.ok() && d_out.ok());
-    ASSERT_EQ(cudaMemcpy(d_map->data(), map.data(), map.size(), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_map->data(), map.data(), map.size(), cudaMemcpyHostToDevice),
+              cudaSuccess);
     uint32_t* out = d_out->as<uint32_t>();
-    ASSERT_TRUE(LaunchRecordOffsets(d_map->bytes(), count, 3, 96, 32, out, out + count, stream_.get()).ok());
+    ASSERT_TRUE(
+        LaunchRecordOffsets(d_map->bytes(), count, 3, 96, 32, out, out + count, stream_.get())
+            .ok());
     std::vector<uint32_t> got(count + 1);
     ASSERT_EQ(cudaStreamSynchronize(stream_.get()), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(got.data(), out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -351,7 +384,8 @@ TEST_F(CudaCodecTest, DeviceRecordOffsetsMatchHost) {
 
 using ImportanceParam = std::tuple<DType, uint32_t, uint32_t, uint32_t, bool>;
 
-class CudaImportance : public CudaCodecTest, public ::testing::WithParamInterface<ImportanceParam> {};
+class CudaImportance : public CudaCodecTest,
+                       public ::testing::WithParamInterface<ImportanceParam> {};
 
 // A hint, not bit-exact: float sums in another order, expf instead of double exp.
 constexpr float kImportanceRelTolerance = 1e-4f;
@@ -372,7 +406,8 @@ TEST_P(CudaImportance, MatchesReferenceWithinTolerance) {
   for (float& v : q) v = normal(rng);
   const KvTensorView host_keys = keys.host_view();
   const QueryWindow host_q{q.data(), window, query_heads, head_dim};
-  absl::StatusOr<ImportanceScores> expected = ImportanceFromQueries({&host_keys, 1}, {&host_q, 1}, 7);
+  absl::StatusOr<ImportanceScores> expected =
+      ImportanceFromQueries({&host_keys, 1}, {&host_q, 1}, 7);
   ASSERT_TRUE(expected.ok()) << expected.status();
 
   absl::StatusOr<DeviceBuffer> d_q = DeviceBuffer::Allocate(q.size() * 4);
@@ -387,7 +422,8 @@ TEST_P(CudaImportance, MatchesReferenceWithinTolerance) {
   ASSERT_TRUE(s.ok()) << s;
   std::vector<float> got(tokens);
   ASSERT_EQ(cudaStreamSynchronize(stream_.get()), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(got.data(), scores->data(), tokens * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(got.data(), scores->data(), tokens * 4, cudaMemcpyDeviceToHost),
+            cudaSuccess);
   for (uint32_t t = 0; t < tokens; ++t) {
     const float want = expected->at(0, t);
     EXPECT_NEAR(got[t], want, kImportanceAbsTolerance + kImportanceRelTolerance * std::fabs(want))
@@ -398,7 +434,8 @@ TEST_P(CudaImportance, MatchesReferenceWithinTolerance) {
 std::string ImportanceName(const ::testing::TestParamInfo<ImportanceParam>& param) {
   const auto [dtype, tokens, window, group, paged] = param.param;
   return std::string(dtype == DType::kFp16 ? "fp16" : "bf16") + "_t" + std::to_string(tokens) +
-         "_w" + std::to_string(window) + "_g" + std::to_string(group) + (paged ? "_paged" : "_dense");
+         "_w" + std::to_string(window) + "_g" + std::to_string(group) +
+         (paged ? "_paged" : "_dense");
 }
 
 INSTANTIATE_TEST_SUITE_P(Windows, CudaImportance,
@@ -436,7 +473,8 @@ TEST_F(CudaCodecTest, DecodeRejectsAMismatchedDestination) {
   const std::vector<Tier> tiers(8, Tier::kInt8);
   ByteBuffer seg;
   ASSERT_TRUE(EncodeSegment(source.host_view(), {1, 0, KvKind::kKey, 0, 8}, tiers, CodecOptions{},
-                            ReferenceRowKernels(), &seg).ok());
+                            ReferenceRowKernels(), &seg)
+                  .ok());
   absl::StatusOr<ParsedSegment> parsed = ParseSegment(seg);
   ASSERT_TRUE(parsed.ok());
   TestTensor other(DType::kBf16, 8, 2, 64, TensorLayout{}, 1);

@@ -1,9 +1,9 @@
 // Just enough of the CUDA execution model, on the CPU, to run the codec's kernel templates
 // (kernels/cuda/src/*_kernels.cuh) without a GPU. Every CUDA thread of a block is a fiber
-// (see FiberContext) on one OS thread, switched only at __syncthreads and warp shuffles: a barrier waits
-// until every thread of the block (or warp) has arrived, and __shfl_xor_sync exchanges through a
-// per-warp slot array between two warp barriers. Shared memory is one buffer per block and
-// blocks run one after another. Kernels therefore execute their real index arithmetic, tiling,
+// (see FiberContext) on one OS thread, switched only at __syncthreads and warp shuffles: a barrier
+// waits until every thread of the block (or warp) has arrived, and __shfl_xor_sync exchanges
+// through a per-warp slot array between two warp barriers. Shared memory is one buffer per block
+// and blocks run one after another. Kernels therefore execute their real index arithmetic, tiling,
 // staging, alignment handling and barrier structure; a barrier that not every thread reaches
 // (divergent __syncthreads or shuffle) aborts with a message instead of hanging. What it cannot
 // show: the GPU's own arithmetic (the same IEEE operations on other hardware), the device code
@@ -87,7 +87,8 @@ inline void SwitchContext(FiberContext* from, FiberContext* to) {
 // Prepares `context` so that switching to it calls entry() on the given stack. entry must never
 // return (it switches away for good instead).
 inline void MakeContext(FiberContext* context, char* stack, size_t bytes, void (*entry)()) {
-  void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  void** sp =
+      reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
   *--sp = nullptr;                              // entry's return address: never used
   *--sp = reinterpret_cast<void*>(entry);       // where the switch "returns" to
   for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
@@ -118,8 +119,13 @@ class Block {
  public:
   Block(dim3 grid, dim3 block, uint3 block_index, size_t shared_bytes,
         const std::function<void()>& kernel)
-      : grid_(grid), block_(block), index_(block_index), kernel_(kernel),
-        shared_((shared_bytes + 15) / 16 + 1), fibers_(block.x), warp_slots_(block.x) {
+      : grid_(grid),
+        block_(block),
+        index_(block_index),
+        kernel_(kernel),
+        shared_((shared_bytes + 15) / 16 + 1),
+        fibers_(block.x),
+        warp_slots_(block.x) {
     std::memset(shared_.data(), 0xCD, shared_.size() * sizeof(uint4));  // garbage, as on a GPU
     barriers_.push_back({block.x, 0, 0});  // 0: the block; 1 + w: warp w
     for (uint32_t w = 0; w < block.x / 32; ++w) barriers_.push_back({32, 0, 0});
@@ -144,7 +150,8 @@ class Block {
       for (uint32_t t = 0; t < block_.x; ++t) {
         Fiber& f = fibers_[t];
         if (f.done) continue;
-        if (f.waiting >= 0 && barriers_[size_t(f.waiting)].generation == f.waiting_generation) continue;
+        if (f.waiting >= 0 && barriers_[size_t(f.waiting)].generation == f.waiting_generation)
+          continue;
         f.waiting = -1;
         Enter(t);
         SwitchContext(&scheduler_, &f.context);
@@ -154,8 +161,10 @@ class Block {
         }
       }
       if (live > 0 && events_ == events_before) {
-        std::fprintf(stderr, "emulated CUDA block (%u, %u) is stuck: a __syncthreads or warp "
-                             "shuffle is not reached by every thread\n", index_.x, index_.y);
+        std::fprintf(stderr,
+                     "emulated CUDA block (%u, %u) is stuck: a __syncthreads or warp "
+                     "shuffle is not reached by every thread\n",
+                     index_.x, index_.y);
         std::abort();
       }
     }

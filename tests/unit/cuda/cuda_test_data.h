@@ -33,8 +33,13 @@ class TestTensor {
  public:
   TestTensor(DType dtype, uint32_t tokens, uint32_t heads, uint32_t head_dim,
              const TensorLayout& layout, uint32_t seed)
-      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), rng_(seed),
-        geometry_(dtype, tokens, heads, head_dim, layout, rng_), bytes_(geometry_.bytes(), 0) {}
+      : dtype_(dtype),
+        tokens_(tokens),
+        heads_(heads),
+        head_dim_(head_dim),
+        rng_(seed),
+        geometry_(dtype, tokens, heads, head_dim, layout, rng_),
+        bytes_(geometry_.bytes(), 0) {}
 
   KvTensorView host_view() { return geometry_.HostView(bytes_.data()); }
 
@@ -69,14 +74,16 @@ class TestTensor {
       absl::StatusOr<DeviceBuffer> t = DeviceBuffer::Allocate(table.size() * 4);
       ASSERT_TRUE(t.ok()) << t.status();
       device_table_ = std::move(*t);
-      ASSERT_EQ(cudaMemcpy(device_table_.data(), table.data(), table.size() * 4, cudaMemcpyHostToDevice),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(device_table_.data(), table.data(), table.size() * 4, cudaMemcpyHostToDevice),
+          cudaSuccess);
     }
   }
 
   std::vector<uint8_t> Download() const {
     std::vector<uint8_t> out(bytes_.size());
-    EXPECT_EQ(cudaMemcpy(out.data(), device_.data(), out.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(out.data(), device_.data(), out.size(), cudaMemcpyDeviceToHost),
+              cudaSuccess);
     return out;
   }
 
@@ -98,15 +105,20 @@ class TestTensor {
       case Values::kNonFinite: {
         const float choices[] = {std::numeric_limits<float>::quiet_NaN(),
                                  std::numeric_limits<float>::infinity(),
-                                 -std::numeric_limits<float>::infinity(), normal(rng_),
-                                 normal(rng_), normal(rng_)};
+                                 -std::numeric_limits<float>::infinity(),
+                                 normal(rng_),
+                                 normal(rng_),
+                                 normal(rng_)};
         return FloatToHalf(choices[rng_() % 6], dtype_);
       }
-      case Values::kDenormals: return FloatToHalf(std::ldexp(normal(rng_), -18), dtype_);
+      case Values::kDenormals:
+        return FloatToHalf(std::ldexp(normal(rng_), -18), dtype_);
       case Values::kHuge:
         return FloatToHalf((dtype_ == DType::kBf16 ? 1e9f : 6e4f) * normal(rng_), dtype_);
-      case Values::kConstant: return FloatToHalf(3.25f, dtype_);
-      case Values::kRandomBits: return uint16_t(rng_());
+      case Values::kConstant:
+        return FloatToHalf(3.25f, dtype_);
+      case Values::kRandomBits:
+        return uint16_t(rng_());
     }
     return 0;
   }
@@ -121,16 +133,21 @@ class TestTensor {
 };
 
 // Where two segments first differ, in words.
-inline std::string FirstDifference(std::span<const uint8_t> expected, std::span<const uint8_t> actual) {
+inline std::string FirstDifference(std::span<const uint8_t> expected,
+                                   std::span<const uint8_t> actual) {
   if (expected.size() != actual.size()) {
-    return "sizes differ: " + std::to_string(expected.size()) + " vs " + std::to_string(actual.size());
+    return "sizes differ: " + std::to_string(expected.size()) + " vs " +
+           std::to_string(actual.size());
   }
   for (size_t i = 0; i < expected.size(); ++i) {
     if (expected[i] != actual[i]) {
       SegmentHeader h;
       std::memcpy(&h, expected.data(), sizeof(h));
       const size_t map_end = sizeof(h) + h.tier_map_bytes, mean_end = map_end + h.mean_bytes;
-      const char* section = i < sizeof(h) ? "header" : i < map_end ? "tier map" : i < mean_end ? "mean" : "payload";
+      const char* section = i < sizeof(h)  ? "header"
+                            : i < map_end  ? "tier map"
+                            : i < mean_end ? "mean"
+                                           : "payload";
       return "first difference at byte " + std::to_string(i) + " (" + section + "): expected " +
              std::to_string(expected[i]) + ", got " + std::to_string(actual[i]);
     }

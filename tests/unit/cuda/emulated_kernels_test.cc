@@ -5,7 +5,9 @@
 // every alignment, lane-ordered reductions, barrier structure), not the GPU's code generation:
 // the device tests in cuda_codec_test.cc do that where a GPU exists.
 
+// clang-format off
 #include "cuda_emulation.h"  // first: defines the CUDA built-ins the kernel headers use
+// clang-format on
 
 #include <cmath>
 #include <cstring>
@@ -20,10 +22,10 @@
 #include "launch_support.h"
 #include "row_codec_kernels.cuh"
 #include "segment_plan.h"
-#include "test_tensor_layout.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/importance.h"
 #include "spectrumkv/codec/segment.h"
+#include "test_tensor_layout.h"
 
 namespace skv::cuda {
 namespace {
@@ -69,14 +71,22 @@ void RunRowKernel(const k::RowBatch<Job>& batch, dim3 grid, const k::RowLaunchSh
 template <typename Job, DType kDtype>
 void DispatchLanes(const k::RowBatch<Job>& batch, dim3 grid, const k::RowLaunchShape& shape) {
   switch (shape.lanes_per_head) {
-    case 1: return RunRowKernel<Job, kDtype, 1>(batch, grid, shape);
-    case 2: return RunRowKernel<Job, kDtype, 2>(batch, grid, shape);
-    case 4: return RunRowKernel<Job, kDtype, 4>(batch, grid, shape);
-    case 8: return RunRowKernel<Job, kDtype, 8>(batch, grid, shape);
-    case 16: return RunRowKernel<Job, kDtype, 16>(batch, grid, shape);
-    case 32: return RunRowKernel<Job, kDtype, 32>(batch, grid, shape);
-    case 64: return RunRowKernel<Job, kDtype, 64>(batch, grid, shape);
-    default: FAIL() << "lanes " << shape.lanes_per_head;
+    case 1:
+      return RunRowKernel<Job, kDtype, 1>(batch, grid, shape);
+    case 2:
+      return RunRowKernel<Job, kDtype, 2>(batch, grid, shape);
+    case 4:
+      return RunRowKernel<Job, kDtype, 4>(batch, grid, shape);
+    case 8:
+      return RunRowKernel<Job, kDtype, 8>(batch, grid, shape);
+    case 16:
+      return RunRowKernel<Job, kDtype, 16>(batch, grid, shape);
+    case 32:
+      return RunRowKernel<Job, kDtype, 32>(batch, grid, shape);
+    case 64:
+      return RunRowKernel<Job, kDtype, 64>(batch, grid, shape);
+    default:
+      FAIL() << "lanes " << shape.lanes_per_head;
   }
 }
 
@@ -100,7 +110,8 @@ void EmulateRows(const std::vector<Job>& jobs, uint32_t group_size) {
 void EmulateMean(const std::vector<ChannelMeanJob>& jobs) {
   auto batch = std::make_unique<k::MeanBatch>();
   k::FillMeanBatch(jobs.data(), jobs.size(), batch.get());
-  const dim3 grid((batch->channels + k::kMeanChannels - 1) / k::kMeanChannels, uint32_t(jobs.size()));
+  const dim3 grid((batch->channels + k::kMeanChannels - 1) / k::kMeanChannels,
+                  uint32_t(jobs.size()));
   const k::MeanBatch& b = *batch;
   emu::Launch(grid, dim3(k::kMeanThreads), 0, [&b] {
     if (b.jobs[0].source.dtype == DType::kFp16) {
@@ -128,10 +139,14 @@ std::vector<uint8_t> EmulatedEncodeSegment(const DeviceKvView& source, const Seg
                                 segment.data() + plan->mean_at()}});
   }
   if (plan->payload_bytes > 0) {
-    EncodeRowsJob job{source, spec.token_begin, spec.token_count, tier_map,
+    EncodeRowsJob job{source,
+                      spec.token_begin,
+                      spec.token_count,
+                      tier_map,
                       plan->record_offsets.data(),
                       plan->centred ? segment.data() + plan->mean_at() : nullptr,
-                      segment.data() + plan->payload_at(), plan->rotated};
+                      segment.data() + plan->payload_at(),
+                      plan->rotated};
     EmulateRows<EncodeRowsJob>({job}, plan->group_size);
   }
   internal::SealSegment(segment.data(), plan->total_bytes);
@@ -140,7 +155,8 @@ std::vector<uint8_t> EmulatedEncodeSegment(const DeviceKvView& source, const Seg
 
 // CudaSegmentCodec::Decode with the kernels emulated.
 void EmulatedDecodeSegment(const ParsedSegment& segment, const DeviceKvView& destination) {
-  absl::StatusOr<internal::SegmentDecodePlan> plan = internal::PlanSegmentDecode(segment, destination);
+  absl::StatusOr<internal::SegmentDecodePlan> plan =
+      internal::PlanSegmentDecode(segment, destination);
   ASSERT_TRUE(plan.ok()) << plan.status();
   AlignedBytes sections(segment.tier_map.size() + segment.mean.size() + segment.payload.size(), 0);
   uint8_t* at = sections.data();
@@ -149,10 +165,14 @@ void EmulatedDecodeSegment(const ParsedSegment& segment, const DeviceKvView& des
     at += part.size();
   }
   const uint8_t* base = sections.data();
-  DecodeRowsJob job{destination, segment.header.token_begin, segment.header.token_count, base,
+  DecodeRowsJob job{destination,
+                    segment.header.token_begin,
+                    segment.header.token_count,
+                    base,
                     plan->record_offsets.data(),
                     plan->centred ? base + segment.tier_map.size() : nullptr,
-                    base + segment.tier_map.size() + segment.mean.size(), plan->rotated};
+                    base + segment.tier_map.size() + segment.mean.size(),
+                    plan->rotated};
   EmulateRows<DecodeRowsJob>({job}, segment.header.group_size);
 }
 
@@ -164,7 +184,11 @@ class HostTensor {
  public:
   HostTensor(DType dtype, uint32_t tokens, uint32_t heads, uint32_t head_dim,
              const TensorLayout& layout, uint32_t seed)
-      : dtype_(dtype), tokens_(tokens), heads_(heads), head_dim_(head_dim), rng_(seed),
+      : dtype_(dtype),
+        tokens_(tokens),
+        heads_(heads),
+        head_dim_(head_dim),
+        rng_(seed),
         geometry_(dtype, tokens, heads, head_dim, layout, rng_),
         storage_(std::make_unique<AlignedBytes>(geometry_.bytes(), 0)) {}
 
@@ -198,9 +222,15 @@ class HostTensor {
             x = choices[rng_() % 5];
             break;
           }
-          case Values::kDenormals: x = std::ldexp(normal(rng_), -19); break;
-          case Values::kHuge: x = (dtype_ == DType::kBf16 ? 3e8f : 6e4f) * normal(rng_); break;
-          case Values::kRandomBits: row[c] = uint16_t(rng_()); continue;
+          case Values::kDenormals:
+            x = std::ldexp(normal(rng_), -19);
+            break;
+          case Values::kHuge:
+            x = (dtype_ == DType::kBf16 ? 3e8f : 6e4f) * normal(rng_);
+            break;
+          case Values::kRandomBits:
+            row[c] = uint16_t(rng_());
+            continue;
         }
         row[c] = FloatToHalf(x, dtype_);
       }
@@ -208,7 +238,9 @@ class HostTensor {
   }
 
   void FillBytes(uint8_t b) { std::memset(storage_->data(), b, storage_->size()); }
-  std::vector<uint8_t> bytes() const { return {storage_->data(), storage_->data() + storage_->size()}; }
+  std::vector<uint8_t> bytes() const {
+    return {storage_->data(), storage_->data() + storage_->size()};
+  }
 
  private:
   DType dtype_;
@@ -225,14 +257,18 @@ std::vector<Tier> MixedTiers(uint32_t n, std::mt19937& rng, int only = -1) {
 }
 
 std::string FirstDifference(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
-  if (a.size() != b.size()) return "sizes " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
+  if (a.size() != b.size())
+    return "sizes " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i] != b[i]) {
       SegmentHeader h;
       std::memcpy(&h, a.data(), sizeof(h));
       const size_t map_end = sizeof(h) + h.tier_map_bytes, mean_end = map_end + h.mean_bytes;
       return "byte " + std::to_string(i) + " (" +
-             (i < sizeof(h) ? "header" : i < map_end ? "tier map" : i < mean_end ? "mean" : "payload") +
+             (i < sizeof(h)  ? "header"
+              : i < map_end  ? "tier map"
+              : i < mean_end ? "mean"
+                             : "payload") +
              "): expected " + std::to_string(a[i]) + ", got " + std::to_string(b[i]);
     }
   }
@@ -245,14 +281,18 @@ void CheckSegment(const HostTensor& source, DType dtype, uint32_t tokens, uint32
                   const std::vector<Tier>& tiers, KvKind kind, const CodecOptions& options) {
   const SegmentSpec spec{9, 2, kind, begin, uint32_t(tiers.size())};
   ByteBuffer expected;
-  ASSERT_TRUE(EncodeSegment(source.host_view(), spec, tiers, options, ReferenceRowKernels(), &expected).ok());
+  ASSERT_TRUE(
+      EncodeSegment(source.host_view(), spec, tiers, options, ReferenceRowKernels(), &expected)
+          .ok());
   const std::vector<uint8_t> want(expected.begin(), expected.end());
-  const std::vector<uint8_t> got = EmulatedEncodeSegment(source.device_view(), spec, tiers, options);
+  const std::vector<uint8_t> got =
+      EmulatedEncodeSegment(source.device_view(), spec, tiers, options);
   ASSERT_EQ(want, got) << FirstDifference(want, got);
 
   absl::StatusOr<ParsedSegment> parsed = ParseSegment(expected);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
-  HostTensor ref_out(dtype, tokens, heads, head_dim, out_layout, 4), emu_out(dtype, tokens, heads, head_dim, out_layout, 4);
+  HostTensor ref_out(dtype, tokens, heads, head_dim, out_layout, 4),
+      emu_out(dtype, tokens, heads, head_dim, out_layout, 4);
   ref_out.FillBytes(0x5A);
   emu_out.FillBytes(0x5A);
   ASSERT_TRUE(DecodeSegment(*parsed, ref_out.host_view(), ReferenceRowKernels()).ok());
@@ -291,7 +331,8 @@ TEST_P(EmulatedSegmentTest, BytesAndRowsMatchReference) {
 std::string SweepName(const ::testing::TestParamInfo<SweepParam>& param) {
   const auto [dtype, head_dim, tokens, paged, transforms] = param.param;
   return std::string(dtype == DType::kFp16 ? "fp16" : "bf16") + "_d" + std::to_string(head_dim) +
-         "_t" + std::to_string(tokens) + (paged ? "_paged" : "_dense") + "_x" + std::to_string(transforms);
+         "_t" + std::to_string(tokens) + (paged ? "_paged" : "_dense") + "_x" +
+         std::to_string(transforms);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedSegmentTest,
@@ -356,20 +397,21 @@ TEST_P(EmulatedOddShapeTest, BytesAndRowsMatchReference) {
 std::string OddShapeName(const ::testing::TestParamInfo<OddShape>& param) {
   const OddShape& s = param.param;
   return "h" + std::to_string(s.heads) + "_d" + std::to_string(s.head_dim) + "_g" +
-         std::to_string(s.group) + "_t" + std::to_string(s.tokens) + "_" + std::to_string(param.index);
+         std::to_string(s.group) + "_t" + std::to_string(s.tokens) + "_" +
+         std::to_string(param.index);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, EmulatedOddShapeTest,
-    ::testing::Values(OddShape{1, 8, 8, 9, Dense()},          // one chunk per head
-                      OddShape{5, 24, 24, 6, Dense()},        // 3 lanes per group
-                      OddShape{2, 72, 24, 7, Dense()},        // block 8, 9 of 16 lanes
-                      OddShape{3, 96, 32, 7, Dense()},        // block 32 in a 96-wide head
-                      OddShape{2, 200, 40, 5, Dense()},       // 5 lanes per group
-                      OddShape{1, 512, 512, 5, Dense()},      // 64 lanes: cross-warp stage
-                      OddShape{3, 512, 64, 4, Dense()},       // 64 lanes, groups of 8 lanes
-                      OddShape{17, 128, 128, 5, Dense()},     // three tiles of heads
-                      OddShape{8, 128, 32, 9, Dense(2)},      // 2-byte aligned rows
+    ::testing::Values(OddShape{1, 8, 8, 9, Dense()},       // one chunk per head
+                      OddShape{5, 24, 24, 6, Dense()},     // 3 lanes per group
+                      OddShape{2, 72, 24, 7, Dense()},     // block 8, 9 of 16 lanes
+                      OddShape{3, 96, 32, 7, Dense()},     // block 32 in a 96-wide head
+                      OddShape{2, 200, 40, 5, Dense()},    // 5 lanes per group
+                      OddShape{1, 512, 512, 5, Dense()},   // 64 lanes: cross-warp stage
+                      OddShape{3, 512, 64, 4, Dense()},    // 64 lanes, groups of 8 lanes
+                      OddShape{17, 128, 128, 5, Dense()},  // three tiles of heads
+                      OddShape{8, 128, 32, 9, Dense(2)},   // 2-byte aligned rows
                       OddShape{8, 128, 128, 9, Paged(1, 0, 2)},
                       OddShape{4, 64, 16, 13, Paged(3, 16, 32)}),
     OddShapeName);
@@ -391,7 +433,8 @@ TEST_P(EmulatedAdversarialTest, BytesAndRowsMatchReference) {
     options.rotate_keys = (transforms & 1) != 0;
     options.centre_keys = (transforms & 2) != 0;
     SCOPED_TRACE("transforms " + std::to_string(transforms));
-    CheckSegment(source, dtype, tokens, heads, head_dim, TensorLayout{}, 0, tiers, KvKind::kKey, options);
+    CheckSegment(source, dtype, tokens, heads, head_dim, TensorLayout{}, 0, tiers, KvKind::kKey,
+                 options);
   }
 }
 
@@ -415,16 +458,18 @@ TEST(EmulatedBatchTest, ManyJobsInOneLaunchMatchPerSegmentReference) {
   std::mt19937 rng(3);
   CodecOptions options;
   for (uint32_t i = 0; i < kJobs; ++i) {
-    tensors.push_back(std::make_unique<HostTensor>(DType::kFp16, kTokens, kHeads, kHeadDim, TensorLayout{}, i));
+    tensors.push_back(
+        std::make_unique<HostTensor>(DType::kFp16, kTokens, kHeads, kHeadDim, TensorLayout{}, i));
     tensors.back()->Fill(Values::kGaussian);
     std::vector<Tier> tiers = MixedTiers(kTokens, rng);
     tiers[1] = Tier::kInt8;
     ByteBuffer seg;
     ASSERT_TRUE(EncodeSegment(tensors.back()->host_view(), {1, i, KvKind::kKey, 0, kTokens}, tiers,
-                              options, ReferenceRowKernels(), &seg).ok());
+                              options, ReferenceRowKernels(), &seg)
+                    .ok());
     expected[i].assign(seg.begin(), seg.end());
-    absl::StatusOr<internal::SegmentEncodePlan> plan =
-        internal::PlanSegmentEncode(tensors.back()->device_view(), {1, i, KvKind::kKey, 0, kTokens}, tiers, options);
+    absl::StatusOr<internal::SegmentEncodePlan> plan = internal::PlanSegmentEncode(
+        tensors.back()->device_view(), {1, i, KvKind::kKey, 0, kTokens}, tiers, options);
     ASSERT_TRUE(plan.ok());
     arenas.push_back(std::make_unique<AlignedBytes>(plan->total_bytes + i % 16, 0xCC));
     uint8_t* base = arenas.back()->data() + i % 16;  // every alignment
@@ -490,12 +535,15 @@ TEST(EmulatedImportanceTest, MatchesReferenceWithinTolerance) {
       p.raw = raw.data();
       p.scores = scores.data();
       emu::Launch(dim3(window * query_heads), dim3(k::kThreads), 0, [&p, dtype] {
-        dtype == DType::kFp16 ? k::SoftmaxStatsKernel<DType::kFp16>(p) : k::SoftmaxStatsKernel<DType::kBf16>(p);
+        dtype == DType::kFp16 ? k::SoftmaxStatsKernel<DType::kFp16>(p)
+                              : k::SoftmaxStatsKernel<DType::kBf16>(p);
       });
       emu::Launch(dim3((tokens + k::kWarps - 1) / k::kWarps), dim3(k::kThreads), 0, [&p, dtype] {
-        dtype == DType::kFp16 ? k::AccumulateKernel<DType::kFp16>(p) : k::AccumulateKernel<DType::kBf16>(p);
+        dtype == DType::kFp16 ? k::AccumulateKernel<DType::kFp16>(p)
+                              : k::AccumulateKernel<DType::kBf16>(p);
       });
-      emu::Launch(dim3((tokens + 255) / 256), dim3(256), 0, [&p] { k::MaxPoolKernel<k::ImportanceParams>(p); });
+      emu::Launch(dim3((tokens + 255) / 256), dim3(256), 0,
+                  [&p] { k::MaxPoolKernel<k::ImportanceParams>(p); });
       for (uint32_t t = 0; t < tokens; ++t) {
         EXPECT_NEAR(scores[t], expected->at(0, t), 1e-6 + 1e-4 * std::fabs(expected->at(0, t)))
             << "token " << t << " tokens " << tokens;

@@ -82,7 +82,8 @@ TEST_F(LauncherArgumentTest, UnalignedRowsAreInvalidArgument) {
 }
 
 TEST_F(LauncherArgumentTest, ImportanceChecksItsWindow) {
-  DeviceQueryWindow q{reinterpret_cast<const float*>(uintptr_t{4096}), 17, 2, 64};  // window > tokens
+  DeviceQueryWindow q{reinterpret_cast<const float*>(uintptr_t{4096}), 17, 2,
+                      64};  // window > tokens
   float* scores = reinterpret_cast<float*>(uintptr_t{4096});
   EXPECT_EQ(LaunchQueryImportance(view_, q, 7, scores, 1 << 20, scores, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
@@ -100,7 +101,8 @@ TEST(CudaSegmentCodecTest, PerChannelKeyScalesAreUnimplemented) {
   options.per_channel_keys = true;
   const std::vector<Tier> tiers(8, Tier::kInt4);
   ByteBuffer out;
-  absl::StatusOr<size_t> size = codec.Encode(view, {1, 0, KvKind::kKey, 0, 8}, tiers, options, nullptr, &out);
+  absl::StatusOr<size_t> size =
+      codec.Encode(view, {1, 0, KvKind::kKey, 0, 8}, tiers, options, nullptr, &out);
   EXPECT_EQ(size.status().code(), absl::StatusCode::kUnimplemented) << size.status();
   EXPECT_TRUE(out.empty());
 }
@@ -111,14 +113,17 @@ TEST(CudaSegmentCodecTest, PlanErrorsMatchTheCpuEncoder) {
       DeviceKvView::Dense(reinterpret_cast<void*>(uintptr_t{4096}), DType::kFp16, 8, 1, 64);
   CodecOptions options;
   ByteBuffer out;
-  EXPECT_EQ(codec.Encode(view, {1, 0, KvKind::kKey, 0, 0}, {}, options, nullptr, &out).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      codec.Encode(view, {1, 0, KvKind::kKey, 0, 0}, {}, options, nullptr, &out).status().code(),
+      absl::StatusCode::kInvalidArgument);
   const std::vector<Tier> tiers(8, Tier::kInt8);
-  EXPECT_EQ(codec.Encode(view, {1, 0, KvKind::kKey, 4, 8}, tiers, options, nullptr, &out).status().code(),
-            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(
+      codec.Encode(view, {1, 0, KvKind::kKey, 4, 8}, tiers, options, nullptr, &out).status().code(),
+      absl::StatusCode::kOutOfRange);
   const std::vector<Tier> bad(8, static_cast<Tier>(9));
-  EXPECT_EQ(codec.Encode(view, {1, 0, KvKind::kKey, 0, 8}, bad, options, nullptr, &out).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      codec.Encode(view, {1, 0, KvKind::kKey, 0, 8}, bad, options, nullptr, &out).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
 // The daemon core under cancels, lost peers, intruding senders and bad Decode input: daemons in
 // one process on the loopback transport, the sender's data path paused at a chosen segment by the
 // fault-injecting transport so that "mid-transfer" is a fact, not a hope about timing.
+#include "daemon.h"
+
 #include <future>
 #include <random>
 
-#include "daemon.h"
 #include "google/protobuf/util/time_util.h"
 #include "gtest/gtest.h"
 #include "spectrumkv/codec/half.h"
@@ -51,7 +52,8 @@ struct TestDaemon {
   v1::DType dtype = v1::DTYPE_FP16;  // of its registered model
   uint64_t next_call = 1;
 
-  static std::unique_ptr<TestDaemon> Start(const std::string& id, const std::shared_ptr<tp::LoopbackNetwork>& net,
+  static std::unique_ptr<TestDaemon> Start(const std::string& id,
+                                           const std::shared_ptr<tp::LoopbackNetwork>& net,
                                            std::vector<control::PeerConfig> peers = {},
                                            v1::DType dtype = v1::DTYPE_FP16) {
     auto d = std::make_unique<TestDaemon>();
@@ -66,11 +68,13 @@ struct TestDaemon {
     tc.daemon_id = id;
     tc.auth_token = kToken;
     tc.listen_address = config.data_listen_address;
-    absl::StatusOr<std::unique_ptr<tp::LoopbackTransport>> loop = tp::LoopbackTransport::Create(tc, net);
+    absl::StatusOr<std::unique_ptr<tp::LoopbackTransport>> loop =
+        tp::LoopbackTransport::Create(tc, net);
     EXPECT_TRUE(loop.ok()) << loop.status();
     auto faulty = std::make_unique<tp::FaultInjectingTransport>(std::move(*loop));
     d->faults = faulty.get();
-    absl::StatusOr<std::unique_ptr<Daemon>> started = Daemon::Start(config, &d->metrics, std::move(faulty));
+    absl::StatusOr<std::unique_ptr<Daemon>> started =
+        Daemon::Start(config, &d->metrics, std::move(faulty));
     EXPECT_TRUE(started.ok()) << started.status();
     d->daemon = std::move(*started);
     v1::RegisterModelRequest r;
@@ -94,17 +98,19 @@ struct TestDaemon {
   // A call in flight: its result arrives through the future.
   template <typename Response>
   struct Call {
-    std::unique_ptr<typename std::conditional_t<std::is_same_v<Response, v1::SendResponse>, v1::SendRequest,
-                                                v1::ReceiveRequest>>
+    std::unique_ptr<typename std::conditional_t<std::is_same_v<Response, v1::SendResponse>,
+                                                v1::SendRequest, v1::ReceiveRequest>>
         request;
     std::future<absl::StatusOr<Response>> result;
     absl::StatusOr<Response> Get() {
-      if (result.wait_for(kPatience) != std::future_status::ready) return absl::DeadlineExceededError("no answer");
+      if (result.wait_for(kPatience) != std::future_status::ready)
+        return absl::DeadlineExceededError("no answer");
       return result.get();
     }
   };
 
-  Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer, double budget = 0.5) {
+  Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer,
+                              double budget = 0.5) {
     Call<v1::SendResponse> call;
     call.request = std::make_unique<v1::SendRequest>();
     v1::SendRequest& s = *call.request;
@@ -117,7 +123,9 @@ struct TestDaemon {
     s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
     auto promise = std::make_shared<std::promise<absl::StatusOr<v1::SendResponse>>>();
     call.result = promise->get_future();
-    daemon->Send(s, next_call++, [promise](absl::StatusOr<v1::SendResponse> r) { promise->set_value(std::move(r)); });
+    daemon->Send(s, next_call++, [promise](absl::StatusOr<v1::SendResponse> r) {
+      promise->set_value(std::move(r));
+    });
     return call;
   }
 
@@ -133,8 +141,9 @@ struct TestDaemon {
     r.set_sender_daemon_id(sender);
     auto promise = std::make_shared<std::promise<absl::StatusOr<v1::ReceiveResponse>>>();
     call.result = promise->get_future();
-    daemon->Receive(r, next_call++,
-                    [promise](absl::StatusOr<v1::ReceiveResponse> res) { promise->set_value(std::move(res)); });
+    daemon->Receive(r, next_call++, [promise](absl::StatusOr<v1::ReceiveResponse> res) {
+      promise->set_value(std::move(res));
+    });
     return call;
   }
 
@@ -155,7 +164,8 @@ struct TestDaemon {
   }
 
   // Polls (bounded) until the transfer's record satisfies `ready`.
-  bool WaitFor(uint64_t id, v1::TransferRole role, const std::function<bool(const v1::TransferInfo&)>& ready) {
+  bool WaitFor(uint64_t id, v1::TransferRole role,
+               const std::function<bool(const v1::TransferInfo&)>& ready) {
     const auto until = std::chrono::steady_clock::now() + kPatience;
     while (std::chrono::steady_clock::now() < until) {
       std::optional<v1::TransferInfo> info = Info(id, role);
@@ -223,14 +233,16 @@ TEST_F(DaemonTest, SenderCancelStopsTheStreamAndReleasesTheReceiver) {
   ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
   absl::StatusOr<v1::CancelTransferResponse> c = prefill_->Cancel(14, v1::TRANSFER_ROLE_SENDER);
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->transfers(0).state(), v1::TRANSFER_STATE_CANCELLED) << "the reply agrees with GetTransfer";
+  EXPECT_EQ(c->transfers(0).state(), v1::TRANSFER_STATE_CANCELLED)
+      << "the reply agrees with GetTransfer";
   prefill_->faults->Resume();
   absl::StatusOr<v1::SendResponse> s = sent.Get();
   EXPECT_EQ(s.status().code(), absl::StatusCode::kCancelled) << s.status();
   std::optional<v1::TransferInfo> info = prefill_->Info(14, v1::TRANSFER_ROLE_SENDER);
   ASSERT_TRUE(info.has_value());
   EXPECT_EQ(info->state(), v1::TRANSFER_STATE_CANCELLED);
-  EXPECT_LE(info->segments_done(), 4u) << "stopped at the held segment, not after all " << kLayers * 2;
+  EXPECT_LE(info->segments_done(), 4u)
+      << "stopped at the held segment, not after all " << kLayers * 2;
   absl::StatusOr<v1::ReceiveResponse> r = received.Get();
   EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
   EXPECT_NE(r.status().message().find("sender aborted"), absl::string_view::npos) << r.status();
@@ -253,7 +265,8 @@ TEST_F(DaemonTest, PeerLostMidTransferFailsTheSendWithUnavailable) {
 }
 
 TEST_F(DaemonTest, OnlyTheNamedSenderFillsAReceive) {
-  auto intruder = TestDaemon::Start("intruder", net_, {{"decode", decode_->daemon->data_address()}});
+  auto intruder =
+      TestDaemon::Start("intruder", net_, {{"decode", decode_->daemon->data_address()}});
   auto received = decode_->Receive(21, "prefill");
   absl::StatusOr<v1::SendResponse> forged = intruder->Send(21, RandomKv(99), "decode").Get();
   EXPECT_EQ(forged.status().code(), absl::StatusCode::kPermissionDenied) << forged.status();
@@ -267,16 +280,19 @@ TEST_F(DaemonTest, OnlyTheNamedSenderFillsAReceive) {
   std::optional<v1::TransferInfo> info = decode_->Info(21, v1::TRANSFER_ROLE_RECEIVER);
   ASSERT_TRUE(info.has_value());
   EXPECT_EQ(info->peer_daemon_id(), "prefill");
-  EXPECT_GT(info->stats().durations().commit().nanos() + info->stats().durations().commit().seconds(), 0);
+  EXPECT_GT(
+      info->stats().durations().commit().nanos() + info->stats().durations().commit().seconds(), 0);
 }
 
 TEST_F(DaemonTest, OnlyConfiguredPeersMaySend) {
   auto guarded = TestDaemon::Start("guarded", net_, {{"prefill", "127.0.0.1:1"}});
-  auto intruder = TestDaemon::Start("intruder", net_, {{"guarded", guarded->daemon->data_address()}});
+  auto intruder =
+      TestDaemon::Start("intruder", net_, {{"guarded", guarded->daemon->data_address()}});
   auto received = guarded->Receive(22);  // no sender named: the peer list decides
   absl::StatusOr<v1::SendResponse> forged = intruder->Send(22, RandomKv(22), "guarded").Get();
   EXPECT_EQ(forged.status().code(), absl::StatusCode::kPermissionDenied) << forged.status();
-  EXPECT_NE(forged.status().message().find("configured peers"), absl::string_view::npos) << forged.status();
+  EXPECT_NE(forged.status().message().find("configured peers"), absl::string_view::npos)
+      << forged.status();
   ASSERT_TRUE(guarded->Cancel(22, v1::TRANSFER_ROLE_RECEIVER).ok());
   EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kCancelled);
 }
@@ -287,13 +303,15 @@ TEST_F(DaemonTest, ASecondSenderOfAMatchedRequestIsRefusedAtOnce) {
   auto received = decode_->Receive(23);
   auto sent = prefill_->Send(23, RandomKv(23), "decode");
   ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
-  ASSERT_TRUE(decode_->WaitFor(23, v1::TRANSFER_ROLE_RECEIVER,
-                               [](const v1::TransferInfo& i) { return i.peer_daemon_id() == "prefill"; }));
+  ASSERT_TRUE(decode_->WaitFor(23, v1::TRANSFER_ROLE_RECEIVER, [](const v1::TransferInfo& i) {
+    return i.peer_daemon_id() == "prefill";
+  }));
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<v1::SendResponse> dup = second->Send(23, RandomKv(24), "decode").Get();
   EXPECT_EQ(dup.status().code(), absl::StatusCode::kAlreadyExists) << dup.status();
   EXPECT_NE(dup.status().message().find("'prefill'"), absl::string_view::npos) << dup.status();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5)) << "refused, not timed out";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5))
+      << "refused, not timed out";
   prefill_->faults->Resume();
   EXPECT_TRUE(sent.Get().ok());
   EXPECT_TRUE(received.Get().ok());
@@ -312,7 +330,8 @@ TEST_F(DaemonTest, ATransferIsVisibleAsSoonAsSendReturns) {
 
 TEST_F(DaemonTest, AnAbandonedReceiveReleasesItsSlot) {
   auto received = decode_->Receive(32);
-  decode_->daemon->AbandonCall(v1::TRANSFER_ROLE_RECEIVER, 32, /*call_id=*/999);  // another call: no effect
+  decode_->daemon->AbandonCall(v1::TRANSFER_ROLE_RECEIVER, 32,
+                               /*call_id=*/999);  // another call: no effect
   EXPECT_EQ(received.result.wait_for(std::chrono::milliseconds(50)), std::future_status::timeout);
   decode_->daemon->AbandonCall(v1::TRANSFER_ROLE_RECEIVER, 32, /*call_id=*/1);
   EXPECT_EQ(received.Get().status().code(), absl::StatusCode::kCancelled);
@@ -326,10 +345,13 @@ TEST_F(DaemonTest, DrainLetsAMovingTransferFinishAndRefusesNewOnes) {
   auto sent = prefill_->Send(34, RandomKv(34), "decode");
   ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
   std::thread drain([&] { decode_->daemon->Drain(absl::Seconds(10)); });
-  EXPECT_EQ(idle.Get().status().code(), absl::StatusCode::kUnavailable) << "nothing in flight: refused at once";
-  ASSERT_TRUE(decode_->WaitFor(33, v1::TRANSFER_ROLE_RECEIVER,
-                               [](const v1::TransferInfo& i) { return i.state() == v1::TRANSFER_STATE_FAILED; }));
-  EXPECT_EQ(decode_->Receive(35).Get().status().code(), absl::StatusCode::kUnavailable) << "draining";
+  EXPECT_EQ(idle.Get().status().code(), absl::StatusCode::kUnavailable)
+      << "nothing in flight: refused at once";
+  ASSERT_TRUE(decode_->WaitFor(33, v1::TRANSFER_ROLE_RECEIVER, [](const v1::TransferInfo& i) {
+    return i.state() == v1::TRANSFER_STATE_FAILED;
+  }));
+  EXPECT_EQ(decode_->Receive(35).Get().status().code(), absl::StatusCode::kUnavailable)
+      << "draining";
   prefill_->faults->Resume();
   EXPECT_TRUE(sent.Get().ok());
   EXPECT_TRUE(received.Get().ok()) << "the moving transfer finished within the grace";
@@ -358,8 +380,9 @@ TEST_F(DaemonTest, ModelRegistrationsAreBounded) {
 TEST_F(DaemonTest, ASenderIsPendingUntilItsReceiveArrives) {
   auto sent = prefill_->Send(36, RandomKv(36), "decode");
   // Every segment goes out into the receiver's staging; still no Receive: PENDING.
-  ASSERT_TRUE(prefill_->WaitFor(36, v1::TRANSFER_ROLE_SENDER,
-                                [](const v1::TransferInfo& i) { return i.segments_done() == kLayers * 2; }));
+  ASSERT_TRUE(prefill_->WaitFor(36, v1::TRANSFER_ROLE_SENDER, [](const v1::TransferInfo& i) {
+    return i.segments_done() == kLayers * 2;
+  }));
   EXPECT_EQ(prefill_->Info(36, v1::TRANSFER_ROLE_SENDER)->state(), v1::TRANSFER_STATE_PENDING);
   auto received = decode_->Receive(36, "prefill");
   EXPECT_TRUE(received.Get().ok());
@@ -372,8 +395,9 @@ TEST_F(DaemonTest, AMatchedSenderIsRunning) {
   auto received = decode_->Receive(37);
   auto sent = prefill_->Send(37, RandomKv(37), "decode");
   ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
-  EXPECT_TRUE(prefill_->WaitFor(37, v1::TRANSFER_ROLE_SENDER,
-                                [](const v1::TransferInfo& i) { return i.state() == v1::TRANSFER_STATE_RUNNING; }));
+  EXPECT_TRUE(prefill_->WaitFor(37, v1::TRANSFER_ROLE_SENDER, [](const v1::TransferInfo& i) {
+    return i.state() == v1::TRANSFER_STATE_RUNNING;
+  }));
   prefill_->faults->Resume();
   EXPECT_TRUE(sent.Get().ok());
   EXPECT_TRUE(received.Get().ok());
@@ -416,12 +440,14 @@ TEST_F(DaemonTest, ASenderArrivingAfterItsReceiveWasCancelledIsToldAtOnce) {
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<v1::SendResponse> s = prefill_->Send(43, RandomKv(43), "decode").Get();
   EXPECT_EQ(s.status().code(), absl::StatusCode::kCancelled) << s.status();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3)) << "not after the staging TTL";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3))
+      << "not after the staging TTL";
 }
 
 TEST_F(DaemonTest, ASenderThatGivesUpBeforeItsFirstMessageReleasesTheReceive) {
   auto received = decode_->Receive(44, "prefill");
-  absl::StatusOr<v1::SendResponse> s = prefill_->Send(44, RandomKv(44), "decode", /*budget=*/0.001).Get();
+  absl::StatusOr<v1::SendResponse> s =
+      prefill_->Send(44, RandomKv(44), "decode", /*budget=*/0.001).Get();
   ASSERT_FALSE(s.ok());
   absl::StatusOr<v1::ReceiveResponse> r = received.Get();  // at once, not after its 30 s timeout
   EXPECT_EQ(r.status().code(), s.status().code()) << r.status();

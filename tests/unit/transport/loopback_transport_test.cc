@@ -6,8 +6,8 @@
 
 #include <limits>
 
-#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
+#include "spectrumkv/transport/mutex.h"
 #include "transport_test_util.h"
 
 namespace spectrumkv::transport {

@@ -30,8 +30,8 @@ TEST(NetworkPrefix, ParsesAddressesAndPrefixes) {
 }
 
 TEST(NetworkPrefix, RefusesWhatIsNotANetwork) {
-  for (const char* bad : {"", "10.0.0.0/33", "10.0.0.0/-1", "10.0.0.0/", "10.0.0.0/8x", "example.com",
-                          "10.0.0", "fd00::/129", "10.0.0.0/8/8"}) {
+  for (const char* bad : {"", "10.0.0.0/33", "10.0.0.0/-1", "10.0.0.0/", "10.0.0.0/8x",
+                          "example.com", "10.0.0", "fd00::/129", "10.0.0.0/8/8"}) {
     absl::StatusOr<NetworkPrefix> p = ParseNetworkPrefix(bad);
     EXPECT_FALSE(p.ok()) << bad;
     EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument) << bad;
@@ -95,7 +95,8 @@ bool ConnectsFrom(const char* source, uint16_t port) {
   sockaddr_in from = Ipv4(source, 0);
   if (bind(fd.get(), reinterpret_cast<sockaddr*>(&from), sizeof(from)) != 0) return false;
   sockaddr_in to = Ipv4("127.0.0.1", port);
-  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0 && errno != EINPROGRESS) return false;
+  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0 && errno != EINPROGRESS)
+    return false;
   pollfd p{fd.get(), POLLOUT, 0};
   if (poll(&p, 1, 500) != 1) return false;  // a dropped SYN leaves the connect pending
   int error = 0;
@@ -118,7 +119,9 @@ TEST(SourceFilter, DropsConnectionsFromOutsideTheAllowedNetworks) {
     // Without a filter both sources connect: 127.0.0.2 is a usable source on this machine.
     ASSERT_TRUE(ConnectsFrom("127.0.0.1", port));
     ASSERT_TRUE(ConnectsFrom("127.0.0.2", port));
-    ASSERT_TRUE(AttachSourceFilter(listener.get(), Networks({"10.0.0.0/8", "127.0.0.1/32", "fd00::/8"})).ok());
+    ASSERT_TRUE(
+        AttachSourceFilter(listener.get(), Networks({"10.0.0.0/8", "127.0.0.1/32", "fd00::/8"}))
+            .ok());
     EXPECT_TRUE(ConnectsFrom("127.0.0.1", port));
     EXPECT_FALSE(ConnectsFrom("127.0.0.2", port));
     // Only IPv6 networks allowed: IPv4 sources are all refused.
@@ -143,11 +146,14 @@ TEST(SourceFilter, IPv6SourcesAreCheckedAgainstIPv6Networks) {
   a.sin6_port = htons(PortOf(fd.get()));
   const auto connects = [&] {
     Fd client(socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (connect(client.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno != EINPROGRESS) return false;
+    if (connect(client.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 &&
+        errno != EINPROGRESS)
+      return false;
     pollfd p{client.get(), POLLOUT, 0};
     int error = 0;
     socklen_t len = sizeof(error);
-    return poll(&p, 1, 500) == 1 && getsockopt(client.get(), SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
+    return poll(&p, 1, 500) == 1 &&
+           getsockopt(client.get(), SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
   };
   ASSERT_TRUE(AttachSourceFilter(fd.get(), Networks({"fd00::/8", "127.0.0.1"})).ok());
   EXPECT_FALSE(connects());

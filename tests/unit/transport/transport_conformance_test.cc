@@ -6,8 +6,8 @@
 #include <thread>
 
 #include "absl/strings/match.h"
-#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/loopback_transport.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/transport/ucx_transport.h"
 #include "transport_test_util.h"
@@ -261,7 +261,8 @@ TEST_P(TransportConformanceTest, ModelMismatchIsFailedPreconditionAndZeroMatches
 
   auto mismatched = Make(other_model);
   ASSERT_TRUE(mismatched.ok());
-  EXPECT_EQ((*mismatched)->Connect(server_address_).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*mismatched)->Connect(server_address_).status().code(),
+            absl::StatusCode::kFailedPrecondition);
   auto any_model = Make(TestConfig("any-model"));
   ASSERT_TRUE(any_model.ok());
   EXPECT_TRUE((*any_model)->Connect(server_address_).ok());

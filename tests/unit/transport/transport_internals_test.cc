@@ -3,10 +3,10 @@
 
 #include <thread>
 
-#include "spectrumkv/transport/mutex.h"
 #include "receive_buffer_pool.h"
 #include "send_budget.h"
 #include "socket_address.h"
+#include "spectrumkv/transport/mutex.h"
 #include "wire_format.h"
 
 namespace spectrumkv::transport::internal {

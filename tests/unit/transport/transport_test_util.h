@@ -14,9 +14,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "spectrumkv/transport/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "spectrumkv/transport/mutex.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/transport/transport_config.h"
 

@@ -1,12 +1,11 @@
 // UcxTransport in one process: two instances on 127.0.0.1 over UCX's TCP transport.
 #include "spectrumkv/transport/ucx_transport.h"
 
-#include <gtest/gtest.h>
-
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <sys/socket.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -15,9 +14,9 @@
 #include <sstream>
 #include <thread>
 
-#include "spectrumkv/transport/mutex.h"
 #include "source_filter.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
+#include "spectrumkv/transport/mutex.h"
 #include "transport_test_util.h"
 
 namespace spectrumkv::transport {
@@ -199,7 +198,8 @@ int CloseWaitSocketsOn(uint16_t port) {
       std::string slot, local, remote, state;
       fields >> slot >> local >> remote >> state;
       const size_t colon = local.rfind(':');
-      if (colon != std::string::npos && std::stoul(local.substr(colon + 1), nullptr, 16) == port && state == "08") {
+      if (colon != std::string::npos && std::stoul(local.substr(colon + 1), nullptr, 16) == port &&
+          state == "08") {
         ++count;
       }
     }
@@ -291,7 +291,8 @@ TEST_F(UcxTransportTest, HostsOutsideTheAllowedNetworksCannotReachUcx) {
   auto bound = server_->Listen();
   ASSERT_TRUE(bound.ok()) << bound.status();
   // Every socket UCX listens on: the data port and the TCP interface's own port.
-  const std::vector<int> listeners = internal::NewListeningSockets(before, internal::ListeningTcpSockets());
+  const std::vector<int> listeners =
+      internal::NewListeningSockets(before, internal::ListeningTcpSockets());
   ASSERT_GE(listeners.size(), 2u);
   std::vector<uint8_t> crash(4096, 0x41);
   std::fill_n(crash.begin(), 8, 0xff);

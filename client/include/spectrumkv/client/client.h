@@ -27,15 +27,16 @@ struct ClientOptions {
 class SpectrumKvClient {
  public:
   // `target` is a gRPC target, e.g. "127.0.0.1:50551" or "unix:/run/spectrumkv.sock".
-  static absl::StatusOr<std::unique_ptr<SpectrumKvClient>> Connect(const std::string& target,
-                                                                   const ClientOptions& options = {});
+  static absl::StatusOr<std::unique_ptr<SpectrumKvClient>> Connect(
+      const std::string& target, const ClientOptions& options = {});
 
   absl::StatusOr<v1::RegisterModelResponse> RegisterModel(const v1::RegisterModelRequest& request);
   absl::StatusOr<v1::SendResponse> Send(const v1::SendRequest& request);
   absl::StatusOr<v1::ReceiveResponse> Receive(const v1::ReceiveRequest& request);
   absl::StatusOr<v1::GetTransferResponse> GetTransfer(const v1::GetTransferRequest& request);
   absl::StatusOr<v1::ListTransfersResponse> ListTransfers(const v1::ListTransfersRequest& request);
-  absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(const v1::CancelTransferRequest& request);
+  absl::StatusOr<v1::CancelTransferResponse> CancelTransfer(
+      const v1::CancelTransferRequest& request);
   absl::StatusOr<v1::ProbeResponse> Probe(const v1::ProbeRequest& request);
   absl::StatusOr<v1::EncodeResponse> Encode(const v1::EncodeRequest& request);
   absl::StatusOr<v1::DecodeResponse> Decode(const v1::DecodeRequest& request);
@@ -66,7 +67,8 @@ class SharedMemoryBuffer {
   v1::KvHandle handle() const;
 
  private:
-  SharedMemoryBuffer(std::string name, uint8_t* data, size_t size) : name_(std::move(name)), data_(data), size_(size) {}
+  SharedMemoryBuffer(std::string name, uint8_t* data, size_t size)
+      : name_(std::move(name)), data_(data), size_(size) {}
   void Release();
   std::string name_;
   uint8_t* data_ = nullptr;
@@ -74,7 +76,8 @@ class SharedMemoryBuffer {
 };
 
 // The dense layout [layers][K, V][tokens][kv_heads][head_dim] and its size in bytes.
-v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, uint32_t head_dim, uint32_t tokens);
+v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, uint32_t head_dim,
+                         uint32_t tokens);
 uint64_t DenseLayoutBytes(const v1::KvLayout& layout);
 
 }  // namespace skv::client

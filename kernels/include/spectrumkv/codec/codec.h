@@ -18,7 +18,7 @@ namespace skv {
 
 // Where importance comes from, best first; the first one present is used.
 struct ImportanceInput {
-  std::span<const float> engine_scores = {};       // tokens or layers * tokens values
+  std::span<const float> engine_scores = {};        // tokens or layers * tokens values
   std::span<const QueryWindow> query_windows = {};  // one per layer
 };
 
@@ -27,8 +27,8 @@ struct EncodeStats {
   size_t wire_bytes = 0;     // every byte of every segment
   size_t payload_bytes = 0;  // code bytes only (the paper's accounting)
   double requested_budget = 0;
-  double achieved_budget = 0;        // wire / raw
-  double payload_only_budget = 0;    // payload / raw, labelled as the paper's accounting
+  double achieved_budget = 0;      // wire / raw
+  double payload_only_budget = 0;  // payload / raw, labelled as the paper's accounting
   std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens
   uint32_t dropped_tokens = 0;
   const char* importance_source = "";
@@ -47,9 +47,9 @@ struct EncodedKv {
 // Scores and plans a request: the stages before encoding. rd measures distortion on `threads`
 // threads (the plan does not depend on how many).
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
-                                     const ImportanceInput& importance,
-                                     const CodecOptions& options, const RowKernels& kernels,
-                                     EncodeStats* stats, unsigned threads = 1);
+                                     const ImportanceInput& importance, const CodecOptions& options,
+                                     const RowKernels& kernels, EncodeStats* stats,
+                                     unsigned threads = 1);
 
 // How many segments one layer's K (or V) becomes: options.tokens_per_segment splits it.
 uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options);

@@ -30,11 +30,16 @@ enum class KvKind : uint8_t { kKey = 0, kValue = 1 };
 
 SKV_HOST_DEVICE constexpr int TierBits(Tier t) {
   switch (t) {
-    case Tier::kFp16: return 16;
-    case Tier::kInt8: return 8;
-    case Tier::kInt4: return 4;
-    case Tier::kInt2: return 2;
-    case Tier::kDrop: return 0;
+    case Tier::kFp16:
+      return 16;
+    case Tier::kInt8:
+      return 8;
+    case Tier::kInt4:
+      return 4;
+    case Tier::kInt2:
+      return 2;
+    case Tier::kDrop:
+      return 0;
   }
   return 0;
 }
@@ -78,24 +83,24 @@ inline constexpr uint8_t kKnownSegmentFlags =
 struct SegmentHeader {
   uint32_t magic;
   uint16_t version;
-  uint16_t header_bytes;  // sizeof(SegmentHeader): lets a reader skip fields it does not know
+  uint16_t header_bytes;  // always sizeof(SegmentHeader) = 64; readers refuse any other value
   uint64_t request_id;
   uint32_t layer;
-  uint32_t token_begin;   // first token of this segment within the request
+  uint32_t token_begin;  // first token of this segment within the request
   uint32_t token_count;
   uint16_t heads;
   uint16_t head_dim;
-  uint8_t kind;           // KvKind
-  uint8_t dtype;          // DType
-  uint8_t flags;          // SegmentFlags
+  uint8_t kind;   // KvKind
+  uint8_t dtype;  // DType
+  uint8_t flags;  // SegmentFlags
   uint8_t reserved0;
-  uint16_t group_size;    // channels per quantization group (per-token params)
+  uint16_t group_size;            // channels per quantization group (per-token params)
   uint16_t channel_group_tokens;  // tokens per params chunk in per-channel mode, else 0
   uint32_t tier_map_bytes;
   uint32_t mean_bytes;
   uint32_t channel_params_bytes;
   uint32_t payload_bytes;
-  uint32_t total_bytes;   // header + every section
+  uint32_t total_bytes;  // header + every section
   uint32_t crc32c;
 };
 static_assert(sizeof(SegmentHeader) == 64);

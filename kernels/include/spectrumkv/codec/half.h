@@ -45,7 +45,7 @@ SKV_HOST_DEVICE inline uint16_t FloatToFp16(float f) {
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));  // NaN
   if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: Inf
-  if (abs >= 0x38800000u) {                                  // normal fp16
+  if (abs >= 0x38800000u) {                                 // normal fp16
     const uint32_t rounded = abs + 0x0fffu + ((abs >> 13) & 1u);
     return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
   }

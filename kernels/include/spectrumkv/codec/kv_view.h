@@ -14,12 +14,12 @@ namespace skv {
 // contiguous; rows are either evenly strided (contiguous layout) or found through a block
 // table (paged layout, as in vLLM: block b holds rows [b*block_size, (b+1)*block_size)).
 struct KvTensorView {
-  void* base = nullptr;          // start of the tensor (or of the block pool when paged)
+  void* base = nullptr;  // start of the tensor (or of the block pool when paged)
   DType dtype = DType::kFp16;
   uint32_t tokens = 0;
   uint32_t heads = 0;
   uint32_t head_dim = 0;
-  size_t row_stride_bytes = 0;   // distance between consecutive rows (inside a block when paged)
+  size_t row_stride_bytes = 0;  // distance between consecutive rows (inside a block when paged)
   // Paged layout only: block_table[i] is the pool block holding rows [i*block_size, ...).
   std::span<const uint32_t> block_table;
   uint32_t block_size = 0;
@@ -50,7 +50,8 @@ struct KvTensorView {
     auto* bytes = static_cast<uint8_t*>(base);
     if (!paged()) return bytes + size_t{token} * row_stride_bytes;
     const uint32_t block = block_table[token / block_size];
-    return bytes + size_t{block} * block_stride_bytes + size_t{token % block_size} * row_stride_bytes;
+    return bytes + size_t{block} * block_stride_bytes +
+           size_t{token % block_size} * row_stride_bytes;
   }
 };
 

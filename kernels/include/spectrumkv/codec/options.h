@@ -19,18 +19,18 @@ struct CodecOptions {
   // maps, means, scales. 1.0 sends everything as FP16 (bit-exact).
   double budget = 0.5;
   // Low-bit safety transforms (DESIGN 3.5), each applied before quantizing and undone on decode.
-  bool rotate_keys = true;      // block Hadamard over head_dim
+  bool rotate_keys = true;  // block Hadamard over head_dim
   bool rotate_values = true;
-  bool centre_keys = true;      // subtract the per-(head, channel) mean over the tokens
+  bool centre_keys = true;  // subtract the per-(head, channel) mean over the tokens
   bool centre_values = false;
-  bool per_channel_keys = false;  // key params per channel over chunks of same-tier tokens
-  uint32_t group_size = 0;        // channels per quantization group; 0 means head_dim
+  bool per_channel_keys = false;       // key params per channel over chunks of same-tier tokens
+  uint32_t group_size = 0;             // channels per quantization group; 0 means head_dim
   uint32_t channel_group_tokens = 64;  // tokens per params chunk when per_channel_keys
-  bool allow_int4 = true;   // cleared when the model fails the INT4 probe
-  bool allow_int2 = false;  // rd only
-  uint32_t sink_tokens = 4;    // first tokens, always FP16
-  uint32_t recent_tokens = 0;  // last tokens, always FP16
-  uint32_t pool_window = 7;    // max-pooling width of query-derived scores (odd)
+  bool allow_int4 = true;              // cleared when the model fails the INT4 probe
+  bool allow_int2 = false;             // rd only
+  uint32_t sink_tokens = 4;            // first tokens, always FP16
+  uint32_t recent_tokens = 0;          // last tokens, always FP16
+  uint32_t pool_window = 7;            // max-pooling width of query-derived scores (odd)
   // rd: distortion weight of key rows relative to value rows.
   double key_weight = 1.0;
   // The paper's accounting: only code payload counts against the budget (comparison only).

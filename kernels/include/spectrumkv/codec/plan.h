@@ -61,7 +61,9 @@ class BudgetAccounting {
 
   // Bytes of one row at `tier`, as the planner charges it. Per-channel key params are charged
   // per row, rounded up; the fixed overhead reserves the remainder.
-  size_t RowCost(Tier tier, KvKind kind) const { return row_cost_[static_cast<int>(kind)][static_cast<int>(tier)]; }
+  size_t RowCost(Tier tier, KvKind kind) const {
+    return row_cost_[static_cast<int>(kind)][static_cast<int>(tier)];
+  }
   // Headers, tier maps, means and the per-channel reserve of every segment (0 payload-only).
   size_t FixedOverhead() const { return fixed_overhead_; }
   // floor(budget * raw bytes).

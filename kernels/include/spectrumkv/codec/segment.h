@@ -25,7 +25,8 @@ struct SegmentSpec {
 
 // A segment header with its identity filled in (magic, version, request, layer, kind, token
 // range, shape); flags and section sizes are the encoder's to set. Shared with the device encoder.
-SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim, DType dtype);
+SegmentHeader NewSegmentHeader(const SegmentSpec& spec, uint32_t heads, uint32_t head_dim,
+                               DType dtype);
 // Writes the 4-bit tier map of `tiers` (two per byte, low nibble first) to `out`
 // (TierMapBytes(tiers.size()) bytes).
 void PackTierMap(std::span<const Tier> tiers, uint8_t* out);
@@ -56,7 +57,9 @@ struct ParsedSegment {
   std::span<const uint8_t> channel_params;
   std::span<const uint8_t> payload;
 
-  Tier tier(uint32_t i) const { return static_cast<Tier>((tier_map[i / 2] >> (4 * (i % 2))) & 0xf); }
+  Tier tier(uint32_t i) const {
+    return static_cast<Tier>((tier_map[i / 2] >> (4 * (i % 2))) & 0xf);
+  }
 };
 
 // Verifies structure, sizes, CRC32C and every tier before returning; never reads out of bounds.
@@ -66,8 +69,8 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes);
 // transforms undone; dropped rows are zeroed. Shape and dtype must match the header.
 // The checks DecodeSegment makes against its destination, shared with the device decoder: the
 // segment's heads, head_dim and dtype match it and its token range fits in `tokens`.
-absl::Status ValidateSegmentDestination(const SegmentHeader& header, uint32_t tokens, uint32_t heads,
-                                        uint32_t head_dim, DType dtype);
+absl::Status ValidateSegmentDestination(const SegmentHeader& header, uint32_t tokens,
+                                        uint32_t heads, uint32_t head_dim, DType dtype);
 
 absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
                            const RowKernels& kernels);

@@ -124,7 +124,8 @@ class ShmMappingCache {
 // With a `cache`, shared memory comes from (and goes into) it; without one, only the region is
 // mapped, for this call alone.
 [[nodiscard]] absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
-                                                            KvAccess access, absl::string_view field,
+                                                            KvAccess access,
+                                                            absl::string_view field,
                                                             ShmMappingCache* cache = nullptr);
 
 // Whether this build can import CUDA IPC handles (SKV_CUDA_ENABLED at build time).

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/control/kv_handle_import.h"
 
@@ -21,7 +22,7 @@ namespace skv::control {
 // Limits of the API (documented on KvLayout in spectrumkv.proto).
 inline constexpr uint32_t kMaxLayers = 1024;
 inline constexpr uint32_t kMaxKvHeads = 1024;
-inline constexpr uint32_t kMaxHeadDim = 256;
+inline constexpr uint32_t kMaxHeadDim = skv::kMaxHeadDim;  // the codec's limit, one number
 inline constexpr uint32_t kHeadDimMultiple = 8;
 inline constexpr uint32_t kMaxTokens = 1u << 24;
 inline constexpr uint32_t kMaxBlockSize = 1u << 16;

@@ -39,7 +39,8 @@ class ABSL_LOCKABLE Mutex {
   }
   // Await with a deadline; returns whether `condition()` holds.
   template <typename Condition>
-  bool AwaitWithTimeout(Condition condition, absl::Duration timeout) ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
+  bool AwaitWithTimeout(Condition condition, absl::Duration timeout)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
     if (timeout == absl::InfiniteDuration()) {
       Await(condition);
       return true;
@@ -58,7 +59,9 @@ class ABSL_LOCKABLE Mutex {
 
 class ABSL_SCOPED_LOCKABLE MutexLock {
  public:
-  explicit MutexLock(Mutex* mutex) ABSL_EXCLUSIVE_LOCK_FUNCTION(mutex) : mutex_(mutex) { mutex_->Lock(); }
+  explicit MutexLock(Mutex* mutex) ABSL_EXCLUSIVE_LOCK_FUNCTION(mutex) : mutex_(mutex) {
+    mutex_->Lock();
+  }
   ~MutexLock() ABSL_UNLOCK_FUNCTION() { mutex_->Unlock(); }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;
@@ -80,7 +83,8 @@ class Notification {
   }
   bool WaitForNotificationWithTimeout(absl::Duration timeout) {
     MutexLock lock(&mutex_);
-    return mutex_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return notified_; }, timeout);
+    return mutex_.AwaitWithTimeout(
+        [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return notified_; }, timeout);
   }
 
  private:

@@ -20,21 +20,21 @@ bool CudaDeviceAvailable();
 }  // namespace skv::cuda
 
 // Evaluates a cudaError_t expression; on failure returns its Status from the enclosing function.
-#define SKV_CUDA_RETURN_IF_ERROR(expr)                                                   \
-  do {                                                                                   \
-    const cudaError_t skv_cuda_error_ = (expr);                                          \
-    if (skv_cuda_error_ != cudaSuccess) {                                                \
-      return ::skv::cuda::CudaErrorStatus(skv_cuda_error_, #expr, __FILE__, __LINE__);   \
-    }                                                                                    \
+#define SKV_CUDA_RETURN_IF_ERROR(expr)                                                 \
+  do {                                                                                 \
+    const cudaError_t skv_cuda_error_ = (expr);                                        \
+    if (skv_cuda_error_ != cudaSuccess) {                                              \
+      return ::skv::cuda::CudaErrorStatus(skv_cuda_error_, #expr, __FILE__, __LINE__); \
+    }                                                                                  \
   } while (0)
 
 // After a <<<...>>> launch: the launch's own error (bad configuration, no kernel image for this
 // GPU) as a Status naming the kernel (a string literal).
-#define SKV_CUDA_RETURN_IF_LAUNCH_FAILED(kernel_name)                                       \
-  do {                                                                                      \
-    const cudaError_t skv_cuda_error_ = cudaGetLastError();                                 \
-    if (skv_cuda_error_ != cudaSuccess) {                                                   \
-      return ::skv::cuda::CudaErrorStatus(skv_cuda_error_, "launch of " kernel_name,        \
-                                          __FILE__, __LINE__);                              \
-    }                                                                                       \
+#define SKV_CUDA_RETURN_IF_LAUNCH_FAILED(kernel_name)                                          \
+  do {                                                                                         \
+    const cudaError_t skv_cuda_error_ = cudaGetLastError();                                    \
+    if (skv_cuda_error_ != cudaSuccess) {                                                      \
+      return ::skv::cuda::CudaErrorStatus(skv_cuda_error_, "launch of " kernel_name, __FILE__, \
+                                          __LINE__);                                           \
+    }                                                                                          \
   } while (0)

@@ -63,7 +63,7 @@ struct EncodeRowsJob {
   DeviceKvView source;
   uint32_t token_begin = 0;
   uint32_t token_count = 0;
-  const uint8_t* tier_map = nullptr;         // the segment's tier map: 4 bits per row, low nibble first
+  const uint8_t* tier_map = nullptr;  // the segment's tier map: 4 bits per row, low nibble first
   const uint32_t* record_offsets = nullptr;  // byte offset of each row's record in `payload`
   const uint8_t* mean = nullptr;             // heads * head_dim fp16 (little-endian), or nullptr
   uint8_t* payload = nullptr;                // the segment's payload section
