@@ -12,9 +12,11 @@
 #include <string>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "peer_protocol.h"
+#include "send_stages.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
@@ -142,34 +144,40 @@ class Daemon {
   std::string data_address_;
   TransferTable table_;
 
+  // Guards what is marked ABSL_GUARDED_BY(mu_) here and the Inbound/Outbound fields that
+  // daemon_internal.h says are under mu_.
   mutable std::mutex mu_;
-  std::map<std::string, control::RegisteredModel> models_;
+  std::map<std::string, control::RegisteredModel> models_ ABSL_GUARDED_BY(mu_);
   // Inbound transfers by Receive (request id) and by sender (daemon id, request id); a matched
   // transfer is in both.
-  std::map<uint64_t, std::shared_ptr<Inbound>> receives_;
-  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Inbound>> arrivals_;
-  std::map<uint64_t, std::shared_ptr<Outbound>> outbound_;  // by request id
-  std::map<std::string, std::shared_ptr<PeerLink>> links_;  // by peer address
-  std::map<transport::PeerId, std::string> peer_names_;     // connected peers' daemon ids
+  std::map<uint64_t, std::shared_ptr<Inbound>> receives_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Inbound>> arrivals_
+      ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<Outbound>> outbound_ ABSL_GUARDED_BY(mu_);  // by request id
+  std::map<std::string, std::shared_ptr<PeerLink>> links_ ABSL_GUARDED_BY(mu_);  // by peer address
+  // Connected peers' daemon ids.
+  std::map<transport::PeerId, std::string> peer_names_ ABSL_GUARDED_BY(mu_);
   // Finished arrivals: late segments are dropped quietly.
-  std::map<std::pair<std::string, uint64_t>, absl::Time> tombstones_;
+  std::map<std::pair<std::string, uint64_t>, absl::Time> tombstones_ ABSL_GUARDED_BY(mu_);
   // Receives that ended before any sender arrived (cancelled, timed out): a sender arriving later
   // is told at once instead of streaming into staging until its TTL. By request id.
   struct EndedReceive {
     absl::Status status;
     absl::Time expires;
   };
-  std::map<uint64_t, EndedReceive> ended_receives_;
-  size_t early_bytes_ = 0;
-  std::map<std::string, double> link_bandwidth_;  // peer address -> bytes/s estimate
-  double codec_bytes_per_second_ = 0;             // encode+decode throughput estimate
-  bool draining_ = false;                         // Drain() began: no new transfers
-  bool shutting_down_ = false;
+  std::map<uint64_t, EndedReceive> ended_receives_ ABSL_GUARDED_BY(mu_);
+  size_t early_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;  // Drain() began: no new transfers
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   std::condition_variable drained_cv_;  // notified whenever a transfer finishes
   // Shared with the transport's completion path, which returns sent segments' buffers.
   std::shared_ptr<SegmentBufferPool> segment_pool_;
   // Send sources and Receive destinations in shared memory stay mapped between transfers.
   control::ShmMappingCache shm_mappings_;
+  // What the passthrough decision rests on: link rate per peer address, encode+decode rate.
+  RateEstimator link_rates_;
+  RateEstimator codec_rate_;
+  static constexpr char kCodecRateKey[] = "codec";
 
   std::condition_variable reaper_cv_;
   std::thread reaper_;

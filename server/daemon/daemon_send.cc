@@ -10,6 +10,7 @@
 #include "daemon_internal.h"
 #include "google/protobuf/util/time_util.h"
 #include "peer_protocol.h"
+#include "send_stages.h"
 #include "spdlog/spdlog.h"
 #include "spectrumkv/codec/codec.h"
 #include "spectrumkv/codec/half.h"
@@ -192,32 +193,12 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     importance.query_windows = queries->windows;
   }
 
-  // Passthrough or codec (DESIGN 3.7): compare the link time of raw rows with the slower of
-  // encode+decode and the link time of the compressed rows (they overlap, layer by layer).
-  v1::PassthroughDecision& decision = out.decision;
-  double budget = request.budget();
-  double link_bps = 0, codec_bps = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = link_bandwidth_.find(out.peer_config.address);
-    if (it != link_bandwidth_.end()) link_bps = it->second;
-    codec_bps = codec_bytes_per_second_;
-  }
-  decision.set_link_bytes_per_second(link_bps);
-  decision.set_codec_bytes_per_second(codec_bps);
-  if (request.passthrough() == v1::PASSTHROUGH_MODE_ALWAYS) {
-    decision.set_reason(v1::PASSTHROUGH_REASON_FORCED);
-  } else if (budget >= 1.0) {
-    decision.set_reason(v1::PASSTHROUGH_REASON_BUDGET_FULL);
-  } else if (request.passthrough() != v1::PASSTHROUGH_MODE_NEVER && link_bps > 0 && codec_bps > 0) {
-    const double raw_time = out.raw_bytes / link_bps;
-    const double codec_time =
-        std::max(out.raw_bytes / codec_bps, budget * out.raw_bytes / link_bps);
-    if (raw_time < codec_time) decision.set_reason(v1::PASSTHROUGH_REASON_FAST_LINK);
-  }
-  if (decision.reason() != v1::PASSTHROUGH_REASON_UNSPECIFIED) {
-    decision.set_passthrough(true);
-    budget = 1.0;
+  // Passthrough or codec (DESIGN 3.7), from what earlier transfers measured.
+  out.decision = ChoosePassthrough(request, out.raw_bytes, link_rates_.Get(out.peer_config.address),
+                                   codec_rate_.Get(kCodecRateKey));
+  const v1::PassthroughDecision& decision = out.decision;
+  const double budget = decision.planned_budget();
+  if (decision.passthrough()) {
     metrics_->CountPassthrough(decision.reason() == v1::PASSTHROUGH_REASON_FORCED
                                    ? control::PassthroughReason::kForced
                                : decision.reason() == v1::PASSTHROUGH_REASON_BUDGET_FULL
@@ -226,7 +207,6 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     spdlog::info("request {}: FP16 passthrough ({})", request_id,
                  v1::PassthroughReason_Name(decision.reason()));
   }
-  decision.set_planned_budget(budget);
   const CodecOptions options = CodecOptionsFor(out.policy, budget);
 
   auto in_flight = metrics_->TrackInFlight();
@@ -375,22 +355,16 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
   times.wire = absl::Seconds(wire_s);
   times.total = absl::Seconds(total_s);
   metrics_->ObserveTransfer(control::TransferRole::kSender, times);
-  // Update the estimates behind the passthrough decision (exponential moving averages).
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (wire_s > 0) {
-      // Encoding overlaps the wire; the wire time is bounded below by bytes / link rate.
-      const double observed = double(out.wire_bytes) / wire_s;
-      double& link = link_bandwidth_[out.peer_config.address];
-      link = link == 0 ? observed : 0.7 * link + 0.3 * observed;
-      metrics_->SetLinkBandwidth(out.peer_config.daemon_id, link);
-    }
-    if (!out.decision.passthrough() && out.stats.encode_seconds + decode_s > 0) {
-      const double observed =
-          double(out.raw_bytes) / (out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
-      codec_bytes_per_second_ =
-          codec_bytes_per_second_ == 0 ? observed : 0.7 * codec_bytes_per_second_ + 0.3 * observed;
-    }
+  // The estimates behind the next passthrough decision. Encoding overlaps the wire, so the wire
+  // time is bounded below by bytes / link rate.
+  if (wire_s > 0) {
+    metrics_->SetLinkBandwidth(
+        out.peer_config.daemon_id,
+        link_rates_.Observe(out.peer_config.address, double(out.wire_bytes), wire_s));
+  }
+  if (!out.decision.passthrough()) {
+    codec_rate_.Observe(kCodecRateKey, double(out.raw_bytes),
+                        out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
   }
   spdlog::info("request {}: sent to '{}' at b={:.3f} ({} of {} bytes) in {:.3f} s", out.request_id,
                out.peer_config.daemon_id, ts.achieved_budget(), out.wire_bytes, out.raw_bytes,
