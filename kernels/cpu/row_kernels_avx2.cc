@@ -135,20 +135,8 @@ void HadamardAvx2(float* x, size_t n, size_t block) {
   }
 }
 
-// MakeGroupParams with the F16C conversions: identical results, since the scalar conversions in
-// half.h round exactly as the instructions do (tested exhaustively).
-inline uint16_t ToFp16(float f) { return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+// fp16 -> float with F16C; the same bits as the scalar conversion (tested exhaustively).
 inline float FromFp16(uint16_t h) { return _cvtsh_ss(h); }
-
-inline GroupParams MakeGroupParamsF16c(float min_value, float max_value, int bits) {
-  uint16_t offset = ToFp16(min_value);
-  if (FromFp16(offset) > min_value)
-    offset = offset == 0 ? 0x8001u : (offset & 0x8000u) ? offset + 1 : offset - 1;
-  const float scale_f = (max_value - FromFp16(offset)) / float(MaxCode(bits));
-  uint16_t scale = ToFp16(scale_f > 0.0f ? scale_f : 0.0f);
-  if (FromFp16(scale) < scale_f) scale = scale + 1;  // scale_f >= 0: the next fp16 up
-  return GroupParams{scale, offset};
-}
 
 inline __m256 Sanitize8(__m256 x) {
   const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
@@ -237,7 +225,7 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out
   for (size_t g = 0; g < n; g += group) {
     float lo, hi;
     GroupMinMax(x + g, group, &lo, &hi);
-    const GroupParams p = MakeGroupParamsF16c(lo, hi, bits);
+    const GroupParams p = MakeGroupParams(lo, hi, bits);
     std::memcpy(out, &p, sizeof(p));
     out += sizeof(p);
     const __m256 offset = _mm256_set1_ps(FromFp16(p.offset));

@@ -9,15 +9,6 @@ namespace skv {
 
 namespace {
 
-uint16_t NextFp16Up(uint16_t h) {  // for finite h: the next fp16 value toward +Inf
-  if (h == 0x8000u) return 0x0001u;
-  return (h & 0x8000u) ? uint16_t(h - 1) : uint16_t(h + 1);
-}
-uint16_t NextFp16Down(uint16_t h) {
-  if (h == 0x0000u) return 0x8001u;
-  return (h & 0x8000u) ? uint16_t(h + 1) : uint16_t(h - 1);
-}
-
 void LoadRef(const uint16_t* src, DType dtype, size_t n, float* dst) {
   for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i], dtype);
 }
@@ -109,20 +100,6 @@ void EstimateErrorRef(const float* x, size_t n, size_t group, double err[3]) {
 }
 
 }  // namespace
-
-GroupParams MakeGroupParams(float min_value, float max_value, int bits) {
-  uint16_t offset = FloatToFp16(min_value);
-  if (Fp16ToFloat(offset) > min_value) offset = NextFp16Down(offset);
-  const float scale_f = (max_value - Fp16ToFloat(offset)) / float(MaxCode(bits));
-  uint16_t scale = FloatToFp16(scale_f > 0.0f ? scale_f : 0.0f);
-  if (Fp16ToFloat(scale) < scale_f) scale = NextFp16Up(scale);
-  return GroupParams{scale, offset};
-}
-
-float InverseScale(uint16_t scale_fp16) {
-  const float s = Fp16ToFloat(scale_fp16);
-  return s > 0.0f ? 1.0f / s : 0.0f;
-}
 
 const RowKernels& ReferenceRowKernels() {
   static constexpr RowKernels kRef{"scalar",    LoadRef,       StoreRef,        HadamardRef,

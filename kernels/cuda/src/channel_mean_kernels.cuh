@@ -11,14 +11,14 @@
 
 #include <cstdint>
 
-#include "codec_math.h"
 #include "device_primitives.cuh"
 #include "launch_support.h"
+#include "spectrumkv/codec/codec_math.h"
 #include "spectrumkv/codec/cuda/row_launchers.h"
 
 namespace skv::cuda::kernels {
 
-namespace m = ::skv::cuda::math;
+namespace m = ::skv::math;
 
 inline constexpr uint32_t kMeanThreads = 128;
 inline constexpr uint32_t kMeanChannels = 16;   // channels per block: two 8-channel pieces per row

@@ -13,14 +13,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "codec_math.h"
 #include "device_primitives.cuh"
+#include "spectrumkv/codec/codec_math.h"
 #include "spectrumkv/codec/cuda/row_launchers.h"
 
 namespace skv::cuda::kernels {
 
 using detail::kFullWarp;
-namespace m = ::skv::cuda::math;
+namespace m = ::skv::math;
 
 inline constexpr uint32_t kWarps = 8;
 inline constexpr uint32_t kThreads = kWarps * 32;

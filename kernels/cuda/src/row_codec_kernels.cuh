@@ -21,15 +21,15 @@
 
 #include <cstdint>
 
-#include "codec_math.h"
 #include "device_primitives.cuh"
 #include "launch_support.h"
+#include "spectrumkv/codec/codec_math.h"
 #include "spectrumkv/codec/cuda/row_launchers.h"
 
 namespace skv::cuda::kernels {
 
 using detail::kFullWarp;
-namespace m = ::skv::cuda::math;
+namespace m = ::skv::math;
 
 inline constexpr uint32_t kMaxThreads = 128;
 

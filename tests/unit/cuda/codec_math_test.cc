@@ -2,7 +2,7 @@
 // helpers (codec_math.h, compiled here by the host compiler) against kernels/ref, host emulations
 // of the kernels' parallel orders (lane-ordered min/max, lane-split Hadamard) against the
 // sequential reference, and the host half's record offsets.
-#include "codec_math.h"
+#include "spectrumkv/codec/codec_math.h"
 
 #include <cmath>
 #include <cstring>
@@ -18,7 +18,7 @@
 namespace skv::cuda {
 namespace {
 
-namespace m = ::skv::cuda::math;
+namespace m = ::skv::math;
 
 TEST(CodecMathTest, Fp16ToFloatExactMatchesReferenceForEveryInput) {
   for (uint32_t h = 0; h <= 0xffffu; ++h) {

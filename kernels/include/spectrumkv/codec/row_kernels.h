@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "spectrumkv/codec/codec_math.h"
 #include "spectrumkv/codec/formats.h"
 
 namespace skv {
@@ -48,11 +49,10 @@ inline float SanitizeForQuant(float v) {
   return v < -kFp16Max ? -kFp16Max : (v > kFp16Max ? kFp16Max : v);
 }
 
-// Parameters of one group from its sanitized min and max. The offset is rounded down and the
-// scale up to fp16, so every value maps into [0, max_code] without clipping (up to rounding).
-GroupParams MakeGroupParams(float min_value, float max_value, int bits);
-
-// 1 / scale for quantizing, 0 when scale is 0 (a constant group: every code is 0).
-float InverseScale(uint16_t scale_fp16);
+// Parameters of one group from its sanitized min and max (offset rounded down, scale up to fp16,
+// so every value maps into [0, max_code] without clipping), and 1 / scale for quantizing (0 for a
+// constant group). One definition for every implementation, host and device: codec_math.h.
+using math::InverseScale;
+using math::MakeGroupParams;
 
 }  // namespace skv

@@ -1,9 +1,9 @@
-// Scalar arithmetic of the codec as host+device functions: the device twins of the reference's
-// host-only helpers (SanitizeForQuant, MakeGroupParams, InverseScale, the per-value quantize and
-// dequantize steps). Each performs exactly the reference's IEEE operations in the same order, so
-// a CUDA kernel built from them is bit-identical to kernels/ref. The same header compiles with
-// the host compiler so tests/unit/cuda can check every twin against the reference on a machine
-// without a GPU.
+// The codec's scalar arithmetic as host+device functions, defined once for every implementation:
+// the reference (kernels/ref), the AVX2 kernels (kernels/cpu) and the CUDA kernels (kernels/cuda)
+// all call these for a group's parameters (MakeGroupParams, InverseScale), and the CUDA kernels
+// for the per-value steps too. Each performs the IEEE operations in one fixed order, so every
+// implementation is bit-identical; tests/unit/cuda checks each function against the reference on
+// a machine without a GPU.
 //
 // Rounding: on the device every + - * / goes through the _rn intrinsics, which are never
 // contracted into FMA (the sources are also built with --fmad=false); on the host the build
@@ -16,7 +16,7 @@
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/half.h"
 
-namespace skv::cuda::math {
+namespace skv::math {
 
 SKV_HOST_DEVICE inline float AddRn(float a, float b) {
 #if defined(__CUDA_ARCH__)
@@ -105,7 +105,8 @@ SKV_HOST_DEVICE inline uint16_t NextFp16Down(uint16_t h) {
   return (h & 0x8000u) ? uint16_t(h + 1) : uint16_t(h - 1);
 }
 
-// skv::MakeGroupParams, operation for operation.
+// A group's fp16 (scale, offset): the offset is the minimum rounded down, the scale
+// (max - offset) / max_code rounded up, so no value clips (kernels/README.md).
 SKV_HOST_DEVICE inline GroupParams MakeGroupParams(float min_value, float max_value, int bits) {
   uint16_t offset = FloatToFp16(min_value);
   if (Fp16ToFloatExact(offset) > min_value) offset = NextFp16Down(offset);
@@ -116,7 +117,7 @@ SKV_HOST_DEVICE inline GroupParams MakeGroupParams(float min_value, float max_va
   return GroupParams{scale, offset};
 }
 
-// skv::InverseScale.
+// 1 / scale, or 0 for a zero scale (every code of such a group decodes to the offset).
 SKV_HOST_DEVICE inline float InverseScale(uint16_t scale_fp16) {
   const float s = Fp16ToFloatExact(scale_fp16);
   return s > 0.0f ? DivRn(1.0f, s) : 0.0f;
@@ -151,4 +152,4 @@ inline float HadamardNorm(uint32_t block) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
 }
 
-}  // namespace skv::cuda::math
+}  // namespace skv::math
