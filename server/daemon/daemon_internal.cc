@@ -37,7 +37,7 @@ void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCo
 }
 
 void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows) {
-  for (int t = 0; t < kNumTiers; ++t) m.AddTokens(static_cast<control::TokenTier>(t), rows[t]);
+  for (int t = 0; t < kNumTiers; ++t) m.AddTokens(static_cast<Tier>(t), rows[t]);
 }
 
 v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, v1::MaskFormat format) {

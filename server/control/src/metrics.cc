@@ -20,8 +20,10 @@ namespace {
 constexpr std::array<absl::string_view, kTransferRoleCount> kRoleLabels = {"sender", "receiver"};
 constexpr std::array<absl::string_view, kTransferPhaseCount> kPhaseLabels = {
     "score", "plan", "encode", "wire", "decode", "commit", "total"};
-constexpr std::array<absl::string_view, kTokenTierCount> kTierLabels = {"fp16", "int8", "int4",
-                                                                        "int2", "drop"};
+// Indexed by skv::Tier.
+constexpr std::array<absl::string_view, skv::kNumTiers> kTierLabels = {"fp16", "int8", "int4",
+                                                                       "int2", "drop"};
+static_assert(static_cast<int>(skv::Tier::kDrop) == skv::kNumTiers - 1);
 constexpr std::array<absl::string_view, kPassthroughReasonCount> kPassthroughLabels = {
     "budget_full", "fast_link", "forced"};
 // Indexed by absl::StatusCode.
@@ -46,7 +48,7 @@ absl::string_view TransferRoleLabel(TransferRole role) {
 absl::string_view TransferPhaseLabel(TransferPhase phase) {
   return kPhaseLabels[static_cast<size_t>(phase)];
 }
-absl::string_view TokenTierLabel(TokenTier tier) { return kTierLabels[static_cast<size_t>(tier)]; }
+absl::string_view TierLabel(skv::Tier tier) { return kTierLabels[static_cast<size_t>(tier)]; }
 absl::string_view PassthroughReasonLabel(PassthroughReason r) {
   return kPassthroughLabels[static_cast<size_t>(r)];
 }
@@ -80,7 +82,7 @@ struct Metrics::Families {
   prometheus::Counter* wire_bytes = nullptr;
   prometheus::Histogram* budget_requested = nullptr;
   prometheus::Histogram* budget_achieved = nullptr;
-  std::array<prometheus::Counter*, kTokenTierCount> tokens{};
+  std::array<prometheus::Counter*, skv::kNumTiers> tokens{};
   std::array<std::array<prometheus::Counter*, kStatusCodeCount>, kTransferRoleCount> transfers{};
   prometheus::Gauge* in_flight = nullptr;
   std::array<prometheus::Counter*, kPassthroughReasonCount> passthrough{};
@@ -186,7 +188,7 @@ Metrics::Metrics()
           .Name("spectrumkv_tokens_total")
           .Help("Token rows sent per tier, counted over (layer, K/V, token) by the sender.")
           .Register(r);
-  for (size_t tier = 0; tier < kTokenTierCount; ++tier) {
+  for (size_t tier = 0; tier < kTierLabels.size(); ++tier) {
     f.tokens[tier] = &tokens.Add({{"tier", Label(kTierLabels[tier])}});
   }
 
@@ -280,7 +282,7 @@ void Metrics::ObserveBudget(double requested, double achieved) {
   families_->budget_achieved->Observe(achieved);
 }
 
-void Metrics::AddTokens(TokenTier tier, uint64_t count) {
+void Metrics::AddTokens(skv::Tier tier, uint64_t count) {
   families_->tokens[static_cast<size_t>(tier)]->Increment(static_cast<double>(count));
 }
 

@@ -151,8 +151,8 @@ TEST(MetricsEndpointTest, ScrapeShowsEveryFamilyAndRecordedValues) {
   metrics.AddBytes(1000, 420);
   metrics.AddBytes(24, 4);
   metrics.ObserveBudget(0.5, 0.42);
-  metrics.AddTokens(TokenTier::kInt4, 7);
-  metrics.AddTokens(TokenTier::kFp16, 3);
+  metrics.AddTokens(skv::Tier::kInt4, 7);
+  metrics.AddTokens(skv::Tier::kFp16, 3);
   metrics.TransferFinished(TransferRole::kSender, absl::StatusCode::kOk);
   metrics.TransferFinished(TransferRole::kReceiver, absl::StatusCode::kInvalidArgument);
   metrics.TransferFinished(TransferRole::kReceiver, absl::StatusCode::kInvalidArgument);
@@ -219,7 +219,7 @@ TEST(MetricsTest, LabelsAndBuckets) {
   EXPECT_EQ(TransferResultLabel(static_cast<absl::StatusCode>(99)), "unknown");
   EXPECT_EQ(TransferRoleLabel(TransferRole::kReceiver), "receiver");
   EXPECT_EQ(TransferPhaseLabel(TransferPhase::kWire), "wire");
-  EXPECT_EQ(TokenTierLabel(TokenTier::kInt2), "int2");
+  EXPECT_EQ(TierLabel(skv::Tier::kInt2), "int2");
   EXPECT_EQ(PassthroughReasonLabel(PassthroughReason::kForced), "forced");
 
   const auto seconds = Metrics::DurationBucketsSeconds();

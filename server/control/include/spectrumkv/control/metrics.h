@@ -28,6 +28,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "spectrumkv/codec/formats.h"
 
 namespace prometheus {
 class Registry;
@@ -38,19 +39,17 @@ namespace skv::control {
 
 enum class TransferRole : uint8_t { kSender, kReceiver };
 enum class TransferPhase : uint8_t { kScore, kPlan, kEncode, kWire, kDecode, kCommit, kTotal };
-enum class TokenTier : uint8_t { kFp16, kInt8, kInt4, kInt2, kDrop };
 enum class PassthroughReason : uint8_t { kBudgetFull, kFastLink, kForced };
 
 inline constexpr size_t kTransferRoleCount = 2;
 inline constexpr size_t kTransferPhaseCount = 7;
-inline constexpr size_t kTokenTierCount = 5;
 inline constexpr size_t kPassthroughReasonCount = 3;
 inline constexpr size_t kStatusCodeCount = 17;  // absl::StatusCode 0..16
 
 // Label values, as they appear in the exposition.
 absl::string_view TransferRoleLabel(TransferRole role);         // "sender" | "receiver"
 absl::string_view TransferPhaseLabel(TransferPhase phase);      // "score" ... "total"
-absl::string_view TokenTierLabel(TokenTier tier);               // "fp16" | "int8" | ... | "drop"
+absl::string_view TierLabel(skv::Tier tier);                    // "fp16" | "int8" | ... | "drop"
 absl::string_view PassthroughReasonLabel(PassthroughReason r);  // "budget_full" | ...
 // "ok" for kOk, else the lower-case code name ("invalid_argument", "deadline_exceeded", ...).
 absl::string_view TransferResultLabel(absl::StatusCode code);
@@ -98,7 +97,7 @@ class Metrics {
   void ObserveTransfer(TransferRole role, const TransferPhaseTimes& times);
   void AddBytes(uint64_t raw_bytes, uint64_t wire_bytes);
   void ObserveBudget(double requested, double achieved);
-  void AddTokens(TokenTier tier, uint64_t count);
+  void AddTokens(skv::Tier tier, uint64_t count);
   void TransferFinished(TransferRole role, absl::StatusCode result);
   void CountPassthrough(PassthroughReason reason);
   void InFlightIncrement();
