@@ -23,9 +23,7 @@ google::protobuf::Duration ToProto(double seconds) {
 }
 
 std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views) {
-  std::vector<KvLayerViews> out;
-  for (const control::LayerKvViews& l : views.layers()) out.push_back({l.k, l.v});
-  return out;
+  return {views.layers().begin(), views.layers().end()};
 }
 
 void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out) {

@@ -306,9 +306,9 @@ absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const v1::KvLayout& layout, voi
     }
     out.layers_.reserve(r.layers);
     for (uint32_t l = 0; l < r.layers; ++l) {
-      LayerKvViews layer;
+      KvLayerViews layer;
       for (const bool is_v : {false, true}) {
-        KvTensorView& view = is_v ? layer.v : layer.k;
+        KvTensorView& view = is_v ? layer.value : layer.key;
         const uint64_t pool = is_v ? p.v_pool_offset_bytes(static_cast<int>(l))
                                    : p.k_pool_offset_bytes(static_cast<int>(l));
         view.base = bytes + pool;  // pool + pool span <= extent, checked above
@@ -328,10 +328,10 @@ absl::StatusOr<KvLayoutViews> BuildKvLayoutViews(const v1::KvLayout& layout, voi
 
   out.layers_.reserve(r.layers);
   for (uint32_t l = 0; l < r.layers; ++l) {
-    LayerKvViews layer;
+    KvLayerViews layer;
     const uint64_t k_offset = uint64_t{l} * r.layer_stride;  // <= extent, checked above
     for (const bool is_v : {false, true}) {
-      KvTensorView& view = is_v ? layer.v : layer.k;
+      KvTensorView& view = is_v ? layer.value : layer.key;
       view.base = bytes + k_offset + (is_v ? r.kv_stride : 0);
       view.dtype = r.dtype;
       view.tokens = r.tokens;

@@ -78,7 +78,7 @@ void ExpectViewsMatchDocumentedOffsets(const v1::KvLayout& layout, const KvLayou
   ASSERT_EQ(views.layers().size(), layout.layers());
   for (uint32_t l = 0; l < layout.layers(); ++l) {
     for (uint32_t s = 0; s < 2; ++s) {
-      const KvTensorView& view = s == 0 ? views.layers()[l].k : views.layers()[l].v;
+      const KvTensorView& view = s == 0 ? views.layers()[l].key : views.layers()[l].value;
       ASSERT_EQ(view.tokens, layout.tokens());
       ASSERT_EQ(view.heads, layout.kv_heads());
       ASSERT_EQ(view.head_dim, layout.head_dim());
@@ -108,12 +108,12 @@ TEST(KvLayoutViewsTest, DenseContiguousDefaults) {
   ASSERT_TRUE(views.ok()) << views.status();
   EXPECT_EQ(views->tokens(), 3u);
   EXPECT_EQ(views->dtype(), DType::kFp16);
-  EXPECT_EQ(views->layers()[0].k.base, memory.data());
-  EXPECT_EQ(views->layers()[0].v.base, memory.data() + 3 * row);
-  EXPECT_EQ(views->layers()[1].k.base, memory.data() + 6 * row);
-  EXPECT_EQ(views->layers()[1].v.base, memory.data() + 9 * row);
-  EXPECT_EQ(views->layers()[1].v.row_stride_bytes, row);
-  EXPECT_FALSE(views->layers()[1].v.paged());
+  EXPECT_EQ(views->layers()[0].key.base, memory.data());
+  EXPECT_EQ(views->layers()[0].value.base, memory.data() + 3 * row);
+  EXPECT_EQ(views->layers()[1].key.base, memory.data() + 6 * row);
+  EXPECT_EQ(views->layers()[1].value.base, memory.data() + 9 * row);
+  EXPECT_EQ(views->layers()[1].value.row_stride_bytes, row);
+  EXPECT_FALSE(views->layers()[1].value.paged());
   ExpectViewsMatchDocumentedOffsets(layout, *views, memory.data());
 }
 
@@ -145,7 +145,7 @@ TEST(KvLayoutViewsTest, VllmPagedLayout) {
   std::vector<std::byte> memory(*extent);
   auto views = BuildKvLayoutViews(layout, memory.data(), memory.size(), KvAccess::kReadWrite, "l");
   ASSERT_TRUE(views.ok()) << views.status();
-  const KvTensorView& v1_view = views->layers()[1].v;
+  const KvTensorView& v1_view = views->layers()[1].value;
   EXPECT_TRUE(v1_view.paged());
   EXPECT_EQ(v1_view.block_size, block_size);
   EXPECT_THAT(std::vector<uint32_t>(v1_view.block_table.begin(), v1_view.block_table.end()),
@@ -154,7 +154,7 @@ TEST(KvLayoutViewsTest, VllmPagedLayout) {
 
   // Moving the views keeps the block tables valid (they point into storage the object owns).
   KvLayoutViews moved = *std::move(views);
-  EXPECT_EQ(moved.layers()[0].k.block_table[0], 4u);
+  EXPECT_EQ(moved.layers()[0].key.block_table[0], 4u);
   ExpectViewsMatchDocumentedOffsets(layout, moved, memory.data());
 }
 
@@ -167,7 +167,7 @@ TEST(KvLayoutViewsTest, ExtraBlockIdsAreIgnored) {
   std::vector<std::byte> memory(*extent);
   auto views = BuildKvLayoutViews(layout, memory.data(), memory.size(), KvAccess::kReadWrite, "l");
   ASSERT_TRUE(views.ok()) << views.status();
-  EXPECT_EQ(views->layers()[0].k.block_table.size(), 2u);
+  EXPECT_EQ(views->layers()[0].key.block_table.size(), 2u);
 }
 
 // The worked examples of proto/README.md, checked literally (no memory is touched: views are
@@ -182,14 +182,14 @@ TEST(KvLayoutViewsTest, ReadmeWorkedExamples) {
   const v1::KvLayout dense = DenseContiguous(32, 8, 128, 1000);
   auto dense_views = BuildKvLayoutViews(dense, base, 131072000, KvAccess::kReadOnly, "l");
   ASSERT_TRUE(dense_views.ok()) << dense_views.status();
-  EXPECT_EQ(offset_of(dense_views->layers()[3].v, 17, 5, 42), 14372180u);
+  EXPECT_EQ(offset_of(dense_views->layers()[3].value, 17, 5, 42), 14372180u);
   EXPECT_EQ(*KvLayoutExtentBytes(dense, "l"), 131072000u);
 
   std::vector<uint32_t> block_ids = {7, 2, 913};
   const v1::KvLayout paged = VllmPaged(32, 8, 128, 40, 16, 4096, block_ids);
   auto paged_views = BuildKvLayoutViews(paged, base, uint64_t{8} << 30, KvAccess::kReadWrite, "l");
   ASSERT_TRUE(paged_views.ok()) << paged_views.status();
-  EXPECT_EQ(offset_of(paged_views->layers()[3].v, 37, 5, 42), 969452884u);
+  EXPECT_EQ(offset_of(paged_views->layers()[3].value, 37, 5, 42), 969452884u);
   EXPECT_EQ(*KvLayoutExtentBytes(paged, "l"), uint64_t{8} << 30);
 }
 
@@ -374,8 +374,8 @@ TEST(KvLayoutViewsTest, RandomLayoutsNeverAddressOutsideTheExtent) {
       continue;
     }
     ++accepted;
-    for (const LayerKvViews& layer : views->layers()) {
-      for (const KvTensorView* view : {&layer.k, &layer.v}) {
+    for (const KvLayerViews& layer : views->layers()) {
+      for (const KvTensorView* view : {&layer.key, &layer.value}) {
         for (uint32_t t = 0; t < view->tokens; ++t) {
           const auto* row = reinterpret_cast<const std::byte*>(view->row(t));
           ASSERT_GE(row, memory.data());

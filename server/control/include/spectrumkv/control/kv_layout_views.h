@@ -11,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/kv_view.h"
+#include "spectrumkv/codec/plan.h"  // KvLayerViews (header only)
 #include "spectrumkv/control/kv_handle_import.h"
 
 namespace spectrumkv::v1 {
@@ -28,11 +29,6 @@ inline constexpr uint32_t kMaxTokens = 1u << 24;
 inline constexpr uint32_t kMaxBlockSize = 1u << 16;
 inline constexpr uint32_t kMaxNumBlocks = 1u << 31;
 
-struct LayerKvViews {
-  KvTensorView k;
-  KvTensorView v;
-};
-
 // Views of every layer of one layout over one mapped extent. Move-only: paged views' block tables
 // point into storage owned here (moving keeps that storage in place; copying would not).
 class KvLayoutViews {
@@ -42,7 +38,7 @@ class KvLayoutViews {
   KvLayoutViews(const KvLayoutViews&) = delete;
   KvLayoutViews& operator=(const KvLayoutViews&) = delete;
 
-  [[nodiscard]] std::span<const LayerKvViews> layers() const { return layers_; }
+  [[nodiscard]] std::span<const KvLayerViews> layers() const { return layers_; }
   [[nodiscard]] DType dtype() const { return dtype_; }
   [[nodiscard]] uint32_t tokens() const { return tokens_; }
 
@@ -51,7 +47,7 @@ class KvLayoutViews {
                                                           size_t, KvAccess, absl::string_view);
   KvLayoutViews() = default;
   std::vector<uint32_t> block_table_;
-  std::vector<LayerKvViews> layers_;
+  std::vector<KvLayerViews> layers_;
   DType dtype_ = DType::kFp16;
   uint32_t tokens_ = 0;
 };
