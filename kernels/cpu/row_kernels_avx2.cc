@@ -192,7 +192,7 @@ inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
     const uint32_t word =
         HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)));
     std::memcpy(out, &word, 4);
-  } else {
+  } else {  // 2 bits (HasAvx2Packer)
     const uint32_t word =
         HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
     const uint16_t half = static_cast<uint16_t>(word);
@@ -211,14 +211,19 @@ inline __m256i UnpackCodes8(const uint8_t* in, int bits) {
     return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
                             _mm256_set1_epi32(0xf));
   }
-  uint16_t half;
+  uint16_t half;  // 2 bits (HasAvx2Packer)
   std::memcpy(&half, in, 2);
   const __m256i w = _mm256_set1_epi32(half);
   return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
                           _mm256_set1_epi32(0x3));
 }
 
+// The packers above handle 8, 4 and 2 bits per code; any other width goes to the reference
+// rather than to a packer that would write another width's layout.
+bool HasAvx2Packer(int bits) { return bits == 8 || bits == 4 || bits == 2; }
+
 void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out) {
+  if (!HasAvx2Packer(bits)) return ReferenceRowKernels().quantize(x, n, group, bits, out);
   const __m256 max_code = _mm256_set1_ps(float(MaxCode(bits)));
   const __m256 zero = _mm256_setzero_ps();
   const size_t code_bytes = group * bits / 8;
@@ -243,6 +248,7 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out
 }
 
 void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, int bits, float* x) {
+  if (!HasAvx2Packer(bits)) return ReferenceRowKernels().dequantize(in, n, group, bits, x);
   const size_t code_bytes = group * bits / 8;
   for (size_t g = 0; g < n; g += group) {
     GroupParams p;

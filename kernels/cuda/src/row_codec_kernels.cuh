@@ -211,6 +211,7 @@ __device__ __forceinline__ void QuantizeChunk(const float (&v)[8], const Slot& s
     for (int i = 0; i < 8; ++i) w |= c[i] << (4 * i);
     detail::PutU32(codes, w);
   } else {
+    static_assert(kBits == 2, "QuantizeChunk packs 8, 4 or 2 bits per code");
     uint32_t w = 0;
 #pragma unroll
     for (int i = 0; i < 8; ++i) w |= c[i] << (2 * i);
@@ -242,6 +243,7 @@ __device__ __forceinline__ void DequantizeChunk(const uint8_t* staged, const Slo
 #pragma unroll
     for (int i = 0; i < 8; ++i) c[i] = (w >> (4 * i)) & 0xfu;
   } else {
+    static_assert(kBits == 2, "DequantizeChunk unpacks 8, 4 or 2 bits per code");
     const uint32_t w = detail::GetU16(codes);
 #pragma unroll
     for (int i = 0; i < 8; ++i) c[i] = (w >> (2 * i)) & 0x3u;

@@ -156,6 +156,23 @@ TEST_F(Avx2VsReference, QuantizeDequantizeAndErrorAreBitIdentical) {
   }
 }
 
+// A width without an AVX2 packer (1 bit here) must not be packed as another width: the AVX2
+// kernels hand it to the reference (before, any width but 8 and 4 was packed as 2 bits).
+TEST_F(Avx2VsReference, WidthsWithoutAnAvx2PackerMatchTheReference) {
+  std::mt19937 rng(4);
+  const size_t n = 128, group = 32, bits = 1;
+  const std::vector<float> x = MakeData(kAllPatterns[0], n, rng);
+  const size_t bytes = n / group * (4 + group * bits / 8);
+  std::vector<uint8_t> qa(bytes + 16, 0xAA), qb(bytes + 16, 0xAA);
+  ref_.quantize(x.data(), n, group, bits, qa.data());
+  fast_->quantize(x.data(), n, group, bits, qb.data());
+  EXPECT_EQ(qa, qb) << "same bytes, and nothing written past the record";
+  std::vector<float> da(n), db(n);
+  ref_.dequantize(qa.data(), n, group, bits, da.data());
+  fast_->dequantize(qa.data(), n, group, bits, db.data());
+  EXPECT_TRUE(SameBits(da, db));
+}
+
 double RelativeRms(const std::vector<float>& x, const std::vector<float>& y) {
   double err = 0, energy = 0;
   for (size_t i = 0; i < x.size(); ++i) {
