@@ -346,8 +346,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         QuantizeChunk<8>(v, slot, active, group_size, head_dim, shared.partials, staged);
       } else if (bits == 4) {
         QuantizeChunk<4>(v, slot, active, group_size, head_dim, shared.partials, staged);
-      } else {
+      } else if (bits == 2) {
         QuantizeChunk<2>(v, slot, active, group_size, head_dim, shared.partials, staged);
+      } else {
+        __trap();  // the host validated the tier map; a width without a packer is a bug
       }
       __syncthreads();
       detail::StageToGlobal(dst, staged, tile_heads * head_bytes);
@@ -411,8 +413,10 @@ __global__ void __launch_bounds__(kMaxThreads)
           DequantizeChunk<8>(staged, slot, group_size, head_dim, v);
         } else if (bits == 4) {
           DequantizeChunk<4>(staged, slot, group_size, head_dim, v);
-        } else {
+        } else if (bits == 2) {
           DequantizeChunk<2>(staged, slot, group_size, head_dim, v);
+        } else {
+          __trap();  // the host validated the tier map; a width without an unpacker is a bug
         }
       }
       if (job.rotate) {

@@ -260,6 +260,8 @@ void Launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel) {
 }  // namespace skv::cuda::emulation
 
 inline void __syncthreads() { skv::cuda::emulation::current_block->Wait(0); }
+// The device's trap instruction: the kernel (here, the process) stops at once.
+[[noreturn]] inline void __trap() { std::abort(); }
 
 inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   uint32_t bits;
