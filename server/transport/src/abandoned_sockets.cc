@@ -1,16 +1,12 @@
 #include "abandoned_sockets.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include <cstdlib>
-#include <set>
-
+#include "process_sockets.h"
 #include "spdlog/spdlog.h"
 
 namespace spectrumkv::transport::internal {
@@ -44,30 +40,15 @@ AbandonedSocketReaper::~AbandonedSocketReaper() {
 
 size_t AbandonedSocketReaper::Reap(absl::Time now) {
   if (placeholder_fd_ < 0 || port_ == 0) return 0;
-  DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return 0;
-  std::set<std::pair<int, uint64_t>> waiting;
-  const int own = dirfd(dir);
-  while (const dirent* entry = readdir(dir)) {
-    char* end = nullptr;
-    const long fd = std::strtol(entry->d_name, &end, 10);
-    if (end == entry->d_name || *end != '\0' || fd == own) continue;
-    struct stat st {};
-    if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    if (LocalPort(int(fd)) == port_ && InCloseWait(int(fd)))
-      waiting.insert({int(fd), uint64_t(st.st_ino)});
-  }
-  closedir(dir);
-
   size_t reclaimed = 0;
-  std::map<std::pair<int, uint64_t>, absl::Time> still_waiting;
-  for (const auto& socket : waiting) {
-    const int fd = socket.first;
+  std::map<SocketFd, absl::Time> still_waiting;
+  for (const SocketFd& socket : ProcessSockets()) {
+    if (LocalPort(socket.fd) != port_ || !InCloseWait(socket.fd)) continue;
     auto seen = close_wait_since_.find(socket);
     const absl::Time since = seen == close_wait_since_.end() ? now : seen->second;
     if (now - since < grace_) {
       still_waiting[socket] = since;
-    } else if (dup2(placeholder_fd_, fd) == fd) {
+    } else if (dup2(placeholder_fd_, socket.fd) == socket.fd) {
       ++reclaimed;
     }
   }

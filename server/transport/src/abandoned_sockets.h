@@ -14,9 +14,9 @@
 
 #include <cstdint>
 #include <map>
-#include <utility>
 
 #include "absl/time/time.h"
+#include "process_sockets.h"
 
 namespace spectrumkv::transport::internal {
 
@@ -36,8 +36,8 @@ class AbandonedSocketReaper {
   const uint16_t port_;
   const absl::Duration grace_;
   int placeholder_fd_ = -1;  // /dev/null, dup2()ed over reclaimed sockets
-  // (fd, inode) -> when first seen in CLOSE_WAIT; the inode tells a reused fd number apart.
-  std::map<std::pair<int, uint64_t>, absl::Time> close_wait_since_;
+  // Socket -> when first seen in CLOSE_WAIT (the inode tells a reused fd number apart).
+  std::map<SocketFd, absl::Time> close_wait_since_;
 };
 
 }  // namespace spectrumkv::transport::internal

@@ -1,11 +1,9 @@
 #include "source_filter.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <linux/filter.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -105,35 +103,26 @@ absl::StatusOr<NetworkPrefix> ParseNetworkPrefix(absl::string_view text) {
   return p;
 }
 
-std::set<ListeningSocket> ListeningTcpSockets() {
-  std::set<ListeningSocket> sockets;
-  DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return sockets;
-  const int own = dirfd(dir);
-  while (const dirent* entry = readdir(dir)) {
-    char* end = nullptr;
-    const long fd = std::strtol(entry->d_name, &end, 10);
-    if (end == entry->d_name || *end != '\0' || fd == own) continue;
-    struct stat st {};
-    if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    int listening = 0, protocol = 0;
+std::set<SocketFd> ListeningTcpSockets() {
+  std::set<SocketFd> listening;
+  for (const SocketFd& s : ProcessSockets()) {
+    int accepts = 0, protocol = 0;
     socklen_t len = sizeof(int);
-    if (getsockopt(int(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0)
-      continue;
+    if (getsockopt(s.fd, SOL_SOCKET, SO_ACCEPTCONN, &accepts, &len) != 0 || accepts == 0) continue;
     len = sizeof(int);
-    if (getsockopt(int(fd), SOL_SOCKET, SO_PROTOCOL, &protocol, &len) != 0 ||
-        protocol != IPPROTO_TCP)
+    if (getsockopt(s.fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) != 0 ||
+        protocol != IPPROTO_TCP) {
       continue;
-    sockets.insert({int(fd), uint64_t(st.st_ino)});
+    }
+    listening.insert(s);
   }
-  closedir(dir);
-  return sockets;
+  return listening;
 }
 
-std::vector<int> NewListeningSockets(const std::set<ListeningSocket>& before,
-                                     const std::set<ListeningSocket>& after) {
+std::vector<int> NewListeningSockets(const std::set<SocketFd>& before,
+                                     const std::set<SocketFd>& after) {
   std::vector<int> fresh;
-  for (const ListeningSocket& s : after) {
+  for (const SocketFd& s : after) {
     if (!before.contains(s)) fresh.push_back(s.fd);
   }
   return fresh;

@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "process_sockets.h"
 
 namespace spectrumkv::transport::internal {
 
@@ -37,18 +38,12 @@ inline constexpr size_t kMaxAllowedNetworks = 128;
 
 [[nodiscard]] absl::StatusOr<NetworkPrefix> ParseNetworkPrefix(absl::string_view text);
 
-// The fds of this process's listening TCP sockets, as (fd, inode) so a closed and reused number is
-// not mistaken for the same socket.
-struct ListeningSocket {
-  int fd = -1;
-  uint64_t inode = 0;
-  auto operator<=>(const ListeningSocket&) const = default;
-};
-[[nodiscard]] std::set<ListeningSocket> ListeningTcpSockets();
+// This process's listening TCP sockets.
+[[nodiscard]] std::set<SocketFd> ListeningTcpSockets();
 
 // The listening sockets in `after` that are not in `before`.
-[[nodiscard]] std::vector<int> NewListeningSockets(const std::set<ListeningSocket>& before,
-                                                   const std::set<ListeningSocket>& after);
+[[nodiscard]] std::vector<int> NewListeningSockets(const std::set<SocketFd>& before,
+                                                   const std::set<SocketFd>& after);
 
 // Attaches a filter to `fd` that keeps only packets from `allowed` (IPv4 packets on an IPv6
 // socket are checked against the IPv4 prefixes). `allowed` must not be empty.

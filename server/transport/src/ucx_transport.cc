@@ -281,8 +281,8 @@ class UcxTransport::Impl {
   absl::StatusOr<std::string> StartListening(const SocketAddress& address);
   // Attaches the source filter to the TCP listeners UCX opened since `before` (see
   // source_filter.h). `required`: fail when there is none (the filter would protect nothing).
-  absl::Status RestrictSources(const std::set<internal::ListeningSocket>& before,
-                               absl::string_view what, bool required);
+  absl::Status RestrictSources(const std::set<internal::SocketFd>& before, absl::string_view what,
+                               bool required);
   void StartConnect(std::shared_ptr<ConnectResult> result, const SocketAddress& address,
                     std::string address_text);
   void StartSend(PeerId id, MessageType type, MessageBuffer payload, SendCallback done);
@@ -309,6 +309,7 @@ class UcxTransport::Impl {
   void FinishSend(std::unique_ptr<SendOp> op, absl::Status status);
 
   const TransportConfig config_;
+  std::vector<internal::NetworkPrefix> allowed_sources_;  // config_'s, parsed by Start()
   internal::SendBudget budget_;
   const std::shared_ptr<internal::ReceiveBufferPool> receive_pool_;
   Capabilities capabilities_;
@@ -359,6 +360,11 @@ absl::Status UcxTransport::Impl::Start() {
   absl::StatusOr<SocketAddress> listen_address =
       internal::ParseSocketAddress(config_.listen_address);
   if (!listen_address.ok()) return listen_address.status();
+  for (const std::string& text : config_.allowed_source_networks) {
+    absl::StatusOr<internal::NetworkPrefix> prefix = internal::ParseNetworkPrefix(text);
+    if (!prefix.ok()) return prefix.status();
+    allowed_sources_.push_back(*prefix);
+  }
   absl::StatusOr<UcpContext> context = CreateContext(config_, *listen_address);
   if (!context.ok()) return context.status();
   context_ = std::move(*context);
@@ -379,7 +385,7 @@ absl::Status UcxTransport::Impl::Start() {
   worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
   ucp_worker_h worker = nullptr;
-  const std::set<internal::ListeningSocket> before_worker = internal::ListeningTcpSockets();
+  const std::set<internal::SocketFd> before_worker = internal::ListeningTcpSockets();
   SKV_RETURN_IF_UCS_ERROR(ucp_worker_create(context_.get(), &worker_params, &worker));
   worker_ = UcpWorker(worker);
   // The worker's TCP interfaces listen for their peers' data connections on ports of their own.
@@ -654,15 +660,9 @@ void UcxTransport::Impl::Shutdown() {
   RunDeferred();
 }
 
-absl::Status UcxTransport::Impl::RestrictSources(const std::set<internal::ListeningSocket>& before,
+absl::Status UcxTransport::Impl::RestrictSources(const std::set<internal::SocketFd>& before,
                                                  absl::string_view what, bool required) {
-  if (config_.allowed_source_networks.empty()) return absl::OkStatus();
-  std::vector<internal::NetworkPrefix> allowed;
-  for (const std::string& text : config_.allowed_source_networks) {
-    absl::StatusOr<internal::NetworkPrefix> prefix = internal::ParseNetworkPrefix(text);
-    if (!prefix.ok()) return prefix.status();
-    allowed.push_back(*prefix);
-  }
+  if (allowed_sources_.empty()) return absl::OkStatus();
   const std::vector<int> listeners =
       internal::NewListeningSockets(before, internal::ListeningTcpSockets());
   if (listeners.empty() && required) {
@@ -671,7 +671,7 @@ absl::Status UcxTransport::Impl::RestrictSources(const std::set<internal::Listen
                      " listening socket was not found; refusing to listen unfiltered"));
   }
   for (int fd : listeners) {
-    if (absl::Status s = internal::AttachSourceFilter(fd, allowed); !s.ok()) {
+    if (absl::Status s = internal::AttachSourceFilter(fd, allowed_sources_); !s.ok()) {
       return absl::InternalError(
           absl::StrCat("filtering UCX's ", what, " listener: ", s.message()));
     }
@@ -695,7 +695,7 @@ absl::StatusOr<std::string> UcxTransport::Impl::StartListening(const SocketAddre
   params.conn_handler.cb = &OnConnRequest;
   params.conn_handler.arg = this;
   ucp_listener_h raw_listener = nullptr;
-  const std::set<internal::ListeningSocket> before_listener = internal::ListeningTcpSockets();
+  const std::set<internal::SocketFd> before_listener = internal::ListeningTcpSockets();
   const ucs_status_t created = ucp_listener_create(worker_.get(), &params, &raw_listener);
   if (created != UCS_OK) {
     return UcsError(created, absl::StrCat("listen on ", config_.listen_address));

@@ -168,7 +168,7 @@ TEST(SourceFilter, RefusesWhatItCannotFilter) {
 }
 
 TEST(SourceFilter, FindsTheListenersOpenedInBetween) {
-  const std::set<ListeningSocket> before = ListeningTcpSockets();
+  const std::set<SocketFd> before = ListeningTcpSockets();
   Fd listener = Listener(AF_INET);
   Fd not_listening(socket(AF_INET, SOCK_STREAM, 0));
   const std::vector<int> fresh = NewListeningSockets(before, ListeningTcpSockets());

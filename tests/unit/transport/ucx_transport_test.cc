@@ -281,7 +281,7 @@ uint16_t LocalPort(int fd) {
 // UCX 1.13 aborts the process on this (an overflowing length in the connection manager's header);
 // only a peer outside allowed_source_networks is kept from sending it.
 TEST_F(UcxTransportTest, HostsOutsideTheAllowedNetworksCannotReachUcx) {
-  const std::set<internal::ListeningSocket> before = internal::ListeningTcpSockets();
+  const std::set<internal::SocketFd> before = internal::ListeningTcpSockets();
   TransportConfig server_config = TestConfig("server");
   server_config.allowed_source_networks = {"127.0.0.1/32"};
   auto server = UcxTransport::Create(server_config);
