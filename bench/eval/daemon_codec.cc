@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/client/client.h"
+#include "spectrumkv/control/codec_policy.h"
 
 namespace skv::eval {
 namespace {
@@ -67,18 +68,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     *encode.mutable_layout() = layout;
     encode.set_budget(budget);
     encode.set_request_id(1);  // as the in-process path stamps
-    v1::CodecPolicy& policy = *encode.mutable_policy();
     const CodecOptions& o = method.options;
-    policy.set_allocator(o.allocator == AllocatorKind::kPaper ? v1::ALLOCATOR_PAPER
-                                                              : v1::ALLOCATOR_RD);
-    policy.set_rotate(o.rotate_keys);
-    policy.set_centre(o.centre_keys);
-    policy.set_per_channel_keys(o.per_channel_keys);
-    policy.set_group_size(o.group_size);
-    policy.set_allow_int4(o.allow_int4);
-    policy.set_allow_int2(o.allow_int2);
-    policy.set_sink_tokens(o.sink_tokens);
-    policy.set_recent_tokens(o.recent_tokens);
+    *encode.mutable_policy() = control::CodecPolicyToProto(o);
     if (o.rotate_keys != o.rotate_values || o.centre_values) {
       return absl::InvalidArgumentError(
           absl::StrCat("method ", method.name,
@@ -143,12 +134,11 @@ class GrpcDaemonCodec final : public DaemonCodec {
     // The same accounting as CompressKv: wire bytes are the segments' sizes.
     size_t wire_bytes = 0;
     for (const std::string& s : encoded->segments()) wire_bytes += s.size();
-    const v1::TierTokenCounts& t = encoded->stats().tier_tokens();
-    out.rows_per_tier[static_cast<int>(Tier::kFp16)] = t.fp16();
-    out.rows_per_tier[static_cast<int>(Tier::kInt8)] = t.int8();
-    out.rows_per_tier[static_cast<int>(Tier::kInt4)] = t.int4();
-    out.rows_per_tier[static_cast<int>(Tier::kInt2)] = t.int2();
-    out.rows_per_tier[static_cast<int>(Tier::kDrop)] = t.drop();
+    for (const v1::TierRows& t : encoded->stats().tier_rows()) {
+      absl::StatusOr<Tier> tier = control::TierFromProto(t.tier());
+      if (!tier.ok()) return Annotate(tier.status(), "Encode's tier_rows");
+      out.rows_per_tier[static_cast<int>(*tier)] = t.rows();
+    }
     const double raw_bytes = double(kv.size());
     const size_t row_elements = size_t{heads} * head_dim;
     size_t payload_bytes = 0;

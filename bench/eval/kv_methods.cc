@@ -37,7 +37,7 @@ std::vector<Method> AllMethods() {
   CodecOptions paper = PlainOptions();
   paper.allocator = AllocatorKind::kPaper;
   add("paper", MethodKind::kPlanner, paper, "paper allocator, 3 tiers (INT4/INT8/FP16)");
-  paper.allow_int4 = false;
+  paper.allowed_tiers = paper.allowed_tiers.With(Tier::kInt4, false);
   add("paper-2tier", MethodKind::kPlanner, paper,
       "paper allocator, INT4 disabled (its probe-failed fallback: INT8/FP16/DROP)");
   CodecOptions rd;  // defaults: rd, rotate K and V, centre K, per-token key scales

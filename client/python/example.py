@@ -99,13 +99,14 @@ def main():
         received = pending.result(timeout=args.timeout + 10)
 
         s, r = sent.stats, received.stats
-        t, d = s.tier_tokens, s.durations
+        d = s.durations
         print("transfer %d at b=%.2f: committed" % (request_id, args.budget))
         print("  budget     requested %.3f, achieved %.4f (payload only %.4f)" % (
             s.requested_budget, s.achieved_budget, s.payload_budget))
         print("  bytes      raw %d, wire %d (%.2fx smaller), %d segments" % (
             s.raw_bytes, s.wire_bytes, s.raw_bytes / max(1, s.wire_bytes), s.segments))
-        print("  rows/tier  fp16 %d, int8 %d, int4 %d, int2 %d, drop %d" % (t.fp16, t.int8, t.int4, t.int2, t.drop))
+        print("  rows/tier  " + ", ".join("%s %d" % (pb.Tier.Name(t.tier)[len("TIER_"):].lower(), t.rows)
+                                          for t in s.tier_rows))
         print("  sender (s) score %.4f, plan %.4f, encode %.4f, wire %.4f, total %.4f" % (
             seconds(d.score), seconds(d.plan), seconds(d.encode), seconds(d.wire), seconds(d.total)))
         print("  receiver   decode %.4f s, commit %.4f s, total %.4f s" % (

@@ -266,7 +266,6 @@ int Demo() {
       return 1;
     }
   }
-  const auto& t = s.tier_tokens();
   const auto& d = s.durations();
   std::printf("SpectrumKV demo: %u layers x %u tokens x %u kv heads x %u dims (%s), %s -> %s\n",
               layout.layers(), layout.tokens(), layout.kv_heads(), layout.head_dim(),
@@ -278,10 +277,7 @@ int Demo() {
   std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller)\n",
               (unsigned long long)s.raw_bytes(), (unsigned long long)s.wire_bytes(),
               double(s.raw_bytes()) / std::max<uint64_t>(1, s.wire_bytes()));
-  std::printf("  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu\n",
-              (unsigned long long)t.fp16(), (unsigned long long)t.int8(),
-              (unsigned long long)t.int4(), (unsigned long long)t.int2(),
-              (unsigned long long)t.drop());
+  std::printf("  rows/tier  %s\n", skv::client::FormatTierRows(s).c_str());
   std::printf(
       "  time (s)   score %.4f, plan %.4f, encode %.4f, wire %.4f, decode %.4f, total %.4f\n",
       Secs(d.score()), Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.decode()),

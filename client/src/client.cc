@@ -9,7 +9,9 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -168,6 +170,16 @@ v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, ui
 uint64_t DenseLayoutBytes(const v1::KvLayout& layout) {
   return uint64_t{layout.layers()} * 2 * layout.tokens() * layout.kv_heads() * layout.head_dim() *
          2;
+}
+
+std::string FormatTierRows(const v1::TransferStats& stats) {
+  std::string out;
+  for (const v1::TierRows& t : stats.tier_rows()) {
+    std::string name(absl::StripPrefix(v1::Tier_Name(t.tier()), "TIER_"));
+    if (name.empty()) name = absl::StrCat("tier ", static_cast<int>(t.tier()));
+    absl::StrAppend(&out, out.empty() ? "" : ", ", absl::AsciiStrToLower(name), " ", t.rows());
+  }
+  return out;
 }
 
 }  // namespace skv::client

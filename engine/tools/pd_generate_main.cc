@@ -376,7 +376,6 @@ absl::Status Run() {
   }
   const v1::TransferStats& s = sent->stats();
   const v1::TransferStats& r = got->stats();
-  const auto& t = s.tier_tokens();
   const auto& d = s.durations();
   const int last_prompt = prompt->back();
   std::printf("SpectrumKV disaggregated generation\n");
@@ -413,11 +412,8 @@ absl::Status Run() {
   std::printf("  bytes      raw %llu, wire %llu (%.2fx smaller), %u segments\n",
               (unsigned long long)s.raw_bytes(), (unsigned long long)s.wire_bytes(),
               double(s.raw_bytes()) / double(std::max<uint64_t>(1, s.wire_bytes())), s.segments());
-  std::printf(
-      "  rows/tier  fp16 %llu, int8 %llu, int4 %llu, int2 %llu, drop %llu (of %u layers x K,V x %u "
-      "tokens)\n",
-      (unsigned long long)t.fp16(), (unsigned long long)t.int8(), (unsigned long long)t.int4(),
-      (unsigned long long)t.int2(), (unsigned long long)t.drop(), layers, tokens);
+  std::printf("  rows/tier  %s (of %u layers x K,V x %u tokens)\n",
+              skv::client::FormatTierRows(s).c_str(), layers, tokens);
   const std::string route =
       s.passthrough().passthrough()
           ? absl::StrCat("raw FP16 rows (", v1::PassthroughReason_Name(s.passthrough().reason()),

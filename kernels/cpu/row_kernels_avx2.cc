@@ -178,8 +178,10 @@ inline uint32_t HorizontalOr(__m256i v) {
 }
 
 // Writes 8 codes (int32 lanes, each in [0, 2^bits)) as 8 * bits / 8 bytes.
-inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
-  if (bits == 8) {
+template <int bits>
+inline void PackCodes8(__m256i codes, uint8_t* out) {
+  static_assert(bits == 8 || bits == 4 || bits == 2, "no AVX2 packer for this width");
+  if constexpr (bits == 8) {
     const __m256i gather =
         _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
                          -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
@@ -188,11 +190,11 @@ inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
     const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
     std::memcpy(out, &lo, 4);
     std::memcpy(out + 4, &hi, 4);
-  } else if (bits == 4) {
+  } else if constexpr (bits == 4) {
     const uint32_t word =
         HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)));
     std::memcpy(out, &word, 4);
-  } else {  // 2 bits (HasAvx2Packer)
+  } else {
     const uint32_t word =
         HorizontalOr(_mm256_sllv_epi32(codes, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
     const uint16_t half = static_cast<uint16_t>(word);
@@ -200,30 +202,28 @@ inline void PackCodes8(__m256i codes, int bits, uint8_t* out) {
   }
 }
 
-inline __m256i UnpackCodes8(const uint8_t* in, int bits) {
-  if (bits == 8) {
+template <int bits>
+inline __m256i UnpackCodes8(const uint8_t* in) {
+  static_assert(bits == 8 || bits == 4 || bits == 2, "no AVX2 unpacker for this width");
+  if constexpr (bits == 8) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
-  }
-  if (bits == 4) {
+  } else if constexpr (bits == 4) {
     uint32_t word;
     std::memcpy(&word, in, 4);
     const __m256i w = _mm256_set1_epi32(static_cast<int>(word));
     return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
                             _mm256_set1_epi32(0xf));
+  } else {
+    uint16_t half;
+    std::memcpy(&half, in, 2);
+    const __m256i w = _mm256_set1_epi32(half);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                            _mm256_set1_epi32(0x3));
   }
-  uint16_t half;  // 2 bits (HasAvx2Packer)
-  std::memcpy(&half, in, 2);
-  const __m256i w = _mm256_set1_epi32(half);
-  return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                          _mm256_set1_epi32(0x3));
 }
 
-// The packers above handle 8, 4 and 2 bits per code; any other width goes to the reference
-// rather than to a packer that would write another width's layout.
-bool HasAvx2Packer(int bits) { return bits == 8 || bits == 4 || bits == 2; }
-
-void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out) {
-  if (!HasAvx2Packer(bits)) return ReferenceRowKernels().quantize(x, n, group, bits, out);
+template <int bits>
+void QuantizeAvx2(const float* x, size_t n, size_t group, uint8_t* out) {
   const __m256 max_code = _mm256_set1_ps(float(MaxCode(bits)));
   const __m256 zero = _mm256_setzero_ps();
   const size_t code_bytes = group * bits / 8;
@@ -241,14 +241,14 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, int bits, uint8_t* out
       __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, offset), inv),
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       q = _mm256_min_ps(_mm256_max_ps(q, zero), max_code);
-      PackCodes8(_mm256_cvttps_epi32(q), bits, out + i * bits / 8);
+      PackCodes8<bits>(_mm256_cvttps_epi32(q), out + i * bits / 8);
     }
     out += code_bytes;
   }
 }
 
-void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, int bits, float* x) {
-  if (!HasAvx2Packer(bits)) return ReferenceRowKernels().dequantize(in, n, group, bits, x);
+template <int bits>
+void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, float* x) {
   const size_t code_bytes = group * bits / 8;
   for (size_t g = 0; g < n; g += group) {
     GroupParams p;
@@ -257,32 +257,44 @@ void DequantizeAvx2(const uint8_t* in, size_t n, size_t group, int bits, float* 
     const __m256 scale = _mm256_set1_ps(FromFp16(p.scale));
     const __m256 offset = _mm256_set1_ps(FromFp16(p.offset));
     for (size_t i = 0; i < group; i += 8) {
-      const __m256 codes = _mm256_cvtepi32_ps(UnpackCodes8(in + i * bits / 8, bits));
+      const __m256 codes = _mm256_cvtepi32_ps(UnpackCodes8<bits>(in + i * bits / 8));
       _mm256_storeu_ps(x + g + i, _mm256_add_ps(_mm256_mul_ps(codes, scale), offset));
     }
     in += code_bytes;
   }
 }
 
-void EstimateErrorAvx2(const float* x, size_t n, size_t group, double err[3]) {
-  static constexpr int kBits[3] = {8, 4, 2};
+void EstimateErrorAvx2(const float* x, size_t n, size_t group, double err[kNumTiers]) {
   for (size_t g = 0; g < n; g += group) {
     float lo, hi;
     GroupMinMax(x + g, group, &lo, &hi);
-    const double range = double(hi) - double(lo);
-    for (int t = 0; t < 3; ++t) {
-      const double step = range / MaxCode(kBits[t]);
-      err[t] += double(group) * step * step / 12.0;
-    }
+    AddQuantizationErrors(double(hi) - double(lo), group, err);
   }
+}
+
+// The tiers with AVX2 entry points; a quantized tier missing here fails row_kernels_test.
+constexpr TierRowKernels Avx2TierKernels(Tier t) {
+  switch (t) {
+    case Tier::kInt8:
+      return {QuantizeAvx2<8>, DequantizeAvx2<8>};
+    case Tier::kInt4:
+      return {QuantizeAvx2<4>, DequantizeAvx2<4>};
+    case Tier::kInt2:
+      return {QuantizeAvx2<2>, DequantizeAvx2<2>};
+    case Tier::kFp16:
+    case Tier::kDrop:
+      return {};
+  }
+  return {};
 }
 
 }  // namespace
 
 const RowKernels* Avx2RowKernels() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  static constexpr RowKernels kAvx2{"avx2",       LoadAvx2,       StoreAvx2,        HadamardAvx2,
-                                    QuantizeAvx2, DequantizeAvx2, EstimateErrorAvx2};
+  static constexpr RowKernels kAvx2{
+      "avx2",       LoadAvx2,          StoreAvx2,
+      HadamardAvx2, EstimateErrorAvx2, MakeTierKernels(Avx2TierKernels)};
   return supported ? &kAvx2 : nullptr;
 }
 

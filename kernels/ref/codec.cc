@@ -244,7 +244,7 @@ absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
     const KvTensorView& view = h.kind == uint8_t(KvKind::kKey) ? layer.key : layer.value;
     if (absl::Status s = DecodeSegment(seg, view, kernels); !s.ok()) return s;
     for (uint32_t t = 0; t < h.token_count; ++t) {
-      if (seg.tier(t) == Tier::kDrop) (*kept)[h.token_begin + t] = 0;
+      if (EncodingOf(seg.tier(t)) == TierEncoding::kDropped) (*kept)[h.token_begin + t] = 0;
     }
   }
   return absl::OkStatus();

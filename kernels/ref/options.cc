@@ -8,26 +8,6 @@
 
 namespace skv {
 
-const char* TierName(Tier t) {
-  switch (t) {
-    case Tier::kFp16:
-      return "fp16";
-    case Tier::kInt8:
-      return "int8";
-    case Tier::kInt4:
-      return "int4";
-    case Tier::kInt2:
-      return "int2";
-    case Tier::kDrop:
-      return "drop";
-  }
-  return "unknown";
-}
-
-const char* AllocatorName(AllocatorKind kind) {
-  return kind == AllocatorKind::kPaper ? "paper" : "rd";
-}
-
 absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
   if (!(o.budget > 0.0 && o.budget <= 1.0)) {  // also rejects NaN
     return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
@@ -44,6 +24,9 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
   if (group % 8 != 0 || head_dim % group != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "group_size must be a multiple of 8 dividing head_dim ", head_dim, ", got ", o.group_size));
+  }
+  if (o.allocator == AllocatorKind::kPaper && !o.allowed_tiers.Has(Tier::kInt8)) {
+    return absl::InvalidArgumentError("the paper allocator needs the int8 tier");
   }
   if (o.per_channel_keys && (o.channel_group_tokens == 0 || o.channel_group_tokens > 4096)) {
     return absl::InvalidArgumentError(

@@ -162,7 +162,8 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
     for (size_t s = 0; s < segments; ++s) {
       tier_maps += TierMapBytes(std::min<size_t>(per, shape.tokens - s * per));
     }
-    const int quant_tiers = 1 + (options.allow_int4 ? 1 : 0) + (options.allow_int2 ? 1 : 0);
+    int quant_tiers = 0;
+    for (Tier t : kAllTiers) quant_tiers += IsQuantized(t) && options.allowed_tiers.Has(t);
     for (KvKind kind : kKinds) {
       const bool key = kind == KvKind::kKey;
       size_t per_segment = sizeof(SegmentHeader);
@@ -199,10 +200,10 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
     const bool rotate = key ? options.rotate_keys : options.rotate_values;
     for (uint32_t t = 0; t < v.tokens; ++t) {
       internal::TransformRow(v.row(t), v, rotate, mean, kernels, row.data());
-      double err[3] = {0, 0, 0};
+      double err[kNumTiers] = {};
       kernels.estimate_error(row.data(), n, group, err);
       DistortionTable::Row& r = table.rows[tensor * shape->tokens + t];
-      for (int i = 0; i < 3; ++i) r.err[i] = float(err[i]);
+      for (int i = 0; i < kNumTiers; ++i) r.err[i] = float(err[i]);
     }
   };
   const size_t tensors = size_t{shape->layers} * 2;
@@ -226,7 +227,7 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
 
 absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,
                                    const CodecOptions& options) {
-  const Tier floor = options.allow_int4 ? Tier::kInt4 : Tier::kInt8;
+  const Tier floor = options.allowed_tiers.Has(Tier::kInt4) ? Tier::kInt4 : Tier::kInt8;
   absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, floor);
   if (!base.ok()) return base.status();
   const BudgetAccounting acct(shape, options);
@@ -261,13 +262,16 @@ absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& im
   if (distortion.layers != shape.layers || distortion.tokens != shape.tokens) {
     return absl::InvalidArgumentError("distortion table does not match the KV shape");
   }
-  // Allowed tiers from cheapest to dearest; DistortionTable::Row::err index per quantized tier.
+  // The allowed quantized tiers and the raw tier, from cheapest to dearest (bits per element;
+  // the table order among equals).
   std::vector<Tier> ladder;
-  if (options.allow_int2) ladder.push_back(Tier::kInt2);
-  if (options.allow_int4) ladder.push_back(Tier::kInt4);
-  ladder.push_back(Tier::kInt8);
-  ladder.push_back(Tier::kFp16);
-  auto err_index = [](Tier t) { return t == Tier::kInt8 ? 0 : t == Tier::kInt4 ? 1 : 2; };
+  for (Tier t : kAllTiers) {
+    const TierEncoding e = EncodingOf(t);
+    if (e == TierEncoding::kRaw || (e == TierEncoding::kAffine && options.allowed_tiers.Has(t)))
+      ladder.push_back(t);
+  }
+  std::stable_sort(ladder.begin(), ladder.end(),
+                   [](Tier a, Tier b) { return TierBits(a) < TierBits(b); });
 
   absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, ladder.front());
   if (!base.ok()) return base.status();
@@ -305,7 +309,7 @@ absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& im
         const double w = weight[size_t{l} * shape.tokens + t] * kind_weight;
         for (size_t i = 0; i < ladder.size(); ++i) {
           cost[i] = double(acct.RowCost(ladder[i], kind));
-          dist[i] = ladder[i] == Tier::kFp16 ? 0.0 : w * double(d.err[err_index(ladder[i])]);
+          dist[i] = w * double(d.err[static_cast<int>(ladder[i])]);  // 0 for the raw tier
         }
         const uint32_t row = uint32_t((size_t{l} * 2 + size_t(kind)) * shape.tokens + t);
         size_t at = 0;
@@ -329,7 +333,8 @@ absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& im
   std::sort(steps.begin(), steps.end(), [](const Step& a, const Step& b) {
     if (a.gain_per_byte != b.gain_per_byte) return a.gain_per_byte > b.gain_per_byte;
     if (a.row != b.row) return a.row < b.row;
-    return a.from > b.from;  // equal slopes within a row (collinear points): cheaper step first
+    // Equal slopes within a row (collinear points): the cheaper step first.
+    return TierBits(a.from) < TierBits(b.from);
   });
   size_t remaining = base->remaining;
   for (const Step& s : steps) {

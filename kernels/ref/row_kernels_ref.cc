@@ -35,7 +35,9 @@ void HadamardRef(float* x, size_t n, size_t block) {
   }
 }
 
-void QuantizeRef(const float* x, size_t n, size_t group, int bits, uint8_t* out) {
+template <int bits>
+void QuantizeRef(const float* x, size_t n, size_t group, uint8_t* out) {
+  static_assert(8 % bits == 0, "codes must not straddle bytes");
   const int max_code = MaxCode(bits);
   const size_t code_bytes = group * bits / 8;
   for (size_t g = 0; g < n; g += group) {
@@ -63,7 +65,8 @@ void QuantizeRef(const float* x, size_t n, size_t group, int bits, uint8_t* out)
   }
 }
 
-void DequantizeRef(const uint8_t* in, size_t n, size_t group, int bits, float* x) {
+template <int bits>
+void DequantizeRef(const uint8_t* in, size_t n, size_t group, float* x) {
   const unsigned mask = unsigned(MaxCode(bits));
   const size_t code_bytes = group * bits / 8;
   for (size_t g = 0; g < n; g += group) {
@@ -81,8 +84,7 @@ void DequantizeRef(const uint8_t* in, size_t n, size_t group, int bits, float* x
   }
 }
 
-void EstimateErrorRef(const float* x, size_t n, size_t group, double err[3]) {
-  static constexpr int kBits[3] = {8, 4, 2};
+void EstimateErrorRef(const float* x, size_t n, size_t group, double err[kNumTiers]) {
   for (size_t g = 0; g < n; g += group) {
     float lo = SanitizeForQuant(x[g]);
     float hi = lo;
@@ -91,19 +93,30 @@ void EstimateErrorRef(const float* x, size_t n, size_t group, double err[3]) {
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
     }
-    const double range = double(hi) - double(lo);
-    for (int t = 0; t < 3; ++t) {
-      const double step = range / MaxCode(kBits[t]);
-      err[t] += double(group) * step * step / 12.0;
-    }
+    AddQuantizationErrors(double(hi) - double(lo), group, err);
   }
+}
+
+constexpr TierRowKernels RefTierKernels(Tier t) {
+  switch (t) {
+    case Tier::kInt8:
+      return {QuantizeRef<8>, DequantizeRef<8>};
+    case Tier::kInt4:
+      return {QuantizeRef<4>, DequantizeRef<4>};
+    case Tier::kInt2:
+      return {QuantizeRef<2>, DequantizeRef<2>};
+    case Tier::kFp16:
+    case Tier::kDrop:
+      return {};
+  }
+  return {};
 }
 
 }  // namespace
 
 const RowKernels& ReferenceRowKernels() {
-  static constexpr RowKernels kRef{"scalar",    LoadRef,       StoreRef,        HadamardRef,
-                                   QuantizeRef, DequantizeRef, EstimateErrorRef};
+  static constexpr RowKernels kRef{"scalar",    LoadRef,          StoreRef,
+                                   HadamardRef, EstimateErrorRef, MakeTierKernels(RefTierKernels)};
   return kRef;
 }
 

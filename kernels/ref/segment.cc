@@ -12,7 +12,6 @@
 namespace skv {
 namespace {
 
-constexpr Tier kQuantizedTiers[3] = {Tier::kInt8, Tier::kInt4, Tier::kInt2};
 constexpr uint32_t kMaxSegmentHeads = 4096;
 
 struct SegmentLayout {
@@ -64,12 +63,30 @@ SectionSizes ComputeSizes(size_t count, TierAt tier_at, const SegmentLayout& lay
     s.payload += RecordBytes(t, layout, heads, head_dim);
   }
   if (layout.per_channel) {
-    for (Tier t : kQuantizedTiers) {
+    for (Tier t : kAllTiers) {
+      if (!IsQuantized(t)) continue;
       s.channel_params +=
           ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, heads, head_dim);
     }
   }
   return s;
+}
+
+// Every quantized tier in `tiers` has entry points in `kernels` (a backend that lacks a tier
+// refuses the segment instead of writing another tier's layout).
+template <typename TierAt>
+absl::Status CheckKernelsCover(size_t count, TierAt tier_at, const RowKernels& kernels) {
+  bool checked[kNumTiers] = {};
+  for (size_t i = 0; i < count; ++i) {
+    const Tier t = tier_at(i);
+    if (!IsQuantized(t) || checked[static_cast<int>(t)]) continue;
+    checked[static_cast<int>(t)] = true;
+    if (kernels.ForTier(t) == nullptr) {
+      return absl::UnimplementedError(absl::StrCat("the ", kernels.name, " row kernels have no ",
+                                                   TierName(t), " entry points"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 void PutCode(uint8_t* codes, size_t index, int bits, unsigned code) {
@@ -89,7 +106,8 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
                       const RowKernels& k, uint8_t* params_out, uint8_t* payload) {
   const size_t n = source.row_elements();
   std::vector<float> staged;
-  for (Tier tier : kQuantizedTiers) {
+  for (Tier tier : kAllTiers) {
+    if (!IsQuantized(tier)) continue;
     const int bits = TierBits(tier);
     std::vector<uint32_t> rows;
     for (uint32_t i = 0; i < spec.token_count; ++i) {
@@ -176,7 +194,10 @@ absl::Status ValidateSegmentSpec(uint32_t tensor_tokens, uint32_t heads, uint32_
         absl::StrCat("got ", tiers.size(), " tiers for ", spec.token_count, " tokens"));
   }
   for (Tier t : tiers) {
-    if (static_cast<int>(t) >= kNumTiers) return absl::InvalidArgumentError("unknown tier in plan");
+    if (!IsKnownTier(t)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown tier ", static_cast<int>(t), " in plan"));
+    }
   }
   if (heads == 0 || heads > kMaxSegmentHeads) {
     return absl::InvalidArgumentError(absl::StrCat("heads must be in [1, ", kMaxSegmentHeads, "]"));
@@ -193,6 +214,11 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
     return s;
   }
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
+  if (!layout.per_channel) {
+    absl::Status s = CheckKernelsCover(
+        tiers.size(), [&](size_t i) { return tiers[i]; }, kernels);
+    if (!s.ok()) return s;
+  }
   const size_t heads = source.heads, head_dim = source.head_dim, n = source.row_elements();
   const SectionSizes sizes = ComputeSizes(
       tiers.size(), [&](size_t i) { return tiers[i]; }, layout, heads, head_dim);
@@ -241,12 +267,20 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
   for (uint32_t i = 0; i < spec.token_count; ++i) {
     const Tier t = tiers[i];
     const uint16_t* row = source.row(spec.token_begin + i);
-    if (t == Tier::kFp16) {
-      std::memcpy(payload + record_offset[i], row, n * 2);
-    } else if (IsQuantized(t) && !layout.per_channel) {
-      internal::TransformRow(row, source, layout.rotated, mean, kernels, row_f32.data());
-      kernels.quantize(row_f32.data(), n, layout.group_size, TierBits(t),
-                       payload + record_offset[i]);
+    switch (EncodingOf(t)) {
+      case TierEncoding::kRaw:
+        std::memcpy(payload + record_offset[i], row, n * 2);
+        break;
+      case TierEncoding::kAffine:
+        if (layout.per_channel) break;  // EncodePerChannel below
+        internal::TransformRow(row, source, layout.rotated, mean, kernels, row_f32.data());
+        kernels.ForTier(t)->quantize(row_f32.data(), n, layout.group_size,
+                                     payload + record_offset[i]);
+        break;
+      case TierEncoding::kDropped:
+        break;
+      case TierEncoding::kInvalid:
+        return absl::InternalError("unknown tier after validation");
     }
   }
   if (layout.per_channel) {
@@ -321,7 +355,7 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   }
   seg.tier_map = bytes.subspan(sizeof(h), tier_map_bytes);
   for (uint32_t i = 0; i < h.token_count; ++i) {
-    if (static_cast<int>(seg.tier(i)) >= kNumTiers) {
+    if (!IsKnownTier(seg.tier(i))) {
       return absl::DataLossError(
           absl::StrCat("segment token ", i, " has unknown tier ", static_cast<int>(seg.tier(i))));
     }
@@ -375,6 +409,11 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
   layout.group_size = h.group_size;
   layout.chunk = h.channel_group_tokens;
   const size_t n = destination.row_elements();
+  if (!layout.per_channel) {
+    absl::Status s = CheckKernelsCover(
+        h.token_count, [&](size_t i) { return segment.tier(uint32_t(i)); }, kernels);
+    if (!s.ok()) return s;
+  }
 
   std::vector<float> mean;
   if (layout.centred) {
@@ -392,7 +431,8 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
     uint32_t per_tier[kNumTiers] = {};
     for (uint32_t i = 0; i < h.token_count; ++i) ++per_tier[static_cast<int>(segment.tier(i))];
     size_t at = 0;
-    for (Tier t : kQuantizedTiers) {
+    for (Tier t : kAllTiers) {
+      if (!IsQuantized(t)) continue;
       params_start[static_cast<int>(t)] = at;
       at += ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, h.heads, h.head_dim);
     }
@@ -404,30 +444,37 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
     const Tier t = segment.tier(i);
     uint16_t* out = destination.mutable_row(h.token_begin + i);
     const size_t record_bytes = RecordBytes(t, layout, h.heads, h.head_dim);
-    if (t == Tier::kFp16) {
-      std::memcpy(out, record, n * 2);
-    } else if (t == Tier::kDrop) {
-      std::memset(out, 0, n * 2);
-    } else {
-      const int bits = TierBits(t);
-      if (layout.per_channel) {
-        const uint32_t chunk_index = rows_seen[static_cast<int>(t)]++ / layout.chunk;
-        const uint8_t* params = segment.channel_params.data() + params_start[static_cast<int>(t)] +
-                                size_t{chunk_index} * n * sizeof(GroupParams);
-        for (size_t c = 0; c < n; ++c) {
-          GroupParams p;
-          std::memcpy(&p, params + c * sizeof(p), sizeof(p));
-          row_f32[c] =
-              float(GetCode(record, c, bits)) * Fp16ToFloat(p.scale) + Fp16ToFloat(p.offset);
+    switch (EncodingOf(t)) {
+      case TierEncoding::kRaw:
+        std::memcpy(out, record, n * 2);
+        break;
+      case TierEncoding::kDropped:
+        std::memset(out, 0, n * 2);
+        break;
+      case TierEncoding::kAffine:
+        if (layout.per_channel) {
+          const int bits = TierBits(t);
+          const uint32_t chunk_index = rows_seen[static_cast<int>(t)]++ / layout.chunk;
+          const uint8_t* params = segment.channel_params.data() +
+                                  params_start[static_cast<int>(t)] +
+                                  size_t{chunk_index} * n * sizeof(GroupParams);
+          for (size_t c = 0; c < n; ++c) {
+            GroupParams p;
+            std::memcpy(&p, params + c * sizeof(p), sizeof(p));
+            row_f32[c] =
+                float(GetCode(record, c, bits)) * Fp16ToFloat(p.scale) + Fp16ToFloat(p.offset);
+          }
+        } else {
+          kernels.ForTier(t)->dequantize(record, n, layout.group_size, row_f32.data());
         }
-      } else {
-        kernels.dequantize(record, n, layout.group_size, bits, row_f32.data());
-      }
-      if (layout.rotated) kernels.hadamard(row_f32.data(), n, HadamardBlock(h.head_dim));
-      if (layout.centred) {
-        for (size_t c = 0; c < n; ++c) row_f32[c] += mean[c];
-      }
-      kernels.store(row_f32.data(), destination.dtype, n, out);
+        if (layout.rotated) kernels.hadamard(row_f32.data(), n, HadamardBlock(h.head_dim));
+        if (layout.centred) {
+          for (size_t c = 0; c < n; ++c) row_f32[c] += mean[c];
+        }
+        kernels.store(row_f32.data(), destination.dtype, n, out);
+        break;
+      case TierEncoding::kInvalid:
+        return absl::DataLossError("segment has an unknown tier");  // ParseSegment refuses these
     }
     record += record_bytes;
   }

@@ -26,25 +26,6 @@ namespace skv::daemon {
 using control::KvAccess;
 using google::protobuf::util::TimeUtil;
 
-CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double budget) {
-  CodecOptions o;
-  o.allocator = policy.allocator == control::CodecAllocator::kPaper ? AllocatorKind::kPaper
-                                                                    : AllocatorKind::kRd;
-  o.budget = budget;
-  // The paper's method has no transforms; ours rotates keys and values and centres keys.
-  o.rotate_keys = o.rotate_values =
-      policy.rotate && policy.allocator == control::CodecAllocator::kRd;
-  o.centre_keys = policy.centre && policy.allocator == control::CodecAllocator::kRd;
-  o.centre_values = false;
-  o.per_channel_keys = policy.per_channel_keys;
-  o.group_size = policy.group_size;
-  o.allow_int4 = policy.allow_int4;
-  o.allow_int2 = policy.allow_int2;
-  o.sink_tokens = policy.sink_tokens;
-  o.recent_tokens = policy.recent_tokens;
-  return o;
-}
-
 // ---- Life cycle. -------------------------------------------------------------------------------
 
 Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
@@ -168,7 +149,7 @@ void Daemon::Shutdown() {
 absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
     const v1::RegisterModelRequest& request) {
   if (absl::Status s = control::ValidateRegisterModelRequest(request); !s.ok()) return s;
-  absl::StatusOr<control::CodecPolicySettings> policy = control::ApplyCodecPolicy(
+  absl::StatusOr<CodecOptions> policy = control::ApplyCodecPolicy(
       config_.default_codec_policy, request.default_policy(), "default_policy");
   if (!policy.ok()) return policy.status();
   const v1::ModelShape& shape = request.shape();
@@ -198,18 +179,19 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
         return absl::AlreadyExistsError(absl::StrCat("name: model '", model.model_id,
                                                      "' is already registered with another shape"));
       }
-      model.policy.allow_int4 =
-          model.policy.allow_int4 && old.policy.allow_int4;  // keep a failed probe
+      model.policy.allowed_tiers = model.policy.allowed_tiers.With(
+          Tier::kInt4, model.policy.allowed_tiers.Has(Tier::kInt4) &&
+                           old.policy.allowed_tiers.Has(Tier::kInt4));  // keep a failed probe
     }
     models_[model.model_id] = model;
   }
-  metrics_->SetInt4Enabled(model.model_id, model.policy.allow_int4);
+  metrics_->SetInt4Enabled(model.model_id, model.policy.allowed_tiers.Has(Tier::kInt4));
   v1::RegisterModelResponse response;
   response.set_model_id(model.model_id);
   response.set_compatibility_hash(
       ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype));
   *response.mutable_effective_policy() = control::CodecPolicyToProto(model.policy);
-  response.set_int4_enabled(model.policy.allow_int4);
+  response.set_int4_enabled(model.policy.allowed_tiers.Has(Tier::kInt4));
   spdlog::info("registered model '{}' ({} layers x {} kv heads x {} dims)", model.model_id,
                model.layers, model.kv_heads, model.head_dim);
   return response;
@@ -418,7 +400,7 @@ void Daemon::AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t ca
 
 absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& request) {
   if (absl::Status s = control::ValidateEncodeRequest(request); !s.ok()) return s;
-  absl::StatusOr<control::CodecPolicySettings> policy =
+  absl::StatusOr<CodecOptions> policy =
       control::ApplyCodecPolicy(config_.default_codec_policy, request.policy(), "policy");
   if (!policy.ok()) return policy.status();
   if (absl::Status s =
@@ -452,8 +434,9 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
     queries.emplace(std::move(*q));
     importance.query_windows = queries->windows;
   }
-  absl::StatusOr<EncodedKv> encoded = EncodeKv(
-      layers, importance, CodecOptionsFor(*policy, request.budget()), request.request_id());
+  absl::StatusOr<EncodedKv> encoded =
+      EncodeKv(layers, importance, control::OptionsForTransfer(*policy, request.budget()),
+               request.request_id());
   if (!encoded.ok()) return encoded.status();
   v1::EncodeResponse response;
   for (const ByteBuffer& s : encoded->segments)
@@ -465,7 +448,7 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
   ts.set_payload_budget(st.payload_only_budget);
   ts.set_raw_bytes(st.raw_bytes);
   ts.set_wire_bytes(st.wire_bytes);
-  FillTierCounts(st.rows_per_tier, ts.mutable_tier_tokens());
+  FillTierRows(st.rows_per_tier, &ts);
   ts.set_importance_source(ImportanceSourceOf(st.importance_source));
   ts.set_segments(uint32_t(encoded->segments.size()));
   *ts.mutable_durations()->mutable_score() = ToProto(st.score_seconds);
@@ -536,7 +519,7 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
   }
   const double threshold =
       request.max_int4_error() > 0 ? request.max_int4_error() : kDefaultInt4ProbeThreshold;
-  CodecOptions options = CodecOptionsFor(model->policy, 0.5);
+  CodecOptions options = control::OptionsForTransfer(model->policy, 0.5);
   absl::StatusOr<std::vector<LayerProbeResult>> result = ProbeInt4(
       CodecViews(*views),
       queries ? std::span<const QueryWindow>(queries->windows) : std::span<const QueryWindow>(),
@@ -555,7 +538,8 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
   response.set_int4_enabled(enabled);
   if (!request.dry_run()) {
     std::lock_guard<std::mutex> lock(mu_);
-    models_[model->model_id].policy.allow_int4 = enabled;
+    CodecOptions& policy = models_[model->model_id].policy;
+    policy.allowed_tiers = policy.allowed_tiers.With(Tier::kInt4, enabled);
     metrics_->SetInt4Enabled(model->model_id, enabled);
   }
   spdlog::info("model '{}': INT4 probe {} (threshold {})", model->model_id,

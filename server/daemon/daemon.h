@@ -33,10 +33,6 @@ namespace skv::daemon {
 namespace v1 = ::spectrumkv::v1;
 namespace transport = ::spectrumkv::transport;
 
-// The codec options a transfer under `policy` at `budget` uses (one mapping for Send, Encode
-// and Probe, and for tests that recompute a transfer's expected bytes).
-CodecOptions CodecOptionsFor(const control::CodecPolicySettings& policy, double budget);
-
 class Daemon {
  public:
   using ReceiveDone = absl::AnyInvocable<void(absl::StatusOr<v1::ReceiveResponse>)>;

@@ -26,12 +26,13 @@ std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views) {
   return {views.layers().begin(), views.layers().end()};
 }
 
-void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out) {
-  out->set_fp16(rows[int(Tier::kFp16)]);
-  out->set_int8(rows[int(Tier::kInt8)]);
-  out->set_int4(rows[int(Tier::kInt4)]);
-  out->set_int2(rows[int(Tier::kInt2)]);
-  out->set_drop(rows[int(Tier::kDrop)]);
+void FillTierRows(const std::array<uint64_t, kNumTiers>& rows, v1::TransferStats* out) {
+  out->clear_tier_rows();
+  for (Tier t : kAllTiers) {
+    v1::TierRows& entry = *out->add_tier_rows();
+    entry.set_tier(control::TierToProto(t));
+    entry.set_rows(rows[static_cast<int>(t)]);
+  }
 }
 
 void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows) {

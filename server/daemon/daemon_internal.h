@@ -31,7 +31,7 @@ inline constexpr size_t kMaxRegisteredModels = 256;
 double Seconds(std::chrono::steady_clock::time_point since);
 google::protobuf::Duration ToProto(double seconds);
 std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views);
-void FillTierCounts(const std::array<uint64_t, kNumTiers>& rows, v1::TierTokenCounts* out);
+void FillTierRows(const std::array<uint64_t, kNumTiers>& rows, v1::TransferStats* out);
 void CountTokens(control::Metrics& m, const std::array<uint64_t, kNumTiers>& rows);
 v1::KeptTokenMask MakeMask(const std::vector<uint8_t>& kept, v1::MaskFormat format);
 v1::ImportanceSource ImportanceSourceOf(const char* name);
@@ -132,7 +132,7 @@ struct Daemon::Outbound {
   const v1::SendRequest* request = nullptr;  // owned by the caller until `done` has run
   control::RegisteredModel model;
   control::PeerConfig peer_config;
-  control::CodecPolicySettings policy;
+  CodecOptions policy;
   SendDone done;
   std::chrono::steady_clock::time_point started;
   // Worker.

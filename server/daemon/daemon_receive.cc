@@ -469,7 +469,7 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   }
   stats.set_wire_bytes(in->wire_bytes);
   stats.set_segments(in->segments_done);
-  FillTierCounts(in->rows, stats.mutable_tier_tokens());
+  FillTierRows(in->rows, &stats);
   *stats.mutable_durations()->mutable_wire() = ToProto(wire_s);
   *stats.mutable_durations()->mutable_decode() = ToProto(in->decode_seconds);
   *stats.mutable_durations()->mutable_total() = ToProto(total_s);

@@ -47,7 +47,7 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
     return refuse(s);
   absl::StatusOr<control::PeerConfig> peer = control::ResolvePeer(request.peer(), config_.peers);
   if (!peer.ok()) return refuse(peer.status());
-  absl::StatusOr<control::CodecPolicySettings> policy =
+  absl::StatusOr<CodecOptions> policy =
       control::ApplyCodecPolicy(model->policy, request.policy_override(), "policy_override");
   if (!policy.ok()) return refuse(policy.status());
   if (absl::Status s = control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "policy_override");
@@ -207,7 +207,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     spdlog::info("request {}: FP16 passthrough ({})", request_id,
                  v1::PassthroughReason_Name(decision.reason()));
   }
-  const CodecOptions options = CodecOptionsFor(out.policy, budget);
+  const CodecOptions options = control::OptionsForTransfer(out.policy, budget);
 
   auto in_flight = metrics_->TrackInFlight();
 
@@ -317,7 +317,7 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
     payload += out.stats.rows_per_tier[t] * model.kv_heads * model.head_dim * TierBits(Tier(t)) / 8;
   }
   ts.set_payload_budget(out.raw_bytes > 0 ? double(payload) / double(out.raw_bytes) : 0);
-  FillTierCounts(out.stats.rows_per_tier, ts.mutable_tier_tokens());
+  FillTierRows(out.stats.rows_per_tier, &ts);
   ts.set_segments(out.segments_sent);
   ts.set_importance_source(ImportanceSourceOf(out.stats.importance_source));
   *ts.mutable_passthrough() = out.decision;

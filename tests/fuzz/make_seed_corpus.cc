@@ -52,7 +52,7 @@ const SegmentSeed kSegmentSeeds[] = {
     {"bf16-int2", skv::DType::kBf16, 16, 1, 32,
      [](skv::CodecOptions& o) {
        o.budget = 0.4;
-       o.allow_int2 = true;
+       o.allowed_tiers = o.allowed_tiers.With(skv::Tier::kInt2, true);
        o.sink_tokens = 1;
      }},
     {"fp16-per-channel", skv::DType::kFp16, 20, 1, 16,
@@ -65,7 +65,7 @@ const SegmentSeed kSegmentSeeds[] = {
      [](skv::CodecOptions& o) {
        o.budget = 0.7;
        o.centre_values = true;
-       o.allow_int2 = true;
+       o.allowed_tiers = o.allowed_tiers.With(skv::Tier::kInt2, true);
      }},
     {"fp16-split", skv::DType::kFp16, 24, 1, 16,
      [](skv::CodecOptions& o) {
@@ -87,7 +87,7 @@ const SegmentSeed kSegmentSeeds[] = {
      [](skv::CodecOptions& o) {
        o.budget = 0.45;
        o.sink_tokens = 1;
-       o.allow_int2 = true;
+       o.allowed_tiers = o.allowed_tiers.With(skv::Tier::kInt2, true);
      }},
     {"fp16-hd256", skv::DType::kFp16, 6, 1, 256,
      [](skv::CodecOptions& o) {
@@ -97,7 +97,7 @@ const SegmentSeed kSegmentSeeds[] = {
     {"fp16-drop", skv::DType::kFp16, 32, 1, 16,
      [](skv::CodecOptions& o) {
        o.budget = 0.1;
-       o.allow_int2 = true;
+       o.allowed_tiers = o.allowed_tiers.With(skv::Tier::kInt2, true);
        o.sink_tokens = 0;
        o.group_size = 8;
      }},

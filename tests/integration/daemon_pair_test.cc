@@ -79,7 +79,7 @@ std::vector<KvLayerViews> DenseViews(uint8_t* data, uint32_t tokens = kTokens) {
 std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget,
                                      uint64_t request_id) {
   const CodecOptions options =
-      daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, budget);
+      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, budget);
   absl::StatusOr<EncodedKv> encoded = EncodeKv(DenseViews(source), {}, options, request_id);
   EXPECT_TRUE(encoded.ok()) << encoded.status();
   std::vector<uint8_t> out(bytes, 0);
@@ -273,7 +273,10 @@ TEST_F(DaemonPairTest, MetricsEndpointShowsTheTransfer) {
         std::string::npos);
     // Bytes and tiers are the sender's to count, so that a sum over daemons counts them once.
     const uint64_t raw = sender ? bytes : 0, wire = sender ? r.sent->stats().wire_bytes() : 0;
-    const uint64_t int8 = sender ? r.sent->stats().tier_tokens().int8() : 0;
+    uint64_t int8 = 0;
+    for (const v1::TierRows& t : r.sent->stats().tier_rows()) {
+      if (sender && t.tier() == v1::TIER_INT8) int8 = t.rows();
+    }
     EXPECT_NE(body->find(absl::StrCat("spectrumkv_bytes_total{kind=\"raw\"} ", raw, "\n")),
               std::string::npos)
         << *body;
@@ -373,7 +376,7 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 7);
   const CodecOptions options =
-      daemon::CodecOptionsFor(control::DaemonConfig{}.default_codec_policy, 0.5);
+      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, 0.5);
   tp::TransportConfig config;
   config.daemon_id = "fake-sender";
   config.auth_token = "integration-token";

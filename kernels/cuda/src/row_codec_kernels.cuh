@@ -308,13 +308,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     for (uint32_t r = blockIdx.x; r < job.token_count; r += gridDim.x) {
       const Tier tier = detail::TierAt(job.tier_map, r);
-      if (!(tier == Tier::kFp16 || IsQuantized(tier))) continue;  // DROP: no record
+      const TierEncoding encoding = EncodingOf(tier);
+      if (encoding != TierEncoding::kRaw && encoding != TierEncoding::kAffine)
+        continue;  // no record
       uint8_t* record = job.payload + job.record_offsets[r];
       const uint8_t* row = detail::RowPointer(job.source, job.token_begin + r);
       uint4 raw = make_uint4(0, 0, 0, 0);
       if (active) raw = detail::Load8(row + 2 * size_t{element}, batch.vector_rows);
 
-      if (tier == Tier::kFp16) {  // the source's 16-bit values, bit-exact
+      if (encoding == TierEncoding::kRaw) {  // the source's 16-bit values, bit-exact
         uint8_t* dst = record + size_t{head0} * head_dim * 2;
         const uint32_t local = (slot.head_in_tile * head_dim + slot.chunk * 8) * 2;
         if ((reinterpret_cast<uintptr_t>(dst) & 15u) == 0) {
@@ -342,14 +344,18 @@ __global__ void __launch_bounds__(kMaxThreads)
       const uint32_t head_bytes = head_dim / group_size * GroupBytes(group_size, bits);
       uint8_t* dst = record + size_t{head0} * head_bytes;
       uint8_t* staged = detail::StageFor(shared.NextStage(parity), dst);
-      if (bits == 8) {
-        QuantizeChunk<8>(v, slot, active, group_size, head_dim, shared.partials, staged);
-      } else if (bits == 4) {
-        QuantizeChunk<4>(v, slot, active, group_size, head_dim, shared.partials, staged);
-      } else if (bits == 2) {
-        QuantizeChunk<2>(v, slot, active, group_size, head_dim, shared.partials, staged);
-      } else {
-        __trap();  // the host validated the tier map; a width without a packer is a bug
+      switch (tier) {  // the quantized tiers' chunk packers (tiers.h)
+        case Tier::kInt8:
+          QuantizeChunk<8>(v, slot, active, group_size, head_dim, shared.partials, staged);
+          break;
+        case Tier::kInt4:
+          QuantizeChunk<4>(v, slot, active, group_size, head_dim, shared.partials, staged);
+          break;
+        case Tier::kInt2:
+          QuantizeChunk<2>(v, slot, active, group_size, head_dim, shared.partials, staged);
+          break;
+        default:
+          __trap();  // the host validated the tier map; a tier without a packer is a bug
       }
       __syncthreads();
       detail::StageToGlobal(dst, staged, tile_heads * head_bytes);
@@ -378,14 +384,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (uint32_t r = blockIdx.x; r < job.token_count; r += gridDim.x) {
       const Tier tier = detail::TierAt(job.tier_map, r);
       uint8_t* out = detail::RowPointer(job.destination, job.token_begin + r) + 2 * size_t{element};
-      if (tier == Tier::kDrop) {
+      const TierEncoding encoding = EncodingOf(tier);
+      if (encoding == TierEncoding::kDropped) {
         if (active) detail::Store8(out, make_uint4(0, 0, 0, 0), batch.vector_rows);
         continue;
       }
-      if (!(tier == Tier::kFp16 || IsQuantized(tier))) continue;  // the host rejects these
+      if (encoding != TierEncoding::kRaw && encoding != TierEncoding::kAffine) continue;  // refused
       const uint8_t* record = job.payload + job.record_offsets[r];
 
-      if (tier == Tier::kFp16) {
+      if (encoding == TierEncoding::kRaw) {
         const uint8_t* src = record + size_t{head0} * head_dim * 2;
         const uint32_t local = (slot.head_in_tile * head_dim + slot.chunk * 8) * 2;
         uint4 raw = make_uint4(0, 0, 0, 0);
@@ -409,14 +416,18 @@ __global__ void __launch_bounds__(kMaxThreads)
       __syncthreads();
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (active) {
-        if (bits == 8) {
-          DequantizeChunk<8>(staged, slot, group_size, head_dim, v);
-        } else if (bits == 4) {
-          DequantizeChunk<4>(staged, slot, group_size, head_dim, v);
-        } else if (bits == 2) {
-          DequantizeChunk<2>(staged, slot, group_size, head_dim, v);
-        } else {
-          __trap();  // the host validated the tier map; a width without an unpacker is a bug
+        switch (tier) {  // the quantized tiers' chunk unpackers (tiers.h)
+          case Tier::kInt8:
+            DequantizeChunk<8>(staged, slot, group_size, head_dim, v);
+            break;
+          case Tier::kInt4:
+            DequantizeChunk<4>(staged, slot, group_size, head_dim, v);
+            break;
+          case Tier::kInt2:
+            DequantizeChunk<2>(staged, slot, group_size, head_dim, v);
+            break;
+          default:
+            __trap();  // the host validated the tier map; a tier without an unpacker is a bug
         }
       }
       if (job.rotate) {

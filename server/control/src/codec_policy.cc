@@ -13,12 +13,7 @@ absl::Status FieldError(absl::string_view field, absl::string_view member,
 
 }  // namespace
 
-absl::string_view CodecAllocatorName(CodecAllocator allocator) {
-  return allocator == CodecAllocator::kPaper ? "paper" : "rd";
-}
-
-absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
-                                         absl::string_view field) {
+absl::Status ValidateCodecPolicy(const CodecOptions& policy, absl::string_view field) {
   const uint32_t g = policy.group_size;
   if (g != 0 && (g % 8 != 0 || g > 256)) {
     return FieldError(field, "group_size",
@@ -35,7 +30,7 @@ absl::Status ValidateCodecPolicySettings(const CodecPolicySettings& policy,
   return absl::OkStatus();
 }
 
-absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t head_dim,
+absl::Status CheckPolicyFitsHeadDim(const CodecOptions& policy, uint32_t head_dim,
                                     absl::string_view field) {
   const uint32_t g = policy.group_size;
   if (g == 0 || g == head_dim) return absl::OkStatus();
@@ -45,48 +40,74 @@ absl::Status CheckPolicyFitsHeadDim(const CodecPolicySettings& policy, uint32_t 
                                  " (allowed: 0, head_dim, or 32/64 dividing head_dim)"));
 }
 
-absl::StatusOr<CodecPolicySettings> ApplyCodecPolicy(const CodecPolicySettings& base,
-                                                     const spectrumkv::v1::CodecPolicy& layer,
-                                                     absl::string_view field) {
-  CodecPolicySettings out = base;
+absl::StatusOr<CodecOptions> ApplyCodecPolicy(const CodecOptions& base,
+                                              const spectrumkv::v1::CodecPolicy& layer,
+                                              absl::string_view field) {
+  CodecOptions out = base;
   switch (layer.allocator()) {
     case spectrumkv::v1::ALLOCATOR_UNSPECIFIED:
       break;
     case spectrumkv::v1::ALLOCATOR_PAPER:
-      out.allocator = CodecAllocator::kPaper;
+      out.allocator = AllocatorKind::kPaper;
       break;
     case spectrumkv::v1::ALLOCATOR_RD:
-      out.allocator = CodecAllocator::kRd;
+      out.allocator = AllocatorKind::kRd;
       break;
     default:
       return FieldError(field, "allocator",
                         absl::StrCat("unknown value ", static_cast<int>(layer.allocator())));
   }
-  if (layer.has_rotate()) out.rotate = layer.rotate();
-  if (layer.has_centre()) out.centre = layer.centre();
+  if (layer.has_rotate()) out.rotate_keys = out.rotate_values = layer.rotate();
+  if (layer.has_centre()) out.centre_keys = layer.centre();
   if (layer.has_per_channel_keys()) out.per_channel_keys = layer.per_channel_keys();
   if (layer.has_group_size()) out.group_size = layer.group_size();
-  if (layer.has_allow_int4()) out.allow_int4 = layer.allow_int4();
-  if (layer.has_allow_int2()) out.allow_int2 = layer.allow_int2();
+  if (layer.has_allow_int4()) {
+    out.allowed_tiers = out.allowed_tiers.With(Tier::kInt4, layer.allow_int4());
+  }
+  if (layer.has_allow_int2()) {
+    out.allowed_tiers = out.allowed_tiers.With(Tier::kInt2, layer.allow_int2());
+  }
   if (layer.has_sink_tokens()) out.sink_tokens = layer.sink_tokens();
   if (layer.has_recent_tokens()) out.recent_tokens = layer.recent_tokens();
-  if (absl::Status s = ValidateCodecPolicySettings(out, field); !s.ok()) return s;
+  if (absl::Status s = ValidateCodecPolicy(out, field); !s.ok()) return s;
   return out;
 }
 
-spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecPolicySettings& policy) {
+spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecOptions& policy) {
   spectrumkv::v1::CodecPolicy out;
-  out.set_allocator(policy.allocator == CodecAllocator::kPaper ? spectrumkv::v1::ALLOCATOR_PAPER
-                                                               : spectrumkv::v1::ALLOCATOR_RD);
-  out.set_rotate(policy.rotate);
-  out.set_centre(policy.centre);
+  out.set_allocator(policy.allocator == AllocatorKind::kPaper ? spectrumkv::v1::ALLOCATOR_PAPER
+                                                              : spectrumkv::v1::ALLOCATOR_RD);
+  out.set_rotate(policy.rotate_keys);
+  out.set_centre(policy.centre_keys);
   out.set_per_channel_keys(policy.per_channel_keys);
   out.set_group_size(policy.group_size);
-  out.set_allow_int4(policy.allow_int4);
-  out.set_allow_int2(policy.allow_int2);
+  out.set_allow_int4(policy.allowed_tiers.Has(Tier::kInt4));
+  out.set_allow_int2(policy.allowed_tiers.Has(Tier::kInt2));
   out.set_sink_tokens(policy.sink_tokens);
   out.set_recent_tokens(policy.recent_tokens);
   return out;
+}
+
+CodecOptions OptionsForTransfer(CodecOptions policy, double budget) {
+  policy.budget = budget;
+  if (policy.allocator == AllocatorKind::kPaper) {
+    policy.rotate_keys = policy.rotate_values = false;
+    policy.centre_keys = policy.centre_values = false;
+  }
+  return policy;
+}
+
+spectrumkv::v1::Tier TierToProto(Tier tier) {
+  return static_cast<spectrumkv::v1::Tier>(static_cast<int>(tier) + 1);
+}
+
+absl::StatusOr<Tier> TierFromProto(spectrumkv::v1::Tier tier) {
+  const int wire = static_cast<int>(tier) - 1;
+  if (wire < 0 || wire >= kNumTiers || !IsKnownTier(static_cast<Tier>(wire))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tier ", static_cast<int>(tier), " is not a codec tier"));
+  }
+  return static_cast<Tier>(wire);
 }
 
 }  // namespace skv::control

@@ -107,10 +107,10 @@ absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view text) {
   return Invalid("expected trace|debug|info|warn|error|critical|off");
 }
 
-absl::StatusOr<CodecAllocator> ParseAllocator(absl::string_view text) {
+absl::StatusOr<AllocatorKind> ParseAllocator(absl::string_view text) {
   const std::string v = absl::AsciiStrToLower(text);
-  if (v == "rd") return CodecAllocator::kRd;
-  if (v == "paper") return CodecAllocator::kPaper;
+  if (v == "rd") return AllocatorKind::kRd;
+  if (v == "paper") return AllocatorKind::kPaper;
   return Invalid("expected paper|rd");
 }
 
@@ -230,17 +230,29 @@ std::function<absl::Status(DaemonConfig&, absl::string_view)> Setter(T DaemonCon
   };
 }
 
-template <typename T, typename Parse>
-std::function<absl::Status(DaemonConfig&, absl::string_view)> PolicySetter(
-    T CodecPolicySettings::*member, Parse parse) {
-  return [member, parse](DaemonConfig& c, absl::string_view v) -> absl::Status {
+// Parses a value and stores it into the default codec policy with `store(policy, value)`.
+template <typename Parse, typename Store>
+std::function<absl::Status(DaemonConfig&, absl::string_view)> PolicySetter(Parse parse,
+                                                                           Store store) {
+  return [parse, store](DaemonConfig& c, absl::string_view v) -> absl::Status {
     auto parsed = parse(v);
     if (!parsed.ok()) return parsed.status();
-    CodecPolicySettings candidate = c.default_codec_policy;
-    candidate.*member = *std::move(parsed);
-    if (absl::Status s = ValidateCodecPolicySettings(candidate, "codec"); !s.ok()) return s;
+    CodecOptions candidate = c.default_codec_policy;
+    store(candidate, *std::move(parsed));
+    if (absl::Status s = ValidateCodecPolicy(candidate, "codec"); !s.ok()) return s;
     c.default_codec_policy = candidate;
     return absl::OkStatus();
+  };
+}
+
+auto AllowTierSetter(Tier tier) {
+  return PolicySetter(ParseBool, [tier](CodecOptions& o, bool v) {
+    o.allowed_tiers = o.allowed_tiers.With(tier, v);
+  });
+}
+auto AllowTierGetter(Tier tier) {
+  return [tier](const DaemonConfig& c) {
+    return FormatBool(c.default_codec_policy.allowed_tiers.Has(tier));
   };
 }
 
@@ -356,32 +368,33 @@ const std::vector<ConfigKey>& Keys() {
        false, false, Setter(&DaemonConfig::shm_mapping_cache_entries, Uint32In(0, 4096)),
        [](const DaemonConfig& c) { return absl::StrCat(c.shm_mapping_cache_entries); }},
       {"codec_allocator", "Default tier allocator: paper|rd.", false, false,
-       PolicySetter(&CodecPolicySettings::allocator, ParseAllocator),
-       [](const DaemonConfig&
-              c) { return std::string(CodecAllocatorName(c.default_codec_policy.allocator)); }},
+       PolicySetter(ParseAllocator, [](CodecOptions& o, AllocatorKind v) { o.allocator = v; }),
+       [](const DaemonConfig& c) { return AllocatorName(c.default_codec_policy.allocator); }},
       {"codec_rotate", "Default: Hadamard-rotate K and V before quantising.", false, true,
-       PolicySetter(&CodecPolicySettings::rotate, ParseBool),
-       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.rotate); }},
+       PolicySetter(ParseBool,
+                    [](CodecOptions& o, bool v) { o.rotate_keys = o.rotate_values = v; }),
+       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.rotate_keys); }},
       {"codec_centre", "Default: subtract the per-channel key mean before quantising.", false, true,
-       PolicySetter(&CodecPolicySettings::centre, ParseBool),
-       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.centre); }},
+       PolicySetter(ParseBool, [](CodecOptions& o, bool v) { o.centre_keys = v; }),
+       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.centre_keys); }},
       {"codec_per_channel_keys", "Default: per-channel key scales (KIVI-style).", false, true,
-       PolicySetter(&CodecPolicySettings::per_channel_keys, ParseBool),
+       PolicySetter(ParseBool, [](CodecOptions& o, bool v) { o.per_channel_keys = v; }),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.per_channel_keys); }},
       {"codec_group_size", "Default channels per quantisation group: 0 (= head_dim), 32 or 64.",
-       false, false, PolicySetter(&CodecPolicySettings::group_size, Uint32In(0, 256)),
+       false, false,
+       PolicySetter(Uint32In(0, 256), [](CodecOptions& o, uint32_t v) { o.group_size = v; }),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.group_size); }},
       {"codec_allow_int4", "Default: allow the INT4 tier (still subject to the model's probe).",
-       false, true, PolicySetter(&CodecPolicySettings::allow_int4, ParseBool),
-       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.allow_int4); }},
+       false, true, AllowTierSetter(Tier::kInt4), AllowTierGetter(Tier::kInt4)},
       {"codec_allow_int2", "Default: allow the INT2 tier.", false, true,
-       PolicySetter(&CodecPolicySettings::allow_int2, ParseBool),
-       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.allow_int2); }},
+       AllowTierSetter(Tier::kInt2), AllowTierGetter(Tier::kInt2)},
       {"codec_sink_tokens", "Default: first tokens always kept at FP16, 0..4096.", false, false,
-       PolicySetter(&CodecPolicySettings::sink_tokens, Uint32In(0, kMaxSinkTokens)),
+       PolicySetter(Uint32In(0, kMaxSinkTokens),
+                    [](CodecOptions& o, uint32_t v) { o.sink_tokens = v; }),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.sink_tokens); }},
       {"codec_recent_tokens", "Default: last tokens always kept at FP16, 0..1048576.", false, false,
-       PolicySetter(&CodecPolicySettings::recent_tokens, Uint32In(0, kMaxRecentTokens)),
+       PolicySetter(Uint32In(0, kMaxRecentTokens),
+                    [](CodecOptions& o, uint32_t v) { o.recent_tokens = v; }),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.recent_tokens); }},
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
@@ -688,7 +701,7 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
   if (c.max_concurrent_transfers == 0 || c.max_concurrent_transfers > 65536) {
     return field_error("max_concurrent_transfers", "must be in [1, 65536]");
   }
-  return ValidateCodecPolicySettings(c.default_codec_policy, "codec");
+  return ValidateCodecPolicy(c.default_codec_policy, "codec");
 }
 
 absl::StatusOr<DaemonConfig> LoadDaemonConfig(std::span<const std::string> args,

@@ -20,10 +20,6 @@ namespace {
 constexpr std::array<absl::string_view, kTransferRoleCount> kRoleLabels = {"sender", "receiver"};
 constexpr std::array<absl::string_view, kTransferPhaseCount> kPhaseLabels = {
     "score", "plan", "encode", "wire", "decode", "commit", "total"};
-// Indexed by skv::Tier.
-constexpr std::array<absl::string_view, skv::kNumTiers> kTierLabels = {"fp16", "int8", "int4",
-                                                                       "int2", "drop"};
-static_assert(static_cast<int>(skv::Tier::kDrop) == skv::kNumTiers - 1);
 constexpr std::array<absl::string_view, kPassthroughReasonCount> kPassthroughLabels = {
     "budget_full", "fast_link", "forced"};
 // Indexed by absl::StatusCode.
@@ -48,7 +44,7 @@ absl::string_view TransferRoleLabel(TransferRole role) {
 absl::string_view TransferPhaseLabel(TransferPhase phase) {
   return kPhaseLabels[static_cast<size_t>(phase)];
 }
-absl::string_view TierLabel(skv::Tier tier) { return kTierLabels[static_cast<size_t>(tier)]; }
+absl::string_view TierLabel(skv::Tier tier) { return skv::TierName(tier); }
 absl::string_view PassthroughReasonLabel(PassthroughReason r) {
   return kPassthroughLabels[static_cast<size_t>(r)];
 }
@@ -188,8 +184,8 @@ Metrics::Metrics()
           .Name("spectrumkv_tokens_total")
           .Help("Token rows sent per tier, counted over (layer, K/V, token) by the sender.")
           .Register(r);
-  for (size_t tier = 0; tier < kTierLabels.size(); ++tier) {
-    f.tokens[tier] = &tokens.Add({{"tier", Label(kTierLabels[tier])}});
+  for (skv::Tier tier : skv::kAllTiers) {
+    f.tokens[static_cast<size_t>(tier)] = &tokens.Add({{"tier", Label(TierLabel(tier))}});
   }
 
   auto& transfers = prometheus::BuildCounter()

@@ -58,7 +58,7 @@ absl::Status ValidateRole(v1::TransferRole role, absl::string_view field) {
 }
 
 // Policy layered over `base` and checked against the head dimension.
-absl::Status ValidatePolicyOverride(const v1::CodecPolicy& policy, const CodecPolicySettings& base,
+absl::Status ValidatePolicyOverride(const v1::CodecPolicy& policy, const CodecOptions& base,
                                     uint32_t head_dim, absl::string_view field) {
   auto merged = ApplyCodecPolicy(base, policy, field);
   if (!merged.ok()) return merged.status();
@@ -274,7 +274,7 @@ absl::Status ValidateRegisterModelRequest(const v1::RegisterModelRequest& reques
   if (absl::Status s = ValidateModelName(request.name(), "name"); !s.ok()) return s;
   if (!request.has_shape()) return Invalid("shape", "required");
   if (absl::Status s = ValidateModelShape(request.shape(), "shape"); !s.ok()) return s;
-  return ValidatePolicyOverride(request.default_policy(), CodecPolicySettings{},
+  return ValidatePolicyOverride(request.default_policy(), CodecOptions{},
                                 request.shape().head_dim(), "default_policy");
 }
 
@@ -409,7 +409,7 @@ absl::Status ValidateEncodeRequest(const v1::EncodeRequest& request) {
                    absl::StrCat("addresses ", *extent, " bytes but kv has ", request.kv().size()));
   }
   if (absl::Status s = ValidateBudget(request.budget()); !s.ok()) return s;
-  if (absl::Status s = ValidatePolicyOverride(request.policy(), CodecPolicySettings{},
+  if (absl::Status s = ValidatePolicyOverride(request.policy(), CodecOptions{},
                                               request.layout().head_dim(), "policy");
       !s.ok()) {
     return s;

@@ -41,7 +41,7 @@ TEST(Codec, SimdAndReferenceProduceIdenticalSegmentsAndDecodes) {
     options.allocator = trial % 3 == 0 ? AllocatorKind::kPaper : AllocatorKind::kRd;
     options.budget = 0.3 + 0.05 * (trial % 8);
     options.sink_tokens = trial % 5;
-    options.allow_int2 = trial % 2 == 1;
+    options.allowed_tiers = options.allowed_tiers.With(Tier::kInt2, trial % 2 == 1);
     options.per_channel_keys = trial % 4 == 3;
     options.group_size = trial % 5 == 0 ? 8 : 0;
     absl::StatusOr<EncodedKv> ref = EncodeKv(kv.views(), {}, options, 5, ReferenceRowKernels());

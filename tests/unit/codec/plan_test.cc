@@ -53,7 +53,7 @@ TEST(PaperAllocator, FallsBackToInt8AndDropWithoutInt4) {
   const KvShape shape{2, 200, 2, 64, DType::kFp16};
   CodecOptions options;
   options.allocator = AllocatorKind::kPaper;
-  options.allow_int4 = false;
+  options.allowed_tiers = options.allowed_tiers.With(Tier::kInt4, false);
   options.budget = 0.3;
   absl::StatusOr<TierPlan> plan = PlanPaper(shape, PositionalImportance(2, 200), options);
   ASSERT_TRUE(plan.ok());
@@ -82,7 +82,7 @@ TEST_P(BudgetAccountingTest, AchievedBytesNeverExceedTheBudget) {
     options.allocator = GetParam();
     options.per_channel_keys = trial % 3 == 0;
     options.channel_group_tokens = 1 + rng() % 40;
-    options.allow_int2 = trial % 2 == 0;
+    options.allowed_tiers = options.allowed_tiers.With(Tier::kInt2, trial % 2 == 0);
     options.tokens_per_segment = trial % 4 == 0 ? 1 + rng() % 100 : 0;
     for (double b : {0.15, 0.2, 0.3, 0.5, 0.75, 0.95}) {
       options.budget = b;

@@ -128,7 +128,11 @@ TEST_F(Avx2VsReference, HadamardIsBitIdentical) {
 
 TEST_F(Avx2VsReference, QuantizeDequantizeAndErrorAreBitIdentical) {
   std::mt19937 rng(3);
-  for (int bits : {8, 4, 2}) {
+  for (Tier tier : kAllTiers) {
+    if (!IsQuantized(tier)) continue;
+    const int bits = TierBits(tier);
+    const TierRowKernels& ref = *ref_.ForTier(tier);
+    const TierRowKernels& fast = *fast_->ForTier(tier);
     for (size_t head_dim = 8; head_dim <= 256; head_dim += 8) {
       for (size_t group : {size_t{8}, size_t{32}, head_dim}) {
         if (head_dim % group != 0) continue;
@@ -137,40 +141,42 @@ TEST_F(Avx2VsReference, QuantizeDequantizeAndErrorAreBitIdentical) {
           const std::vector<float> x = MakeData(p, n, rng);
           const size_t bytes = n / group * (4 + group * bits / 8);
           std::vector<uint8_t> qa(bytes, 0xAA), qb(bytes, 0x55);
-          ref_.quantize(x.data(), n, group, bits, qa.data());
-          fast_->quantize(x.data(), n, group, bits, qb.data());
-          ASSERT_EQ(qa, qb) << "bits=" << bits << " head_dim=" << head_dim << " group=" << group
+          ref.quantize(x.data(), n, group, qa.data());
+          fast.quantize(x.data(), n, group, qb.data());
+          ASSERT_EQ(qa, qb) << TierName(tier) << " head_dim=" << head_dim << " group=" << group
                             << " pattern=" << int(p);
           std::vector<float> da(n), db(n);
-          ref_.dequantize(qa.data(), n, group, bits, da.data());
-          fast_->dequantize(qa.data(), n, group, bits, db.data());
+          ref.dequantize(qa.data(), n, group, da.data());
+          fast.dequantize(qa.data(), n, group, db.data());
           ASSERT_TRUE(SameBits(da, db));
           for (float v : da) ASSERT_TRUE(std::isfinite(v)) << "dequantized values are finite";
-          double ea[3] = {0, 0, 0}, eb[3] = {0, 0, 0};
+          double ea[kNumTiers] = {}, eb[kNumTiers] = {};
           ref_.estimate_error(x.data(), n, group, ea);
           fast_->estimate_error(x.data(), n, group, eb);
-          for (int t = 0; t < 3; ++t) ASSERT_EQ(ea[t], eb[t]);
+          for (int t = 0; t < kNumTiers; ++t) ASSERT_EQ(ea[t], eb[t]);
         }
       }
     }
   }
 }
 
-// A width without an AVX2 packer (1 bit here) must not be packed as another width: the AVX2
-// kernels hand it to the reference (before, any width but 8 and 4 was packed as 2 bits).
-TEST_F(Avx2VsReference, WidthsWithoutAnAvx2PackerMatchTheReference) {
-  std::mt19937 rng(4);
-  const size_t n = 128, group = 32, bits = 1;
-  const std::vector<float> x = MakeData(kAllPatterns[0], n, rng);
-  const size_t bytes = n / group * (4 + group * bits / 8);
-  std::vector<uint8_t> qa(bytes + 16, 0xAA), qb(bytes + 16, 0xAA);
-  ref_.quantize(x.data(), n, group, bits, qa.data());
-  fast_->quantize(x.data(), n, group, bits, qb.data());
-  EXPECT_EQ(qa, qb) << "same bytes, and nothing written past the record";
-  std::vector<float> da(n), db(n);
-  ref_.dequantize(qa.data(), n, group, bits, da.data());
-  fast_->dequantize(qa.data(), n, group, bits, db.data());
-  EXPECT_TRUE(SameBits(da, db));
+// Every backend has entry points for exactly the quantized tiers of the tier table, and none for
+// a value outside it (before the table, the AVX2 kernels packed any width but 8 and 4 as 2 bits).
+TEST(RowKernelTable, EveryBackendCoversExactlyTheQuantizedTiers) {
+  std::vector<const RowKernels*> backends = {&ReferenceRowKernels()};
+  if (Avx2RowKernels() != nullptr) backends.push_back(Avx2RowKernels());
+  for (const RowKernels* k : backends) {
+    for (Tier t : kAllTiers) {
+      EXPECT_EQ(k->ForTier(t) != nullptr, IsQuantized(t)) << k->name << " " << TierName(t);
+    }
+    EXPECT_EQ(k->ForTier(static_cast<Tier>(kNumTiers)), nullptr) << k->name;
+    double err[kNumTiers] = {};
+    const std::vector<float> x = {0, 1, 2, 3, 4, 5, 6, 7};
+    k->estimate_error(x.data(), x.size(), x.size(), err);
+    for (Tier t : kAllTiers) {
+      EXPECT_EQ(err[static_cast<int>(t)] > 0, IsQuantized(t)) << k->name << " " << TierName(t);
+    }
+  }
 }
 
 double RelativeRms(const std::vector<float>& x, const std::vector<float>& y) {
@@ -187,12 +193,14 @@ TEST(ReferenceRoundTrip, ErrorPerTierIsBelowThreshold) {
   std::mt19937 rng(4);
   const size_t n = 128 * 256, group = 128;
   const std::vector<float> x = MakeData(Pattern::kGaussian, n, rng);
-  for (auto [bits, threshold] :
-       {std::pair{8, kMaxRelRmsInt8}, std::pair{4, kMaxRelRmsInt4}, std::pair{2, kMaxRelRmsInt2}}) {
+  for (auto [tier, threshold] :
+       {std::pair{Tier::kInt8, kMaxRelRmsInt8}, std::pair{Tier::kInt4, kMaxRelRmsInt4},
+        std::pair{Tier::kInt2, kMaxRelRmsInt2}}) {
+    const int bits = TierBits(tier);
     std::vector<uint8_t> q(n / group * (4 + group * bits / 8));
     std::vector<float> y(n);
-    k.quantize(x.data(), n, group, bits, q.data());
-    k.dequantize(q.data(), n, group, bits, y.data());
+    k.ForTier(tier)->quantize(x.data(), n, group, q.data());
+    k.ForTier(tier)->dequantize(q.data(), n, group, y.data());
     const double rel = RelativeRms(x, y);
     EXPECT_LT(rel, threshold) << "INT" << bits;
     // Every value lies within one step of its group's range (no clipping by the fp16 params).
@@ -210,8 +218,8 @@ TEST(ReferenceRoundTrip, ConstantGroupsAreExact) {
   const RowKernels& k = ReferenceRowKernels();
   std::vector<float> x(64, 3.25f), y(64);
   std::vector<uint8_t> q(64 / 32 * (4 + 32 / 2));
-  k.quantize(x.data(), 64, 32, 4, q.data());
-  k.dequantize(q.data(), 64, 32, 4, y.data());
+  k.ForTier(Tier::kInt4)->quantize(x.data(), 64, 32, q.data());
+  k.ForTier(Tier::kInt4)->dequantize(q.data(), 64, 32, y.data());
   for (float v : y) EXPECT_EQ(v, 3.25f);
 }
 

@@ -1,5 +1,6 @@
 #include "spectrumkv/codec/segment.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -216,6 +217,36 @@ TEST(SegmentWriter, RejectsBadSpecs) {
                              BestRowKernels(), &out)
                    .ok());
   EXPECT_TRUE(out.empty()) << "nothing is appended on error";
+}
+
+// Kernels without entry points for a tier refuse segments that use it, on both sides, instead
+// of writing or reading another tier's layout.
+TEST(SegmentWriter, KernelsWithoutATiersEntryPointsRefuseIt) {
+  SyntheticKvSpec spec{.layers = 1, .tokens = 8, .heads = 2, .head_dim = 16};
+  SyntheticKv src(spec);
+  const std::vector<Tier> tiers = {Tier::kFp16, Tier::kInt8, Tier::kInt4, Tier::kDrop,
+                                   Tier::kInt4, Tier::kInt8, Tier::kInt2, Tier::kFp16};
+  CodecOptions options;
+  RowKernels without_int4 = ReferenceRowKernels();
+  without_int4.tiers[static_cast<int>(Tier::kInt4)] = {};
+  ByteBuffer out;
+  absl::StatusOr<size_t> refused = EncodeSegment(src.views()[0].key, {1, 0, KvKind::kKey, 0, 8},
+                                                 tiers, options, without_int4, &out);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(refused.status().message().find("int4"), std::string_view::npos) << refused.status();
+  EXPECT_TRUE(out.empty());
+
+  const std::vector<uint8_t> seg = Encode(src.views()[0].key, KvKind::kKey, tiers, options);
+  absl::StatusOr<ParsedSegment> parsed = ParseSegment(seg);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  std::vector<uint16_t> dst(size_t{8} * 2 * 16, 0x1234);
+  KvTensorView destination = src.views()[0].key;
+  destination.base = dst.data();
+  EXPECT_EQ(DecodeSegment(*parsed, destination, without_int4).code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(), [](uint16_t v) { return v == 0x1234; }))
+      << "nothing written";
+  EXPECT_TRUE(DecodeSegment(*parsed, destination, ReferenceRowKernels()).ok());
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "spectrumkv/control/codec_policy.h"
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
@@ -12,10 +14,10 @@ using ::testing::HasSubstr;
 namespace v1 = spectrumkv::v1;
 
 TEST(CodecPolicyTest, UnsetFieldsInheritSetFieldsOverride) {
-  CodecPolicySettings base;
-  base.allocator = CodecAllocator::kPaper;
+  CodecOptions base;
+  base.allocator = AllocatorKind::kPaper;
   base.sink_tokens = 8;
-  base.rotate = false;
+  base.rotate_keys = base.rotate_values = false;
 
   const auto unchanged = ApplyCodecPolicy(base, v1::CodecPolicy(), "policy");
   ASSERT_TRUE(unchanged.ok());
@@ -28,15 +30,16 @@ TEST(CodecPolicyTest, UnsetFieldsInheritSetFieldsOverride) {
   layer.set_recent_tokens(0);   // explicit zero is a value, not "unset"
   auto merged = ApplyCodecPolicy(base, layer, "policy");
   ASSERT_TRUE(merged.ok());
-  EXPECT_EQ(merged->allocator, CodecAllocator::kRd);
-  EXPECT_TRUE(merged->rotate);
-  EXPECT_FALSE(merged->allow_int4);
+  EXPECT_EQ(merged->allocator, AllocatorKind::kRd);
+  EXPECT_TRUE(merged->rotate_keys && merged->rotate_values);
+  EXPECT_FALSE(merged->allowed_tiers.Has(Tier::kInt4));
+  EXPECT_TRUE(merged->allowed_tiers.Has(Tier::kInt8));
   EXPECT_EQ(merged->sink_tokens, 8u);  // inherited
-  EXPECT_EQ(merged->centre, base.centre);
+  EXPECT_EQ(merged->centre_keys, base.centre_keys);
 }
 
 TEST(CodecPolicyTest, ThreeLayersInOrder) {
-  const CodecPolicySettings daemon;  // built-in defaults
+  const CodecOptions daemon;  // built-in defaults
   v1::CodecPolicy model;
   model.set_group_size(64);
   model.set_sink_tokens(16);
@@ -48,24 +51,24 @@ TEST(CodecPolicyTest, ThreeLayersInOrder) {
   ASSERT_TRUE(request_level.ok());
   EXPECT_EQ(request_level->group_size, 64u);
   EXPECT_EQ(request_level->sink_tokens, 2u);
-  EXPECT_EQ(request_level->allocator, CodecAllocator::kRd);
+  EXPECT_EQ(request_level->allocator, AllocatorKind::kRd);
 }
 
 TEST(CodecPolicyTest, InvalidValuesNameTheField) {
   v1::CodecPolicy layer;
   layer.set_group_size(20);
-  auto bad = ApplyCodecPolicy(CodecPolicySettings{}, layer, "policy_override");
+  auto bad = ApplyCodecPolicy(CodecOptions{}, layer, "policy_override");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("policy_override.group_size"));
 
   layer.Clear();
   layer.set_recent_tokens(kMaxRecentTokens + 1);
-  EXPECT_THAT(ApplyCodecPolicy(CodecPolicySettings{}, layer, "p").status().message(),
+  EXPECT_THAT(ApplyCodecPolicy(CodecOptions{}, layer, "p").status().message(),
               HasSubstr("p.recent_tokens"));
 }
 
 TEST(CodecPolicyTest, GroupSizeMustFitHeadDim) {
-  CodecPolicySettings policy;
+  CodecOptions policy;
   for (uint32_t g : {0u, 32u, 64u, 128u}) {
     policy.group_size = g;
     EXPECT_TRUE(CheckPolicyFitsHeadDim(policy, 128, "p").ok()) << g;
@@ -78,8 +81,8 @@ TEST(CodecPolicyTest, GroupSizeMustFitHeadDim) {
 }
 
 TEST(CodecPolicyTest, ToProtoSetsEveryFieldAndRoundTrips) {
-  CodecPolicySettings policy;
-  policy.allocator = CodecAllocator::kPaper;
+  CodecOptions policy;
+  policy.allocator = AllocatorKind::kPaper;
   policy.per_channel_keys = true;
   policy.group_size = 32;
   policy.recent_tokens = 64;
@@ -89,13 +92,38 @@ TEST(CodecPolicyTest, ToProtoSetsEveryFieldAndRoundTrips) {
               proto.has_group_size() && proto.has_allow_int4() && proto.has_allow_int2() &&
               proto.has_sink_tokens() && proto.has_recent_tokens());
   // Applying a fully-set policy over anything yields exactly it.
-  CodecPolicySettings other;
-  other.rotate = !policy.rotate;
+  CodecOptions other;
+  other.rotate_keys = other.rotate_values = !policy.rotate_keys;
   other.sink_tokens = 99;
   auto round_trip = ApplyCodecPolicy(other, proto, "p");
   ASSERT_TRUE(round_trip.ok());
   EXPECT_EQ(*round_trip, policy);
-  EXPECT_EQ(CodecAllocatorName(CodecAllocator::kRd), "rd");
+  EXPECT_STREQ(AllocatorName(AllocatorKind::kRd), "rd");
+}
+
+TEST(CodecPolicyTest, PaperTransfersRunWithoutTransforms) {
+  CodecOptions policy;
+  policy.allocator = AllocatorKind::kPaper;
+  const CodecOptions paper = OptionsForTransfer(policy, 0.3);
+  EXPECT_EQ(paper.budget, 0.3);
+  EXPECT_FALSE(paper.rotate_keys || paper.rotate_values || paper.centre_keys);
+  const CodecOptions rd = OptionsForTransfer(CodecOptions{}, 0.4);
+  EXPECT_EQ(rd.budget, 0.4);
+  EXPECT_TRUE(rd.rotate_keys && rd.rotate_values && rd.centre_keys);
+}
+
+// Every codec tier has the API value of the same name at its wire value + 1, and back.
+TEST(TierMapping, EveryCodecTierHasItsApiValue) {
+  for (Tier t : kAllTiers) {
+    const v1::Tier api = TierToProto(t);
+    EXPECT_EQ(v1::Tier_Name(api), absl::AsciiStrToUpper(absl::StrCat("TIER_", TierName(t))));
+    absl::StatusOr<Tier> back = TierFromProto(api);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(*back, t);
+  }
+  EXPECT_EQ(v1::Tier_descriptor()->value_count(), kNumTiers + 1) << "UNSPECIFIED + every tier";
+  EXPECT_FALSE(TierFromProto(v1::TIER_UNSPECIFIED).ok());
+  EXPECT_FALSE(TierFromProto(static_cast<v1::Tier>(kNumTiers + 1)).ok());
 }
 
 }  // namespace

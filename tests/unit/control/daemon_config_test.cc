@@ -61,7 +61,7 @@ TEST(DaemonConfigTest, DefaultsWithoutAnySource) {
   EXPECT_EQ(config->early_segment_buffer_bytes, uint64_t{256} << 20);
   EXPECT_EQ(config->early_segment_ttl, absl::Seconds(30));
   EXPECT_EQ(config->max_concurrent_transfers, 64u);
-  EXPECT_EQ(config->default_codec_policy, CodecPolicySettings{});
+  EXPECT_EQ(config->default_codec_policy, CodecOptions{});
   EXPECT_EQ(config->log_level, LogLevel::kInfo);
   EXPECT_TRUE(config->config_file.empty());
 }
@@ -152,7 +152,7 @@ TEST(DaemonConfigTest, FlagParsing) {
                       "--codec_allow_int2", "--daemon_id=node-a"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->grpc_listen_address, "127.0.0.1:7000");  // '-' and '_' are alike
-  EXPECT_TRUE(config->default_codec_policy.allow_int2);      // bare boolean flag = true
+  EXPECT_TRUE(config->default_codec_policy.allowed_tiers.Has(Tier::kInt2));  // bare flag = true
   EXPECT_EQ(config->daemon_id, "node-a");
 
   EXPECT_THAT(Load({"--no_such_flag=1"}).status().message(), HasSubstr("unknown flag"));
@@ -206,7 +206,7 @@ TEST(DaemonConfigTest, ValueParsers) {
   EXPECT_EQ(c.log_level, LogLevel::kWarn);
   EXPECT_FALSE(SetDaemonConfigKey("log_level", "verbose", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_allocator", "paper", c).ok());
-  EXPECT_EQ(c.default_codec_policy.allocator, CodecAllocator::kPaper);
+  EXPECT_EQ(c.default_codec_policy.allocator, AllocatorKind::kPaper);
   EXPECT_FALSE(SetDaemonConfigKey("codec_allocator", "greedy", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_group_size", "64", c).ok());
   EXPECT_FALSE(SetDaemonConfigKey("codec_group_size", "48x", c).ok());
@@ -214,7 +214,7 @@ TEST(DaemonConfigTest, ValueParsers) {
   EXPECT_FALSE(SetDaemonConfigKey("codec_sink_tokens", "5000", c).ok());
   EXPECT_FALSE(SetDaemonConfigKey("codec_rotate", "maybe", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_rotate", "off", c).ok());
-  EXPECT_FALSE(c.default_codec_policy.rotate);
+  EXPECT_FALSE(c.default_codec_policy.rotate_keys || c.default_codec_policy.rotate_values);
   EXPECT_FALSE(SetDaemonConfigKey("max_concurrent_transfers", "+5", c).ok());
   EXPECT_FALSE(SetDaemonConfigKey("daemon_id", "has space", c).ok());
   EXPECT_EQ(SetDaemonConfigKey("nope", "1", c).code(), absl::StatusCode::kInvalidArgument);
@@ -331,7 +331,7 @@ TEST(DaemonConfigTest, FormatRoundTripsAndRedactsSecrets) {
   original.metrics_listen_address = "";
   original.max_inflight_bytes = 3 << 20;
   original.early_segment_ttl = absl::Milliseconds(1500);
-  original.default_codec_policy.allocator = CodecAllocator::kPaper;
+  original.default_codec_policy.allocator = AllocatorKind::kPaper;
   original.default_codec_policy.recent_tokens = 32;
   original.log_level = LogLevel::kTrace;
   original.ucx_net_devices = "lo";

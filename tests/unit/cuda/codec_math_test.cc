@@ -185,17 +185,19 @@ TEST(CodecMathTest, LaneOrderedGroupQuantizeMatchesReference) {
   for (Pattern p : {Pattern::kGaussian, Pattern::kSignedZeros, Pattern::kNonFinite,
                     Pattern::kDenormals, Pattern::kHuge, Pattern::kRandomBits}) {
     for (uint32_t lanes : {1u, 2u, 3u, 4u, 5u, 8u, 16u, 32u, 64u}) {
-      for (int bits : {8, 4, 2}) {
+      for (Tier tier : {Tier::kInt8, Tier::kInt4, Tier::kInt2}) {
+        const int bits = TierBits(tier);
+        const TierRowKernels& ref_tier = *ReferenceRowKernels().ForTier(tier);
         for (int trial = 0; trial < 20; ++trial) {
           const size_t group = size_t{lanes} * 8;
           const std::vector<float> x = MakeData(p, group, rng);
           std::vector<uint8_t> a(4 + group * bits / 8), b(a.size());
-          ReferenceRowKernels().quantize(x.data(), group, group, bits, a.data());
+          ref_tier.quantize(x.data(), group, group, a.data());
           EmulateQuantizeGroup(x.data(), lanes, bits, b.data());
           ASSERT_EQ(a, b) << "pattern " << int(p) << " lanes " << lanes << " bits " << bits;
           // Dequantize twin: code * scale + offset, as DequantizeRef.
           std::vector<float> ref(group);
-          ReferenceRowKernels().dequantize(a.data(), group, group, bits, ref.data());
+          ref_tier.dequantize(a.data(), group, group, ref.data());
           GroupParams gp;
           std::memcpy(&gp, a.data(), 4);
           for (size_t i = 0; i < group; ++i) {

@@ -80,4 +80,7 @@ v1::KvLayout DenseLayout(v1::DType dtype, uint32_t layers, uint32_t kv_heads, ui
                          uint32_t tokens);
 uint64_t DenseLayoutBytes(const v1::KvLayout& layout);
 
+// "fp16 12, int8 40, ..." from TransferStats.tier_rows, each tier named by its enum value.
+std::string FormatTierRows(const v1::TransferStats& stats);
+
 }  // namespace skv::client

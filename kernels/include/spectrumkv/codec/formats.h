@@ -5,49 +5,14 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SKV_HOST_DEVICE __host__ __device__
-#else
-#define SKV_HOST_DEVICE
-#endif
+#include "spectrumkv/codec/tiers.h"
 
 namespace skv {
 
 // Element type of the KV tensors as the engine stores them.
 enum class DType : uint8_t { kFp16 = 0, kBf16 = 1 };
 
-// Precision given to one token's K or V row. Values are stable: they appear on the wire.
-enum class Tier : uint8_t {
-  kFp16 = 0,  // 16-bit passthrough in the source dtype (bit-exact)
-  kInt8 = 1,
-  kInt4 = 2,  // two codes per byte, low nibble first
-  kInt2 = 3,  // four codes per byte, lowest bits first
-  kDrop = 4,  // 0 bytes; masked out at the decode side
-};
-inline constexpr int kNumTiers = 5;
-
 enum class KvKind : uint8_t { kKey = 0, kValue = 1 };
-
-SKV_HOST_DEVICE constexpr int TierBits(Tier t) {
-  switch (t) {
-    case Tier::kFp16:
-      return 16;
-    case Tier::kInt8:
-      return 8;
-    case Tier::kInt4:
-      return 4;
-    case Tier::kInt2:
-      return 2;
-    case Tier::kDrop:
-      return 0;
-  }
-  return 0;
-}
-SKV_HOST_DEVICE constexpr bool IsQuantized(Tier t) {
-  return t == Tier::kInt8 || t == Tier::kInt4 || t == Tier::kInt2;
-}
-SKV_HOST_DEVICE constexpr int MaxCode(int bits) { return (1 << bits) - 1; }
-const char* TierName(Tier t);
 
 // Asymmetric quantization parameters of one group: value = code * scale + offset.
 // Both are fp16 bit patterns; offset <= every value of the group and scale >= 0.
@@ -112,19 +77,24 @@ SKV_HOST_DEVICE constexpr size_t TierMapBytes(size_t tokens) { return (tokens + 
 
 // Payload bytes of one token row in per-token-params mode.
 SKV_HOST_DEVICE constexpr size_t RowBytes(Tier t, size_t heads, size_t head_dim, size_t group) {
-  if (t == Tier::kFp16) return heads * head_dim * 2;
-  if (t == Tier::kDrop) return 0;
-  const size_t groups = heads * (head_dim / group);
-  return groups * (sizeof(GroupParams) + group * TierBits(t) / 8);
+  switch (EncodingOf(t)) {
+    case TierEncoding::kAffine:
+      return heads * (head_dim / group) * (sizeof(GroupParams) + group * TierBits(t) / 8);
+    case TierEncoding::kRaw:
+    case TierEncoding::kDropped:
+      return heads * head_dim * TierBits(t) / 8;
+    case TierEncoding::kInvalid:
+      break;
+  }
+  return 0;  // callers validate tiers first (IsKnownTier)
 }
 
 // Payload bytes of one token row in per-channel-params mode (codes only).
 SKV_HOST_DEVICE constexpr size_t RowCodeBytes(Tier t, size_t heads, size_t head_dim) {
-  if (t == Tier::kFp16) return heads * head_dim * 2;
   return heads * head_dim * TierBits(t) / 8;
 }
 
-// Per-channel mode: for each quantized tier in order INT8, INT4, INT2, for each chunk of up to
+// Per-channel mode: for each quantized tier in table order (tiers.h), for each chunk of up to
 // `chunk` consecutive tokens of that tier, heads * head_dim GroupParams (one per channel).
 SKV_HOST_DEVICE constexpr size_t ChannelParamsBytes(size_t tokens_in_tier, size_t chunk,
                                                     size_t heads, size_t head_dim) {

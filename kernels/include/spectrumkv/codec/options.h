@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "spectrumkv/codec/tiers.h"
 
 namespace skv {
 
@@ -11,7 +12,9 @@ enum class AllocatorKind : uint8_t {
   kPaper = 0,  // the paper's rule: one token-level tier map for all layers, INT4 -> INT8 -> FP16
   kRd = 1,     // rate-distortion: a tier per (layer, K/V, token) minimizing weighted error
 };
-const char* AllocatorName(AllocatorKind kind);
+inline const char* AllocatorName(AllocatorKind kind) {
+  return kind == AllocatorKind::kPaper ? "paper" : "rd";
+}
 
 struct CodecOptions {
   AllocatorKind allocator = AllocatorKind::kRd;
@@ -26,17 +29,20 @@ struct CodecOptions {
   bool per_channel_keys = false;       // key params per channel over chunks of same-tier tokens
   uint32_t group_size = 0;             // channels per quantization group; 0 means head_dim
   uint32_t channel_group_tokens = 64;  // tokens per params chunk when per_channel_keys
-  bool allow_int4 = true;              // cleared when the model fails the INT4 probe
-  bool allow_int2 = false;             // rd only
-  uint32_t sink_tokens = 4;            // first tokens, always FP16
-  uint32_t recent_tokens = 0;          // last tokens, always FP16
-  uint32_t pool_window = 7;            // max-pooling width of query-derived scores (odd)
+  // Quantized tiers the allocator may use (FP16 and DROP are always available). INT4 is
+  // removed when the model fails the INT4 probe; the paper allocator uses INT4 and INT8 only.
+  TierSet allowed_tiers = TierSet::Defaults();
+  uint32_t sink_tokens = 4;    // first tokens, always FP16
+  uint32_t recent_tokens = 0;  // last tokens, always FP16
+  uint32_t pool_window = 7;    // max-pooling width of query-derived scores (odd)
   // rd: distortion weight of key rows relative to value rows.
   double key_weight = 1.0;
   // The paper's accounting: only code payload counts against the budget (comparison only).
   bool payload_only_accounting = false;
   // Tokens per segment; 0 puts each layer's K (and V) in a single segment.
   uint32_t tokens_per_segment = 0;
+
+  bool operator==(const CodecOptions&) const = default;
 };
 
 // Checks the options against a head size. Errors name the offending field.

@@ -75,13 +75,13 @@ class BudgetAccounting {
   size_t budget_bytes_ = 0;
 };
 
-// rd's input: for every row, the estimated squared error at INT8, INT4 and INT2, measured
+// rd's input: for every row, the estimated squared error at every quantized tier, measured
 // after the transforms the encoder will apply.
 struct DistortionTable {
   uint32_t layers = 0;
   uint32_t tokens = 0;
   struct Row {
-    float err[3];  // INT8, INT4, INT2
+    float err[kNumTiers];  // indexed by tier; 0 for tiers that are not quantized
   };
   std::vector<Row> rows;  // [layer][kind][token]
 

@@ -3,6 +3,7 @@
 // each other. Every fast implementation must produce bit-identical outputs to the reference.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -10,6 +11,15 @@
 #include "spectrumkv/codec/formats.h"
 
 namespace skv {
+
+// One quantized tier's entry points in one backend (the tier's bits are fixed by the entry).
+struct TierRowKernels {
+  // Quantizes n values in groups of `group`. For each group writes GroupParams then the group's
+  // codes to `out`. NaN is treated as 0 and values are clamped to the fp16 range first.
+  void (*quantize)(const float* x, size_t n, size_t group, uint8_t* out) = nullptr;
+  // Inverse of quantize: reads what quantize wrote and writes n values.
+  void (*dequantize)(const uint8_t* in, size_t n, size_t group, float* x) = nullptr;
+};
 
 struct RowKernels {
   const char* name;
@@ -20,17 +30,29 @@ struct RowKernels {
   // In-place orthonormal Hadamard transform of n / block consecutive blocks of `block` values
   // (block a power of two >= 8). It is its own inverse.
   void (*hadamard)(float* x, size_t n, size_t block);
-  // Quantizes n values in groups of `group` to `bits` per code. For each group writes
-  // GroupParams then group * bits / 8 code bytes to `out`. NaN is treated as 0 and values are
-  // clamped to the fp16 range before quantizing.
-  void (*quantize)(const float* x, size_t n, size_t group, int bits, uint8_t* out);
-  // Inverse of quantize: reads what quantize wrote and writes n values.
-  void (*dequantize)(const uint8_t* in, size_t n, size_t group, int bits, float* x);
-  // Per group of `group` values: the squared-error estimate of quantizing it to each of
-  // INT8, INT4 and INT2 (step^2 / 12 per value, the step from the group's sanitized range),
-  // added to err[0..2]. Used by the rd planner.
-  void (*estimate_error)(const float* x, size_t n, size_t group, double err[3]);
+  // Per group of `group` values: the squared-error estimate of quantizing it at every quantized
+  // tier (step^2 / 12 per value, the step from the group's sanitized range), added to err[tier].
+  // Entries of other tiers are left alone. Used by the rd planner.
+  void (*estimate_error)(const float* x, size_t n, size_t group, double err[kNumTiers]);
+  // Entry points per tier, indexed by the tier's wire value; set exactly for quantized tiers
+  // (tests/unit/codec/row_kernels_test.cc checks every backend).
+  std::array<TierRowKernels, kNumTiers> tiers;
+
+  // The entry points of `t`, or nullptr when this backend has none (not a quantized tier).
+  const TierRowKernels* ForTier(Tier t) const {
+    if (!IsKnownTier(t)) return nullptr;
+    const TierRowKernels& k = tiers[static_cast<int>(t)];
+    return k.quantize != nullptr && k.dequantize != nullptr ? &k : nullptr;
+  }
 };
+
+// A backend's `tiers` from its function Tier -> entry points.
+template <typename EntryOf>
+constexpr std::array<TierRowKernels, kNumTiers> MakeTierKernels(EntryOf entry_of) {
+  std::array<TierRowKernels, kNumTiers> table{};
+  for (Tier t : kAllTiers) table[static_cast<int>(t)] = entry_of(t);
+  return table;
+}
 
 // The scalar reference implementation.
 const RowKernels& ReferenceRowKernels();
@@ -54,5 +76,19 @@ inline float SanitizeForQuant(float v) {
 // constant group). One definition for every implementation, host and device: codec_math.h.
 using math::InverseScale;
 using math::MakeGroupParams;
+
+}  // namespace skv
+
+namespace skv {
+
+// Adds the step^2 / 12 error estimate of one group of `group` values spanning `range` to
+// err[tier] for every quantized tier (the estimate_error kernels' shared arithmetic).
+inline void AddQuantizationErrors(double range, size_t group, double err[kNumTiers]) {
+  for (Tier t : kAllTiers) {
+    if (!IsQuantized(t)) continue;
+    const double step = range / MaxCode(TierBits(t));
+    err[static_cast<int>(t)] += double(group) * step * step / 12.0;
+  }
+}
 
 }  // namespace skv

@@ -85,7 +85,7 @@ struct DaemonConfig {
   uint32_t shm_mapping_cache_entries = 16;
 
   // ---- Codec defaults (the bottom layer under model and request policies).
-  CodecPolicySettings default_codec_policy;
+  CodecOptions default_codec_policy;
 
   // ---- Logging and UCX.
   LogLevel log_level = LogLevel::kInfo;

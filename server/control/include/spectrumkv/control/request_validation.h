@@ -45,7 +45,7 @@ struct RegisteredModel {
   uint32_t head_dim = 0;
   uint32_t query_heads = 0;  // resolved: never 0
   DType dtype = DType::kFp16;
-  CodecPolicySettings policy;  // daemon defaults with the model's policy applied
+  CodecOptions policy;  // daemon defaults with the model's policy applied
 };
 
 inline constexpr size_t kMaxModelNameLength = 128;
