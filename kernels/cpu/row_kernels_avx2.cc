@@ -37,13 +37,14 @@ inline __m128i ToBf16x8(__m256 x) {
   return _mm256_castsi256_si128(packed);
 }
 
+inline __m128i Store8(__m256 x, DType dtype) {
+  return dtype == DType::kFp16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT) : ToBf16x8(x);
+}
+
 void StoreAvx2(const float* src, DType dtype, size_t n, uint16_t* dst) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(src + i);
-    const __m128i h =
-        dtype == DType::kFp16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT) : ToBf16x8(x);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), Store8(_mm256_loadu_ps(src + i), dtype));
   }
   for (; i < n; ++i) dst[i] = FloatToHalf(src[i], dtype);
 }
@@ -67,30 +68,85 @@ inline __m256 ButterflyInVector(__m256 v) {
   return _mm256_blend_ps(sum, diff, kOddMask);
 }
 
-// A whole block of kVectors * 8 values held in registers through every stage (kVectors <= 16
-// fits the 16 ymm registers), so each value is loaded and stored once.
+// The Hadamard butterflies (without the normalisation) over kVectors * 8 values held in
+// registers (kVectors <= 16 fits the 16 ymm registers).
+// Butterfly stages with distance kH, 2 kH, ... across the registers r[0, kVectors).
+template <int kH, int kVectors>
+inline __attribute__((always_inline)) void CrossRegisterStages(__m256 (&r)[kVectors]) {
+  if constexpr (kH < kVectors) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kVectors; i += 2 * kH) {
+#pragma GCC unroll 16
+      for (int j = i; j < i + kH; ++j) {
+        const __m256 a = r[j];
+        r[j] = _mm256_add_ps(a, r[j + kH]);
+        r[j + kH] = _mm256_sub_ps(a, r[j + kH]);
+      }
+    }
+    CrossRegisterStages<2 * kH>(r);
+  }
+}
+
+// The Hadamard butterflies (without the normalisation) over kVectors * 8 values held in
+// registers (kVectors <= 16 fits the 16 ymm registers). Every loop is unrolled at compile time
+// so that r[] stays in registers (a rolled loop indexes it on the stack).
+template <int kVectors>
+inline __attribute__((always_inline)) void ButterfliesInRegisters(__m256 (&r)[kVectors]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) {
+    r[i] = ButterflyInVector<4>(ButterflyInVector<2>(ButterflyInVector<1>(r[i])));
+  }
+  CrossRegisterStages<1>(r);
+}
+
+// A whole block in registers through every stage, so each value is loaded and stored once.
 template <int kVectors>
 void HadamardBlockInRegisters(float* v, __m256 norm) {
   __m256 r[kVectors];
-  for (int i = 0; i < kVectors; ++i) {
-    r[i] = ButterflyInVector<4>(
-        ButterflyInVector<2>(ButterflyInVector<1>(_mm256_loadu_ps(v + 8 * i))));
-  }
-  for (int h = 1; h < kVectors; h *= 2) {
-    for (int i = 0; i < kVectors; i += 2 * h) {
-      for (int j = i; j < i + h; ++j) {
-        const __m256 a = r[j];
-        r[j] = _mm256_add_ps(a, r[j + h]);
-        r[j + h] = _mm256_sub_ps(a, r[j + h]);
-      }
-    }
-  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) r[i] = _mm256_loadu_ps(v + 8 * i);
+  ButterfliesInRegisters(r);
+#pragma GCC unroll 16
   for (int i = 0; i < kVectors; ++i) _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(r[i], norm));
 }
 
+// transform for one block: load 16-bit values, subtract the mean, rotate, in registers.
+template <int kVectors>
+void TransformBlock(const uint16_t* src, DType dtype, const float* mean, float* out,
+                    __m256 norm) {
+  __m256 r[kVectors];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) {
+    r[i] = Load8(src + 8 * i, dtype);
+    if (mean != nullptr) r[i] = _mm256_sub_ps(r[i], _mm256_loadu_ps(mean + 8 * i));
+  }
+  ButterfliesInRegisters(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(r[i], norm));
+}
+
+// untransform for one block: rotate back, add the mean, store as 16-bit values, in registers.
+template <int kVectors>
+void UntransformBlock(const float* x, const float* mean, DType dtype, uint16_t* dst,
+                      __m256 norm) {
+  __m256 r[kVectors];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) r[i] = _mm256_loadu_ps(x + 8 * i);
+  ButterfliesInRegisters(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < kVectors; ++i) {
+    __m256 v = _mm256_mul_ps(r[i], norm);
+    if (mean != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(mean + 8 * i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * i), Store8(v, dtype));
+  }
+}
+
+inline __m256 HadamardNorm(size_t block) {
+  return _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
+}
+
 void HadamardAvx2(float* x, size_t n, size_t block) {
-  const __m256 norm =
-      _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
+  const __m256 norm = HadamardNorm(block);
   for (size_t b = 0; b < n; b += block) {
     float* v = x + b;
     switch (block) {
@@ -133,6 +189,72 @@ void HadamardAvx2(float* x, size_t n, size_t block) {
       _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), norm));
     }
   }
+}
+
+void TransformAvx2(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
+                   float* out) {
+  if (block >= 8 && block <= 128 && n % block == 0) {
+    const __m256 norm = HadamardNorm(block);
+    for (size_t b = 0; b < n; b += block) {
+      const float* m = mean != nullptr ? mean + b : nullptr;
+      switch (block) {
+        case 8:
+          TransformBlock<1>(src + b, dtype, m, out + b, norm);
+          break;
+        case 16:
+          TransformBlock<2>(src + b, dtype, m, out + b, norm);
+          break;
+        case 32:
+          TransformBlock<4>(src + b, dtype, m, out + b, norm);
+          break;
+        case 64:
+          TransformBlock<8>(src + b, dtype, m, out + b, norm);
+          break;
+        default:
+          TransformBlock<16>(src + b, dtype, m, out + b, norm);
+          break;
+      }
+    }
+    return;
+  }
+  LoadAvx2(src, dtype, n, out);  // no rotation, or blocks too large for the registers
+  if (mean != nullptr) {
+    for (size_t i = 0; i < n; ++i) out[i] -= mean[i];
+  }
+  if (block != 0) HadamardAvx2(out, n, block);
+}
+
+void UntransformAvx2(float* x, size_t n, const float* mean, size_t block, DType dtype,
+                     uint16_t* dst) {
+  if (block >= 8 && block <= 128 && n % block == 0) {
+    const __m256 norm = HadamardNorm(block);
+    for (size_t b = 0; b < n; b += block) {
+      const float* m = mean != nullptr ? mean + b : nullptr;
+      switch (block) {
+        case 8:
+          UntransformBlock<1>(x + b, m, dtype, dst + b, norm);
+          break;
+        case 16:
+          UntransformBlock<2>(x + b, m, dtype, dst + b, norm);
+          break;
+        case 32:
+          UntransformBlock<4>(x + b, m, dtype, dst + b, norm);
+          break;
+        case 64:
+          UntransformBlock<8>(x + b, m, dtype, dst + b, norm);
+          break;
+        default:
+          UntransformBlock<16>(x + b, m, dtype, dst + b, norm);
+          break;
+      }
+    }
+    return;
+  }
+  if (block != 0) HadamardAvx2(x, n, block);
+  if (mean != nullptr) {
+    for (size_t i = 0; i < n; ++i) x[i] += mean[i];
+  }
+  StoreAvx2(x, dtype, n, dst);
 }
 
 // fp16 -> float with F16C; the same bits as the scalar conversion (tested exhaustively).
@@ -236,13 +358,25 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, uint8_t* out) {
     const __m256 offset = _mm256_set1_ps(FromFp16(p.offset));
     const float scale = FromFp16(p.scale);
     const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-    for (size_t i = 0; i < group; i += 8) {
+    auto codes8 = [&](size_t i) {  // the codes of x[g + i, g + i + 8) as int32 lanes
       const __m256 v = Sanitize8(_mm256_loadu_ps(x + g + i));
       __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, offset), inv),
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm256_min_ps(_mm256_max_ps(q, zero), max_code);
-      PackCodes8<bits>(_mm256_cvttps_epi32(q), out + i * bits / 8);
+      return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(q, zero), max_code));
+    };
+    size_t i = 0;
+    if constexpr (bits == 8) {
+      // 32 codes at a time: two saturating packs (codes are in [0, 255]) interleave the four
+      // vectors per 128-bit lane; one lane permute restores the order.
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (; i + 32 <= group; i += 32) {
+        const __m256i first = _mm256_packus_epi32(codes8(i), codes8(i + 8));
+        const __m256i second = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(first, second), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bytes);
+      }
     }
+    for (; i < group; i += 8) PackCodes8<bits>(codes8(i), out + i * bits / 8);
     out += code_bytes;
   }
 }
@@ -292,9 +426,14 @@ constexpr TierRowKernels Avx2TierKernels(Tier t) {
 
 const RowKernels* Avx2RowKernels() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  static constexpr RowKernels kAvx2{
-      "avx2",       LoadAvx2,          StoreAvx2,
-      HadamardAvx2, EstimateErrorAvx2, MakeTierKernels(Avx2TierKernels)};
+  static constexpr RowKernels kAvx2{.name = "avx2",
+                                    .load = LoadAvx2,
+                                    .store = StoreAvx2,
+                                    .hadamard = HadamardAvx2,
+                                    .transform = TransformAvx2,
+                                    .untransform = UntransformAvx2,
+                                    .estimate_error = EstimateErrorAvx2,
+                                    .tiers = MakeTierKernels(Avx2TierKernels)};
   return supported ? &kAvx2 : nullptr;
 }
 

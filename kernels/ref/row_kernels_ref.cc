@@ -35,6 +35,24 @@ void HadamardRef(float* x, size_t n, size_t block) {
   }
 }
 
+void TransformRef(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
+                  float* out) {
+  LoadRef(src, dtype, n, out);
+  if (mean != nullptr) {
+    for (size_t i = 0; i < n; ++i) out[i] -= mean[i];
+  }
+  if (block != 0) HadamardRef(out, n, block);
+}
+
+void UntransformRef(float* x, size_t n, const float* mean, size_t block, DType dtype,
+                    uint16_t* dst) {
+  if (block != 0) HadamardRef(x, n, block);
+  if (mean != nullptr) {
+    for (size_t i = 0; i < n; ++i) x[i] += mean[i];
+  }
+  StoreRef(x, dtype, n, dst);
+}
+
 template <int bits>
 void QuantizeRef(const float* x, size_t n, size_t group, uint8_t* out) {
   static_assert(8 % bits == 0, "codes must not straddle bytes");
@@ -115,8 +133,14 @@ constexpr TierRowKernels RefTierKernels(Tier t) {
 }  // namespace
 
 const RowKernels& ReferenceRowKernels() {
-  static constexpr RowKernels kRef{"scalar",    LoadRef,          StoreRef,
-                                   HadamardRef, EstimateErrorRef, MakeTierKernels(RefTierKernels)};
+  static constexpr RowKernels kRef{.name = "scalar",
+                                   .load = LoadRef,
+                                   .store = StoreRef,
+                                   .hadamard = HadamardRef,
+                                   .transform = TransformRef,
+                                   .untransform = UntransformRef,
+                                   .estimate_error = EstimateErrorRef,
+                                   .tiers = MakeTierKernels(RefTierKernels)};
   return kRef;
 }
 

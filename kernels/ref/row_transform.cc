@@ -27,12 +27,8 @@ std::vector<uint16_t> ChannelMeanFp16(const KvTensorView& view, uint32_t begin, 
 
 void TransformRow(const uint16_t* row, const KvTensorView& view, bool rotate,
                   std::span<const float> mean, const RowKernels& k, float* out) {
-  const size_t n = view.row_elements();
-  k.load(row, view.dtype, n, out);
-  if (!mean.empty()) {
-    for (size_t c = 0; c < n; ++c) out[c] -= mean[c];
-  }
-  if (rotate) k.hadamard(out, n, HadamardBlock(view.head_dim));
+  k.transform(row, view.dtype, view.row_elements(), mean.empty() ? nullptr : mean.data(),
+              rotate ? HadamardBlock(view.head_dim) : 0, out);
 }
 
 }  // namespace skv::internal

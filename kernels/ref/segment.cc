@@ -467,11 +467,9 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
         } else {
           kernels.ForTier(t)->dequantize(record, n, layout.group_size, row_f32.data());
         }
-        if (layout.rotated) kernels.hadamard(row_f32.data(), n, HadamardBlock(h.head_dim));
-        if (layout.centred) {
-          for (size_t c = 0; c < n; ++c) row_f32[c] += mean[c];
-        }
-        kernels.store(row_f32.data(), destination.dtype, n, out);
+        kernels.untransform(row_f32.data(), n, layout.centred ? mean.data() : nullptr,
+                            layout.rotated ? HadamardBlock(h.head_dim) : 0, destination.dtype,
+                            out);
         break;
       case TierEncoding::kInvalid:
         return absl::DataLossError("segment has an unknown tier");  // ParseSegment refuses these

@@ -30,6 +30,15 @@ struct RowKernels {
   // In-place orthonormal Hadamard transform of n / block consecutive blocks of `block` values
   // (block a power of two >= 8). It is its own inverse.
   void (*hadamard)(float* x, size_t n, size_t block);
+  // The encoder's row preparation in one pass: out = hadamard(load(src) - mean), with `mean`
+  // optional (nullptr) and block = 0 meaning no rotation. Bit-identical to load, then
+  // out[i] -= mean[i], then hadamard.
+  void (*transform)(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
+                    float* out);
+  // Its inverse on the decode side, in one pass: dst = store(hadamard(x) + mean). `x` is
+  // scratch (may be overwritten). Bit-identical to hadamard, then x[i] += mean[i], then store.
+  void (*untransform)(float* x, size_t n, const float* mean, size_t block, DType dtype,
+                      uint16_t* dst);
   // Per group of `group` values: the squared-error estimate of quantizing it at every quantized
   // tier (step^2 / 12 per value, the step from the group's sanitized range), added to err[tier].
   // Entries of other tiers are left alone. Used by the rd planner.
