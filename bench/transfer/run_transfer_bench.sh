@@ -7,10 +7,13 @@
 #   run_transfer_bench.sh [--rate 1gbit] [--tokens 2048] [--layers 32] [--kv_heads 8] [--head_dim 128]
 #                         [--budgets 1,0.5,0.3] [--repeats 2] [--burst 256kb] [--json] [--smoke]
 #                         [--bin DIR] [--logs DIR] [--perftest-test tag_bw] [--perftest-size BYTES]
+#                         [--passthrough never|auto]
 #
 #   --smoke   4 layers, 512 tokens, 1 repeat, ~1 s of ucx_perftest with 4 MiB messages: checks
 #             the plumbing (and the JSON fields) in about 5-10 s; the numbers mean little.
 #   --json    one JSON object on stdout (progress goes to stderr either way).
+#   --passthrough  for budgets < 1: never (default; the codec always runs) or auto (the daemon
+#             sends FP16 rows when it estimates the link is faster than the codec).
 #   --bin     directory with spectrumkvd and skvctl (default: the repo's build/bin, else
 #             build-daemon/bin).
 #   --logs    copy the daemons' logs, perftest and skvctl output there (default: discarded
@@ -27,7 +30,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
 RATE=1gbit BURST=256kb TOKENS=2048 LAYERS=32 KV_HEADS=8 HEAD_DIM=128 BUDGETS=1,0.5,0.3 REPEATS=2
-JSON=0 SMOKE=0 BIN="" LOGS="" PERFTEST_TEST=tag_bw PERFTEST_SIZE=16777216 PERFTEST_SECONDS=4
+JSON=0 SMOKE=0 BIN="" LOGS="" PASSTHROUGH=never PERFTEST_TEST=tag_bw PERFTEST_SIZE=16777216 PERFTEST_SECONDS=4
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   arg=$1; shift
@@ -47,12 +50,14 @@ while [ $# -gt 0 ]; do
     --logs) LOGS=$1; shift ;;
     --perftest-test) PERFTEST_TEST=$1; shift ;;
     --perftest-size) PERFTEST_SIZE=$1; shift ;;
+    --passthrough) PASSTHROUGH=$1; shift ;;
     --json) JSON=1 ;;
     --smoke) SMOKE=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_transfer_bench.sh: unknown argument '$arg' (--help)" >&2; exit 2 ;;
   esac
 done
+case "$PASSTHROUGH" in never|auto) ;; *) echo "run_transfer_bench.sh: --passthrough must be never or auto" >&2; exit 2 ;; esac
 if [ "$SMOKE" = 1 ]; then LAYERS=4 TOKENS=512 REPEATS=1 PERFTEST_SIZE=4194304 PERFTEST_SECONDS=1; fi
 
 log() { echo "[transfer-bench] $*" >&2; }
@@ -260,7 +265,7 @@ log "skvctl bench: $LAYERS layers x $TOKENS tokens x $KV_HEADS heads x $HEAD_DIM
 # skvctl's PID is LAST_PID (ip netns exec execs it): its shm objects are removed if it dies early.
 bounded "$BENCH_LIMIT" ip netns exec "$NS_A" "$BIN/skvctl" bench --sender="$ADDR_A:50551" \
   --receiver="$ADDR_B:50551" --peer=decode --tokens="$TOKENS" --layers="$LAYERS" --kv_heads="$KV_HEADS" \
-  --head_dim="$HEAD_DIM" --budgets="$BUDGETS" --repeats="$REPEATS" \
+  --head_dim="$HEAD_DIM" --budgets="$BUDGETS" --repeats="$REPEATS" --passthrough_mode="$PASSTHROUGH" \
   --timeout_s=$((BENCH_LIMIT > 3600 ? 3600 : BENCH_LIMIT)) --json \
   >"$WORK/skvctl-bench.out" 2>"$WORK/skvctl-bench.err"
 BENCH_RC=$?
@@ -274,7 +279,7 @@ bounded 30 ip netns exec "$NS_A" "$BIN/skvctl" status --target="$ADDR_B:50551" >
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- report -------------------------------------------------------------------------------------
-export WORK RATE BURST TOKENS LAYERS KV_HEADS HEAD_DIM REPEATS RAW_BYTES PERFTEST_MIBPS PERFTEST_TEST \
+export WORK RATE BURST PASSTHROUGH TOKENS LAYERS KV_HEADS HEAD_DIM REPEATS RAW_BYTES PERFTEST_MIBPS PERFTEST_TEST \
   PERFTEST_SIZE PERFTEST_ITERS JSON SMOKE LOAD_BEFORE LOAD_AFTER VETH_A VETH_B
 "$PY" - <<'EOF' || die "could not assemble the report"
 import json, os, sys
@@ -332,6 +337,7 @@ for t in bench:
 
 out = {
     "rate": env["RATE"], "burst": env["BURST"], "smoke": env["SMOKE"] == "1",
+    "passthrough_mode": env["PASSTHROUGH"],
     "layers": int(env["LAYERS"]), "tokens": int(env["TOKENS"]), "kv_heads": int(env["KV_HEADS"]),
     "head_dim": int(env["HEAD_DIM"]), "raw_bytes": raw, "repeats": int(env["REPEATS"]),
     "perftest": None if perftest_gbps is None else {
@@ -357,8 +363,10 @@ def f(x, fmt):
 
 print("SpectrumKV transfer benchmark: veth %s <-> %s, tc tbf %s (burst %s) both ways, UCX_TLS=tcp" % (
     env["VETH_A"], env["VETH_B"], env["RATE"], env["BURST"]))
-print("KV: %d layers x %d tokens x %d kv heads x %d dims FP16 = %d bytes; fastest of %d run(s)" % (
-    out["layers"], out["tokens"], out["kv_heads"], out["head_dim"], raw, out["repeats"]))
+print("KV: %d layers x %d tokens x %d kv heads x %d dims FP16 = %d bytes; fastest of %d run(s); "
+      "passthrough mode for b < 1: %s" % (
+          out["layers"], out["tokens"], out["kv_heads"], out["head_dim"], raw, out["repeats"],
+          env["PASSTHROUGH"]))
 if perftest_gbps is not None:
     print("ucx_perftest %s %d B x %d: %.3f Gbit/s (%.1f MiB/s)" % (
         env["PERFTEST_TEST"], out["perftest"]["size"], out["perftest"]["iterations"], perftest_gbps,
@@ -370,10 +378,11 @@ print("FP16 passthrough: %s s, %s Gbit/s = %s of ucx_perftest" % (
 for r in rows:
     p = r["phases_seconds"]
     print("b=%-4g achieved %.4f  %.3f s  ratio to passthrough %s  | score %.3f plan %.3f encode %.3f wire %.3f "
-          "decode(rx) %.3f total %.3f" % (
+          "decode(rx) %.3f total %.3f%s" % (
               r["budget"], r["achieved_b"], r["seconds"], f(r["ratio_to_passthrough"], "%.3f"),
               p.get("score", 0), p.get("plan", 0), p.get("encode", 0), p.get("wire", 0), p.get("decode", 0),
-              p.get("total", 0)))
+              p.get("total", 0),
+              "  [daemon chose FP16 rows]" if r["budget"] < 1 and p.get("passthrough") else ""))
 print("every run, in order (the first transfer of a run maps the shared memory afresh): %s" % "; ".join(
     "b=%g %s s" % (r["budget"], ", ".join("%.3f" % x for x in r.get("all_seconds", [r["seconds"]])))
     for r in rows))

@@ -48,6 +48,9 @@ ABSL_FLAG(std::string, shm, "", "POSIX shared memory object holding the KV (dens
 ABSL_FLAG(double, budget, 0.5, "wire bytes / FP16 bytes, in (0, 1]");
 ABSL_FLAG(std::string, budgets, "1,0.5,0.3", "bench: budgets to time (1 = FP16 passthrough)");
 ABSL_FLAG(uint32_t, repeats, 3, "bench: transfers per budget (the fastest counts)");
+ABSL_FLAG(std::string, passthrough_mode, "never",
+          "budgets < 1: never (always the codec) or auto (the daemon may send FP16 rows when the "
+          "link is fast); budget 1 always sends FP16 rows");
 ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
 ABSL_FLAG(bool, json, false, "print JSON");
 ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA of the daemons' certificates; set = TLS");
@@ -197,7 +200,10 @@ absl::StatusOr<std::pair<v1::SendResponse, v1::ReceiveResponse>> Transfer(
   *send.mutable_source_layout() = layout;
   send.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
   send.set_budget(budget);
-  send.set_passthrough(budget >= 1.0 ? v1::PASSTHROUGH_MODE_ALWAYS : v1::PASSTHROUGH_MODE_NEVER);
+  send.set_passthrough(budget >= 1.0 ? v1::PASSTHROUGH_MODE_ALWAYS
+                       : absl::GetFlag(FLAGS_passthrough_mode) == "auto"
+                           ? v1::PASSTHROUGH_MODE_AUTO
+                           : v1::PASSTHROUGH_MODE_NEVER);
   absl::StatusOr<v1::SendResponse> sent = pair.sender->Send(send);
   absl::StatusOr<v1::ReceiveResponse> got = received.get();
   if (!sent.ok()) return sent.status();
@@ -398,6 +404,11 @@ int main(int argc, char** argv) {
   if (positional.size() != 2) {
     std::cerr << "usage: skvctl <register|send|receive|status|probe|demo|bench> [--flags]  (--help "
                  "for all)\n";
+    return 2;
+  }
+  if (const std::string mode = absl::GetFlag(FLAGS_passthrough_mode);
+      mode != "never" && mode != "auto") {
+    std::cerr << "skvctl: --passthrough_mode must be never or auto, got '" << mode << "'\n";
     return 2;
   }
   return Main(positional[1]);

@@ -112,8 +112,7 @@ void HadamardBlockInRegisters(float* v, __m256 norm) {
 
 // transform for one block: load 16-bit values, subtract the mean, rotate, in registers.
 template <int kVectors>
-void TransformBlock(const uint16_t* src, DType dtype, const float* mean, float* out,
-                    __m256 norm) {
+void TransformBlock(const uint16_t* src, DType dtype, const float* mean, float* out, __m256 norm) {
   __m256 r[kVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < kVectors; ++i) {
@@ -127,8 +126,7 @@ void TransformBlock(const uint16_t* src, DType dtype, const float* mean, float* 
 
 // untransform for one block: rotate back, add the mean, store as 16-bit values, in registers.
 template <int kVectors>
-void UntransformBlock(const float* x, const float* mean, DType dtype, uint16_t* dst,
-                      __m256 norm) {
+void UntransformBlock(const float* x, const float* mean, DType dtype, uint16_t* dst, __m256 norm) {
   __m256 r[kVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < kVectors; ++i) r[i] = _mm256_loadu_ps(x + 8 * i);
@@ -372,7 +370,8 @@ void QuantizeAvx2(const float* x, size_t n, size_t group, uint8_t* out) {
       for (; i + 32 <= group; i += 32) {
         const __m256i first = _mm256_packus_epi32(codes8(i), codes8(i + 8));
         const __m256i second = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
-        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(first, second), order);
+        const __m256i bytes =
+            _mm256_permutevar8x32_epi32(_mm256_packus_epi16(first, second), order);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bytes);
       }
     }

@@ -468,8 +468,7 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
           kernels.ForTier(t)->dequantize(record, n, layout.group_size, row_f32.data());
         }
         kernels.untransform(row_f32.data(), n, layout.centred ? mean.data() : nullptr,
-                            layout.rotated ? HadamardBlock(h.head_dim) : 0, destination.dtype,
-                            out);
+                            layout.rotated ? HadamardBlock(h.head_dim) : 0, destination.dtype, out);
         break;
       case TierEncoding::kInvalid:
         return absl::DataLossError("segment has an unknown tier");  // ParseSegment refuses these

@@ -30,6 +30,17 @@ namespace {
 // any count). A few suffice: the measurement is a single read of the KV.
 unsigned PlanningThreads() { return std::clamp(std::thread::hardware_concurrency(), 1u, 4u); }
 
+// Threads that encode one transfer's K/V tensors while earlier ones are on the wire (config
+// encode_threads; 0 = automatic), and how far ahead of the wire they may run (each tensor ahead
+// holds its segments in memory).
+// The automatic count leaves half the cores to the transport's progress thread and to the
+// receive side of other transfers (on a two-core host, encoding on both cores slowed transfers
+// between two daemons there: docs/results/transfer-bench.md).
+unsigned EncodingThreads(uint32_t configured) {
+  return configured != 0 ? configured : std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u);
+}
+constexpr size_t kEncodeAheadTensors = 4;
+
 }  // namespace
 
 // ---- Send. -------------------------------------------------------------------------------------
@@ -243,37 +254,55 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
                 [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
   out.wire_start = std::chrono::steady_clock::now();
-  std::vector<ByteBuffer> buffers(per_tensor);
-  for (ByteBuffer& b : buffers) b = segment_pool_->Take();
-  for (uint32_t l = 0; l < model.layers; ++l) {
-    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-      const auto encode_start = std::chrono::steady_clock::now();
-      if (absl::Status s = EncodeLayer(layers[l], l, kind, *plan, options, request_id,
-                                       BestRowKernels(), buffers);
+
+  // Layer l's K and V go out while the next tensors encode on the encoding threads.
+  struct EncodedTensor {
+    std::vector<ByteBuffer> segments;
+    double seconds = 0;  // spent encoding it
+  };
+  OrderedEncoder<EncodedTensor> encoder(
+      size_t{model.layers} * 2, EncodingThreads(config_.encode_threads), kEncodeAheadTensors,
+      [&](size_t i) -> absl::StatusOr<EncodedTensor> {
+        if (out.stop.load()) return absl::CancelledError("the transfer stopped");
+        const auto start = std::chrono::steady_clock::now();
+        EncodedTensor t;
+        t.segments.resize(per_tensor);
+        for (ByteBuffer& b : t.segments) b = segment_pool_->Take();
+        const uint32_t layer = uint32_t(i / 2);
+        const KvKind kind = i % 2 == 0 ? KvKind::kKey : KvKind::kValue;
+        if (absl::Status s = EncodeLayer(layers[layer], layer, kind, *plan, options, request_id,
+                                         BestRowKernels(), t.segments);
+            !s.ok()) {
+          for (ByteBuffer& b : t.segments) segment_pool_->Return(std::move(b));
+          return s;
+        }
+        t.seconds = Seconds(start);
+        return t;
+      });
+  for (size_t i = 0; i < size_t{model.layers} * 2; ++i) {
+    absl::StatusOr<EncodedTensor> tensor = encoder.Next();
+    // A cancel, the peer's loss or the receiver's refusal stops the stream here.
+    if (out.stop.load()) return stopped();
+    if (!tensor.ok()) return tensor.status();
+    // Summed over the encoding threads: the codec's cost, which the passthrough choice weighs
+    // (the wall time would include the waits for the wire).
+    out.stats.encode_seconds += tensor->seconds;
+    for (ByteBuffer& b : tensor->segments) {
+      if (out.stop.load()) return stopped();
+      out.wire_bytes += b.size();
+      // Send() waits while the peer's in-flight window is full: that is the pipeline's
+      // backpressure; the encoder stays at most kEncodeAheadTensors ahead meanwhile.
+      if (absl::Status s =
+              transport_->Send(*peer_id, kSegmentMessage, segment_pool_->ToMessage(std::move(b)),
+                               [](absl::Status) {});
           !s.ok()) {
         return s;
       }
-      out.stats.encode_seconds += Seconds(encode_start);
-      for (ByteBuffer& b : buffers) {
-        // A cancel, the peer's loss or the receiver's refusal stops the stream here.
-        if (out.stop.load()) return stopped();
-        out.wire_bytes += b.size();
-        transport::MessageBuffer message = segment_pool_->ToMessage(std::move(b));
-        b = segment_pool_->Take();
-        // Send() waits while the peer's in-flight window is full: that is the pipeline's
-        // backpressure, and encoding of the next layer overlaps the wire meanwhile.
-        if (absl::Status s = transport_->Send(*peer_id, kSegmentMessage, std::move(message),
-                                              [](absl::Status) {});
-            !s.ok()) {
-          return s;
-        }
-        ++out.segments_sent;
-        table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
-                      [&](v1::TransferInfo& i) { i.set_segments_done(out.segments_sent); });
-      }
+      ++out.segments_sent;
+      table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
+                    [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
     }
   }
-  for (ByteBuffer& b : buffers) segment_pool_->Return(std::move(b));
   return absl::OkStatus();
 }
 

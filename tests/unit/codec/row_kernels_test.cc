@@ -143,8 +143,8 @@ TEST_F(Avx2VsReference, TransformAndUntransformAreBitIdentical) {
             std::vector<float> ta(n), tb(n);
             ref_.transform(src.data(), dtype, n, m, block, ta.data());
             fast_->transform(src.data(), dtype, n, m, block, tb.data());
-            ASSERT_TRUE(SameBits(ta, tb)) << "transform head_dim=" << head_dim << " block="
-                                          << block << " mean=" << with_mean;
+            ASSERT_TRUE(SameBits(ta, tb))
+                << "transform head_dim=" << head_dim << " block=" << block << " mean=" << with_mean;
             std::vector<float> xa = ta, xb = ta;
             std::vector<uint16_t> ua(n), ub(n);
             ref_.untransform(xa.data(), n, m, block, dtype, ua.data());

@@ -1,5 +1,10 @@
-// The send path's decision stages on their own: the rate estimates and the passthrough choice.
+// The send path's stages on their own: the rate estimates, the passthrough choice and the
+// ordered encoder.
 #include "send_stages.h"
+
+#include <atomic>
+#include <chrono>
+#include <random>
 
 #include "gtest/gtest.h"
 
@@ -52,6 +57,60 @@ TEST(ChoosePassthrough, AFastLinkPassesThroughASlowOneEncodes) {
   // NEVER keeps the codec however fast the link.
   EXPECT_FALSE(
       ChoosePassthrough(Request(0.5, v1::PASSTHROUGH_MODE_NEVER), kRaw, 10e9, 2e9).passthrough());
+}
+
+// Items come out in index order whatever order the threads finish them in, and no thread runs
+// more than `window` items ahead of the consumer.
+TEST(OrderedEncoder, HandsOutItemsInOrderWithinTheWindow) {
+  constexpr size_t kCount = 64, kWindow = 3;
+  std::atomic<size_t> consumed{0}, max_ahead{0};
+  OrderedEncoder<size_t> encoder(kCount, 4, kWindow, [&](size_t i) -> absl::StatusOr<size_t> {
+    const size_t ahead = i - consumed.load();
+    size_t seen = max_ahead.load();
+    while (ahead > seen && !max_ahead.compare_exchange_weak(seen, ahead)) {
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds((i * 7919) % 500));  // out of order
+    return i * i;
+  });
+  for (size_t i = 0; i < kCount; ++i) {
+    absl::StatusOr<size_t> item = encoder.Next();
+    ASSERT_TRUE(item.ok()) << item.status();
+    EXPECT_EQ(*item, i * i);
+    consumed = i + 1;
+  }
+  EXPECT_LE(max_ahead.load(), kWindow);
+  EXPECT_EQ(encoder.Next().status().code(), absl::StatusCode::kOutOfRange) << "all handed out";
+}
+
+// The first error is what Next() returns once the items before it are out; later items are not
+// encoded.
+TEST(OrderedEncoder, StopsAtTheFirstError) {
+  std::atomic<size_t> encoded{0};
+  OrderedEncoder<int> encoder(100, 2, 4, [&](size_t i) -> absl::StatusOr<int> {
+    ++encoded;
+    if (i == 5) return absl::DataLossError("item 5");
+    return int(i);
+  });
+  absl::Status error;
+  for (size_t i = 0; i < 100 && error.ok(); ++i) {
+    absl::StatusOr<int> item = encoder.Next();
+    if (!item.ok()) error = item.status();
+  }
+  EXPECT_EQ(error.code(), absl::StatusCode::kDataLoss);
+  EXPECT_LT(encoded.load(), 20u) << "encoding stopped near the error";
+}
+
+// Destroying the encoder before everything was consumed joins its threads without hanging.
+TEST(OrderedEncoder, DestroyingItEarlyStopsTheThreads) {
+  std::atomic<size_t> encoded{0};
+  {
+    OrderedEncoder<int> encoder(1000, 3, 2, [&](size_t i) -> absl::StatusOr<int> {
+      ++encoded;
+      return int(i);
+    });
+    ASSERT_TRUE(encoder.Next().ok());
+  }
+  EXPECT_LE(encoded.load(), 4u) << "at most the window ahead of the one consumed item";
 }
 
 }  // namespace

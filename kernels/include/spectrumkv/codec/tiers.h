@@ -30,11 +30,11 @@ enum class TierEncoding : uint8_t {
 // (= wire order) is also the order of the per-tier sections of a segment (formats.h).
 // "Allowed by default": in CodecOptions::allowed_tiers by default (only read for quantized
 // tiers; FP16 and DROP are always available to the allocators).
-#define SKV_FOR_EACH_TIER(X)                         \
-  X(kFp16, 0, "fp16", 16, kRaw, true)                \
-  X(kInt8, 1, "int8", 8, kAffine, true)              \
-  X(kInt4, 2, "int4", 4, kAffine, true)              \
-  X(kInt2, 3, "int2", 2, kAffine, false)             \
+#define SKV_FOR_EACH_TIER(X)             \
+  X(kFp16, 0, "fp16", 16, kRaw, true)    \
+  X(kInt8, 1, "int8", 8, kAffine, true)  \
+  X(kInt4, 2, "int4", 4, kAffine, true)  \
+  X(kInt2, 3, "int2", 2, kAffine, false) \
   X(kDrop, 4, "drop", 0, kDropped, true)
 
 enum class Tier : uint8_t {

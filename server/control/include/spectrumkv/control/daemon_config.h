@@ -83,6 +83,10 @@ struct DaemonConfig {
   // Shared-memory KV objects kept mapped between transfers (see ShmMappingCache); 0 maps each
   // transfer's region afresh.
   uint32_t shm_mapping_cache_entries = 16;
+  // Threads that encode one transfer's K/V tensors ahead of the wire; 0 = the hardware's threads,
+  // at most 4. Where the decode side shares the same cores (both daemons on one host), 1 leaves
+  // it a core.
+  uint32_t encode_threads = 0;
 
   // ---- Codec defaults (the bottom layer under model and request policies).
   CodecOptions default_codec_policy;
