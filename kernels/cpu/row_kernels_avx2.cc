@@ -189,6 +189,21 @@ void HadamardAvx2(float* x, size_t n, size_t block) {
   }
 }
 
+void AccumulateAvx2(const uint16_t* src, DType dtype, size_t n, float* sum) {
+  const __m256 zero = _mm256_setzero_ps();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = Load8(src + i, dtype);
+    // x - x is 0 exactly for finite x (NaN for infinities and NaN): keeps v, else +0.
+    const __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_EQ_OQ);
+    _mm256_storeu_ps(sum + i, _mm256_add_ps(_mm256_loadu_ps(sum + i), _mm256_and_ps(finite, v)));
+  }
+  for (; i < n; ++i) {
+    const float v = HalfToFloat(src[i], dtype);
+    sum[i] += std::isfinite(v) ? v : 0.0f;
+  }
+}
+
 void TransformAvx2(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
                    float* out) {
   if (block >= 8 && block <= 128 && n % block == 0) {
@@ -431,6 +446,7 @@ const RowKernels* Avx2RowKernels() {
                                     .hadamard = HadamardAvx2,
                                     .transform = TransformAvx2,
                                     .untransform = UntransformAvx2,
+                                    .accumulate = AccumulateAvx2,
                                     .estimate_error = EstimateErrorAvx2,
                                     .tiers = MakeTierKernels(Avx2TierKernels)};
   return supported ? &kAvx2 : nullptr;

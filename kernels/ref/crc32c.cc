@@ -28,8 +28,56 @@ constexpr std::array<std::array<uint32_t, 256>, 8> MakeTables() {
 constexpr auto kTables = MakeTables();
 
 #if defined(__x86_64__)
+// The crc32 instruction has a latency of three cycles and a throughput of one per cycle, so one
+// dependency chain runs at a third of the instruction's speed. Large inputs go through three
+// chains over adjacent stripes, joined with the CRC's linearity: the register after A then B is
+// shift(register after A) ^ (register after B from 0), shift = feeding kStripe zero bytes.
+constexpr size_t kStripe = 4096;
+
+struct StripeShift {
+  uint32_t table[4][256];  // table[k][b]: the shift of register value b << 8k
+  uint32_t operator()(uint32_t r) const {
+    return table[0][r & 0xffu] ^ table[1][(r >> 8) & 0xffu] ^ table[2][(r >> 16) & 0xffu] ^
+           table[3][r >> 24];
+  }
+};
+
+__attribute__((target("sse4.2"))) uint32_t FeedZeros(uint32_t r, size_t bytes) {
+  uint64_t c = r;
+  for (size_t i = 0; i < bytes; i += 8) c = _mm_crc32_u64(c, 0);
+  return static_cast<uint32_t>(c);
+}
+
+const StripeShift& ShiftByStripe() {
+  static const StripeShift* shift = [] {
+    auto* s = new StripeShift;
+    for (int k = 0; k < 4; ++k) {
+      for (uint32_t b = 0; b < 256; ++b) s->table[k][b] = FeedZeros(b << (8 * k), kStripe);
+    }
+    return s;
+  }();
+  return *shift;
+}
+
 __attribute__((target("sse4.2"))) uint32_t Crc32cSse42(const uint8_t* p, size_t n, uint32_t crc) {
   uint64_t c = ~crc;
+  if (n >= 3 * kStripe) {
+    const StripeShift& shift = ShiftByStripe();
+    for (; n >= 3 * kStripe; n -= 3 * kStripe, p += 3 * kStripe) {
+      uint64_t b = 0, d = 0;
+      for (size_t i = 0; i < kStripe; i += 8) {
+        uint64_t wa, wb, wd;
+        std::memcpy(&wa, p + i, 8);
+        std::memcpy(&wb, p + kStripe + i, 8);
+        std::memcpy(&wd, p + 2 * kStripe + i, 8);
+        c = _mm_crc32_u64(c, wa);
+        b = _mm_crc32_u64(b, wb);
+        d = _mm_crc32_u64(d, wd);
+      }
+      c = shift(shift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(b)) ^
+          static_cast<uint32_t>(d);
+    }
+  }
   for (; n >= 8; n -= 8, p += 8) {
     uint64_t word;
     std::memcpy(&word, p, 8);

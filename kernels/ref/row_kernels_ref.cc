@@ -35,6 +35,13 @@ void HadamardRef(float* x, size_t n, size_t block) {
   }
 }
 
+void AccumulateRef(const uint16_t* src, DType dtype, size_t n, float* sum) {
+  for (size_t i = 0; i < n; ++i) {
+    const float v = HalfToFloat(src[i], dtype);
+    sum[i] += std::isfinite(v) ? v : 0.0f;
+  }
+}
+
 void TransformRef(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
                   float* out) {
   LoadRef(src, dtype, n, out);
@@ -139,6 +146,7 @@ const RowKernels& ReferenceRowKernels() {
                                    .hadamard = HadamardRef,
                                    .transform = TransformRef,
                                    .untransform = UntransformRef,
+                                   .accumulate = AccumulateRef,
                                    .estimate_error = EstimateErrorRef,
                                    .tiers = MakeTierKernels(RefTierKernels)};
   return kRef;

@@ -11,12 +11,11 @@ std::vector<uint16_t> ChannelMeanFp16(const KvTensorView& view, uint32_t begin, 
   // fp32 sums are precise enough: the decoder adds back exactly the fp16 mean that was sent, so
   // the mean only has to centre the data roughly. Non-finite values are left out.
   const size_t n = view.row_elements();
-  std::vector<float> sum(n, 0.0f), row(n);
+  std::vector<float> sum(n, 0.0f);
   size_t rows = 0;
   for (uint32_t i = 0; i < count; ++i) {
     if (!tiers.empty() && !IsQuantized(tiers[i])) continue;
-    k.load(view.row(begin + i), view.dtype, n, row.data());
-    for (size_t c = 0; c < n; ++c) sum[c] += std::isfinite(row[c]) ? row[c] : 0.0f;
+    k.accumulate(view.row(begin + i), view.dtype, n, sum.data());
     ++rows;
   }
   std::vector<uint16_t> mean(n, 0);

@@ -58,9 +58,11 @@ TEST(Crc32c, MatchesTheStandardCheckValue) {
 
 TEST(Crc32c, HardwareAndPortableAgreeAndChain) {
   std::mt19937 rng(7);
-  std::vector<uint8_t> data(4099);
+  std::vector<uint8_t> data(3 * 4096 * 2 + 4099);  // past the three-stripe path's thresholds
   for (auto& b : data) b = uint8_t(rng());
-  for (size_t len : {0, 1, 7, 8, 9, 63, 64, 1000, 4099}) {
+  for (size_t len : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{63}, size_t{64},
+                     size_t{1000}, size_t{4099}, size_t{3 * 4096 - 1}, size_t{3 * 4096},
+                     size_t{3 * 4096 + 5}, size_t{6 * 4096}, data.size()}) {
     EXPECT_EQ(Crc32c(data.data(), len), Crc32cPortable(data.data(), len)) << len;
   }
   const uint32_t whole = Crc32c(data.data(), data.size());

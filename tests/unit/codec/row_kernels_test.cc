@@ -126,6 +126,25 @@ TEST_F(Avx2VsReference, HadamardIsBitIdentical) {
   }
 }
 
+TEST_F(Avx2VsReference, AccumulateIsBitIdentical) {
+  std::mt19937 rng(8);
+  for (DType dtype : {DType::kFp16, DType::kBf16}) {
+    for (size_t n : {1, 7, 8, 9, 64, 129, 1000}) {
+      std::vector<float> a(n, 0.0f), b(n, 0.0f);
+      for (int row = 0; row < 20; ++row) {
+        std::vector<uint16_t> src(n);
+        for (auto& v : src) v = uint16_t(rng());  // every bit pattern: NaN, infinities, denormals
+        ref_.accumulate(src.data(), dtype, n, a.data());
+        fast_->accumulate(src.data(), dtype, n, b.data());
+      }
+      EXPECT_TRUE(SameBits(a, b)) << "n=" << n;
+      if (dtype == DType::kFp16) {  // (bf16's largest finite values can sum to infinity)
+        for (float v : a) EXPECT_TRUE(std::isfinite(v)) << "non-finite values count as 0";
+      }
+    }
+  }
+}
+
 // The fused row passes equal the reference's separate passes bit for bit, for every block size
 // (in registers up to 128, the fallback beyond), with and without a mean and a rotation.
 TEST_F(Avx2VsReference, TransformAndUntransformAreBitIdentical) {

@@ -39,6 +39,9 @@ struct RowKernels {
   // scratch (may be overwritten). Bit-identical to hadamard, then x[i] += mean[i], then store.
   void (*untransform)(float* x, size_t n, const float* mean, size_t block, DType dtype,
                       uint16_t* dst);
+  // sum[i] += float(src[i]) for n 16-bit values of `dtype`, non-finite values counted as +0
+  // (the channel means' accumulation).
+  void (*accumulate)(const uint16_t* src, DType dtype, size_t n, float* sum);
   // Per group of `group` values: the squared-error estimate of quantizing it at every quantized
   // tier (step^2 / 12 per value, the step from the group's sanitized range), added to err[tier].
   // Entries of other tiers are left alone. Used by the rd planner.
