@@ -3,7 +3,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
@@ -24,6 +26,11 @@ google::protobuf::Duration ToProto(double seconds) {
 
 std::vector<KvLayerViews> CodecViews(const control::KvLayoutViews& views) {
   return {views.layers().begin(), views.layers().end()};
+}
+
+unsigned CodecThreads(const control::DaemonConfig& config) {
+  if (config.codec_threads != 0) return config.codec_threads;
+  return std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u);
 }
 
 void FillTierRows(const std::array<uint64_t, kNumTiers>& rows, v1::TransferStats* out) {

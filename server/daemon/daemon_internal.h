@@ -61,6 +61,12 @@ class Daemon::SegmentBufferPool : public std::enable_shared_from_this<Daemon::Se
 inline constexpr size_t kSegmentPoolIdleBytes = size_t{256} << 20;
 
 absl::Status Annotate(const absl::Status& s, absl::string_view context);
+
+// Threads one transfer's codec runs on (config codec_threads; 0 = automatic). The automatic
+// count leaves half the cores to the transport's progress thread and to other transfers: on a
+// two-core host running both daemons, encoding on both cores slowed transfers between them
+// (docs/results/transfer-bench.md).
+unsigned CodecThreads(const control::DaemonConfig& config);
 // Maps every page of a host region in one call (MADV_POPULATE_READ/WRITE) instead of one fault
 // per 4 KiB page while encoding or decoding; best effort, a kernel without it just faults later.
 // Skipped when the region is more than twice the KV's `kv_bytes`: a paged handle may name a whole
@@ -108,7 +114,7 @@ struct Daemon::Inbound {
   std::chrono::steady_clock::time_point started;
   std::optional<control::Metrics::InFlightGuard> in_flight;
   // Progress.
-  bool draining = false;
+  uint32_t decoders = 0;  // DrainDecodeQueue tasks running for this transfer
   bool finished = false;
   std::set<std::tuple<uint32_t, uint8_t, uint32_t>> seen;  // (layer, kind, token_begin)
   uint32_t segments_done = 0;

@@ -151,8 +151,8 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
       }
     } else {
       in->queue.push_back(std::move(payload));
-      if (!in->draining) {
-        in->draining = true;
+      if (in->decoders < std::min<size_t>(CodecThreads(config_), in->queue.size())) {
+        ++in->decoders;
         after.push_back([this, in] { ScheduleDecode(in); });
       }
     }
@@ -355,8 +355,8 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
   after.push_back([this, peer = in->peer, id = in->request_id] {
     SendPeerNotice(peer, kTransferMatchedMessage, id, absl::OkStatus());
   });
-  if (!in->queue.empty() && !in->draining) {
-    in->draining = true;
+  while (in->decoders < std::min<size_t>(CodecThreads(config_), in->queue.size())) {
+    ++in->decoders;
     after.push_back([this, in] { ScheduleDecode(in); });
   }
 }
@@ -378,7 +378,7 @@ void Daemon::Unlink(const std::shared_ptr<Inbound>& in) {
 void Daemon::ScheduleDecode(const std::shared_ptr<Inbound>& transfer) {
   if (!workers_.Post([this, transfer] { DrainDecodeQueue(transfer); })) {
     std::lock_guard<std::mutex> lock(mu_);
-    transfer->draining = false;
+    --transfer->decoders;
   }
 }
 
@@ -388,7 +388,7 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (in->finished || in->queue.empty()) {
-        in->draining = false;
+        --in->decoders;
         return;
       }
       bytes = std::move(in->queue.front());
@@ -396,7 +396,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       if (!in->got_segment)
         in->first_segment = std::chrono::steady_clock::now(), in->got_segment = true;
     }
-    // Verify and decode outside the lock; the views stay valid while `in` is alive.
+    // Verify and decode outside the lock (up to CodecThreads() segments of this transfer at
+    // once); the views stay valid while `in` is alive.
     const auto start = std::chrono::steady_clock::now();
     const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()),
                                         bytes.size());
@@ -408,6 +409,15 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
         status = absl::DataLossError(absl::StrCat("segment for request ", h.request_id, " layer ",
                                                   h.layer, " does not belong to this transfer"));
       } else {
+        // Claimed before decoding, so that a duplicate never writes the rows a segment being
+        // decoded on another thread writes.
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!in->seen.insert({h.layer, h.kind, h.token_begin}).second) {
+          status = absl::DataLossError(absl::StrCat("duplicate segment: layer ", h.layer, " kind ",
+                                                    int(h.kind), " tokens from ", h.token_begin));
+        }
+      }
+      if (status.ok()) {
         const KvLayerViews& layer = in->codec_views[h.layer];
         status = DecodeSegment(*seg, h.kind == 0 ? layer.key : layer.value, BestRowKernels());
       }
@@ -417,13 +427,6 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (in->finished) continue;
-      if (status.ok()) {
-        const SegmentHeader& h = seg->header;
-        if (!in->seen.insert({h.layer, h.kind, h.token_begin}).second) {
-          status = absl::DataLossError(absl::StrCat("duplicate segment: layer ", h.layer, " kind ",
-                                                    int(h.kind), " tokens from ", h.token_begin));
-        }
-      }
       if (!status.ok()) {
         after = FinishInbound(in, Annotate(status, absl::StrCat("request ", in->request_id)));
       } else {
@@ -434,7 +437,7 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
         for (uint32_t t = 0; t < h.token_count; ++t) {
           const Tier tier = seg->tier(t);
           ++in->rows[int(tier)];
-          if (tier == Tier::kDrop) in->kept[h.token_begin + t] = 0;
+          if (EncodingOf(tier) == TierEncoding::kDropped) in->kept[h.token_begin + t] = 0;
         }
         table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER,
                       [&](v1::TransferInfo& info) { info.set_segments_done(in->segments_done); });

@@ -30,15 +30,8 @@ namespace {
 // any count). A few suffice: the measurement is a single read of the KV.
 unsigned PlanningThreads() { return std::clamp(std::thread::hardware_concurrency(), 1u, 4u); }
 
-// Threads that encode one transfer's K/V tensors while earlier ones are on the wire (config
-// encode_threads; 0 = automatic), and how far ahead of the wire they may run (each tensor ahead
-// holds its segments in memory).
-// The automatic count leaves half the cores to the transport's progress thread and to the
-// receive side of other transfers (on a two-core host, encoding on both cores slowed transfers
-// between two daemons there: docs/results/transfer-bench.md).
-unsigned EncodingThreads(uint32_t configured) {
-  return configured != 0 ? configured : std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u);
-}
+// How far ahead of the wire the encoding threads may run (each tensor ahead holds its segments in
+// memory).
 constexpr size_t kEncodeAheadTensors = 4;
 
 }  // namespace
@@ -261,7 +254,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     double seconds = 0;  // spent encoding it
   };
   OrderedEncoder<EncodedTensor> encoder(
-      size_t{model.layers} * 2, EncodingThreads(config_.encode_threads), kEncodeAheadTensors,
+      size_t{model.layers} * 2, CodecThreads(config_), kEncodeAheadTensors,
       [&](size_t i) -> absl::StatusOr<EncodedTensor> {
         if (out.stop.load()) return absl::CancelledError("the transfer stopped");
         const auto start = std::chrono::steady_clock::now();

@@ -216,9 +216,9 @@ TEST(DaemonConfigTest, ValueParsers) {
   EXPECT_TRUE(SetDaemonConfigKey("codec_rotate", "off", c).ok());
   EXPECT_FALSE(c.default_codec_policy.rotate_keys || c.default_codec_policy.rotate_values);
   EXPECT_FALSE(SetDaemonConfigKey("max_concurrent_transfers", "+5", c).ok());
-  EXPECT_TRUE(SetDaemonConfigKey("encode_threads", "2", c).ok());
-  EXPECT_EQ(c.encode_threads, 2u);
-  EXPECT_FALSE(SetDaemonConfigKey("encode_threads", "65", c).ok());
+  EXPECT_TRUE(SetDaemonConfigKey("codec_threads", "2", c).ok());
+  EXPECT_EQ(c.codec_threads, 2u);
+  EXPECT_FALSE(SetDaemonConfigKey("codec_threads", "65", c).ok());
   EXPECT_FALSE(SetDaemonConfigKey("daemon_id", "has space", c).ok());
   EXPECT_EQ(SetDaemonConfigKey("nope", "1", c).code(), absl::StatusCode::kInvalidArgument);
 }

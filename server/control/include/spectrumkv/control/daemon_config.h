@@ -83,10 +83,9 @@ struct DaemonConfig {
   // Shared-memory KV objects kept mapped between transfers (see ShmMappingCache); 0 maps each
   // transfer's region afresh.
   uint32_t shm_mapping_cache_entries = 16;
-  // Threads that encode one transfer's K/V tensors ahead of the wire; 0 = the hardware's threads,
-  // at most 4. Where the decode side shares the same cores (both daemons on one host), 1 leaves
-  // it a core.
-  uint32_t encode_threads = 0;
+  // Threads one transfer's codec runs on: the sender's encoding ahead of the wire, the
+  // receiver's decoding of arrived segments. 0 = half the hardware's threads, 1..4.
+  uint32_t codec_threads = 0;
 
   // ---- Codec defaults (the bottom layer under model and request policies).
   CodecOptions default_codec_policy;
