@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -17,7 +18,9 @@
 #include "absl/status/statusor.h"
 #include "peer_protocol.h"
 #include "send_stages.h"
+#include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/codec/options.h"
+#include "spectrumkv/codec/plan.h"
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
 #include "spectrumkv/control/kv_handle_import.h"
@@ -126,7 +129,15 @@ class Daemon {
   // Send side (daemon_send.cc).
   void RunSend(const std::shared_ptr<Outbound>& out);
   // The pipeline on the worker: import, plan, stream. Returns why it stopped early.
+  // The send path's stages: connect, import the source, decide, plan, announce, then stream.
   absl::Status StreamTransfer(Outbound& out);
+  absl::Status StreamSegments(Outbound& out, transport::PeerId peer,
+                              std::span<const KvLayerViews> layers, const TierPlan& plan,
+                              const CodecOptions& options);
+  void CountPassthrough(const Outbound& out);
+  static TransferBegin MakeTransferBegin(const Outbound& out, uint32_t tokens);
+  // Why `out` stopped: the receiver's verdict, or the local reason (OK while it runs).
+  absl::Status OutboundStopReason(Outbound& out);
   absl::AnyInvocable<void()> FinishOutbound(std::shared_ptr<Outbound> out, absl::Status status);
   void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds,
                   v1::SendResponse& response);

@@ -150,16 +150,39 @@ void Daemon::SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& afte
   after.push_back(FinishOutbound(out, *out->local_stop));
 }
 
+// The announcement that precedes a transfer's segments.
+TransferBegin Daemon::MakeTransferBegin(const Outbound& out, uint32_t tokens) {
+  const control::RegisteredModel& model = out.model;
+  TransferBegin begin{};
+  begin.version = kTransferMessageVersion;
+  begin.dtype = uint8_t(model.dtype);
+  begin.passthrough = out.decision.passthrough() ? 1 : 0;
+  begin.layers = model.layers;
+  begin.request_id = out.request_id;
+  begin.model_hash =
+      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
+  begin.tokens = tokens;
+  begin.heads = model.kv_heads;
+  begin.head_dim = model.head_dim;
+  begin.segments_total = out.segments_total;
+  begin.requested_budget = out.request->budget();
+  for (int t = 0; t < kNumTiers; ++t) begin.rows_per_tier[t] = out.stats.rows_per_tier[t];
+  // The honest budget is known exactly only after encoding; the receiver's copy is the plan's.
+  begin.achieved_budget = out.decision.planned_budget();
+  begin.payload_budget = 0;
+  return begin;
+}
+
+absl::Status Daemon::OutboundStopReason(Outbound& out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (out.peer_verdict) return out.peer_verdict->status;
+  return out.local_stop.value_or(absl::OkStatus());
+}
+
 absl::Status Daemon::StreamTransfer(Outbound& out) {
   const v1::SendRequest& request = *out.request;
   const control::RegisteredModel& model = out.model;
-  const uint64_t request_id = out.request_id;
-  auto stopped = [&]() -> absl::Status {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (out.peer_verdict) return out.peer_verdict->status;
-    return out.local_stop.value_or(absl::OkStatus());
-  };
-  if (out.stop.load()) return stopped();  // cancelled (or shutting down) while queued
+  if (out.stop.load()) return OutboundStopReason(out);  // cancelled (or shutting down) while queued
   // Connected first, so that whatever fails below can be told to the receiver.
   absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
   if (!peer_id.ok()) return peer_id.status();
@@ -167,7 +190,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
     std::lock_guard<std::mutex> lock(mu_);
     out.peer = *peer_id;  // from now on the receiver's answer and the peer's loss reach `out`
   }
-  if (out.stop.load()) return stopped();
+  if (out.stop.load()) return OutboundStopReason(out);
 
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
@@ -200,61 +223,55 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   // Passthrough or codec (DESIGN 3.7), from what earlier transfers measured.
   out.decision = ChoosePassthrough(request, out.raw_bytes, link_rates_.Get(out.peer_config.address),
                                    codec_rate_.Get(kCodecRateKey));
-  const v1::PassthroughDecision& decision = out.decision;
-  const double budget = decision.planned_budget();
-  if (decision.passthrough()) {
-    metrics_->CountPassthrough(decision.reason() == v1::PASSTHROUGH_REASON_FORCED
-                                   ? control::PassthroughReason::kForced
-                               : decision.reason() == v1::PASSTHROUGH_REASON_BUDGET_FULL
-                                   ? control::PassthroughReason::kBudgetFull
-                                   : control::PassthroughReason::kFastLink);
-    spdlog::info("request {}: FP16 passthrough ({})", request_id,
-                 v1::PassthroughReason_Name(decision.reason()));
-  }
-  const CodecOptions options = control::OptionsForTransfer(out.policy, budget);
+  CountPassthrough(out);
+  const CodecOptions options =
+      control::OptionsForTransfer(out.policy, out.decision.planned_budget());
 
   auto in_flight = metrics_->TrackInFlight();
-
   absl::StatusOr<TierPlan> plan =
       PlanRequest(layers, importance, options, BestRowKernels(), &out.stats, PlanningThreads());
   if (!plan.ok()) return plan.status();
-  const uint32_t per_tensor = SegmentsPerTensor(plan->tokens, options);
-  TransferBegin begin{};
-  begin.version = kTransferMessageVersion;
-  begin.dtype = uint8_t(model.dtype);
-  begin.passthrough = decision.passthrough() ? 1 : 0;
-  begin.layers = model.layers;
-  begin.request_id = request_id;
-  begin.model_hash =
-      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
-  begin.tokens = plan->tokens;
-  begin.heads = model.kv_heads;
-  begin.head_dim = model.head_dim;
-  begin.segments_total = out.segments_total = per_tensor * model.layers * 2;
-  begin.requested_budget = request.budget();
   out.stats.rows_per_tier = plan->TierCounts();
-  for (int t = 0; t < kNumTiers; ++t) begin.rows_per_tier[t] = out.stats.rows_per_tier[t];
-  // The honest budget is known exactly only after encoding; the receiver's copy is the plan's.
-  begin.achieved_budget = budget;
-  begin.payload_budget = 0;
-  if (absl::Status s = stopped(); !s.ok()) return s;
-  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage, SerializeBegin(begin),
+  out.segments_total = SegmentsPerTensor(plan->tokens, options) * model.layers * 2;
+
+  if (absl::Status s = OutboundStopReason(out); !s.ok()) return s;
+  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage,
+                                        SerializeBegin(MakeTransferBegin(out, plan->tokens)),
                                         [](absl::Status) {});
       !s.ok()) {
     return s;
   }
   out.begin_sent = true;
-  table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
                 [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
   out.wire_start = std::chrono::steady_clock::now();
+  return StreamSegments(out, *peer_id, layers, *plan, options);
+}
 
+void Daemon::CountPassthrough(const Outbound& out) {
+  const v1::PassthroughDecision& decision = out.decision;
+  if (!decision.passthrough()) return;
+  metrics_->CountPassthrough(decision.reason() == v1::PASSTHROUGH_REASON_FORCED
+                                 ? control::PassthroughReason::kForced
+                             : decision.reason() == v1::PASSTHROUGH_REASON_BUDGET_FULL
+                                 ? control::PassthroughReason::kBudgetFull
+                                 : control::PassthroughReason::kFastLink);
+  spdlog::info("request {}: FP16 passthrough ({})", out.request_id,
+               v1::PassthroughReason_Name(decision.reason()));
+}
+
+absl::Status Daemon::StreamSegments(Outbound& out, transport::PeerId peer,
+                                    std::span<const KvLayerViews> layers, const TierPlan& plan,
+                                    const CodecOptions& options) {
   // Layer l's K and V go out while the next tensors encode on the encoding threads.
   struct EncodedTensor {
     std::vector<ByteBuffer> segments;
     double seconds = 0;  // spent encoding it
   };
+  const uint32_t per_tensor = SegmentsPerTensor(plan.tokens, options);
+  const size_t tensors = layers.size() * 2;
   OrderedEncoder<EncodedTensor> encoder(
-      size_t{model.layers} * 2, CodecThreads(config_), kEncodeAheadTensors,
+      tensors, CodecThreads(config_), kEncodeAheadTensors,
       [&](size_t i) -> absl::StatusOr<EncodedTensor> {
         if (out.stop.load()) return absl::CancelledError("the transfer stopped");
         const auto start = std::chrono::steady_clock::now();
@@ -263,7 +280,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
         for (ByteBuffer& b : t.segments) b = segment_pool_->Take();
         const uint32_t layer = uint32_t(i / 2);
         const KvKind kind = i % 2 == 0 ? KvKind::kKey : KvKind::kValue;
-        if (absl::Status s = EncodeLayer(layers[layer], layer, kind, *plan, options, request_id,
+        if (absl::Status s = EncodeLayer(layers[layer], layer, kind, plan, options, out.request_id,
                                          BestRowKernels(), t.segments);
             !s.ok()) {
           for (ByteBuffer& b : t.segments) segment_pool_->Return(std::move(b));
@@ -272,27 +289,26 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
         t.seconds = Seconds(start);
         return t;
       });
-  for (size_t i = 0; i < size_t{model.layers} * 2; ++i) {
+  for (size_t i = 0; i < tensors; ++i) {
     absl::StatusOr<EncodedTensor> tensor = encoder.Next();
     // A cancel, the peer's loss or the receiver's refusal stops the stream here.
-    if (out.stop.load()) return stopped();
+    if (out.stop.load()) return OutboundStopReason(out);
     if (!tensor.ok()) return tensor.status();
     // Summed over the encoding threads: the codec's cost, which the passthrough choice weighs
     // (the wall time would include the waits for the wire).
     out.stats.encode_seconds += tensor->seconds;
     for (ByteBuffer& b : tensor->segments) {
-      if (out.stop.load()) return stopped();
+      if (out.stop.load()) return OutboundStopReason(out);
       out.wire_bytes += b.size();
       // Send() waits while the peer's in-flight window is full: that is the pipeline's
       // backpressure; the encoder stays at most kEncodeAheadTensors ahead meanwhile.
-      if (absl::Status s =
-              transport_->Send(*peer_id, kSegmentMessage, segment_pool_->ToMessage(std::move(b)),
-                               [](absl::Status) {});
+      if (absl::Status s = transport_->Send(
+              peer, kSegmentMessage, segment_pool_->ToMessage(std::move(b)), [](absl::Status) {});
           !s.ok()) {
         return s;
       }
       ++out.segments_sent;
-      table_.Update(request_id, v1::TRANSFER_ROLE_SENDER,
+      table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
                     [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
     }
   }
