@@ -89,10 +89,6 @@ inline float SanitizeForQuant(float v) {
 using math::InverseScale;
 using math::MakeGroupParams;
 
-}  // namespace skv
-
-namespace skv {
-
 // Adds the step^2 / 12 error estimate of one group of `group` values spanning `range` to
 // err[tier] for every quantized tier (the estimate_error kernels' shared arithmetic).
 inline void AddQuantizationErrors(double range, size_t group, double err[kNumTiers]) {
