@@ -143,29 +143,44 @@ inline __m256 HadamardNorm(size_t block) {
   return _mm256_set1_ps(static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
 }
 
-void HadamardAvx2(float* x, size_t n, size_t block) {
+// When a rotation block fits the registers (8..128 values, a power of two), calls
+// block_fn.template operator()<block / 8>(first, norm) for each block of the n values and returns
+// true; otherwise does nothing and returns false.
+template <typename BlockFn>
+bool ForEachBlockInRegisters(size_t n, size_t block, BlockFn&& block_fn) {
+  if (block < 8 || block > 128 || n % block != 0) return false;
   const __m256 norm = HadamardNorm(block);
   for (size_t b = 0; b < n; b += block) {
-    float* v = x + b;
     switch (block) {
       case 8:
-        HadamardBlockInRegisters<1>(v, norm);
-        continue;
+        block_fn.template operator()<1>(b, norm);
+        break;
       case 16:
-        HadamardBlockInRegisters<2>(v, norm);
-        continue;
+        block_fn.template operator()<2>(b, norm);
+        break;
       case 32:
-        HadamardBlockInRegisters<4>(v, norm);
-        continue;
+        block_fn.template operator()<4>(b, norm);
+        break;
       case 64:
-        HadamardBlockInRegisters<8>(v, norm);
-        continue;
-      case 128:
-        HadamardBlockInRegisters<16>(v, norm);
-        continue;
+        block_fn.template operator()<8>(b, norm);
+        break;
       default:
+        block_fn.template operator()<16>(b, norm);
         break;
     }
+  }
+  return true;
+}
+
+void HadamardAvx2(float* x, size_t n, size_t block) {
+  if (ForEachBlockInRegisters(n, block, [&]<int kVectors>(size_t b, __m256 norm) {
+        HadamardBlockInRegisters<kVectors>(x + b, norm);
+      })) {
+    return;
+  }
+  const __m256 norm = HadamardNorm(block);  // blocks beyond the registers: stage by stage
+  for (size_t b = 0; b < n; b += block) {
+    float* v = x + b;
     for (size_t i = 0; i < block; i += 8) {
       __m256 r = _mm256_loadu_ps(v + i);
       r = ButterflyInVector<1>(r);
@@ -206,28 +221,10 @@ void AccumulateAvx2(const uint16_t* src, DType dtype, size_t n, float* sum) {
 
 void TransformAvx2(const uint16_t* src, DType dtype, size_t n, const float* mean, size_t block,
                    float* out) {
-  if (block >= 8 && block <= 128 && n % block == 0) {
-    const __m256 norm = HadamardNorm(block);
-    for (size_t b = 0; b < n; b += block) {
-      const float* m = mean != nullptr ? mean + b : nullptr;
-      switch (block) {
-        case 8:
-          TransformBlock<1>(src + b, dtype, m, out + b, norm);
-          break;
-        case 16:
-          TransformBlock<2>(src + b, dtype, m, out + b, norm);
-          break;
-        case 32:
-          TransformBlock<4>(src + b, dtype, m, out + b, norm);
-          break;
-        case 64:
-          TransformBlock<8>(src + b, dtype, m, out + b, norm);
-          break;
-        default:
-          TransformBlock<16>(src + b, dtype, m, out + b, norm);
-          break;
-      }
-    }
+  if (ForEachBlockInRegisters(n, block, [&]<int kVectors>(size_t b, __m256 norm) {
+        TransformBlock<kVectors>(src + b, dtype, mean != nullptr ? mean + b : nullptr, out + b,
+                                 norm);
+      })) {
     return;
   }
   LoadAvx2(src, dtype, n, out);  // no rotation, or blocks too large for the registers
@@ -239,28 +236,10 @@ void TransformAvx2(const uint16_t* src, DType dtype, size_t n, const float* mean
 
 void UntransformAvx2(float* x, size_t n, const float* mean, size_t block, DType dtype,
                      uint16_t* dst) {
-  if (block >= 8 && block <= 128 && n % block == 0) {
-    const __m256 norm = HadamardNorm(block);
-    for (size_t b = 0; b < n; b += block) {
-      const float* m = mean != nullptr ? mean + b : nullptr;
-      switch (block) {
-        case 8:
-          UntransformBlock<1>(x + b, m, dtype, dst + b, norm);
-          break;
-        case 16:
-          UntransformBlock<2>(x + b, m, dtype, dst + b, norm);
-          break;
-        case 32:
-          UntransformBlock<4>(x + b, m, dtype, dst + b, norm);
-          break;
-        case 64:
-          UntransformBlock<8>(x + b, m, dtype, dst + b, norm);
-          break;
-        default:
-          UntransformBlock<16>(x + b, m, dtype, dst + b, norm);
-          break;
-      }
-    }
+  if (ForEachBlockInRegisters(n, block, [&]<int kVectors>(size_t b, __m256 norm) {
+        UntransformBlock<kVectors>(x + b, mean != nullptr ? mean + b : nullptr, dtype, dst + b,
+                                   norm);
+      })) {
     return;
   }
   if (block != 0) HadamardAvx2(x, n, block);
