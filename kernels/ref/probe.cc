@@ -70,13 +70,13 @@ absl::StatusOr<std::vector<float>> RoundTrip(const KvTensorView& view, uint32_t 
   return ToFloat(dst);
 }
 
-double RelativeError(const std::vector<double>& a, const std::vector<double>& b) {
+}  // namespace
+
+double RelativeRmsError(std::span<const double> a, std::span<const double> b) {
   double err = 0, energy = 0;
   for (size_t i = 0; i < a.size(); ++i) err += (a[i] - b[i]) * (a[i] - b[i]), energy += a[i] * a[i];
-  return energy > 0 ? err / energy : 0.0;
+  return energy > 0 ? std::sqrt(err / energy) : 0.0;
 }
-
-}  // namespace
 
 absl::StatusOr<std::vector<LayerProbeResult>> ProbeInt4(std::span<const KvLayerViews> layers,
                                                         std::span<const QueryWindow> queries,
@@ -114,7 +114,7 @@ absl::StatusOr<std::vector<LayerProbeResult>> ProbeInt4(std::span<const KvLayerV
           RoundTrip(layers[l].value, l, KvKind::kValue, tier, options);
       if (!kq.ok()) return kq.status();
       if (!vq.ok()) return vq.status();
-      const double e = RelativeError(
+      const double e = RelativeRmsError(
           reference, Attend(*kq, *vq, shape->tokens, shape->heads, shape->head_dim, q));
       (tier == Tier::kInt4 ? r.int4_error : r.int8_error) = e;
     }

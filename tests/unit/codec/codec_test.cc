@@ -332,6 +332,15 @@ TEST(Codec, RdWithRotationAndCentringBeatsPaperOnOutlierKeys) {
 namespace skv {
 namespace {
 
+// The probe's unit: the relative RMS error, not its square (the API documents ||o_q - o|| / ||o||).
+TEST(Probe, ErrorsAreRelativeRmsNotSquared) {
+  const std::vector<double> a = {3, 4}, b = {3, 4.5};  // ||b - a|| = 0.5, ||a|| = 5
+  EXPECT_DOUBLE_EQ(RelativeRmsError(a, b), 0.1);
+  EXPECT_DOUBLE_EQ(RelativeRmsError(a, a), 0.0);
+  const std::vector<double> zero = {0, 0};
+  EXPECT_EQ(RelativeRmsError(zero, a), 0.0);
+}
+
 TEST(Probe, Int4ErrorExceedsInt8AndTransformsReduceIt) {
   using skv::testing::SyntheticKv;
   SyntheticKv kv({.layers = 2,
