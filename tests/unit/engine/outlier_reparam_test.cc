@@ -84,15 +84,13 @@ TEST(OutlierReparam, SyntheticGroupedQueryModelKeepsItsLogits) {
 TEST(OutlierReparam, TheStandInKeepsItsLogits) {
   const std::string in = std::string(SKV_ENGINE_SOURCE_DIR) + "/models/austen-byte-6l-h64.bin";
   TempDir dir;
-  ExpectSameFunctionWithOutliers(in, dir.File("austen-outlier.bin"),
-                                 testing::TestTokens(64, 259));
+  ExpectSameFunctionWithOutliers(in, dir.File("austen-outlier.bin"), testing::TestTokens(64, 259));
 }
 
 TEST(OutlierReparam, BadOptionsAreRefusedByName) {
   TempDir dir;
   const std::string in = dir.File("model.bin");
-  ASSERT_TRUE(
-      WriteRandomCheckpoint(in, testing::SmallConfig(), CheckpointFormat::kLegacy, 7).ok());
+  ASSERT_TRUE(WriteRandomCheckpoint(in, testing::SmallConfig(), CheckpointFormat::kLegacy, 7).ok());
   OutlierOptions o;
   o.key_pairs = 5;  // head_dim 8 has 4 pairs
   EXPECT_NE(WriteOutlierCheckpoint(in, dir.File("x.bin"), o).message().find("key_pairs"),

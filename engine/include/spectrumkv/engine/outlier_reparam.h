@@ -18,9 +18,9 @@
 namespace skv::engine {
 
 struct OutlierOptions {
-  int key_pairs = 2;          // per KV head; the lowest-frequency pairs (the last of each head)
-  float key_scale = 12.0f;    // real LLMs: outlier key channels 10-20x the rest
-  int value_channels = 2;     // per KV head; spread evenly over the head
+  int key_pairs = 2;        // per KV head; the lowest-frequency pairs (the last of each head)
+  float key_scale = 12.0f;  // real LLMs: outlier key channels 10-20x the rest
+  int value_channels = 2;   // per KV head; spread evenly over the head
   float value_scale = 4.0f;
 };
 
