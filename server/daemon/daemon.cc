@@ -105,7 +105,7 @@ void Daemon::Drain(absl::Duration grace) {
   spdlog::info("draining: {} transfers in flight get up to {} to finish", moving,
                absl::FormatDuration(grace));
   drained_cv_.wait_for(lock, absl::ToChronoNanoseconds(grace),
-                       [&] { return receives_.empty() && outbound_.empty(); });
+                       [&] { return receives_.empty() && outbound_.empty() && unanswered_ == 0; });
   for (const auto& [id, in] : receives_) {
     spdlog::warn("shutdown cuts receive {} from '{}' at {} segments", id, in->sender,
                  in->segments_done);
@@ -115,6 +115,14 @@ void Daemon::Drain(absl::Duration grace) {
   }
   lock.unlock();
   Shutdown();
+}
+
+void Daemon::Answered() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --unanswered_;
+  }
+  drained_cv_.notify_all();
 }
 
 void Daemon::Shutdown() {

@@ -135,6 +135,8 @@ class Daemon {
                               std::span<const KvLayerViews> layers, const TierPlan& plan,
                               const CodecOptions& options);
   void CountPassthrough(const Outbound& out);
+  // Counts one answer out (see unanswered_); call after the answer was handed over.
+  void Answered();
   static TransferBegin MakeTransferBegin(const Outbound& out, uint32_t tokens);
   // Why `out` stopped: the receiver's verdict, or the local reason (OK while it runs).
   absl::Status OutboundStopReason(Outbound& out);
@@ -176,7 +178,10 @@ class Daemon {
   size_t early_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;  // Drain() began: no new transfers
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
-  std::condition_variable drained_cv_;  // notified whenever a transfer finishes
+  // Finished transfers whose answer (to the caller and the peer) has not gone out yet: Drain
+  // waits for these too, so that shutting the data plane down cannot overtake the last answers.
+  size_t unanswered_ ABSL_GUARDED_BY(mu_) = 0;
+  std::condition_variable drained_cv_;  // notified whenever a transfer finishes or is answered
   // Shared with the transport's completion path, which returns sent segments' buffers.
   std::shared_ptr<SegmentBufferPool> segment_pool_;
   // Send sources and Receive destinations in shared memory stay mapped between transfers.

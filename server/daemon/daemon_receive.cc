@@ -518,12 +518,14 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
     spdlog::warn("request {}: receive failed: {}", in->request_id, status.ToString());
   }
   // Tell the sender, then the Receive caller; free the mapping with the last reference.
+  ++unanswered_;
   return [this, in, result = std::move(result), status]() mutable {
     if (in->peer != transport::kNoPeer) {
       SendPeerNotice(in->peer, kTransferResultMessage, in->request_id, status, in->decode_seconds);
     }
     if (in->done) in->done(std::move(result));
     in->in_flight.reset();
+    Answered();
   };
 }
 

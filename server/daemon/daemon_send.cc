@@ -326,6 +326,7 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
   // rather than at its timeout; it knows already when it answered or the link is gone.
   const bool tell_peer = !status.ok() && out->peer != transport::kNoPeer && !out->peer_verdict &&
                          !out->abort_sent && status.code() != absl::StatusCode::kUnavailable;
+  ++unanswered_;
   return [this, out, status, decode_s, tell_peer]() mutable {
     if (tell_peer) SendPeerNotice(out->peer, kTransferAbortMessage, out->request_id, status);
     v1::SendResponse response;
@@ -337,6 +338,7 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
     } else {
       done(status);
     }
+    Answered();
   };
 }
 

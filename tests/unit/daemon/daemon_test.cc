@@ -344,6 +344,9 @@ TEST_F(DaemonTest, DrainLetsAMovingTransferFinishAndRefusesNewOnes) {
   auto received = decode_->Receive(34);
   auto sent = prefill_->Send(34, RandomKv(34), "decode");
   ASSERT_TRUE(prefill_->faults->WaitUntilPaused(absl::Seconds(10)));
+  // Moving = the receiver has its TransferBegin and segments (not merely queued on the wire).
+  ASSERT_TRUE(decode_->WaitFor(34, v1::TRANSFER_ROLE_RECEIVER,
+                               [](const v1::TransferInfo& i) { return i.segments_done() > 0; }));
   std::thread drain([&] { decode_->daemon->Drain(absl::Seconds(10)); });
   EXPECT_EQ(idle.Get().status().code(), absl::StatusCode::kUnavailable)
       << "nothing in flight: refused at once";
