@@ -163,7 +163,7 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
       tier_maps += TierMapBytes(std::min<size_t>(per, shape.tokens - s * per));
     }
     int quant_tiers = 0;
-    for (Tier t : kAllTiers) quant_tiers += IsQuantized(t) && options.allowed_tiers.Has(t);
+    for (Tier t : kQuantizedTiers) quant_tiers += options.allowed_tiers.Has(t) ? 1 : 0;
     for (KvKind kind : kKinds) {
       const bool key = kind == KvKind::kKey;
       size_t per_segment = sizeof(SegmentHeader);

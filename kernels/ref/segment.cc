@@ -63,8 +63,7 @@ SectionSizes ComputeSizes(size_t count, TierAt tier_at, const SegmentLayout& lay
     s.payload += RecordBytes(t, layout, heads, head_dim);
   }
   if (layout.per_channel) {
-    for (Tier t : kAllTiers) {
-      if (!IsQuantized(t)) continue;
+    for (Tier t : kQuantizedTiers) {
       s.channel_params +=
           ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, heads, head_dim);
     }
@@ -106,8 +105,7 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
                       const RowKernels& k, uint8_t* params_out, uint8_t* payload) {
   const size_t n = source.row_elements();
   std::vector<float> staged;
-  for (Tier tier : kAllTiers) {
-    if (!IsQuantized(tier)) continue;
+  for (Tier tier : kQuantizedTiers) {
     const int bits = TierBits(tier);
     std::vector<uint32_t> rows;
     for (uint32_t i = 0; i < spec.token_count; ++i) {
@@ -431,8 +429,7 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
     uint32_t per_tier[kNumTiers] = {};
     for (uint32_t i = 0; i < h.token_count; ++i) ++per_tier[static_cast<int>(segment.tier(i))];
     size_t at = 0;
-    for (Tier t : kAllTiers) {
-      if (!IsQuantized(t)) continue;
+    for (Tier t : kQuantizedTiers) {
       params_start[static_cast<int>(t)] = at;
       at += ChannelParamsBytes(per_tier[static_cast<int>(t)], layout.chunk, h.heads, h.head_dim);
     }

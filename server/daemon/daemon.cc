@@ -31,6 +31,7 @@ using google::protobuf::util::TimeUtil;
 Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
                std::unique_ptr<transport::Transport> transport)
     : config_(config),
+      codec_threads_(CodecThreads(config)),
       metrics_(metrics),
       transport_(std::move(transport)),
       segment_pool_(std::make_shared<SegmentBufferPool>(

@@ -109,6 +109,8 @@ class Daemon {
   // Pairs a Receive with its sender's TransferBegin once both exist (under mu_).
   void Match(const std::shared_ptr<Inbound>& in, Deferred& after);
   void ScheduleDecode(const std::shared_ptr<Inbound>& transfer);
+  // Under mu_: starts decoding tasks for `in`'s queued segments, up to codec_threads_ at once.
+  void StartDecoders(const std::shared_ptr<Inbound>& in, Deferred& after);
   void DrainDecodeQueue(std::shared_ptr<Inbound> transfer);
   // Ends an inbound transfer (under mu_); returns what must run after unlocking.
   absl::AnyInvocable<void()> FinishInbound(std::shared_ptr<Inbound> transfer, absl::Status status);
@@ -148,6 +150,7 @@ class Daemon {
   void PublishTransportStats();
 
   control::DaemonConfig config_;
+  const unsigned codec_threads_;  // config_.codec_threads resolved (CodecThreads())
   control::Metrics* metrics_;
   std::unique_ptr<transport::Transport> transport_;
   std::string data_address_;

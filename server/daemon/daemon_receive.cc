@@ -151,10 +151,7 @@ void Daemon::OnSegment(transport::PeerId peer, transport::MessageBuffer payload)
       }
     } else {
       in->queue.push_back(std::move(payload));
-      if (in->decoders < std::min<size_t>(CodecThreads(config_), in->queue.size())) {
-        ++in->decoders;
-        after.push_back([this, in] { ScheduleDecode(in); });
-      }
+      StartDecoders(in, after);
     }
   }
   for (auto& f : after) f();
@@ -355,7 +352,11 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
   after.push_back([this, peer = in->peer, id = in->request_id] {
     SendPeerNotice(peer, kTransferMatchedMessage, id, absl::OkStatus());
   });
-  while (in->decoders < std::min<size_t>(CodecThreads(config_), in->queue.size())) {
+  StartDecoders(in, after);
+}
+
+void Daemon::StartDecoders(const std::shared_ptr<Inbound>& in, Deferred& after) {
+  while (in->decoders < std::min<size_t>(codec_threads_, in->queue.size())) {
     ++in->decoders;
     after.push_back([this, in] { ScheduleDecode(in); });
   }
@@ -396,7 +397,7 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       if (!in->got_segment)
         in->first_segment = std::chrono::steady_clock::now(), in->got_segment = true;
     }
-    // Verify and decode outside the lock (up to CodecThreads() segments of this transfer at
+    // Verify and decode outside the lock (up to codec_threads_ segments of this transfer at
     // once); the views stay valid while `in` is alive.
     const auto start = std::chrono::steady_clock::now();
     const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()),

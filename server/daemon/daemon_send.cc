@@ -271,8 +271,7 @@ absl::Status Daemon::StreamSegments(Outbound& out, transport::PeerId peer,
   const uint32_t per_tensor = SegmentsPerTensor(plan.tokens, options);
   const size_t tensors = layers.size() * 2;
   OrderedEncoder<EncodedTensor> encoder(
-      tensors, CodecThreads(config_), kEncodeAheadTensors,
-      [&](size_t i) -> absl::StatusOr<EncodedTensor> {
+      tensors, codec_threads_, kEncodeAheadTensors, [&](size_t i) -> absl::StatusOr<EncodedTensor> {
         if (out.stop.load()) return absl::CancelledError("the transfer stopped");
         const auto start = std::chrono::steady_clock::now();
         EncodedTensor t;

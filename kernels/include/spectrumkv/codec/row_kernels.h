@@ -92,8 +92,7 @@ using math::MakeGroupParams;
 // Adds the step^2 / 12 error estimate of one group of `group` values spanning `range` to
 // err[tier] for every quantized tier (the estimate_error kernels' shared arithmetic).
 inline void AddQuantizationErrors(double range, size_t group, double err[kNumTiers]) {
-  for (Tier t : kAllTiers) {
-    if (!IsQuantized(t)) continue;
+  for (Tier t : kQuantizedTiers) {
     const double step = range / MaxCode(TierBits(t));
     err[static_cast<int>(t)] += double(group) * step * step / 12.0;
   }

@@ -7,6 +7,7 @@
 // (proto/spectrumkv/v1/spectrumkv.proto, same name, wire value + 1) and extend the tests.
 #pragma once
 
+#include <array>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -88,6 +89,21 @@ inline constexpr Tier kAllTiers[] = {
     SKV_FOR_EACH_TIER(SKV_TIER_LIST)
 #undef SKV_TIER_LIST
 };
+
+// The quantized tiers in table order (the order of a segment's per-tier parameter sections).
+inline constexpr int kNumQuantizedTiers = [] {
+  int n = 0;
+  for (Tier t : kAllTiers) n += IsQuantized(t) ? 1 : 0;
+  return n;
+}();
+inline constexpr std::array<Tier, kNumQuantizedTiers> kQuantizedTiers = [] {
+  std::array<Tier, kNumQuantizedTiers> quantized{};
+  int i = 0;
+  for (Tier t : kAllTiers) {
+    if (IsQuantized(t)) quantized[i++] = t;
+  }
+  return quantized;
+}();
 
 constexpr bool TiersAreInWireOrder() {
   for (int i = 0; i < kNumTiers; ++i) {
