@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "spectrumkv/codec/stream.h"
 
 namespace skv {
 namespace {
@@ -79,18 +80,8 @@ absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer_index, " does not match the plan"));
   }
-  const std::span<const Tier> tiers = plan.row_tiers(layer_index, kind);
-  const uint32_t per = options.tokens_per_segment == 0 ? view.tokens : options.tokens_per_segment;
-  for (uint32_t i = 0; i < out.size(); ++i) {
-    const uint32_t begin = i * per;
-    const uint32_t count = std::min(per, view.tokens - begin);
-    out[i].clear();
-    absl::StatusOr<size_t> size =
-        EncodeSegment(view, {request_id, layer_index, kind, begin, count},
-                      tiers.subspan(begin, count), options, kernels, &out[i]);
-    if (!size.ok()) return size.status();
-  }
-  return absl::OkStatus();
+  return EncodeChunk(layer, {layer_index, 0, view.tokens}, kind, plan.row_tiers(layer_index, kind),
+                     options, request_id, kernels, out);
 }
 
 absl::Status EncodeKvInto(std::span<const KvLayerViews> layers, const ImportanceInput& importance,

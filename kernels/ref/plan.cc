@@ -31,6 +31,13 @@ std::vector<uint8_t> ProtectedTokens(uint32_t tokens, const CodecOptions& option
   return prot;
 }
 
+// Headers, tier maps, means and the protected rows at FP16: what no budget can go below.
+size_t MinimumBytes(const KvShape& shape, const BudgetAccounting& acct, size_t protected_tokens) {
+  const size_t fp16_token = shape.layers * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
+                                            acct.RowCost(Tier::kFp16, KvKind::kValue));
+  return acct.FixedOverhead() + protected_tokens * fp16_token;
+}
+
 // Token indices ordered most important first; ties go to the later token (recency).
 std::vector<uint32_t> ByImportance(const std::vector<float>& token_scores) {
   std::vector<uint32_t> order(token_scores.size());
@@ -67,12 +74,10 @@ absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScor
   base.is_protected = ProtectedTokens(shape.tokens, options);
   base.order = ByImportance(importance.TokenLevel());
 
-  const size_t fp16_token = shape.layers * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
-                                            acct.RowCost(Tier::kFp16, KvKind::kValue));
   const size_t floor_token =
       shape.layers * (acct.RowCost(floor, KvKind::kKey) + acct.RowCost(floor, KvKind::kValue));
   const size_t n_protected = std::count(base.is_protected.begin(), base.is_protected.end(), 1);
-  const size_t minimum = acct.FixedOverhead() + n_protected * fp16_token;
+  const size_t minimum = MinimumBytes(shape, acct, n_protected);
   if (acct.BudgetBytes() < minimum) {
     return absl::OutOfRangeError(absl::StrCat(
         "budget ", options.budget, " (", acct.BudgetBytes(),
@@ -105,6 +110,14 @@ absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScor
 }
 
 }  // namespace
+
+double MinimumBudget(const KvShape& shape, const CodecOptions& options) {
+  const std::vector<uint8_t> prot = ProtectedTokens(shape.tokens, options);
+  const size_t minimum = MinimumBytes(shape, BudgetAccounting(shape, options),
+                                      std::count(prot.begin(), prot.end(), 1));
+  // Half a byte up, so that floor(budget * raw bytes) cannot round below the minimum.
+  return (double(minimum) + 0.5) / double(shape.raw_bytes());
+}
 
 absl::StatusOr<KvShape> ShapeOf(std::span<const KvLayerViews> layers) {
   if (layers.empty()) return absl::InvalidArgumentError("no layers");

@@ -75,6 +75,10 @@ class BudgetAccounting {
   size_t budget_bytes_ = 0;
 };
 
+// The smallest budget `shape` can be planned at under `options` (headers, tier maps, means and
+// the sink and recent rows at FP16); a lower one is OUT_OF_RANGE.
+double MinimumBudget(const KvShape& shape, const CodecOptions& options);
+
 // rd's input: for every row, the estimated squared error at every quantized tier, measured
 // after the transforms the encoder will apply.
 struct DistortionTable {
