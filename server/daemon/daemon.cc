@@ -173,6 +173,8 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
   model.query_heads = shape.query_heads() == 0 ? shape.kv_heads() : shape.query_heads();
   model.dtype = shape.dtype() == v1::DTYPE_BF16 ? DType::kBf16 : DType::kFp16;
   model.policy = *policy;
+  model.layer_budget_weights.assign(request.layer_budget_weights().begin(),
+                                    request.layer_budget_weights().end());
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = models_.find(model.model_id);

@@ -36,10 +36,14 @@ namespace skv::daemon {
 namespace v1 = ::spectrumkv::v1;
 namespace transport = ::spectrumkv::transport;
 
+struct RegisteredCache;
+
 class Daemon {
  public:
   using ReceiveDone = absl::AnyInvocable<void(absl::StatusOr<v1::ReceiveResponse>)>;
   using SendDone = absl::AnyInvocable<void(absl::StatusOr<v1::SendResponse>)>;
+  using StreamEvents = absl::AnyInvocable<void(v1::SendStreamEvent)>;
+  struct Outbound;  // one transfer out of this daemon (daemon_internal.h)
 
   // Starts the data plane on config.data_listen_address. `transport` may be given for tests (a
   // loopback transport); null creates the UCX transport from the config.
@@ -60,6 +64,17 @@ class Daemon {
   // call, nonzero) names the call for AbandonCall.
   void Send(const v1::SendRequest& request, uint64_t call_id, SendDone done);
   void Receive(const v1::ReceiveRequest& request, uint64_t call_id, ReceiveDone done);
+  // Streamed send (SendStream; daemon_stream.cc). OpenStream returns the new transfer, or null
+  // after running `done` with the refusal. The other calls feed it the call's later messages in
+  // order; a bad message stops the transfer with a status naming its field. `events` runs on any
+  // thread, never concurrently; `done` runs exactly once (the transfer's outcome).
+  std::shared_ptr<Outbound> OpenStream(const v1::StreamOpen& open, uint64_t call_id,
+                                       StreamEvents events, SendDone done);
+  void StreamLayerReady(const std::shared_ptr<Outbound>& out, const v1::LayerReady& ready);
+  void SealStream(const std::shared_ptr<Outbound>& out);
+  void AbortStream(const std::shared_ptr<Outbound>& out, absl::Status why);
+  absl::StatusOr<v1::RegisterCacheResponse> RegisterCache(const v1::RegisterCacheRequest& request);
+
   // The caller of call `call_id` went away: cancel that call's transfer (not a later one that
   // reuses the request id).
   void AbandonCall(v1::TransferRole role, uint64_t request_id, uint64_t call_id);
@@ -84,7 +99,8 @@ class Daemon {
 
  private:
   struct Inbound;
-  struct Outbound;
+  struct StreamSend;
+  struct PendingChunk;
   struct PeerLink;
   class SegmentBufferPool;
   using Deferred = std::vector<absl::AnyInvocable<void()>>;  // work to run after unlocking mu_
@@ -146,6 +162,19 @@ class Daemon {
   void ReportSend(Outbound& out, const absl::Status& status, double decode_seconds,
                   v1::SendResponse& response);
 
+  // Streamed send (daemon_stream.cc). The worker runs the open stage, then the signalled
+  // chunks, one transfer's on one worker at a time.
+  void RunStream(std::shared_ptr<Outbound> out);
+  absl::Status OpenStreamStage(Outbound& out);
+  absl::Status SendChunk(Outbound& out, PendingChunk& chunk);
+  // Under mu_: checks a chunk against the stream's state and makes it ready to encode.
+  absl::StatusOr<PendingChunk> AcceptChunk(Outbound& out, const v1::LayerReady& ready);
+  // Under mu_: posts the worker unless it is running (or the transfer ended).
+  void WakeStream(const std::shared_ptr<Outbound>& out, Deferred& after);
+  // Under mu_: a sealed stream whose chunks have all been sent knows its segment count and now
+  // waits only for the receiver's answer.
+  void MaybeStreamDone(Outbound& out);
+
   void ReapExpired();
   void PublishTransportStats();
 
@@ -160,6 +189,7 @@ class Daemon {
   // daemon_internal.h says are under mu_.
   mutable std::mutex mu_;
   std::map<std::string, control::RegisteredModel> models_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<const RegisteredCache>> caches_ ABSL_GUARDED_BY(mu_);
   // Inbound transfers by Receive (request id) and by sender (daemon id, request id); a matched
   // transfer is in both.
   std::map<uint64_t, std::shared_ptr<Inbound>> receives_ ABSL_GUARDED_BY(mu_);

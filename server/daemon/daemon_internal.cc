@@ -184,4 +184,22 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w,
   return q;
 }
 
+bool RowCoverage::Claim(uint32_t layer, uint8_t kind, uint32_t begin, uint32_t count) {
+  const uint64_t end = uint64_t{begin} + count;
+  auto next = ranges_.lower_bound({layer, kind, begin});
+  if (next != ranges_.end() && std::get<0>(next->first) == layer &&
+      std::get<1>(next->first) == kind && std::get<2>(next->first) < end) {
+    return false;
+  }
+  if (next != ranges_.begin()) {
+    auto prev = std::prev(next);
+    if (std::get<0>(prev->first) == layer && std::get<1>(prev->first) == kind &&
+        prev->second > begin) {
+      return false;
+    }
+  }
+  ranges_.emplace_hint(next, std::make_tuple(layer, kind, begin), end);
+  return true;
+}
+
 }  // namespace skv::daemon

@@ -16,6 +16,7 @@
 #include "peer_protocol.h"
 #include "spectrumkv/codec/byte_buffer.h"
 #include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/stream.h"
 #include "spectrumkv/control/kv_handle_import.h"
 #include "spectrumkv/control/kv_layout_views.h"
 
@@ -83,6 +84,26 @@ absl::StatusOr<QueryInputs> ImportQueries(const v1::ObservationWindow& w,
                                           const control::RegisteredModel& model,
                                           absl::string_view field);
 
+// Which rows of each (layer, K/V) tensor a transfer's segments have claimed. A receiver claims a
+// segment's rows before decoding it, so a segment that overlaps an earlier one (a duplicate, or a
+// chunk cut differently) is refused instead of writing rows twice.
+class RowCoverage {
+ public:
+  // Claims rows [begin, begin + count) of (layer, kind); false if any of them was claimed.
+  bool Claim(uint32_t layer, uint8_t kind, uint32_t begin, uint32_t count);
+
+ private:
+  std::map<std::tuple<uint32_t, uint8_t, uint32_t>, uint64_t> ranges_;  // start -> end
+};
+
+// A registered engine cache (RegisterCache): mapped once; streams name its blocks.
+struct RegisteredCache {
+  std::string cache_id;
+  std::string model_id;
+  control::MappedKvRegion region;
+  v1::KvLayout layout;  // paged pools, no block ids
+};
+
 // ---- State of one transfer on each side. --------------------------------------------------------
 
 // One transfer into this daemon. It exists from whichever comes first: the sender's
@@ -116,7 +137,8 @@ struct Daemon::Inbound {
   // Progress.
   uint32_t decoders = 0;  // DrainDecodeQueue tasks running for this transfer
   bool finished = false;
-  std::set<std::tuple<uint32_t, uint8_t, uint32_t>> seen;  // (layer, kind, token_begin)
+  RowCoverage claimed;        // rows of segments taken for decoding
+  uint64_t rows_decoded = 0;  // rows written; the transfer is complete at layers * 2 * tokens
   uint32_t segments_done = 0;
   uint64_t wire_bytes = 0;
   std::array<uint64_t, kNumTiers> rows{};
@@ -126,6 +148,7 @@ struct Daemon::Inbound {
   bool got_segment = false;
 
   bool matched() const { return has_receive && begin.has_value(); }
+  uint64_t rows_total() const { return begin ? uint64_t{begin->layers} * 2 * begin->tokens : 0; }
 };
 
 // One transfer out of this daemon. A worker runs the send pipeline (import, plan, encode,
@@ -135,7 +158,9 @@ struct Daemon::Inbound {
 struct Daemon::Outbound {
   uint64_t request_id = 0;
   uint64_t call_id = 0;
-  const v1::SendRequest* request = nullptr;  // owned by the caller until `done` has run
+  const v1::SendRequest* request = nullptr;  // Send only: owned by the caller until `done` ran
+  std::unique_ptr<StreamSend> stream;        // SendStream only
+  double requested_budget = 0;
   control::RegisteredModel model;
   control::PeerConfig peer_config;
   CodecOptions policy;
@@ -161,9 +186,42 @@ struct Daemon::Outbound {
   std::atomic<bool> stop{false};  // local_stop or peer_verdict set: checked between segments
 
   // Every segment has left: the receiver may commit at any moment, so only its answer can say
-  // how the transfer ended.
-  bool fully_streamed() const { return begin_sent && segments_sent == segments_total; }
+  // how the transfer ended. (A stream learns its segment count when it is sealed.)
+  bool fully_streamed() const {
+    return begin_sent && segments_total > 0 && segments_sent == segments_total;
+  }
 };
+
+// The part of an Outbound that only a streamed transfer (SendStream) has. While the transfer's
+// worker runs (Outbound::streamed false) it owns the fields under "worker"; the rest are guarded
+// by Daemon::mu_.
+// A signalled chunk waiting for the stream's worker.
+struct Daemon::PendingChunk {
+  StreamChunk rows;
+  // Registered cache: the chunk's layer over the blocks named so far (it owns its block table).
+  std::optional<control::KvLayoutViews> cache_views;
+  std::chrono::steady_clock::time_point signalled;
+};
+
+struct Daemon::StreamSend {
+  v1::StreamOpen open;
+  StreamEvents events;  // the call's event writer; any thread, ignored after `done`
+  std::shared_ptr<const RegisteredCache> cache;
+  // Worker.
+  control::MappedKvRegion region;  // a handle source
+  std::optional<control::KvLayoutViews> views;
+  std::vector<float> importance;  // [layer][token]
+  std::optional<StreamBudget> budget;
+  CodecOptions options;
+  std::optional<control::Metrics::InFlightGuard> in_flight;
+  // Guarded by mu_.
+  bool opened = false;                // connected, announced: chunks can be sent
+  std::vector<uint32_t> signalled;    // per layer: tokens [0, signalled[l]) were signalled
+  std::vector<uint32_t> block_table;  // registered cache: sequence block -> pool block
+  std::deque<PendingChunk> pending;
+  bool sealed = false;
+};
+inline constexpr uint32_t kUnknownBlock = UINT32_MAX;
 
 struct Daemon::PeerLink {
   control::PeerConfig config;

@@ -413,9 +413,10 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
         // Claimed before decoding, so that a duplicate never writes the rows a segment being
         // decoded on another thread writes.
         std::lock_guard<std::mutex> lock(mu_);
-        if (!in->seen.insert({h.layer, h.kind, h.token_begin}).second) {
-          status = absl::DataLossError(absl::StrCat("duplicate segment: layer ", h.layer, " kind ",
-                                                    int(h.kind), " tokens from ", h.token_begin));
+        if (!in->claimed.Claim(h.layer, h.kind, h.token_begin, h.token_count)) {
+          status = absl::DataLossError(absl::StrCat(
+              "segment overlaps rows already received: layer ", h.layer, " kind ", int(h.kind),
+              " tokens [", h.token_begin, ", ", uint64_t{h.token_begin} + h.token_count, ")"));
         }
       }
       if (status.ok()) {
@@ -442,8 +443,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
         }
         table_.Update(in->request_id, v1::TRANSFER_ROLE_RECEIVER,
                       [&](v1::TransferInfo& info) { info.set_segments_done(in->segments_done); });
-        if (in->segments_done == in->begin->segments_total)
-          after = FinishInbound(in, absl::OkStatus());
+        in->rows_decoded += h.token_count;
+        if (in->rows_decoded == in->rows_total()) after = FinishInbound(in, absl::OkStatus());
       }
     }
     if (after) after();
@@ -465,11 +466,14 @@ absl::AnyInvocable<void()> Daemon::FinishInbound(std::shared_ptr<Inbound> in, ab
   v1::TransferStats stats;
   if (in->begin.has_value()) {
     stats.set_requested_budget(in->begin->requested_budget);
+    // The sender's plan until every row is in; then what actually arrived.
     stats.set_achieved_budget(in->begin->achieved_budget);
     stats.set_payload_budget(in->begin->payload_budget);
     stats.set_raw_bytes(uint64_t{in->begin->layers} * 2 * in->begin->tokens * in->begin->heads *
                         in->begin->head_dim * 2);
     stats.mutable_passthrough()->set_passthrough(in->begin->passthrough != 0);
+    if (status.ok() && stats.raw_bytes() > 0)
+      stats.set_achieved_budget(double(in->wire_bytes) / double(stats.raw_bytes()));
   }
   stats.set_wire_bytes(in->wire_bytes);
   stats.set_segments(in->segments_done);

@@ -62,6 +62,7 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
   out->request_id = request.request_id();
   out->call_id = call_id;
   out->request = &request;
+  out->requested_budget = request.budget();
   out->model = *model;
   out->peer_config = *peer;
   out->policy = *policy;
@@ -165,7 +166,7 @@ TransferBegin Daemon::MakeTransferBegin(const Outbound& out, uint32_t tokens) {
   begin.heads = model.kv_heads;
   begin.head_dim = model.head_dim;
   begin.segments_total = out.segments_total;
-  begin.requested_budget = out.request->budget();
+  begin.requested_budget = out.requested_budget;
   for (int t = 0; t < kNumTiers; ++t) begin.rows_per_tier[t] = out.stats.rows_per_tier[t];
   // The honest budget is known exactly only after encoding; the receiver's copy is the plan's.
   begin.achieved_budget = out.decision.planned_budget();
@@ -343,11 +344,10 @@ absl::AnyInvocable<void()> Daemon::FinishOutbound(std::shared_ptr<Outbound> out,
 
 void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode_s,
                         v1::SendResponse& response) {
-  const v1::SendRequest& request = *out.request;
   const control::RegisteredModel& model = out.model;
   const double wire_s = out.segments_sent > 0 ? Seconds(out.wire_start) : 0.0;
   v1::TransferStats& ts = *response.mutable_stats();
-  ts.set_requested_budget(request.budget());
+  ts.set_requested_budget(out.requested_budget);
   ts.set_raw_bytes(out.raw_bytes);
   ts.set_wire_bytes(out.wire_bytes);
   ts.set_achieved_budget(out.raw_bytes > 0 ? double(out.wire_bytes) / double(out.raw_bytes) : 0);
@@ -385,7 +385,7 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
     return;
   }
   metrics_->AddBytes(out.raw_bytes, out.wire_bytes);
-  metrics_->ObserveBudget(request.budget(), ts.achieved_budget());
+  metrics_->ObserveBudget(out.requested_budget, ts.achieved_budget());
   CountTokens(*metrics_, out.stats.rows_per_tier);
   control::TransferPhaseTimes times;
   times.score = absl::Seconds(out.stats.score_seconds);

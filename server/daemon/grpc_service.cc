@@ -1,5 +1,6 @@
 #include "grpc_service.h"
 
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -137,6 +138,186 @@ grpc::ServerUnaryReactor* SpectrumKvService::Receive(grpc::CallbackServerContext
                   [this](const v1::ReceiveRequest& r, uint64_t call_id, Daemon::ReceiveDone done) {
                     daemon_->Receive(r, call_id, std::move(done));
                   });
+}
+
+// One SendStream call. Reads the caller's messages in order and hands them to the daemon; writes
+// the daemon's events one at a time (gRPC allows one write in flight), then finishes the call with
+// the transfer's outcome once every event before it is out. gRPC threads (reads, cancel) and the
+// daemon's threads (events, outcome) meet under mu_; the daemon is never called with it held,
+// since it may answer on the calling thread.
+class SendStreamReactor final
+    : public grpc::ServerBidiReactor<v1::SendStreamRequest, v1::SendStreamEvent> {
+ public:
+  SendStreamReactor(SpectrumKvService* service, uint64_t call_id)
+      : service_(service), daemon_(service->daemon_), call_id_(call_id) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the caller closed its side (or the call broke): without a seal that is an abort
+      std::shared_ptr<Daemon::Outbound> out;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!sealed_) out = out_;
+      }
+      if (out != nullptr) {
+        daemon_->AbortStream(out, absl::CancelledError("the caller closed the stream before seal"));
+      } else if (!HasOutbound()) {
+        Complete(absl::InvalidArgumentError("the stream ended before its open message"));
+      }
+      return;
+    }
+    Dispatch(request_);
+    StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) {
+      writes_.clear();  // the caller is gone; its cancel aborts the transfer
+    } else {
+      writes_.pop_front();
+    }
+    WriteNextOrFinish(lock);
+  }
+
+  void OnCancel() override {
+    std::shared_ptr<Daemon::Outbound> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out = out_;
+    }
+    if (out != nullptr) daemon_->AbortStream(out, absl::CancelledError("the caller went away"));
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  bool HasOutbound() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return opened_;
+  }
+
+  void Dispatch(const v1::SendStreamRequest& request) {
+    std::shared_ptr<Daemon::Outbound> out;
+    bool opened;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out = out_;
+      opened = opened_;
+    }
+    if (request.has_open()) {
+      if (opened) {
+        if (out != nullptr)
+          daemon_->AbortStream(out, absl::InvalidArgumentError("open: the stream is already open"));
+        return;
+      }
+      Open(request.open());
+      return;
+    }
+    if (!opened) {
+      Complete(absl::InvalidArgumentError("the first message of a stream must be open"));
+      return;
+    }
+    if (out == nullptr) return;  // refused at open: the call is finishing
+    switch (request.action_case()) {
+      case v1::SendStreamRequest::kLayerReady:
+        daemon_->StreamLayerReady(out, request.layer_ready());
+        break;
+      case v1::SendStreamRequest::kSeal: {
+        std::lock_guard<std::mutex> lock(mu_);
+        sealed_ = true;
+      }
+        daemon_->SealStream(out);
+        break;
+      case v1::SendStreamRequest::kAbort:
+        daemon_->AbortStream(out, absl::CancelledError(absl::StrCat("the caller aborted: ",
+                                                                    request.abort().reason())));
+        break;
+      default:
+        daemon_->AbortStream(out, absl::InvalidArgumentError("action: unset"));
+        break;
+    }
+  }
+
+  void Open(const v1::StreamOpen& open) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      opened_ = true;
+    }
+    if (!service_->AdmitTransfer()) {
+      Complete(absl::ResourceExhaustedError(
+          absl::StrCat("max_concurrent_transfers (", service_->max_transfers_, ") reached")));
+      return;
+    }
+    std::shared_ptr<Daemon::Outbound> out = daemon_->OpenStream(
+        open, call_id_, [this](v1::SendStreamEvent event) { Write(std::move(event)); },
+        [this](absl::StatusOr<v1::SendResponse> result) {
+          service_->ReleaseTransfer();
+          if (result.ok()) {
+            v1::SendStreamEvent done;
+            *done.mutable_done() = std::move(*result);
+            Write(std::move(done));
+          }
+          Complete(result.status());
+        });
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!completing_) out_ = std::move(out);
+  }
+
+  void Write(v1::SendStreamEvent event) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (completing_) return;
+    writes_.push_back(std::move(event));
+    WriteNextOrFinish(lock);
+  }
+
+  // The call's outcome; it goes out after the events written before it.
+  void Complete(absl::Status status) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (completing_) return;
+    completing_ = true;
+    outcome_ = ToGrpcStatus(status);
+    out_.reset();
+    WriteNextOrFinish(lock);
+  }
+
+  void WriteNextOrFinish(std::unique_lock<std::mutex>& lock) {
+    if (writing_) return;
+    if (!writes_.empty()) {
+      writing_ = true;
+      StartWrite(&writes_.front());
+      return;
+    }
+    if (completing_ && !finished_) {
+      finished_ = true;
+      lock.unlock();
+      Finish(outcome_);
+    }
+  }
+
+  SpectrumKvService* const service_;
+  Daemon* const daemon_;
+  const uint64_t call_id_;
+  v1::SendStreamRequest request_;  // the read in flight
+  std::mutex mu_;
+  std::shared_ptr<Daemon::Outbound> out_;  // from open until the outcome
+  bool opened_ = false, sealed_ = false;
+  std::deque<v1::SendStreamEvent> writes_;  // front: the write in flight while writing_
+  bool writing_ = false, completing_ = false, finished_ = false;
+  grpc::Status outcome_;
+};
+
+grpc::ServerBidiReactor<v1::SendStreamRequest, v1::SendStreamEvent>* SpectrumKvService::SendStream(
+    grpc::CallbackServerContext*) {
+  return new SendStreamReactor(this, next_call_id_.fetch_add(1) + 1);
+}
+
+grpc::ServerUnaryReactor* SpectrumKvService::RegisterCache(grpc::CallbackServerContext* ctx,
+                                                           const v1::RegisterCacheRequest* req,
+                                                           v1::RegisterCacheResponse* resp) {
+  return Inline(ctx, resp, [this, req] { return daemon_->RegisterCache(*req); });
 }
 
 grpc::ServerUnaryReactor* SpectrumKvService::GetTransfer(grpc::CallbackServerContext* ctx,

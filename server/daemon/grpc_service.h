@@ -24,6 +24,11 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
                                           v1::RegisterModelResponse* resp) override;
   grpc::ServerUnaryReactor* Send(grpc::CallbackServerContext* ctx, const v1::SendRequest* req,
                                  v1::SendResponse* resp) override;
+  grpc::ServerBidiReactor<v1::SendStreamRequest, v1::SendStreamEvent>* SendStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* RegisterCache(grpc::CallbackServerContext* ctx,
+                                          const v1::RegisterCacheRequest* req,
+                                          v1::RegisterCacheResponse* resp) override;
   grpc::ServerUnaryReactor* Receive(grpc::CallbackServerContext* ctx, const v1::ReceiveRequest* req,
                                     v1::ReceiveResponse* resp) override;
   grpc::ServerUnaryReactor* GetTransfer(grpc::CallbackServerContext* ctx,
@@ -55,6 +60,8 @@ class SpectrumKvService final : public spectrumkv::v1::SpectrumKV::CallbackServi
   grpc::ServerUnaryReactor* Transfer(v1::TransferRole role, const Request* req, Response* resp,
                                      Start start);
   bool AdmitTransfer();
+  void ReleaseTransfer() { transfers_.fetch_sub(1); }
+  friend class SendStreamReactor;
 
   Daemon* daemon_;
   const uint32_t max_transfers_;

@@ -39,7 +39,7 @@ absl::StatusOr<TransferBegin> ParseBegin(std::span<const std::byte> bytes) {
         absl::StrCat("peer protocol version ", begin.version, " is not ", kTransferMessageVersion));
   }
   if (begin.dtype > 1 || begin.layers == 0 || begin.tokens == 0 || begin.heads == 0 ||
-      begin.head_dim == 0 || begin.segments_total == 0 || begin.request_id == 0) {
+      begin.head_dim == 0 || begin.request_id == 0) {
     return absl::DataLossError("transfer-begin message has an invalid shape");
   }
   return begin;

@@ -26,7 +26,9 @@ enum PeerMessageType : uint16_t {
 
 // Version of the transfer messages above (begin, outcome), carried in each of them. The transport's
 // handshake has its own version (transport::kPeerProtocolVersion) for the connection itself.
-inline constexpr uint16_t kTransferMessageVersion = 1;
+// Version 2: a streamed transfer announces no segment count (segments_total = 0); receivers
+// complete a transfer when every row has arrived, whatever the segments.
+inline constexpr uint16_t kTransferMessageVersion = 2;
 
 // What a receiver needs to know before segments arrive.
 struct TransferBegin {
@@ -39,7 +41,7 @@ struct TransferBegin {
   uint32_t tokens;
   uint32_t heads;
   uint32_t head_dim;
-  uint32_t segments_total;
+  uint32_t segments_total;  // 0 for a streamed transfer: not known in advance
   double requested_budget;
   double achieved_budget;  // the sender's plan, honest accounting
   double payload_budget;   // the paper's accounting

@@ -20,18 +20,17 @@ double RateEstimator::Get(const std::string& key) const {
   return it == rates_.end() ? 0 : it->second;
 }
 
-v1::PassthroughDecision ChoosePassthrough(const v1::SendRequest& request, uint64_t raw_bytes,
-                                          double link_bytes_per_second,
+v1::PassthroughDecision ChoosePassthrough(v1::PassthroughMode mode, double budget,
+                                          uint64_t raw_bytes, double link_bytes_per_second,
                                           double codec_bytes_per_second) {
   v1::PassthroughDecision decision;
   decision.set_link_bytes_per_second(link_bytes_per_second);
   decision.set_codec_bytes_per_second(codec_bytes_per_second);
-  const double budget = request.budget();
-  if (request.passthrough() == v1::PASSTHROUGH_MODE_ALWAYS) {
+  if (mode == v1::PASSTHROUGH_MODE_ALWAYS) {
     decision.set_reason(v1::PASSTHROUGH_REASON_FORCED);
   } else if (budget >= 1.0) {
     decision.set_reason(v1::PASSTHROUGH_REASON_BUDGET_FULL);
-  } else if (request.passthrough() != v1::PASSTHROUGH_MODE_NEVER && link_bytes_per_second > 0 &&
+  } else if (mode != v1::PASSTHROUGH_MODE_NEVER && link_bytes_per_second > 0 &&
              codec_bytes_per_second > 0) {
     const double raw_time = double(raw_bytes) / link_bytes_per_second;
     const double codec_time = std::max(double(raw_bytes) / codec_bytes_per_second,

@@ -45,9 +45,15 @@ class RateEstimator {
 // slower of encode+decode and the compressed rows' link time, which overlap layer by layer).
 // With no estimate yet for either rate, the codec runs (its first transfer measures both).
 // Fills reason, passthrough, planned_budget and the two rates it used.
-v1::PassthroughDecision ChoosePassthrough(const v1::SendRequest& request, uint64_t raw_bytes,
-                                          double link_bytes_per_second,
+v1::PassthroughDecision ChoosePassthrough(v1::PassthroughMode mode, double budget,
+                                          uint64_t raw_bytes, double link_bytes_per_second,
                                           double codec_bytes_per_second);
+inline v1::PassthroughDecision ChoosePassthrough(const v1::SendRequest& request, uint64_t raw_bytes,
+                                                 double link_bytes_per_second,
+                                                 double codec_bytes_per_second) {
+  return ChoosePassthrough(request.passthrough(), request.budget(), raw_bytes,
+                           link_bytes_per_second, codec_bytes_per_second);
+}
 
 // Runs `encode(i)` for i = 0 .. count-1 on `threads` threads, at most `window` items ahead of
 // the consumer, and hands the results out in order: the wire sends item i while items

@@ -274,6 +274,17 @@ absl::Status ValidateRegisterModelRequest(const v1::RegisterModelRequest& reques
   if (absl::Status s = ValidateModelName(request.name(), "name"); !s.ok()) return s;
   if (!request.has_shape()) return Invalid("shape", "required");
   if (absl::Status s = ValidateModelShape(request.shape(), "shape"); !s.ok()) return s;
+  const auto& weights = request.layer_budget_weights();
+  if (!weights.empty() && uint32_t(weights.size()) != request.shape().layers()) {
+    return Invalid("layer_budget_weights", absl::StrCat("got ", weights.size(), " weights for ",
+                                                        request.shape().layers(), " layers"));
+  }
+  for (int l = 0; l < weights.size(); ++l) {
+    if (!(std::isfinite(weights[l]) && weights[l] > 0)) {
+      return Invalid(absl::StrCat("layer_budget_weights[", l, "]"),
+                     absl::StrCat(weights[l], " is not a finite positive weight"));
+    }
+  }
   return ValidatePolicyOverride(request.default_policy(), CodecOptions{},
                                 request.shape().head_dim(), "default_policy");
 }
@@ -310,6 +321,75 @@ absl::Status ValidateSendRequest(const v1::SendRequest& request, const Registere
                                        request.source_layout().tokens(), "observation_window");
     case v1::SendRequest::IMPORTANCE_NOT_SET:
       break;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateRegisterCacheRequest(const v1::RegisterCacheRequest& request,
+                                          const RegisteredModel& model) {
+  if (absl::Status s = ValidateModelName(request.cache_id(), "cache_id"); !s.ok()) return s;
+  if (!request.has_memory()) return Invalid("memory", "required");
+  if (request.memory().has_inline_data()) {
+    return Invalid("memory", "a registered cache must be shared memory or a CUDA IPC handle");
+  }
+  if (absl::Status s = ValidateKvHandleFields(request.memory(), "memory"); !s.ok()) return s;
+  if (!request.has_layout()) return Invalid("layout", "required");
+  if (!request.layout().has_paged()) return Invalid("layout.paged", "a cache layout is paged");
+  if (!request.layout().paged().block_ids().empty()) {
+    return Invalid("layout.paged.block_ids", "must be empty: streams name their own blocks");
+  }
+  // The shape checks need a token count; a cache has none of its own.
+  v1::KvLayout layout = request.layout();
+  layout.set_tokens(1);
+  layout.mutable_paged()->add_block_ids(0);
+  return ValidateLayoutMatchesModel(layout, model, "layout");
+}
+
+absl::Status ValidateStreamOpen(const v1::StreamOpen& open, const RegisteredModel& model,
+                                std::span<const PeerConfig> peers) {
+  if (absl::Status s = ValidateRequestId(open.request_id(), "open.request_id"); !s.ok()) return s;
+  if (absl::Status s = ValidateModelId(open.model_id(), "open.model_id"); !s.ok()) return s;
+  if (absl::Status s = ValidateBudget(open.budget(), "open.budget"); !s.ok()) return s;
+  if (open.tokens() == 0 || open.tokens() > kMaxTokens) {
+    return Invalid("open.tokens", absl::StrCat(open.tokens(), " is not in 1..", kMaxTokens));
+  }
+  switch (open.source_case()) {
+    case v1::StreamOpen::kHandle: {
+      const v1::KvSource& source = open.handle();
+      if (!source.has_handle()) return Invalid("open.handle.handle", "required");
+      if (absl::Status s = ValidateKvHandleFields(source.handle(), "open.handle.handle"); !s.ok())
+        return s;
+      if (!source.has_layout()) return Invalid("open.handle.layout", "required");
+      if (absl::Status s = ValidateLayoutMatchesModel(source.layout(), model, "open.handle.layout");
+          !s.ok()) {
+        return s;
+      }
+      if (source.layout().tokens() != open.tokens()) {
+        return Invalid("open.handle.layout.tokens",
+                       absl::StrCat(source.layout().tokens(), " != open.tokens ", open.tokens()));
+      }
+      break;
+    }
+    case v1::StreamOpen::kCacheId:
+      if (absl::Status s = ValidateModelName(open.cache_id(), "open.cache_id"); !s.ok()) return s;
+      break;
+    case v1::StreamOpen::SOURCE_NOT_SET:
+      return Invalid("open.source", "required: a handle or a registered cache_id");
+  }
+  if (!open.has_peer()) return Invalid("open.peer", "required");
+  if (absl::Status s = ResolvePeer(open.peer(), peers, "open.peer").status(); !s.ok()) return s;
+  if (absl::Status s = ValidatePolicyOverride(open.policy_override(), model.policy, model.head_dim,
+                                              "open.policy_override");
+      !s.ok()) {
+    return s;
+  }
+  if (!v1::PassthroughMode_IsValid(open.passthrough())) {
+    return Invalid("open.passthrough",
+                   absl::StrCat("unknown value ", static_cast<int>(open.passthrough())));
+  }
+  if (open.has_token_scores()) {
+    return ValidateTokenScores(open.token_scores(), model.layers, open.tokens(),
+                               "open.token_scores");
   }
   return absl::OkStatus();
 }

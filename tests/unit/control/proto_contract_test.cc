@@ -25,9 +25,16 @@ TEST(ProtoContractTest, PackageAndService) {
   EXPECT_EQ(service->full_name(), "spectrumkv.v1.SpectrumKV");
   std::set<std::string> methods;
   for (int i = 0; i < service->method_count(); ++i) methods.insert(service->method(i)->name());
-  EXPECT_EQ(methods, (std::set<std::string>{"RegisterModel", "Send", "Receive", "GetTransfer",
-                                            "ListTransfers", "CancelTransfer", "Probe", "Encode",
-                                            "Decode"}));
+  EXPECT_EQ(methods, (std::set<std::string>{"RegisterModel", "RegisterCache", "Send", "SendStream",
+                                            "Receive", "GetTransfer", "ListTransfers",
+                                            "CancelTransfer", "Probe", "Encode", "Decode"}));
+  // SendStream is the one streaming call: both ways (signals in, events out).
+  for (int i = 0; i < service->method_count(); ++i) {
+    const auto* m = service->method(i);
+    const bool stream = m->name() == "SendStream";
+    EXPECT_EQ(m->client_streaming(), stream) << m->name();
+    EXPECT_EQ(m->server_streaming(), stream) << m->name();
+  }
 }
 
 TEST(ProtoContractTest, EveryEnumStartsWithUnspecifiedZero) {

@@ -45,7 +45,8 @@ struct RegisteredModel {
   uint32_t head_dim = 0;
   uint32_t query_heads = 0;  // resolved: never 0
   DType dtype = DType::kFp16;
-  CodecOptions policy;  // daemon defaults with the model's policy applied
+  CodecOptions policy;                       // daemon defaults with the model's policy applied
+  std::vector<double> layer_budget_weights;  // streamed transfers' layer shares; empty = even
 };
 
 inline constexpr size_t kMaxModelNameLength = 128;
@@ -93,6 +94,13 @@ absl::Status ValidateObservationWindow(const spectrumkv::v1::ObservationWindow& 
 absl::Status ValidateRegisterModelRequest(const spectrumkv::v1::RegisterModelRequest& request);
 absl::Status ValidateSendRequest(const spectrumkv::v1::SendRequest& request,
                                  const RegisteredModel& model, std::span<const PeerConfig> peers);
+// The cache's pool layout (paged, no block ids) must match the model; the memory is not inline.
+absl::Status ValidateRegisterCacheRequest(const spectrumkv::v1::RegisterCacheRequest& request,
+                                          const RegisteredModel& model);
+// The first message of a SendStream call. Chunks (LayerReady) are checked against the stream's
+// state by the daemon.
+absl::Status ValidateStreamOpen(const spectrumkv::v1::StreamOpen& open,
+                                const RegisteredModel& model, std::span<const PeerConfig> peers);
 absl::Status ValidateReceiveRequest(const spectrumkv::v1::ReceiveRequest& request,
                                     const RegisteredModel& model);
 absl::Status ValidateGetTransferRequest(const spectrumkv::v1::GetTransferRequest& request);

@@ -1,0 +1,493 @@
+// The streamed send (SendStream): the transfer opens while prefill runs, each chunk of rows is
+// planned, encoded and sent as soon as the engine signals it, and the transfer ends like a bulk
+// Send (the receiver's verdict decides). Registered caches live here too: streams name their
+// blocks instead of passing a handle per request.
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "daemon.h"
+#include "daemon_internal.h"
+#include "peer_protocol.h"
+#include "send_stages.h"
+#include "spdlog/spdlog.h"
+#include "spectrumkv/codec/stream.h"
+#include "spectrumkv/control/codec_policy.h"
+#include "spectrumkv/control/kv_handle_import.h"
+#include "spectrumkv/control/kv_layout_views.h"
+
+namespace skv::daemon {
+
+using control::KvAccess;
+
+namespace {
+
+v1::LayerEvent ChunkEvent(const StreamChunk& c, std::chrono::steady_clock::time_point signalled) {
+  v1::LayerEvent e;
+  e.set_layer(c.layer);
+  e.set_token_begin(c.token_begin);
+  e.set_token_end(c.token_begin + c.token_count);
+  *e.mutable_lag() = ToProto(Seconds(signalled));
+  return e;
+}
+
+absl::Status InvalidChunk(absl::string_view field, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("layer_ready.", field, ": ", why));
+}
+
+}  // namespace
+
+// ---- Registered caches. --------------------------------------------------------------------------
+
+absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
+    const v1::RegisterCacheRequest& request) {
+  absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
+  if (!model.ok()) return model.status();
+  if (absl::Status s = control::ValidateRegisterCacheRequest(request, *model); !s.ok()) return s;
+  absl::StatusOr<control::MappedKvRegion> region =
+      control::ImportKvHandle(request.memory(), KvAccess::kReadOnly, "memory", &shm_mappings_);
+  if (!region.ok()) return region.status();
+  if (region->memory_kind() != control::KvMemoryKind::kHost) {
+    return absl::UnimplementedError("memory: device memory needs the CUDA build of the daemon");
+  }
+  // Every pool must lie inside the mapping, whole: checked once here with one block in use.
+  v1::KvLayout probe = request.layout();
+  probe.set_tokens(1);
+  probe.mutable_paged()->add_block_ids(0);
+  if (absl::Status s = control::BuildKvLayoutViews(probe, *region, "layout").status(); !s.ok())
+    return s;
+  auto cache = std::make_shared<RegisteredCache>();
+  cache->cache_id = request.cache_id();
+  cache->model_id = model->model_id;
+  cache->layout = request.layout();
+  v1::RegisterCacheResponse response;
+  response.set_mapped_bytes(region->size());
+  cache->region = std::move(*region);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (caches_.size() >= kMaxRegisteredModels && caches_.count(cache->cache_id) == 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cache_id: ", kMaxRegisteredModels, " caches are registered already, the daemon's limit"));
+    }
+    caches_[cache->cache_id] = cache;  // streams opened before keep the one they named
+  }
+  spdlog::info("registered cache '{}' of model '{}' ({} bytes)", request.cache_id(),
+               model->model_id, response.mapped_bytes());
+  return response;
+}
+
+// ---- The call's messages. ------------------------------------------------------------------------
+
+std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open, uint64_t call_id,
+                                                     StreamEvents events, SendDone done) {
+  auto refuse = [&](absl::Status s) -> std::shared_ptr<Outbound> {
+    metrics_->TransferFinished(control::TransferRole::kSender, s.code());
+    done(std::move(s));
+    return nullptr;
+  };
+  absl::StatusOr<control::RegisteredModel> model = FindModel(open.model_id());
+  if (!model.ok()) return refuse(Annotate(model.status(), "open"));
+  if (absl::Status s = control::ValidateStreamOpen(open, *model, config_.peers); !s.ok())
+    return refuse(s);
+  absl::StatusOr<control::PeerConfig> peer =
+      control::ResolvePeer(open.peer(), config_.peers, "open.peer");
+  if (!peer.ok()) return refuse(peer.status());
+  absl::StatusOr<CodecOptions> policy =
+      control::ApplyCodecPolicy(model->policy, open.policy_override(), "open.policy_override");
+  if (!policy.ok()) return refuse(policy.status());
+  if (absl::Status s =
+          control::CheckPolicyFitsHeadDim(*policy, model->head_dim, "open.policy_override");
+      !s.ok()) {
+    return refuse(s);
+  }
+  auto out = std::make_shared<Outbound>();
+  out->request_id = open.request_id();
+  out->call_id = call_id;
+  out->requested_budget = open.budget();
+  out->model = *model;
+  out->peer_config = *peer;
+  out->policy = *policy;
+  out->started = std::chrono::steady_clock::now();
+  out->stream = std::make_unique<StreamSend>();
+  StreamSend& st = *out->stream;
+  st.open = open;
+  st.events = std::move(events);
+  st.signalled.assign(model->layers, 0);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_ || shutting_down_)
+      return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
+    if (open.source_case() == v1::StreamOpen::kCacheId) {
+      auto it = caches_.find(open.cache_id());
+      if (it == caches_.end()) {
+        return refuse(absl::NotFoundError(absl::StrCat(
+            "open.cache_id: '", open.cache_id(), "' is not registered (call RegisterCache)")));
+      }
+      if (it->second->model_id != model->model_id) {
+        return refuse(absl::FailedPreconditionError(
+            absl::StrCat("open.cache_id: '", open.cache_id(), "' holds model '",
+                         it->second->model_id, "', not '", model->model_id, "'")));
+      }
+      st.cache = it->second;
+      const uint32_t block_size = st.cache->layout.paged().block_size();
+      st.block_table.assign((open.tokens() + block_size - 1) / block_size, kUnknownBlock);
+    }
+    if (!outbound_.emplace(open.request_id(), out).second) {
+      return refuse(absl::AlreadyExistsError(
+          absl::StrCat("open.request_id: ", open.request_id(), " is already being sent")));
+    }
+    out->done = std::move(done);
+    v1::TransferInfo info;
+    info.set_request_id(open.request_id());
+    info.set_role(v1::TRANSFER_ROLE_SENDER);
+    info.set_state(v1::TRANSFER_STATE_PENDING);
+    info.set_model_id(model->model_id);
+    info.set_peer_daemon_id(peer->daemon_id);
+    table_.Put(info);
+  }
+  // The worker connects and announces while the engine computes the first layers.
+  if (!workers_.Post([this, out] { RunStream(out); })) {
+    absl::AnyInvocable<void()> after;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out->streamed = true;
+      if (!out->finished)
+        after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
+    }
+    if (after) after();
+  }
+  return out;
+}
+
+void Daemon::StreamLayerReady(const std::shared_ptr<Outbound>& out, const v1::LayerReady& ready) {
+  Deferred after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (out->finished || out->stop.load()) return;  // it ended: later signals change nothing
+    absl::StatusOr<PendingChunk> chunk = AcceptChunk(*out, ready);
+    if (!chunk.ok()) {
+      StopOutbound(out, chunk.status(), after);
+    } else {
+      out->stream->pending.push_back(std::move(*chunk));
+      WakeStream(out, after);
+    }
+  }
+  for (auto& f : after) f();
+}
+
+void Daemon::SealStream(const std::shared_ptr<Outbound>& out) {
+  Deferred after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (out->finished || out->stop.load()) return;
+    StreamSend& st = *out->stream;
+    absl::Status missing;
+    for (uint32_t l = 0; l < st.signalled.size() && missing.ok(); ++l) {
+      if (st.signalled[l] != st.open.tokens()) {
+        missing = absl::FailedPreconditionError(
+            absl::StrCat("seal: layer ", l, " was signalled up to token ", st.signalled[l], " of ",
+                         st.open.tokens()));
+      }
+    }
+    if (!missing.ok()) {
+      StopOutbound(out, missing, after);
+    } else {
+      st.sealed = true;
+      MaybeStreamDone(*out);
+    }
+  }
+  for (auto& f : after) f();
+}
+
+void Daemon::AbortStream(const std::shared_ptr<Outbound>& out, absl::Status why) {
+  Deferred after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    StopOutbound(out, std::move(why), after);
+  }
+  for (auto& f : after) f();
+}
+
+absl::StatusOr<Daemon::PendingChunk> Daemon::AcceptChunk(Outbound& out,
+                                                             const v1::LayerReady& ready) {
+  StreamSend& st = *out.stream;
+  const uint32_t tokens = st.open.tokens();
+  if (ready.layer() >= out.model.layers) {
+    return InvalidChunk("layer", absl::StrCat(ready.layer(), " >= the model's ",
+                                              out.model.layers, " layers"));
+  }
+  const uint32_t end = ready.token_end() == 0 ? tokens : ready.token_end();
+  if (end > tokens || ready.token_begin() >= end) {
+    return InvalidChunk("token_end", absl::StrCat("tokens [", ready.token_begin(), ", ", end,
+                                                  ") are not a range inside the ", tokens,
+                                                  "-token prompt"));
+  }
+  const uint32_t next = st.signalled[ready.layer()];
+  if (ready.token_begin() < next) {
+    return InvalidChunk("token_begin", absl::StrCat("layer ", ready.layer(), " tokens [",
+                                                    ready.token_begin(), ", ", next,
+                                                    ") were already signalled"));
+  }
+  if (ready.token_begin() > next) {
+    return InvalidChunk("token_begin",
+                        absl::StrCat("layer ", ready.layer(), " continues at token ", next,
+                                     ", not ", ready.token_begin(), " (chunks come in order)"));
+  }
+  PendingChunk chunk;
+  chunk.rows = {ready.layer(), ready.token_begin(), end - ready.token_begin()};
+  chunk.signalled = std::chrono::steady_clock::now();
+  if (st.cache == nullptr) {
+    if (!ready.block_ids().empty())
+      return InvalidChunk("block_ids", "only a stream over a registered cache names blocks");
+  } else {
+    // The blocks this chunk touches, checked against what earlier chunks named; the table is
+    // changed only once every entry passed.
+    const v1::PagedKvLayout& pools = st.cache->layout.paged();
+    const uint32_t first = ready.token_begin() / pools.block_size();
+    const uint32_t count = (end - 1) / pools.block_size() - first + 1;
+    if (!ready.block_ids().empty() && uint32_t(ready.block_ids().size()) != count) {
+      return InvalidChunk("block_ids",
+                          absl::StrCat("tokens [", ready.token_begin(), ", ", end, ") touch ",
+                                       count, " blocks, got ", ready.block_ids().size()));
+    }
+    std::vector<uint32_t> table = st.block_table;
+    for (uint32_t i = 0; i < count; ++i) {
+      uint32_t& entry = table[first + i];
+      if (ready.block_ids().empty()) {
+        if (entry == kUnknownBlock) {
+          return InvalidChunk("block_ids", absl::StrCat("empty, but sequence block ", first + i,
+                                                        " was never named"));
+        }
+        continue;
+      }
+      const uint32_t id = ready.block_ids(int(i));
+      if (id >= pools.num_blocks()) {
+        return InvalidChunk(absl::StrCat("block_ids[", i, "]"),
+                            absl::StrCat("block ", id, " >= num_blocks ", pools.num_blocks()));
+      }
+      if (entry != kUnknownBlock && entry != id) {
+        return InvalidChunk(absl::StrCat("block_ids[", i, "]"),
+                            absl::StrCat("sequence block ", first + i, " was block ", entry,
+                                         " in an earlier chunk, not ", id));
+      }
+      entry = id;
+    }
+    // The chunk's layer over the table so far; blocks not named yet are never read.
+    v1::KvLayout layout = st.cache->layout;
+    layout.set_layers(1);
+    layout.set_tokens(tokens);
+    v1::PagedKvLayout& paged = *layout.mutable_paged();
+    paged.clear_k_pool_offset_bytes();
+    paged.clear_v_pool_offset_bytes();
+    paged.add_k_pool_offset_bytes(pools.k_pool_offset_bytes(int(ready.layer())));
+    paged.add_v_pool_offset_bytes(pools.v_pool_offset_bytes(int(ready.layer())));
+    for (uint32_t id : table) paged.add_block_ids(id == kUnknownBlock ? 0 : id);
+    absl::StatusOr<control::KvLayoutViews> views =
+        control::BuildKvLayoutViews(layout, st.cache->region, "layer_ready");
+    if (!views.ok()) return views.status();
+    chunk.cache_views.emplace(std::move(*views));
+    st.block_table = std::move(table);
+  }
+  st.signalled[ready.layer()] = end;
+  return chunk;
+}
+
+void Daemon::WakeStream(const std::shared_ptr<Outbound>& out, Deferred& after) {
+  if (!out->streamed || out->finished || !out->stream->opened) return;  // it runs, or will
+  out->streamed = false;
+  after.push_back([this, out] {
+    if (workers_.Post([this, out] { RunStream(out); })) return;
+    Deferred finish;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out->streamed = true;
+      StopOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"), finish);
+    }
+    for (auto& f : finish) f();
+  });
+}
+
+void Daemon::MaybeStreamDone(Outbound& out) {
+  StreamSend& st = *out.stream;
+  if (!st.sealed || !st.pending.empty() || !out.streamed || out.segments_total > 0 ||
+      !st.opened) {
+    return;
+  }
+  out.segments_total = out.segments_sent;
+  out.verdict_deadline = absl::Now() + config_.early_segment_ttl + kOutcomeGrace;
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
+                [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
+}
+
+// ---- The worker. ---------------------------------------------------------------------------------
+
+void Daemon::RunStream(std::shared_ptr<Outbound> out) {
+  StreamSend& st = *out->stream;
+  absl::Status status;
+  bool opened;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    opened = st.opened;
+  }
+  if (!opened) {
+    status = OpenStreamStage(*out);
+    std::lock_guard<std::mutex> lock(mu_);
+    st.opened = status.ok();
+  }
+  for (;;) {
+    std::optional<PendingChunk> chunk;
+    Deferred after;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (status.ok() && !out->stop.load() && !st.pending.empty()) {
+        chunk.emplace(std::move(st.pending.front()));
+        st.pending.pop_front();
+      } else {
+        // Idle until the next signal (or done). Going idle and the look at `pending` above are
+        // one step under the lock: a signal either is seen here or wakes a new worker.
+        if (!status.ok() && !out->local_stop && !out->peer_verdict) out->local_stop = status;
+        out->streamed = true;
+        MaybeStreamDone(*out);
+        SettleOutbound(out, after);
+      }
+    }
+    if (!chunk) {
+      for (auto& f : after) f();
+      return;
+    }
+    status = SendChunk(*out, *chunk);
+  }
+}
+
+absl::Status Daemon::OpenStreamStage(Outbound& out) {
+  StreamSend& st = *out.stream;
+  const control::RegisteredModel& model = out.model;
+  if (out.stop.load()) return OutboundStopReason(out);
+  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
+  if (!peer_id.ok()) return peer_id.status();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out.peer = *peer_id;
+  }
+  if (out.stop.load()) return OutboundStopReason(out);
+  const uint32_t tokens = st.open.tokens();
+  out.raw_bytes = uint64_t{model.layers} * 2 * tokens * model.kv_heads * model.head_dim * 2;
+  if (st.open.has_handle()) {
+    absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
+        st.open.handle().handle(), KvAccess::kReadOnly, "open.handle.handle", &shm_mappings_);
+    if (!region.ok()) return region.status();
+    if (region->memory_kind() != control::KvMemoryKind::kHost) {
+      return absl::UnimplementedError(
+          "open.handle: device memory needs the CUDA build of the daemon");
+    }
+    absl::StatusOr<control::KvLayoutViews> views =
+        control::BuildKvLayoutViews(st.open.handle().layout(), *region, "open.handle.layout");
+    if (!views.ok()) return views.status();
+    st.region = std::move(*region);
+    st.views.emplace(std::move(*views));
+  }
+  absl::StatusOr<ImportanceScores> importance =
+      st.open.has_token_scores()
+          ? ImportanceFromEngine(std::span<const float>(st.open.token_scores().scores().data(),
+                                                        st.open.token_scores().scores().size()),
+                                 model.layers, tokens)
+          : PositionalImportance(model.layers, tokens);
+  if (!importance.ok()) return Annotate(importance.status(), "open.token_scores");
+  st.importance = std::move(importance->values);
+  out.stats.importance_source = st.open.has_token_scores() ? "engine" : "positional";
+
+  out.decision =
+      ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
+                        link_rates_.Get(out.peer_config.address), codec_rate_.Get(kCodecRateKey));
+  CountPassthrough(out);
+  st.options = control::OptionsForTransfer(out.policy, out.decision.planned_budget());
+  if (!out.decision.passthrough()) {
+    const KvShape shape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype};
+    absl::StatusOr<StreamBudget> budget =
+        StreamBudget::Create(shape, out.decision.planned_budget(), model.layer_budget_weights);
+    if (!budget.ok()) return budget.status();
+    st.budget.emplace(std::move(*budget));
+  }
+  st.in_flight.emplace(*metrics_);
+  if (absl::Status s = OutboundStopReason(out); !s.ok()) return s;
+  if (absl::Status s =
+          transport_->Send(*peer_id, kTransferBeginMessage,
+                           SerializeBegin(MakeTransferBegin(out, tokens)), [](absl::Status) {});
+      !s.ok()) {
+    return s;
+  }
+  out.begin_sent = true;
+  out.wire_start = std::chrono::steady_clock::now();
+  v1::SendStreamEvent event;
+  *event.mutable_opened()->mutable_passthrough() = out.decision;
+  st.events(std::move(event));
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
+  StreamSend& st = *out.stream;
+  const StreamChunk& rows = chunk.rows;
+  const KvLayerViews& layer =
+      chunk.cache_views ? chunk.cache_views->layers()[0] : st.views->layers()[rows.layer];
+  CodecOptions options = st.options;
+  if (st.budget) options.budget = st.budget->ChunkBudget(rows);
+  const std::span<const float> importance =
+      std::span(st.importance)
+          .subspan(size_t{rows.layer} * st.open.tokens() + rows.token_begin, rows.token_count);
+  EncodeStats plan_stats;
+  absl::StatusOr<TierPlan> plan = PlanChunk(layer, st.open.tokens(), rows, importance, options,
+                                            BestRowKernels(), &plan_stats);
+  if (!plan.ok()) return plan.status();
+  out.stats.score_seconds += plan_stats.score_seconds;
+  out.stats.plan_seconds += plan_stats.plan_seconds;
+  const std::array<uint64_t, kNumTiers> counts = plan->TierCounts();
+  for (int t = 0; t < kNumTiers; ++t) out.stats.rows_per_tier[t] += counts[t];
+
+  const auto encode_start = std::chrono::steady_clock::now();
+  std::vector<ByteBuffer> segments;
+  for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+    std::vector<ByteBuffer> part(SegmentsPerTensor(rows.token_count, options));
+    for (ByteBuffer& b : part) b = segment_pool_->Take();
+    absl::Status s = EncodeChunk(layer, rows, kind, plan->row_tiers(0, kind), options,
+                                 out.request_id, BestRowKernels(), part);
+    for (ByteBuffer& b : part) segments.push_back(std::move(b));
+    if (!s.ok()) {
+      for (ByteBuffer& b : segments) segment_pool_->Return(std::move(b));
+      return s;
+    }
+  }
+  out.stats.encode_seconds += Seconds(encode_start);
+  v1::SendStreamEvent consumed;
+  *consumed.mutable_layer_consumed() = ChunkEvent(rows, chunk.signalled);
+  st.events(std::move(consumed));
+  chunk.cache_views.reset();
+
+  uint64_t chunk_bytes = 0;
+  for (ByteBuffer& b : segments) chunk_bytes += b.size();
+  if (st.budget) st.budget->Spend(rows, chunk_bytes);
+  for (size_t i = 0; i < segments.size(); ++i) {
+    if (out.stop.load()) {
+      for (; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
+      return OutboundStopReason(out);
+    }
+    out.wire_bytes += segments[i].size();
+    if (absl::Status s = transport_->Send(out.peer, kSegmentMessage,
+                                          segment_pool_->ToMessage(std::move(segments[i])),
+                                          [](absl::Status) {});
+        !s.ok()) {
+      for (++i; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
+      return s;
+    }
+    ++out.segments_sent;
+  }
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
+                [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
+  v1::SendStreamEvent sent;
+  *sent.mutable_layer_sent() = ChunkEvent(rows, chunk.signalled);
+  sent.mutable_layer_sent()->set_wire_bytes(chunk_bytes);
+  st.events(std::move(sent));
+  return absl::OkStatus();
+}
+
+}  // namespace skv::daemon
