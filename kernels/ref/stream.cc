@@ -61,9 +61,8 @@ absl::StatusOr<TierPlan> PlanChunk(const KvLayerViews& layer, uint32_t prompt_to
   // The prompt's first sink_tokens and last recent_tokens rows, as far as this chunk holds them.
   const uint64_t end = uint64_t{chunk.token_begin} + chunk.token_count;
   CodecOptions chunk_options = options;
-  chunk_options.sink_tokens =
-      uint32_t(std::clamp<int64_t>(int64_t{options.sink_tokens} - chunk.token_begin, 0,
-                                   int64_t{chunk.token_count}));
+  chunk_options.sink_tokens = uint32_t(std::clamp<int64_t>(
+      int64_t{options.sink_tokens} - chunk.token_begin, 0, int64_t{chunk.token_count}));
   const int64_t recent_from = int64_t{prompt_tokens} - options.recent_tokens;
   chunk_options.recent_tokens =
       uint32_t(std::clamp<int64_t>(int64_t(end) - recent_from, 0, int64_t{chunk.token_count}));
@@ -123,8 +122,8 @@ absl::StatusOr<StreamBudget> StreamBudget::Create(const KvShape& shape, double b
     double sum = 0;
     for (size_t l = 0; l < layer_weights.size(); ++l) {
       if (!(std::isfinite(layer_weights[l]) && layer_weights[l] > 0)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "layer_weights[", l, "]: ", layer_weights[l], " is not a finite positive weight"));
+        return absl::InvalidArgumentError(absl::StrCat("layer_weights[", l, "]: ", layer_weights[l],
+                                                       " is not a finite positive weight"));
       }
       sum += layer_weights[l];
     }

@@ -136,9 +136,9 @@ TEST(StreamCodec, SinksAndRecentTokensKeepTheirMeaningOverThePrompt) {
                       std::span(scores.values).subspan(c.token_begin, c.token_count), options,
                       BestRowKernels(), &stats);
   };
-  const TierPlan first = plan({0, 0, 80});     // holds sinks 0..5
-  const TierPlan middle = plan({0, 80, 96});   // neither
-  const TierPlan last = plan({0, 176, 80});    // holds recent 251..255
+  const TierPlan first = plan({0, 0, 80});    // holds sinks 0..5
+  const TierPlan middle = plan({0, 80, 96});  // neither
+  const TierPlan last = plan({0, 176, 80});   // holds recent 251..255
   for (uint32_t t = 0; t < 6; ++t) EXPECT_EQ(first.at(0, KvKind::kKey, t), Tier::kFp16) << t;
   for (uint32_t t = 75; t < 80; ++t) EXPECT_EQ(last.at(0, KvKind::kValue, t), Tier::kFp16) << t;
   // At b = 0.2 an unprotected row is never FP16: the middle chunk has no sinks nor recent rows.
@@ -168,8 +168,8 @@ TEST(StreamCodec, APagedChunkCutInsideABlockPlansLikeTheDenseRows) {
   std::vector<uint32_t> table{5, 2, 0, 4, 1, 3};
   std::vector<uint16_t> k_pool(table.size() * block_size * row), v_pool(k_pool.size());
   auto paged = [&](std::vector<uint16_t>& pool, int kind) {
-    KvTensorView v = KvTensorView::Dense(pool.data(), spec.dtype, spec.tokens, spec.heads,
-                                         spec.head_dim);
+    KvTensorView v =
+        KvTensorView::Dense(pool.data(), spec.dtype, spec.tokens, spec.heads, spec.head_dim);
     v.block_table = table;
     v.block_size = block_size;
     v.block_stride_bytes = block_size * row * 2;
@@ -253,8 +253,8 @@ TEST(StreamBudget, TheWholeTransferLandsOnTheBudget) {
   std::mt19937 rng(3);
   for (double b : {0.15, 0.3, 0.5, 0.8}) {
     for (bool weighted : {false, true}) {
-      const std::vector<double> weights = weighted ? std::vector<double>{4, 1, 1, 2}
-                                                   : std::vector<double>{};
+      const std::vector<double> weights =
+          weighted ? std::vector<double>{4, 1, 1, 2} : std::vector<double>{};
       absl::StatusOr<StreamBudget> budget = StreamBudget::Create(shape, b, weights);
       ASSERT_TRUE(budget.ok());
       std::vector<StreamChunk> chunks = ChunkedPrefill(spec.layers, spec.tokens, 40);
