@@ -78,6 +78,7 @@ absl::StatusOr<std::unique_ptr<SpectrumKvClient>> SpectrumKvClient::Connect(
                                                        request, options_.timeout);               \
   }
 SKV_CLIENT_METHOD(RegisterModel, call_timeout)
+SKV_CLIENT_METHOD(RegisterCache, call_timeout)
 SKV_CLIENT_METHOD(Send, transfer_timeout)
 SKV_CLIENT_METHOD(Receive, transfer_timeout)
 SKV_CLIENT_METHOD(GetTransfer, call_timeout)
@@ -87,6 +88,11 @@ SKV_CLIENT_METHOD(Probe, transfer_timeout)
 SKV_CLIENT_METHOD(Encode, transfer_timeout)
 SKV_CLIENT_METHOD(Decode, transfer_timeout)
 #undef SKV_CLIENT_METHOD
+
+absl::StatusOr<std::unique_ptr<SendStream>> SpectrumKvClient::OpenSendStream(
+    const v1::StreamOpen& open, SendStream::EventHandler on_event) {
+  return SendStream::Open(stub_.get(), open, options_.transfer_timeout, std::move(on_event));
+}
 
 absl::Status SpectrumKvClient::WaitUntilServing(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::system_clock::now() + timeout;

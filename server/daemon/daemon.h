@@ -208,6 +208,9 @@ class Daemon {
     absl::Time expires;
   };
   std::map<uint64_t, EndedReceive> ended_receives_ ABSL_GUARDED_BY(mu_);
+  // Senders that aborted a transfer no Receive had claimed yet, by (daemon id, request id): a
+  // Receive arriving later fails at once instead of waiting for its timeout.
+  std::map<std::pair<std::string, uint64_t>, EndedReceive> sender_aborts_ ABSL_GUARDED_BY(mu_);
   size_t early_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;  // Drain() began: no new transfers
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;

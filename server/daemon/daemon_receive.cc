@@ -103,6 +103,7 @@ void Daemon::OnBegin(transport::PeerId peer, std::span<const std::byte> payload)
       in->first_arrival = absl::Now();
       arrivals_[{sender, id}] = in;
       tombstones_.erase({sender, id});
+      sender_aborts_.erase({sender, id});
       if (in->has_receive) Match(in, after);
     }
     if (!refusal.ok()) {
@@ -191,12 +192,17 @@ void Daemon::OnSenderAbort(const std::string& sender, transport::PeerId peer,
       after.push_back(FinishInbound(in, Annotate(abort.status, "the sender aborted")));
     } else {
       Unlink(in);
+      sender_aborts_[{sender, abort.request_id}] = {abort.status, absl::Now() + kTombstoneLifetime};
     }
     return;
   }
-  // It gave up before its first message: a Receive waiting for it need not wait any more.
+  // It gave up before its first message: a Receive waiting for it need not wait any more, and
+  // one that comes later need not wait at all.
   auto waiting = receives_.find(abort.request_id);
-  if (waiting == receives_.end()) return;
+  if (waiting == receives_.end()) {
+    sender_aborts_[{sender, abort.request_id}] = {abort.status, absl::Now() + kTombstoneLifetime};
+    return;
+  }
   std::shared_ptr<Inbound> in = waiting->second;
   if (in->begin.has_value() || in->finished || !SenderAllowed(sender) ||
       !(in->expected_sender.empty() || in->expected_sender == sender)) {
@@ -275,6 +281,13 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
       }
     }
     if (in == nullptr) {
+      for (const auto& [key, aborted] : sender_aborts_) {
+        if (key.second == request.request_id() &&
+            (request.sender_daemon_id().empty() || request.sender_daemon_id() == key.first)) {
+          return refuse(Annotate(aborted.status, absl::StrCat("sender '", key.first,
+                                                              "' aborted before this Receive")));
+        }
+      }
       in = std::make_shared<Inbound>();
       in->request_id = request.request_id();
     }
@@ -556,6 +569,7 @@ void Daemon::ReapExpired() {
                    in->request_id, in->sender);
       metrics_->TransferFinished(control::TransferRole::kReceiver,
                                  absl::StatusCode::kDeadlineExceeded);
+      metrics_->CountStagingExpired();
       Unlink(in);
       after.push_back([this, peer = in->peer, id = in->request_id] {
         SendPeerNotice(
@@ -575,6 +589,10 @@ void Daemon::ReapExpired() {
     for (auto it = ended_receives_.begin(); it != ended_receives_.end();) {
       it = it->second.expires < now ? ended_receives_.erase(it) : ++it;
     }
+    for (auto it = sender_aborts_.begin(); it != sender_aborts_.end();) {
+      it = it->second.expires < now ? sender_aborts_.erase(it) : ++it;
+    }
+    metrics_->SetStagingBytes(early_bytes_);
     lock.unlock();
     shm_mappings_.DropUnlinked();  // frees KV objects their owners deleted since the last transfer
     PublishTransportStats();

@@ -38,7 +38,8 @@ absl::Status InvalidChunk(absl::string_view field, absl::string_view why) {
 
 }  // namespace
 
-// ---- Registered caches. --------------------------------------------------------------------------
+// ---- Registered caches.
+// --------------------------------------------------------------------------
 
 absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
     const v1::RegisterCacheRequest& request) {
@@ -67,8 +68,9 @@ absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (caches_.size() >= kMaxRegisteredModels && caches_.count(cache->cache_id) == 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cache_id: ", kMaxRegisteredModels, " caches are registered already, the daemon's limit"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cache_id: ", kMaxRegisteredModels,
+                       " caches are registered already, the daemon's limit"));
     }
     caches_[cache->cache_id] = cache;  // streams opened before keep the one they named
   }
@@ -77,7 +79,8 @@ absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
   return response;
 }
 
-// ---- The call's messages. ------------------------------------------------------------------------
+// ---- The call's messages.
+// ------------------------------------------------------------------------
 
 std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open, uint64_t call_id,
                                                      StreamEvents events, SendDone done) {
@@ -161,6 +164,7 @@ std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open,
 }
 
 void Daemon::StreamLayerReady(const std::shared_ptr<Outbound>& out, const v1::LayerReady& ready) {
+  const absl::Time start = absl::Now();
   Deferred after;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -173,6 +177,7 @@ void Daemon::StreamLayerReady(const std::shared_ptr<Outbound>& out, const v1::La
       WakeStream(out, after);
     }
   }
+  metrics_->ObserveLayerSignal(absl::Now() - start);
   for (auto& f : after) f();
 }
 
@@ -210,29 +215,29 @@ void Daemon::AbortStream(const std::shared_ptr<Outbound>& out, absl::Status why)
 }
 
 absl::StatusOr<Daemon::PendingChunk> Daemon::AcceptChunk(Outbound& out,
-                                                             const v1::LayerReady& ready) {
+                                                         const v1::LayerReady& ready) {
   StreamSend& st = *out.stream;
   const uint32_t tokens = st.open.tokens();
   if (ready.layer() >= out.model.layers) {
-    return InvalidChunk("layer", absl::StrCat(ready.layer(), " >= the model's ",
-                                              out.model.layers, " layers"));
+    return InvalidChunk(
+        "layer", absl::StrCat(ready.layer(), " >= the model's ", out.model.layers, " layers"));
   }
   const uint32_t end = ready.token_end() == 0 ? tokens : ready.token_end();
   if (end > tokens || ready.token_begin() >= end) {
-    return InvalidChunk("token_end", absl::StrCat("tokens [", ready.token_begin(), ", ", end,
-                                                  ") are not a range inside the ", tokens,
-                                                  "-token prompt"));
+    return InvalidChunk("token_end",
+                        absl::StrCat("tokens [", ready.token_begin(), ", ", end,
+                                     ") are not a range inside the ", tokens, "-token prompt"));
   }
   const uint32_t next = st.signalled[ready.layer()];
   if (ready.token_begin() < next) {
-    return InvalidChunk("token_begin", absl::StrCat("layer ", ready.layer(), " tokens [",
-                                                    ready.token_begin(), ", ", next,
-                                                    ") were already signalled"));
+    return InvalidChunk(
+        "token_begin", absl::StrCat("layer ", ready.layer(), " tokens [", ready.token_begin(), ", ",
+                                    next, ") were already signalled"));
   }
   if (ready.token_begin() > next) {
-    return InvalidChunk("token_begin",
-                        absl::StrCat("layer ", ready.layer(), " continues at token ", next,
-                                     ", not ", ready.token_begin(), " (chunks come in order)"));
+    return InvalidChunk(
+        "token_begin", absl::StrCat("layer ", ready.layer(), " continues at token ", next, ", not ",
+                                    ready.token_begin(), " (chunks come in order)"));
   }
   PendingChunk chunk;
   chunk.rows = {ready.layer(), ready.token_begin(), end - ready.token_begin()};
@@ -247,9 +252,9 @@ absl::StatusOr<Daemon::PendingChunk> Daemon::AcceptChunk(Outbound& out,
     const uint32_t first = ready.token_begin() / pools.block_size();
     const uint32_t count = (end - 1) / pools.block_size() - first + 1;
     if (!ready.block_ids().empty() && uint32_t(ready.block_ids().size()) != count) {
-      return InvalidChunk("block_ids",
-                          absl::StrCat("tokens [", ready.token_begin(), ", ", end, ") touch ",
-                                       count, " blocks, got ", ready.block_ids().size()));
+      return InvalidChunk(
+          "block_ids", absl::StrCat("tokens [", ready.token_begin(), ", ", end, ") touch ", count,
+                                    " blocks, got ", ready.block_ids().size()));
     }
     std::vector<uint32_t> table = st.block_table;
     for (uint32_t i = 0; i < count; ++i) {
@@ -310,8 +315,7 @@ void Daemon::WakeStream(const std::shared_ptr<Outbound>& out, Deferred& after) {
 
 void Daemon::MaybeStreamDone(Outbound& out) {
   StreamSend& st = *out.stream;
-  if (!st.sealed || !st.pending.empty() || !out.streamed || out.segments_total > 0 ||
-      !st.opened) {
+  if (!st.sealed || !st.pending.empty() || !out.streamed || out.segments_total > 0 || !st.opened) {
     return;
   }
   out.segments_total = out.segments_sent;
@@ -320,7 +324,8 @@ void Daemon::MaybeStreamDone(Outbound& out) {
                 [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
 }
 
-// ---- The worker. ---------------------------------------------------------------------------------
+// ---- The worker.
+// ---------------------------------------------------------------------------------
 
 void Daemon::RunStream(std::shared_ptr<Outbound> out) {
   StreamSend& st = *out->stream;
@@ -363,7 +368,8 @@ void Daemon::RunStream(std::shared_ptr<Outbound> out) {
 absl::Status Daemon::OpenStreamStage(Outbound& out) {
   StreamSend& st = *out.stream;
   const control::RegisteredModel& model = out.model;
-  if (out.stop.load()) return OutboundStopReason(out);
+  // Connected even when the stream was stopped already (a bad first signal): a Receive waiting
+  // on the peer is then told at once instead of at its timeout.
   absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
   if (!peer_id.ok()) return peer_id.status();
   {
@@ -436,8 +442,8 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
       std::span(st.importance)
           .subspan(size_t{rows.layer} * st.open.tokens() + rows.token_begin, rows.token_count);
   EncodeStats plan_stats;
-  absl::StatusOr<TierPlan> plan = PlanChunk(layer, st.open.tokens(), rows, importance, options,
-                                            BestRowKernels(), &plan_stats);
+  absl::StatusOr<TierPlan> plan =
+      PlanChunk(layer, st.open.tokens(), rows, importance, options, BestRowKernels(), &plan_stats);
   if (!plan.ok()) return plan.status();
   out.stats.score_seconds += plan_stats.score_seconds;
   out.stats.plan_seconds += plan_stats.plan_seconds;
@@ -472,9 +478,9 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
       return OutboundStopReason(out);
     }
     out.wire_bytes += segments[i].size();
-    if (absl::Status s = transport_->Send(out.peer, kSegmentMessage,
-                                          segment_pool_->ToMessage(std::move(segments[i])),
-                                          [](absl::Status) {});
+    if (absl::Status s =
+            transport_->Send(out.peer, kSegmentMessage,
+                             segment_pool_->ToMessage(std::move(segments[i])), [](absl::Status) {});
         !s.ok()) {
       for (++i; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
       return s;
@@ -485,6 +491,7 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
                 [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
   v1::SendStreamEvent sent;
   *sent.mutable_layer_sent() = ChunkEvent(rows, chunk.signalled);
+  metrics_->ObserveLayerSendLag(absl::Seconds(Seconds(chunk.signalled)));
   sent.mutable_layer_sent()->set_wire_bytes(chunk_bytes);
   st.events(std::move(sent));
   return absl::OkStatus();

@@ -145,10 +145,10 @@ absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
   return response.substr(body + 4);
 }
 
-absl::StatusOr<DaemonPair> StartDaemonPair() {
+absl::StatusOr<DaemonPair> StartDaemonPair(const std::vector<std::string>& decode_flags) {
   DaemonPair pair;
   absl::StatusOr<std::unique_ptr<DaemonProcess>> decode =
-      DaemonProcess::Start({.daemon_id = "decode"});
+      DaemonProcess::Start({.daemon_id = "decode", .extra_flags = decode_flags});
   if (!decode.ok()) return decode.status();
   pair.decode = std::move(*decode);
   absl::StatusOr<std::unique_ptr<DaemonProcess>> prefill = DaemonProcess::Start(

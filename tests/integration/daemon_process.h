@@ -62,6 +62,7 @@ absl::StatusOr<std::string> ScrapeMetrics(const std::string& address);
 struct DaemonPair {
   std::unique_ptr<DaemonProcess> prefill, decode;
 };
-absl::StatusOr<DaemonPair> StartDaemonPair();
+// `decode_flags` go to the decode daemon (e.g. a short early-segment TTL).
+absl::StatusOr<DaemonPair> StartDaemonPair(const std::vector<std::string>& decode_flags = {});
 
 }  // namespace skv::testing

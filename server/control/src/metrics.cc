@@ -82,6 +82,10 @@ struct Metrics::Families {
   std::array<std::array<prometheus::Counter*, kStatusCodeCount>, kTransferRoleCount> transfers{};
   prometheus::Gauge* in_flight = nullptr;
   std::array<prometheus::Counter*, kPassthroughReasonCount> passthrough{};
+  prometheus::Gauge* staging_bytes = nullptr;
+  prometheus::Counter* staging_expired = nullptr;
+  prometheus::Histogram* layer_signal = nullptr;
+  prometheus::Histogram* layer_send_lag = nullptr;
 
   // Transport counters, in the order of TransportCounterFields(), and the last values seen.
   std::vector<prometheus::Counter*> transport;
@@ -222,6 +226,30 @@ Metrics::Metrics()
     f.passthrough[reason] = &passthrough.Add({{"reason", Label(kPassthroughLabels[reason])}});
   }
 
+  f.staging_bytes =
+      &prometheus::BuildGauge()
+           .Name("spectrumkv_staging_bytes")
+           .Help("Segment bytes staged on the decode side, waiting for their Receive.")
+           .Register(r)
+           .Add({});
+  f.staging_expired =
+      &prometheus::BuildCounter()
+           .Name("spectrumkv_staging_expired_total")
+           .Help("Staged transfers dropped because no Receive claimed them within the TTL.")
+           .Register(r)
+           .Add({});
+  f.layer_signal = &prometheus::BuildHistogram()
+                        .Name("spectrumkv_layer_signal_seconds")
+                        .Help("Time the daemon takes to accept one layer_ready signal.")
+                        .Register(r)
+                        .Add({}, DurationBucketsSeconds());
+  f.layer_send_lag =
+      &prometheus::BuildHistogram()
+           .Name("spectrumkv_layer_send_lag_seconds")
+           .Help("From a layer_ready signal to its chunk's segments handed to the transport.")
+           .Register(r)
+           .Add({}, DurationBucketsSeconds());
+
   f.int4_enabled = &prometheus::BuildGauge()
                         .Name("spectrumkv_int4_enabled")
                         .Help("1 when the model may use the INT4 tier (probe passed), else 0.")
@@ -288,6 +316,15 @@ void Metrics::TransferFinished(TransferRole role, absl::StatusCode result) {
 
 void Metrics::CountPassthrough(PassthroughReason reason) {
   families_->passthrough[static_cast<size_t>(reason)]->Increment();
+}
+
+void Metrics::SetStagingBytes(uint64_t bytes) { families_->staging_bytes->Set(double(bytes)); }
+void Metrics::CountStagingExpired() { families_->staging_expired->Increment(); }
+void Metrics::ObserveLayerSignal(absl::Duration d) {
+  families_->layer_signal->Observe(absl::ToDoubleSeconds(d));
+}
+void Metrics::ObserveLayerSendLag(absl::Duration d) {
+  families_->layer_send_lag->Observe(absl::ToDoubleSeconds(d));
 }
 
 void Metrics::InFlightIncrement() { families_->in_flight->Increment(); }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "spectrumkv/client/send_stream.h"
 #include "spectrumkv/v1/spectrumkv.grpc.pb.h"
 
 namespace skv::client {
@@ -31,6 +32,11 @@ class SpectrumKvClient {
       const std::string& target, const ClientOptions& options = {});
 
   absl::StatusOr<v1::RegisterModelResponse> RegisterModel(const v1::RegisterModelRequest& request);
+  absl::StatusOr<v1::RegisterCacheResponse> RegisterCache(const v1::RegisterCacheRequest& request);
+  // Starts a streamed send (SendStream) with `open`; see SendStream. The call's deadline is
+  // transfer_timeout.
+  absl::StatusOr<std::unique_ptr<SendStream>> OpenSendStream(
+      const v1::StreamOpen& open, SendStream::EventHandler on_event = nullptr);
   absl::StatusOr<v1::SendResponse> Send(const v1::SendRequest& request);
   absl::StatusOr<v1::ReceiveResponse> Receive(const v1::ReceiveRequest& request);
   absl::StatusOr<v1::GetTransferResponse> GetTransfer(const v1::GetTransferRequest& request);

@@ -12,6 +12,10 @@
 //   spectrumkv_link_bandwidth_bytes_per_second{peer}          gauge
 //   spectrumkv_passthrough_total{reason}                      counter
 //   spectrumkv_int4_enabled{model}                            gauge 0/1
+//   spectrumkv_staging_bytes                                  gauge
+//   spectrumkv_staging_expired_total                          counter
+//   spectrumkv_layer_signal_seconds                           histogram
+//   spectrumkv_layer_send_lag_seconds                         histogram
 //
 // Every label value of the fixed label sets is created up front, so the series exist (at 0) from
 // start-up and the hot-path calls below touch pre-resolved children only. Peer and model series
@@ -100,6 +104,12 @@ class Metrics {
   void AddTokens(skv::Tier tier, uint64_t count);
   void TransferFinished(TransferRole role, absl::StatusCode result);
   void CountPassthrough(PassthroughReason reason);
+  // Streaming: staged segment bytes (a level), unclaimed staging expired, the time to accept a
+  // layer signal, and a signal's lag until its chunk was sent.
+  void SetStagingBytes(uint64_t bytes);
+  void CountStagingExpired();
+  void ObserveLayerSignal(absl::Duration duration);
+  void ObserveLayerSendLag(absl::Duration duration);
   void InFlightIncrement();
   void InFlightDecrement();
 

@@ -1,0 +1,460 @@
+// Streamed sends (SendStream) between two real daemons: the stream's state machine (chunks in and
+// out of order, duplicates, gaps, seal with a layer missing, abort at each stage, the caller going
+// away), Receive before, after and never (TTL), staging full, the sender killed mid-stream,
+// registered caches named by block ids, and equality with the codec and with the bulk path.
+#include <signal.h>
+
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "daemon_pair_fixture.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "spectrumkv/client/send_stream.h"
+#include "spectrumkv/codec/stream.h"
+
+namespace skv::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The events a stream produced, gathered from the reader thread.
+struct EventLog {
+  std::mutex mu;
+  std::vector<v1::SendStreamEvent> events;
+  void Add(const v1::SendStreamEvent& e) {
+    std::lock_guard<std::mutex> lock(mu);
+    events.push_back(e);
+  }
+  int Count(v1::SendStreamEvent::EventCase which) {
+    std::lock_guard<std::mutex> lock(mu);
+    return int(std::count_if(events.begin(), events.end(),
+                             [&](const v1::SendStreamEvent& e) { return e.event_case() == which; }));
+  }
+};
+
+v1::LayerReady Ready(uint32_t layer, uint32_t begin, uint32_t end) {
+  v1::LayerReady r;
+  r.set_layer(layer);
+  r.set_token_begin(begin);
+  r.set_token_end(end);
+  return r;
+}
+
+class StreamTest : public DaemonPairTest {
+ protected:
+  static v1::StreamOpen OpenReq(uint64_t id, const SharedMemoryBuffer& src, double budget,
+                                v1::PassthroughMode mode = v1::PASSTHROUGH_MODE_NEVER) {
+    v1::StreamOpen o;
+    o.set_request_id(id);
+    o.set_model_id(kModel);
+    o.mutable_peer()->set_daemon_id("decode");
+    o.set_budget(budget);
+    o.set_passthrough(mode);
+    o.set_tokens(kTokens);
+    *o.mutable_handle()->mutable_handle() = src.handle();
+    *o.mutable_handle()->mutable_layout() = Dense();
+    return o;
+  }
+
+  std::unique_ptr<client::SendStream> Open(const v1::StreamOpen& open, EventLog* log = nullptr) {
+    absl::StatusOr<std::unique_ptr<client::SendStream>> s = prefill_->client().OpenSendStream(
+        open, [log](const v1::SendStreamEvent& e) {
+          if (log) log->Add(e);
+        });
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  std::future<absl::StatusOr<v1::ReceiveResponse>> ReceiveAsync(v1::ReceiveRequest r) {
+    return std::async(std::launch::async,
+                      [this, r] { return decode_->client().Receive(r); });
+  }
+
+  // Signals every chunk of chunked prefill (chunks of `chunk` tokens, each through every layer,
+  // layers in `order`), then seals.
+  static void SignalAll(client::SendStream& s, uint32_t chunk, const std::vector<uint32_t>& order) {
+    for (uint32_t begin = 0; begin < kTokens; begin += chunk) {
+      for (uint32_t l : order) s.LayerReady(Ready(l, begin, std::min(kTokens, begin + chunk)));
+    }
+    s.Seal();
+  }
+};
+
+std::vector<uint32_t> InOrder() { return {0, 1, 2, 3}; }
+
+TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 31), dst = MakeBuffer(bytes);
+  const double budget = 0.3;
+  auto received = ReceiveAsync(ReceiveReq(301, dst));
+  EventLog log;
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(301, src, budget), &log);
+  ASSERT_NE(s, nullptr);
+  const std::vector<uint32_t> order{2, 0, 3, 1};
+  SignalAll(*s, 128, order);
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  ASSERT_TRUE(got.ok()) << got.status();
+  const v1::TransferStats& st = sent->stats();
+  EXPECT_LE(st.achieved_budget(), budget);
+  EXPECT_GE(st.achieved_budget(), budget - 0.005);
+  EXPECT_EQ(got->stats().wire_bytes(), st.wire_bytes());
+  EXPECT_EQ(log.Count(v1::SendStreamEvent::kOpened), 1);
+  EXPECT_EQ(log.Count(v1::SendStreamEvent::kLayerConsumed), 3 * 4);
+  EXPECT_EQ(log.Count(v1::SendStreamEvent::kLayerSent), 3 * 4);
+  EXPECT_EQ(log.Count(v1::SendStreamEvent::kDone), 1);
+
+  // The codec, chunk by chunk in the same order under the same budget, gives the same bytes.
+  const CodecOptions options =
+      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, budget);
+  const std::vector<KvLayerViews> views = DenseViews(src.data());
+  absl::StatusOr<StreamBudget> plan_budget = StreamBudget::Create(*ShapeOf(views), budget, {});
+  ASSERT_TRUE(plan_budget.ok());
+  const ImportanceScores scores = PositionalImportance(kLayers, kTokens);
+  std::vector<ByteBuffer> segments;
+  for (uint32_t begin = 0; begin < kTokens; begin += 128) {
+    for (uint32_t l : order) {
+      const StreamChunk c{l, begin, std::min(kTokens, begin + 128) - begin};
+      CodecOptions o = options;
+      o.budget = plan_budget->ChunkBudget(c);
+      EncodeStats stats;
+      absl::StatusOr<TierPlan> plan =
+          PlanChunk(views[l], kTokens, c,
+                    std::span(scores.values).subspan(size_t{l} * kTokens + begin, c.token_count),
+                    o, BestRowKernels(), &stats);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      uint64_t chunk_bytes = 0;
+      for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+        std::vector<ByteBuffer> part(SegmentsPerTensor(c.token_count, o));
+        ASSERT_TRUE(EncodeChunk(views[l], c, kind, plan->row_tiers(0, kind), o, 301,
+                                BestRowKernels(), part)
+                        .ok());
+        for (ByteBuffer& b : part) chunk_bytes += b.size(), segments.push_back(std::move(b));
+      }
+      plan_budget->Spend(c, chunk_bytes);
+    }
+  }
+  std::vector<uint8_t> expected(bytes, 0), kept;
+  std::vector<std::span<const uint8_t>> spans(segments.begin(), segments.end());
+  ASSERT_TRUE(DecodeKv(spans, DenseViews(expected.data()), &kept).ok());
+  EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0);
+}
+
+// With one layer, the stream's online plan is the whole-cache plan: the same bytes as Send.
+TEST_F(StreamTest, OneChunkPerLayerMatchesTheBulkPathForTheSamePlan) {
+  constexpr char kOneLayer[] = "it-one-layer";
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d, kOneLayer, 1).ok());
+  v1::KvLayout layout = client::DenseLayout(v1::DTYPE_FP16, 1, kHeads, kHeadDim, kTokens);
+  const uint64_t bytes = client::DenseLayoutBytes(layout);
+  SharedMemoryBuffer src = MakeSource(bytes, 32), bulk_dst = MakeBuffer(bytes),
+                     stream_dst = MakeBuffer(bytes);
+  auto receive = [&](uint64_t id, const SharedMemoryBuffer& dst) {
+    v1::ReceiveRequest r = ReceiveReq(id, dst);
+    r.set_model_id(kOneLayer);
+    *r.mutable_destination_layout() = layout;
+    return ReceiveAsync(r);
+  };
+  auto bulk_received = receive(311, bulk_dst);
+  v1::SendRequest send = SendReq(311, src, 0.4);
+  send.set_model_id(kOneLayer);
+  *send.mutable_source_layout() = layout;
+  absl::StatusOr<v1::SendResponse> bulk = prefill_->client().Send(send);
+  ASSERT_TRUE(bulk.ok()) << bulk.status();
+  ASSERT_TRUE(bulk_received.get().ok());
+
+  auto stream_received = receive(312, stream_dst);
+  v1::StreamOpen open = OpenReq(312, src, 0.4);
+  open.set_model_id(kOneLayer);
+  *open.mutable_handle()->mutable_layout() = layout;
+  std::unique_ptr<client::SendStream> s = Open(open);
+  ASSERT_NE(s, nullptr);
+  s->LayerReady(Ready(0, 0, 0));  // token_end 0: the whole prompt
+  s->Seal();
+  absl::StatusOr<v1::SendResponse> streamed = s->Wait();
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  ASSERT_TRUE(stream_received.get().ok());
+  EXPECT_EQ(streamed->stats().wire_bytes(), bulk->stats().wire_bytes());
+  EXPECT_EQ(std::memcmp(stream_dst.data(), bulk_dst.data(), bytes), 0);
+}
+
+// A registered paged cache with a shuffled block table, blocks named by the first layer's chunks
+// only, chunks cut inside blocks; passthrough must land the rows bit for bit.
+TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
+  constexpr uint32_t kBlockSize = 16, kNumBlocks = 40;
+  const size_t row = size_t{kHeads} * kHeadDim * 2, block = kBlockSize * row,
+               pool = kNumBlocks * block;
+  SharedMemoryBuffer cache = MakeSource(pool * 2 * kLayers, 33);
+  v1::RegisterCacheRequest reg;
+  reg.set_cache_id("worker-0");
+  reg.set_model_id(kModel);
+  *reg.mutable_memory() = cache.handle();
+  v1::KvLayout& layout = *reg.mutable_layout();
+  layout.set_dtype(v1::DTYPE_FP16);
+  layout.set_layers(kLayers);
+  layout.set_kv_heads(kHeads);
+  layout.set_head_dim(kHeadDim);
+  v1::PagedKvLayout& paged = *layout.mutable_paged();
+  paged.set_block_size(kBlockSize);
+  paged.set_num_blocks(kNumBlocks);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    paged.add_k_pool_offset_bytes(2 * l * pool);
+    paged.add_v_pool_offset_bytes((2 * l + 1) * pool);
+  }
+  absl::StatusOr<v1::RegisterCacheResponse> registered = prefill_->client().RegisterCache(reg);
+  ASSERT_TRUE(registered.ok()) << registered.status();
+  EXPECT_EQ(registered->mapped_bytes(), pool * 2 * kLayers);
+
+  const uint32_t seq_blocks = (kTokens + kBlockSize - 1) / kBlockSize;
+  std::vector<uint32_t> table(kNumBlocks);
+  std::iota(table.begin(), table.end(), 0u);
+  std::shuffle(table.begin(), table.end(), std::mt19937(5));
+  table.resize(seq_blocks);
+
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  auto received = ReceiveAsync(ReceiveReq(321, dst));
+  v1::StreamOpen open = OpenReq(321, dst, 1.0, v1::PASSTHROUGH_MODE_ALWAYS);
+  open.set_cache_id("worker-0");
+  std::unique_ptr<client::SendStream> s = Open(open);
+  ASSERT_NE(s, nullptr);
+  for (uint32_t begin = 0; begin < kTokens; begin += 100) {  // 100: not a multiple of 16
+    const uint32_t end = std::min(kTokens, begin + 100);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      v1::LayerReady r = Ready(l, begin, end);
+      if (l == 0) {
+        for (uint32_t b = begin / kBlockSize; b <= (end - 1) / kBlockSize; ++b)
+          r.add_block_ids(table[b]);
+      }
+      s->LayerReady(r);
+    }
+  }
+  s->Seal();
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  ASSERT_TRUE(received.get().ok());
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        const uint8_t* want = cache.data() + (2 * l + kind) * pool + table[t / kBlockSize] * block +
+                              (t % kBlockSize) * row;
+        const uint8_t* got = dst.data() + ((2 * l + kind) * size_t{kTokens} + t) * row;
+        ASSERT_EQ(std::memcmp(want, got, row), 0) << "layer " << l << " kind " << kind << " t " << t;
+      }
+    }
+  }
+}
+
+// A Receive that comes after the whole stream has been staged still gets it.
+TEST_F(StreamTest, AReceiveAfterTheStreamFindsItStaged) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 34), dst = MakeBuffer(bytes);
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(331, src, 0.5));
+  ASSERT_NE(s, nullptr);
+  SignalAll(*s, kTokens, InOrder());
+  // Every segment is staged on the decode side before its Receive exists.
+  for (int i = 0; i < 200; ++i) {
+    v1::GetTransferRequest g;
+    g.set_request_id(331);
+    absl::StatusOr<v1::GetTransferResponse> info = prefill_->client().GetTransfer(g);
+    if (info.ok() && info->transfers(0).segments_done() == 2 * kLayers) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  absl::StatusOr<v1::ReceiveResponse> got = decode_->client().Receive(ReceiveReq(331, dst));
+  ASSERT_TRUE(got.ok()) << got.status();
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  ASSERT_TRUE(sent.ok()) << sent.status();
+}
+
+struct BadSignal {
+  const char* name;
+  std::function<void(client::SendStream&)> signal;
+  absl::StatusCode code;
+  const char* says;
+};
+
+// Every bad signal stops the stream with a status naming it; the Receive waiting for the transfer
+// fails at once (it does not wait for its timeout) and nothing is committed.
+TEST_F(StreamTest, BadSignalsStopTheStreamWithAClearStatus) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 35);
+  const std::vector<BadSignal> cases = {
+      {"duplicate chunk",
+       [](client::SendStream& s) {
+         s.LayerReady(Ready(1, 0, 100));
+         s.LayerReady(Ready(1, 0, 100));
+       },
+       absl::StatusCode::kInvalidArgument, "already signalled"},
+      {"gap", [](client::SendStream& s) { s.LayerReady(Ready(1, 10, 100)); },
+       absl::StatusCode::kInvalidArgument, "continues at token 0"},
+      {"layer out of range", [](client::SendStream& s) { s.LayerReady(Ready(4, 0, 10)); },
+       absl::StatusCode::kInvalidArgument, "layer_ready.layer"},
+      {"past the prompt", [](client::SendStream& s) { s.LayerReady(Ready(0, 0, kTokens + 1)); },
+       absl::StatusCode::kInvalidArgument, "layer_ready.token_end"},
+      {"blocks without a cache",
+       [](client::SendStream& s) {
+         v1::LayerReady r = Ready(0, 0, 10);
+         r.add_block_ids(3);
+         s.LayerReady(r);
+       },
+       absl::StatusCode::kInvalidArgument, "layer_ready.block_ids"},
+      {"seal with a layer missing",
+       [](client::SendStream& s) {
+         for (uint32_t l : {0, 1, 3}) s.LayerReady(Ready(l, 0, kTokens));
+         s.Seal();
+       },
+       absl::StatusCode::kFailedPrecondition, "layer 2 was signalled up to token 0"},
+      {"abort", [](client::SendStream& s) { s.Abort("engine preempted the request"); },
+       absl::StatusCode::kCancelled, "engine preempted the request"},
+      {"abort after every layer",
+       [](client::SendStream& s) {
+         for (uint32_t l : {0, 1, 2}) s.LayerReady(Ready(l, 0, kTokens));
+         s.Abort("late abort");
+       },
+       absl::StatusCode::kCancelled, "late abort"},
+  };
+  uint64_t id = 340;
+  for (const BadSignal& c : cases) {
+    SCOPED_TRACE(c.name);
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    auto received = ReceiveAsync(ReceiveReq(++id, dst, /*timeout_s=*/60));
+    std::unique_ptr<client::SendStream> s = Open(OpenReq(id, src, 0.5));
+    ASSERT_NE(s, nullptr);
+    const auto start = std::chrono::steady_clock::now();
+    c.signal(*s);
+    absl::StatusOr<v1::SendResponse> sent = s->Wait();
+    EXPECT_EQ(sent.status().code(), c.code) << sent.status();
+    EXPECT_THAT(std::string(sent.status().message()), HasSubstr(c.says));
+    absl::StatusOr<v1::ReceiveResponse> got = received.get();
+    EXPECT_FALSE(got.ok());
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  }
+}
+
+TEST_F(StreamTest, BadOpensAreRefusedWithTheFieldNamed) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 36);
+  struct BadOpen {
+    std::function<void(v1::StreamOpen&)> mutate;
+    absl::StatusCode code;
+    const char* says;
+  };
+  const std::vector<BadOpen> cases = {
+      {[](v1::StreamOpen& o) { o.set_tokens(0); }, absl::StatusCode::kInvalidArgument,
+       "open.tokens"},
+      {[](v1::StreamOpen& o) { o.set_tokens(kTokens - 1); }, absl::StatusCode::kInvalidArgument,
+       "open.handle.layout.tokens"},
+      {[](v1::StreamOpen& o) { o.set_budget(0); }, absl::StatusCode::kInvalidArgument,
+       "open.budget"},
+      {[](v1::StreamOpen& o) { o.clear_handle(); }, absl::StatusCode::kInvalidArgument,
+       "open.source"},
+      {[](v1::StreamOpen& o) { o.set_cache_id("nobody"); }, absl::StatusCode::kNotFound,
+       "open.cache_id"},
+      {[](v1::StreamOpen& o) { o.mutable_peer()->set_daemon_id("elsewhere"); },
+       absl::StatusCode::kNotFound, "open.peer"},
+      {[](v1::StreamOpen& o) { o.mutable_token_scores()->add_scores(1); },
+       absl::StatusCode::kInvalidArgument, "open.token_scores"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(i);
+    v1::StreamOpen open = OpenReq(360 + i, src, 0.5);
+    cases[i].mutate(open);
+    std::unique_ptr<client::SendStream> s = Open(open);
+    ASSERT_NE(s, nullptr);
+    absl::StatusOr<v1::SendResponse> sent = s->Wait();
+    EXPECT_EQ(sent.status().code(), cases[i].code) << sent.status();
+    EXPECT_THAT(std::string(sent.status().message()), HasSubstr(cases[i].says));
+  }
+  // The daemons still serve.
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  auto received = ReceiveAsync(ReceiveReq(370, dst));
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(370, src, 0.5));
+  SignalAll(*s, kTokens, InOrder());
+  EXPECT_TRUE(s->Wait().ok());
+  EXPECT_TRUE(received.get().ok());
+}
+
+// The engine process dies (its call is cancelled) mid-stream: both sides end promptly.
+TEST_F(StreamTest, TheCallerGoingAwayAbortsTheTransfer) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 37), dst = MakeBuffer(bytes);
+  auto received = ReceiveAsync(ReceiveReq(381, dst, 60));
+  {
+    std::unique_ptr<client::SendStream> s = Open(OpenReq(381, src, 0.5));
+    ASSERT_NE(s, nullptr);
+    s->LayerReady(Ready(0, 0, kTokens));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }  // destroyed without seal: the call is cancelled
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  EXPECT_FALSE(got.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  v1::GetTransferRequest g;
+  g.set_request_id(381);
+  absl::StatusOr<v1::GetTransferResponse> info = prefill_->client().GetTransfer(g);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->transfers(0).state(), v1::TRANSFER_STATE_CANCELLED);
+}
+
+TEST_F(StreamTest, TheSenderKilledMidStreamFailsTheReceive) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 38), dst = MakeBuffer(bytes);
+  auto received = ReceiveAsync(ReceiveReq(391, dst, 60));
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(391, src, 0.5));
+  ASSERT_NE(s, nullptr);
+  s->LayerReady(Ready(0, 0, kTokens));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto start = std::chrono::steady_clock::now();
+  prefill_->Stop(SIGKILL);
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  EXPECT_FALSE(got.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_FALSE(s->Wait().ok());
+}
+
+class StreamStagingTest : public StreamTest {
+ protected:
+  StreamStagingTest() {
+    decode_flags_ = {"--early_segment_ttl_seconds=1", "--early_segment_buffer_bytes=1048576"};
+  }
+};
+
+// No Receive ever comes: the staged transfer expires, the sender is told, the decode daemon
+// counts it.
+TEST_F(StreamStagingTest, UnclaimedStagingExpires) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 39);
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(401, src, 0.2));
+  ASSERT_NE(s, nullptr);
+  SignalAll(*s, kTokens, InOrder());
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  EXPECT_EQ(sent.status().code(), absl::StatusCode::kDeadlineExceeded) << sent.status();
+  absl::StatusOr<std::string> metrics = ScrapeMetrics(decode_->metrics_address());
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_THAT(*metrics, HasSubstr("spectrumkv_staging_expired_total 1"));
+}
+
+// Staging is bounded: a transfer that does not fit is refused, not buffered without bound.
+TEST_F(StreamStagingTest, FullStagingRefusesTheTransfer) {
+  constexpr uint32_t kLongPrompt = 700;  // 1.4 MB of KV > the 1 MiB bound
+  const uint64_t bytes = client::DenseLayoutBytes(Dense(kLongPrompt));
+  SharedMemoryBuffer src = MakeSource(bytes, 40);
+  v1::StreamOpen open = OpenReq(411, src, 1.0, v1::PASSTHROUGH_MODE_ALWAYS);
+  open.set_tokens(kLongPrompt);
+  *open.mutable_handle()->mutable_layout() = Dense(kLongPrompt);
+  std::unique_ptr<client::SendStream> s = Open(open);
+  ASSERT_NE(s, nullptr);
+  for (uint32_t l = 0; l < kLayers; ++l) s->LayerReady(Ready(l, 0, kLongPrompt));
+  s->Seal();
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  EXPECT_EQ(sent.status().code(), absl::StatusCode::kResourceExhausted) << sent.status();
+  EXPECT_THAT(std::string(sent.status().message()), HasSubstr("early-segment buffer"));
+}
+
+}  // namespace
+}  // namespace skv::testing
