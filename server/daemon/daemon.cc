@@ -37,7 +37,9 @@ Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
       segment_pool_(std::make_shared<SegmentBufferPool>(
           std::min<size_t>(config.max_inflight_bytes, kSegmentPoolIdleBytes))),
       shm_mappings_(config.shm_mapping_cache_entries),
-      workers_(std::max<size_t>(4, std::thread::hardware_concurrency())) {}
+      workers_(std::max<size_t>(4, std::thread::hardware_concurrency())) {
+  metrics_->SetStagingLimit(config_.early_segment_buffer_bytes);
+}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
     const control::DaemonConfig& config, control::Metrics* metrics,

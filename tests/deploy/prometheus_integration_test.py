@@ -318,7 +318,7 @@ scrape_configs:
           f"receiver error ratio: {error_ratio}, expected 1/8")
     expected = {"SpectrumKVTransferErrorRate": {"pending", "firing"}, "SpectrumKVPeerDown": {"inactive"},
                 "SpectrumKVDaemonDown": {"inactive"}, "SpectrumKVBudgetOvershoot": {"inactive"},
-                "SpectrumKVTransferLatencyHigh": {"inactive"}}
+                "SpectrumKVTransferLatencyHigh": {"inactive"}, "SpectrumKVStagingNearFull": {"inactive"}}
     alerts = {n: r for n, r in rules.items() if r["type"] == "alerting"}
     check(set(alerts) == set(expected), f"alert rules {sorted(alerts)} != tested {sorted(expected)}")
     for name, states in expected.items():

@@ -83,6 +83,7 @@ struct Metrics::Families {
   prometheus::Gauge* in_flight = nullptr;
   std::array<prometheus::Counter*, kPassthroughReasonCount> passthrough{};
   prometheus::Gauge* staging_bytes = nullptr;
+  prometheus::Gauge* staging_limit = nullptr;
   prometheus::Counter* staging_expired = nullptr;
   prometheus::Histogram* layer_signal = nullptr;
   prometheus::Histogram* layer_send_lag = nullptr;
@@ -232,6 +233,11 @@ Metrics::Metrics()
            .Help("Segment bytes staged on the decode side, waiting for their Receive.")
            .Register(r)
            .Add({});
+  f.staging_limit = &prometheus::BuildGauge()
+                         .Name("spectrumkv_staging_limit_bytes")
+                         .Help("The bound on staged segment bytes (early_segment_buffer_bytes).")
+                         .Register(r)
+                         .Add({});
   f.staging_expired =
       &prometheus::BuildCounter()
            .Name("spectrumkv_staging_expired_total")
@@ -319,6 +325,7 @@ void Metrics::CountPassthrough(PassthroughReason reason) {
 }
 
 void Metrics::SetStagingBytes(uint64_t bytes) { families_->staging_bytes->Set(double(bytes)); }
+void Metrics::SetStagingLimit(uint64_t bytes) { families_->staging_limit->Set(double(bytes)); }
 void Metrics::CountStagingExpired() { families_->staging_expired->Increment(); }
 void Metrics::ObserveLayerSignal(absl::Duration d) {
   families_->layer_signal->Observe(absl::ToDoubleSeconds(d));

@@ -13,6 +13,7 @@
 //   spectrumkv_passthrough_total{reason}                      counter
 //   spectrumkv_int4_enabled{model}                            gauge 0/1
 //   spectrumkv_staging_bytes                                  gauge
+//   spectrumkv_staging_limit_bytes                            gauge
 //   spectrumkv_staging_expired_total                          counter
 //   spectrumkv_layer_signal_seconds                           histogram
 //   spectrumkv_layer_send_lag_seconds                         histogram
@@ -107,6 +108,7 @@ class Metrics {
   // Streaming: staged segment bytes (a level), unclaimed staging expired, the time to accept a
   // layer signal, and a signal's lag until its chunk was sent.
   void SetStagingBytes(uint64_t bytes);
+  void SetStagingLimit(uint64_t bytes);
   void CountStagingExpired();
   void ObserveLayerSignal(absl::Duration duration);
   void ObserveLayerSendLag(absl::Duration duration);
