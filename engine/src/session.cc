@@ -272,7 +272,10 @@ absl::Status SessionState::Forward(std::span<const int> tokens, const ForwardOpt
       first_row = forward.logits == LogitsMode::kLast ? n - 1 : n;
     }
     const int rows = n - first_row;
-    if (rows == 0) break;
+    if (rows == 0) {
+      if (forward.on_layer_done) forward.on_layer_done(l);
+      break;
+    }
     const size_t row_offset = Sz(first_row) * Sz(dim);
 
     Attention(l, first_pos, first_row, rows);  // writes xb rows [first_row, n)
@@ -292,6 +295,7 @@ absl::Status SessionState::Forward(std::span<const int> tokens, const ForwardOpt
     }
     MatMul(ref, xb.data() + row_offset, gate, lw.w2, rows, hidden, dim);
     AddRows(x.data() + row_offset, xb.data() + row_offset, Sz(rows) * Sz(dim));
+    if (forward.on_layer_done) forward.on_layer_done(l);
   }
 
   switch (forward.logits) {
@@ -512,6 +516,33 @@ absl::StatusOr<KvCache> Session::ExportKv(KvDtype dtype) const {
     }
   }
   return kv;
+}
+
+absl::Status Session::ExportLayerKv(int layer, int token_begin, int count, KvDtype dtype,
+                                    std::span<uint16_t> keys, std::span<uint16_t> values) const {
+  const ModelConfig& c = state_->c;
+  if (dtype != KvDtype::kFp16 && dtype != KvDtype::kBf16) {
+    return absl::InvalidArgumentError("ExportLayerKv: unknown KV dtype");
+  }
+  if (layer < 0 || layer >= c.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("ExportLayerKv: no layer ", layer));
+  }
+  const size_t kv_dim = Sz(c.n_kv_heads) * Sz(c.head_dim());
+  const std::vector<float>& k = state_->key_cache[Sz(layer)];
+  const std::vector<float>& v = state_->value_cache[Sz(layer)];
+  const size_t rows = k.size() / kv_dim, n = Sz(count) * kv_dim;
+  if (token_begin < 0 || count < 0 || Sz(token_begin) + Sz(count) > rows || keys.size() != n ||
+      values.size() != n) {
+    return absl::OutOfRangeError(absl::StrCat("ExportLayerKv: rows [", token_begin, ", ",
+                                              token_begin + count, ") of ", rows,
+                                              " or the output sizes do not fit"));
+  }
+  const size_t first = Sz(token_begin) * kv_dim;
+  for (size_t i = 0; i < n; ++i) {
+    keys[i] = FloatToKvBits(k[first + i], dtype);
+    values[i] = FloatToKvBits(v[first + i], dtype);
+  }
+  return absl::OkStatus();
 }
 
 void Session::RoundKvTo(KvDtype dtype) {

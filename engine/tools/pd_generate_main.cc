@@ -1,11 +1,13 @@
 // skv-pd-generate: text generation with prefill and decode disaggregated through a spectrumkvd
-// pair. The prefill engine runs the prompt (all tokens but the last), puts its FP16 KV and its
-// last query vectors in POSIX shared memory, and the prefill-side daemon Sends the KV at budget b
-// to the decode-side daemon, which Receives it into the shared memory the decode engine imports
-// (with the kept-token mask). The decode engine feeds the last prompt token and continues
-// greedily. Prints the text, the agreement with non-disaggregated generation (one session, FP32
-// KV, no transfer) and the transfer report; checks the received KV against the daemon's own
-// stateless Encode/Decode of the same input.
+// pair. The prefill engine runs the prompt (all tokens but the last) into POSIX shared memory;
+// by default (--layerwise) it opens a SendStream before prefill and signals each layer as the
+// forward pass finishes it, so the prefill-side daemon encodes and sends layer l while layer l+1
+// is computed; with --nolayerwise the daemon Sends the whole KV (with the last query vectors as
+// importance) after prefill. The decode-side daemon Receives it into the shared memory the decode
+// engine imports (with the kept-token mask). The decode engine feeds the last prompt token and
+// continues greedily. Prints the text, the agreement with non-disaggregated generation (one
+// session, FP32 KV, no transfer) and the transfer report; checks the received KV against the
+// daemon's own stateless Encode/Decode of the same input.
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -44,6 +47,12 @@ ABSL_FLAG(std::string, peer, "decode", "the decode-side daemon's id as the sende
 ABSL_FLAG(uint64_t, request_id, 0, "transfer id; 0 = derived from the process id and time");
 ABSL_FLAG(int, query_window, 16, "last prompt queries per layer sent as importance input");
 ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
+ABSL_FLAG(bool, layerwise, true,
+          "stream the KV layer by layer while prefill runs (SendStream); false: one Send after "
+          "prefill, with the last queries as importance");
+ABSL_FLAG(double, prefill_layer_ms, 0,
+          "extra compute time per prefill layer, ms: the stand-in's layers take microseconds; "
+          "this shows the transfer hiding behind a production-sized prefill");
 ABSL_FLAG(int, threads, 0, "OpenBLAS threads; 0 = the engine's default policy");
 
 namespace skv::engine {
@@ -195,35 +204,115 @@ absl::Status Run() {
   absl::StatusOr<std::vector<int>> reference = Greedy(*whole, whole->last_logits(), count);
   if (!reference.ok()) return reference.status();
 
-  // ---- prefill node: all prompt tokens but the last --------------------------------------------
+  // ---- the daemons --------------------------------------------------------------------------
   const std::span<const int> context = std::span<const int>(*prompt).first(prompt->size() - 1);
-  const int window = std::clamp(absl::GetFlag(FLAGS_query_window), 1, int(context.size()));
-  const auto prefill_start = Clock::now();
-  absl::StatusOr<Session> prefill = Session::Create(*model);
-  if (!prefill.ok()) return prefill.status();
-  if (absl::Status s =
-          prefill->Forward(context, {.logits = LogitsMode::kNone, .capture_last_queries = window});
-      !s.ok()) {
-    return s;
-  }
-  absl::StatusOr<KvCache> kv = prefill->ExportKv(KvDtype::kFp16);
-  if (!kv.ok()) return kv.status();
-  const double prefill_s = std::chrono::duration<double>(Clock::now() - prefill_start).count();
-
   const uint32_t layers = uint32_t(config.n_layers), kv_heads = uint32_t(config.n_kv_heads),
-                 head_dim = uint32_t(config.head_dim()), tokens = uint32_t(kv->tokens);
+                 head_dim = uint32_t(config.head_dim()), tokens = uint32_t(context.size());
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> sender = Connect(absl::GetFlag(FLAGS_sender));
+  if (!sender.ok()) return Annotate(sender.status(), "prefill-side daemon");
+  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> receiver =
+      Connect(absl::GetFlag(FLAGS_receiver));
+  if (!receiver.ok()) return Annotate(receiver.status(), "decode-side daemon");
+  v1::RegisterModelRequest reg;
+  reg.set_name(ModelName(model_path));
+  reg.mutable_shape()->set_layers(layers);
+  reg.mutable_shape()->set_kv_heads(kv_heads);
+  reg.mutable_shape()->set_head_dim(head_dim);
+  reg.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+  reg.mutable_shape()->set_query_heads(uint32_t(config.n_heads));
+  absl::StatusOr<v1::RegisterModelResponse> sender_model = (*sender)->RegisterModel(reg);
+  if (!sender_model.ok()) return Annotate(sender_model.status(), "RegisterModel (prefill side)");
+  absl::StatusOr<v1::RegisterModelResponse> receiver_model = (*receiver)->RegisterModel(reg);
+  if (!receiver_model.ok()) return Annotate(receiver_model.status(), "RegisterModel (decode side)");
+
   const v1::KvLayout layout =
       client::DenseLayout(v1::DTYPE_FP16, layers, kv_heads, head_dim, tokens);
   const uint64_t bytes = client::DenseLayoutBytes(layout);
-  const size_t tensor_bytes = kv->values_per_layer() * 2;
+  const size_t tensor_bytes = size_t{tokens} * kv_heads * head_dim * 2;
   const std::string shm_prefix = absl::StrCat("/skv-pd-", getpid(), "-");
   absl::StatusOr<SharedMemoryBuffer> source =
       SharedMemoryBuffer::Create(shm_prefix + "prefill-kv", bytes);
   if (!source.ok()) return Annotate(source.status(), "prefill KV buffer");
-  for (uint32_t l = 0; l < layers; ++l) {  // dense [layers][K, V][tokens][kv_heads][head_dim]
-    std::memcpy(source->data() + size_t{l} * 2 * tensor_bytes, kv->keys[l].data(), tensor_bytes);
-    std::memcpy(source->data() + (size_t{l} * 2 + 1) * tensor_bytes, kv->values[l].data(),
-                tensor_bytes);
+  absl::StatusOr<SharedMemoryBuffer> destination =
+      SharedMemoryBuffer::Create(shm_prefix + "decode-kv", bytes);
+  if (!destination.ok()) return Annotate(destination.status(), "decode KV buffer");
+  uint64_t request_id = absl::GetFlag(FLAGS_request_id);
+  if (request_id == 0) {
+    request_id =
+        (uint64_t(getpid()) << 32) ^
+        uint64_t(std::chrono::system_clock::now().time_since_epoch().count() & 0xffffffff) ^ 1;
+  }
+  // Receive first, as a decode server would before its prefill finishes.
+  v1::ReceiveRequest receive;
+  receive.set_request_id(request_id);
+  receive.set_model_id(receiver_model->model_id());
+  *receive.mutable_destination() = destination->handle();
+  *receive.mutable_destination_layout() = layout;
+  receive.set_mask_format(v1::MASK_FORMAT_BYTES);
+  *receive.mutable_timeout() = google::protobuf::util::TimeUtil::MillisecondsToDuration(
+      int64_t(absl::GetFlag(FLAGS_timeout_s) * 1000));
+  auto received = std::async(std::launch::async, [&] { return (*receiver)->Receive(receive); });
+  const v1::PassthroughMode passthrough =
+      budget >= 1.0 ? v1::PASSTHROUGH_MODE_ALWAYS : v1::PASSTHROUGH_MODE_NEVER;
+
+  // Layer-wise, the stream opens before prefill and each layer is signalled as soon as the
+  // forward pass has computed it: the transfer runs behind prefill instead of after it.
+  const bool layerwise = absl::GetFlag(FLAGS_layerwise);
+  const double layer_ms = absl::GetFlag(FLAGS_prefill_layer_ms);
+  std::unique_ptr<client::SendStream> stream;
+  if (layerwise) {
+    v1::StreamOpen open;
+    open.set_request_id(request_id);
+    open.set_model_id(sender_model->model_id());
+    open.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+    open.set_budget(budget);
+    open.set_passthrough(passthrough);
+    open.set_tokens(tokens);
+    *open.mutable_handle()->mutable_handle() = source->handle();
+    *open.mutable_handle()->mutable_layout() = layout;
+    absl::StatusOr<std::unique_ptr<client::SendStream>> opened = (*sender)->OpenSendStream(open);
+    if (!opened.ok()) return Annotate(opened.status(), "SendStream");
+    stream = std::move(*opened);
+  }
+
+  // ---- prefill node: all prompt tokens but the last --------------------------------------------
+  const int window = std::clamp(absl::GetFlag(FLAGS_query_window), 1, int(context.size()));
+  absl::StatusOr<Session> prefill = Session::Create(*model);
+  if (!prefill.ok()) return prefill.status();
+  absl::Status export_status;
+  ForwardOptions forward{.logits = LogitsMode::kNone, .capture_last_queries = window};
+  forward.on_layer_done = [&](int l) {
+    if (layer_ms > 0)
+      std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(layer_ms));
+    if (!layerwise) return;
+    uint8_t* k = source->data() + size_t(l) * 2 * tensor_bytes;
+    absl::Status s = prefill->ExportLayerKv(
+        l, 0, int(tokens), KvDtype::kFp16,
+        std::span<uint16_t>(reinterpret_cast<uint16_t*>(k), tensor_bytes / 2),
+        std::span<uint16_t>(reinterpret_cast<uint16_t*>(k + tensor_bytes), tensor_bytes / 2));
+    if (!s.ok()) {
+      export_status.Update(s);
+      stream->Abort(std::string(s.message()));
+      return;
+    }
+    v1::LayerReady ready;
+    ready.set_layer(uint32_t(l));  // token_end 0: the whole prompt
+    stream->LayerReady(ready);
+  };
+  const auto prefill_start = Clock::now();
+  if (absl::Status s = prefill->Forward(context, forward); !s.ok()) return s;
+  if (!export_status.ok()) return Annotate(export_status, "layer export");
+  if (layerwise) stream->Seal();
+  const auto prefill_end = Clock::now();
+  const double prefill_s = std::chrono::duration<double>(prefill_end - prefill_start).count();
+  absl::StatusOr<KvCache> kv = prefill->ExportKv(KvDtype::kFp16);
+  if (!kv.ok()) return kv.status();
+  if (!layerwise) {
+    for (uint32_t l = 0; l < layers; ++l) {  // dense [layers][K, V][tokens][kv_heads][head_dim]
+      std::memcpy(source->data() + size_t{l} * 2 * tensor_bytes, kv->keys[l].data(), tensor_bytes);
+      std::memcpy(source->data() + (size_t{l} * 2 + 1) * tensor_bytes, kv->values[l].data(),
+                  tensor_bytes);
+    }
   }
   // Queries in the KV dtype, [layers][W][query heads][head_dim] (the ObservationWindow default).
   const QueryWindow& queries = prefill->queries();
@@ -243,56 +332,26 @@ absl::Status Run() {
   observation.set_window_tokens(uint32_t(queries.tokens));
   observation.set_query_heads(uint32_t(queries.n_heads));
 
-  // ---- the daemons --------------------------------------------------------------------------
-  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> sender = Connect(absl::GetFlag(FLAGS_sender));
-  if (!sender.ok()) return Annotate(sender.status(), "prefill-side daemon");
-  absl::StatusOr<std::unique_ptr<SpectrumKvClient>> receiver =
-      Connect(absl::GetFlag(FLAGS_receiver));
-  if (!receiver.ok()) return Annotate(receiver.status(), "decode-side daemon");
-  v1::RegisterModelRequest reg;
-  reg.set_name(ModelName(model_path));
-  reg.mutable_shape()->set_layers(layers);
-  reg.mutable_shape()->set_kv_heads(kv_heads);
-  reg.mutable_shape()->set_head_dim(head_dim);
-  reg.mutable_shape()->set_dtype(v1::DTYPE_FP16);
-  reg.mutable_shape()->set_query_heads(uint32_t(config.n_heads));
-  absl::StatusOr<v1::RegisterModelResponse> sender_model = (*sender)->RegisterModel(reg);
-  if (!sender_model.ok()) return Annotate(sender_model.status(), "RegisterModel (prefill side)");
-  absl::StatusOr<v1::RegisterModelResponse> receiver_model = (*receiver)->RegisterModel(reg);
-  if (!receiver_model.ok()) return Annotate(receiver_model.status(), "RegisterModel (decode side)");
-
-  absl::StatusOr<SharedMemoryBuffer> destination =
-      SharedMemoryBuffer::Create(shm_prefix + "decode-kv", bytes);
-  if (!destination.ok()) return Annotate(destination.status(), "decode KV buffer");
-  uint64_t request_id = absl::GetFlag(FLAGS_request_id);
-  if (request_id == 0) {
-    request_id =
-        (uint64_t(getpid()) << 32) ^
-        uint64_t(std::chrono::system_clock::now().time_since_epoch().count() & 0xffffffff) ^ 1;
+  // ---- transfer: the stream's outcome, or one Send now ----------------------------------------
+  absl::StatusOr<v1::SendResponse> sent = absl::UnknownError("not sent");
+  if (layerwise) {
+    sent = stream->Wait();
+  } else {
+    v1::SendRequest send;
+    send.set_request_id(request_id);
+    send.set_model_id(sender_model->model_id());
+    *send.mutable_source() = source->handle();
+    *send.mutable_source_layout() = layout;
+    send.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+    send.set_budget(budget);
+    send.set_passthrough(passthrough);
+    *send.mutable_observation_window() = observation;
+    sent = (*sender)->Send(send);
   }
-  // Receive first, as a decode server would before its prefill finishes; then Send.
-  v1::ReceiveRequest receive;
-  receive.set_request_id(request_id);
-  receive.set_model_id(receiver_model->model_id());
-  *receive.mutable_destination() = destination->handle();
-  *receive.mutable_destination_layout() = layout;
-  receive.set_mask_format(v1::MASK_FORMAT_BYTES);
-  *receive.mutable_timeout() = google::protobuf::util::TimeUtil::MillisecondsToDuration(
-      int64_t(absl::GetFlag(FLAGS_timeout_s) * 1000));
-  auto received = std::async(std::launch::async, [&] { return (*receiver)->Receive(receive); });
-  v1::SendRequest send;
-  send.set_request_id(request_id);
-  send.set_model_id(sender_model->model_id());
-  *send.mutable_source() = source->handle();
-  *send.mutable_source_layout() = layout;
-  send.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
-  send.set_budget(budget);
-  send.set_passthrough(budget >= 1.0 ? v1::PASSTHROUGH_MODE_ALWAYS : v1::PASSTHROUGH_MODE_NEVER);
-  *send.mutable_observation_window() = observation;
-  const auto transfer_start = Clock::now();
-  absl::StatusOr<v1::SendResponse> sent = (*sender)->Send(send);
   absl::StatusOr<v1::ReceiveResponse> got = received.get();
-  const double transfer_s = std::chrono::duration<double>(Clock::now() - transfer_start).count();
+  // From the end of prefill to the decode side holding the KV: what the transfer adds to the
+  // time to first token.
+  const double tail_s = std::chrono::duration<double>(Clock::now() - prefill_end).count();
   if (!sent.ok()) return Annotate(sent.status(), "Send");
   if (!got.ok()) return Annotate(got.status(), "Receive");
 
@@ -331,7 +390,16 @@ absl::Status Run() {
 
   // ---- check: the same input through the daemon's stateless Encode/Decode ----------------------
   std::string check = "skipped (KV above the inline message limit)";
-  if (bytes < (48u << 20)) {
+  if (layerwise && budget < 1.0) {
+    // The stream plans each layer on its own as it arrives; the stateless Encode plans the whole
+    // cache at once, so the two differ by design (tests/integration/stream_test.cc checks the
+    // stream against the codec chunk by chunk).
+    check = absl::StrFormat("layer-wise plan, achieved b %.4f <= requested %.4f: %s",
+                            sent->stats().achieved_budget(), budget,
+                            sent->stats().achieved_budget() <= budget ? "yes" : "NO");
+    if (sent->stats().achieved_budget() > budget)
+      return absl::DataLossError("the stream overshot its budget");
+  } else if (bytes < (48u << 20)) {
     v1::EncodeRequest encode;
     encode.set_kv(std::string(reinterpret_cast<const char*>(source->data()), bytes));
     *encode.mutable_layout() = layout;
@@ -383,10 +451,10 @@ absl::Status Run() {
               model_path.c_str(), config.n_layers, config.n_heads, config.n_kv_heads,
               config.head_dim());
   std::printf(
-      "  path       prefill engine -> shm -> daemon %s == Send ==> daemon %s (peer '%s') -> shm -> "
+      "  path       prefill engine -> shm -> daemon %s == %s ==> daemon %s (peer '%s') -> shm -> "
       "decode engine\n",
-      absl::GetFlag(FLAGS_sender).c_str(), absl::GetFlag(FLAGS_receiver).c_str(),
-      absl::GetFlag(FLAGS_peer).c_str());
+      absl::GetFlag(FLAGS_sender).c_str(), layerwise ? "SendStream" : "Send",
+      absl::GetFlag(FLAGS_receiver).c_str(), absl::GetFlag(FLAGS_peer).c_str());
   std::printf(
       "  prompt     %zu tokens: %u prefilled and transferred, the last fed on the decode side\n",
       prompt->size(), tokens);
@@ -426,8 +494,10 @@ absl::Status Run() {
       "decode %.4f, commit %.4f, total %.4f\n",
       Secs(d.score()), Secs(d.plan()), Secs(d.encode()), Secs(d.wire()), Secs(d.total()),
       Secs(r.durations().decode()), Secs(r.durations().commit()), Secs(r.durations().total()));
-  std::printf("  engine (s) prefill %.4f, Send->Receive %.4f, decode %.4f\n", prefill_s, transfer_s,
-              decode_s);
+  std::printf(
+      "  engine (s) prefill %.4f; KV on the decode side %.4f after prefill ended (%s); decode "
+      "%.4f\n",
+      prefill_s, tail_s, layerwise ? "layer-wise SendStream" : "one Send after prefill", decode_s);
   std::printf("  check      %s\n", check.c_str());
   return absl::OkStatus();
 }

@@ -67,13 +67,28 @@ TEST_F(PdGenerateTest, StandInModelGeneratesThroughTheDaemonPair) {
       std::stod(out.substr(at + std::string("requested 0.500, achieved ").size(), 6));
   EXPECT_LE(achieved, 0.5);
   EXPECT_GT(achieved, 0.45);
+  // By default the KV streams layer by layer while prefill runs.
+  EXPECT_NE(out.find("== SendStream ==>"), std::string::npos) << out;
+  EXPECT_NE(out.find("layer-wise plan, achieved b"), std::string::npos) << out;
+  EXPECT_NE(out.find("after prefill ended (layer-wise SendStream)"), std::string::npos) << out;
+}
+
+// The bulk path: one Send after prefill, checked against the stateless Encode/Decode.
+TEST_F(PdGenerateTest, StandInModelThroughOneSendAfterPrefill) {
+  int status = 0;
+  const std::string out = Generate("--budget 0.5 --nolayerwise", &status);
+  ASSERT_EQ(status, 0) << out << "\nprefill log:\n"
+                       << prefill_->Log() << "\ndecode log:\n"
+                       << decode_->Log();
+  EXPECT_NE(out.find("== Send ==>"), std::string::npos) << out;
+  EXPECT_NE(out.find("of 12 agree position by position"), std::string::npos) << out;
   EXPECT_NE(out.find("received KV and mask identical"), std::string::npos) << out;
 }
 
 TEST_F(PdGenerateTest, GeneratesThroughTheDaemonPairAndReports) {
   if (!UseStories()) GTEST_SKIP() << "shared data absent: " << model_ << " (set SKV_DATA_DIR)";
   int status = 0;
-  const std::string out = Generate("--budget 0.5", &status);
+  const std::string out = Generate("--budget 0.5 --nolayerwise", &status);
   ASSERT_EQ(status, 0) << out << "\nprefill log:\n"
                        << prefill_->Log() << "\ndecode log:\n"
                        << decode_->Log();

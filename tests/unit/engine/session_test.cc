@@ -350,5 +350,41 @@ TEST_F(SessionTest, SessionsMove) {
   EXPECT_EQ(b.config().dim, 48);
 }
 
+// The layer-wise hook: called once per layer, in order, with that layer's rows already final
+// (what a layer-wise transfer exports then equals the export after the whole forward), also for
+// the last layer of a prefill that computes no logits, and also for a second chunk.
+TEST_F(SessionTest, LayerDoneHookSeesEachLayersFinalRows) {
+  Session s = MustCreate(model_);
+  const ModelConfig& c = model_->config();
+  const size_t kv_dim = size_t(c.n_kv_heads) * c.head_dim();
+  for (const auto& [begin, tokens] :
+       {std::pair<int, std::span<const int>>{0, prompt_}, {40, continuation_}}) {
+    const int n = int(tokens.size());
+    std::vector<int> order;
+    std::vector<std::vector<uint16_t>> keys(c.n_layers), values(c.n_layers);
+    ForwardOptions options{.logits = LogitsMode::kNone};
+    options.on_layer_done = [&](int l) {
+      order.push_back(l);
+      keys[l].resize(n * kv_dim);
+      values[l].resize(n * kv_dim);
+      ASSERT_TRUE(s.ExportLayerKv(l, begin, n, KvDtype::kFp16, keys[l], values[l]).ok());
+    };
+    ASSERT_TRUE(s.Forward(tokens, options).ok());
+    EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+    absl::StatusOr<KvCache> all = s.ExportKv(KvDtype::kFp16);
+    ASSERT_TRUE(all.ok());
+    for (int l = 0; l < c.n_layers; ++l) {
+      EXPECT_TRUE(
+          std::equal(keys[l].begin(), keys[l].end(), all->keys[l].begin() + begin * kv_dim));
+      EXPECT_TRUE(
+          std::equal(values[l].begin(), values[l].end(), all->values[l].begin() + begin * kv_dim));
+    }
+  }
+  std::vector<uint16_t> k(kv_dim), v(kv_dim);
+  EXPECT_EQ(s.ExportLayerKv(0, 52, 1, KvDtype::kFp16, k, v).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(s.ExportLayerKv(3, 0, 1, KvDtype::kFp16, k, v).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace skv::engine

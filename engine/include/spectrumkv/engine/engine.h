@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -122,6 +123,9 @@ struct SessionOptions {
 struct ForwardOptions {
   LogitsMode logits = LogitsMode::kLast;
   int capture_last_queries = 0;  // W > 0 fills queries() with the call's last min(W, n) queries
+  // Called on the forward thread once layer `l` is done for this call's tokens: its K and V rows
+  // are final and ExportLayerKv can read them (what a layer-wise KV transfer hooks into).
+  std::function<void(int layer)> on_layer_done = nullptr;
 };
 
 // OpenBLAS's process-wide thread count (OPENBLAS_NUM_THREADS sets the initial one). Models as
@@ -174,6 +178,10 @@ class Session {
 
   // The cache of positions [0, position()) in `dtype`. Dropped tokens export as zeros.
   [[nodiscard]] absl::StatusOr<KvCache> ExportKv(KvDtype dtype) const;
+  // Rows [token_begin, token_begin + count) of one layer's K and V in `dtype`, each
+  // count * n_kv_heads * head_dim values; callable from on_layer_done for the rows computed so far.
+  absl::Status ExportLayerKv(int layer, int token_begin, int count, KvDtype dtype,
+                             std::span<uint16_t> keys, std::span<uint16_t> values) const;
 
   // Rounds the stored cache in place to what an export/import through `dtype` would give, so a
   // session can continue on exactly the values a decode node would receive.
