@@ -8,6 +8,13 @@
 #                         [--budgets 1,0.5,0.3] [--repeats 2] [--burst 256kb] [--json] [--smoke]
 #                         [--bin DIR] [--logs DIR] [--perftest-test tag_bw] [--perftest-size BYTES]
 #                         [--passthrough never|auto]
+#   run_transfer_bench.sh --ttft [--rate R] [--layer_ms 8] [--modes fp16-bulk,b0.5-layerwise,...]
+#                         [--tokens 4096] [--layers 32] [--repeats 3] [--json] [--smoke]
+#
+#   --ttft    instead of `skvctl bench`, `skvctl ttft`: a simulated prefill (--layer_ms per layer)
+#             and the KV's transfer, one Send after prefill versus a SendStream signalled as each
+#             layer ends; reports time to the KV on the decode side (TTFT's transfer share), the
+#             tail after the last layer against one layer's wire time, and the signal latency.
 #
 #   --smoke   4 layers, 512 tokens, 1 repeat, ~1 s of ucx_perftest with 4 MiB messages: checks
 #             the plumbing (and the JSON fields) in about 5-10 s; the numbers mean little.
@@ -31,6 +38,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 
 RATE=1gbit BURST=256kb TOKENS=2048 LAYERS=32 KV_HEADS=8 HEAD_DIM=128 BUDGETS=1,0.5,0.3 REPEATS=2
 JSON=0 SMOKE=0 BIN="" LOGS="" PASSTHROUGH=never PERFTEST_TEST=tag_bw PERFTEST_SIZE=16777216 PERFTEST_SECONDS=4
+TTFT=0 LAYER_MS=8 MODES=fp16-bulk,fp16-layerwise,b0.5-layerwise,b0.3-layerwise,auto0.5-layerwise
+TOKENS_SET=0
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   arg=$1; shift
@@ -40,7 +49,10 @@ while [ $# -gt 0 ]; do
   case "$arg" in
     --rate) RATE=$1; shift ;;
     --burst) BURST=$1; shift ;;
-    --tokens) TOKENS=$1; shift ;;
+    --tokens) TOKENS=$1; TOKENS_SET=1; shift ;;
+    --ttft) TTFT=1 ;;
+    --layer_ms) LAYER_MS=$1; shift ;;
+    --modes) MODES=$1; shift ;;
     --layers) LAYERS=$1; shift ;;
     --kv_heads) KV_HEADS=$1; shift ;;
     --head_dim) HEAD_DIM=$1; shift ;;
@@ -58,7 +70,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$PASSTHROUGH" in never|auto) ;; *) echo "run_transfer_bench.sh: --passthrough must be never or auto" >&2; exit 2 ;; esac
+# TTFT's default prompt is the production figure the layer time stands for: 4K tokens.
+if [ "$TTFT" = 1 ] && [ "$TOKENS_SET" = 0 ]; then TOKENS=4096; fi
 if [ "$SMOKE" = 1 ]; then LAYERS=4 TOKENS=512 REPEATS=1 PERFTEST_SIZE=4194304 PERFTEST_SECONDS=1; fi
+[[ "$LAYER_MS" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "--layer_ms: expected a number of milliseconds" >&2; exit 2; }
 
 log() { echo "[transfer-bench] $*" >&2; }
 skip() { echo "run_transfer_bench.sh: SKIP: $*" >&2; exit 77; }
@@ -254,6 +269,69 @@ for _ in $(seq 200); do
 done
 [ "$ready" = 1 ] || die "the daemons did not become ready in 20 s"
 log "spectrumkvd prefill $ADDR_A:50551 (pid ${DAEMON_PIDS[1]}), decode $ADDR_B:50551 (pid ${DAEMON_PIDS[0]})"
+
+# ---- skvctl ttft (--ttft) -----------------------------------------------------------------------
+if [ "$TTFT" = 1 ]; then
+  RAW_BYTES=$((LAYERS * 2 * TOKENS * KV_HEADS * HEAD_DIM * 2))
+  NM=$(echo "$MODES" | tr ',' '\n' | grep -c .)
+  TTFT_LIMIT=$(awk -v b="$RAW_BYTES" -v r="$RATE_BPS" -v n="$((NM * REPEATS))" \
+    'BEGIN { t = 60 + n * (b * 8 / r) * 10; if (t > 3000) t = 3000; printf "%d", t }')
+  log "skvctl ttft: $LAYERS layers x $TOKENS tokens x $KV_HEADS heads x $HEAD_DIM dims FP16 ($RAW_BYTES bytes), ${LAYER_MS} ms per layer, modes $MODES, $REPEATS repeat(s) (bound ${TTFT_LIMIT}s)"
+  bounded "$TTFT_LIMIT" ip netns exec "$NS_A" "$BIN/skvctl" ttft --sender="$ADDR_A:50551" \
+    --receiver="$ADDR_B:50551" --peer=decode --tokens="$TOKENS" --layers="$LAYERS" --kv_heads="$KV_HEADS" \
+    --head_dim="$HEAD_DIM" --layer_ms="$LAYER_MS" --modes="$MODES" --repeats="$REPEATS" \
+    --timeout_s=$((TTFT_LIMIT > 3600 ? 3600 : TTFT_LIMIT)) --json \
+    >"$WORK/skvctl-ttft.out" 2>"$WORK/skvctl-ttft.err"
+  TTFT_RC=$?
+  [ "$TTFT_RC" -eq 0 ] || die "skvctl ttft failed (exit $TTFT_RC): $(tail -n 3 "$WORK/skvctl-ttft.err")"
+  export WORK RATE PERFTEST_MIBPS JSON SMOKE
+  "$PY" - <<'EOF' || die "could not assemble the report"
+import json, os, sys
+
+env = os.environ
+ttft = json.load(open(os.path.join(env["WORK"], "skvctl-ttft.out")))
+link = float(env["PERFTEST_MIBPS"]) * 1048576 if env.get("PERFTEST_MIBPS") else None  # bytes/s
+layers, layer_s = ttft["layers"], ttft["layer_ms"] / 1000
+modes = {m["mode"]: m for m in ttft["modes"]}
+for m in ttft["modes"]:
+    # One layer's segments on this link, and whether the link keeps up with prefill at all.
+    m["layer_wire_s"] = m["wire_bytes"] / layers / link if link else None
+    m["link_keeps_up"] = m["layer_wire_s"] is not None and m["layer_wire_s"] <= layer_s
+    m["tail_over_layer_wire"] = m["tail_s"] / m["layer_wire_s"] if m["layer_wire_s"] else None
+bulk = modes.get("fp16-bulk")
+for m in ttft["modes"]:
+    m["ttft_over_fp16_bulk"] = m["ttft_s"] / bulk["ttft_s"] if bulk else None
+autos = [m for m in ttft["modes"] if m["mode"].startswith("auto") and m["layerwise"]]
+for a in autos:
+    b = a["mode"][4:].split("-")[0]
+    others = [modes[k]["ttft_s"] for k in ("fp16-layerwise", "b%s-layerwise" % b) if k in modes]
+    a["over_best_of_fp16_and_codec"] = a["ttft_s"] / min(others) if others else None
+out = dict(ttft, rate=env["RATE"], smoke=env["SMOKE"] == "1",
+           link_gbps=link * 8 / 1e9 if link else None)
+if env["JSON"] == "1":
+    print(json.dumps(out, indent=1))
+    sys.exit(0)
+
+
+def f(x, fmt):
+    return "n/a" if x is None else fmt % x
+
+
+print("SpectrumKV TTFT benchmark: tc tbf %s, ucx_perftest %s Gbit/s; %d layers x %d tokens (%d bytes FP16), "
+      "prefill %g ms per layer" % (env["RATE"], f(out["link_gbps"], "%.3f"), layers, ttft["tokens"],
+                                   ttft["raw_bytes"], ttft["layer_ms"]))
+for m in ttft["modes"]:
+    print("%-18s TTFT %.3f s = prefill %.3f + tail %.3f | tail / one layer's wire %s%s | vs fp16-bulk %s | "
+          "b %.4f%s | signal p50 %.0f us p99 %.0f us" % (
+              m["mode"], m["ttft_s"], m["prefill_s"], m["tail_s"], f(m["tail_over_layer_wire"], "%.2f"),
+              "" if m["link_keeps_up"] else " (link slower than prefill)", f(m["ttft_over_fp16_bulk"], "%.3f"),
+              m["achieved_b"], " FP16 rows" if m["passthrough"] else "", m["signal_p50_us"], m["signal_p99_us"]))
+for a in autos:
+    print("%s over the better of fp16-layerwise and the codec: %s" % (
+        a["mode"], f(a["over_best_of_fp16_and_codec"], "%.3f")))
+EOF
+  exit 0
+fi
 
 # ---- skvctl bench -------------------------------------------------------------------------------
 RAW_BYTES=$((LAYERS * 2 * TOKENS * KV_HEADS * HEAD_DIM * 2))

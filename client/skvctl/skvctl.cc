@@ -5,13 +5,16 @@
 //   --shm=/name --tokens=N [--timeout_s=S] skvctl status   --target=H:P [--request_id=N] skvctl
 //   probe    --target=H:P --model=NAME --shm=/name --tokens=N skvctl demo     --sender=H:P
 //   --receiver=H:P --peer=ID [--tokens=N --layers=N --budget=B] skvctl bench    --sender=H:P
-//   --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json]
+//   --receiver=H:P --peer=ID [--budgets=1,0.5,0.3 --repeats=N --json] skvctl ttft --sender=H:P
+//   --receiver=H:P --peer=ID [--layer_ms=8 --modes=fp16-bulk,b0.5-layerwise,... --json]
 // demo and bench generate a synthetic KV (7B-shaped by default) in shared memory, register the
 // model on both daemons and move it; demo also checks the result against the codec's own
 // Encode/Decode of the same KV and prints a report. Every command speaks TLS to the daemons with
 // --tls_ca_file (mutual TLS with --tls_cert_file and --tls_key_file).
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -19,6 +22,7 @@
 #include <iostream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -52,6 +56,14 @@ ABSL_FLAG(std::string, passthrough_mode, "never",
           "budgets < 1: never (always the codec) or auto (the daemon may send FP16 rows when the "
           "link is fast); budget 1 always sends FP16 rows");
 ABSL_FLAG(double, timeout_s, 60, "receive timeout, seconds");
+ABSL_FLAG(double, layer_ms, 8,
+          "ttft: compute time of one simulated prefill layer, ms (8 = a 7B/8B model's layer at "
+          "4K tokens)");
+ABSL_FLAG(std::string, modes,
+          "fp16-bulk,fp16-layerwise,b0.5-layerwise,b0.3-layerwise,auto0.5-layerwise",
+          "ttft: what to time, each <fp16|bB|autoB>-<bulk|layerwise>: fp16 = raw rows, bB = the "
+          "codec at budget B, autoB = budget B with the daemon's automatic passthrough choice; "
+          "bulk = one Send after prefill, layerwise = a SendStream signalled as each layer ends");
 ABSL_FLAG(bool, json, false, "print JSON");
 ABSL_FLAG(std::string, tls_ca_file, "", "PEM CA of the daemons' certificates; set = TLS");
 ABSL_FLAG(std::string, tls_cert_file, "",
@@ -61,6 +73,7 @@ ABSL_FLAG(std::string, tls_key_file, "", "PEM client key (mutual TLS)");
 namespace {
 
 namespace v1 = ::spectrumkv::v1;
+using skv::client::SendStream;
 using skv::client::SharedMemoryBuffer;
 using skv::client::SpectrumKvClient;
 
@@ -329,9 +342,196 @@ int Bench() {
   return 0;
 }
 
+// ---- ttft: time to first token's transfer share, bulk versus layer-wise ------------------------
+
+struct TtftMode {
+  std::string name;
+  double budget = 1;
+  v1::PassthroughMode passthrough = v1::PASSTHROUGH_MODE_ALWAYS;
+  bool layerwise = false;
+};
+
+absl::StatusOr<TtftMode> ParseTtftMode(absl::string_view name) {
+  TtftMode m;
+  m.name = std::string(name);
+  const std::vector<std::string> parts = absl::StrSplit(name, '-');
+  if (parts.size() != 2 || (parts[1] != "bulk" && parts[1] != "layerwise")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--modes: '", name, "' is not <what>-<bulk|layerwise>"));
+  }
+  m.layerwise = parts[1] == "layerwise";
+  const std::string& what = parts[0];
+  std::string number;
+  if (what == "fp16") return m;
+  if (what.rfind("auto", 0) == 0) {
+    m.passthrough = v1::PASSTHROUGH_MODE_AUTO;
+    number = what.substr(4);
+  } else if (what.rfind("b", 0) == 0) {
+    m.passthrough = v1::PASSTHROUGH_MODE_NEVER;
+    number = what.substr(1);
+  }
+  char* end = nullptr;
+  m.budget = number.empty() ? 0 : std::strtod(number.c_str(), &end);
+  if (number.empty() || *end != '\0' || !(m.budget > 0 && m.budget < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--modes: '", name, "': expected fp16, bB or autoB with B in (0, 1)"));
+  }
+  return m;
+}
+
+struct TtftRun {
+  double ttft_s = 0;     // prefill start -> the decode side's Receive answered (KV committed)
+  double prefill_s = 0;  // the simulated prefill itself
+  double achieved = 0;
+  uint64_t wire_bytes = 0;
+  bool passthrough = false;
+  std::vector<double> signal_us;  // time of each LayerReady call (the engine's cost per layer)
+};
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(p * double(v.size() - 1) + 0.5))];
+}
+
+// A prefill of `layers` layers, each ending layer_ms after the previous one (a sleep stands in
+// for the compute; the synthetic KV is in place already), and the KV's transfer to the decode side.
+absl::StatusOr<TtftRun> RunTtft(Pair& pair, const SyntheticSetup& setup, const TtftMode& mode,
+                                uint64_t request_id) {
+  using Clock = std::chrono::steady_clock;
+  const v1::KvLayout& layout = setup.layout;
+  const auto layer_time = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double, std::milli>(absl::GetFlag(FLAGS_layer_ms)));
+  v1::ReceiveRequest receive;
+  receive.set_request_id(request_id);
+  receive.set_model_id(ModelName());
+  *receive.mutable_destination() = setup.dst.handle();
+  *receive.mutable_destination_layout() = layout;
+  *receive.mutable_timeout() =
+      google::protobuf::util::TimeUtil::SecondsToDuration(int64_t(absl::GetFlag(FLAGS_timeout_s)));
+  auto received = std::async(std::launch::async, [&] { return pair.receiver->Receive(receive); });
+  TtftRun run;
+  const auto start = Clock::now();
+  std::unique_ptr<SendStream> stream;
+  if (mode.layerwise) {
+    v1::StreamOpen open;
+    open.set_request_id(request_id);
+    open.set_model_id(ModelName());
+    open.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+    open.set_budget(mode.budget);
+    open.set_passthrough(mode.passthrough);
+    open.set_tokens(layout.tokens());
+    *open.mutable_handle()->mutable_handle() = setup.src.handle();
+    *open.mutable_handle()->mutable_layout() = layout;
+    absl::StatusOr<std::unique_ptr<SendStream>> s = pair.sender->OpenSendStream(open);
+    if (!s.ok()) return s.status();
+    stream = std::move(*s);
+  }
+  for (uint32_t l = 0; l < layout.layers(); ++l) {
+    std::this_thread::sleep_until(start + layer_time * (l + 1));
+    if (!stream) continue;
+    v1::LayerReady ready;
+    ready.set_layer(l);
+    const auto signal_start = Clock::now();
+    stream->LayerReady(ready);
+    run.signal_us.push_back(
+        std::chrono::duration<double, std::micro>(Clock::now() - signal_start).count());
+  }
+  run.prefill_s = std::chrono::duration<double>(Clock::now() - start).count();
+  absl::StatusOr<v1::SendResponse> sent;
+  if (stream) {
+    stream->Seal();
+    sent = stream->Wait();
+  } else {
+    v1::SendRequest send;
+    send.set_request_id(request_id);
+    send.set_model_id(ModelName());
+    *send.mutable_source() = setup.src.handle();
+    *send.mutable_source_layout() = layout;
+    send.mutable_peer()->set_daemon_id(absl::GetFlag(FLAGS_peer));
+    send.set_budget(mode.budget);
+    send.set_passthrough(mode.passthrough);
+    sent = pair.sender->Send(send);
+  }
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  run.ttft_s = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!sent.ok()) return sent.status();
+  if (!got.ok()) return got.status();
+  run.achieved = sent->stats().achieved_budget();
+  run.wire_bytes = sent->stats().wire_bytes();
+  run.passthrough = sent->stats().passthrough().passthrough();
+  return run;
+}
+
+int Ttft() {
+  std::vector<TtftMode> modes;
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_modes), ',', absl::SkipEmpty())) {
+    absl::StatusOr<TtftMode> m = ParseTtftMode(name);
+    if (!m.ok()) return Fail(m.status(), "ttft");
+    modes.push_back(*m);
+  }
+  if (modes.empty() || !(absl::GetFlag(FLAGS_layer_ms) >= 0)) {
+    std::cerr << "skvctl ttft: --modes must name at least one mode and --layer_ms be >= 0\n";
+    return 2;
+  }
+  absl::StatusOr<SyntheticSetup> setup = PrepareSyntheticTransfer();
+  if (!setup.ok()) return Fail(setup.status(), "setting up the transfer");
+  const uint64_t bytes = setup->src.size();
+  uint64_t request_id = absl::GetFlag(FLAGS_request_id) * 1000;
+  const uint32_t repeats = std::max(1u, absl::GetFlag(FLAGS_repeats));
+  std::vector<std::string> rows;
+  for (const TtftMode& mode : modes) {
+    std::vector<TtftRun> runs;
+    for (uint32_t r = 0; r < repeats; ++r) {
+      absl::StatusOr<TtftRun> run = RunTtft(setup->pair, *setup, mode, ++request_id);
+      if (!run.ok()) return Fail(run.status(), absl::StrCat("ttft ", mode.name).c_str());
+      runs.push_back(*std::move(run));
+    }
+    // The median run by TTFT (the first of a mode also pays for mapping the buffers afresh).
+    std::vector<TtftRun> by_ttft = runs;
+    std::sort(by_ttft.begin(), by_ttft.end(),
+              [](const TtftRun& a, const TtftRun& b) { return a.ttft_s < b.ttft_s; });
+    const TtftRun& median = by_ttft[by_ttft.size() / 2];
+    std::vector<double> signals, all;
+    for (const TtftRun& run : runs) {
+      signals.insert(signals.end(), run.signal_us.begin(), run.signal_us.end());
+      all.push_back(run.ttft_s);
+    }
+    const double tail = median.ttft_s - median.prefill_s;
+    rows.push_back(absl::StrFormat(
+        "{\"mode\":\"%s\",\"budget\":%g,\"layerwise\":%s,\"ttft_s\":%.4f,\"prefill_s\":%.4f,"
+        "\"tail_s\":%.4f,\"achieved_b\":%.4f,\"wire_bytes\":%llu,\"passthrough\":%s,"
+        "\"signal_p50_us\":%.1f,\"signal_p99_us\":%.1f,\"all_ttft_s\":[%s]}",
+        mode.name, mode.budget, mode.layerwise ? "true" : "false", median.ttft_s, median.prefill_s,
+        tail, median.achieved, (unsigned long long)median.wire_bytes,
+        median.passthrough ? "true" : "false", Percentile(signals, 0.5), Percentile(signals, 0.99),
+        absl::StrJoin(all, ",",
+                      [](std::string* o, double v) { absl::StrAppendFormat(o, "%.4f", v); })));
+    if (!absl::GetFlag(FLAGS_json)) {
+      std::printf(
+          "%-18s TTFT %.3f s (prefill %.3f + tail %.3f)  b %.4f%s  signal p99 %.1f us  runs %s\n",
+          mode.name.c_str(), median.ttft_s, median.prefill_s, tail, median.achieved,
+          median.passthrough ? " (FP16 rows)" : "", Percentile(signals, 0.99),
+          absl::StrJoin(all, ", ", [](std::string* o, double v) {
+            absl::StrAppendFormat(o, "%.3f", v);
+          }).c_str());
+    }
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf(
+        "{\"layers\":%u,\"tokens\":%u,\"raw_bytes\":%llu,\"layer_ms\":%g,\"repeats\":%u,"
+        "\"modes\":[%s]}\n",
+        setup->layout.layers(), setup->layout.tokens(), (unsigned long long)bytes,
+        absl::GetFlag(FLAGS_layer_ms), repeats, absl::StrJoin(rows, ",").c_str());
+  }
+  return 0;
+}
+
 int Main(const std::string& command) {
   if (command == "demo") return Demo();
   if (command == "bench") return Bench();
+  if (command == "ttft") return Ttft();
   absl::StatusOr<std::unique_ptr<SpectrumKvClient>> client = Connect(absl::GetFlag(FLAGS_target));
   if (!client.ok()) return Fail(client.status(), "connect");
   if (command == "register") {
@@ -397,13 +597,14 @@ int Main(const std::string& command) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "skvctl <register|send|receive|status|probe|demo|bench> [--flags]\n"
+      "skvctl <register|send|receive|status|probe|demo|bench|ttft> [--flags]\n"
       "  demo: two daemons move a synthetic 7B-shaped KV and the result is checked; bench: time "
-      "it.");
+      "it; ttft: time a simulated prefill plus the transfer, bulk versus layer-wise.");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() != 2) {
-    std::cerr << "usage: skvctl <register|send|receive|status|probe|demo|bench> [--flags]  (--help "
-                 "for all)\n";
+    std::cerr
+        << "usage: skvctl <register|send|receive|status|probe|demo|bench|ttft> [--flags]  (--help "
+           "for all)\n";
     return 2;
   }
   if (const std::string mode = absl::GetFlag(FLAGS_passthrough_mode);

@@ -88,8 +88,8 @@ void SendStream::ReadLoop() {
   const grpc::Status status = call_->Finish();
   std::lock_guard<std::mutex> lock(mu_);
   if (!status.ok()) {
-    outcome_ = absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                            status.error_message());
+    outcome_ =
+        absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
   } else if (done) {
     outcome_ = std::move(*done);
   } else {

@@ -395,8 +395,9 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
   times.total = absl::Seconds(total_s);
   metrics_->ObserveTransfer(control::TransferRole::kSender, times);
   // The estimates behind the next passthrough decision. Encoding overlaps the wire, so the wire
-  // time is bounded below by bytes / link rate.
-  if (wire_s > 0) {
+  // time is bounded below by bytes / link rate. A stream's wire time is paced by prefill, not
+  // by the link: it says nothing about the link's rate.
+  if (wire_s > 0 && out.stream == nullptr) {
     metrics_->SetLinkBandwidth(
         out.peer_config.daemon_id,
         link_rates_.Observe(out.peer_config.address, double(out.wire_bytes), wire_s));
