@@ -43,8 +43,8 @@ class GrpcDaemonCodec final : public DaemonCodec {
     if (method.kind != MethodKind::kPlanner) {
       return absl::InvalidArgumentError(
           absl::StrCat("method ", method.name,
-                       " builds its plan by hand; only fp16, paper* and rd* can go "
-                       "through a daemon"));
+                       " builds its plan by hand; only fp16 and the whole-cache planners "
+                       "(paper*, rd* but rd-layerwise*) can go through a daemon's Encode"));
     }
     if (source.dtype != engine::KvDtype::kFp16) {
       return absl::InvalidArgumentError("the daemon path takes FP16 KV");

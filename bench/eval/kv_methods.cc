@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/stream.h"
 
 namespace skv::eval {
 namespace {
@@ -22,7 +23,13 @@ std::vector<Method> AllMethods() {
   std::vector<Method> methods;
   auto add = [&](std::string name, MethodKind kind, CodecOptions options, std::string description,
                  Tier tier = Tier::kInt8) {
-    methods.push_back({std::move(name), kind, tier, options, std::move(description)});
+    Method m;
+    m.name = std::move(name);
+    m.kind = kind;
+    m.uniform_tier = tier;
+    m.options = options;
+    m.description = std::move(description);
+    methods.push_back(std::move(m));
   };
   add("fp16", MethodKind::kFp16, PlainOptions(), "raw FP16 KV (the reference)");
   add("int8", MethodKind::kUniform, PlainOptions(), "uniform INT8, sinks FP16, no transforms",
@@ -53,6 +60,12 @@ std::vector<Method> AllMethods() {
   add("rd-perchannel", MethodKind::kPlanner, v, "rd + per-channel key scales");
   v = PlainOptions();
   add("rd-plain", MethodKind::kPlanner, v, "rd, every transform off");
+  add("rd-layerwise", MethodKind::kLayerwise, rd,
+      "rd planned layer by layer as a SendStream does (even layer shares + carry), query "
+      "importance");
+  add("rd-layerwise-pos", MethodKind::kLayerwise, rd,
+      "rd-layerwise with positional importance (the daemon's default in a stream)");
+  methods.back().positional_importance = true;
   return methods;
 }
 
@@ -98,6 +111,69 @@ absl::StatusOr<std::vector<ByteBuffer>> EncodeFixedPlan(std::span<const KvLayerV
         return s;
       }
     }
+  }
+  return segments;
+}
+
+std::vector<QueryWindow> WindowsOf(const engine::QueryWindow& queries) {
+  std::vector<QueryWindow> windows;
+  for (const std::vector<float>& layer : queries.layers) {
+    windows.push_back({layer.data(), static_cast<uint32_t>(queries.tokens),
+                       static_cast<uint32_t>(queries.n_heads),
+                       static_cast<uint32_t>(queries.head_dim)});
+  }
+  return windows;
+}
+
+// A streamed transfer's segments: one chunk per layer, in layer order, each planned on its own at
+// the StreamBudget's share (the daemon's SendStream path); `plan` gets every layer's tiers.
+absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLayerViews>& layers,
+                                                        const KvShape& shape,
+                                                        const engine::QueryWindow& queries,
+                                                        const Method& method,
+                                                        const CodecOptions& options,
+                                                        TierPlan* plan) {
+  absl::StatusOr<ImportanceScores> scores = PositionalImportance(shape.layers, shape.tokens);
+  if (!method.positional_importance) {
+    std::vector<KvTensorView> keys;
+    for (const KvLayerViews& l : layers) keys.push_back(l.key);
+    scores = ImportanceFromQueries(keys, WindowsOf(queries), options.pool_window);
+    if (!scores.ok()) return scores.status();
+  }
+  absl::StatusOr<StreamBudget> budget = StreamBudget::Create(shape, options.budget, {});
+  if (!budget.ok()) return budget.status();
+  *plan = TierPlan{shape.layers, shape.tokens,
+                   std::vector<Tier>(size_t{shape.layers} * 2 * shape.tokens, Tier::kDrop),
+                   std::vector<uint8_t>(shape.tokens, 0)};
+  std::vector<ByteBuffer> segments;
+  for (uint32_t l = 0; l < shape.layers; ++l) {
+    const StreamChunk chunk{l, 0, shape.tokens};
+    CodecOptions chunk_options = options;
+    chunk_options.budget = budget->ChunkBudget(chunk);
+    EncodeStats stats;
+    absl::StatusOr<TierPlan> layer_plan =
+        PlanChunk(layers[l], shape.tokens, chunk,
+                  std::span(scores->values).subspan(size_t{l} * shape.tokens, shape.tokens),
+                  chunk_options, BestRowKernels(), &stats);
+    if (!layer_plan.ok()) return layer_plan.status();
+    uint64_t chunk_bytes = 0;
+    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      const std::span<const Tier> tiers = layer_plan->row_tiers(0, kind);
+      std::copy(tiers.begin(), tiers.end(),
+                plan->tiers.begin() + (size_t{l} * 2 + size_t(kind)) * shape.tokens);
+      std::vector<ByteBuffer> part(SegmentsPerTensor(shape.tokens, chunk_options));
+      if (absl::Status s =
+              EncodeChunk(layers[l], chunk, kind, tiers, chunk_options, 1, BestRowKernels(), part);
+          !s.ok()) {
+        return s;
+      }
+      for (ByteBuffer& b : part) {
+        chunk_bytes += b.size();
+        segments.push_back(std::move(b));
+      }
+    }
+    for (uint32_t t = 0; t < shape.tokens; ++t) plan->kept[t] |= layer_plan->kept[t];
+    budget->Spend(chunk, chunk_bytes);
   }
   return segments;
 }
@@ -180,17 +256,17 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   std::vector<ByteBuffer> segments;
   TierPlan plan;
   if (method.kind == MethodKind::kPlanner) {
-    std::vector<QueryWindow> windows;
-    for (const std::vector<float>& layer : queries.layers) {
-      windows.push_back({layer.data(), static_cast<uint32_t>(queries.tokens),
-                         static_cast<uint32_t>(queries.n_heads),
-                         static_cast<uint32_t>(queries.head_dim)});
-    }
+    const std::vector<QueryWindow> windows = WindowsOf(queries);
     absl::StatusOr<EncodedKv> encoded =
         EncodeKv(layers, ImportanceInput{.query_windows = windows}, options, /*request_id=*/1);
     if (!encoded.ok()) return encoded.status();
     segments = std::move(encoded->segments);
     plan = std::move(encoded->plan);
+  } else if (method.kind == MethodKind::kLayerwise) {
+    absl::StatusOr<std::vector<ByteBuffer>> encoded =
+        EncodeLayerwise(layers, *shape, queries, method, options, &plan);
+    if (!encoded.ok()) return encoded.status();
+    segments = std::move(*encoded);
   } else {
     absl::StatusOr<TierPlan> fixed = method.kind == MethodKind::kUniform
                                          ? absl::StatusOr<TierPlan>(UniformPlan(

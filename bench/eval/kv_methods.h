@@ -21,20 +21,26 @@ enum class MethodKind {
   kUniform,  // every row at one tier except the sinks (fixed rate, no budget)
   kPdTrim,   // binary selection: sinks + the most recent tokens at FP16, the rest dropped
   kPlanner,  // the codec's planner (paper or rd) at a budget, importance from queries
+  // What a streamed transfer (SendStream) sends: each layer planned on its own as it is signalled,
+  // at its share of the budget plus the carry (skv::StreamBudget), importance from queries
+  // (the same as kPlanner's, so only the planning differs) or positional (what the daemon uses
+  // without engine scores)
+  kLayerwise,
 };
 
 struct Method {
   std::string name;
   MethodKind kind = MethodKind::kPlanner;
-  Tier uniform_tier = Tier::kInt8;  // kUniform only
-  CodecOptions options;             // allocator, transforms, tiers allowed, sinks
+  Tier uniform_tier = Tier::kInt8;     // kUniform only
+  bool positional_importance = false;  // kLayerwise only
+  CodecOptions options;                // allocator, transforms, tiers allowed, sinks
   std::string description;
 
-  bool budgeted() const { return kind == MethodKind::kPdTrim || kind == MethodKind::kPlanner; }
+  bool budgeted() const { return kind != MethodKind::kFp16 && kind != MethodKind::kUniform; }
 };
 
 // fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
-// rd-perchannel, rd-plain (see README.md).
+// rd-perchannel, rd-plain, rd-layerwise, rd-layerwise-pos (see README.md).
 absl::StatusOr<Method> MethodByName(std::string_view name);
 std::vector<std::string> KnownMethodNames();
 

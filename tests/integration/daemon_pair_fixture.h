@@ -64,7 +64,7 @@ inline std::vector<KvLayerViews> DenseViews(uint8_t* data, uint32_t tokens = kTo
 
 // What the codec itself makes of `source` at `budget` under the daemon's default policy.
 inline std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget,
-                                     uint64_t request_id) {
+                                            uint64_t request_id) {
   const CodecOptions options =
       control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, budget);
   absl::StatusOr<EncodedKv> encoded = EncodeKv(DenseViews(source), {}, options, request_id);

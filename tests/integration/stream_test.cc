@@ -2,6 +2,8 @@
 // out of order, duplicates, gaps, seal with a layer missing, abort at each stage, the caller going
 // away), Receive before, after and never (TTL), staging full, the sender killed mid-stream,
 // registered caches named by block ids, and equality with the codec and with the bulk path.
+#include "spectrumkv/codec/stream.h"
+
 #include <signal.h>
 
 #include <atomic>
@@ -15,7 +17,6 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "spectrumkv/client/send_stream.h"
-#include "spectrumkv/codec/stream.h"
 
 namespace skv::testing {
 namespace {
@@ -32,8 +33,9 @@ struct EventLog {
   }
   int Count(v1::SendStreamEvent::EventCase which) {
     std::lock_guard<std::mutex> lock(mu);
-    return int(std::count_if(events.begin(), events.end(),
-                             [&](const v1::SendStreamEvent& e) { return e.event_case() == which; }));
+    return int(std::count_if(events.begin(), events.end(), [&](const v1::SendStreamEvent& e) {
+      return e.event_case() == which;
+    }));
   }
 };
 
@@ -62,8 +64,8 @@ class StreamTest : public DaemonPairTest {
   }
 
   std::unique_ptr<client::SendStream> Open(const v1::StreamOpen& open, EventLog* log = nullptr) {
-    absl::StatusOr<std::unique_ptr<client::SendStream>> s = prefill_->client().OpenSendStream(
-        open, [log](const v1::SendStreamEvent& e) {
+    absl::StatusOr<std::unique_ptr<client::SendStream>> s =
+        prefill_->client().OpenSendStream(open, [log](const v1::SendStreamEvent& e) {
           if (log) log->Add(e);
         });
     EXPECT_TRUE(s.ok()) << s.status();
@@ -71,8 +73,7 @@ class StreamTest : public DaemonPairTest {
   }
 
   std::future<absl::StatusOr<v1::ReceiveResponse>> ReceiveAsync(v1::ReceiveRequest r) {
-    return std::async(std::launch::async,
-                      [this, r] { return decode_->client().Receive(r); });
+    return std::async(std::launch::async, [this, r] { return decode_->client().Receive(r); });
   }
 
   // Signals every chunk of chunked prefill (chunks of `chunk` tokens, each through every layer,
@@ -126,15 +127,15 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
       EncodeStats stats;
       absl::StatusOr<TierPlan> plan =
           PlanChunk(views[l], kTokens, c,
-                    std::span(scores.values).subspan(size_t{l} * kTokens + begin, c.token_count),
-                    o, BestRowKernels(), &stats);
+                    std::span(scores.values).subspan(size_t{l} * kTokens + begin, c.token_count), o,
+                    BestRowKernels(), &stats);
       ASSERT_TRUE(plan.ok()) << plan.status();
       uint64_t chunk_bytes = 0;
       for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
         std::vector<ByteBuffer> part(SegmentsPerTensor(c.token_count, o));
-        ASSERT_TRUE(EncodeChunk(views[l], c, kind, plan->row_tiers(0, kind), o, 301,
-                                BestRowKernels(), part)
-                        .ok());
+        ASSERT_TRUE(
+            EncodeChunk(views[l], c, kind, plan->row_tiers(0, kind), o, 301, BestRowKernels(), part)
+                .ok());
         for (ByteBuffer& b : part) chunk_bytes += b.size(), segments.push_back(std::move(b));
       }
       plan_budget->Spend(c, chunk_bytes);
@@ -149,7 +150,8 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
 // With one layer, the stream's online plan is the whole-cache plan: the same bytes as Send.
 TEST_F(StreamTest, OneChunkPerLayerMatchesTheBulkPathForTheSamePlan) {
   constexpr char kOneLayer[] = "it-one-layer";
-  for (DaemonProcess* d : {prefill_.get(), decode_.get()}) ASSERT_TRUE(Register(*d, kOneLayer, 1).ok());
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()})
+    ASSERT_TRUE(Register(*d, kOneLayer, 1).ok());
   v1::KvLayout layout = client::DenseLayout(v1::DTYPE_FP16, 1, kHeads, kHeadDim, kTokens);
   const uint64_t bytes = client::DenseLayoutBytes(layout);
   SharedMemoryBuffer src = MakeSource(bytes, 32), bulk_dst = MakeBuffer(bytes),
@@ -244,7 +246,8 @@ TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
         const uint8_t* want = cache.data() + (2 * l + kind) * pool + table[t / kBlockSize] * block +
                               (t % kBlockSize) * row;
         const uint8_t* got = dst.data() + ((2 * l + kind) * size_t{kTokens} + t) * row;
-        ASSERT_EQ(std::memcmp(want, got, row), 0) << "layer " << l << " kind " << kind << " t " << t;
+        ASSERT_EQ(std::memcmp(want, got, row), 0)
+            << "layer " << l << " kind " << kind << " t " << t;
       }
     }
   }

@@ -300,12 +300,118 @@ TEST(RequestValidationTest, RegisterModel) {
        [](v1::RegisterModelRequest& r) { r.mutable_shape()->set_query_heads(12); }},
       {"default_policy.group_size",
        [](v1::RegisterModelRequest& r) { r.mutable_default_policy()->set_group_size(256); }},
+      {"layer_budget_weights", [](v1::RegisterModelRequest& r) { r.add_layer_budget_weights(1); }},
+      {"layer_budget_weights[3]",
+       [](v1::RegisterModelRequest& r) {
+         for (int l = 0; l < 32; ++l) r.add_layer_budget_weights(l == 3 ? 0 : 1);
+       }},
+      {"layer_budget_weights[0]",
+       [](v1::RegisterModelRequest& r) {
+         for (int l = 0; l < 32; ++l)
+           r.add_layer_budget_weights(l == 0 ? std::numeric_limits<double>::infinity() : 1);
+       }},
   };
   for (const Case& c : cases) {
     v1::RegisterModelRequest mutated = request;
     c.mutate(mutated);
     SCOPED_TRACE(c.field);
     ExpectFieldError(ValidateRegisterModelRequest(mutated), c.field);
+  }
+}
+
+v1::StreamOpen ValidOpen() {
+  v1::StreamOpen open;
+  open.set_request_id(42);
+  open.set_model_id("llama-test");
+  open.mutable_peer()->set_daemon_id("decode-0");
+  open.set_budget(0.5);
+  open.set_tokens(32);
+  open.mutable_handle()->mutable_handle()->mutable_shared_memory()->set_name("/vllm-kv");
+  open.mutable_handle()->mutable_handle()->mutable_shared_memory()->set_length(1 << 20);
+  *open.mutable_handle()->mutable_layout() = ModelLayout();
+  return open;
+}
+
+TEST(RequestValidationTest, StreamOpen) {
+  EXPECT_TRUE(ValidateStreamOpen(ValidOpen(), TestModel(), TestPeers()).ok());
+  v1::StreamOpen cache = ValidOpen();
+  cache.set_cache_id("vllm-worker-0");
+  EXPECT_TRUE(ValidateStreamOpen(cache, TestModel(), TestPeers()).ok());
+  struct Case {
+    std::string field;
+    std::function<void(v1::StreamOpen&)> mutate;
+    absl::StatusCode code = absl::StatusCode::kInvalidArgument;
+  };
+  const std::vector<Case> cases = {
+      {"open.request_id", [](v1::StreamOpen& o) { o.set_request_id(0); }},
+      {"open.model_id", [](v1::StreamOpen& o) { o.set_model_id(""); }},
+      {"open.budget", [](v1::StreamOpen& o) { o.set_budget(1.5); }},
+      {"open.tokens", [](v1::StreamOpen& o) { o.set_tokens(0); }},
+      {"open.tokens", [](v1::StreamOpen& o) { o.set_tokens(1u << 25); }},
+      {"open.handle.layout.tokens", [](v1::StreamOpen& o) { o.set_tokens(31); }},
+      {"open.handle.handle", [](v1::StreamOpen& o) { o.mutable_handle()->clear_handle(); }},
+      {"open.handle.layout", [](v1::StreamOpen& o) { o.mutable_handle()->clear_layout(); }},
+      {"open.handle.layout.layers",
+       [](v1::StreamOpen& o) { o.mutable_handle()->mutable_layout()->set_layers(3); }},
+      {"open.source", [](v1::StreamOpen& o) { o.clear_handle(); }},
+      {"open.cache_id", [](v1::StreamOpen& o) { o.set_cache_id("bad id"); }},
+      {"open.peer", [](v1::StreamOpen& o) { o.clear_peer(); }},
+      {"open.peer", [](v1::StreamOpen& o) { o.mutable_peer()->set_daemon_id("x"); },
+       absl::StatusCode::kNotFound},
+      {"open.policy_override.group_size",
+       [](v1::StreamOpen& o) { o.mutable_policy_override()->set_group_size(48); }},
+      {"open.passthrough",
+       [](v1::StreamOpen& o) { o.set_passthrough(static_cast<v1::PassthroughMode>(9)); }},
+      {"open.token_scores", [](v1::StreamOpen& o) { o.mutable_token_scores()->add_scores(1.0f); }},
+  };
+  for (const Case& c : cases) {
+    v1::StreamOpen mutated = ValidOpen();
+    c.mutate(mutated);
+    SCOPED_TRACE(c.field);
+    ExpectFieldError(ValidateStreamOpen(mutated, TestModel(), TestPeers()), c.field, c.code);
+  }
+}
+
+TEST(RequestValidationTest, RegisterCache) {
+  v1::RegisterCacheRequest request;
+  request.set_cache_id("vllm-worker-0");
+  request.set_model_id("llama-test");
+  request.mutable_memory()->mutable_shared_memory()->set_name("/vllm-kv");
+  request.mutable_memory()->mutable_shared_memory()->set_length(1 << 24);
+  v1::KvLayout& layout = *request.mutable_layout();
+  layout = ModelLayout(0);
+  v1::PagedKvLayout& paged = *layout.mutable_paged();
+  paged.set_block_size(16);
+  paged.set_num_blocks(64);
+  for (int l = 0; l < 2; ++l) {
+    paged.add_k_pool_offset_bytes(uint64_t(2 * l) * 64 * 16 * 4 * 64 * 2);
+    paged.add_v_pool_offset_bytes(uint64_t(2 * l + 1) * 64 * 16 * 4 * 64 * 2);
+  }
+  EXPECT_TRUE(ValidateRegisterCacheRequest(request, TestModel()).ok());
+  struct Case {
+    std::string field;
+    std::function<void(v1::RegisterCacheRequest&)> mutate;
+  };
+  const std::vector<Case> cases = {
+      {"cache_id", [](v1::RegisterCacheRequest& r) { r.set_cache_id(""); }},
+      {"memory", [](v1::RegisterCacheRequest& r) { r.clear_memory(); }},
+      {"memory", [](v1::RegisterCacheRequest& r) { r.mutable_memory()->set_inline_data("x"); }},
+      {"layout", [](v1::RegisterCacheRequest& r) { r.clear_layout(); }},
+      {"layout.paged",
+       [](v1::RegisterCacheRequest& r) { r.mutable_layout()->mutable_contiguous(); }},
+      {"layout.paged.block_ids",
+       [](v1::RegisterCacheRequest& r) { r.mutable_layout()->mutable_paged()->add_block_ids(1); }},
+      {"layout.kv_heads", [](v1::RegisterCacheRequest& r) { r.mutable_layout()->set_kv_heads(8); }},
+      {"layout.paged.k_pool_offset_bytes",
+       [](v1::RegisterCacheRequest& r) {
+         r.mutable_layout()->mutable_paged()->clear_k_pool_offset_bytes();
+       }},
+  };
+  for (const Case& c : cases) {
+    v1::RegisterCacheRequest mutated = request;
+    c.mutate(mutated);
+    SCOPED_TRACE(c.field);
+    ExpectFieldError(ValidateRegisterCacheRequest(mutated, TestModel()), c.field);
   }
 }
 
