@@ -49,7 +49,14 @@ ABSL_FLAG(int, windows, 16, "non-overlapping text windows of C + L tokens");
 ABSL_FLAG(std::string, budgets, "0.15,0.2,0.25,0.3,0.4,0.5,0.75", "budgets b for budgeted methods");
 ABSL_FLAG(std::string, methods, "",
           "comma-separated methods (default: all; see README.md): fp16,int8,int4,int4-rc,pdtrim,"
-          "paper,paper-2tier,rd,rd-norot,rd-nocentre,rd-perchannel,rd-plain");
+          "paper,paper-2tier,rd,rd-norot,rd-nocentre,rd-perchannel,rd-plain,rd-layerwise,"
+          "rd-layerwise-pos");
+ABSL_FLAG(std::string, layer_weights, "",
+          "rd-layerwise*: the layers' shares of the budget, one weight per layer (as "
+          "--layer_profile prints them, measured on other text); empty = even shares");
+ABSL_FLAG(bool, layer_profile, false,
+          "print each layer's share of rd's whole-cache plan at the first of --budgets, averaged "
+          "over the windows of --text (calibration text, never the evaluation text), and exit");
 ABSL_FLAG(int, passkey_trials, 2, "passkey prompts per depth (0 skips the passkey grid)");
 ABSL_FLAG(std::string, passkey_depths, "0.1,0.3,0.5,0.7,0.9", "passkey depths (fractions)");
 ABSL_FLAG(std::string, passkey_budgets, "", "budgets of the passkey grid (default: --budgets)");
@@ -200,6 +207,44 @@ std::vector<KvLayerViews> ViewsOf(const engine::KvCache& kv) {
   return layers;
 }
 
+// Each layer's share of the bytes rd's whole-cache plan gives it at `budget`, averaged over the
+// windows: the profile a streamed transfer splits its budget by (RegisterModel's
+// layer_budget_weights). Payload and per-row parameters count; headers are the same per layer.
+absl::StatusOr<std::vector<double>> LayerProfile(const std::shared_ptr<const engine::Model>& model,
+                                                 const std::vector<int>& text_tokens, int windows,
+                                                 size_t window_tokens, int context,
+                                                 int query_window, double budget) {
+  absl::StatusOr<Method> rd = MethodByName("rd");
+  if (!rd.ok()) return rd.status();
+  const engine::ModelConfig& c = model->config();
+  const uint32_t group = EffectiveGroupSize(rd->options, uint32_t(c.head_dim()));
+  std::vector<double> bytes(size_t(c.n_layers), 0.0);
+  const size_t stride = windows > 0 ? text_tokens.size() / size_t(windows) : 0;
+  for (int w = 0; w < windows; ++w) {
+    std::vector<int> tokens = {engine::Tokenizer::kBos};
+    tokens.insert(tokens.end(), text_tokens.begin() + std::ptrdiff_t(size_t(w) * stride),
+                  text_tokens.begin() + std::ptrdiff_t(size_t(w) * stride + window_tokens));
+    absl::StatusOr<Prefill> prefill =
+        RunPrefill(model, std::span<const int>(tokens).first(size_t(context - 1)), query_window);
+    if (!prefill.ok()) return prefill.status();
+    absl::StatusOr<CompressedKv> compressed =
+        CompressKv(prefill->kv, prefill->queries, *rd, budget);
+    if (!compressed.ok()) return compressed.status();
+    for (size_t i = 0; i < compressed->layer_tiers.size(); ++i) {
+      for (int t = 0; t < kNumTiers; ++t) {
+        bytes[i / 2] +=
+            double(compressed->layer_tiers[i][t]) *
+            double(RowBytes(Tier(t), size_t(c.n_kv_heads), size_t(c.head_dim()), group));
+      }
+    }
+  }
+  double total = 0;
+  for (double b : bytes) total += b;
+  if (!(total > 0)) return absl::FailedPreconditionError("no bytes planned: no windows?");
+  for (double& b : bytes) b /= total;
+  return bytes;
+}
+
 absl::Status RunDaemonProbe(const Prefill& prefill, ProbeReport* report) {
   const std::vector<KvLayerViews> layers = ViewsOf(prefill.kv);
   std::vector<QueryWindow> windows;
@@ -328,6 +373,24 @@ int Main(int argc, char** argv) {
     if (!(b > 0 && b <= 1)) return fail(absl::InvalidArgumentError("budgets must be in (0, 1]"));
   }
 
+  absl::StatusOr<std::vector<double>> layer_weights =
+      ParseList(absl::GetFlag(FLAGS_layer_weights), "layer_weights");
+  if (!layer_weights.ok()) return fail(layer_weights.status());
+  if (!layer_weights->empty() && int(layer_weights->size()) != config.n_layers) {
+    return fail(absl::InvalidArgumentError(absl::StrCat(
+        "--layer_weights: ", layer_weights->size(), " weights for ", config.n_layers, " layers")));
+  }
+  if (absl::GetFlag(FLAGS_layer_profile)) {
+    absl::StatusOr<std::vector<double>> shares =
+        LayerProfile(*model, *text_tokens, windows, window_tokens, context,
+                     absl::GetFlag(FLAGS_query_window), budgets->empty() ? 0.3 : budgets->front());
+    if (!shares.ok()) return fail(shares.status());
+    std::printf("%s\n", absl::StrJoin(*shares, ",", [](std::string* o, double v) {
+                          absl::StrAppendFormat(o, "%.4f", v);
+                        }).c_str());
+    return 0;
+  }
+
   std::vector<std::string> method_names;
   if (absl::GetFlag(FLAGS_methods).empty()) {
     method_names = KnownMethodNames();
@@ -355,6 +418,7 @@ int Main(int argc, char** argv) {
   for (const std::string& name : method_names) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());
+    if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
     if (!m->budgeted()) {
       add_row(*m, std::nullopt);
     } else {

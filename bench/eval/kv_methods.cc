@@ -60,12 +60,14 @@ std::vector<Method> AllMethods() {
   add("rd-perchannel", MethodKind::kPlanner, v, "rd + per-channel key scales");
   v = PlainOptions();
   add("rd-plain", MethodKind::kPlanner, v, "rd, every transform off");
-  add("rd-layerwise", MethodKind::kLayerwise, rd,
-      "rd planned layer by layer as a SendStream does (even layer shares + carry), query "
-      "importance");
-  add("rd-layerwise-pos", MethodKind::kLayerwise, rd,
-      "rd-layerwise with positional importance (the daemon's default in a stream)");
+  add("rd-pos", MethodKind::kPlanner, rd, "rd, positional importance instead of queries");
   methods.back().positional_importance = true;
+  add("rd-layerwise", MethodKind::kLayerwise, rd,
+      "rd planned layer by layer as a SendStream does (layer shares + carry), positional "
+      "importance (the daemon's default in a stream)");
+  methods.back().positional_importance = true;
+  add("rd-layerwise-tok", MethodKind::kLayerwise, rd,
+      "rd-layerwise with the queries' scores averaged over layers as token scores");
   return methods;
 }
 
@@ -133,14 +135,17 @@ absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLaye
                                                         const Method& method,
                                                         const CodecOptions& options,
                                                         TierPlan* plan) {
-  absl::StatusOr<ImportanceScores> scores = PositionalImportance(shape.layers, shape.tokens);
+  std::vector<float> token_scores = PositionalImportance(1, shape.tokens).values;
   if (!method.positional_importance) {
     std::vector<KvTensorView> keys;
     for (const KvLayerViews& l : layers) keys.push_back(l.key);
-    scores = ImportanceFromQueries(keys, WindowsOf(queries), options.pool_window);
+    absl::StatusOr<ImportanceScores> scores =
+        ImportanceFromQueries(keys, WindowsOf(queries), options.pool_window);
     if (!scores.ok()) return scores.status();
+    token_scores = scores->TokenLevel();
   }
-  absl::StatusOr<StreamBudget> budget = StreamBudget::Create(shape, options.budget, {});
+  absl::StatusOr<StreamBudget> budget =
+      StreamBudget::Create(shape, options.budget, method.layer_weights);
   if (!budget.ok()) return budget.status();
   *plan = TierPlan{shape.layers, shape.tokens,
                    std::vector<Tier>(size_t{shape.layers} * 2 * shape.tokens, Tier::kDrop),
@@ -151,10 +156,8 @@ absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLaye
     CodecOptions chunk_options = options;
     chunk_options.budget = budget->ChunkBudget(chunk);
     EncodeStats stats;
-    absl::StatusOr<TierPlan> layer_plan =
-        PlanChunk(layers[l], shape.tokens, chunk,
-                  std::span(scores->values).subspan(size_t{l} * shape.tokens, shape.tokens),
-                  chunk_options, BestRowKernels(), &stats);
+    absl::StatusOr<TierPlan> layer_plan = PlanChunk(layers[l], shape.tokens, chunk, token_scores,
+                                                    chunk_options, BestRowKernels(), &stats);
     if (!layer_plan.ok()) return layer_plan.status();
     uint64_t chunk_bytes = 0;
     for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
@@ -257,8 +260,10 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   TierPlan plan;
   if (method.kind == MethodKind::kPlanner) {
     const std::vector<QueryWindow> windows = WindowsOf(queries);
-    absl::StatusOr<EncodedKv> encoded =
-        EncodeKv(layers, ImportanceInput{.query_windows = windows}, options, /*request_id=*/1);
+    ImportanceInput importance{.query_windows = windows};
+    const ImportanceScores positional = PositionalImportance(shape->layers, shape->tokens);
+    if (method.positional_importance) importance = {.engine_scores = positional.values};
+    absl::StatusOr<EncodedKv> encoded = EncodeKv(layers, importance, options, /*request_id=*/1);
     if (!encoded.ok()) return encoded.status();
     segments = std::move(encoded->segments);
     plan = std::move(encoded->plan);

@@ -22,9 +22,10 @@ enum class MethodKind {
   kPdTrim,   // binary selection: sinks + the most recent tokens at FP16, the rest dropped
   kPlanner,  // the codec's planner (paper or rd) at a budget, importance from queries
   // What a streamed transfer (SendStream) sends: each layer planned on its own as it is signalled,
-  // at its share of the budget plus the carry (skv::StreamBudget), importance from queries
-  // (the same as kPlanner's, so only the planning differs) or positional (what the daemon uses
-  // without engine scores)
+  // at its share of the budget plus the carry (skv::StreamBudget). Importance is one score per
+  // token for every layer, as the daemon uses it in a stream (so that every layer drops tokens in
+  // the same order: the kept mask is per token): positional, or the queries' scores averaged over
+  // layers (what an engine passing SnapKV-style token scores would give).
   kLayerwise,
 };
 
@@ -32,7 +33,8 @@ struct Method {
   std::string name;
   MethodKind kind = MethodKind::kPlanner;
   Tier uniform_tier = Tier::kInt8;     // kUniform only
-  bool positional_importance = false;  // kLayerwise only
+  bool positional_importance = false;  // kPlanner and kLayerwise: positional instead of queries
+  std::vector<double> layer_weights;   // kLayerwise only: the layers' budget shares; empty = even
   CodecOptions options;                // allocator, transforms, tiers allowed, sinks
   std::string description;
 
@@ -40,7 +42,7 @@ struct Method {
 };
 
 // fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
-// rd-perchannel, rd-plain, rd-layerwise, rd-layerwise-pos (see README.md).
+// rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok (see README.md).
 absl::StatusOr<Method> MethodByName(std::string_view name);
 std::vector<std::string> KnownMethodNames();
 

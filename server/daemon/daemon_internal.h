@@ -210,7 +210,7 @@ struct Daemon::StreamSend {
   // Worker.
   control::MappedKvRegion region;  // a handle source
   std::optional<control::KvLayoutViews> views;
-  std::vector<float> importance;  // [layer][token]
+  std::vector<float> importance;  // [token], shared by every layer
   std::optional<StreamBudget> budget;
   CodecOptions options;
   std::optional<control::Metrics::InFlightGuard> in_flight;

@@ -400,7 +400,9 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
                                  model.layers, tokens)
           : PositionalImportance(model.layers, tokens);
   if (!importance.ok()) return Annotate(importance.status(), "open.token_scores");
-  st.importance = std::move(importance->values);
+  // One score per token for every layer: each layer is planned on its own, and the kept mask is
+  // per token, so every layer must drop tokens in the same order (per-layer scores are averaged).
+  st.importance = importance->TokenLevel();
   out.stats.importance_source = st.open.has_token_scores() ? "engine" : "positional";
 
   out.decision =
@@ -439,8 +441,7 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   CodecOptions options = st.options;
   if (st.budget) options.budget = st.budget->ChunkBudget(rows);
   const std::span<const float> importance =
-      std::span(st.importance)
-          .subspan(size_t{rows.layer} * st.open.tokens() + rows.token_begin, rows.token_count);
+      std::span(st.importance).subspan(rows.token_begin, rows.token_count);
   EncodeStats plan_stats;
   absl::StatusOr<TierPlan> plan =
       PlanChunk(layer, st.open.tokens(), rows, importance, options, BestRowKernels(), &plan_stats);

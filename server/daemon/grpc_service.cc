@@ -168,6 +168,10 @@ class SendStreamReactor final
       return;
     }
     Dispatch(request_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;  // no operation may follow Finish
+    }
     StartRead(&request_);
   }
 

@@ -117,7 +117,7 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
   const std::vector<KvLayerViews> views = DenseViews(src.data());
   absl::StatusOr<StreamBudget> plan_budget = StreamBudget::Create(*ShapeOf(views), budget, {});
   ASSERT_TRUE(plan_budget.ok());
-  const ImportanceScores scores = PositionalImportance(kLayers, kTokens);
+  const ImportanceScores scores = PositionalImportance(1, kTokens);  // a stream's: per token
   std::vector<ByteBuffer> segments;
   for (uint32_t begin = 0; begin < kTokens; begin += 128) {
     for (uint32_t l : order) {
@@ -126,8 +126,7 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
       o.budget = plan_budget->ChunkBudget(c);
       EncodeStats stats;
       absl::StatusOr<TierPlan> plan =
-          PlanChunk(views[l], kTokens, c,
-                    std::span(scores.values).subspan(size_t{l} * kTokens + begin, c.token_count), o,
+          PlanChunk(views[l], kTokens, c, std::span(scores.values).subspan(begin, c.token_count), o,
                     BestRowKernels(), &stats);
       ASSERT_TRUE(plan.ok()) << plan.status();
       uint64_t chunk_bytes = 0;
@@ -418,6 +417,47 @@ TEST_F(StreamTest, TheSenderKilledMidStreamFailsTheReceive) {
   EXPECT_FALSE(got.ok());
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
   EXPECT_FALSE(s->Wait().ok());
+}
+
+// The decode daemon dies mid-stream and comes back at the same address: the stream fails at
+// once (its peer is gone), and the next stream reaches the restarted daemon.
+TEST_F(StreamTest, AReceiverRestartedMidStreamFailsThatStreamOnly) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 41), dst = MakeBuffer(bytes);
+  const std::string data_address = decode_->data_address();
+  auto received = ReceiveAsync(ReceiveReq(421, dst, 60));
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(421, src, 0.5));
+  ASSERT_NE(s, nullptr);
+  s->LayerReady(Ready(0, 0, kTokens));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto start = std::chrono::steady_clock::now();
+  decode_->Stop(SIGKILL);
+  for (uint32_t l = 1; l < kLayers; ++l) s->LayerReady(Ready(l, 0, kTokens));
+  s->Seal();
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  EXPECT_FALSE(sent.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_FALSE(received.get().ok());
+
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> restarted = DaemonProcess::Start(
+      {.daemon_id = "decode", .extra_flags = {"--data_listen_address=" + data_address}});
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  decode_ = std::move(*restarted);
+  ASSERT_TRUE(Register(*decode_).ok());
+  SharedMemoryBuffer again = MakeBuffer(bytes);
+  absl::StatusOr<v1::SendResponse> next = absl::UnknownError("not tried");
+  // The prefill daemon notices the old connection is gone on its own schedule: retry briefly.
+  for (uint64_t id = 422; id < 432; ++id) {
+    auto got = ReceiveAsync(ReceiveReq(id, again, 20));
+    std::unique_ptr<client::SendStream> retry = Open(OpenReq(id, src, 0.5));
+    ASSERT_NE(retry, nullptr);
+    SignalAll(*retry, kTokens, InOrder());
+    next = retry->Wait();
+    const bool received_ok = got.get().ok();
+    if (next.ok() && received_ok) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  EXPECT_TRUE(next.ok()) << next.status();
 }
 
 class StreamStagingTest : public StreamTest {
