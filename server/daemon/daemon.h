@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "peer_protocol.h"
 #include "send_stages.h"
+#include "spectrumkv/codec/byte_buffer.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/codec/plan.h"
@@ -144,14 +145,28 @@ class Daemon {
   void SettleOutbound(const std::shared_ptr<Outbound>& out, Deferred& after);
   bool SenderAllowed(const std::string& daemon_id) const;
 
-  // Send side (daemon_send.cc).
+  // Send side (daemon_send.cc). A transfer out is made (NewOutbound), added to the live ones and
+  // the table (AddOutbound: refuses a live id or a daemon shutting down), then its pipeline runs on
+  // a worker (StartOutbound): RunSend for Send, RunStream for SendStream.
+  static std::shared_ptr<Outbound> NewOutbound(uint64_t request_id, uint64_t call_id, double budget,
+                                               const control::RegisteredModel& model,
+                                               const control::PeerConfig& peer,
+                                               const CodecOptions& policy);
+  absl::Status AddOutbound(const std::shared_ptr<Outbound>& out, SendDone& done,
+                           absl::string_view id_field);
+  void StartOutbound(const std::shared_ptr<Outbound>& out, absl::AnyInvocable<void()> pipeline);
   void RunSend(const std::shared_ptr<Outbound>& out);
   // The pipeline on the worker: import, plan, stream. Returns why it stopped early.
   // The send path's stages: connect, import the source, decide, plan, announce, then stream.
   absl::Status StreamTransfer(Outbound& out);
-  absl::Status StreamSegments(Outbound& out, transport::PeerId peer,
-                              std::span<const KvLayerViews> layers, const TierPlan& plan,
-                              const CodecOptions& options);
+  absl::Status StreamSegments(Outbound& out, std::span<const KvLayerViews> layers,
+                              const TierPlan& plan, const CodecOptions& options);
+  // Stages both pipelines share: connect to the peer (so that a failure can be told to the
+  // receiver), announce the transfer (TransferBegin), send encoded segments in order (the
+  // buffers go back to the pool on a stop or an error).
+  absl::Status ConnectOutbound(Outbound& out);
+  absl::Status AnnounceOutbound(Outbound& out, uint32_t tokens);
+  absl::Status SendEncoded(Outbound& out, std::span<ByteBuffer> segments);
   void CountPassthrough(const Outbound& out);
   // Counts one answer out (see unanswered_); call after the answer was handed over.
   void Answered();

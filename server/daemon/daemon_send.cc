@@ -58,44 +58,60 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
       !s.ok()) {
     return refuse(s);
   }
-  auto out = std::make_shared<Outbound>();
-  out->request_id = request.request_id();
-  out->call_id = call_id;
+  auto out = NewOutbound(request.request_id(), call_id, request.budget(), *model, *peer, *policy);
   out->request = &request;
-  out->requested_budget = request.budget();
-  out->model = *model;
-  out->peer_config = *peer;
-  out->policy = *policy;
+  if (absl::Status s = AddOutbound(out, done, "request_id"); !s.ok()) return refuse(s);
+  StartOutbound(out, [this, out] { RunSend(out); });
+}
+
+std::shared_ptr<Daemon::Outbound> Daemon::NewOutbound(uint64_t request_id, uint64_t call_id,
+                                                      double budget,
+                                                      const control::RegisteredModel& model,
+                                                      const control::PeerConfig& peer,
+                                                      const CodecOptions& policy) {
+  auto out = std::make_shared<Outbound>();
+  out->request_id = request_id;
+  out->call_id = call_id;
+  out->requested_budget = budget;
+  out->model = model;
+  out->peer_config = peer;
+  out->policy = policy;
   out->started = std::chrono::steady_clock::now();
+  return out;
+}
+
+absl::Status Daemon::AddOutbound(const std::shared_ptr<Outbound>& out, SendDone& done,
+                                 absl::string_view id_field) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (draining_ || shutting_down_) return absl::UnavailableError("spectrumkvd is shutting down");
+  if (!outbound_.emplace(out->request_id, out).second) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(id_field, ": ", out->request_id, " is already being sent"));
+  }
+  out->done = std::move(done);
+  // Recorded before returning, so that a poller never sees NOT_FOUND for a live transfer.
+  v1::TransferInfo info;
+  info.set_request_id(out->request_id);
+  info.set_role(v1::TRANSFER_ROLE_SENDER);
+  info.set_state(v1::TRANSFER_STATE_PENDING);
+  info.set_model_id(out->model.model_id);
+  info.set_peer_daemon_id(out->peer_config.daemon_id);
+  table_.Put(info);
+  return absl::OkStatus();
+}
+
+void Daemon::StartOutbound(const std::shared_ptr<Outbound>& out,
+                           absl::AnyInvocable<void()> pipeline) {
+  if (workers_.Post(std::move(pipeline))) return;
+  // Shutdown began after AddOutbound: Shutdown() stopped the workers, finish it now.
+  absl::AnyInvocable<void()> after;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || shutting_down_)
-      return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
-    if (!outbound_.emplace(request.request_id(), out).second) {
-      return refuse(absl::AlreadyExistsError(
-          absl::StrCat("request_id: ", request.request_id(), " is already being sent")));
-    }
-    out->done = std::move(done);
-    // Recorded before returning, so that a poller never sees NOT_FOUND for a live transfer.
-    v1::TransferInfo info;
-    info.set_request_id(request.request_id());
-    info.set_role(v1::TRANSFER_ROLE_SENDER);
-    info.set_state(v1::TRANSFER_STATE_PENDING);
-    info.set_model_id(model->model_id);
-    info.set_peer_daemon_id(peer->daemon_id);
-    table_.Put(info);
+    out->streamed = true;
+    if (!out->finished)
+      after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
   }
-  if (!workers_.Post([this, out] { RunSend(out); })) {
-    // Shutdown began between the check above and here: Shutdown() stopped it, finish it now.
-    absl::AnyInvocable<void()> after;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      out->streamed = true;
-      if (!out->finished)
-        after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
-    }
-    if (after) after();
-  }
+  if (after) after();
 }
 
 void Daemon::RunSend(const std::shared_ptr<Outbound>& out) {
@@ -183,15 +199,7 @@ absl::Status Daemon::OutboundStopReason(Outbound& out) {
 absl::Status Daemon::StreamTransfer(Outbound& out) {
   const v1::SendRequest& request = *out.request;
   const control::RegisteredModel& model = out.model;
-  if (out.stop.load()) return OutboundStopReason(out);  // cancelled (or shutting down) while queued
-  // Connected first, so that whatever fails below can be told to the receiver.
-  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
-  if (!peer_id.ok()) return peer_id.status();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    out.peer = *peer_id;  // from now on the receiver's answer and the peer's loss reach `out`
-  }
-  if (out.stop.load()) return OutboundStopReason(out);
+  if (absl::Status s = ConnectOutbound(out); !s.ok()) return s;
 
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
@@ -235,18 +243,58 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   out.stats.rows_per_tier = plan->TierCounts();
   out.segments_total = SegmentsPerTensor(plan->tokens, options) * model.layers * 2;
 
+  if (absl::Status s = AnnounceOutbound(out, plan->tokens); !s.ok()) return s;
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
+                [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
+  return StreamSegments(out, layers, *plan, options);
+}
+
+absl::Status Daemon::ConnectOutbound(Outbound& out) {
+  // Connected even when the transfer was stopped already (cancelled while queued, a stream's bad
+  // first signal): a Receive waiting on the peer is then told at once, not at its timeout.
+  absl::StatusOr<transport::PeerId> peer = ConnectedPeer(out.peer_config);
+  if (!peer.ok()) return peer.status();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out.peer = *peer;  // from now on the receiver's answer and the peer's loss reach `out`
+  }
+  return OutboundStopReason(out);
+}
+
+absl::Status Daemon::AnnounceOutbound(Outbound& out, uint32_t tokens) {
   if (absl::Status s = OutboundStopReason(out); !s.ok()) return s;
-  if (absl::Status s = transport_->Send(*peer_id, kTransferBeginMessage,
-                                        SerializeBegin(MakeTransferBegin(out, plan->tokens)),
-                                        [](absl::Status) {});
+  if (absl::Status s =
+          transport_->Send(out.peer, kTransferBeginMessage,
+                           SerializeBegin(MakeTransferBegin(out, tokens)), [](absl::Status) {});
       !s.ok()) {
     return s;
   }
   out.begin_sent = true;
-  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
-                [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
   out.wire_start = std::chrono::steady_clock::now();
-  return StreamSegments(out, *peer_id, layers, *plan, options);
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::SendEncoded(Outbound& out, std::span<ByteBuffer> segments) {
+  for (size_t i = 0; i < segments.size(); ++i) {
+    // A cancel, the peer's loss or the receiver's refusal stops the stream here.
+    absl::Status status = out.stop.load() ? OutboundStopReason(out) : absl::OkStatus();
+    if (status.ok()) {
+      out.wire_bytes += segments[i].size();
+      // Send() waits while the peer's in-flight window is full: that is the pipeline's
+      // backpressure (the encoders wait for the wire meanwhile).
+      status =
+          transport_->Send(out.peer, kSegmentMessage,
+                           segment_pool_->ToMessage(std::move(segments[i])), [](absl::Status) {});
+    }
+    if (!status.ok()) {
+      for (; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
+      return status;
+    }
+    ++out.segments_sent;
+  }
+  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
+                [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
+  return absl::OkStatus();
 }
 
 void Daemon::CountPassthrough(const Outbound& out) {
@@ -261,9 +309,8 @@ void Daemon::CountPassthrough(const Outbound& out) {
                v1::PassthroughReason_Name(decision.reason()));
 }
 
-absl::Status Daemon::StreamSegments(Outbound& out, transport::PeerId peer,
-                                    std::span<const KvLayerViews> layers, const TierPlan& plan,
-                                    const CodecOptions& options) {
+absl::Status Daemon::StreamSegments(Outbound& out, std::span<const KvLayerViews> layers,
+                                    const TierPlan& plan, const CodecOptions& options) {
   // Layer l's K and V go out while the next tensors encode on the encoding threads.
   struct EncodedTensor {
     std::vector<ByteBuffer> segments;
@@ -297,20 +344,8 @@ absl::Status Daemon::StreamSegments(Outbound& out, transport::PeerId peer,
     // Summed over the encoding threads: the codec's cost, which the passthrough choice weighs
     // (the wall time would include the waits for the wire).
     out.stats.encode_seconds += tensor->seconds;
-    for (ByteBuffer& b : tensor->segments) {
-      if (out.stop.load()) return OutboundStopReason(out);
-      out.wire_bytes += b.size();
-      // Send() waits while the peer's in-flight window is full: that is the pipeline's
-      // backpressure; the encoder stays at most kEncodeAheadTensors ahead meanwhile.
-      if (absl::Status s = transport_->Send(
-              peer, kSegmentMessage, segment_pool_->ToMessage(std::move(b)), [](absl::Status) {});
-          !s.ok()) {
-        return s;
-      }
-      ++out.segments_sent;
-      table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
-                    [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
-    }
+    // The encoder stays at most kEncodeAheadTensors ahead while this waits for the wire.
+    if (absl::Status s = SendEncoded(out, tensor->segments); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

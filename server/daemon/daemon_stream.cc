@@ -104,62 +104,35 @@ std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open,
       !s.ok()) {
     return refuse(s);
   }
-  auto out = std::make_shared<Outbound>();
-  out->request_id = open.request_id();
-  out->call_id = call_id;
-  out->requested_budget = open.budget();
-  out->model = *model;
-  out->peer_config = *peer;
-  out->policy = *policy;
-  out->started = std::chrono::steady_clock::now();
+  std::shared_ptr<const RegisteredCache> cache;
+  if (open.source_case() == v1::StreamOpen::kCacheId) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = caches_.find(open.cache_id());
+    if (it == caches_.end()) {
+      return refuse(absl::NotFoundError(absl::StrCat("open.cache_id: '", open.cache_id(),
+                                                     "' is not registered (call RegisterCache)")));
+    }
+    if (it->second->model_id != model->model_id) {
+      return refuse(absl::FailedPreconditionError(
+          absl::StrCat("open.cache_id: '", open.cache_id(), "' holds model '", it->second->model_id,
+                       "', not '", model->model_id, "'")));
+    }
+    cache = it->second;
+  }
+  auto out = NewOutbound(open.request_id(), call_id, open.budget(), *model, *peer, *policy);
   out->stream = std::make_unique<StreamSend>();
   StreamSend& st = *out->stream;
   st.open = open;
   st.events = std::move(events);
   st.signalled.assign(model->layers, 0);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || shutting_down_)
-      return refuse(absl::UnavailableError("spectrumkvd is shutting down"));
-    if (open.source_case() == v1::StreamOpen::kCacheId) {
-      auto it = caches_.find(open.cache_id());
-      if (it == caches_.end()) {
-        return refuse(absl::NotFoundError(absl::StrCat(
-            "open.cache_id: '", open.cache_id(), "' is not registered (call RegisterCache)")));
-      }
-      if (it->second->model_id != model->model_id) {
-        return refuse(absl::FailedPreconditionError(
-            absl::StrCat("open.cache_id: '", open.cache_id(), "' holds model '",
-                         it->second->model_id, "', not '", model->model_id, "'")));
-      }
-      st.cache = it->second;
-      const uint32_t block_size = st.cache->layout.paged().block_size();
-      st.block_table.assign((open.tokens() + block_size - 1) / block_size, kUnknownBlock);
-    }
-    if (!outbound_.emplace(open.request_id(), out).second) {
-      return refuse(absl::AlreadyExistsError(
-          absl::StrCat("open.request_id: ", open.request_id(), " is already being sent")));
-    }
-    out->done = std::move(done);
-    v1::TransferInfo info;
-    info.set_request_id(open.request_id());
-    info.set_role(v1::TRANSFER_ROLE_SENDER);
-    info.set_state(v1::TRANSFER_STATE_PENDING);
-    info.set_model_id(model->model_id);
-    info.set_peer_daemon_id(peer->daemon_id);
-    table_.Put(info);
+  if (cache != nullptr) {
+    const uint32_t block_size = cache->layout.paged().block_size();
+    st.block_table.assign((open.tokens() + block_size - 1) / block_size, kUnknownBlock);
+    st.cache = std::move(cache);
   }
+  if (absl::Status s = AddOutbound(out, done, "open.request_id"); !s.ok()) return refuse(s);
   // The worker connects and announces while the engine computes the first layers.
-  if (!workers_.Post([this, out] { RunStream(out); })) {
-    absl::AnyInvocable<void()> after;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      out->streamed = true;
-      if (!out->finished)
-        after = FinishOutbound(out, absl::UnavailableError("spectrumkvd is shutting down"));
-    }
-    if (after) after();
-  }
+  StartOutbound(out, [this, out] { RunStream(out); });
   return out;
 }
 
@@ -368,15 +341,7 @@ void Daemon::RunStream(std::shared_ptr<Outbound> out) {
 absl::Status Daemon::OpenStreamStage(Outbound& out) {
   StreamSend& st = *out.stream;
   const control::RegisteredModel& model = out.model;
-  // Connected even when the stream was stopped already (a bad first signal): a Receive waiting
-  // on the peer is then told at once instead of at its timeout.
-  absl::StatusOr<transport::PeerId> peer_id = ConnectedPeer(out.peer_config);
-  if (!peer_id.ok()) return peer_id.status();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    out.peer = *peer_id;
-  }
-  if (out.stop.load()) return OutboundStopReason(out);
+  if (absl::Status s = ConnectOutbound(out); !s.ok()) return s;
   const uint32_t tokens = st.open.tokens();
   out.raw_bytes = uint64_t{model.layers} * 2 * tokens * model.kv_heads * model.head_dim * 2;
   if (st.open.has_handle()) {
@@ -418,15 +383,7 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
     st.budget.emplace(std::move(*budget));
   }
   st.in_flight.emplace(*metrics_);
-  if (absl::Status s = OutboundStopReason(out); !s.ok()) return s;
-  if (absl::Status s =
-          transport_->Send(*peer_id, kTransferBeginMessage,
-                           SerializeBegin(MakeTransferBegin(out, tokens)), [](absl::Status) {});
-      !s.ok()) {
-    return s;
-  }
-  out.begin_sent = true;
-  out.wire_start = std::chrono::steady_clock::now();
+  if (absl::Status s = AnnounceOutbound(out, tokens); !s.ok()) return s;
   v1::SendStreamEvent event;
   *event.mutable_opened()->mutable_passthrough() = out.decision;
   st.events(std::move(event));
@@ -473,23 +430,7 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   uint64_t chunk_bytes = 0;
   for (ByteBuffer& b : segments) chunk_bytes += b.size();
   if (st.budget) st.budget->Spend(rows, chunk_bytes);
-  for (size_t i = 0; i < segments.size(); ++i) {
-    if (out.stop.load()) {
-      for (; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
-      return OutboundStopReason(out);
-    }
-    out.wire_bytes += segments[i].size();
-    if (absl::Status s =
-            transport_->Send(out.peer, kSegmentMessage,
-                             segment_pool_->ToMessage(std::move(segments[i])), [](absl::Status) {});
-        !s.ok()) {
-      for (++i; i < segments.size(); ++i) segment_pool_->Return(std::move(segments[i]));
-      return s;
-    }
-    ++out.segments_sent;
-  }
-  table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
-                [&](v1::TransferInfo& info) { info.set_segments_done(out.segments_sent); });
+  if (absl::Status s = SendEncoded(out, segments); !s.ok()) return s;
   v1::SendStreamEvent sent;
   *sent.mutable_layer_sent() = ChunkEvent(rows, chunk.signalled);
   metrics_->ObserveLayerSendLag(absl::Seconds(Seconds(chunk.signalled)));
