@@ -120,6 +120,10 @@ class Daemon {
                      const TransferOutcome& abort, Deferred& after);
 
   absl::StatusOr<control::RegisteredModel> FindModel(const std::string& model_id) const;
+  // A registered cache holding `model`'s KV; errors name `field`.
+  absl::StatusOr<std::shared_ptr<const RegisteredCache>> FindCache(
+      const std::string& cache_id, const control::RegisteredModel& model,
+      absl::string_view field) const;
   absl::StatusOr<transport::PeerId> ConnectedPeer(const control::PeerConfig& peer);
 
   // Receive side (daemon_receive.cc).

@@ -125,7 +125,8 @@ struct Daemon::Inbound {
   bool has_receive = false;
   std::string expected_sender;  // ReceiveRequest.sender_daemon_id; empty = any allowed daemon
   control::RegisteredModel model;
-  control::MappedKvRegion region;
+  control::MappedKvRegion region;                // a handle destination
+  std::shared_ptr<const RegisteredCache> cache;  // a registered-cache destination
   std::optional<control::KvLayoutViews> views;
   std::vector<KvLayerViews> codec_views;
   v1::MaskFormat mask_format = v1::MASK_FORMAT_BYTES;

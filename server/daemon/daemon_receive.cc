@@ -248,18 +248,40 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return refuse(model.status());
   if (absl::Status s = control::ValidateReceiveRequest(request, *model); !s.ok()) return refuse(s);
-  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
-      request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
-  if (!region.ok()) return refuse(region.status());
-  if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return refuse(
-        absl::UnimplementedError("destination: device memory needs the CUDA build of the daemon"));
+  // The destination: a handle and its layout, or blocks of a registered (writable) cache.
+  control::MappedKvRegion region;
+  std::shared_ptr<const RegisteredCache> cache;
+  absl::StatusOr<control::KvLayoutViews> views = absl::UnknownError("unset");
+  if (request.has_destination_blocks()) {
+    const v1::RegisteredBlocks& blocks = request.destination_blocks();
+    absl::StatusOr<std::shared_ptr<const RegisteredCache>> found =
+        FindCache(blocks.cache_id(), *model, "destination_blocks.cache_id");
+    if (!found.ok()) return refuse(found.status());
+    cache = std::move(*found);
+    if (cache->region.access() != KvAccess::kReadWrite) {
+      return refuse(absl::FailedPreconditionError(
+          absl::StrCat("destination_blocks.cache_id: '", cache->cache_id,
+                       "' was registered read-only (RegisterCache.writable = false)")));
+    }
+    v1::KvLayout layout = cache->layout;
+    layout.set_tokens(blocks.tokens());
+    *layout.mutable_paged()->mutable_block_ids() = blocks.block_ids();
+    views = control::BuildKvLayoutViews(layout, cache->region, "destination_blocks");
+    if (!views.ok()) return refuse(views.status());
+  } else {
+    absl::StatusOr<control::MappedKvRegion> imported = control::ImportKvHandle(
+        request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
+    if (!imported.ok()) return refuse(imported.status());
+    if (imported->memory_kind() != control::KvMemoryKind::kHost) {
+      return refuse(absl::UnimplementedError(
+          "destination: device memory needs the CUDA build of the daemon"));
+    }
+    region = std::move(*imported);
+    views = control::BuildKvLayoutViews(request.destination_layout(), region, "destination_layout");
+    if (!views.ok()) return refuse(views.status());
+    PrefaultHostRegion(region, uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads *
+                                   model->head_dim * 2);
   }
-  absl::StatusOr<control::KvLayoutViews> views =
-      control::BuildKvLayoutViews(request.destination_layout(), *region, "destination_layout");
-  if (!views.ok()) return refuse(views.status());
-  PrefaultHostRegion(*region, uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads *
-                                  model->head_dim * 2);
 
   Deferred after;
   {
@@ -295,7 +317,8 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
     in->has_receive = true;
     in->expected_sender = request.sender_daemon_id();
     in->model = *model;
-    in->region = std::move(*region);
+    in->region = std::move(region);
+    in->cache = std::move(cache);
     in->views.emplace(std::move(*views));
     in->codec_views = CodecViews(*in->views);
     in->mask_format = request.mask_format() == v1::MASK_FORMAT_UNSPECIFIED ? v1::MASK_FORMAT_BYTES

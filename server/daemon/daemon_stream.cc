@@ -38,16 +38,16 @@ absl::Status InvalidChunk(absl::string_view field, absl::string_view why) {
 
 }  // namespace
 
-// ---- Registered caches.
-// --------------------------------------------------------------------------
+// ---- Registered caches. -------------------------------------------------------------------------
 
 absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
     const v1::RegisterCacheRequest& request) {
   absl::StatusOr<control::RegisteredModel> model = FindModel(request.model_id());
   if (!model.ok()) return model.status();
   if (absl::Status s = control::ValidateRegisterCacheRequest(request, *model); !s.ok()) return s;
-  absl::StatusOr<control::MappedKvRegion> region =
-      control::ImportKvHandle(request.memory(), KvAccess::kReadOnly, "memory", &shm_mappings_);
+  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
+      request.memory(), request.writable() ? KvAccess::kReadWrite : KvAccess::kReadOnly, "memory",
+      &shm_mappings_);
   if (!region.ok()) return region.status();
   if (region->memory_kind() != control::KvMemoryKind::kHost) {
     return absl::UnimplementedError("memory: device memory needs the CUDA build of the daemon");
@@ -79,8 +79,24 @@ absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
   return response;
 }
 
-// ---- The call's messages.
-// ------------------------------------------------------------------------
+absl::StatusOr<std::shared_ptr<const RegisteredCache>> Daemon::FindCache(
+    const std::string& cache_id, const control::RegisteredModel& model,
+    absl::string_view field) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = caches_.find(cache_id);
+  if (it == caches_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat(field, ": '", cache_id, "' is not registered (call RegisterCache)"));
+  }
+  if (it->second->model_id != model.model_id) {
+    return absl::FailedPreconditionError(absl::StrCat(field, ": '", cache_id, "' holds model '",
+                                                      it->second->model_id, "', not '",
+                                                      model.model_id, "'"));
+  }
+  return it->second;
+}
+
+// ---- The call's messages. -----------------------------------------------------------------------
 
 std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open, uint64_t call_id,
                                                      StreamEvents events, SendDone done) {
@@ -106,18 +122,10 @@ std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open,
   }
   std::shared_ptr<const RegisteredCache> cache;
   if (open.source_case() == v1::StreamOpen::kCacheId) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = caches_.find(open.cache_id());
-    if (it == caches_.end()) {
-      return refuse(absl::NotFoundError(absl::StrCat("open.cache_id: '", open.cache_id(),
-                                                     "' is not registered (call RegisterCache)")));
-    }
-    if (it->second->model_id != model->model_id) {
-      return refuse(absl::FailedPreconditionError(
-          absl::StrCat("open.cache_id: '", open.cache_id(), "' holds model '", it->second->model_id,
-                       "', not '", model->model_id, "'")));
-    }
-    cache = it->second;
+    absl::StatusOr<std::shared_ptr<const RegisteredCache>> found =
+        FindCache(open.cache_id(), *model, "open.cache_id");
+    if (!found.ok()) return refuse(found.status());
+    cache = std::move(*found);
   }
   auto out = NewOutbound(open.request_id(), call_id, open.budget(), *model, *peer, *policy);
   out->stream = std::make_unique<StreamSend>();
@@ -297,8 +305,7 @@ void Daemon::MaybeStreamDone(Outbound& out) {
                 [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
 }
 
-// ---- The worker.
-// ---------------------------------------------------------------------------------
+// ---- The worker. --------------------------------------------------------------------------------
 
 void Daemon::RunStream(std::shared_ptr<Outbound> out) {
   StreamSend& st = *out->stream;

@@ -167,6 +167,11 @@ void WritePeerMessages(const fs::path& begin_dir, const fs::path& outcome_dir) {
   const uint64_t passthrough_rows[skv::kNumTiers] = {1536, 0, 0, 0, 0};
   std::copy(std::begin(passthrough_rows), std::end(passthrough_rows), begin.rows_per_tier);
   Write(begin_dir, "begin-bf16-passthrough", skv::daemon::SerializeBegin(begin));
+  // A streamed transfer (SendStream): no segment count, no plan yet.
+  begin.segments_total = 0;
+  begin.achieved_budget = begin.payload_budget = 0;
+  std::fill(std::begin(begin.rows_per_tier), std::end(begin.rows_per_tier), 0);
+  Write(begin_dir, "begin-streamed", skv::daemon::SerializeBegin(begin));
 
   using skv::daemon::TransferOutcome;
   Write(outcome_dir, "outcome-committed",

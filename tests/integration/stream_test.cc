@@ -184,16 +184,18 @@ TEST_F(StreamTest, OneChunkPerLayerMatchesTheBulkPathForTheSamePlan) {
   EXPECT_EQ(std::memcmp(stream_dst.data(), bulk_dst.data(), bytes), 0);
 }
 
-// A registered paged cache with a shuffled block table, blocks named by the first layer's chunks
-// only, chunks cut inside blocks; passthrough must land the rows bit for bit.
-TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
-  constexpr uint32_t kBlockSize = 16, kNumBlocks = 40;
-  const size_t row = size_t{kHeads} * kHeadDim * 2, block = kBlockSize * row,
-               pool = kNumBlocks * block;
-  SharedMemoryBuffer cache = MakeSource(pool * 2 * kLayers, 33);
+// Paged pools as vLLM keeps them: per layer a K pool and a V pool of kNumBlocks blocks.
+constexpr uint32_t kBlockSize = 16, kNumBlocks = 40;
+constexpr size_t kRowBytes = size_t{kHeads} * kHeadDim * 2, kBlockBytes = kBlockSize * kRowBytes,
+                 kPoolBytes = kNumBlocks * kBlockBytes;
+
+// Registers `cache` (every layer's pools) on `daemon` as `id`.
+void RegisterPools(DaemonProcess& daemon, const SharedMemoryBuffer& cache, const std::string& id,
+                   bool writable) {
   v1::RegisterCacheRequest reg;
-  reg.set_cache_id("worker-0");
+  reg.set_cache_id(id);
   reg.set_model_id(kModel);
+  reg.set_writable(writable);
   *reg.mutable_memory() = cache.handle();
   v1::KvLayout& layout = *reg.mutable_layout();
   layout.set_dtype(v1::DTYPE_FP16);
@@ -204,19 +206,35 @@ TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
   paged.set_block_size(kBlockSize);
   paged.set_num_blocks(kNumBlocks);
   for (uint32_t l = 0; l < kLayers; ++l) {
-    paged.add_k_pool_offset_bytes(2 * l * pool);
-    paged.add_v_pool_offset_bytes((2 * l + 1) * pool);
+    paged.add_k_pool_offset_bytes(2 * l * kPoolBytes);
+    paged.add_v_pool_offset_bytes((2 * l + 1) * kPoolBytes);
   }
-  absl::StatusOr<v1::RegisterCacheResponse> registered = prefill_->client().RegisterCache(reg);
+  absl::StatusOr<v1::RegisterCacheResponse> registered = daemon.client().RegisterCache(reg);
   ASSERT_TRUE(registered.ok()) << registered.status();
-  EXPECT_EQ(registered->mapped_bytes(), pool * 2 * kLayers);
+  EXPECT_EQ(registered->mapped_bytes(), kPoolBytes * 2 * kLayers);
+}
 
-  const uint32_t seq_blocks = (kTokens + kBlockSize - 1) / kBlockSize;
+// The pool blocks of a request's sequence blocks, shuffled as an allocator leaves them.
+std::vector<uint32_t> ShuffledBlocks(uint32_t seed) {
   std::vector<uint32_t> table(kNumBlocks);
   std::iota(table.begin(), table.end(), 0u);
-  std::shuffle(table.begin(), table.end(), std::mt19937(5));
-  table.resize(seq_blocks);
+  std::shuffle(table.begin(), table.end(), std::mt19937(seed));
+  table.resize((kTokens + kBlockSize - 1) / kBlockSize);
+  return table;
+}
 
+const uint8_t* PagedRow(const SharedMemoryBuffer& cache, const std::vector<uint32_t>& table,
+                        uint32_t layer, uint32_t kind, uint32_t token) {
+  return cache.data() + (2 * layer + kind) * kPoolBytes + table[token / kBlockSize] * kBlockBytes +
+         (token % kBlockSize) * kRowBytes;
+}
+
+// A registered paged cache with a shuffled block table, blocks named by the first layer's chunks
+// only, chunks cut inside blocks; passthrough must land the rows bit for bit.
+TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
+  SharedMemoryBuffer cache = MakeSource(kPoolBytes * 2 * kLayers, 33);
+  RegisterPools(*prefill_, cache, "worker-0", false);
+  const std::vector<uint32_t> table = ShuffledBlocks(5);
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer dst = MakeBuffer(bytes);
   auto received = ReceiveAsync(ReceiveReq(321, dst));
@@ -242,14 +260,75 @@ TEST_F(StreamTest, RegisteredCacheChunksNamedByBlockIdsArriveBitExact) {
   for (uint32_t l = 0; l < kLayers; ++l) {
     for (uint32_t kind = 0; kind < 2; ++kind) {
       for (uint32_t t = 0; t < kTokens; ++t) {
-        const uint8_t* want = cache.data() + (2 * l + kind) * pool + table[t / kBlockSize] * block +
-                              (t % kBlockSize) * row;
-        const uint8_t* got = dst.data() + ((2 * l + kind) * size_t{kTokens} + t) * row;
-        ASSERT_EQ(std::memcmp(want, got, row), 0)
+        const uint8_t* got = dst.data() + ((2 * l + kind) * size_t{kTokens} + t) * kRowBytes;
+        ASSERT_EQ(std::memcmp(PagedRow(cache, table, l, kind, t), got, kRowBytes), 0)
             << "layer " << l << " kind " << kind << " t " << t;
       }
     }
   }
+}
+
+// Both engines name blocks of caches they registered once: the prefill side streams from its
+// pools, the decode side's Receive names its own (other) blocks. Compressed, then FP16 rows.
+TEST_F(StreamTest, BothSidesNameBlocksOfRegisteredCaches) {
+  SharedMemoryBuffer prefill_cache = MakeSource(kPoolBytes * 2 * kLayers, 34);
+  SharedMemoryBuffer decode_cache = MakeBuffer(kPoolBytes * 2 * kLayers);
+  RegisterPools(*prefill_, prefill_cache, "prefill-worker", false);
+  RegisterPools(*decode_, decode_cache, "decode-worker", true);
+  const std::vector<uint32_t> source_blocks = ShuffledBlocks(6), target_blocks = ShuffledBlocks(7);
+  v1::ReceiveRequest receive;
+  receive.set_model_id(kModel);
+  receive.mutable_destination_blocks()->set_cache_id("decode-worker");
+  receive.mutable_destination_blocks()->set_tokens(kTokens);
+  for (uint32_t b : target_blocks) receive.mutable_destination_blocks()->add_block_ids(b);
+  for (const double budget : {0.4, 1.0}) {
+    const uint64_t id = budget < 1 ? 431 : 432;
+    receive.set_request_id(id);
+    auto received = ReceiveAsync(receive);
+    v1::StreamOpen open =
+        OpenReq(id, prefill_cache, budget,
+                budget < 1 ? v1::PASSTHROUGH_MODE_NEVER : v1::PASSTHROUGH_MODE_ALWAYS);
+    open.set_cache_id("prefill-worker");
+    std::unique_ptr<client::SendStream> s = Open(open);
+    ASSERT_NE(s, nullptr);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      v1::LayerReady r = Ready(l, 0, kTokens);
+      if (l == 0) {
+        for (uint32_t b : source_blocks) r.add_block_ids(b);
+      }
+      s->LayerReady(r);
+    }
+    s->Seal();
+    absl::StatusOr<v1::SendResponse> sent = s->Wait();
+    ASSERT_TRUE(sent.ok()) << sent.status();
+    absl::StatusOr<v1::ReceiveResponse> got = received.get();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_LE(sent->stats().achieved_budget(), budget < 1 ? budget : 1.01);
+    if (budget < 1) continue;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (uint32_t kind = 0; kind < 2; ++kind) {
+        for (uint32_t t = 0; t < kTokens; ++t) {
+          ASSERT_EQ(std::memcmp(PagedRow(prefill_cache, source_blocks, l, kind, t),
+                                PagedRow(decode_cache, target_blocks, l, kind, t), kRowBytes),
+                    0)
+              << "layer " << l << " kind " << kind << " t " << t;
+        }
+      }
+    }
+  }
+  // A read-only cache cannot be a destination; unknown caches and foreign blocks are refused.
+  RegisterPools(*decode_, decode_cache, "decode-readonly", false);
+  receive.set_request_id(433);
+  receive.mutable_destination_blocks()->set_cache_id("decode-readonly");
+  EXPECT_EQ(decode_->client().Receive(receive).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  receive.mutable_destination_blocks()->set_cache_id("nobody");
+  EXPECT_EQ(decode_->client().Receive(receive).status().code(), absl::StatusCode::kNotFound);
+  receive.mutable_destination_blocks()->set_cache_id("decode-worker");
+  receive.mutable_destination_blocks()->set_block_ids(0, kNumBlocks);
+  absl::StatusOr<v1::ReceiveResponse> refused = decode_->client().Receive(receive);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("destination_blocks"));
 }
 
 // A Receive that comes after the whole stream has been staged still gets it.

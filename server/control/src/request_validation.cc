@@ -398,15 +398,32 @@ absl::Status ValidateReceiveRequest(const v1::ReceiveRequest& request,
                                     const RegisteredModel& model) {
   if (absl::Status s = ValidateRequestId(request.request_id()); !s.ok()) return s;
   if (absl::Status s = ValidateModelId(request.model_id()); !s.ok()) return s;
-  if (!request.has_destination()) return Invalid("destination", "required");
-  if (absl::Status s = ValidateKvHandleFields(request.destination(), "destination"); !s.ok()) {
-    return s;
-  }
-  if (!request.has_destination_layout()) return Invalid("destination_layout", "required");
-  if (absl::Status s =
-          ValidateLayoutMatchesModel(request.destination_layout(), model, "destination_layout");
-      !s.ok()) {
-    return s;
+  if (request.has_destination_blocks()) {
+    if (request.has_destination() || request.has_destination_layout()) {
+      return Invalid("destination_blocks",
+                     "give either destination_blocks or destination + destination_layout");
+    }
+    const v1::RegisteredBlocks& blocks = request.destination_blocks();
+    if (absl::Status s = ValidateModelName(blocks.cache_id(), "destination_blocks.cache_id");
+        !s.ok()) {
+      return s;
+    }
+    if (blocks.tokens() == 0 || blocks.tokens() > kMaxTokens) {
+      return Invalid("destination_blocks.tokens",
+                     absl::StrCat(blocks.tokens(), " is not in 1..", kMaxTokens));
+    }
+    // The blocks are checked against the cache's pools when the daemon builds the layout.
+  } else {
+    if (!request.has_destination()) return Invalid("destination", "required");
+    if (absl::Status s = ValidateKvHandleFields(request.destination(), "destination"); !s.ok()) {
+      return s;
+    }
+    if (!request.has_destination_layout()) return Invalid("destination_layout", "required");
+    if (absl::Status s =
+            ValidateLayoutMatchesModel(request.destination_layout(), model, "destination_layout");
+        !s.ok()) {
+      return s;
+    }
   }
   if (request.has_timeout()) {
     const auto& t = request.timeout();

@@ -264,7 +264,23 @@ TEST(RequestValidationTest, Receive) {
       {"timeout", [](v1::ReceiveRequest& r) { r.mutable_timeout()->set_nanos(2000000000); }},
       {"mask_format",
        [](v1::ReceiveRequest& r) { r.set_mask_format(static_cast<v1::MaskFormat>(3)); }},
+      {"destination_blocks",  // both kinds of destination
+       [](v1::ReceiveRequest& r) { r.mutable_destination_blocks()->set_cache_id("c"); }},
   };
+  // A registered cache's blocks instead of a handle and layout.
+  v1::ReceiveRequest blocks = ValidReceive();
+  blocks.clear_destination();
+  blocks.clear_destination_layout();
+  blocks.mutable_destination_blocks()->set_cache_id("vllm-decode-0");
+  blocks.mutable_destination_blocks()->set_tokens(32);
+  blocks.mutable_destination_blocks()->add_block_ids(3);
+  EXPECT_TRUE(ValidateReceiveRequest(blocks, TestModel()).ok());
+  v1::ReceiveRequest bad = blocks;
+  bad.mutable_destination_blocks()->set_tokens(0);
+  ExpectFieldError(ValidateReceiveRequest(bad, TestModel()), "destination_blocks.tokens");
+  bad = blocks;
+  bad.mutable_destination_blocks()->set_cache_id("no spaces");
+  ExpectFieldError(ValidateReceiveRequest(bad, TestModel()), "destination_blocks.cache_id");
   for (const Case& c : cases) {
     v1::ReceiveRequest request = ValidReceive();
     c.mutate(request);
