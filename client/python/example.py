@@ -8,7 +8,8 @@ Steps: gRPC health of both daemons; RegisterModel on both (same shape -> same co
 hash); a small synthetic FP16 KV in POSIX shared memory; Receive on the decode daemon (in a
 thread) + Send on the prefill daemon at budget 0.5; the transfer's statistics; a check of the
 received KV against the sender's stateless Encode/Decode of the same KV; an FP16 passthrough
-transfer checked byte for byte; ListTransfers on both; and one deliberately bad request to show
+transfer checked byte for byte; the same KV streamed layer by layer (SendStream) and checked;
+ListTransfers on both; and one deliberately bad request to show
 how errors surface. Exit code 0 = everything checked.
 
 Needs only /usr/bin/python3 with Debian's python3-grpcio and python3-protobuf.
@@ -145,6 +146,25 @@ def main():
         if not raw.stats.passthrough.passthrough or dst.read() != src.read():
             raise SystemExit("passthrough transfer did not deliver the source bytes unchanged")
         print("  check      passthrough KV identical to the source")
+
+        # 6b. The same KV streamed layer by layer (SendStream), as an engine does during prefill:
+        # open, one layer_ready per layer as it is computed, seal; FP16 rows must land unchanged.
+        dst.buf[:] = bytes(size)
+        pending = receiver.receive_async(request_id + 3, models[1].model_id, dst, layout, timeout_s=args.timeout)
+        stream = sender.send_stream(request_id + 3, models[0].model_id, src, layout, args.peer, 1.0,
+                                    passthrough=pb.PASSTHROUGH_MODE_ALWAYS)
+        for layer in range(layout.layers):
+            stream.layer_ready(layer)
+        stream.seal()
+        streamed = stream.wait(timeout=args.timeout + 10)
+        pending.result(timeout=args.timeout + 10)
+        kinds = [e.WhichOneof("event") for e in stream.events]
+        print("transfer %d streamed layer by layer: events %s; %d wire bytes" % (
+            request_id + 3, ", ".join("%s x%d" % (k, kinds.count(k)) for k in dict.fromkeys(kinds)),
+            streamed.stats.wire_bytes))
+        if dst.read() != src.read() or kinds.count("layer_sent") != layout.layers:
+            raise SystemExit("the streamed transfer did not deliver every layer unchanged")
+        print("  check      streamed KV identical to the source")
 
     # 7. Transfer listings.
     for label, c in (("sender", sender), ("receiver", receiver)):

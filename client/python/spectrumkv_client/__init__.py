@@ -21,6 +21,7 @@ field at fault).
 import concurrent.futures
 import mmap
 import os
+import queue
 import random
 import struct
 import threading
@@ -33,7 +34,8 @@ from ._stubs import pb, rpc  # noqa: F401  (re-exported)
 from . import health
 
 __all__ = [
-    "pb", "rpc", "Client", "SpectrumKVError", "SharedMemoryBuffer", "dense_layout", "dense_layout_bytes",
+    "pb", "rpc", "Client", "SendStream", "SpectrumKVError", "SharedMemoryBuffer", "dense_layout",
+    "dense_layout_bytes",
     "fill_synthetic_kv", "health",
 ]
 
@@ -299,6 +301,34 @@ class Client:
             request.token_scores.scores.extend(token_scores)
         return self._call("Send", request, timeout or self.transfer_timeout)
 
+    def send_stream(self, request_id, model_id, source, layout, peer, budget, tokens=None, passthrough=None,
+                    policy_override=None, token_scores=None, cache_id=None, timeout=None):
+        """Opens a SendStream (layer by layer while prefill runs) and returns a SendStream: call
+        layer_ready() as each layer (or chunk) is computed, then seal(), then wait(). `source` and
+        `layout` are the request's KV handle and layout, or None with `cache_id` (a registered
+        cache; then `tokens` is required and layer_ready() names block ids)."""
+        open_msg = pb.StreamOpen(request_id=request_id, model_id=model_id, peer=_as_peer(peer), budget=budget,
+                                 tokens=tokens if tokens is not None else layout.tokens)
+        if cache_id is not None:
+            open_msg.cache_id = cache_id
+        else:
+            open_msg.handle.handle.CopyFrom(_as_handle(source))
+            open_msg.handle.layout.CopyFrom(layout)
+        if passthrough is not None:
+            open_msg.passthrough = passthrough
+        if policy_override is not None:
+            open_msg.policy_override.CopyFrom(policy_override)
+        if token_scores is not None:
+            open_msg.token_scores.scores.extend(token_scores)
+        return SendStream(self.stub, open_msg, timeout or self.transfer_timeout)
+
+    def register_cache(self, cache_id, model_id, memory, layout, writable=False):
+        """Registers an engine worker's paged pools once (`layout`: paged, no block ids);
+        `writable` for a decode worker whose Receives name blocks in it."""
+        return self._call("RegisterCache", pb.RegisterCacheRequest(cache_id=cache_id, model_id=model_id,
+                                                                   memory=_as_handle(memory), layout=layout,
+                                                                   writable=writable))
+
     def receive(self, request_id, model_id, destination, layout, timeout_s=30.0, mask_format=None, timeout=None):
         """Receive: returns ReceiveResponse once every row is written and verified."""
         request = pb.ReceiveRequest(request_id=request_id, model_id=model_id, destination=_as_handle(destination),
@@ -339,6 +369,70 @@ class Client:
         if mask_format is not None:
             request.mask_format = mask_format
         return self._call("Decode", request)
+
+
+class SendStream:
+    """One SendStream call. Messages are queued and sent in order by gRPC's request iterator, so
+    layer_ready() never blocks the caller's forward pass; events (opened, layer_consumed,
+    layer_sent, done) are read on a thread and kept in `events`."""
+
+    _CLOSE = object()
+
+    def __init__(self, stub, open_msg, timeout):
+        self.events = []
+        self._queue = queue.Queue()
+        self._queue.put(pb.SendStreamRequest(open=open_msg))
+        self._call = stub.SendStream(self._requests(), timeout=timeout)
+        self._outcome = None
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="skv-send-stream", daemon=True)
+        self._reader.start()
+
+    def _requests(self):
+        while True:
+            message = self._queue.get()
+            if message is SendStream._CLOSE:
+                return
+            yield message
+
+    def _read(self):
+        done = None
+        try:
+            for event in self._call:
+                self.events.append(event)
+                if event.HasField("done"):
+                    done = event.done
+            self._outcome = done if done is not None else SpectrumKVError(
+                "SendStream", grpc.StatusCode.INTERNAL, "the stream ended without its done event")
+        except grpc.RpcError as e:
+            self._outcome = SpectrumKVError.from_rpc_error("SendStream", e)
+        finally:
+            self._queue.put(SendStream._CLOSE)
+            self._done.set()
+
+    def layer_ready(self, layer, token_begin=0, token_end=0, block_ids=()):
+        """Rows [token_begin, token_end) of `layer` are computed (token_end 0 = the prompt's end)."""
+        self._queue.put(pb.SendStreamRequest(layer_ready=pb.LayerReady(
+            layer=layer, token_begin=token_begin, token_end=token_end, block_ids=list(block_ids))))
+
+    def seal(self):
+        self._queue.put(pb.SendStreamRequest(seal=pb.StreamSeal()))
+        self._queue.put(SendStream._CLOSE)
+
+    def abort(self, reason=""):
+        self._queue.put(pb.SendStreamRequest(abort=pb.StreamAbort(reason=reason)))
+        self._queue.put(SendStream._CLOSE)
+
+    def cancel(self):
+        self._call.cancel()
+
+    def wait(self, timeout=None):
+        """The transfer's SendResponse once the peer committed; raises SpectrumKVError otherwise."""
+        if not self._done.wait(timeout):
+            raise SpectrumKVError("SendStream", grpc.StatusCode.DEADLINE_EXCEEDED, "no outcome yet")
+        if isinstance(self._outcome, SpectrumKVError):
+            raise self._outcome
+        return self._outcome
 
 
 def seconds(duration):
