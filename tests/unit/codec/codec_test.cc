@@ -110,8 +110,10 @@ TEST(Codec, DecodeRefusesIncompleteDuplicateAndMixedSegments) {
 
   SyntheticKv dst = SyntheticKv::ZerosLike(spec);
   std::vector<uint8_t> kept;
-  auto missing = all;
-  missing.erase(missing.begin() + 1);
+  // Every segment but the second (built, not erased: GCC 12 at -O3 reports a false
+  // -Wstringop-overflow in vector::erase here).
+  std::vector<std::span<const uint8_t>> missing{all.front()};
+  missing.insert(missing.end(), all.begin() + 2, all.end());
   absl::Status s = DecodeKv(missing, dst.views(), &kept);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("in no segment"), absl::string_view::npos) << s;
