@@ -153,30 +153,19 @@ absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLaye
   std::vector<ByteBuffer> segments;
   for (uint32_t l = 0; l < shape.layers; ++l) {
     const StreamChunk chunk{l, 0, shape.tokens};
-    CodecOptions chunk_options = options;
-    chunk_options.budget = budget->ChunkBudget(chunk);
+    std::vector<ByteBuffer> chunk_segments;
     EncodeStats stats;
-    absl::StatusOr<TierPlan> layer_plan = PlanChunk(layers[l], shape.tokens, chunk, token_scores,
-                                                    chunk_options, BestRowKernels(), &stats);
+    absl::StatusOr<TierPlan> layer_plan =
+        EncodeStreamChunk(layers[l], shape.tokens, chunk, token_scores, options, &*budget,
+                          /*request_id=*/1, BestRowKernels(), chunk_segments, &stats);
     if (!layer_plan.ok()) return layer_plan.status();
-    uint64_t chunk_bytes = 0;
     for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
       const std::span<const Tier> tiers = layer_plan->row_tiers(0, kind);
       std::copy(tiers.begin(), tiers.end(),
                 plan->tiers.begin() + (size_t{l} * 2 + size_t(kind)) * shape.tokens);
-      std::vector<ByteBuffer> part(SegmentsPerTensor(shape.tokens, chunk_options));
-      if (absl::Status s =
-              EncodeChunk(layers[l], chunk, kind, tiers, chunk_options, 1, BestRowKernels(), part);
-          !s.ok()) {
-        return s;
-      }
-      for (ByteBuffer& b : part) {
-        chunk_bytes += b.size();
-        segments.push_back(std::move(b));
-      }
     }
+    for (ByteBuffer& b : chunk_segments) segments.push_back(std::move(b));
     for (uint32_t t = 0; t < shape.tokens; ++t) plan->kept[t] |= layer_plan->kept[t];
-    budget->Spend(chunk, chunk_bytes);
   }
   return segments;
 }

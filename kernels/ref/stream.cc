@@ -1,6 +1,7 @@
 #include "spectrumkv/codec/stream.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -101,6 +102,36 @@ absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, Kv
     if (!size.ok()) return size.status();
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<TierPlan> EncodeStreamChunk(const KvLayerViews& layer, uint32_t prompt_tokens,
+                                           const StreamChunk& chunk,
+                                           std::span<const float> importance, CodecOptions options,
+                                           StreamBudget* budget, uint64_t request_id,
+                                           const RowKernels& kernels,
+                                           std::vector<ByteBuffer>& segments, EncodeStats* stats) {
+  if (budget != nullptr) options.budget = budget->ChunkBudget(chunk);
+  absl::StatusOr<TierPlan> plan =
+      PlanChunk(layer, prompt_tokens, chunk, importance, options, kernels, stats);
+  if (!plan.ok()) return plan.status();
+  const auto start = std::chrono::steady_clock::now();
+  const uint32_t per_tensor = SegmentsPerTensor(chunk.token_count, options);
+  segments.resize(size_t{2} * per_tensor);
+  uint64_t bytes = 0;
+  for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+    const std::span<ByteBuffer> out =
+        std::span(segments).subspan(size_t(kind) * per_tensor, per_tensor);
+    if (absl::Status s = EncodeChunk(layer, chunk, kind, plan->row_tiers(0, kind), options,
+                                     request_id, kernels, out);
+        !s.ok()) {
+      return s;
+    }
+    for (const ByteBuffer& b : out) bytes += b.size();
+  }
+  stats->encode_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (budget != nullptr) budget->Spend(chunk, bytes);
+  return plan;
 }
 
 // ---- StreamBudget. ------------------------------------------------------------------------------

@@ -402,33 +402,23 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   const StreamChunk& rows = chunk.rows;
   const KvLayerViews& layer =
       chunk.cache_views ? chunk.cache_views->layers()[0] : st.views->layers()[rows.layer];
-  CodecOptions options = st.options;
-  if (st.budget) options.budget = st.budget->ChunkBudget(rows);
   const std::span<const float> importance =
       std::span(st.importance).subspan(rows.token_begin, rows.token_count);
-  EncodeStats plan_stats;
-  absl::StatusOr<TierPlan> plan =
-      PlanChunk(layer, st.open.tokens(), rows, importance, options, BestRowKernels(), &plan_stats);
-  if (!plan.ok()) return plan.status();
-  out.stats.score_seconds += plan_stats.score_seconds;
-  out.stats.plan_seconds += plan_stats.plan_seconds;
+  std::vector<ByteBuffer> segments(size_t{2} * SegmentsPerTensor(rows.token_count, st.options));
+  for (ByteBuffer& b : segments) b = segment_pool_->Take();
+  EncodeStats stats;
+  absl::StatusOr<TierPlan> plan = EncodeStreamChunk(
+      layer, st.open.tokens(), rows, importance, st.options, st.budget ? &*st.budget : nullptr,
+      out.request_id, BestRowKernels(), segments, &stats);
+  if (!plan.ok()) {
+    for (ByteBuffer& b : segments) segment_pool_->Return(std::move(b));
+    return plan.status();
+  }
+  out.stats.score_seconds += stats.score_seconds;
+  out.stats.plan_seconds += stats.plan_seconds;
+  out.stats.encode_seconds += stats.encode_seconds;
   const std::array<uint64_t, kNumTiers> counts = plan->TierCounts();
   for (int t = 0; t < kNumTiers; ++t) out.stats.rows_per_tier[t] += counts[t];
-
-  const auto encode_start = std::chrono::steady_clock::now();
-  std::vector<ByteBuffer> segments;
-  for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-    std::vector<ByteBuffer> part(SegmentsPerTensor(rows.token_count, options));
-    for (ByteBuffer& b : part) b = segment_pool_->Take();
-    absl::Status s = EncodeChunk(layer, rows, kind, plan->row_tiers(0, kind), options,
-                                 out.request_id, BestRowKernels(), part);
-    for (ByteBuffer& b : part) segments.push_back(std::move(b));
-    if (!s.ok()) {
-      for (ByteBuffer& b : segments) segment_pool_->Return(std::move(b));
-      return s;
-    }
-  }
-  out.stats.encode_seconds += Seconds(encode_start);
   v1::SendStreamEvent consumed;
   *consumed.mutable_layer_consumed() = ChunkEvent(rows, chunk.signalled);
   st.events(std::move(consumed));
@@ -436,7 +426,6 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
 
   uint64_t chunk_bytes = 0;
   for (ByteBuffer& b : segments) chunk_bytes += b.size();
-  if (st.budget) st.budget->Spend(rows, chunk_bytes);
   if (absl::Status s = SendEncoded(out, segments); !s.ok()) return s;
   v1::SendStreamEvent sent;
   *sent.mutable_layer_sent() = ChunkEvent(rows, chunk.signalled);

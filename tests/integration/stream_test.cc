@@ -122,22 +122,13 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
   for (uint32_t begin = 0; begin < kTokens; begin += 128) {
     for (uint32_t l : order) {
       const StreamChunk c{l, begin, std::min(kTokens, begin + 128) - begin};
-      CodecOptions o = options;
-      o.budget = plan_budget->ChunkBudget(c);
+      std::vector<ByteBuffer> part;
       EncodeStats stats;
-      absl::StatusOr<TierPlan> plan =
-          PlanChunk(views[l], kTokens, c, std::span(scores.values).subspan(begin, c.token_count), o,
-                    BestRowKernels(), &stats);
-      ASSERT_TRUE(plan.ok()) << plan.status();
-      uint64_t chunk_bytes = 0;
-      for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-        std::vector<ByteBuffer> part(SegmentsPerTensor(c.token_count, o));
-        ASSERT_TRUE(
-            EncodeChunk(views[l], c, kind, plan->row_tiers(0, kind), o, 301, BestRowKernels(), part)
-                .ok());
-        for (ByteBuffer& b : part) chunk_bytes += b.size(), segments.push_back(std::move(b));
-      }
-      plan_budget->Spend(c, chunk_bytes);
+      ASSERT_TRUE(EncodeStreamChunk(views[l], kTokens, c,
+                                    std::span(scores.values).subspan(begin, c.token_count), options,
+                                    &*plan_budget, 301, BestRowKernels(), part, &stats)
+                      .ok());
+      for (ByteBuffer& b : part) segments.push_back(std::move(b));
     }
   }
   std::vector<uint8_t> expected(bytes, 0), kept;

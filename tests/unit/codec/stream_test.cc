@@ -37,33 +37,24 @@ struct StreamedKv {
   uint64_t wire_bytes = 0;
 };
 
-// What a streamed sender does: each chunk planned at the budget's next share, encoded, spent.
+// What a streamed sender does with each chunk, in order (EncodeStreamChunk).
 StreamedKv EncodeStreamed(const std::vector<KvLayerViews>& layers, uint32_t tokens,
                           const std::vector<StreamChunk>& chunks, CodecOptions options,
                           StreamBudget& budget) {
   StreamedKv out;
   const ImportanceScores scores = PositionalImportance(1, tokens);
   for (const StreamChunk& c : chunks) {
-    options.budget = budget.ChunkBudget(c);
+    std::vector<ByteBuffer> segs;
     EncodeStats stats;
-    absl::StatusOr<TierPlan> plan = PlanChunk(
+    absl::StatusOr<TierPlan> plan = EncodeStreamChunk(
         layers[c.layer], tokens, c, std::span(scores.values).subspan(c.token_begin, c.token_count),
-        options, BestRowKernels(), &stats);
+        options, &budget, 9, BestRowKernels(), segs, &stats);
     EXPECT_TRUE(plan.ok()) << plan.status();
     if (!plan.ok()) return out;
-    uint64_t chunk_bytes = 0;
-    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
-      std::vector<ByteBuffer> segs(SegmentsPerTensor(c.token_count, options));
-      absl::Status s = EncodeChunk(layers[c.layer], c, kind, plan->row_tiers(0, kind), options, 9,
-                                   BestRowKernels(), segs);
-      EXPECT_TRUE(s.ok()) << s;
-      for (ByteBuffer& b : segs) {
-        chunk_bytes += b.size();
-        out.segments.push_back(std::move(b));
-      }
+    for (ByteBuffer& b : segs) {
+      out.wire_bytes += b.size();
+      out.segments.push_back(std::move(b));
     }
-    budget.Spend(c, chunk_bytes);
-    out.wire_bytes += chunk_bytes;
   }
   return out;
 }

@@ -37,6 +37,19 @@ absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, Kv
                          std::span<const Tier> tiers, const CodecOptions& options,
                          uint64_t request_id, const RowKernels& kernels, std::span<ByteBuffer> out);
 
+class StreamBudget;
+
+// Everything a streamed sender does with one chunk: plans it at `budget`'s share for it (or at
+// options.budget without one), encodes its K then V rows into `segments` (resized to
+// 2 * SegmentsPerTensor(chunk.token_count); the buffers' memory is reused) and charges the bytes
+// to `budget`. Returns the chunk's plan; `stats` gets the chunk's score, plan and encode times.
+absl::StatusOr<TierPlan> EncodeStreamChunk(const KvLayerViews& layer, uint32_t prompt_tokens,
+                                           const StreamChunk& chunk,
+                                           std::span<const float> importance, CodecOptions options,
+                                           StreamBudget* budget, uint64_t request_id,
+                                           const RowKernels& kernels,
+                                           std::vector<ByteBuffer>& segments, EncodeStats* stats);
+
 // The byte budget of a streamed transfer, spent chunk by chunk. Each layer is given a share of
 // the transfer's bytes (by `layer_weights`, or evenly), each chunk the part of its layer's share
 // its rows make up, plus what earlier chunks left unspent (or minus what they overspent), so
