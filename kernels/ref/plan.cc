@@ -31,11 +31,56 @@ std::vector<uint8_t> ProtectedTokens(uint32_t tokens, const CodecOptions& option
   return prot;
 }
 
-// Headers, tier maps, means and the protected rows at FP16: what no budget can go below.
-size_t MinimumBytes(const KvShape& shape, const BudgetAccounting& acct, size_t protected_tokens) {
-  const size_t fp16_token = shape.layers * (acct.RowCost(Tier::kFp16, KvKind::kKey) +
-                                            acct.RowCost(Tier::kFp16, KvKind::kValue));
-  return acct.FixedOverhead() + protected_tokens * fp16_token;
+// The tier every unprotected token starts at: the cheapest the allocator may use (the paper's
+// INT4, or INT8 without it; rd's cheapest allowed quantized tier, or FP16 with none).
+Tier FloorTier(const CodecOptions& options) {
+  if (options.allocator == AllocatorKind::kPaper) {
+    return options.allowed_tiers.Has(Tier::kInt4) ? Tier::kInt4 : Tier::kInt8;
+  }
+  Tier floor = Tier::kFp16;
+  for (Tier t : kAllTiers) {
+    if (IsQuantized(t) && options.allowed_tiers.Has(t) && TierBits(t) < TierBits(floor)) floor = t;
+  }
+  return floor;
+}
+
+// Bytes of one token's rows at `tier` in every layer, K and V.
+size_t TokenCost(const KvShape& shape, const BudgetAccounting& acct, Tier tier) {
+  return shape.layers * (acct.RowCost(tier, KvKind::kKey) + acct.RowCost(tier, KvKind::kValue));
+}
+
+// Headers, tier maps, means and the protected rows at FP16: what every plan spends.
+size_t ProtectedBytes(const KvShape& shape, const BudgetAccounting& acct, size_t protected_tokens) {
+  return acct.FixedOverhead() + protected_tokens * TokenCost(shape, acct, Tier::kFp16);
+}
+
+// What no budget can go below: ProtectedBytes, and without allow_drop every other token at the
+// floor tier too.
+size_t MinimumBytes(const KvShape& shape, const BudgetAccounting& acct, const CodecOptions& options,
+                    size_t protected_tokens) {
+  size_t minimum = ProtectedBytes(shape, acct, protected_tokens);
+  if (!options.allow_drop) {
+    minimum += (shape.tokens - protected_tokens) * TokenCost(shape, acct, FloorTier(options));
+  }
+  return minimum;
+}
+
+// The planners' answer to a budget below `minimum` bytes (MinimumBytes).
+absl::Status BelowMinimumError(const KvShape& shape, const BudgetAccounting& acct,
+                               const CodecOptions& options, size_t minimum) {
+  const double ratio = double(minimum) / double(shape.raw_bytes());
+  if (options.allow_drop) {
+    return absl::OutOfRangeError(absl::StrCat("budget ", options.budget, " (", acct.BudgetBytes(),
+                                              " bytes) is below this request's minimum of ", ratio,
+                                              " (", minimum,
+                                              " bytes: headers, tier maps and protected tokens)"));
+  }
+  return absl::OutOfRangeError(absl::StrCat(
+      "budget ", options.budget, " (", acct.BudgetBytes(),
+      " bytes) is below this request's minimum without dropping tokens of ", ratio, " (", minimum,
+      " bytes: headers, tier maps, protected tokens at fp16 and every other token at ",
+      TierName(FloorTier(options)),
+      "); raise the budget or allow dropping (CodecPolicy.allow_drop)"));
 }
 
 // Token indices ordered most important first; ties go to the later token (recency).
@@ -51,7 +96,8 @@ std::vector<uint32_t> ByImportance(const std::vector<float>& token_scores) {
 }
 
 // The part both planners share: protect sinks and the recent tail at FP16, put every other token
-// at `floor`, and drop the least important tokens while even the floor does not fit.
+// at `floor`, and drop the least important tokens while even the floor does not fit (without
+// allow_drop, a budget that cannot keep every token at the floor is OUT_OF_RANGE instead).
 struct BasePlan {
   TierPlan plan;
   std::vector<uint8_t> is_protected;
@@ -74,17 +120,12 @@ absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScor
   base.is_protected = ProtectedTokens(shape.tokens, options);
   base.order = ByImportance(importance.TokenLevel());
 
-  const size_t floor_token =
-      shape.layers * (acct.RowCost(floor, KvKind::kKey) + acct.RowCost(floor, KvKind::kValue));
+  const size_t floor_token = TokenCost(shape, acct, floor);
   const size_t n_protected = std::count(base.is_protected.begin(), base.is_protected.end(), 1);
-  const size_t minimum = MinimumBytes(shape, acct, n_protected);
-  if (acct.BudgetBytes() < minimum) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "budget ", options.budget, " (", acct.BudgetBytes(),
-        " bytes) is below this request's minimum of ", double(minimum) / double(shape.raw_bytes()),
-        " (", minimum, " bytes: headers, tier maps and protected tokens)"));
-  }
-  size_t available = acct.BudgetBytes() - minimum;
+  const size_t minimum = MinimumBytes(shape, acct, options, n_protected);
+  if (acct.BudgetBytes() < minimum) return BelowMinimumError(shape, acct, options, minimum);
+  // Without allow_drop the budget reaches the minimum, so `keep` below is every free token.
+  size_t available = acct.BudgetBytes() - ProtectedBytes(shape, acct, n_protected);
   const size_t free_tokens = shape.tokens - n_protected;
   const size_t keep =
       floor_token == 0 ? free_tokens : std::min(free_tokens, available / floor_token);
@@ -113,10 +154,19 @@ absl::StatusOr<BasePlan> MakeBasePlan(const KvShape& shape, const ImportanceScor
 
 double MinimumBudget(const KvShape& shape, const CodecOptions& options) {
   const std::vector<uint8_t> prot = ProtectedTokens(shape.tokens, options);
-  const size_t minimum = MinimumBytes(shape, BudgetAccounting(shape, options),
+  const size_t minimum = MinimumBytes(shape, BudgetAccounting(shape, options), options,
                                       std::count(prot.begin(), prot.end(), 1));
   // Half a byte up, so that floor(budget * raw bytes) cannot round below the minimum.
   return (double(minimum) + 0.5) / double(shape.raw_bytes());
+}
+
+absl::Status CheckMinimumBudget(const KvShape& shape, const CodecOptions& options) {
+  const BudgetAccounting acct(shape, options);
+  const std::vector<uint8_t> prot = ProtectedTokens(shape.tokens, options);
+  const size_t minimum =
+      MinimumBytes(shape, acct, options, std::count(prot.begin(), prot.end(), 1));
+  if (acct.BudgetBytes() < minimum) return BelowMinimumError(shape, acct, options, minimum);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<KvShape> ShapeOf(std::span<const KvLayerViews> layers) {
@@ -240,7 +290,7 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
 
 absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,
                                    const CodecOptions& options) {
-  const Tier floor = options.allowed_tiers.Has(Tier::kInt4) ? Tier::kInt4 : Tier::kInt8;
+  const Tier floor = FloorTier(options);
   absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, floor);
   if (!base.ok()) return base.status();
   const BudgetAccounting acct(shape, options);
@@ -286,6 +336,7 @@ absl::StatusOr<TierPlan> PlanRd(const KvShape& shape, const ImportanceScores& im
   std::stable_sort(ladder.begin(), ladder.end(),
                    [](Tier a, Tier b) { return TierBits(a) < TierBits(b); });
 
+  // ladder.front() is FloorTier(options): the cheapest allowed quantized tier, or FP16.
   absl::StatusOr<BasePlan> base = MakeBasePlan(shape, importance, options, ladder.front());
   if (!base.ok()) return base.status();
   const BudgetAccounting acct(shape, options);

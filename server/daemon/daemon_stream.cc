@@ -384,6 +384,14 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
   st.options = control::OptionsForTransfer(out.policy, out.decision.planned_budget());
   if (!out.decision.passthrough()) {
     const KvShape shape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype};
+    // Chunks below their minimum are planned at it and the overspend carried on, which is fine
+    // when tokens may be dropped; without dropping, a budget the whole request cannot keep every
+    // token at is refused now, as Send refuses it, not overspent chunk by chunk.
+    if (!st.options.allow_drop) {
+      if (absl::Status s = CheckMinimumBudget(shape, st.options); !s.ok()) {
+        return Annotate(s, "open.budget");
+      }
+    }
     absl::StatusOr<StreamBudget> budget =
         StreamBudget::Create(shape, out.decision.planned_budget(), model.layer_budget_weights);
     if (!budget.ok()) return budget.status();

@@ -21,6 +21,7 @@
 namespace skv::testing {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 // The events a stream produced, gathered from the reader thread.
@@ -449,6 +450,71 @@ TEST_F(StreamTest, BadOpensAreRefusedWithTheFieldNamed) {
   SignalAll(*s, kTokens, InOrder());
   EXPECT_TRUE(s->Wait().ok());
   EXPECT_TRUE(received.get().ok());
+}
+
+// CodecPolicy.allow_drop = false (engines whose attention cannot mask dropped tokens): a budget
+// below the request's minimum without dropping is refused, by Send and by SendStream at open,
+// with the budget and the field named; above it every token arrives (the kept mask is all ones).
+TEST_F(StreamTest, WithoutDropLowBudgetsAreRefusedAndEveryTokenArrives) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 38);
+  v1::CodecPolicy no_drop;
+  no_drop.set_allow_drop(false);
+  CodecOptions options =
+      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, 0.5);
+  options.allow_drop = false;
+  const double minimum =
+      MinimumBudget(KvShape{kLayers, kTokens, kHeads, kHeadDim, DType::kFp16}, options);
+  const double low = minimum - 0.05;  // where the codec would drop the least important tokens
+
+  v1::SendRequest send = SendReq(391, src, low);
+  *send.mutable_policy_override() = no_drop;
+  absl::StatusOr<v1::SendResponse> refused = prefill_->client().Send(send);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kOutOfRange) << refused.status();
+  EXPECT_THAT(
+      std::string(refused.status().message()),
+      AllOf(HasSubstr(absl::StrCat("budget ", low, " (")),
+            HasSubstr("minimum without dropping tokens"), HasSubstr("CodecPolicy.allow_drop")));
+
+  v1::StreamOpen open = OpenReq(392, src, low);
+  *open.mutable_policy_override() = no_drop;
+  EventLog log;
+  std::unique_ptr<client::SendStream> refused_stream = Open(open, &log);
+  ASSERT_NE(refused_stream, nullptr);
+  absl::StatusOr<v1::SendResponse> stream_refused = refused_stream->Wait();
+  EXPECT_EQ(stream_refused.status().code(), absl::StatusCode::kOutOfRange)
+      << stream_refused.status();
+  EXPECT_THAT(std::string(stream_refused.status().message()),
+              AllOf(HasSubstr(absl::StrCat("open.budget: budget ", low, " (")),
+                    HasSubstr("CodecPolicy.allow_drop")));
+  EXPECT_EQ(log.Count(v1::SendStreamEvent::kOpened), 0);
+
+  // Just above the minimum: every token is kept, by the bulk and the streamed path.
+  const double above = minimum + 0.01;
+  for (bool streamed : {false, true}) {
+    SCOPED_TRACE(streamed ? "SendStream" : "Send");
+    const uint64_t id = streamed ? 394 : 393;
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    auto received = ReceiveAsync(ReceiveReq(id, dst));
+    absl::StatusOr<v1::SendResponse> sent;
+    if (streamed) {
+      v1::StreamOpen o = OpenReq(id, src, above);
+      *o.mutable_policy_override() = no_drop;
+      std::unique_ptr<client::SendStream> s = Open(o);
+      ASSERT_NE(s, nullptr);
+      SignalAll(*s, 128, InOrder());
+      sent = s->Wait();
+    } else {
+      v1::SendRequest r = SendReq(id, src, above);
+      *r.mutable_policy_override() = no_drop;
+      sent = prefill_->client().Send(r);
+    }
+    ASSERT_TRUE(sent.ok()) << sent.status();
+    absl::StatusOr<v1::ReceiveResponse> got = received.get();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->kept().tokens(), kTokens);
+    EXPECT_EQ(got->kept().mask(), std::string(kTokens, '\1'));
+  }
 }
 
 // The engine process dies (its call is cancelled) mid-stream: both sides end promptly.

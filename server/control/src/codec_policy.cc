@@ -69,6 +69,7 @@ absl::StatusOr<CodecOptions> ApplyCodecPolicy(const CodecOptions& base,
   }
   if (layer.has_sink_tokens()) out.sink_tokens = layer.sink_tokens();
   if (layer.has_recent_tokens()) out.recent_tokens = layer.recent_tokens();
+  if (layer.has_allow_drop()) out.allow_drop = layer.allow_drop();
   if (absl::Status s = ValidateCodecPolicy(out, field); !s.ok()) return s;
   return out;
 }
@@ -85,6 +86,7 @@ spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecOptions& policy) {
   out.set_allow_int2(policy.allowed_tiers.Has(Tier::kInt2));
   out.set_sink_tokens(policy.sink_tokens);
   out.set_recent_tokens(policy.recent_tokens);
+  out.set_allow_drop(policy.allow_drop);
   return out;
 }
 

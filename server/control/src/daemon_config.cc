@@ -401,6 +401,11 @@ const std::vector<ConfigKey>& Keys() {
        PolicySetter(Uint32In(0, kMaxRecentTokens),
                     [](CodecOptions& o, uint32_t v) { o.recent_tokens = v; }),
        [](const DaemonConfig& c) { return absl::StrCat(c.default_codec_policy.recent_tokens); }},
+      {"codec_allow_drop",
+       "Default: the codec may drop the least important tokens when even the cheapest tier does "
+       "not fit; false keeps every token (for engines that cannot mask dropped tokens).",
+       false, true, PolicySetter(ParseBool, [](CodecOptions& o, bool v) { o.allow_drop = v; }),
+       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.allow_drop); }},
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
        [](const DaemonConfig& c) { return std::string(LogLevelName(c.log_level)); }},

@@ -4,6 +4,7 @@
 #include <limits>
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kv_test_data.h"
 #include "spectrumkv/codec/codec.h"
@@ -122,6 +123,93 @@ TEST(Planner, BudgetBelowTheMinimumIsAClearError) {
   ASSERT_FALSE(enc.ok());
   EXPECT_EQ(enc.status().code(), absl::StatusCode::kOutOfRange);
   EXPECT_NE(enc.status().message().find("minimum"), std::string::npos) << enc.status();
+}
+
+// allow_drop = false: the minimum counts every unprotected token at the allocator's floor tier,
+// i.e. it grows by exactly those tokens' rows (same fixed overhead, same protected rows).
+TEST(Planner, WithoutDropTheMinimumCountsEveryTokenAtTheFloor) {
+  const KvShape shape{3, 150, 2, 64, DType::kFp16};
+  struct Case {
+    AllocatorKind allocator;
+    bool int4, int2;
+    Tier floor;
+  };
+  for (const Case& c : {Case{AllocatorKind::kRd, true, false, Tier::kInt4},
+                        Case{AllocatorKind::kRd, true, true, Tier::kInt2},
+                        Case{AllocatorKind::kRd, false, false, Tier::kInt8},
+                        Case{AllocatorKind::kPaper, true, true, Tier::kInt4},
+                        Case{AllocatorKind::kPaper, false, false, Tier::kInt8}}) {
+    SCOPED_TRACE(absl::StrCat(AllocatorName(c.allocator), " floor ", TierName(c.floor)));
+    CodecOptions options;
+    options.allocator = c.allocator;
+    options.allowed_tiers =
+        options.allowed_tiers.With(Tier::kInt4, c.int4).With(Tier::kInt2, c.int2);
+    options.sink_tokens = 4;
+    options.recent_tokens = 6;
+    const double with_drop = MinimumBudget(shape, options);
+    options.allow_drop = false;
+    const double without_drop = MinimumBudget(shape, options);
+    const BudgetAccounting acct(shape, options);
+    const double floor_rows =
+        double(shape.tokens - 10) * shape.layers *
+        double(acct.RowCost(c.floor, KvKind::kKey) + acct.RowCost(c.floor, KvKind::kValue));
+    EXPECT_NEAR((without_drop - with_drop) * double(shape.raw_bytes()), floor_rows, 1e-6);
+    // The minimum is the boundary: at it the budget is accepted, a byte below it is not.
+    options.budget = without_drop;
+    EXPECT_TRUE(CheckMinimumBudget(shape, options).ok());
+    options.budget = without_drop - 1.0 / double(shape.raw_bytes());
+    const absl::Status below = CheckMinimumBudget(shape, options);
+    EXPECT_EQ(below.code(), absl::StatusCode::kOutOfRange) << below;
+    EXPECT_NE(below.message().find("without dropping tokens"), std::string::npos) << below;
+    EXPECT_NE(below.message().find(TierName(c.floor)), std::string::npos) << below;
+  }
+}
+
+// Where allow_drop = true drops the least important tokens, allow_drop = false refuses the budget
+// (naming the minimum without dropping), and at that minimum keeps every token, in every layer.
+TEST(Planner, WithoutDropEveryTokenIsKeptOrTheBudgetIsRefused) {
+  SyntheticKvSpec spec{.layers = 2, .tokens = 120, .heads = 2, .head_dim = 64, .seed = 4};
+  SyntheticKv kv(spec);
+  const KvShape shape = *ShapeOf(kv.views());
+  for (AllocatorKind allocator : {AllocatorKind::kPaper, AllocatorKind::kRd}) {
+    SCOPED_TRACE(AllocatorName(allocator));
+    CodecOptions options;
+    options.allocator = allocator;
+    options.allow_drop = false;
+    const double minimum = MinimumBudget(shape, options);
+    ASSERT_GT(minimum, 0.2);  // INT4 rows plus their params: well above the headers alone
+
+    // Below the no-drop minimum: dropping is what allow_drop = true does there ...
+    options.budget = minimum - 0.03;
+    CodecOptions dropping = options;
+    dropping.allow_drop = true;
+    absl::StatusOr<EncodedKv> dropped = EncodeKv(kv.views(), {}, dropping, 1);
+    ASSERT_TRUE(dropped.ok()) << dropped.status();
+    EXPECT_GT(dropped->stats.dropped_tokens, 0u);
+    // ... and allow_drop = false refuses it, saying how to get a plan.
+    absl::StatusOr<EncodedKv> refused = EncodeKv(kv.views(), {}, options, 1);
+    ASSERT_EQ(refused.status().code(), absl::StatusCode::kOutOfRange) << refused.status();
+    const std::string message(refused.status().message());
+    for (const std::string& part :
+         {absl::StrCat("budget ", options.budget, " ("),
+          std::string("minimum without dropping tokens"), std::string("CodecPolicy.allow_drop")}) {
+      EXPECT_NE(message.find(part), std::string::npos) << part << " in: " << message;
+    }
+
+    // At the no-drop minimum: every token kept, the budget still honoured.
+    options.budget = minimum;
+    absl::StatusOr<EncodedKv> kept_all = EncodeKv(kv.views(), {}, options, 1);
+    ASSERT_TRUE(kept_all.ok()) << kept_all.status();
+    EXPECT_EQ(kept_all->stats.dropped_tokens, 0u);
+    EXPECT_EQ(kept_all->plan.TierCounts()[int(Tier::kDrop)], 0u);
+    EXPECT_LE(kept_all->stats.wire_bytes, size_t(std::floor(minimum * shape.raw_bytes())));
+    SyntheticKv out = SyntheticKv::ZerosLike(spec);
+    std::vector<std::span<const uint8_t>> segs(kept_all->segments.begin(),
+                                               kept_all->segments.end());
+    std::vector<uint8_t> kept;
+    ASSERT_TRUE(DecodeKv(segs, out.views(), &kept).ok());
+    EXPECT_EQ(kept, std::vector<uint8_t>(spec.tokens, 1));
+  }
 }
 
 TEST(Planner, InvalidBudgetsAreRejected) {

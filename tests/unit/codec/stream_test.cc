@@ -151,6 +151,40 @@ TEST(StreamCodec, AChunkBelowItsMinimumIsPlannedAtTheMinimum) {
   EXPECT_EQ(plan->at(0, KvKind::kKey, 10), Tier::kDrop);
 }
 
+// allow_drop = false through the stream: a chunk is planned at no less than its minimum without
+// dropping, so at the whole request's no-drop minimum (where chunks carry their own headers and
+// some fall short of their share) no chunk drops a token, where allow_drop = true would.
+TEST(StreamCodec, WithoutDropEveryChunkKeepsEveryToken) {
+  SyntheticKvSpec spec{.layers = 3, .tokens = 90, .heads = 2, .head_dim = 32, .seed = 12};
+  SyntheticKv kv(spec);
+  const KvShape shape = *ShapeOf(kv.views());
+  CodecOptions options;
+  options.allow_drop = false;
+  const double minimum = MinimumBudget(shape, options);
+  for (bool allow_drop : {true, false}) {
+    SCOPED_TRACE(allow_drop ? "allow_drop" : "no drop");
+    options.allow_drop = allow_drop;
+    absl::StatusOr<StreamBudget> budget = StreamBudget::Create(shape, minimum - 0.02, {});
+    ASSERT_TRUE(budget.ok());
+    StreamedKv streamed =
+        EncodeStreamed(kv.views(), spec.tokens, ChunkedPrefill(3, 90, 32), options, *budget);
+    SyntheticKv out = SyntheticKv::ZerosLike(spec);
+    std::vector<uint8_t> kept;
+    ASSERT_TRUE(DecodeKv(Spans(streamed.segments), out.views(), &kept).ok());
+    const auto kept_tokens = std::count(kept.begin(), kept.end(), 1);
+    if (allow_drop) {
+      EXPECT_LT(kept_tokens, int(spec.tokens));
+    } else {
+      EXPECT_EQ(kept_tokens, int(spec.tokens));
+      // Each chunk was planned at its own no-drop minimum: together a little above the
+      // request's, by the extra chunks' headers.
+      const double achieved = double(streamed.wire_bytes) / double(shape.raw_bytes());
+      EXPECT_GT(achieved, minimum - 0.02);
+      EXPECT_LT(achieved, minimum + 0.05);
+    }
+  }
+}
+
 TEST(StreamCodec, APagedChunkCutInsideABlockPlansLikeTheDenseRows) {
   SyntheticKvSpec spec{.layers = 1, .tokens = 45, .heads = 2, .head_dim = 16, .seed = 8};
   SyntheticKv dense(spec);

@@ -28,6 +28,7 @@ TEST(CodecPolicyTest, UnsetFieldsInheritSetFieldsOverride) {
   layer.set_rotate(true);
   layer.set_allow_int4(false);  // explicit false must override a true
   layer.set_recent_tokens(0);   // explicit zero is a value, not "unset"
+  layer.set_allow_drop(false);
   auto merged = ApplyCodecPolicy(base, layer, "policy");
   ASSERT_TRUE(merged.ok());
   EXPECT_EQ(merged->allocator, AllocatorKind::kRd);
@@ -36,6 +37,13 @@ TEST(CodecPolicyTest, UnsetFieldsInheritSetFieldsOverride) {
   EXPECT_TRUE(merged->allowed_tiers.Has(Tier::kInt8));
   EXPECT_EQ(merged->sink_tokens, 8u);  // inherited
   EXPECT_EQ(merged->centre_keys, base.centre_keys);
+  EXPECT_FALSE(merged->allow_drop);
+  // A later layer that leaves allow_drop unset inherits the false.
+  v1::CodecPolicy request;
+  request.set_sink_tokens(2);
+  auto request_level = ApplyCodecPolicy(*merged, request, "policy_override");
+  ASSERT_TRUE(request_level.ok());
+  EXPECT_FALSE(request_level->allow_drop);
 }
 
 TEST(CodecPolicyTest, ThreeLayersInOrder) {
@@ -86,11 +94,13 @@ TEST(CodecPolicyTest, ToProtoSetsEveryFieldAndRoundTrips) {
   policy.per_channel_keys = true;
   policy.group_size = 32;
   policy.recent_tokens = 64;
+  policy.allow_drop = false;
   const v1::CodecPolicy proto = CodecPolicyToProto(policy);
   EXPECT_EQ(proto.allocator(), v1::ALLOCATOR_PAPER);
   EXPECT_TRUE(proto.has_rotate() && proto.has_centre() && proto.has_per_channel_keys() &&
               proto.has_group_size() && proto.has_allow_int4() && proto.has_allow_int2() &&
-              proto.has_sink_tokens() && proto.has_recent_tokens());
+              proto.has_sink_tokens() && proto.has_recent_tokens() && proto.has_allow_drop());
+  EXPECT_FALSE(proto.allow_drop());
   // Applying a fully-set policy over anything yields exactly it.
   CodecOptions other;
   other.rotate_keys = other.rotate_values = !policy.rotate_keys;

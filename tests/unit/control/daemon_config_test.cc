@@ -215,6 +215,10 @@ TEST(DaemonConfigTest, ValueParsers) {
   EXPECT_FALSE(SetDaemonConfigKey("codec_rotate", "maybe", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_rotate", "off", c).ok());
   EXPECT_FALSE(c.default_codec_policy.rotate_keys || c.default_codec_policy.rotate_values);
+  EXPECT_TRUE(c.default_codec_policy.allow_drop);
+  EXPECT_TRUE(SetDaemonConfigKey("codec_allow_drop", "false", c).ok());
+  EXPECT_FALSE(c.default_codec_policy.allow_drop);
+  EXPECT_FALSE(SetDaemonConfigKey("codec_allow_drop", "sometimes", c).ok());
   EXPECT_FALSE(SetDaemonConfigKey("max_concurrent_transfers", "+5", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_threads", "2", c).ok());
   EXPECT_EQ(c.codec_threads, 2u);

@@ -32,6 +32,11 @@ struct CodecOptions {
   // Quantized tiers the allocator may use (FP16 and DROP are always available). INT4 is
   // removed when the model fails the INT4 probe; the paper allocator uses INT4 and INT8 only.
   TierSet allowed_tiers = TierSet::Defaults();
+  // Whether the planners may drop tokens (DROP) when even the cheapest tier does not fit. false
+  // keeps every token (the kept mask is all ones), for engines whose attention cannot mask
+  // dropped tokens: the minimum budget then counts every unprotected token at the cheapest tier,
+  // and a budget below it is OUT_OF_RANGE.
+  bool allow_drop = true;
   uint32_t sink_tokens = 4;    // first tokens, always FP16
   uint32_t recent_tokens = 0;  // last tokens, always FP16
   uint32_t pool_window = 7;    // max-pooling width of query-derived scores (odd)

@@ -76,8 +76,13 @@ class BudgetAccounting {
 };
 
 // The smallest budget `shape` can be planned at under `options` (headers, tier maps, means and
-// the sink and recent rows at FP16); a lower one is OUT_OF_RANGE.
+// the sink and recent rows at FP16; without allow_drop also every other token at the cheapest
+// tier the allocator may use); a lower one is OUT_OF_RANGE.
 double MinimumBudget(const KvShape& shape, const CodecOptions& options);
+// OK when options.budget reaches that minimum, else the planners' OUT_OF_RANGE error, which names
+// the budget and the minimum (and, without allow_drop, how to lower it). For callers that must
+// refuse a request before planning it (a streamed transfer at open).
+absl::Status CheckMinimumBudget(const KvShape& shape, const CodecOptions& options);
 
 // rd's input: for every row, the estimated squared error at every quantized tier, measured
 // after the transforms the encoder will apply.
