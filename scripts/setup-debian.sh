@@ -10,6 +10,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
   libopenblas-dev
   python3 python3-grpcio python3-protobuf
+  # The Python package and its engine connectors (tests/python): pip install into a venv, torch tensors.
+  python3-venv python3-setuptools python3-torch
   iproute2 iperf3 prometheus curl openssl
 )
 

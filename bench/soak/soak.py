@@ -120,16 +120,16 @@ def load_client(stubs):
     sys.path.insert(0, os.path.join(REPO, "client", "python"))
     try:
         import grpc  # noqa: F401
-        import spectrumkv_client  # noqa: F401
+        import spectrumkv  # noqa: F401
     except ImportError as e:
         print("SKIP: %s cannot import grpc/protobuf/the stubs (Debian: python3-grpcio python3-protobuf): %s"
               % (sys.executable, e))
         sys.exit(SKIP)
-    pb = spectrumkv_client.pb
+    pb = spectrumkv.pb
     if "sender_daemon_id" not in pb.ReceiveRequest.DESCRIPTOR.fields_by_name:
         print("the stubs in %s predate ReceiveRequest.sender_daemon_id; rebuild skv_python_stubs" % stubs)
         sys.exit(2)
-    return grpc, spectrumkv_client
+    return grpc, spectrumkv
 
 
 # ---- registry of what this process created: cleaned on every exit path ---------------------------

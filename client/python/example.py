@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grpc  # noqa: E402
 
-from spectrumkv_client import (  # noqa: E402
+from spectrumkv import (  # noqa: E402
     Client, SharedMemoryBuffer, SpectrumKVError, dense_layout, dense_layout_bytes, fill_synthetic_kv, fp16_values,
     health, pb, seconds)
 
@@ -72,7 +72,7 @@ def main():
     sender = Client.connect(args.sender, transfer_timeout=args.timeout + 10)
     receiver = Client.connect(args.receiver, transfer_timeout=args.timeout + 10)
 
-    # 1. Health (grpc.health.v1; messages from grpc_health or built in, see spectrumkv_client/health.py).
+    # 1. Health (grpc.health.v1; messages from grpc_health or built in, see spectrumkv/health.py).
     for label, c in (("sender", sender), ("receiver", receiver)):
         print("health %s (%s): %s [%s]" % (label, c.target, c.health(), health.SOURCE))
 

@@ -269,8 +269,11 @@ absl::StatusOr<Daemon::PendingChunk> Daemon::AcceptChunk(Outbound& out,
     paged.add_k_pool_offset_bytes(pools.k_pool_offset_bytes(int(ready.layer())));
     paged.add_v_pool_offset_bytes(pools.v_pool_offset_bytes(int(ready.layer())));
     for (uint32_t id : table) paged.add_block_ids(id == kUnknownBlock ? 0 : id);
+    // Read only, even in a writable (decode-side) cache: unnamed blocks are placeholders that
+    // would fail the distinct-destination check, and a stream never writes.
     absl::StatusOr<control::KvLayoutViews> views =
-        control::BuildKvLayoutViews(layout, st.cache->region, "layer_ready");
+        control::BuildKvLayoutViews(layout, st.cache->region.data(), st.cache->region.size(),
+                                    KvAccess::kReadOnly, "layer_ready");
     if (!views.ok()) return views.status();
     chunk.cache_views.emplace(std::move(*views));
     st.block_table = std::move(table);

@@ -1,9 +1,10 @@
 """Python helpers for spectrumkvd, on top of the generated `spectrumkv.v1` gRPC stubs.
 
-Needs only grpcio and protobuf (Debian: python3-grpcio, python3-protobuf). The stubs are found
-through SKV_PYTHON_STUBS (default: build/python); see _stubs.py.
+Needs only grpcio and protobuf (Debian: python3-grpcio, python3-protobuf). An installed package
+carries its stubs; from a source checkout they are found through SKV_PYTHON_STUBS (default:
+build/python); see _stubs.py. Engine connectors live in `spectrumkv.integrations`.
 
-    from spectrumkv_client import Client, SharedMemoryBuffer, dense_layout, pb
+    from spectrumkv import Client, SharedMemoryBuffer, dense_layout, pb
 
     kv = Client.connect("127.0.0.1:50551")
     model = kv.register_model("llama-7b", layers=32, kv_heads=8, head_dim=128)
@@ -30,8 +31,10 @@ import time
 import grpc
 from google.protobuf import duration_pb2
 
-from ._stubs import pb, rpc  # noqa: F401  (re-exported)
-from . import health
+from . import _stubs
+
+pb, rpc = _stubs.load(__path__)  # noqa: F401  (re-exported)
+from . import health  # noqa: E402
 
 __all__ = [
     "pb", "rpc", "Client", "SendStream", "SpectrumKVError", "SharedMemoryBuffer", "dense_layout",
@@ -159,8 +162,11 @@ class SharedMemoryBuffer:
         """Unmaps and unlinks (idempotent)."""
         if self._mmap is None:
             return
-        self.buf.release()
-        self._mmap.close()
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except BufferError:
+            pass  # tensors still view the mapping (torch.frombuffer): it goes when they do
         os.close(self._fd)
         try:
             os.unlink(os.path.join(_SHM_DIR, self.name[1:]))
@@ -329,13 +335,24 @@ class Client:
                                                                    memory=_as_handle(memory), layout=layout,
                                                                    writable=writable))
 
-    def receive(self, request_id, model_id, destination, layout, timeout_s=30.0, mask_format=None, timeout=None):
+    def receive(self, request_id, model_id, destination, layout, timeout_s=30.0, mask_format=None, timeout=None,
+                sender_daemon_id=""):
         """Receive: returns ReceiveResponse once every row is written and verified."""
         request = pb.ReceiveRequest(request_id=request_id, model_id=model_id, destination=_as_handle(destination),
-                                    destination_layout=layout, timeout=_duration(timeout_s))
+                                    destination_layout=layout, timeout=_duration(timeout_s),
+                                    sender_daemon_id=sender_daemon_id)
         if mask_format is not None:
             request.mask_format = mask_format
         return self._call("Receive", request, timeout or max(self.transfer_timeout, timeout_s + 5))
+
+    def receive_blocks(self, request_id, model_id, cache_id, tokens, block_ids, timeout_s=30.0, sender_daemon_id=""):
+        """Receive into blocks of a cache registered writable (RegisterCache): `block_ids[i]` holds
+        sequence tokens [i * block_size, (i + 1) * block_size)."""
+        request = pb.ReceiveRequest(request_id=request_id, model_id=model_id, timeout=_duration(timeout_s),
+                                    sender_daemon_id=sender_daemon_id,
+                                    destination_blocks=pb.RegisteredBlocks(cache_id=cache_id, tokens=tokens,
+                                                                           block_ids=list(block_ids)))
+        return self._call("Receive", request, max(self.transfer_timeout, timeout_s + 5))
 
     def receive_async(self, *args, **kwargs):
         """receive() on a worker thread: a concurrent.futures.Future whose result() is the
@@ -425,6 +442,14 @@ class SendStream:
 
     def cancel(self):
         self._call.cancel()
+
+    def finished(self):
+        """True once the call has ended (its outcome is known)."""
+        return self._done.is_set()
+
+    def wait_finished(self, timeout=None):
+        """Waits up to `timeout` seconds for the call to end; True if it has."""
+        return self._done.wait(timeout)
 
     def wait(self, timeout=None):
         """The transfer's SendResponse once the peer committed; raises SpectrumKVError otherwise."""

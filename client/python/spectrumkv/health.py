@@ -17,7 +17,7 @@ except ImportError:  # build the two messages from a descriptor
 
     def _build():
         f = descriptor_pb2.FileDescriptorProto()
-        f.name = "spectrumkv_client/grpc_health_v1.proto"  # private name: no clash with a real one
+        f.name = "spectrumkv/grpc_health_v1.proto"  # private name: no clash with a real one
         f.package = "grpc.health.v1"
         f.syntax = "proto3"
         req = f.message_type.add()

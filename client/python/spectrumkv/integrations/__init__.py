@@ -1,0 +1,1 @@
+"""Engine connectors: spectrumkv.integrations.vllm (KV connector v1) and spectrumkv.integrations.sglang."""

@@ -1,0 +1,6 @@
+import dataclasses
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    attn_metadata: object = None

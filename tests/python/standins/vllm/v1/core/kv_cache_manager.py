@@ -1,0 +1,9 @@
+import dataclasses
+
+
+@dataclasses.dataclass
+class KVCacheBlocks:
+    blocks: tuple  # one list of block ids per KV-cache group
+
+    def get_block_ids(self):
+        return tuple(list(group) for group in self.blocks)
