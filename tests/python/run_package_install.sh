@@ -33,6 +33,9 @@ config = VllmConfig(kv_transfer_config=KVTransferConfig(
 connector = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER)
 import sys
 assert "site-packages" in sys.modules[type(connector).__module__].__file__
+from spectrumkv.integrations import sglang
+from sglang.srt.disaggregation import utils
+assert utils.get_kv_class(utils.TransferBackend(sglang.register().value), utils.KVClassType.SENDER) is sglang.SpectrumKVSender
 print("installed:", spectrumkv.__file__, "connector:", type(connector).__module__ + "." + type(connector).__name__)
 PYEOF
 echo "python_package_install: PASS"

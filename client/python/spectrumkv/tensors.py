@@ -82,6 +82,29 @@ def layer_index(layer_name, fallback):
     return int(match.group(1)) if match else fallback
 
 
+def _locate_extent(ranges):
+    """(shm name, extent offset, extent length, offset of each range in the extent) of address
+    ranges [(address, length)] that must all lie in one POSIX shared-memory object."""
+    located = [locate_shared_memory(address, length) for address, length in ranges]
+    names = {name for name, _ in located}
+    if len(names) != 1:
+        raise ValueError("the KV pools live in %d shared-memory objects (%s); register needs one"
+                         % (len(names), ", ".join(sorted(names))))
+    offsets = [offset for _, offset in located]
+    start = min(offsets)
+    end = max(offset + length for offset, (_, length) in zip(offsets, ranges))
+    return names.pop(), start, end - start, [offset - start for offset in offsets]
+
+
+def _pool_layout(dtype, kv_heads, head_dim, block_size, num_blocks, k_offsets, v_offsets):
+    """A registered cache's layout: paged pools, rows [heads, head_dim] contiguous per token."""
+    row_bytes = kv_heads * head_dim * BYTES_PER_ELEMENT
+    return pb.KvLayout(dtype=dtype, layers=len(k_offsets), kv_heads=kv_heads, head_dim=head_dim, tokens=1,
+                       paged=pb.PagedKvLayout(block_size=block_size, num_blocks=num_blocks,
+                                              block_stride_bytes=block_size * row_bytes, token_stride_bytes=row_bytes,
+                                              k_pool_offset_bytes=k_offsets, v_pool_offset_bytes=v_offsets))
+
+
 class PagedCache:
     """An engine worker's per-layer paged KV caches as one registered cache.
 
@@ -120,17 +143,8 @@ class PagedCache:
             if not t.is_contiguous():
                 raise ValueError("layer %d cache is not contiguous" % i)
         # One shared-memory object holding every layer: the registered handle spans them.
-        located = [locate_shared_memory(t.data_ptr(), t.numel() * t.element_size()) for t in self.tensors]
-        names = {name for name, _ in located}
-        if len(names) != 1:
-            raise ValueError("layer caches live in %d shared-memory objects (%s); register needs one"
-                             % (len(names), ", ".join(sorted(names))))
-        self.shm_name = names.pop()
-        offsets = [offset for _, offset in located]
-        self.extent_offset = min(offsets)
-        self.extent_length = max(o + t.numel() * t.element_size() for o, t in zip(offsets, self.tensors)) - \
-            self.extent_offset
-        self._pool_offsets = [o - self.extent_offset for o in offsets]
+        self.shm_name, self.extent_offset, self.extent_length, self._pool_offsets = _locate_extent(
+            [(t.data_ptr(), t.numel() * t.element_size()) for t in self.tensors])
 
     @property
     def row_bytes(self):
@@ -145,14 +159,9 @@ class PagedCache:
         are not contiguous.)"""
         if self.layout != NHD:
             raise ValueError("HND caches cannot be registered: rows are not contiguous per token")
-        block_bytes = self.block_size * self.row_bytes
-        pool_bytes = self.num_blocks * block_bytes
-        return pb.KvLayout(dtype=self.dtype, layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                           tokens=1, paged=pb.PagedKvLayout(
-                               block_size=self.block_size, num_blocks=self.num_blocks,
-                               block_stride_bytes=block_bytes, token_stride_bytes=self.row_bytes,
-                               k_pool_offset_bytes=self._pool_offsets,
-                               v_pool_offset_bytes=[o + pool_bytes for o in self._pool_offsets]))
+        pool_bytes = self.num_blocks * self.block_size * self.row_bytes  # K pool, then V pool
+        return _pool_layout(self.dtype, self.kv_heads, self.head_dim, self.block_size, self.num_blocks,
+                            self._pool_offsets, [o + pool_bytes for o in self._pool_offsets])
 
     def dense_layout(self, tokens):
         return pb.KvLayout(dtype=self.dtype, layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
@@ -194,6 +203,35 @@ class PagedCache:
         """Writes rows [begin, end) of every layer from `dense` into the cache blocks."""
         for layer in range(self.layers):
             self.write_layer(layer, dense[layer, :, begin:end], block_ids, begin, end)
+
+
+class PagePools:
+    """Per-layer K and V page pools given by address and length (SGLang's KVArgs): each pool is
+    `pool_bytes` long, in pages of `page_bytes` = page_size tokens of [kv_heads, head_dim] rows,
+    all in one POSIX shared-memory object. Registered in place (rows are contiguous per token)."""
+
+    layout = NHD
+
+    def __init__(self, k_addresses, v_addresses, pool_bytes, page_bytes, page_size, kv_heads, dtype):
+        if not k_addresses or len(k_addresses) != len(v_addresses):
+            raise ValueError("%d K pools and %d V pools: expected the same nonzero number"
+                             % (len(k_addresses), len(v_addresses)))
+        row = page_size * kv_heads * BYTES_PER_ELEMENT
+        if page_size <= 0 or kv_heads <= 0 or page_bytes % row != 0 or pool_bytes % page_bytes != 0:
+            raise ValueError("pages of %d bytes do not hold %d tokens of %d heads of 2-byte elements, or pools of "
+                             "%d bytes are not whole pages" % (page_bytes, page_size, kv_heads, pool_bytes))
+        self.layers, self.kv_heads, self.block_size, self.dtype = len(k_addresses), kv_heads, page_size, dtype
+        self.head_dim = page_bytes // row
+        self.num_blocks = pool_bytes // page_bytes
+        self.shm_name, self.extent_offset, self.extent_length, offsets = _locate_extent(
+            [(a, pool_bytes) for a in list(k_addresses) + list(v_addresses)])
+        self._k_offsets, self._v_offsets = offsets[:self.layers], offsets[self.layers:]
+
+    handle = PagedCache.handle
+
+    def pool_layout(self):
+        return _pool_layout(self.dtype, self.kv_heads, self.head_dim, self.block_size, self.num_blocks,
+                            self._k_offsets, self._v_offsets)
 
 
 def dense_tensor(buffer, layers, tokens, heads, head_dim, dtype):

@@ -42,12 +42,14 @@ class Settings:
     model_name        name registered with the daemon (default: the engine's model name)
     cache_id          name of this worker's registered cache (default <engine>-<pid>-<rank>)
     kv_cache_layout   NHD | HND (default NHD: zero copy; HND costs one copy on each side)
+    kv_dtype          fp16 | bf16: the cache's element type where the engine does not say (SGLang's
+                      KVArgs carries none; default fp16)
     receive_timeout_s how long a decode worker waits for a transfer (default 30)
     tls_ca_file, tls_cert_file, tls_key_file   TLS to the daemon (CA alone: server TLS)
     """
 
     KEYS = ("daemon_address", "peer", "daemon_id", "budget", "passthrough", "policy", "model_name", "cache_id",
-            "kv_cache_layout", "receive_timeout_s", "tls_ca_file", "tls_cert_file", "tls_key_file")
+            "kv_cache_layout", "kv_dtype", "receive_timeout_s", "tls_ca_file", "tls_cert_file", "tls_key_file")
 
     def __init__(self, values=None):
         values = dict(values or {})
@@ -70,6 +72,10 @@ class Settings:
         self.kv_cache_layout = str(values.get("kv_cache_layout", tensors.NHD)).upper()
         if self.kv_cache_layout not in (tensors.NHD, tensors.HND):
             raise ValueError("spectrumkv: kv_cache_layout %r: expected NHD or HND" % values.get("kv_cache_layout"))
+        kv_dtype = str(values.get("kv_dtype", "fp16")).lower()
+        if kv_dtype not in ("fp16", "bf16"):
+            raise ValueError("spectrumkv: kv_dtype %r: expected fp16 or bf16 (FP8 caches are not supported)" % kv_dtype)
+        self.kv_dtype = pb.DTYPE_FP16 if kv_dtype == "fp16" else pb.DTYPE_BF16
         self.receive_timeout_s = float(values.get("receive_timeout_s", 30.0))
         if self.receive_timeout_s <= 0:
             raise ValueError("spectrumkv: receive_timeout_s must be > 0")
@@ -123,9 +129,10 @@ def touched_blocks(block_ids, block_size, begin, end):
 class WorkerSession:
     """One engine worker's link to its daemon: the model and the paged caches, registered once."""
 
-    def __init__(self, settings, caches, model_name, cache_id, writable):
+    def __init__(self, settings, cache, model_name, cache_id, writable):
+        """`cache`: a tensors.PagedCache or tensors.PagePools."""
         self.settings = settings
-        self.cache = tensors.PagedCache(caches, settings.kv_cache_layout)
+        self.cache = cache
         self.client = settings.connect()
         self.model_id = self.client.register_model(
             model_name, layers=self.cache.layers, kv_heads=self.cache.kv_heads, head_dim=self.cache.head_dim,

@@ -245,7 +245,8 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
         caches = {self._layers[name]: tensor for name, tensor in kv_caches.items()}
         cache_id = self.settings.cache_id or "vllm-%d-%d" % (os.getpid(), getattr(
             getattr(self._vllm_config, "parallel_config", None), "rank", 0))
-        self.session = _common.WorkerSession(self.settings, caches, self.model_name, cache_id, writable=True)
+        cache = tensors.PagedCache(caches, self.settings.kv_cache_layout)
+        self.session = _common.WorkerSession(self.settings, cache, self.model_name, cache_id, writable=True)
         log.info("spectrumkv: registered %d layers (%s, %d blocks of %d tokens) as cache %s at %s",
                  self.session.cache.layers, self.session.cache.layout, self.session.cache.num_blocks,
                  self.session.cache.block_size, cache_id, self.settings.daemon_address)

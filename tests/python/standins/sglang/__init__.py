@@ -1,0 +1,1 @@
+"""Stand-in of the parts of SGLang that a disaggregation backend touches (see ../README.md)."""
