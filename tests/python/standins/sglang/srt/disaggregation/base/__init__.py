@@ -1,2 +1,5 @@
-from sglang.srt.disaggregation.base.conn import (  # noqa: F401
-    BaseKVBootstrapServer, BaseKVManager, BaseKVReceiver, BaseKVSender, KVArgs, KVPoll, KVTransferMetric)
+from sglang.srt.disaggregation.base.conn import (BaseKVBootstrapServer, BaseKVManager, BaseKVReceiver, BaseKVSender,
+                                                 KVArgs, KVPoll, KVTransferMetric)
+
+__all__ = ["BaseKVBootstrapServer", "BaseKVManager", "BaseKVReceiver", "BaseKVSender", "KVArgs", "KVPoll",
+           "KVTransferMetric"]
