@@ -96,6 +96,25 @@ def _locate_extent(ranges):
     return names.pop(), start, end - start, [offset - start for offset in offsets]
 
 
+def _locate_cuda_extent(tensors, ranges):
+    """((IPC memory handle, device), extent offset, extent length, offset of each range in the
+    extent) of CUDA tensors that must all lie in one device allocation (one cudaIpcMemHandle).
+    The offsets are from the allocation's start, as the daemon maps it."""
+    handles, starts = set(), []
+    for t, (address, _) in zip(tensors, ranges):
+        storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+        # (device, handle, size, offset of the storage in its allocation, ...): torch's own export.
+        device, handle, _, storage_offset = storage._share_cuda_()[:4]
+        handles.add((bytes(handle), int(device)))
+        starts.append(int(storage_offset) + address - storage.data_ptr())
+    if len(handles) != 1:
+        raise ValueError("the KV caches live in %d device allocations; a registered cache is one (allocate every "
+                         "layer from one tensor)" % len(handles))
+    start = min(starts)
+    end = max(s + length for s, (_, length) in zip(starts, ranges))
+    return handles.pop(), start, end - start, [s - start for s in starts]
+
+
 def _pool_layout(dtype, kv_heads, head_dim, block_size, num_blocks, k_offsets, v_offsets):
     """A registered cache's layout: paged pools, rows [heads, head_dim] contiguous per token."""
     row_bytes = kv_heads * head_dim * BYTES_PER_ELEMENT
@@ -137,20 +156,30 @@ class PagedCache:
             if t.shape != first.shape or t.dtype != first.dtype:
                 raise ValueError("layer %d cache %s %s differs from layer 0's %s %s"
                                  % (i, tuple(t.shape), t.dtype, tuple(first.shape), first.dtype))
-            if t.device.type != "cpu":
-                raise ValueError("layer %d cache is on %s: device caches need the CUDA build of the "
-                                 "daemon (CUDA IPC); CPU caches must be in POSIX shared memory" % (i, t.device))
+            if t.device != first.device:
+                raise ValueError("layer %d cache is on %s, layer 0's on %s" % (i, t.device, first.device))
             if not t.is_contiguous():
                 raise ValueError("layer %d cache is not contiguous" % i)
-        # One shared-memory object holding every layer: the registered handle spans them.
-        self.shm_name, self.extent_offset, self.extent_length, self._pool_offsets = _locate_extent(
-            [(t.data_ptr(), t.numel() * t.element_size()) for t in self.tensors])
+        ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in self.tensors]
+        # One memory object holding every layer: the registered handle spans them.
+        self.on_device = first.device.type == "cuda"
+        if self.on_device:
+            self._ipc, self.extent_offset, self.extent_length, self._pool_offsets = _locate_cuda_extent(
+                self.tensors, ranges)
+        elif first.device.type == "cpu":
+            self.shm_name, self.extent_offset, self.extent_length, self._pool_offsets = _locate_extent(ranges)
+        else:
+            raise ValueError("KV caches on %s are not supported (CPU in shared memory, or CUDA)" % first.device)
 
     @property
     def row_bytes(self):
         return self.kv_heads * self.head_dim * BYTES_PER_ELEMENT
 
     def handle(self):
+        if self.on_device:
+            ipc_handle, device = self._ipc
+            return pb.KvHandle(cuda_ipc=pb.CudaIpcHandle(ipc_handle=ipc_handle, device=device,
+                                                         offset=self.extent_offset, length=self.extent_length))
         return pb.KvHandle(shared_memory=pb.SharedMemoryHandle(
             name=self.shm_name, offset=self.extent_offset, length=self.extent_length))
 
@@ -211,6 +240,7 @@ class PagePools:
     all in one POSIX shared-memory object. Registered in place (rows are contiguous per token)."""
 
     layout = NHD
+    on_device = False  # KVArgs pointers are resolved in this process's shared memory only
 
     def __init__(self, k_addresses, v_addresses, pool_bytes, page_bytes, page_size, kv_heads, dtype):
         if not k_addresses or len(k_addresses) != len(v_addresses):

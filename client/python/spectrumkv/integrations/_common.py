@@ -144,6 +144,8 @@ class WorkerSession:
             self.client.register_cache(cache_id, self.model_id, self.cache.handle(), self.cache.pool_layout(),
                                        writable=writable)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="skv-connector")
+        # Device caches: layer signals wait for the GPU (CPU caches are written when signalled).
+        self.after_device = AfterDevice() if cache.on_device else None
 
     def dense_buffer(self, tokens):
         """(SharedMemoryBuffer, [layers, 2, tokens, heads, head_dim] tensor) for one request."""
@@ -197,8 +199,43 @@ class WorkerSession:
         return future.done()
 
     def close(self):
+        if self.after_device is not None:
+            self.after_device.close()
         self._pool.shutdown(wait=False)
         self.client.close()
+
+
+class AfterDevice:
+    """Runs callbacks, in order on one thread, once the GPU work queued before each was submitted
+    has finished (a CUDA event per callback): signalling a layer never blocks the forward pass,
+    and the daemon never reads rows that the kernels have not written yet."""
+
+    def __init__(self):
+        import queue
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="skv-after-device", daemon=True)
+        self._thread.start()
+
+    def submit(self, callback):
+        import torch
+        event = torch.cuda.Event()
+        event.record()  # on the current stream: after the layer's kernels
+        self._queue.put((event, callback))
+
+    def _run(self):
+        while True:
+            event, callback = self._queue.get()
+            if callback is None:
+                return
+            event.synchronize()
+            try:
+                callback()
+            except Exception:  # a failed signal fails its stream; the next ones still run
+                log.exception("spectrumkv: a deferred layer signal failed")
+
+    def close(self):
+        self._queue.put((None, None))
+        self._thread.join(5.0)
 
 
 class OutboundStream:
@@ -226,14 +263,21 @@ class OutboundStream:
     def layer_ready(self, layer, block_ids, begin, end):
         cache = self.session.cache
         if self.dense is not None:
-            cache.gather_rows(self.dense, layer, block_ids, begin, end)
+            cache.gather_rows(self.dense, layer, block_ids, begin, end)  # a copy: ready at once
             self.call.layer_ready(layer, begin, end)
         else:
-            self.call.layer_ready(layer, begin, end, touched_blocks(block_ids, cache.block_size, begin, end))
+            blocks = touched_blocks(block_ids, cache.block_size, begin, end)
+            self._after_device(lambda: self.call.layer_ready(layer, begin, end, blocks))
 
     def seal(self):
         self.sealed = True
-        self.call.seal()
+        self._after_device(self.call.seal)
+
+    def _after_device(self, signal):
+        if self.session.after_device is not None:
+            self.session.after_device.submit(signal)
+        else:
+            signal()
 
     def abort(self, reason):
         if not self.call.finished():
