@@ -447,6 +447,11 @@ class SendStream:
         """True once the call has ended (its outcome is known)."""
         return self._done.is_set()
 
+    def error(self):
+        """The call's failure (SpectrumKVError) once it has ended with one, else None."""
+        outcome = self._outcome if self._done.is_set() else None
+        return outcome if isinstance(outcome, SpectrumKVError) else None
+
     def wait_finished(self, timeout=None):
         """Waits up to `timeout` seconds for the call to end; True if it has."""
         return self._done.wait(timeout)

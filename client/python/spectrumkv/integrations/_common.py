@@ -304,20 +304,3 @@ class OutboundStream:
         if self.buffer is not None:
             self.buffer.close()
             self.buffer = None
-
-
-class FinishedRequests:
-    """Thread-safe bookkeeping of which requests an engine may hear about as done."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._items = set()
-
-    def add(self, item):
-        with self._lock:
-            self._items.add(item)
-
-    def take(self):
-        with self._lock:
-            items, self._items = self._items, set()
-        return items

@@ -226,8 +226,8 @@ class SpectrumKVSender(BaseKVSender):
             return KVPoll.Bootstrapping
         if self.stream is None:  # ready to send once the decode side is known
             return KVPoll.WaitingForInput if self._peer() else KVPoll.Bootstrapping
-        if self.stream.call.finished() and isinstance(self.stream.call._outcome, SpectrumKVError):
-            self.error = self.stream.call._outcome
+        if self.stream.call.error() is not None:
+            self.error = self.stream.call.error()
             return KVPoll.Failed
         # The pages may be freed once the daemon has read every row.
         return KVPoll.Success if self.stream.source_released() else KVPoll.Transferring

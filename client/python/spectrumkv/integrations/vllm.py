@@ -117,7 +117,6 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.settings = _common.Settings(getattr(transfer, "kv_connector_extra_config", None) or {})
-        self.block_size = vllm_config.cache_config.block_size
         model_config = getattr(vllm_config, "model_config", None)
         self.model_name = self.settings.model_name or getattr(model_config, "model", None) or "vllm-model"
         if role == KVConnectorRole.SCHEDULER:
@@ -135,7 +134,6 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
             self._load_errors = set()
             self._cancelled = set()  # loads abandoned by their request: no load errors
             self.load_stats = {}     # req_id -> TransferStats of its last successful load
-            self._cancelled_loads = _common.FinishedRequests()
 
     # ---- scheduler side ------------------------------------------------------------------------
 
@@ -340,9 +338,8 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _close_stream(self, req_id):
         stream = self._streams.pop(req_id)
-        outcome = stream.call._outcome
-        if isinstance(outcome, SpectrumKVError):
-            log.warning("spectrumkv: transfer %d of %s ended: %s", stream.transfer_id, req_id, outcome)
+        if stream.call.error() is not None:
+            log.warning("spectrumkv: transfer %d of %s ended: %s", stream.transfer_id, req_id, stream.call.error())
         stream.close()
 
     def _detach(self, req_id):
