@@ -212,6 +212,16 @@ def _as_peer(peer):
     return pb.PeerRef(daemon_id=peer)
 
 
+def _set_send_options(message, passthrough, policy_override, token_scores):
+    """The optional fields SendRequest and StreamOpen share."""
+    if passthrough is not None:
+        message.passthrough = passthrough
+    if policy_override is not None:
+        message.policy_override.CopyFrom(policy_override)
+    if token_scores is not None:
+        message.token_scores.scores.extend(token_scores)
+
+
 class Client:
     """One daemon's API. Each method returns the response message or raises SpectrumKVError."""
 
@@ -299,12 +309,7 @@ class Client:
         `passthrough` a pb.PASSTHROUGH_MODE_* (default AUTO)."""
         request = pb.SendRequest(request_id=request_id, model_id=model_id, source=_as_handle(source),
                                  source_layout=layout, peer=_as_peer(peer), budget=budget)
-        if passthrough is not None:
-            request.passthrough = passthrough
-        if policy_override is not None:
-            request.policy_override.CopyFrom(policy_override)
-        if token_scores is not None:
-            request.token_scores.scores.extend(token_scores)
+        _set_send_options(request, passthrough, policy_override, token_scores)
         return self._call("Send", request, timeout or self.transfer_timeout)
 
     def send_stream(self, request_id, model_id, source, layout, peer, budget, tokens=None, passthrough=None,
@@ -320,12 +325,7 @@ class Client:
         else:
             open_msg.handle.handle.CopyFrom(_as_handle(source))
             open_msg.handle.layout.CopyFrom(layout)
-        if passthrough is not None:
-            open_msg.passthrough = passthrough
-        if policy_override is not None:
-            open_msg.policy_override.CopyFrom(policy_override)
-        if token_scores is not None:
-            open_msg.token_scores.scores.extend(token_scores)
+        _set_send_options(open_msg, passthrough, policy_override, token_scores)
         return SendStream(self.stub, open_msg, timeout or self.transfer_timeout)
 
     def register_cache(self, cache_id, model_id, memory, layout, writable=False):
