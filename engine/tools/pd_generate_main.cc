@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <string>
@@ -54,6 +55,12 @@ ABSL_FLAG(double, prefill_layer_ms, 0,
           "extra compute time per prefill layer, ms: the stand-in's layers take microseconds; "
           "this shows the transfer hiding behind a production-sized prefill");
 ABSL_FLAG(int, threads, 0, "OpenBLAS threads; 0 = the engine's default policy");
+ABSL_FLAG(std::string, dump_dir, "",
+          "write the run's data into this existing folder, for tests that check another engine "
+          "against this one: tokens.txt (lines \"prompt\", \"generated\", \"reference\", each "
+          "followed by token ids), prefill_kv.f16 (the KV as sent) and received_kv.f16 (as "
+          "received; both dense FP16 [layers][K, V][tokens][kv_heads][head_dim]), keep.u8 (the "
+          "kept-token mask)");
 
 namespace skv::engine {
 namespace {
@@ -146,6 +153,37 @@ absl::StatusOr<std::unique_ptr<SpectrumKvClient>> Connect(const std::string& tar
 
 absl::Status Annotate(const absl::Status& s, absl::string_view what) {
   return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+}
+
+absl::Status WriteFile(const std::string& path, const void* data, size_t size) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(static_cast<const char*>(data), std::streamsize(size));
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("--dump_dir: cannot write ", path));
+  return absl::OkStatus();
+}
+
+// --dump_dir's files (see the flag).
+absl::Status Dump(const std::string& dir, const std::vector<int>& prompt,
+                  const std::vector<int>& generated, const std::vector<int>& reference,
+                  const uint8_t* sent, const uint8_t* received, size_t kv_bytes,
+                  const std::vector<uint8_t>& keep) {
+  std::string tokens;
+  for (const auto& [name, ids] :
+       {std::pair<const char*, const std::vector<int>*>{"prompt", &prompt},
+        {"generated", &generated},
+        {"reference", &reference}}) {
+    absl::StrAppend(&tokens, name);
+    for (int id : *ids) absl::StrAppend(&tokens, " ", id);
+    absl::StrAppend(&tokens, "\n");
+  }
+  for (absl::Status s : {WriteFile(dir + "/tokens.txt", tokens.data(), tokens.size()),
+                         WriteFile(dir + "/prefill_kv.f16", sent, kv_bytes),
+                         WriteFile(dir + "/received_kv.f16", received, kv_bytes),
+                         WriteFile(dir + "/keep.u8", keep.data(), keep.size())}) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Run() {
@@ -387,6 +425,13 @@ absl::Status Run() {
   absl::StatusOr<std::vector<int>> generated = Greedy(*decode, *first, count);
   if (!generated.ok()) return generated.status();
   const double decode_s = std::chrono::duration<double>(Clock::now() - decode_start).count();
+  if (const std::string dir = absl::GetFlag(FLAGS_dump_dir); !dir.empty()) {
+    if (absl::Status s = Dump(dir, *prompt, *generated, *reference, source->data(),
+                              destination->data(), bytes, keep);
+        !s.ok()) {
+      return s;
+    }
+  }
 
   // ---- check: the same input through the daemon's stateless Encode/Decode ----------------------
   std::string check = "skipped (KV above the inline message limit)";
