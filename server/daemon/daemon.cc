@@ -447,9 +447,14 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
     queries.emplace(std::move(*q));
     importance.query_windows = queries->windows;
   }
+  // With `stream`, the stream's own path (StreamCodec), chunk by chunk in the signal order.
   absl::StatusOr<EncodedKv> encoded =
-      EncodeKv(layers, importance, control::OptionsForTransfer(*policy, request.budget()),
-               request.request_id());
+      request.has_stream()
+          ? EncodeAsStream(layers, request.stream(),
+                           request.has_token_scores() ? &request.token_scores() : nullptr, *policy,
+                           request.budget(), request.request_id())
+          : EncodeKv(layers, importance, control::OptionsForTransfer(*policy, request.budget()),
+                     request.request_id());
   if (!encoded.ok()) return encoded.status();
   v1::EncodeResponse response;
   for (const ByteBuffer& s : encoded->segments)

@@ -96,6 +96,50 @@ class RowCoverage {
   std::map<std::tuple<uint32_t, uint8_t, uint32_t>, uint64_t> ranges_;  // start -> end
 };
 
+// The codec half of a streamed transfer: what SendStream decides at open (one importance score
+// per token, the chunks' options, the byte budget spread over the chunks) and does with each
+// chunk it is signalled. Encode with `stream` runs the same object over its chunking, so its
+// segments are the stream's, byte for byte.
+class StreamCodec {
+ public:
+  // `shape`: the request's KV. `options`: the transfer's policy at its planned budget
+  // (OptionsForTransfer); `passthrough`: every row FP16 and no byte budget (options.budget is then
+  // 1). `scores`: the engine's token_scores, or null for positional importance. `layer_weights`:
+  // the budget's per-layer shares (empty = even). Errors name `field_prefix` + "token_scores" or
+  // + "budget" (a budget below the request's minimum without dropping, when !allow_drop).
+  static absl::StatusOr<StreamCodec> Open(const KvShape& shape, const v1::TokenScores* scores,
+                                          const CodecOptions& options, bool passthrough,
+                                          std::span<const double> layer_weights,
+                                          absl::string_view field_prefix);
+
+  // Plans and encodes `chunk` at its share of the budget (EncodeStreamChunk) into `segments`
+  // (K then V, 2 * SegmentsPerTensor(chunk.token_count) buffers, their memory reused) and adds
+  // its score, plan and encode times and its rows per tier to `totals`. `layer` views the chunk's
+  // layer over the whole prompt. Chunks must come in the order the transfer sends them: each
+  // one's budget carries what the earlier ones left or overspent.
+  absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, uint64_t request_id,
+                           std::vector<ByteBuffer>& segments, EncodeStats* totals);
+
+  const CodecOptions& options() const { return options_; }
+  const char* importance_source() const { return importance_source_; }
+
+ private:
+  uint32_t tokens_ = 0;
+  CodecOptions options_;
+  std::vector<float> importance_;  // [token], shared by every layer
+  std::optional<StreamBudget> budget_;
+  const char* importance_source_ = "";
+};
+
+// Encode's `stream` mode: the segments SendStream sends for `layers` when every layer's rows
+// [previous end, end) are signalled for each of stream.chunk_token_ends in order, layers in
+// order, with `policy` at `budget` (passthrough at budget 1, as a stream decides it), and the
+// statistics EncodeKv gives (plan left empty: each chunk has its own).
+absl::StatusOr<EncodedKv> EncodeAsStream(std::span<const KvLayerViews> layers,
+                                         const v1::EncodeStream& stream,
+                                         const v1::TokenScores* scores, const CodecOptions& policy,
+                                         double budget, uint64_t request_id);
+
 // A registered engine cache (RegisterCache): mapped once; streams name its blocks.
 struct RegisteredCache {
   std::string cache_id;
@@ -211,9 +255,7 @@ struct Daemon::StreamSend {
   // Worker.
   control::MappedKvRegion region;  // a handle source
   std::optional<control::KvLayoutViews> views;
-  std::vector<float> importance;  // [token], shared by every layer
-  std::optional<StreamBudget> budget;
-  CodecOptions options;
+  std::optional<StreamCodec> codec;
   std::optional<control::Metrics::InFlightGuard> in_flight;
   // Guarded by mu_.
   bool opened = false;                // connected, announced: chunks can be sent

@@ -38,6 +38,105 @@ absl::Status InvalidChunk(absl::string_view field, absl::string_view why) {
 
 }  // namespace
 
+// ---- The stream's codec, shared with Encode's stream mode. -------------------------------------
+
+absl::StatusOr<StreamCodec> StreamCodec::Open(const KvShape& shape, const v1::TokenScores* scores,
+                                              const CodecOptions& options, bool passthrough,
+                                              std::span<const double> layer_weights,
+                                              absl::string_view field_prefix) {
+  StreamCodec codec;
+  codec.tokens_ = shape.tokens;
+  codec.options_ = options;
+  absl::StatusOr<ImportanceScores> importance =
+      scores != nullptr ? ImportanceFromEngine(std::span<const float>(scores->scores().data(),
+                                                                      scores->scores().size()),
+                                               shape.layers, shape.tokens)
+                        : PositionalImportance(shape.layers, shape.tokens);
+  if (!importance.ok())
+    return Annotate(importance.status(), absl::StrCat(field_prefix, "token_scores"));
+  // One score per token for every layer: each layer is planned on its own, and the kept mask is
+  // per token, so every layer must drop tokens in the same order (per-layer scores are averaged).
+  codec.importance_ = importance->TokenLevel();
+  codec.importance_source_ = scores != nullptr ? "engine" : "positional";
+  if (!passthrough) {
+    // Chunks below their minimum are planned at it and the overspend carried on, which is fine
+    // when tokens may be dropped; without dropping, a budget the whole request cannot keep every
+    // token at is refused now, as Send refuses it, not overspent chunk by chunk.
+    if (!options.allow_drop) {
+      if (absl::Status s = CheckMinimumBudget(shape, options); !s.ok()) {
+        return Annotate(s, absl::StrCat(field_prefix, "budget"));
+      }
+    }
+    absl::StatusOr<StreamBudget> budget =
+        StreamBudget::Create(shape, options.budget, layer_weights);
+    if (!budget.ok()) return budget.status();
+    codec.budget_.emplace(std::move(*budget));
+  }
+  return codec;
+}
+
+absl::Status StreamCodec::EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk,
+                                      uint64_t request_id, std::vector<ByteBuffer>& segments,
+                                      EncodeStats* totals) {
+  if (uint64_t{chunk.token_begin} + chunk.token_count > importance_.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk tokens from ", chunk.token_begin, " pass the prompt's ", tokens_));
+  }
+  EncodeStats stats;
+  absl::StatusOr<TierPlan> plan = EncodeStreamChunk(
+      layer, tokens_, chunk, std::span(importance_).subspan(chunk.token_begin, chunk.token_count),
+      options_, budget_ ? &*budget_ : nullptr, request_id, BestRowKernels(), segments, &stats);
+  if (!plan.ok()) return plan.status();
+  totals->score_seconds += stats.score_seconds;
+  totals->plan_seconds += stats.plan_seconds;
+  totals->encode_seconds += stats.encode_seconds;
+  const std::array<uint64_t, kNumTiers> counts = plan->TierCounts();
+  for (int t = 0; t < kNumTiers; ++t) totals->rows_per_tier[t] += counts[t];
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EncodedKv> EncodeAsStream(std::span<const KvLayerViews> layers,
+                                         const v1::EncodeStream& stream,
+                                         const v1::TokenScores* scores, const CodecOptions& policy,
+                                         double budget, uint64_t request_id) {
+  absl::StatusOr<KvShape> shape = ShapeOf(layers);
+  if (!shape.ok()) return shape.status();
+  // A stream's own decision, without a link or codec estimate: passthrough exactly at budget 1.
+  const v1::PassthroughDecision decision =
+      ChoosePassthrough(v1::PASSTHROUGH_MODE_NEVER, budget, shape->raw_bytes(), 0, 0);
+  const std::vector<double> weights(stream.layer_budget_weights().begin(),
+                                    stream.layer_budget_weights().end());
+  absl::StatusOr<StreamCodec> codec = StreamCodec::Open(
+      *shape, scores, control::OptionsForTransfer(policy, decision.planned_budget()),
+      decision.passthrough(), weights, "");
+  if (!codec.ok()) return codec.status();
+  EncodedKv out;
+  EncodeStats& stats = out.stats;
+  uint32_t begin = 0;
+  for (const uint32_t end : stream.chunk_token_ends()) {
+    for (uint32_t l = 0; l < layers.size(); ++l) {
+      std::vector<ByteBuffer> part;
+      if (absl::Status s =
+              codec->EncodeChunk(layers[l], {l, begin, end - begin}, request_id, part, &stats);
+          !s.ok()) {
+        return s;
+      }
+      for (ByteBuffer& b : part) out.segments.push_back(std::move(b));
+    }
+    begin = end;
+  }
+  stats.importance_source = codec->importance_source();
+  stats.raw_bytes = shape->raw_bytes();
+  for (const ByteBuffer& s : out.segments) stats.wire_bytes += s.size();
+  for (int t = 0; t < kNumTiers; ++t) {
+    stats.payload_bytes += stats.rows_per_tier[t] * shape->row_elements() * TierBits(Tier(t)) / 8;
+  }
+  stats.requested_budget = budget;
+  stats.achieved_budget = double(stats.wire_bytes) / double(stats.raw_bytes);
+  stats.payload_only_budget = double(stats.payload_bytes) / double(stats.raw_bytes);
+  return out;
+}
+
 // ---- Registered caches. -------------------------------------------------------------------------
 
 absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
@@ -368,38 +467,18 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
     st.region = std::move(*region);
     st.views.emplace(std::move(*views));
   }
-  absl::StatusOr<ImportanceScores> importance =
-      st.open.has_token_scores()
-          ? ImportanceFromEngine(std::span<const float>(st.open.token_scores().scores().data(),
-                                                        st.open.token_scores().scores().size()),
-                                 model.layers, tokens)
-          : PositionalImportance(model.layers, tokens);
-  if (!importance.ok()) return Annotate(importance.status(), "open.token_scores");
-  // One score per token for every layer: each layer is planned on its own, and the kept mask is
-  // per token, so every layer must drop tokens in the same order (per-layer scores are averaged).
-  st.importance = importance->TokenLevel();
-  out.stats.importance_source = st.open.has_token_scores() ? "engine" : "positional";
-
   out.decision =
       ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
                         link_rates_.Get(out.peer_config.address), codec_rate_.Get(kCodecRateKey));
+  absl::StatusOr<StreamCodec> codec =
+      StreamCodec::Open(KvShape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype},
+                        st.open.has_token_scores() ? &st.open.token_scores() : nullptr,
+                        control::OptionsForTransfer(out.policy, out.decision.planned_budget()),
+                        out.decision.passthrough(), model.layer_budget_weights, "open.");
+  if (!codec.ok()) return codec.status();
+  st.codec.emplace(std::move(*codec));
+  out.stats.importance_source = st.codec->importance_source();
   CountPassthrough(out);
-  st.options = control::OptionsForTransfer(out.policy, out.decision.planned_budget());
-  if (!out.decision.passthrough()) {
-    const KvShape shape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype};
-    // Chunks below their minimum are planned at it and the overspend carried on, which is fine
-    // when tokens may be dropped; without dropping, a budget the whole request cannot keep every
-    // token at is refused now, as Send refuses it, not overspent chunk by chunk.
-    if (!st.options.allow_drop) {
-      if (absl::Status s = CheckMinimumBudget(shape, st.options); !s.ok()) {
-        return Annotate(s, "open.budget");
-      }
-    }
-    absl::StatusOr<StreamBudget> budget =
-        StreamBudget::Create(shape, out.decision.planned_budget(), model.layer_budget_weights);
-    if (!budget.ok()) return budget.status();
-    st.budget.emplace(std::move(*budget));
-  }
   st.in_flight.emplace(*metrics_);
   if (absl::Status s = AnnounceOutbound(out, tokens); !s.ok()) return s;
   v1::SendStreamEvent event;
@@ -413,23 +492,14 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   const StreamChunk& rows = chunk.rows;
   const KvLayerViews& layer =
       chunk.cache_views ? chunk.cache_views->layers()[0] : st.views->layers()[rows.layer];
-  const std::span<const float> importance =
-      std::span(st.importance).subspan(rows.token_begin, rows.token_count);
-  std::vector<ByteBuffer> segments(size_t{2} * SegmentsPerTensor(rows.token_count, st.options));
+  std::vector<ByteBuffer> segments(size_t{2} *
+                                   SegmentsPerTensor(rows.token_count, st.codec->options()));
   for (ByteBuffer& b : segments) b = segment_pool_->Take();
-  EncodeStats stats;
-  absl::StatusOr<TierPlan> plan = EncodeStreamChunk(
-      layer, st.open.tokens(), rows, importance, st.options, st.budget ? &*st.budget : nullptr,
-      out.request_id, BestRowKernels(), segments, &stats);
-  if (!plan.ok()) {
+  if (absl::Status s = st.codec->EncodeChunk(layer, rows, out.request_id, segments, &out.stats);
+      !s.ok()) {
     for (ByteBuffer& b : segments) segment_pool_->Return(std::move(b));
-    return plan.status();
+    return s;
   }
-  out.stats.score_seconds += stats.score_seconds;
-  out.stats.plan_seconds += stats.plan_seconds;
-  out.stats.encode_seconds += stats.encode_seconds;
-  const std::array<uint64_t, kNumTiers> counts = plan->TierCounts();
-  for (int t = 0; t < kNumTiers; ++t) out.stats.rows_per_tier[t] += counts[t];
   v1::SendStreamEvent consumed;
   *consumed.mutable_layer_consumed() = ChunkEvent(rows, chunk.signalled);
   st.events(std::move(consumed));

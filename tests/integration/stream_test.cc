@@ -323,6 +323,163 @@ TEST_F(StreamTest, BothSidesNameBlocksOfRegisteredCaches) {
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("destination_blocks"));
 }
 
+// Encode with `stream` (chunk ends, layer weights) is the stream's own path: what the decode side
+// of a real SendStream received equals Decode(Encode(stream chunking)) of the same KV byte for
+// byte, with the same wire bytes, segments and tiers. Two chunks per layer, every layer signalled
+// in layer order; even and weighted layer shares, positional and engine importance, no drop,
+// passthrough, and a registered paged cache (chunks cut inside blocks) against its dense copy.
+TEST_F(StreamTest, EncodeWithStreamChunkingEqualsWhatTheStreamDelivered) {
+  constexpr char kWeighted[] = "it-weighted";
+  const std::vector<double> weights{1, 2, 3, 4};
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()}) {
+    v1::RegisterModelRequest r;
+    r.set_name(kWeighted);
+    r.mutable_shape()->set_layers(kLayers);
+    r.mutable_shape()->set_kv_heads(kHeads);
+    r.mutable_shape()->set_head_dim(kHeadDim);
+    r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    for (double w : weights) r.add_layer_budget_weights(w);
+    ASSERT_TRUE(d->client().RegisterModel(r).ok());
+  }
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 42);
+  SharedMemoryBuffer cache = MakeSource(kPoolBytes * 2 * kLayers, 44);
+  RegisterPools(*prefill_, cache, "encode-worker", false);
+  const std::vector<uint32_t> table = ShuffledBlocks(8);
+  std::string cache_kv(bytes, '\0');  // the cache's rows of the request, dense
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        std::memcpy(cache_kv.data() + ((2 * l + kind) * size_t{kTokens} + t) * kRowBytes,
+                    PagedRow(cache, table, l, kind, t), kRowBytes);
+      }
+    }
+  }
+  v1::TokenScores scores;
+  std::mt19937 rng(43);
+  for (uint32_t t = 0; t < kTokens; ++t) scores.add_scores(float(rng() % 1000));
+  v1::CodecPolicy no_drop;
+  no_drop.set_allow_drop(false);
+  struct Case {
+    const char* name;
+    bool weighted, engine_scores, drop, registered;
+    double budget;
+    v1::PassthroughMode mode;
+  };
+  const std::vector<Case> cases = {
+      {"even shares, positional", false, false, true, false, 0.3, v1::PASSTHROUGH_MODE_NEVER},
+      {"weighted shares, engine scores", true, true, true, false, 0.2, v1::PASSTHROUGH_MODE_NEVER},
+      {"no drop", false, true, false, false, 0.45, v1::PASSTHROUGH_MODE_NEVER},
+      {"passthrough", false, false, true, false, 1.0, v1::PASSTHROUGH_MODE_ALWAYS},
+      {"registered cache", false, true, true, true, 0.25, v1::PASSTHROUGH_MODE_NEVER},
+  };
+  const std::vector<uint32_t> ends{120, kTokens};  // 120: inside a 16-token block
+  uint64_t id = 440;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    v1::ReceiveRequest receive = ReceiveReq(++id, dst);
+    if (c.weighted) receive.set_model_id(kWeighted);
+    auto received = ReceiveAsync(receive);
+    v1::StreamOpen open = OpenReq(id, src, c.budget, c.mode);
+    if (c.weighted) open.set_model_id(kWeighted);
+    if (c.engine_scores) *open.mutable_token_scores() = scores;
+    if (!c.drop) *open.mutable_policy_override() = no_drop;
+    if (c.registered) open.set_cache_id("encode-worker");
+    std::unique_ptr<client::SendStream> s = Open(open);
+    ASSERT_NE(s, nullptr);
+    uint32_t begin = 0;
+    for (uint32_t end : ends) {
+      for (uint32_t l = 0; l < kLayers; ++l) {
+        v1::LayerReady r = Ready(l, begin, end);
+        if (c.registered && l == 0) {
+          for (uint32_t b = begin / kBlockSize; b <= (end - 1) / kBlockSize; ++b)
+            r.add_block_ids(table[b]);
+        }
+        s->LayerReady(r);
+      }
+      begin = end;
+    }
+    s->Seal();
+    absl::StatusOr<v1::SendResponse> sent = s->Wait();
+    ASSERT_TRUE(sent.ok()) << sent.status();
+    absl::StatusOr<v1::ReceiveResponse> got = received.get();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(sent->stats().passthrough().passthrough(), c.budget >= 1);
+
+    v1::EncodeRequest encode;
+    encode.set_kv(c.registered ? cache_kv
+                               : std::string(reinterpret_cast<const char*>(src.data()), bytes));
+    *encode.mutable_layout() = Dense();
+    encode.set_budget(c.budget);
+    encode.set_request_id(id);
+    if (c.engine_scores) *encode.mutable_token_scores() = scores;
+    if (!c.drop) *encode.mutable_policy() = no_drop;
+    for (uint32_t end : ends) encode.mutable_stream()->add_chunk_token_ends(end);
+    if (c.weighted) {
+      for (double w : weights) encode.mutable_stream()->add_layer_budget_weights(w);
+    }
+    absl::StatusOr<v1::EncodeResponse> encoded = prefill_->client().Encode(encode);
+    ASSERT_TRUE(encoded.ok()) << encoded.status();
+    v1::DecodeRequest decode;
+    *decode.mutable_segments() = encoded->segments();
+    absl::StatusOr<v1::DecodeResponse> decoded = prefill_->client().Decode(decode);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+
+    ASSERT_EQ(decoded->kv().size(), bytes);
+    EXPECT_EQ(std::memcmp(dst.data(), decoded->kv().data(), bytes), 0);
+    EXPECT_EQ(got->kept().SerializeAsString(), decoded->kept().SerializeAsString());
+    if (!c.drop) {
+      EXPECT_EQ(decoded->kept().mask(), std::string(kTokens, '\1'));
+    }
+    const v1::TransferStats &streamed = sent->stats(), &codec = encoded->stats();
+    EXPECT_EQ(codec.wire_bytes(), streamed.wire_bytes());
+    EXPECT_EQ(codec.raw_bytes(), streamed.raw_bytes());
+    EXPECT_DOUBLE_EQ(codec.achieved_budget(), streamed.achieved_budget());
+    EXPECT_DOUBLE_EQ(codec.payload_budget(), streamed.payload_budget());
+    EXPECT_EQ(codec.segments(), streamed.segments());
+    EXPECT_EQ(uint32_t(encoded->segments_size()), 2 * kLayers * ends.size());
+    EXPECT_EQ(codec.importance_source(), streamed.importance_source());
+    ASSERT_EQ(codec.tier_rows_size(), streamed.tier_rows_size());
+    for (int t = 0; t < codec.tier_rows_size(); ++t)
+      EXPECT_EQ(codec.tier_rows(t).rows(), streamed.tier_rows(t).rows()) << "tier entry " << t;
+    if (c.drop && c.budget < 1) {  // on the budget, and the masks compared are not trivial
+      EXPECT_LE(codec.achieved_budget(), c.budget);
+      EXPECT_GT(std::count(got->kept().mask().begin(), got->kept().mask().end(), '\0'), 0);
+    }
+  }
+
+  // Refusals name the field; a budget the request cannot keep every token at is refused as the
+  // stream refuses it at open.
+  v1::EncodeRequest bad;
+  bad.set_kv(std::string(reinterpret_cast<const char*>(src.data()), bytes));
+  *bad.mutable_layout() = Dense();
+  bad.set_budget(0.3);
+  bad.mutable_stream()->add_chunk_token_ends(kTokens - 1);
+  absl::StatusOr<v1::EncodeResponse> refused = prefill_->client().Encode(bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("stream.chunk_token_ends[0]: the last end is 299, not layout.tokens 300"));
+  bad.mutable_stream()->set_chunk_token_ends(0, kTokens);
+  bad.mutable_stream()->add_layer_budget_weights(1);
+  refused = prefill_->client().Encode(bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("stream.layer_budget_weights"));
+  bad.mutable_stream()->clear_layer_budget_weights();
+  bad.mutable_observation_window()->mutable_queries()->set_inline_data("q");
+  refused = prefill_->client().Encode(bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("observation_window: not taken with stream"));
+  bad.clear_observation_window();
+  bad.set_budget(0.05);
+  *bad.mutable_policy() = no_drop;
+  refused = prefill_->client().Encode(bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kOutOfRange) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              AllOf(HasSubstr("budget: budget 0.05 ("), HasSubstr("CodecPolicy.allow_drop")));
+}
+
 // A Receive that comes after the whole stream has been staged still gets it.
 TEST_F(StreamTest, AReceiveAfterTheStreamFindsItStaged) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());

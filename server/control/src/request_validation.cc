@@ -512,6 +512,47 @@ absl::Status ValidateEncodeRequest(const v1::EncodeRequest& request) {
     return s;
   }
   const v1::KvLayout& layout = request.layout();
+  if (request.has_stream()) {
+    const v1::EncodeStream& stream = request.stream();
+    const auto& ends = stream.chunk_token_ends();
+    if (ends.empty()) {
+      return Invalid("stream.chunk_token_ends",
+                     absl::StrCat("empty; at least one end is needed (the last = layout.tokens ",
+                                  layout.tokens(), ")"));
+    }
+    for (int i = 0; i < ends.size(); ++i) {
+      const uint32_t previous = i == 0 ? 0 : ends[i - 1];
+      if (ends[i] <= previous) {
+        return Invalid(absl::StrCat("stream.chunk_token_ends[", i, "]"),
+                       absl::StrCat(ends[i], " is not above ", previous,
+                                    i == 0 ? " (a chunk has at least one token)"
+                                           : ", the previous end (ends are strictly increasing)"));
+      }
+    }
+    if (ends[ends.size() - 1] != layout.tokens()) {
+      return Invalid(absl::StrCat("stream.chunk_token_ends[", ends.size() - 1, "]"),
+                     absl::StrCat("the last end is ", ends[ends.size() - 1], ", not layout.tokens ",
+                                  layout.tokens()));
+    }
+    const auto& weights = stream.layer_budget_weights();
+    if (!weights.empty() && uint32_t(weights.size()) != layout.layers()) {
+      return Invalid("stream.layer_budget_weights",
+                     absl::StrCat("got ", weights.size(), " weights for ", layout.layers(),
+                                  " layers (empty = even shares)"));
+    }
+    for (int l = 0; l < weights.size(); ++l) {
+      if (!(std::isfinite(weights[l]) && weights[l] > 0)) {
+        return Invalid(absl::StrCat("stream.layer_budget_weights[", l, "]"),
+                       absl::StrCat(weights[l], " is not a finite positive weight"));
+      }
+    }
+    if (request.has_observation_window()) {
+      return Invalid("observation_window",
+                     "not taken with stream: a streamed transfer has no observation window (the "
+                     "last prompt tokens' queries exist only after the last layer); use "
+                     "token_scores or neither");
+    }
+  }
   switch (request.importance_case()) {
     case v1::EncodeRequest::kTokenScores:
       return ValidateTokenScores(request.token_scores(), layout.layers(), layout.tokens(),

@@ -493,6 +493,38 @@ TEST(RequestValidationTest, EncodeAndDecode) {
   encode.mutable_observation_window()->set_window_tokens(4);
   EXPECT_TRUE(ValidateEncodeRequest(encode).ok());
 
+  // Encode as a stream: chunk ends strictly increasing up to layout.tokens, one weight per layer;
+  // no observation window (a stream has none), token scores allowed.
+  v1::EncodeStream& stream = *encode.mutable_stream();
+  ExpectFieldError(ValidateEncodeRequest(encode), "stream.chunk_token_ends: empty");
+  stream.add_chunk_token_ends(16);
+  ExpectFieldError(ValidateEncodeRequest(encode), "observation_window: not taken with stream");
+  encode.clear_observation_window();
+  EXPECT_TRUE(ValidateEncodeRequest(encode).ok());
+  stream.clear_chunk_token_ends();
+  for (uint32_t end : {0u, 16u}) stream.add_chunk_token_ends(end);
+  ExpectFieldError(ValidateEncodeRequest(encode), "stream.chunk_token_ends[0]: 0 is not above 0");
+  stream.set_chunk_token_ends(0, 8);
+  stream.add_chunk_token_ends(16);
+  ExpectFieldError(ValidateEncodeRequest(encode),
+                   "stream.chunk_token_ends[2]: 16 is not above 16, the previous end");
+  stream.mutable_chunk_token_ends()->RemoveLast();
+  EXPECT_TRUE(ValidateEncodeRequest(encode).ok());
+  stream.set_chunk_token_ends(1, 15);
+  ExpectFieldError(ValidateEncodeRequest(encode),
+                   "stream.chunk_token_ends[1]: the last end is 15, not layout.tokens 16");
+  stream.set_chunk_token_ends(1, 16);
+  stream.add_layer_budget_weights(1);
+  ExpectFieldError(ValidateEncodeRequest(encode),
+                   "stream.layer_budget_weights: got 1 weights for 2 layers");
+  stream.add_layer_budget_weights(std::nan(""));
+  ExpectFieldError(ValidateEncodeRequest(encode), "stream.layer_budget_weights[1]");
+  stream.set_layer_budget_weights(1, 3);
+  encode.mutable_token_scores()->add_scores(1);
+  ExpectFieldError(ValidateEncodeRequest(encode), "token_scores");
+  for (int t = 1; t < 16; ++t) encode.mutable_token_scores()->add_scores(float(t));
+  EXPECT_TRUE(ValidateEncodeRequest(encode).ok());
+
   v1::DecodeRequest decode;
   ExpectFieldError(ValidateDecodeRequest(decode), "segments");
   decode.add_segments("segment bytes");
