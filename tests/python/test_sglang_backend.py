@@ -11,7 +11,7 @@ import torch
 
 import daemons
 import vllm_driver
-from spectrumkv import tensors
+from spectrumkv import dense_layout, tensors
 from spectrumkv.integrations import sglang as backend
 from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
 from sglang.srt.disaggregation.utils import DisaggregationMode, KVClassType, TransferBackend, get_kv_class
@@ -165,6 +165,14 @@ class Transfers(WithDaemons):
         self.assertEqual(states, [KVPoll.Success, KVPoll.Success])
         self.assertLessEqual(receiver.stats.wire_bytes, 0.45 * receiver.stats.raw_bytes)
         self.assertLess(((rows.float() - kv.float()).norm() / kv.float().norm()).item(), 0.1)
+        # Exactly the codec's own Encode/Decode of the same KV, chunked as the sender sent it.
+        session = prefill.manager.session
+        encoded = session.client.encode(kv.numpy().tobytes(), dense_layout(LAYERS, HEADS, HEAD_DIM, 160), 0.45,
+                                        request_id=1003, policy=session.settings.policy,
+                                        stream_chunk_ends=list(range(20, 161, 20)))
+        self.assertEqual(encoded.stats.wire_bytes, receiver.stats.wire_bytes)
+        decoded = session.client.decode(encoded.segments)
+        self.assertTrue(torch.equal(rows, torch.frombuffer(bytearray(decoded.kv), dtype=torch.float16).view(kv.shape)))
 
     def test_prefill_abort_fails_both_sides(self):
         prefill, decode = self.nodes(receive_timeout_s=10.0)

@@ -236,6 +236,24 @@ class Compressed(WithDaemons):
         error = (rows.float() - kv.float()).norm() / kv.float().norm()
         self.assertLess(error, 0.1)
 
+    def test_equals_the_codecs_own_encode_and_decode(self):
+        """What the decode's blocks hold is exactly Decode(Encode(the same KV)) with the chunking
+        the connector signalled (48-token prefill chunks, layers in order each step)."""
+        prefill, decode = self.engines(budget=0.35, passthrough="never", chunk_tokens=48)
+        kv, rows, stats = self.transfer(prefill, decode, 130, seed=23)
+        transfer_id = prefill.requests["p23"].params["spectrumkv_transfer_id"]
+        session = prefill.worker.session
+        encoded = session.client.encode(kv.numpy().tobytes(), session.cache.dense_layout(130), 0.35,
+                                        request_id=transfer_id, policy=session.settings.policy,
+                                        stream_chunk_ends=[48, 96, 130])
+        self.assertEqual(encoded.stats.wire_bytes, stats.wire_bytes)
+        self.assertEqual(encoded.stats.achieved_budget, stats.achieved_budget)
+        decoded = session.client.decode(encoded.segments)
+        self.assertEqual(decoded.kept.mask, b"\x01" * 130)
+        expected = torch.frombuffer(bytearray(decoded.kv), dtype=torch.float16).view(kv.shape)
+        self.assertTrue(torch.equal(rows, expected))
+        self.assertFalse(torch.equal(rows, kv))  # lossy: the comparison is not trivially passthrough
+
     def test_budget_below_the_no_drop_minimum_fails_over_to_recompute(self):
         prefill, decode = self.engines(budget=0.05, passthrough="never", receive_timeout_s=5.0)
         kv = vllm_driver.synthetic_kv(LAYERS, 60, HEADS, HEAD_DIM, 22)

@@ -373,10 +373,14 @@ class Client:
         return self._call("Probe", pb.ProbeRequest(model_id=model_id, sample=_as_handle(sample), sample_layout=layout,
                                                    max_int4_error=max_int4_error, dry_run=dry_run))
 
-    def encode(self, kv, layout, budget, request_id=0, policy=None):
+    def encode(self, kv, layout, budget, request_id=0, policy=None, stream_chunk_ends=None):
+        """Encode; with `stream_chunk_ends`, as a SendStream signalling every layer's rows up to each
+        end in turn (chunk by chunk, layers in order) would."""
         request = pb.EncodeRequest(kv=bytes(kv), layout=layout, budget=budget, request_id=request_id)
         if policy is not None:
             request.policy.CopyFrom(policy)
+        if stream_chunk_ends is not None:
+            request.stream.chunk_token_ends.extend(stream_chunk_ends)
         return self._call("Encode", request)
 
     def decode(self, segments, output_layout=None, mask_format=None):
