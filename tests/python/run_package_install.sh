@@ -33,9 +33,10 @@ config = VllmConfig(kv_transfer_config=KVTransferConfig(
 connector = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER)
 import sys
 assert "site-packages" in sys.modules[type(connector).__module__].__file__
-from spectrumkv.integrations import sglang
+from spectrumkv.integrations import sglang as backend
 from sglang.srt.disaggregation import utils
-assert utils.get_kv_class(utils.TransferBackend(sglang.register().value), utils.KVClassType.SENDER) is sglang.SpectrumKVSender
+member = backend.register()
+assert utils.get_kv_class(member, utils.KVClassType.SENDER) is backend.SpectrumKVSender
 print("installed:", spectrumkv.__file__, "connector:", type(connector).__module__ + "." + type(connector).__name__)
 PYEOF
 echo "python_package_install: PASS"
