@@ -80,10 +80,11 @@ class Node:
 
 
 class WithDaemons(unittest.TestCase):
+    decode_flags = ()
 
     @classmethod
     def setUpClass(cls):
-        cls.pair = daemons.DaemonPair().__enter__()
+        cls.pair = daemons.DaemonPair(decode_flags=cls.decode_flags).__enter__()
         cls.bootstrap = backend.SpectrumKVBootstrapServer("127.0.0.1", 0)
         cls.bootstrap_addr = "127.0.0.1:%d" % cls.bootstrap.port
 
@@ -208,6 +209,45 @@ class Transfers(WithDaemons):
         self.assertEqual(receiver.poll(), KVPoll.Failed)
         self.assertTrue(receiver.future.done())
         self.assertLess(time.monotonic() - started, 6.0)
+
+
+
+class StagingExpiry(WithDaemons):
+    decode_flags = ("--early_segment_ttl_seconds=1",)
+
+    def test_a_decode_that_comes_after_the_ttl_fails(self):
+        prefill, decode = self.nodes(peer="decode", receive_timeout_s=3.0)
+        kv = vllm_driver.synthetic_kv(LAYERS, 40, HEADS, HEAD_DIM, 10)
+        sender = backend.SpectrumKVSender(prefill.manager, self.bootstrap_addr, 2001, [0], 0)
+        sender.init(10)
+        pages = prefill.allocate(10)
+        prefill.write(kv, pages, 0, 40)
+        sender.send(pages)  # pushed into the decode daemon's staging before any Receive
+        self.assertEqual(self.poll_until_done(sender), [KVPoll.Success])  # the source was read: pages free
+        time.sleep(2.5)
+        receiver = backend.SpectrumKVReceiver(decode.manager, self.bootstrap_addr, 2001)
+        receiver.init(0)
+        receiver.send_metadata(decode.allocate(10))
+        self.assertEqual(self.poll_until_done(receiver), [KVPoll.Failed])
+
+
+class DaemonKilled(WithDaemons):
+
+    def test_killed_prefill_daemon_fails_both_sides_without_hanging(self):
+        prefill, decode = self.nodes(receive_timeout_s=4.0)
+        kv = vllm_driver.synthetic_kv(LAYERS, 80, HEADS, HEAD_DIM, 11)
+        receiver = backend.SpectrumKVReceiver(decode.manager, self.bootstrap_addr, 3001)
+        receiver.init(0)
+        receiver.send_metadata(decode.allocate(20))
+        sender = backend.SpectrumKVSender(prefill.manager, self.bootstrap_addr, 3001, [0], 0)
+        sender.init(20)
+        pages = prefill.allocate(20)
+        prefill.write(kv, pages, 0, 40)
+        sender.send(pages[:10])  # half the prompt, then the daemon dies
+        self.pair.kill("prefill")
+        started = time.monotonic()
+        self.assertEqual(self.poll_until_done(sender, receiver), [KVPoll.Failed, KVPoll.Failed])
+        self.assertLess(time.monotonic() - started, 15.0)
 
 
 if __name__ == "__main__":
