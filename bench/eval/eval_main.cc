@@ -1,6 +1,9 @@
 // skv-eval: the honest quality evaluation of KV compression methods (DESIGN.md section 6) on any
 // llama2.c checkpoint: PD-faithful perplexity / KL / top-1 against FP16 KV, passkey retrieval,
+// copy and multi-key recall with the question inside or outside the prefill (tasks.h),
 // and the two INT4 probes. See README.md in this folder.
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +36,7 @@
 #include "spectrumkv/codec/probe.h"
 #include "spectrumkv/engine/engine.h"
 #include "spectrumkv/engine/tokenizer.h"
+#include "tasks.h"
 #include "text_corpus.h"
 
 ABSL_FLAG(std::string, model, "", "llama2.c checkpoint (default: DATA/models/stories260K.bin)");
@@ -61,6 +65,16 @@ ABSL_FLAG(int, passkey_trials, 2, "passkey prompts per depth (0 skips the passke
 ABSL_FLAG(std::string, passkey_depths, "0.1,0.3,0.5,0.7,0.9", "passkey depths (fractions)");
 ABSL_FLAG(std::string, passkey_budgets, "", "budgets of the passkey grid (default: --budgets)");
 ABSL_FLAG(int, passkey_tokens, 0, "passkey prompt length (0: the context length C)");
+ABSL_FLAG(std::string, tasks, "passkey,copy,recall",
+          "tasks that need the prompt, scored under the PD protocol (README.md): passkey (its "
+          "grid's --passkey_trials and --passkey_budgets; inside = the passkey grid), copy, "
+          "recall; empty: none");
+ABSL_FLAG(std::string, question, "inside,outside",
+          "where the tasks' question is: inside the prefilled, compressed prompt, and/or outside "
+          "it (fed on the decode side after the transfer)");
+ABSL_FLAG(int, task_trials, -1, "copy and recall prompts per depth (-1: --passkey_trials)");
+ABSL_FLAG(std::string, task_budgets, "",
+          "budgets of the copy and recall grids (default: --passkey_budgets)");
 ABSL_FLAG(bool, probes, true, "run the paper's and the daemon's INT4 probes");
 ABSL_FLAG(int, query_window, 16, "observation-window queries per layer for importance");
 ABSL_FLAG(int, bootstrap, 2000, "bootstrap resamples for the 95% intervals");
@@ -141,6 +155,21 @@ struct RowState {
   double payload_sum = 0, dropped_sum = 0;
   std::array<double, kNumTiers> tier_sum{};
   std::map<double, PasskeyCell> passkey;
+  // [Task][Question]: cells by depth, and the first compression that failed.
+  std::array<std::array<std::map<double, TaskCell>, kNumQuestions>, kNumTasks> tasks;
+  std::array<std::array<std::string, kNumQuestions>, kNumTasks> task_errors;
+  std::array<std::array<bool, kNumQuestions>, kNumTasks> task_ran{};
+
+  void AddTask(Task t, Question q, double depth, const TaskCell& cell) {
+    TaskCell& c = tasks[size_t(t)][size_t(q)][depth];
+    c.depth = depth;
+    c.Add(cell);
+  }
+  void TaskFailed(Task t, Question q, const absl::Status& s) {
+    std::string& e = task_errors[size_t(t)][size_t(q)];
+    if (e.empty()) e = std::string(s.message());
+    if (row.error.empty()) row.error = std::string(s.message());
+  }
 
   // Records one compression's accounting; false (and the error kept) when it failed.
   bool Account(const absl::StatusOr<CompressedKv>& c, int context_tokens) {
@@ -194,6 +223,40 @@ absl::StatusOr<std::vector<float>> DecodeLogits(const std::shared_ptr<const engi
     return s;
   }
   return std::vector<float>(session->logits().begin(), session->logits().end());
+}
+
+// Decode side of one task trial: the received KV of `prompt`'s prefill for placement `q`, fed
+// what comes after that prefill. Copy: teacher-forced, the tokens after the cue scored; recall:
+// greedy, a hit when the digits come out exactly.
+absl::StatusOr<TaskCell> ScoreTaskTrial(const std::shared_ptr<const engine::Model>& model,
+                                        const engine::Tokenizer& tokenizer,
+                                        const TaskPrompt& prompt, Question q,
+                                        const CompressedKv& received) {
+  const std::span<const int> tokens(prompt.tokens);
+  const size_t begin = prompt.FeedBegin(q);
+  TaskCell cell;
+  cell.depth = prompt.depth;
+  cell.trials = 1;
+  if (prompt.task == Task::kCopy) {
+    const std::span<const int> feed = tokens.subspan(begin, tokens.size() - 1 - begin);
+    const std::span<const int> targets = tokens.subspan(prompt.answer_begin);
+    absl::StatusOr<std::vector<float>> logits = DecodeLogits(model, received, feed);
+    if (!logits.ok()) return logits.status();
+    const int vocab = model->config().vocab_size;
+    const size_t first_row = prompt.answer_begin - 1 - begin;
+    const CopyScore score = ScoreCopy(
+        std::span<const float>(*logits).subspan(first_row * size_t(vocab)), targets, vocab);
+    cell.tokens = score.tokens;
+    cell.correct = score.correct;
+    cell.nll_sum = score.nll_sum;
+    return cell;
+  }
+  absl::StatusOr<bool> hit =
+      RetrievesKey(model, tokenizer, received, tokens.subspan(begin, prompt.answer_begin - begin),
+                   prompt.answer);
+  if (!hit.ok()) return hit.status();
+  cell.hits = *hit ? 1 : 0;
+  return cell;
 }
 
 std::vector<KvLayerViews> ViewsOf(const engine::KvCache& kv) {
@@ -372,6 +435,32 @@ int Main(int argc, char** argv) {
   for (double b : *budgets) {
     if (!(b > 0 && b <= 1)) return fail(absl::InvalidArgumentError("budgets must be in (0, 1]"));
   }
+  const std::string task_budget_flag = absl::GetFlag(FLAGS_task_budgets);
+  absl::StatusOr<std::vector<double>> task_budgets =
+      task_budget_flag.empty() ? passkey_budgets : ParseList(task_budget_flag, "task_budgets");
+  if (!task_budgets.ok()) return fail(task_budgets.status());
+  for (const std::vector<double>* list : {&*passkey_budgets, &*task_budgets}) {
+    for (double b : *list) {
+      if (!(b > 0 && b <= 1)) return fail(absl::InvalidArgumentError("budgets must be in (0, 1]"));
+    }
+  }
+  std::array<bool, kNumTasks> task_on{};
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_tasks), ',', absl::SkipEmpty())) {
+    absl::StatusOr<Task> t = TaskByName(std::string_view(name.data(), name.size()));
+    if (!t.ok()) return fail(t.status());
+    task_on[size_t(*t)] = true;
+  }
+  std::array<bool, kNumQuestions> question_on{};
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_question), ',', absl::SkipEmpty())) {
+    absl::StatusOr<Question> q = QuestionByName(std::string_view(name.data(), name.size()));
+    if (!q.ok()) return fail(q.status());
+    question_on[size_t(*q)] = true;
+  }
+  const int task_trials = absl::GetFlag(FLAGS_task_trials) >= 0
+                              ? absl::GetFlag(FLAGS_task_trials)
+                              : absl::GetFlag(FLAGS_passkey_trials);
 
   absl::StatusOr<std::vector<double>> layer_weights =
       ParseList(absl::GetFlag(FLAGS_layer_weights), "layer_weights");
@@ -409,9 +498,11 @@ int Main(int argc, char** argv) {
     rows.push_back(std::move(state));
   };
   std::vector<double> all_budgets = *budgets;
-  for (double b : *passkey_budgets) {
-    if (std::find(all_budgets.begin(), all_budgets.end(), b) == all_budgets.end()) {
-      all_budgets.push_back(b);
+  for (const std::vector<double>* list : {&*passkey_budgets, &*task_budgets}) {
+    for (double b : *list) {
+      if (std::find(all_budgets.begin(), all_budgets.end(), b) == all_budgets.end()) {
+        all_budgets.push_back(b);
+      }
     }
   }
   std::sort(all_budgets.begin(), all_budgets.end());
@@ -523,7 +614,32 @@ int Main(int argc, char** argv) {
     if (!received->ok()) return false;
     return RetrievesKey(*model, *tokenizer, **received, prompt.tokens.back(), prompt.key);
   };
+  // The tasks (tasks.h): passkey's inside variant is the grid itself; its outside variant runs on
+  // the same prompts. Copy and recall draw their own prompts (seed + 2000).
+  const bool inside_on = question_on[size_t(Question::kInside)];
+  const bool outside_on = question_on[size_t(Question::kOutside)];
+  const bool passkey_task = task_on[size_t(Task::kPasskey)] && passkey_trials > 0;
+  for (int t = 0; t < kNumTasks; ++t) {
+    const int trials = Task(t) == Task::kPasskey ? passkey_trials : task_trials;
+    if (!task_on[size_t(t)] || trials <= 0 || (!inside_on && !outside_on)) continue;
+    report.tasks.push_back(Task(t));
+    report.task_trials_per_depth[size_t(t)] = trials;
+    const std::vector<double>& task_list =
+        Task(t) == Task::kPasskey ? *passkey_budgets : *task_budgets;
+    for (RowState& r : rows) {
+      if (!in_list(task_list, r)) continue;
+      for (int q = 0; q < kNumQuestions; ++q)
+        r.task_ran[size_t(t)][size_t(q)] = question_on[size_t(q)];
+    }
+  }
+  for (int q = 0; q < kNumQuestions; ++q) {
+    if (question_on[size_t(q)]) report.questions.push_back(Question(q));
+  }
+  report.task_depths = *depths;
+  std::sort(report.task_depths.begin(), report.task_depths.end());
+  report.task_prompt_tokens = passkey_tokens;
   if (passkey_trials > 0) {
+    const auto task_start = Clock::now();
     int done = 0;
     const int total = passkey_trials * int(depths->size());
     for (double depth : *depths) {
@@ -541,6 +657,9 @@ int Main(int argc, char** argv) {
           absl::StatusOr<bool> hit = run_trial(*prompt, r.method, r.budget, *prefill, &received);
           if (!hit.ok()) return fail(hit.status());
           if (!received.ok()) {
+            if (passkey_task && inside_on) {
+              r.TaskFailed(Task::kPasskey, Question::kInside, received.status());
+            }
             if (r.row.error.empty()) r.row.error = std::string(received.status().message());
             continue;
           }
@@ -549,11 +668,79 @@ int Main(int argc, char** argv) {
           cell.depth = depth;
           cell.hits += *hit ? 1 : 0;
           cell.trials += 1;
+          if (passkey_task && inside_on) {
+            r.AddTask(Task::kPasskey, Question::kInside, depth,
+                      TaskCell{.depth = depth, .trials = 1, .hits = *hit ? 1 : 0});
+          }
+        }
+        if (passkey_task && outside_on) {
+          // The question arrives after the transfer: prefill and importance end before it.
+          const std::span<const int> tokens(prompt->tokens);
+          absl::StatusOr<Prefill> before_question =
+              RunPrefill(*model, tokens.first(prompt->question_begin), report.query_window);
+          if (!before_question.ok()) return fail(before_question.status());
+          for (RowState& r : rows) {
+            if (!in_list(*passkey_budgets, r)) continue;
+            absl::StatusOr<CompressedKv> received =
+                compress(before_question->kv, before_question->queries, r.method, r.budget);
+            if (!received.ok()) {
+              r.TaskFailed(Task::kPasskey, Question::kOutside, received.status());
+              continue;
+            }
+            absl::StatusOr<bool> hit = RetrievesKey(
+                *model, *tokenizer, *received, tokens.subspan(prompt->question_begin), prompt->key);
+            if (!hit.ok()) return fail(hit.status());
+            r.AddTask(Task::kPasskey, Question::kOutside, depth,
+                      TaskCell{.depth = depth, .trials = 1, .hits = *hit ? 1 : 0});
+          }
         }
         std::fprintf(stderr, "skv-eval: passkey %d/%d (depth %.2f) done (%.0f s total)\n", ++done,
                      total, depth, SecondsSince(start));
       }
     }
+    report.task_seconds[size_t(Task::kPasskey)] = SecondsSince(task_start);
+  }
+
+  // ---- copy and recall -------------------------------------------------------------------------
+  std::mt19937_64 task_rng(absl::GetFlag(FLAGS_seed) + 2000);
+  for (const Task task : {Task::kCopy, Task::kRecall}) {
+    if (std::find(report.tasks.begin(), report.tasks.end(), task) == report.tasks.end()) continue;
+    const auto task_start = Clock::now();
+    int done = 0;
+    const int total = task_trials * int(depths->size());
+    for (double depth : *depths) {
+      for (int t = 0; t < task_trials; ++t) {
+        absl::StatusOr<TaskPrompt> prompt = BuildTaskPrompt(
+            task, *tokenizer, corpus->text, passkey_tokens, config.seq_len, depth, &task_rng);
+        if (!prompt.ok()) return fail(prompt.status());
+        for (const Question q : report.questions) {
+          absl::StatusOr<Prefill> prefill =
+              RunPrefill(*model, std::span<const int>(prompt->tokens).first(prompt->FeedBegin(q)),
+                         report.query_window);
+          if (!prefill.ok()) return fail(prefill.status());
+          for (RowState& r : rows) {
+            if (!in_list(*task_budgets, r)) continue;
+            absl::StatusOr<CompressedKv> received =
+                compress(prefill->kv, prefill->queries, r.method, r.budget);
+            if (!received.ok()) {
+              r.TaskFailed(task, q, received.status());
+              continue;
+            }
+            if (r.scores.empty() && r.passkey.empty()) {
+              r.Account(received, prefill->kv.tokens);  // rows of the task budgets only
+            }
+            absl::StatusOr<TaskCell> cell =
+                ScoreTaskTrial(*model, *tokenizer, *prompt, q, *received);
+            if (!cell.ok()) return fail(cell.status());
+            r.AddTask(task, q, depth, *cell);
+          }
+        }
+        std::fprintf(stderr, "skv-eval: %s %d/%d (depth %.2f, %zu tokens) done (%.0f s total)\n",
+                     TaskName(task), ++done, total, depth, prompt->tokens.size(),
+                     SecondsSince(start));
+      }
+    }
+    report.task_seconds[size_t(task)] = SecondsSince(task_start);
   }
 
   // ---- the paper's INT4 probe ----------------------------------------------------------------
@@ -599,6 +786,17 @@ int Main(int argc, char** argv) {
       for (int t = 0; t < kNumTiers; ++t) r.row.tier_fraction[t] = r.tier_sum[t] / r.compressions;
     }
     for (const auto& [depth, cell] : r.passkey) r.row.passkey.push_back(cell);
+    for (int t = 0; t < kNumTasks; ++t) {
+      for (int q = 0; q < kNumQuestions; ++q) {
+        TaskResult& result = r.row.tasks[size_t(t)][size_t(q)];
+        result.ran = r.task_ran[size_t(t)][size_t(q)];
+        if (!result.ran) continue;
+        for (const auto& [depth, cell] : r.tasks[size_t(t)][size_t(q)]) {
+          result.by_depth.push_back(cell);
+        }
+        result.error = r.task_errors[size_t(t)][size_t(q)];
+      }
+    }
     report.rows.push_back(r.row);
   }
   report.seconds = SecondsSince(start);

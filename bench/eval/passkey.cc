@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "tasks.h"
 
 namespace skv::eval {
 namespace {
@@ -64,6 +65,11 @@ absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const engine::Tokenizer& tokeni
     if (!tokens.ok()) return tokens.status();
     const int excess = static_cast<int>(tokens->size()) - max_tokens;
     if (excess <= 0) {
+      const std::string text = Compose(part, cut, prompt.key);
+      absl::StatusOr<std::vector<size_t>> starts = TokenStarts(tokenizer, *tokens, text);
+      if (!starts.ok()) return starts.status();
+      // The question is " " kQuestion at the end of the text.
+      prompt.question_begin = TokenHoldingByte(*starts, text.size() - kQuestion.size() - 1);
       prompt.tokens = std::move(*tokens);
       return prompt;
     }
@@ -77,13 +83,24 @@ absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const engine::Tokenizer& tokeni
 absl::StatusOr<bool> RetrievesKey(const std::shared_ptr<const engine::Model>& model,
                                   const engine::Tokenizer& tokenizer, const CompressedKv& kv,
                                   int last_prompt_token, std::string_view key) {
+  return RetrievesKey(model, tokenizer, kv, std::span<const int>(&last_prompt_token, 1), key);
+}
+
+absl::StatusOr<bool> RetrievesKey(const std::shared_ptr<const engine::Model>& model,
+                                  const engine::Tokenizer& tokenizer, const CompressedKv& kv,
+                                  std::span<const int> feed, std::string_view key) {
+  if (feed.empty()) return absl::InvalidArgumentError("RetrievesKey: nothing to feed");
   absl::StatusOr<engine::Session> session = engine::Session::FromKv(model, kv.kv, kv.keep);
   if (!session.ok()) return session.status();
   const int seq_len = model->config().seq_len;
   const int max_new = static_cast<int>(key.size()) + 3;
   std::string generated;
-  int prev = last_prompt_token;
-  absl::StatusOr<std::span<const float>> logits = session->Step(last_prompt_token);
+  int prev = feed.back();
+  // One forward over the fed tokens (for one token, exactly Step); its last row's logits.
+  if (absl::Status s = session->Forward(feed, {.logits = engine::LogitsMode::kLast}); !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<std::span<const float>> logits = session->last_logits();
   for (int i = 0; i < max_new; ++i) {
     if (!logits.ok()) return logits.status();
     const int next = Argmax(*logits);

@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -25,6 +26,9 @@ struct PasskeyPrompt {
   std::vector<int> tokens;  // BOS first; at most the requested length
   std::string key;          // the digits to retrieve
   double depth = 0;         // fraction of the filler before the key
+  // First token of the question " What is the pass key? The pass key is " (the token holding
+  // its leading space): with the question outside the prefill, the context is [0, this).
+  size_t question_begin = 0;
 };
 
 // Builds a prompt of at most `max_tokens` tokens (as close as the tokenizer allows) with a
@@ -39,5 +43,10 @@ absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const engine::Tokenizer& tokeni
 absl::StatusOr<bool> RetrievesKey(const std::shared_ptr<const engine::Model>& model,
                                   const engine::Tokenizer& tokenizer, const CompressedKv& kv,
                                   int last_prompt_token, std::string_view key);
+// The same with several tokens fed on the decode side first (the question, when it arrives
+// after the transfer), then greedy steps. One token fed is exactly the overload above.
+absl::StatusOr<bool> RetrievesKey(const std::shared_ptr<const engine::Model>& model,
+                                  const engine::Tokenizer& tokenizer, const CompressedKv& kv,
+                                  std::span<const int> feed, std::string_view key);
 
 }  // namespace skv::eval

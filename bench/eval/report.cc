@@ -74,6 +74,50 @@ std::string PasskeyText(const ResultRow& r) {
   return absl::StrFormat("%d/%d", r.passkey_hits(), r.passkey_trials());
 }
 
+// Rows in report order with FP16 first: the ceiling every task table starts with.
+std::vector<const ResultRow*> Fp16First(const EvalReport& report) {
+  std::vector<const ResultRow*> rows;
+  for (const ResultRow& r : report.rows) {
+    if (r.method == "fp16") rows.push_back(&r);
+  }
+  for (const ResultRow& r : report.rows) {
+    if (r.method != "fp16") rows.push_back(&r);
+  }
+  return rows;
+}
+
+bool AnyTaskRan(const EvalReport& report) {
+  for (const ResultRow& r : report.rows) {
+    for (const auto& task : r.tasks) {
+      for (const TaskResult& q : task) {
+        if (q.ran) return true;
+      }
+    }
+  }
+  return false;
+}
+
+// "0.934 / 1.27" (copy: token accuracy / PPL) or "3/4" (hits / trials); "-" when not run.
+std::string TaskCellText(Task task, const TaskCell& c, bool ran) {
+  if (!ran || c.trials == 0) return "-";
+  if (task == Task::kCopy) return absl::StrFormat("%.3f / %.2f", c.accuracy(), c.ppl());
+  return absl::StrFormat("%d/%d", c.hits, c.trials);
+}
+
+std::string TaskCellJson(Task task, const TaskCell& c, bool with_depth) {
+  std::string out = "{";
+  if (with_depth) absl::StrAppend(&out, "\"depth\":", JsonNumber(c.depth), ",");
+  absl::StrAppend(&out, "\"accuracy\":", c.trials ? JsonNumber(c.accuracy()) : "null");
+  if (task == Task::kCopy) {
+    absl::StrAppend(&out, ",\"ppl\":", c.tokens ? JsonNumber(c.ppl()) : "null",
+                    ",\"correct\":", c.correct, ",\"tokens\":", c.tokens);
+  } else {
+    absl::StrAppend(&out, ",\"hits\":", c.hits);
+  }
+  absl::StrAppend(&out, ",\"trials\":", c.trials, "}");
+  return out;
+}
+
 double MaxError(const std::vector<LayerProbe>& layers, bool int4) {
   double m = 0;
   for (const LayerProbe& l : layers) m = std::max(m, int4 ? l.int4_error : l.int8_error);
@@ -81,6 +125,27 @@ double MaxError(const std::vector<LayerProbe>& layers, bool int4) {
 }
 
 }  // namespace
+
+void TaskCell::Add(const TaskCell& other) {
+  trials += other.trials;
+  hits += other.hits;
+  tokens += other.tokens;
+  correct += other.correct;
+  nll_sum += other.nll_sum;
+}
+
+double TaskCell::accuracy() const {
+  if (tokens > 0) return double(correct) / double(tokens);
+  return trials > 0 ? double(hits) / double(trials) : 0.0;
+}
+
+double TaskCell::ppl() const { return tokens > 0 ? std::exp(nll_sum / double(tokens)) : 0.0; }
+
+TaskCell TaskResult::total() const {
+  TaskCell all;
+  for (const TaskCell& c : by_depth) all.Add(c);
+  return all;
+}
 
 int ResultRow::passkey_hits() const {
   int n = 0;
@@ -100,7 +165,30 @@ std::string RenderJson(const EvalReport& report) {
       ",\"text\":", JsonString(report.text), ",\"codec\":", JsonString(report.codec_path),
       ",\"context\":", report.context, ",\"continuation\":", report.continuation,
       ",\"windows\":", report.windows, ",\"fp16_ppl\":", JsonNumber(report.fp16_ppl),
-      ",\"passkey_prompt_tokens\":", report.passkey_prompt_tokens, ",\"results\":[");
+      ",\"passkey_prompt_tokens\":", report.passkey_prompt_tokens, ",\"task_setup\":{\"tasks\":[");
+  for (size_t i = 0; i < report.tasks.size(); ++i) {
+    absl::StrAppend(&out, i ? "," : "", JsonString(TaskName(report.tasks[i])));
+  }
+  out += "],\"questions\":[";
+  for (size_t i = 0; i < report.questions.size(); ++i) {
+    absl::StrAppend(&out, i ? "," : "", JsonString(QuestionName(report.questions[i])));
+  }
+  out += "],\"depths\":[";
+  for (size_t i = 0; i < report.task_depths.size(); ++i) {
+    absl::StrAppend(&out, i ? "," : "", JsonNumber(report.task_depths[i]));
+  }
+  absl::StrAppend(&out, "],\"prompt_tokens\":", report.task_prompt_tokens,
+                  ",\"copy_cue\":", kCopyCue, ",\"trials_per_depth\":{");
+  for (int t = 0; t < kNumTasks; ++t) {
+    absl::StrAppend(&out, t ? "," : "", JsonString(TaskName(Task(t))), ":",
+                    report.task_trials_per_depth[size_t(t)]);
+  }
+  out += "},\"seconds\":{";
+  for (int t = 0; t < kNumTasks; ++t) {
+    absl::StrAppend(&out, t ? "," : "", JsonString(TaskName(Task(t))), ":",
+                    JsonNumber(report.task_seconds[size_t(t)]));
+  }
+  out += "}},\"results\":[";
   bool first = true;
   for (const ResultRow& r : report.rows) {
     if (!first) out += ",";
@@ -110,7 +198,7 @@ std::string RenderJson(const EvalReport& report) {
     if (!r.error.empty()) {
       absl::StrAppend(&out,
                       ",\"achieved_b\":null,\"ppl_change_pct\":null,\"kl\":null,"
-                      "\"top1\":null,\"passkey\":null,\"error\":",
+                      "\"top1\":null,\"passkey\":null,\"tasks\":null,\"error\":",
                       JsonString(r.error), "}");
       continue;
     }
@@ -140,6 +228,29 @@ std::string RenderJson(const EvalReport& report) {
       }
       out += "]";
     }
+    out += ",\"tasks\":{";
+    for (int t = 0; t < kNumTasks; ++t) {
+      absl::StrAppend(&out, t ? "," : "", JsonString(TaskName(Task(t))), ":{");
+      for (int q = 0; q < kNumQuestions; ++q) {
+        const TaskResult& result = r.tasks[size_t(t)][size_t(q)];
+        absl::StrAppend(&out, q ? "," : "", JsonString(QuestionName(Question(q))), ":");
+        if (!result.ran) {
+          out += "null";
+          continue;
+        }
+        std::string total = TaskCellJson(Task(t), result.total(), false);
+        total.pop_back();  // reopen the object for the per-depth cells
+        absl::StrAppend(&out, total, ",\"by_depth\":[");
+        for (size_t d = 0; d < result.by_depth.size(); ++d) {
+          absl::StrAppend(&out, d ? "," : "", TaskCellJson(Task(t), result.by_depth[d], true));
+        }
+        out += "]";
+        if (!result.error.empty()) absl::StrAppend(&out, ",\"error\":", JsonString(result.error));
+        out += "}";
+      }
+      out += "}";
+    }
+    out += "}";
     absl::StrAppend(&out, ",\"dropped_fraction\":", JsonNumber(r.dropped_fraction),
                     ",\"tier_fraction\":{");
     for (int t = 0; t < kNumTiers; ++t) {
@@ -224,6 +335,34 @@ std::string RenderTable(const EvalReport& report) {
     absl::StrAppend(
         &out, absl::StrFormat("%-14s %6s %8.4f %8.4f %22s %12s %7s %8s\n", r.method, BudgetText(r),
                               r.achieved_b, r.payload_b, ppl, kl, top1, PasskeyText(r)));
+  }
+  if (!AnyTaskRan(report)) return out;
+  absl::StrAppend(&out,
+                  "\ntasks, question inside / outside the prefill (copy: token accuracy / PPL; "
+                  "recall, passkey: hits/trials)\n",
+                  absl::StrFormat("%-14s %6s", "method", "budget"));
+  for (int t = 0; t < kNumTasks; ++t) {
+    for (int q = 0; q < kNumQuestions; ++q) {
+      absl::StrAppend(&out,
+                      absl::StrFormat(t == int(Task::kCopy) ? " %15s" : " %11s",
+                                      absl::StrCat(TaskName(Task(t)), "_", q ? "out" : "in")));
+    }
+  }
+  out += "\n";
+  for (const ResultRow* r : Fp16First(report)) {
+    if (!r->error.empty()) continue;
+    bool any = false;
+    for (const auto& task : r->tasks) any |= task[0].ran || task[1].ran;
+    if (!any) continue;
+    absl::StrAppend(&out, absl::StrFormat("%-14s %6s", r->method, BudgetText(*r)));
+    for (int t = 0; t < kNumTasks; ++t) {
+      for (int q = 0; q < kNumQuestions; ++q) {
+        const TaskResult& result = r->tasks[size_t(t)][size_t(q)];
+        absl::StrAppend(&out, absl::StrFormat(t == int(Task::kCopy) ? " %15s" : " %11s",
+                                              TaskCellText(Task(t), result.total(), result.ran)));
+      }
+    }
+    out += "\n";
   }
   return out;
 }
@@ -310,6 +449,64 @@ std::string RenderMarkdown(const EvalReport& report) {
         out += cell;
       }
       absl::StrAppend(&out, " ", PasskeyText(r), " |\n");
+    }
+  }
+
+  if (AnyTaskRan(report)) {
+    absl::StrAppend(
+        &out, "\n## Tasks that need the prompt (PD protocol)\n\n",
+        "In the stand-in's training templates (tools/train_standin/train.py), prompts of at most ",
+        report.task_prompt_tokens, " tokens, ",
+        absl::StrJoin(report.task_depths, ", ",
+                      [](std::string* o, double d) { absl::StrAppend(o, d); }),
+        " as depths (fraction of the filler before the key, codes or first span). ",
+        "**Inside**: the whole prompt, question included, is prefilled and compressed (importance ",
+        "from its last ", report.query_window, " queries) and the decode side is fed its last ",
+        "token. **Outside**: the question arrives after the transfer: prefill and importance ",
+        "cover only the context before it, and the decode side feeds the question itself on top ",
+        "of the received KV. FP16 is the ceiling.\n");
+    const char* what[kNumTasks] = {
+        "passkey: greedy decoding must reproduce the 5-digit key exactly; the question is "
+        "\" What is the pass key? The pass key is \" (inside = the passkey grid above)",
+        "copy: a span of text (24-96 bytes) stated at the depth and repeated at the end; the "
+        "question is the repeat's first bytes (\" \" + 8 bytes), the rest of the span is "
+        "teacher-forced and scored: token accuracy (argmax = the copied token) / PPL of the copy",
+        "recall: 4-12 codes \"Codes: K123=48213; ...\" at the depth; the question is \" Code K456 "
+        "is \", greedy decoding must give the 5 digits exactly"};
+    for (const Task task : report.tasks) {
+      const int t = static_cast<int>(task);
+      absl::StrAppend(&out, "\n### ", TaskName(task), " (", report.task_trials_per_depth[size_t(t)],
+                      " prompts per depth)\n\n", what[t],
+                      ".\n\n| method | budget | achieved b | inside | outside |");
+      for (double d : report.task_depths) {
+        absl::StrAppend(&out, " depth ", absl::StrFormat("%.2g", d), " (in, out) |");
+      }
+      out += "\n|---|---|---|---|---|";
+      for (size_t i = 0; i < report.task_depths.size(); ++i) out += "---|";
+      out += "\n";
+      for (const ResultRow* r : Fp16First(report)) {
+        const auto& results = r->tasks[size_t(t)];
+        if (!results[0].ran && !results[1].ran) continue;
+        absl::StrAppend(&out, "| ", r->method, " | ", BudgetText(*r), " | ",
+                        absl::StrFormat("%.4f", r->achieved_b), " |");
+        for (const TaskResult& result : results) {
+          absl::StrAppend(&out, " ", TaskCellText(task, result.total(), result.ran),
+                          result.error.empty() ? "" : absl::StrCat(" (", result.error, ")"), " |");
+        }
+        for (double d : report.task_depths) {
+          std::string cell[kNumQuestions] = {"-", "-"};
+          for (int q = 0; q < kNumQuestions; ++q) {
+            for (const TaskCell& c : results[size_t(q)].by_depth) {
+              if (c.depth != d || c.trials == 0) continue;
+              // copy: accuracy only per depth (the PPL is in the totals)
+              cell[q] = task == Task::kCopy ? absl::StrFormat("%.3f", c.accuracy())
+                                            : TaskCellText(task, c, true);
+            }
+          }
+          absl::StrAppend(&out, " ", cell[0], ", ", cell[1], " |");
+        }
+        out += "\n";
+      }
     }
   }
 

@@ -10,6 +10,7 @@
 #include "diagnose.h"
 #include "quality.h"
 #include "spectrumkv/codec/formats.h"
+#include "tasks.h"
 
 namespace skv::eval {
 
@@ -17,6 +18,29 @@ struct PasskeyCell {
   double depth = 0;
   int hits = 0;
   int trials = 0;
+};
+
+// One task under one question placement at one depth (or pooled over depths): sums, so cells
+// pool exactly.
+struct TaskCell {
+  double depth = 0;
+  int trials = 0;  // prompts scored
+  int hits = 0;    // recall, passkey: exact answers
+  // copy: teacher-forced tokens after the cue
+  int tokens = 0;
+  int correct = 0;     // argmax == the copied token
+  double nll_sum = 0;  // of the copied tokens
+
+  void Add(const TaskCell& other);
+  double accuracy() const;  // copy: correct / tokens; recall, passkey: hits / trials
+  double ppl() const;       // copy: exp(nll_sum / tokens)
+};
+
+struct TaskResult {
+  bool ran = false;
+  std::vector<TaskCell> by_depth;  // ascending depth
+  std::string error;               // a compression that failed on some prompt (not scored)
+  TaskCell total() const;
 };
 
 // One method at one budget (fixed-rate methods: one row, no budget).
@@ -32,6 +56,8 @@ struct ResultRow {
   bool has_quality = false;
   QualitySummary quality;
   std::vector<PasskeyCell> passkey;  // by depth; empty when not run
+  // [Task][Question]: copy, recall and passkey with the question inside / outside the prefill.
+  std::array<std::array<TaskResult, kNumQuestions>, kNumTasks> tasks;
 
   int passkey_hits() const;
   int passkey_trials() const;
@@ -72,6 +98,13 @@ struct EvalReport {
   double fp16_ppl = 0;
   int passkey_prompt_tokens = 0;
   int passkey_trials_per_depth = 0;
+  // The tasks (tasks.h): which ran, with the question where, and their prompts.
+  std::vector<Task> tasks;
+  std::vector<Question> questions;
+  std::array<int, kNumTasks> task_trials_per_depth{};  // per Task
+  std::vector<double> task_depths;
+  int task_prompt_tokens = 0;  // prompt limit (copy: also the whole row within seq_len)
+  std::array<double, kNumTasks> task_seconds{};  // wall time spent per task
   double seconds = 0;
   std::vector<ResultRow> rows;
   ProbeReport probes;

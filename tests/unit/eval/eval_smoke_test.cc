@@ -13,155 +13,14 @@
 #include <variant>
 #include <vector>
 
+#include "eval_test_util.h"
+
 namespace skv::eval {
 namespace {
 
-// A small strict JSON reader: enough to check skv-eval's output without a dependency.
-struct Json {
-  using Object = std::map<std::string, Json>;
-  using Array = std::vector<Json>;
-  std::variant<std::nullptr_t, bool, double, std::string, Array, Object> value;
-
-  bool is_null() const { return std::holds_alternative<std::nullptr_t>(value); }
-  bool is_number() const { return std::holds_alternative<double>(value); }
-  double number() const { return std::get<double>(value); }
-  const std::string& string() const { return std::get<std::string>(value); }
-  const Array& array() const { return std::get<Array>(value); }
-  const Object& object() const { return std::get<Object>(value); }
-  bool has(const std::string& key) const { return object().count(key) > 0; }
-  const Json& operator[](const std::string& key) const { return object().at(key); }
-};
-
-class JsonParser {
- public:
-  explicit JsonParser(const std::string& text) : text_(text) {}
-
-  // False on any syntax error or trailing garbage.
-  bool Parse(Json* out) {
-    if (!Value(out)) return false;
-    SkipSpace();
-    return pos_ == text_.size();
-  }
-
- private:
-  void SkipSpace() {
-    while (pos_ < text_.size() && std::isspace(static_cast<unsigned char>(text_[pos_]))) ++pos_;
-  }
-  bool Literal(const char* word) {
-    const std::string w(word);
-    if (text_.compare(pos_, w.size(), w) != 0) return false;
-    pos_ += w.size();
-    return true;
-  }
-  bool String(std::string* out) {
-    if (text_[pos_] != '"') return false;
-    ++pos_;
-    while (pos_ < text_.size() && text_[pos_] != '"') {
-      if (text_[pos_] == '\\') {
-        if (++pos_ >= text_.size()) return false;
-        const char e = text_[pos_];
-        if (e == 'u') {
-          if (pos_ + 4 >= text_.size()) return false;
-          out->push_back('?');  // the checks never look at escaped code points
-          pos_ += 4;
-        } else {
-          out->push_back(e == 'n' ? '\n' : e == 't' ? '\t' : e);
-        }
-      } else {
-        out->push_back(text_[pos_]);
-      }
-      ++pos_;
-    }
-    if (pos_ >= text_.size()) return false;
-    ++pos_;
-    return true;
-  }
-  bool Value(Json* out) {
-    SkipSpace();
-    if (pos_ >= text_.size()) return false;
-    const char c = text_[pos_];
-    if (c == '{') {
-      ++pos_;
-      Json::Object object;
-      SkipSpace();
-      if (pos_ < text_.size() && text_[pos_] == '}') {
-        ++pos_;
-        out->value = std::move(object);
-        return true;
-      }
-      while (true) {
-        SkipSpace();
-        std::string key;
-        if (pos_ >= text_.size() || !String(&key)) return false;
-        SkipSpace();
-        if (pos_ >= text_.size() || text_[pos_++] != ':') return false;
-        Json item;
-        if (!Value(&item)) return false;
-        object[key] = std::move(item);
-        SkipSpace();
-        if (pos_ >= text_.size()) return false;
-        if (text_[pos_] == ',') {
-          ++pos_;
-          continue;
-        }
-        if (text_[pos_++] != '}') return false;
-        out->value = std::move(object);
-        return true;
-      }
-    }
-    if (c == '[') {
-      ++pos_;
-      Json::Array array;
-      SkipSpace();
-      if (pos_ < text_.size() && text_[pos_] == ']') {
-        ++pos_;
-        out->value = std::move(array);
-        return true;
-      }
-      while (true) {
-        Json item;
-        if (!Value(&item)) return false;
-        array.push_back(std::move(item));
-        SkipSpace();
-        if (pos_ >= text_.size()) return false;
-        if (text_[pos_] == ',') {
-          ++pos_;
-          continue;
-        }
-        if (text_[pos_++] != ']') return false;
-        out->value = std::move(array);
-        return true;
-      }
-    }
-    if (c == '"') {
-      std::string s;
-      if (!String(&s)) return false;
-      out->value = std::move(s);
-      return true;
-    }
-    if (Literal("null")) {
-      out->value = nullptr;
-      return true;
-    }
-    if (Literal("true")) {
-      out->value = true;
-      return true;
-    }
-    if (Literal("false")) {
-      out->value = false;
-      return true;
-    }
-    char* end = nullptr;
-    const double number = std::strtod(text_.c_str() + pos_, &end);
-    if (end == text_.c_str() + pos_) return false;
-    pos_ = static_cast<size_t>(end - text_.c_str());
-    out->value = number;
-    return true;
-  }
-
-  const std::string& text_;
-  size_t pos_ = 0;
-};
+using test_util::Json;
+using test_util::JsonParser;
+using test_util::RunCapturingStdout;
 
 std::string DataFile(const std::string& relative) {
   const char* env = std::getenv("SKV_DATA_DIR");
@@ -169,20 +28,6 @@ std::string DataFile(const std::string& relative) {
   const std::string path = dir + "/" + relative;
   std::error_code error;
   return std::filesystem::is_regular_file(path, error) ? path : "";
-}
-
-std::string RunCapturingStdout(const std::string& command, int* exit_code) {
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
-  std::string out;
-  if (pipe == nullptr) {
-    *exit_code = -1;
-    return out;
-  }
-  char buffer[4096];
-  size_t n = 0;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe.get())) > 0) out.append(buffer, n);
-  *exit_code = pclose(pipe.release());
-  return out;
 }
 
 TEST(EvalSmoke, Stories260KTwoWindowsTwoBudgets) {
@@ -196,7 +41,7 @@ TEST(EvalSmoke, Stories260KTwoWindowsTwoBudgets) {
   const std::string command = std::string(SKV_EVAL_BINARY) + " --model " + model + " --tokenizer " +
                               tokenizer + " --text " + text +
                               " --windows 2 --budgets 0.3,0.5 --passkey_trials 1 --bootstrap 200"
-                              " --json 2>/dev/null";
+                              " --passkey_depths 0.2,0.8 --json 2>/dev/null";
   int exit_code = 0;
   const std::string output = RunCapturingStdout(command, &exit_code);
   ASSERT_EQ(exit_code, 0) << command;
@@ -235,6 +80,14 @@ TEST(EvalSmoke, Stories260KTwoWindowsTwoBudgets) {
       EXPECT_GT(r["achieved_b"].number(), 0.0) << method;
     }
     if (r["achieved_b"].is_number()) {
+      // The tasks (default: all three, both placements) ran through the BPE tokenizer too.
+      for (const char* task : {"passkey", "copy", "recall"}) {
+        for (const char* q : {"inside", "outside"}) {
+          ASSERT_FALSE(r["tasks"][task][q].is_null()) << method << " " << task << " " << q;
+          EXPECT_EQ(r["tasks"][task][q]["trials"].number(), 2) << method << " " << task << " " << q;
+        }
+      }
+      EXPECT_GT(r["tasks"]["copy"]["inside"]["tokens"].number(), 0) << method;
       EXPECT_TRUE(r["ppl_change_pct"].is_number()) << method;
       EXPECT_GE(r["kl"].number(), 0.0) << method;
       EXPECT_GE(r["top1"].number(), 0.0) << method;
@@ -247,6 +100,7 @@ TEST(EvalSmoke, Stories260KTwoWindowsTwoBudgets) {
     EXPECT_EQ(methods.count(m), 1u) << m;
   }
   ASSERT_TRUE(root.has("probes"));
+  ASSERT_TRUE(root.has("task_setup"));
 }
 
 TEST(EvalSmoke, SkipsWithAMessageWhenTheModelIsAbsent) {

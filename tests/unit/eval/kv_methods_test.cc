@@ -11,6 +11,7 @@
 #include <random>
 #include <string>
 
+#include "eval_test_util.h"
 #include "passkey.h"
 #include "spectrumkv/engine/checkpoint_writer.h"
 #include "spectrumkv/engine/tokenizer.h"
@@ -140,30 +141,8 @@ TEST_F(KvMethodsTest, UnknownMethodNamesTheKnownOnes) {
   EXPECT_NE(m.status().message().find("rd-perchannel"), std::string::npos);
 }
 
-// The stand-in's byte tokenizer: printable ASCII as itself, other bytes as <0xXX>, id = byte + 3.
-std::string ByteTokenizerFile() {
-  std::string file;
-  auto put_int = [&](int32_t v) { file.append(reinterpret_cast<const char*>(&v), 4); };
-  auto put_piece = [&](const std::string& p) {
-    const float score = 0;
-    file.append(reinterpret_cast<const char*>(&score), 4);
-    put_int(int32_t(p.size()));
-    file += p;
-  };
-  put_int(6);
-  put_piece("<unk>");
-  put_piece("\n<s>\n");
-  put_piece("\n</s>\n");
-  for (int b = 0; b < 256; ++b) {
-    char hex[8];
-    std::snprintf(hex, sizeof(hex), "<0x%02X>", b);
-    put_piece(b >= 0x20 && b <= 0x7e ? std::string(1, char(b)) : std::string(hex));
-  }
-  return file;
-}
-
 TEST(PasskeyPromptTest, FitsTheLimitAndStatesTheKeyBeforeTheQuestion) {
-  auto tokenizer = engine::Tokenizer::Parse(ByteTokenizerFile(), 259);
+  auto tokenizer = engine::Tokenizer::Parse(test_util::ByteTokenizerFile(), 259);
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
   std::string filler;
   while (filler.size() < 20000) filler += "It is a truth universally acknowledged. ";
