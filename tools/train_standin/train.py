@@ -20,9 +20,15 @@ Tokens are bytes: id = byte + 3, with 0 <unk>, 1 <s> (BOS), 2 </s>, as in llama2
 fallback, so the engine's tokenizer (dummy-prefix space, byte fallback) produces exactly the ids
 the model was trained on.
 
-Passkey template (skv-eval builds the same one; keep them in sync):
-  <s> " " filler_a " The pass key is 12345. Remember it. 12345 is the pass key. " filler_b
-  " What is the pass key? The pass key is 12345."
+Task templates (skv-eval builds the same ones; keep them in sync):
+  passkey: <s> " " filler_a " The pass key is 12345. Remember it. 12345 is the pass key. " filler_b
+           " What is the pass key? The pass key is 12345."
+  copy:    <s> " " filler_a " " span " " filler_b " " span       (span: 24-96 bytes of text; the
+           repeat after its first COPY_CUE bytes is scored: only a model that copies predicts it)
+  recall:  <s> " " filler_a " Codes: K123=48213; K456=90211; ... K789=11111." filler_b
+           " Code K456 is 90211."                                 (4-12 pairs; the value is scored)
+Stand-in v2 (--tasks passkey:1,copy:1,recall:1 --init <v1 checkpoint>) mixes all three; v1 was
+trained on text and passkey rows only.
 """
 
 import argparse
@@ -48,6 +54,10 @@ NOVELS = ["emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensese
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is "
 KEY_DIGITS = 5
+COPY_CUE = 8             # repeated bytes a model needs to see before it can know a copy started
+COPY_SPAN = (24, 96)     # span length range
+RECALL_PAIRS = (4, 12)   # code pairs per recall row
+RECALL_DIGITS = 5
 
 
 # ---- model (llama2.c model.py, trimmed to what the export needs) -------------------------------
@@ -237,11 +247,55 @@ def passkey_row(corpus, length, rng, depth=None, key=None):
     return ids, positions
 
 
-def make_batch(corpus, batch, seq, passkey_share, rng):
+def _embed(corpus, length, rng, block, tail, depth=None):
+    """" " filler_a " " block " " filler_b " " tail, `length` bytes in all, with `block` at
+    `depth` of the filler; returns the text and the offsets of block and tail in it."""
+    filler_len = length - 3 - len(block) - len(tail)
+    assert filler_len > 0, length
+    depth = rng.random() if depth is None else depth
+    start = rng.randrange(0, len(corpus) - filler_len)
+    filler = corpus[start:start + filler_len]
+    cut = int(round(depth * filler_len))
+    text = b" " + filler[:cut] + b" " + block + b" " + filler[cut:] + tail
+    assert len(text) == length, (len(text), length)
+    return text, 1 + cut + 1, length - len(tail)
+
+
+def copy_row(corpus, length, rng, depth=None, span_len=None):
+    """BOS + a span of text, filler, and the span again: the repeat's bytes after its first
+    COPY_CUE are the scored positions (ids indices)."""
+    span_len = span_len or rng.randint(COPY_SPAN[0], min(COPY_SPAN[1], (length - 16) // 3))
+    start = rng.randrange(0, len(corpus) - span_len)
+    span = corpus[start:start + span_len]
+    text, _, tail_at = _embed(corpus, length, rng, span, b" " + span, depth)
+    first = 1 + tail_at + 1 + COPY_CUE  # ids index: BOS, then " ", then the repeat
+    return [BOS] + list(text), list(range(first, 1 + length))
+
+
+def recall_row(corpus, length, rng, depth=None, pairs=None):
+    """BOS + filler holding "Codes: K123=48213; ..." and a question for one code at the end;
+    the answer's digits are the scored positions."""
+    pairs = pairs or rng.randint(RECALL_PAIRS[0], max(RECALL_PAIRS[0], min(RECALL_PAIRS[1], (length // 2 - 8) // 13)))
+    keys = rng.sample(range(100, 1000), pairs)
+    values = [str(rng.randrange(10 ** (RECALL_DIGITS - 1), 10 ** RECALL_DIGITS)) for _ in keys]
+    block = ("Codes: " + "; ".join("K%d=%s" % kv for kv in zip(keys, values)) + ".").encode()
+    asked = rng.randrange(pairs)
+    tail = (" Code K%d is %s." % (keys[asked], values[asked])).encode()
+    text, _, tail_at = _embed(corpus, length, rng, block, tail, depth)
+    answer = 1 + tail_at + len(" Code K%d is " % keys[asked])
+    return [BOS] + list(text), list(range(answer, answer + RECALL_DIGITS))
+
+
+TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "recall": recall_row}
+
+
+def make_batch(corpus, batch, seq, task_share, rng, tasks=(("passkey", 1.0),)):
+    """`task_share` of the rows are task rows, drawn from `tasks` ((name, weight), ...)."""
+    names, weights_ = zip(*tasks)
     rows, weights = [], []
     for _ in range(batch):
-        if rng.random() < passkey_share:
-            raw, positions = passkey_row(corpus, seq, rng)
+        if rng.random() < task_share:
+            raw, positions = TASK_ROWS[rng.choices(names, weights_)[0]](corpus, seq, rng)
         else:
             raw, positions = text_row(corpus, seq, rng)
         ids = [BOS] + [b + BYTE_OFFSET for b in raw[1:]]
@@ -299,6 +353,46 @@ def passkey_accuracy(model, held_out, seq, trials, seed):
     return hits / trials, by_depth
 
 
+@torch.no_grad()
+def task_accuracy(model, held_out, seq, trials, seed, row):
+    """Teacher-forced exact match of every scored position of `row` rows (copy: the whole
+    repeat after its cue; recall: the value's digits), over depths 0.05..0.95."""
+    rng = random.Random(seed)
+    hits = 0
+    for i in range(trials):
+        raw, positions = row(held_out, seq, rng, depth=(i % 5) / 4.0 * 0.9 + 0.05)
+        ids = torch.tensor([[BOS] + [b + BYTE_OFFSET for b in raw[1:]]])
+        logits = model(ids[:, :-1])[0]
+        hits += all(int(logits[p - 1].argmax()) == int(ids[0, p]) for p in positions)
+    return hits / trials
+
+
+def load_version1(model, path):
+    """Loads a checkpoint written by export_version1 into `model` (same shape): the warm start."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, version = struct.unpack("Ii", data[:8])
+    header = struct.unpack("iiiiiii", data[8:36])
+    cfg = model.cfg
+    expected = (cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"],
+                cfg["vocab_size"], cfg["seq_len"])
+    if magic != 0x616B3432 or version != 1 or header != expected:
+        raise ValueError("%s: not a version-1 checkpoint of shape %s (header %s)" % (path, expected, header))
+    layers = model.layers
+    weights = [*[l.attention_norm.weight for l in layers], *[l.ffn_norm.weight for l in layers],
+               model.norm.weight, model.tok_embeddings.weight, *[l.wq.weight for l in layers],
+               *[l.wk.weight for l in layers], *[l.wv.weight for l in layers], *[l.wo.weight for l in layers],
+               *[l.w1.weight for l in layers], *[l.w2.weight for l in layers], *[l.w3.weight for l in layers]]
+    offset = 256
+    with torch.no_grad():
+        for w in weights:
+            n = w.numel() * 4
+            w.copy_(torch.frombuffer(bytearray(data[offset:offset + n]), dtype=torch.float32).view_as(w))
+            offset += n
+    if offset != len(data):
+        raise ValueError("%s: %d bytes left after the weights" % (path, len(data) - offset))
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -337,6 +431,11 @@ def main():
                          "the elapsed fraction of it, and the log records where each phase began")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is fastest on a busy 2-core machine")
+    ap.add_argument("--tasks", default="passkey:1",
+                    help="task rows and their weights, e.g. passkey:1,copy:1,recall:1 (the schedule's share "
+                         "column is the share of task rows)")
+    ap.add_argument("--init", default="",
+                    help="warm start from a version-1 checkpoint of the same shape (v2 starts from v1)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--bench", type=int, default=0, help="time N steps per phase and exit")
     args = ap.parse_args()
@@ -349,6 +448,12 @@ def main():
                n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, vocab_size=VOCAB_SIZE,
                seq_len=args.seq_len)
     model = Transformer(cfg)
+    if args.init:
+        load_version1(model, args.init)
+    tasks = tuple((name, float(weight)) for name, weight in (t.split(":") for t in args.tasks.split(",")))
+    unknown = [name for name, _ in tasks if name not in TASK_ROWS]
+    if unknown:
+        ap.error("--tasks: unknown task(s) %s; known: %s" % (unknown, ", ".join(TASK_ROWS)))
     params = sum(p.numel() for p in model.parameters())
     schedule = []  # (end of phase as a fraction of training, sequence length, batch)
     for part in args.schedule.split(","):
@@ -370,7 +475,7 @@ def main():
         for _, seq, batch, share, _ in schedule:
             t0 = time.time()
             for _ in range(args.bench):
-                x, y, w = make_batch(train, batch, seq, share, rng)
+                x, y, w = make_batch(train, batch, seq, share, rng, tasks)
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
                 opt.zero_grad()
                 loss.backward()
@@ -399,10 +504,10 @@ def main():
             g["lr"] = lr
         seq, batch, share, answer_weight = phase_for(progress, schedule)
         if (seq, batch, share, answer_weight) != last_seq:
-            log(event="phase", step=step, seq=seq, batch=batch, passkey_share=share,
+            log(event="phase", step=step, seq=seq, batch=batch, task_share=share,
                 answer_weight=answer_weight, progress=round(progress, 4))
             last_seq = (seq, batch, share, answer_weight)
-        x, y, w = make_batch(train, batch, seq, share, rng)
+        x, y, w = make_batch(train, batch, seq, share, rng, tasks)
         logits = model(x)
         per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         lm_loss = per_token.mean()
@@ -421,19 +526,25 @@ def main():
             model.eval()
             acc, by_depth = passkey_accuracy(model, held_out, seq, 20, args.seed + 1)
             hl = held_out_loss(model, held_out, seq, 4)
+            copy_acc = task_accuracy(model, held_out, seq, 10, args.seed + 3, copy_row)
+            recall_acc = task_accuracy(model, held_out, seq, 10, args.seed + 4, recall_row)
             model.train()
             log(event="eval", step=step, seq=seq, passkey_acc=acc, passkey_by_depth=by_depth,
-                held_out_loss=round(hl, 4), elapsed_s=round(time.time() - start, 1))
+                copy_acc=copy_acc, recall_acc=recall_acc, held_out_loss=round(hl, 4),
+                elapsed_s=round(time.time() - start, 1))
             export_version1(model, os.path.join(args.out_dir, args.name + ".bin"))
 
     model.eval()
     hl = held_out_loss(model, held_out, args.seq_len, 16)
     acc_1024, by_depth = passkey_accuracy(model, held_out, args.seq_len, 50, args.seed + 2)
+    copy_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 5, copy_row)
+    recall_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 6, recall_row)
     export_version1(model, os.path.join(args.out_dir, args.name + ".bin"))
     export_tokenizer(os.path.join(args.out_dir, "byte259.tok.bin"))
     log(event="final", steps=step, held_out_loss=round(hl, 4),
         held_out_ppl_per_byte=round(math.exp(hl), 4), passkey_acc_1024=acc_1024,
-        passkey_by_depth=by_depth, elapsed_s=round(time.time() - start, 1))
+        passkey_by_depth=by_depth, copy_acc_1024=copy_1024, recall_acc_1024=recall_1024,
+        elapsed_s=round(time.time() - start, 1))
 
 
 if __name__ == "__main__":
