@@ -12,8 +12,10 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -89,7 +91,18 @@ ABSL_FLAG(std::string, plot, "", "write a PNG: quality vs achieved b, one line p
 ABSL_FLAG(std::string, plot_script, SKV_EVAL_PLOT_SCRIPT, "the plotting script");
 ABSL_FLAG(std::string, diagnose, "rd@0.3,rd@0.5,paper@0.3,paper-2tier@0.3,pdtrim@0.3,int4",
           "METHOD[@BUDGET] list diagnosed layer by layer on the first window: tiers of each "
-          "layer's K and V rows and the relative error of its attention output (empty: none)");
+          "layer's K and V rows and the relative RMS error of its attention output with the "
+          "--diagnose_queries (empty: none)");
+ABSL_FLAG(std::string, diagnose_queries, "continuation",
+          "queries the --diagnose attention error is measured with: continuation (held out: the "
+          "queries of the tokens the decode side feeds, the last context token and the "
+          "continuation, from a forward on the FP16 KV) or scoring (the prefill's last "
+          "--query_window queries, the ones importance was scored with: flatters query-aware "
+          "methods; for comparison only)");
+ABSL_FLAG(std::string, compare, "",
+          "A:B,... method pairs compared at each budget both ran at with a paired bootstrap of "
+          "the difference (A minus B) of KL, PPL change and top-1; empty: rd against every other "
+          "budgeted method present (paper and pdtrim first); none: no comparisons");
 ABSL_FLAG(std::string, encode_daemon, "",
           "gRPC address of a spectrumkvd: planner methods are encoded by its stateless Encode "
           "instead of the in-process codec (needs --decode_daemon; fp16, paper*, rd* only)");
@@ -520,6 +533,49 @@ int Main(int argc, char** argv) {
     return !r.row.budget.has_value() ||
            std::find(list.begin(), list.end(), *r.row.budget) != list.end();
   };
+  // Paired comparisons (--compare): A minus B at each budget of --budgets both ran at.
+  auto has_method = [&](const std::string& name) {
+    return std::find(method_names.begin(), method_names.end(), name) != method_names.end();
+  };
+  std::vector<std::pair<std::string, std::string>> compare_pairs;
+  const std::string compare_flag = absl::GetFlag(FLAGS_compare);
+  if (compare_flag.empty()) {
+    if (has_method("rd")) {
+      std::vector<std::string> others;
+      for (const char* name : {"paper", "pdtrim"}) {
+        if (has_method(name)) others.push_back(name);
+      }
+      for (const RowState& r : rows) {
+        const std::string& name = r.method.name;
+        if (name != "rd" && r.method.budgeted() &&
+            std::find(others.begin(), others.end(), name) == others.end()) {
+          others.push_back(name);
+        }
+      }
+      for (const std::string& other : others) compare_pairs.emplace_back("rd", other);
+    }
+  } else if (compare_flag != "none") {
+    for (absl::string_view item : absl::StrSplit(compare_flag, ',', absl::SkipEmpty())) {
+      std::vector<std::string> pair = absl::StrSplit(item, ':');
+      if (pair.size() != 2 || pair[0].empty() || pair[1].empty() || pair[0] == pair[1]) {
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("--compare: '", item, "' is not A:B with two different methods")));
+      }
+      for (const std::string& name : pair) {
+        if (!has_method(name)) {
+          return fail(absl::InvalidArgumentError(
+              absl::StrCat("--compare: ", name, " is not among --methods")));
+        }
+      }
+      compare_pairs.emplace_back(pair[0], pair[1]);
+    }
+  }
+  DiagnosisQuerySource diagnosis_source = DiagnosisQuerySource::kContinuation;
+  if (absl::GetFlag(FLAGS_diagnose_queries) == "scoring") {
+    diagnosis_source = DiagnosisQuerySource::kScoringWindow;
+  } else if (absl::GetFlag(FLAGS_diagnose_queries) != "continuation") {
+    return fail(absl::InvalidArgumentError("--diagnose_queries: continuation or scoring"));
+  }
 
   EvalReport report;
   report.model = std::filesystem::path(model_path).filename().string();
@@ -538,6 +594,7 @@ int Main(int argc, char** argv) {
   report.windows = windows;
   report.query_window = absl::GetFlag(FLAGS_query_window);
   report.bootstrap_resamples = absl::GetFlag(FLAGS_bootstrap);
+  report.diagnosis_queries = diagnosis_source;
   std::fprintf(stderr, "skv-eval: %s (%s) on %s: %zu text tokens, %d windows of C=%d + L=%d\n",
                report.model.c_str(), report.model_shape.c_str(), report.text.c_str(),
                text_tokens->size(), windows, context, continuation);
@@ -558,7 +615,15 @@ int Main(int argc, char** argv) {
     absl::StatusOr<Prefill> prefill =
         RunPrefill(*model, all.first(size_t(context - 1)), report.query_window);
     if (!prefill.ok()) return fail(prefill.status());
-    if (w == 0) {
+    if (w == 0 && !absl::GetFlag(FLAGS_diagnose).empty()) {
+      // Held out by default: the queries of the tokens fed after the transfer, on FP16 KV.
+      DiagnosisQueries probe = ScoringWindowQueries(prefill->queries);
+      if (diagnosis_source == DiagnosisQuerySource::kContinuation) {
+        absl::StatusOr<DiagnosisQueries> held_out = ContinuationQueries(*model, prefill->kv, feed);
+        if (!held_out.ok()) return fail(held_out.status());
+        probe = std::move(*held_out);
+      }
+      report.diagnosis_query_tokens = probe.queries.tokens;
       for (absl::string_view item :
            absl::StrSplit(absl::GetFlag(FLAGS_diagnose), ',', absl::SkipEmpty())) {
         std::vector<std::string> parts = absl::StrSplit(item, '@');
@@ -569,7 +634,7 @@ int Main(int argc, char** argv) {
           return fail(
               absl::InvalidArgumentError(absl::StrCat("--diagnose: bad budget in '", item, "'")));
         }
-        report.diagnoses.push_back(Diagnose(prefill->kv, prefill->queries, *m, b));
+        report.diagnoses.push_back(Diagnose(prefill->kv, prefill->queries, probe, *m, b));
       }
     }
     if (w == 0 && absl::GetFlag(FLAGS_probes)) {
@@ -798,6 +863,37 @@ int Main(int argc, char** argv) {
       }
     }
     report.rows.push_back(r.row);
+  }
+  // Paired comparisons: the same windows and bootstrap draws (seed) for both sides.
+  auto scored = [&](const RowState& r) -> std::string {
+    if (!r.row.error.empty()) return absl::StrCat(r.method.name, ": ", r.row.error);
+    if (r.scores.empty() || r.scores.size() != reference_scores.size()) {
+      return absl::StrCat(r.method.name, " was not scored on every window");
+    }
+    return "";
+  };
+  for (const auto& [a, b] : compare_pairs) {
+    for (const RowState& ra : rows) {
+      if (ra.method.name != a || !in_list(*budgets, ra)) continue;
+      for (const RowState& rb : rows) {
+        if (rb.method.name != b || !in_list(*budgets, rb)) continue;
+        if (ra.row.budget.has_value() && rb.row.budget.has_value() &&
+            *ra.row.budget != *rb.row.budget) {
+          continue;  // a fixed-rate side pairs with every budget of the other
+        }
+        Comparison c;
+        c.a = a;
+        c.b = b;
+        c.budget = ra.row.budget.has_value() ? ra.row.budget : rb.row.budget;
+        c.error = scored(ra);
+        if (c.error.empty()) c.error = scored(rb);
+        if (c.error.empty()) {
+          c.diff = PairedBootstrap(ra.scores, rb.scores, reference_scores,
+                                   report.bootstrap_resamples, absl::GetFlag(FLAGS_seed));
+        }
+        report.comparisons.push_back(std::move(c));
+      }
+    }
   }
   report.seconds = SecondsSince(start);
 

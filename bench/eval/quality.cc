@@ -45,6 +45,11 @@ double Percentile(std::vector<double> values, double q) {
   return values[i] + (pos - double(i)) * (values[j] - values[i]);
 }
 
+void SetInterval(const std::vector<double>& draws, Interval* out) {
+  out->lo = draws.empty() ? out->value : Percentile(draws, 0.025);
+  out->hi = draws.empty() ? out->value : Percentile(draws, 0.975);
+}
+
 }  // namespace
 
 ContinuationScore ScoreContinuation(std::span<const float> logits, std::span<const float> reference,
@@ -104,14 +109,58 @@ QualitySummary Summarize(std::span<const ContinuationScore> method,
     kl.push_back(t.kl / t.tokens);
     top1.push_back(t.top1 / t.tokens);
   }
-  auto interval = [&](Interval* out, const std::vector<double>& draws) {
-    out->lo = draws.empty() ? out->value : Percentile(draws, 0.025);
-    out->hi = draws.empty() ? out->value : Percentile(draws, 0.975);
-  };
-  interval(&s.ppl_change_pct, ppl);
-  interval(&s.kl, kl);
-  interval(&s.top1, top1);
+  SetInterval(ppl, &s.ppl_change_pct);
+  SetInterval(kl, &s.kl);
+  SetInterval(top1, &s.top1);
   return s;
+}
+
+PairedDifference PairedBootstrap(std::span<const ContinuationScore> a,
+                                 std::span<const ContinuationScore> b,
+                                 std::span<const ContinuationScore> reference, int resamples,
+                                 uint64_t seed) {
+  PairedDifference d;
+  const size_t n = std::min({a.size(), b.size(), reference.size()});
+  d.windows = static_cast<int>(n);
+  if (n == 0) return d;
+  struct Diff {
+    double kl, ppl, top1;
+  };
+  auto diff = [](const Totals& ta, const Totals& tb) {
+    return Diff{ta.kl / ta.tokens - tb.kl / tb.tokens, PplChangePct(ta) - PplChangePct(tb),
+                ta.top1 / ta.tokens - tb.top1 / tb.tokens};
+  };
+  Totals all_a, all_b;
+  for (size_t w = 0; w < n; ++w) {
+    Add(a[w], reference[w], &all_a);
+    Add(b[w], reference[w], &all_b);
+  }
+  d.tokens = static_cast<int>(all_a.tokens);
+  const Diff value = diff(all_a, all_b);
+  d.kl.value = value.kl;
+  d.ppl_change_pct.value = value.ppl;
+  d.top1.value = value.top1;
+
+  // The same generator and the same one pick per window per draw as Summarize.
+  std::vector<double> kl, ppl, top1;
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<size_t> pick(0, n - 1);
+  for (int r = 0; r < resamples; ++r) {
+    Totals ta, tb;
+    for (size_t i = 0; i < n; ++i) {
+      const size_t w = pick(rng);
+      Add(a[w], reference[w], &ta);
+      Add(b[w], reference[w], &tb);
+    }
+    const Diff x = diff(ta, tb);
+    kl.push_back(x.kl);
+    ppl.push_back(x.ppl);
+    top1.push_back(x.top1);
+  }
+  SetInterval(kl, &d.kl);
+  SetInterval(ppl, &d.ppl_change_pct);
+  SetInterval(top1, &d.top1);
+  return d;
 }
 
 }  // namespace skv::eval

@@ -118,6 +118,29 @@ std::string TaskCellJson(Task task, const TaskCell& c, bool with_depth) {
   return out;
 }
 
+std::string ComparisonBudgetText(const Comparison& c) {
+  return c.budget.has_value() ? absl::StrFormat("%.2f", *c.budget) : std::string("fixed");
+}
+
+const char* YesNo(bool v) { return v ? "yes" : "no"; }
+
+// What the diagnosis attended with, in words (Markdown and README agree).
+std::string DiagnosisQueriesText(const EvalReport& report) {
+  if (report.diagnosis_queries == DiagnosisQuerySource::kContinuation) {
+    return absl::StrCat(
+        "held-out queries: the ", report.diagnosis_query_tokens,
+        " queries of the tokens the decode side feeds after the transfer (the last context token "
+        "and the teacher-forced continuation), computed by one forward of those tokens on the "
+        "FP16 KV, so the same for every method; each attends the whole transferred prefix and, "
+        "causally, its own tokens' FP16 K/V. Never the prefill's last ",
+        report.query_window, " queries the importance scoring used");
+  }
+  return absl::StrCat("the scoring window (--diagnose_queries=scoring): the prefill's last ",
+                      report.diagnosis_query_tokens,
+                      " queries, the very queries the importance scoring used, attending the "
+                      "prefix causally. This flatters the query-aware methods (rd*, paper*)");
+}
+
 double MaxError(const std::vector<LayerProbe>& layers, bool int4) {
   double m = 0;
   for (const LayerProbe& l : layers) m = std::max(m, int4 ? l.int4_error : l.int8_error);
@@ -290,7 +313,11 @@ std::string RenderJson(const EvalReport& report) {
   } else {
     absl::StrAppend(&out, "null");
   }
-  out += "},\"diagnosis\":[";
+  absl::StrAppend(&out, "},\"diagnosis_setup\":{\"queries\":",
+                  JsonString(DiagnosisQuerySourceName(report.diagnosis_queries)),
+                  ",\"query_tokens\":", report.diagnosis_query_tokens,
+                  ",\"error\":\"relative_rms\"}");
+  out += ",\"diagnosis\":[";
   for (size_t i = 0; i < report.diagnoses.size(); ++i) {
     const Diagnosis& d = report.diagnoses[i];
     absl::StrAppend(&out, i ? "," : "", "{\"method\":", JsonString(d.method),
@@ -311,6 +338,28 @@ std::string RenderJson(const EvalReport& report) {
                       ",\"k\":", tiers(x.key_tiers), ",\"v\":", tiers(x.value_tiers), "}");
     }
     out += "]}";
+  }
+  out += "],\"comparisons\":[";
+  for (size_t i = 0; i < report.comparisons.size(); ++i) {
+    const Comparison& c = report.comparisons[i];
+    absl::StrAppend(&out, i ? "," : "", "{\"a\":", JsonString(c.a), ",\"b\":", JsonString(c.b),
+                    ",\"budget\":", c.budget.has_value() ? JsonNumber(*c.budget) : "null");
+    if (!c.error.empty()) {
+      absl::StrAppend(&out, ",\"error\":", JsonString(c.error), "}");
+      continue;
+    }
+    const PairedDifference& d = c.diff;
+    absl::StrAppend(
+        &out, ",\"windows\":", d.windows, ",\"tokens\":", d.tokens,
+        ",\"kl_diff\":", JsonNumber(d.kl.value), ",\"kl_lo\":", JsonNumber(d.kl.lo),
+        ",\"kl_hi\":", JsonNumber(d.kl.hi),
+        ",\"kl_excludes_zero\":", PairedDifference::ExcludesZero(d.kl) ? "true" : "false",
+        ",\"ppl_diff\":", JsonNumber(d.ppl_change_pct.value),
+        ",\"ppl_lo\":", JsonNumber(d.ppl_change_pct.lo),
+        ",\"ppl_hi\":", JsonNumber(d.ppl_change_pct.hi), ",\"ppl_excludes_zero\":",
+        PairedDifference::ExcludesZero(d.ppl_change_pct) ? "true" : "false",
+        ",\"top1_diff\":", JsonNumber(d.top1.value), ",\"top1_lo\":", JsonNumber(d.top1.lo),
+        ",\"top1_hi\":", JsonNumber(d.top1.hi), "}");
   }
   out += "]}";
   return out;
@@ -335,6 +384,29 @@ std::string RenderTable(const EvalReport& report) {
     absl::StrAppend(
         &out, absl::StrFormat("%-14s %6s %8.4f %8.4f %22s %12s %7s %8s\n", r.method, BudgetText(r),
                               r.achieved_b, r.payload_b, ppl, kl, top1, PasskeyText(r)));
+  }
+  if (!report.comparisons.empty()) {
+    absl::StrAppend(&out,
+                    "\npaired differences a - b on the same windows (KL < 0: a closer to FP16; "
+                    "ppl in percentage points; * = 95% CI excludes 0)\n",
+                    absl::StrFormat("%-14s %-14s %6s %34s %28s\n", "a", "b", "budget",
+                                    "kl_diff [95% CI]", "ppl_diff_pp [95% CI]"));
+    for (const Comparison& c : report.comparisons) {
+      absl::StrAppend(&out, absl::StrFormat("%-14s %-14s %6s", c.a, c.b, ComparisonBudgetText(c)));
+      if (!c.error.empty()) {
+        absl::StrAppend(&out, "  ", c.error, "\n");
+        continue;
+      }
+      const PairedDifference& d = c.diff;
+      absl::StrAppend(
+          &out, absl::StrFormat(
+                    " %34s %28s\n",
+                    absl::StrFormat("%+.2e [%+.2e,%+.2e]%s", d.kl.value, d.kl.lo, d.kl.hi,
+                                    PairedDifference::ExcludesZero(d.kl) ? "*" : " "),
+                    absl::StrFormat("%+.3f [%+.3f,%+.3f]%s", d.ppl_change_pct.value,
+                                    d.ppl_change_pct.lo, d.ppl_change_pct.hi,
+                                    PairedDifference::ExcludesZero(d.ppl_change_pct) ? "*" : " ")));
+    }
   }
   if (!AnyTaskRan(report)) return out;
   absl::StrAppend(&out,
@@ -414,6 +486,37 @@ std::string RenderMarkdown(const EvalReport& report) {
         r.has_quality ? WithInterval(r.quality.top1, "%.4f") : "-", " | ", PasskeyText(r), " | ",
         absl::StrFormat("%.1f%%", 100.0 * r.dropped_fraction), " | ",
         absl::StrFormat("%.1f%%", 100.0 * r.tier_fraction[static_cast<int>(Tier::kInt4)]), " |\n");
+  }
+
+  if (!report.comparisons.empty()) {
+    absl::StrAppend(
+        &out, "\n## Paired differences\n\n",
+        "Each row is method a minus method b at the same budget, both scored on the same windows "
+        "against the same FP16 decode. The 95% intervals are paired percentile bootstraps (",
+        report.bootstrap_resamples,
+        " resamples, the draws of the intervals above): each draw resamples the windows once, "
+        "with all their scored continuation tokens, and scores both methods on those windows, so "
+        "what the methods share (how hard each window's text is) cancels out of the difference. "
+        "**How to read the sign:** a KL difference below 0 means a stays closer to FP16 than b "
+        "(a is better), above 0 that a is further (a is worse); the PPL change difference is in "
+        "percentage points, below 0 when a's perplexity is the lower. \"excludes 0\" = yes: the "
+        "whole interval lies on one side of 0, the difference is resolved on these windows; no: "
+        "these windows cannot tell a from b.\n\n",
+        "| a | b | budget | KL diff (nats/token) [95% CI] | KL excludes 0 | PPL change diff (pp) "
+        "[95% CI] | PPL excludes 0 | top-1 diff [95% CI] |\n|---|---|---|---|---|---|---|---|\n");
+    for (const Comparison& c : report.comparisons) {
+      absl::StrAppend(&out, "| ", c.a, " | ", c.b, " | ", ComparisonBudgetText(c), " | ");
+      if (!c.error.empty()) {
+        absl::StrAppend(&out, "not compared: ", c.error, " | | | | |\n");
+        continue;
+      }
+      const PairedDifference& d = c.diff;
+      absl::StrAppend(&out, WithInterval(d.kl, "%+.2e"), " | ",
+                      YesNo(PairedDifference::ExcludesZero(d.kl)), " | ",
+                      WithInterval(d.ppl_change_pct, "%+.3f"), " | ",
+                      YesNo(PairedDifference::ExcludesZero(d.ppl_change_pct)), " | ",
+                      WithInterval(d.top1, "%+.4f"), " |\n");
+    }
   }
 
   // Passkey grid: depth x budget, per method.
@@ -542,10 +645,12 @@ std::string RenderMarkdown(const EvalReport& report) {
   if (!report.diagnoses.empty()) {
     absl::StrAppend(
         &out, "\n## Per-layer diagnosis (first window)\n\n",
-        "Relative error of each layer's attention output when the prefill's last ",
-        report.query_window, " queries attend the received KV instead of the FP16 KV ",
-        "(||o - o_fp16|| / ||o_fp16||, all query heads), and the share of the layer's K and V ",
-        "rows in each tier (fp16/int8/int4/drop).\n\n| method | b | achieved b |");
+        "Relative RMS error of each layer's attention output when the queries attend the ",
+        "received KV (dropped tokens masked) instead of the FP16 KV: ||o - o_fp16|| / ",
+        "||o_fp16||, not squared, the norms over every query and query head of the layer ",
+        "(0.05 = 5% of the output's norm). Queries: ", DiagnosisQueriesText(report),
+        ". Below the error, the share of the layer's K and V rows in each tier ",
+        "(fp16/int8/int4/drop).\n\n| method | b | achieved b |");
     const size_t n_layers = report.diagnoses.front().layers.size();
     for (size_t l = 0; l < n_layers; ++l) absl::StrAppend(&out, " L", l, " |");
     out += "\n|---|---|---|";

@@ -63,6 +63,15 @@ struct ResultRow {
   int passkey_trials() const;
 };
 
+// A paired bootstrap comparison of two methods at the same budget (PairedBootstrap): a - b.
+struct Comparison {
+  std::string a;
+  std::string b;
+  std::optional<double> budget;  // the budget both ran at; empty when both are fixed-rate
+  std::string error;             // why they could not be compared (e.g. a side not scored)
+  PairedDifference diff;
+};
+
 struct LayerProbe {
   double int4_error = 0;
   double int8_error = 0;
@@ -108,7 +117,10 @@ struct EvalReport {
   double seconds = 0;
   std::vector<ResultRow> rows;
   ProbeReport probes;
-  std::vector<Diagnosis> diagnoses;  // per-layer, on the first window (--diagnose)
+  std::vector<Comparison> comparisons;  // paired differences (--compare)
+  std::vector<Diagnosis> diagnoses;     // per-layer, on the first window (--diagnose)
+  DiagnosisQuerySource diagnosis_queries = DiagnosisQuerySource::kContinuation;
+  int diagnosis_query_tokens = 0;  // queries per layer the diagnosis attended with
 };
 
 std::string RenderJson(const EvalReport& report);
