@@ -58,6 +58,17 @@ class LoadingAndSettings(unittest.TestCase):
             connector.update_state_after_alloc(request, vllm_driver.KVCacheBlocks(([1],)), 0)
         self.assertIn("no peer", str(raised.exception))
 
+    def test_decode_abort_before_any_worker_saw_the_load_frees_at_once(self):
+        connector = KVConnectorFactory.create_connector(config(), KVConnectorRole.SCHEDULER)
+        params = {"do_remote_prefill": True, "spectrumkv_transfer_id": 77, "spectrumkv_tokens": 20}
+        request = vllm_driver.Request("d", list(range(20)), params)
+        self.assertEqual(connector.get_num_new_matched_tokens(request, 0), (20, True))
+        connector.update_state_after_alloc(request, vllm_driver.KVCacheBlocks(([3, 1],)), 20)
+        self.assertEqual(connector.request_finished(request, [3, 1]), (False, None))
+        meta = connector.build_connector_meta(vllm_driver.SchedulerOutput([], vllm_driver.CachedRequestData(), {},
+                                                                          set()))
+        self.assertEqual((meta.loads, meta.cancels), ([], []))
+
     def test_two_cache_groups_are_refused(self):
         connector = KVConnectorFactory.create_connector(config(peer="d"), KVConnectorRole.SCHEDULER)
         with self.assertRaises(ValueError):

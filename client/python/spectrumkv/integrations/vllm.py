@@ -210,7 +210,13 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._loading -= set(getattr(connector_output, "finished_recving", None) or ())
 
     def request_finished(self, request, block_ids):
-        if request.request_id in self._loading:  # aborted while its KV arrives: stop the write first
+        if request.request_id in self._loading:
+            queued = [load for load in self._loads if load.req_id == request.request_id]
+            if queued:  # no worker has started it: nothing writes into the blocks
+                self._loads = [load for load in self._loads if load.req_id != request.request_id]
+                self._loading.discard(request.request_id)
+                return False, None
+            # Aborted while its KV arrives: the write is stopped before the blocks are freed.
             self._cancels.append(request.request_id)
             return True, None  # freed when the worker reports the load finished
         state = self._producing.pop(request.request_id, None)
