@@ -351,12 +351,26 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(
   if (absl::Status s = control::ValidateCancelTransferRequest(request); !s.ok()) return s;
   const absl::Status cancelled = absl::CancelledError("cancelled by CancelTransfer");
   Deferred after;
+  bool staged_cancelled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (request.role() != v1::TRANSFER_ROLE_SENDER) {
       auto it = receives_.find(request.request_id());
       if (it != receives_.end() && !it->second->finished)
         after.push_back(FinishInbound(it->second, cancelled));
+      // Staged segments no Receive will claim (a decode engine that already holds the prompt):
+      // freed now instead of at the TTL, and their senders told.
+      for (auto at = arrivals_.begin(); at != arrivals_.end();) {
+        const std::shared_ptr<Inbound> staged = (at++)->second;  // Unlink erases it
+        if (staged->request_id != request.request_id() || staged->has_receive) continue;
+        staged_cancelled = true;
+        metrics_->TransferFinished(control::TransferRole::kReceiver, cancelled.code());
+        Unlink(staged);
+        after.push_back([this, peer = staged->peer, id = staged->request_id] {
+          SendPeerNotice(peer, kTransferResultMessage, id,
+                         absl::CancelledError("the receiver cancelled the staged transfer"));
+        });
+      }
     }
     if (request.role() != v1::TRANSFER_ROLE_RECEIVER) {
       auto it = outbound_.find(request.request_id());
@@ -379,7 +393,7 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(
   v1::CancelTransferResponse response;
   for (auto& info : table_.Get(request.request_id(), request.role()))
     *response.add_transfers() = std::move(info);
-  if (response.transfers().empty()) {
+  if (response.transfers().empty() && !staged_cancelled) {
     return absl::NotFoundError(
         absl::StrCat("request_id: no transfer ", request.request_id(), " is known"));
   }

@@ -501,6 +501,33 @@ TEST_F(StreamTest, AReceiveAfterTheStreamFindsItStaged) {
   ASSERT_TRUE(sent.ok()) << sent.status();
 }
 
+// A decode engine that holds the prompt already cancels the staged transfer: the staging is freed
+// at once (not at the TTL), the sender is told, and a later Receive no longer finds it.
+TEST_F(StreamTest, CancellingAStagedTransferFreesItAndTellsTheSender) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 35);
+  std::unique_ptr<client::SendStream> s = Open(OpenReq(341, src, 0.5));
+  ASSERT_NE(s, nullptr);
+  SignalAll(*s, kTokens, InOrder());
+  v1::CancelTransferRequest cancel;
+  cancel.set_request_id(341);
+  cancel.set_role(v1::TRANSFER_ROLE_RECEIVER);
+  absl::StatusOr<v1::CancelTransferResponse> cancelled = absl::NotFoundError("not tried");
+  for (int i = 0; i < 200 && !cancelled.ok(); ++i) {  // until the first segment is staged
+    cancelled = decode_->client().CancelTransfer(cancel);
+    if (!cancelled.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  const auto started = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  EXPECT_EQ(sent.status().code(), absl::StatusCode::kCancelled) << sent.status();
+  EXPECT_THAT(std::string(sent.status().message()), HasSubstr("cancelled the staged transfer"));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(10));  // TTL is 30 s
+  absl::StatusOr<std::string> metrics = ScrapeMetrics(decode_->metrics_address());
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_THAT(*metrics, HasSubstr("spectrumkv_staging_bytes 0"));
+}
+
 struct BadSignal {
   const char* name;
   std::function<void(client::SendStream&)> signal;

@@ -184,6 +184,14 @@ class WorkerSession:
                                   "transfer %d dropped tokens, which the engine cannot mask" % transfer_id)
         return response.stats
 
+    def discard_staged(self, transfer_id):
+        """Frees a transfer staged on this daemon that no Receive will claim; its sender is told.
+        One that has not arrived yet expires at the daemon's staging TTL instead."""
+        try:
+            self.client.cancel_transfer(transfer_id, role=pb.TRANSFER_ROLE_RECEIVER)
+        except SpectrumKVError as e:
+            log.debug("discarding transfer %d: %s", transfer_id, e)
+
     def cancel_receive(self, transfer_id, future, wait_s=5.0):
         """Ends a pending Receive before its blocks are reused: cancels it on the daemon until its
         call has ended (the Receive may not have reached the daemon yet), at most `wait_s`."""

@@ -82,10 +82,11 @@ class LoadSpec:
 class SpectrumKVConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> workers, once per step (pickled between processes)."""
 
-    def __init__(self, saves=(), loads=(), aborts=(), preempted=(), cancels=()):
+    def __init__(self, saves=(), loads=(), aborts=(), preempted=(), cancels=(), discards=()):
         self.saves = list(saves)
         self.loads = list(loads)
         self.cancels = list(cancels)      # request ids whose pending loads are abandoned (aborted)
+        self.discards = list(discards)    # transfer ids not needed (full prefix hit): free their staging
         self.aborts = list(aborts)        # request ids whose streams end unsealed
         self.preempted = list(preempted)  # request ids whose blocks are about to be reused
 
@@ -125,6 +126,7 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
             self._loading = set()  # requests whose load has not been reported finished
             self._aborts = []
             self._cancels = []
+            self._discards = []
         else:
             self.session = None
             self._layers = {}      # layer name -> index
@@ -159,8 +161,8 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
                     tokens=prompt, block_ids=_group0(blocks.get_block_ids()),
                     skip_tokens=prompt - num_external_tokens))
                 self._loading.add(request.request_id)
-            # else the engine holds the whole prompt already: the pushed transfer stays in the
-            # decode daemon's staging until its TTL (the prefill's blocks were released earlier).
+            else:  # the engine holds the whole prompt already: free the pushed transfer's staging
+                self._discards.append(int(params[TRANSFER_ID]))
             # Loaded or not, the transfer is consumed only once.
             params.pop("do_remote_prefill", None)
         elif params.get("do_remote_decode") and request.request_id not in self._producing:
@@ -202,8 +204,9 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
                                   budget=self.settings.budget))
             state.opened = True
             state.signalled = end
-        meta = SpectrumKVConnectorMetadata(saves, self._loads, self._aborts, preempted, self._cancels)
-        self._loads, self._aborts, self._cancels = [], [], []
+        meta = SpectrumKVConnectorMetadata(saves, self._loads, self._aborts, preempted, self._cancels,
+                                           self._discards)
+        self._loads, self._aborts, self._cancels, self._discards = [], [], [], []
         return meta
 
     def update_connector_output(self, connector_output):
@@ -265,6 +268,8 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
                 self._cancelled.add(req_id)
                 if not self.session.cancel_receive(pending[1].transfer_id, pending[0]):
                     log.error("spectrumkv: the load of aborted request %s did not stop", req_id)
+        for transfer_id in meta.discards:
+            self.session.discard_staged(transfer_id)
         for load in meta.loads:
             future = self.session.start_receive(load.transfer_id, load.tokens, load.block_ids, load.sender,
                                                 load.skip_tokens)
