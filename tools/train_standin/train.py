@@ -286,7 +286,18 @@ def recall_row(corpus, length, rng, depth=None, pairs=None):
     return [BOS] + list(text), list(range(answer, answer + RECALL_DIGITS))
 
 
-TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "recall": recall_row}
+def copy_random_row(corpus, length, rng, depth=None):
+    """A copy row whose span is random lowercase words: only copying predicts it, which is what
+    makes the copying (induction) circuit form; text spans alone are partly predictable from
+    language. Training only; skv-eval scores copy_row."""
+    span_len = rng.randint(COPY_SPAN[0], min(COPY_SPAN[1], (length - 16) // 3))
+    span = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz     ") for _ in range(span_len))
+    text, _, tail_at = _embed(corpus, length, rng, span, b" " + span, depth)
+    first = 1 + tail_at + 1 + COPY_CUE
+    return [BOS] + list(text), list(range(first, 1 + length))
+
+
+TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "copy_random": copy_random_row, "recall": recall_row}
 
 
 def make_batch(corpus, batch, seq, task_share, rng, tasks=(("passkey", 1.0),)):
