@@ -117,22 +117,9 @@ class DiagnoseModelTest : public ::testing::Test {
   static constexpr int kFeed = 24;
 
   void SetUp() override {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "skv-eval-diagnose-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-    engine::ModelConfig config;
-    config.dim = 128;
-    config.hidden_dim = 256;
-    config.n_layers = 2;
-    config.n_heads = 2;
-    config.n_kv_heads = 1;
-    config.vocab_size = 259;
-    config.seq_len = 256;
-    ASSERT_TRUE(engine::WriteRandomCheckpoint(dir_ + "/model.bin", config,
-                                              engine::CheckpointFormat::kVersion1, 7)
-                    .ok());
-    auto model = engine::Model::Load(dir_ + "/model.bin");
+    ASSERT_TRUE(scratch_.status.ok()) << scratch_.status;
+    dir_ = scratch_.dir;
+    auto model = engine::Model::Load(scratch_.model_path());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = *model;
     std::mt19937 rng(5);
@@ -149,13 +136,10 @@ class DiagnoseModelTest : public ::testing::Test {
     prefix_ = std::move(*kv);
     scoring_ = session->queries();
   }
-  void TearDown() override {
-    std::error_code error;
-    std::filesystem::remove_all(dir_, error);
-  }
 
   std::span<const int> Feed() const { return std::span<const int>(tokens_).subspan(kPrefix); }
 
+  test_util::ScratchModel scratch_{"skv-eval-diagnose"};
   std::string dir_;
   std::shared_ptr<const engine::Model> model_;
   std::vector<int> tokens_;
@@ -241,20 +225,8 @@ std::string ReadFile(const std::string& path) {
 class EvalRunTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string pattern = (std::filesystem::temp_directory_path() / "skv-eval-run-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-    engine::ModelConfig config;
-    config.dim = 128;
-    config.hidden_dim = 256;
-    config.n_layers = 2;
-    config.n_heads = 2;
-    config.n_kv_heads = 1;
-    config.vocab_size = 259;
-    config.seq_len = 256;
-    ASSERT_TRUE(engine::WriteRandomCheckpoint(dir_ + "/model.bin", config,
-                                              engine::CheckpointFormat::kVersion1, 7)
-                    .ok());
+    ASSERT_TRUE(scratch_.status.ok()) << scratch_.status;
+    dir_ = scratch_.dir;
     std::ofstream(dir_ + "/tok.bin", std::ios::binary) << test_util::ByteTokenizerFile();
     std::string text;
     const char* sentences[] = {"It is a truth universally acknowledged. ",
@@ -262,10 +234,6 @@ class EvalRunTest : public ::testing::Test {
                                "Mr. Bennet replied that he had not; but it is, returned she. "};
     for (int i = 0; text.size() < 4000; ++i) text += sentences[(i * 5 + i / 2) % 3];
     std::ofstream(dir_ + "/text.txt", std::ios::binary) << text;
-  }
-  void TearDown() override {
-    std::error_code error;
-    std::filesystem::remove_all(dir_, error);
   }
 
   // 3 windows of C = 224 + L = 32, no tasks or probes; fills *table and *exit_code.
@@ -286,6 +254,7 @@ class EvalRunTest : public ::testing::Test {
     return root;
   }
 
+  test_util::ScratchModel scratch_{"skv-eval-run"};
   std::string dir_;
 };
 

@@ -1,16 +1,22 @@
 // Helpers shared by skv-eval's tests: a strict JSON reader for its output, running the binary,
-// and the stand-in's byte tokenizer file.
+// the stand-in's byte tokenizer file, and a scratch directory holding a tiny random model.
 #pragma once
+
+#include <unistd.h>
 
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
 #include <variant>
 #include <vector>
+
+#include "absl/status/status.h"
+#include "spectrumkv/engine/checkpoint_writer.h"
 
 namespace skv::eval::test_util {
 
@@ -196,5 +202,41 @@ inline std::string ByteTokenizerFile() {
   }
   return file;
 }
+
+// A fresh temporary directory holding `model.bin`: a random llama2.c checkpoint small enough for
+// tests (dim 128, 2 layers, 2 query heads and 1 KV head of head_dim 64, byte vocabulary,
+// seq_len 256). Removed with everything in it on destruction; `status` says whether it was made.
+class ScratchModel {
+ public:
+  explicit ScratchModel(const char* prefix) {
+    std::string pattern = (std::filesystem::temp_directory_path() / prefix).string() + "-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      status = absl::InternalError("mkdtemp failed");
+      return;
+    }
+    dir = pattern;
+    engine::ModelConfig config;
+    config.dim = 128;
+    config.hidden_dim = 256;
+    config.n_layers = 2;
+    config.n_heads = 2;
+    config.n_kv_heads = 1;
+    config.vocab_size = 259;
+    config.seq_len = 256;
+    status =
+        engine::WriteRandomCheckpoint(model_path(), config, engine::CheckpointFormat::kVersion1, 7);
+  }
+  ~ScratchModel() {
+    std::error_code error;
+    if (!dir.empty()) std::filesystem::remove_all(dir, error);
+  }
+  ScratchModel(const ScratchModel&) = delete;
+  ScratchModel& operator=(const ScratchModel&) = delete;
+
+  std::string model_path() const { return dir + "/model.bin"; }
+
+  std::string dir;
+  absl::Status status;
+};
 
 }  // namespace skv::eval::test_util

@@ -24,22 +24,8 @@ constexpr int kContextTokens = 120;
 class KvMethodsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "skv-eval-test-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-    engine::ModelConfig config;
-    config.dim = 128;
-    config.hidden_dim = 256;
-    config.n_layers = 2;
-    config.n_heads = 2;
-    config.n_kv_heads = 1;
-    config.vocab_size = 259;
-    config.seq_len = 256;
-    const std::string path = dir_ + "/model.bin";
-    ASSERT_TRUE(
-        engine::WriteRandomCheckpoint(path, config, engine::CheckpointFormat::kVersion1, 7).ok());
-    auto model = engine::Model::Load(path);
+    ASSERT_TRUE(scratch_.status.ok()) << scratch_.status;
+    auto model = engine::Model::Load(scratch_.model_path());
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = *model;
     std::mt19937 rng(3);
@@ -55,12 +41,8 @@ class KvMethodsTest : public ::testing::Test {
     kv_ = std::move(*kv);
     queries_ = session->queries();
   }
-  void TearDown() override {
-    std::error_code error;
-    std::filesystem::remove_all(dir_, error);
-  }
 
-  std::string dir_;
+  test_util::ScratchModel scratch_{"skv-eval-test"};
   std::shared_ptr<const engine::Model> model_;
   engine::KvCache kv_;
   engine::QueryWindow queries_;

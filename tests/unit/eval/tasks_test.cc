@@ -238,27 +238,10 @@ TEST(ScoreCopyTest, AccuracyAndNllOfTheTargets) {
 class TasksRunTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "skv-eval-tasks-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-    engine::ModelConfig config;
-    config.dim = 128;
-    config.hidden_dim = 256;
-    config.n_layers = 2;
-    config.n_heads = 2;
-    config.n_kv_heads = 1;
-    config.vocab_size = 259;
-    config.seq_len = 256;
-    ASSERT_TRUE(engine::WriteRandomCheckpoint(dir_ + "/model.bin", config,
-                                              engine::CheckpointFormat::kVersion1, 7)
-                    .ok());
+    ASSERT_TRUE(scratch_.status.ok()) << scratch_.status;
+    dir_ = scratch_.dir;
     std::ofstream(dir_ + "/tok.bin", std::ios::binary) << test_util::ByteTokenizerFile();
     std::ofstream(dir_ + "/text.txt", std::ios::binary) << Prose();
-  }
-  void TearDown() override {
-    std::error_code error;
-    std::filesystem::remove_all(dir_, error);
   }
 
   // Runs skv-eval (1 window; C = 224, so prompts of 224 tokens; depths 0.2, 0.8, one prompt
@@ -283,6 +266,7 @@ class TasksRunTest : public ::testing::Test {
 
   std::string Markdown() const { return ReadFile(dir_ + "/out.md"); }
 
+  test_util::ScratchModel scratch_{"skv-eval-tasks"};
   std::string dir_;
 };
 
