@@ -180,7 +180,7 @@ class Passthrough(WithDaemons):
         self.assertNotIn("d", decode.worker.load_stats)
         self.assertTrue(torch.equal(kv, decode.rows("d")))
         # The staged transfer is freed at once, and its sender hears of it (not after the TTL).
-        stream = next(st for st in prefill.worker._streams.values() if st.transfer_id == params["spectrumkv_transfer_id"])
+        stream = next(st for st in prefill.worker._detached if st.transfer_id == params["spectrumkv_transfer_id"])
         self.assertTrue(stream.wait_ended(10.0))
         self.assertIn("cancelled the staged transfer", str(stream.call.error()))
 

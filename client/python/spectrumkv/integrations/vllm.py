@@ -131,6 +131,7 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
             self.session = None
             self._layers = {}      # layer name -> index
             self._streams = {}     # req_id -> OutboundStream
+            self._detached = []    # streams whose blocks were given back, until their calls end
             self._receives = {}    # req_id -> (Future, LoadSpec)
             self._finished_seen = set()
             self._load_errors = set()
@@ -315,19 +316,16 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
             log.error("spectrumkv: stream of %s did not end within %.0f s of its abort", req_id, wait_s)
 
     def get_finished(self, finished_req_ids):
-        self._finished_seen |= set(finished_req_ids)
+        self._finished_seen |= {req_id for req_id in finished_req_ids if req_id in self._streams}
         done_sending = set()
-        for req_id in list(self._streams):
-            stream = self._streams[req_id]
-            if req_id in self._finished_seen and stream.source_released():
+        for req_id in list(self._finished_seen):
+            if self._streams[req_id].source_released():
                 done_sending.add(req_id)
                 self._finished_seen.discard(req_id)
-                if stream.call.finished():
-                    self._close_stream(req_id)
-                else:
-                    self._detach(req_id)  # the peer's commit is still pending; blocks are free
-            elif req_id.startswith("~") and stream.call.finished():
-                self._close_stream(req_id)
+                self._detach(req_id)  # the peer's commit may still be pending; the blocks are free
+        for stream in [s for s in self._detached if s.call.finished()]:
+            self._detached.remove(stream)
+            self._close(stream)
         done_recving = set()
         for req_id, (future, load) in list(self._receives.items()):
             if not future.done():
@@ -347,16 +345,15 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
                 self._load_errors.update(load.block_ids[load.skip_tokens // self.session.cache.block_size:])
         return (done_sending or None), (done_recving or None)
 
-    def _close_stream(self, req_id):
-        stream = self._streams.pop(req_id)
+    @staticmethod
+    def _close(stream):
         if stream.call.error() is not None:
-            log.warning("spectrumkv: transfer %d of %s ended: %s", stream.transfer_id, req_id, stream.call.error())
+            log.warning("spectrumkv: transfer %d ended: %s", stream.transfer_id, stream.call.error())
         stream.close()
 
     def _detach(self, req_id):
-        """Keeps a released stream alive until its call ends, out of the request's bookkeeping."""
-        stream = self._streams.pop(req_id)
-        self._streams["~%d" % stream.transfer_id] = stream
+        """Keeps a stream alive until its call ends, out of the request's bookkeeping."""
+        self._detached.append(self._streams.pop(req_id))
 
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()
@@ -367,9 +364,11 @@ class SpectrumKVConnector(KVConnectorBase_V1, SupportsHMA):
             return
         for req_id in list(self._streams):
             self._abort(req_id, "connector shut down")
-        for stream in self._streams.values():
+            self._detach(req_id)
+        for stream in self._detached:
+            stream.abort("connector shut down")
             stream.wait_ended(5.0)
             stream.close()
-        self._streams.clear()
+        self._detached.clear()
         self.session.close()
         self.session = None
