@@ -366,16 +366,20 @@ def passkey_accuracy(model, held_out, seq, trials, seed):
 
 @torch.no_grad()
 def task_accuracy(model, held_out, seq, trials, seed, row):
-    """Teacher-forced exact match of every scored position of `row` rows (copy: the whole
-    repeat after its cue; recall: the value's digits), over depths 0.05..0.95."""
+    """(rows with every scored position right, share of scored positions right) of `row` rows,
+    teacher-forced (copy: the whole repeat after its cue; recall: the value's digits), over
+    depths 0.05..0.95."""
     rng = random.Random(seed)
-    hits = 0
+    hits, right, scored = 0, 0, 0
     for i in range(trials):
         raw, positions = row(held_out, seq, rng, depth=(i % 5) / 4.0 * 0.9 + 0.05)
         ids = torch.tensor([[BOS] + [b + BYTE_OFFSET for b in raw[1:]]])
         logits = model(ids[:, :-1])[0]
-        hits += all(int(logits[p - 1].argmax()) == int(ids[0, p]) for p in positions)
-    return hits / trials
+        correct = [int(logits[p - 1].argmax()) == int(ids[0, p]) for p in positions]
+        hits += all(correct)
+        right += sum(correct)
+        scored += len(correct)
+    return hits / trials, right / max(1, scored)
 
 
 def load_version1(model, path):
@@ -537,24 +541,26 @@ def main():
             model.eval()
             acc, by_depth = passkey_accuracy(model, held_out, seq, 20, args.seed + 1)
             hl = held_out_loss(model, held_out, seq, 4)
-            copy_acc = task_accuracy(model, held_out, seq, 10, args.seed + 3, copy_row)
-            recall_acc = task_accuracy(model, held_out, seq, 10, args.seed + 4, recall_row)
+            copy_acc, copy_tokens = task_accuracy(model, held_out, seq, 10, args.seed + 3, copy_row)
+            recall_acc, recall_tokens = task_accuracy(model, held_out, seq, 10, args.seed + 4, recall_row)
             model.train()
             log(event="eval", step=step, seq=seq, passkey_acc=acc, passkey_by_depth=by_depth,
-                copy_acc=copy_acc, recall_acc=recall_acc, held_out_loss=round(hl, 4),
+                copy_acc=copy_acc, copy_token_acc=round(copy_tokens, 4), recall_acc=recall_acc,
+                recall_token_acc=round(recall_tokens, 4), held_out_loss=round(hl, 4),
                 elapsed_s=round(time.time() - start, 1))
             export_version1(model, os.path.join(args.out_dir, args.name + ".bin"))
 
     model.eval()
     hl = held_out_loss(model, held_out, args.seq_len, 16)
     acc_1024, by_depth = passkey_accuracy(model, held_out, args.seq_len, 50, args.seed + 2)
-    copy_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 5, copy_row)
-    recall_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 6, recall_row)
+    copy_1024, copy_tokens_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 5, copy_row)
+    recall_1024, recall_tokens_1024 = task_accuracy(model, held_out, args.seq_len, 50, args.seed + 6, recall_row)
     export_version1(model, os.path.join(args.out_dir, args.name + ".bin"))
     export_tokenizer(os.path.join(args.out_dir, "byte259.tok.bin"))
     log(event="final", steps=step, held_out_loss=round(hl, 4),
         held_out_ppl_per_byte=round(math.exp(hl), 4), passkey_acc_1024=acc_1024,
-        passkey_by_depth=by_depth, copy_acc_1024=copy_1024, recall_acc_1024=recall_1024,
+        passkey_by_depth=by_depth, copy_acc_1024=copy_1024, copy_token_acc_1024=round(copy_tokens_1024, 4),
+        recall_acc_1024=recall_1024, recall_token_acc_1024=round(recall_tokens_1024, 4),
         elapsed_s=round(time.time() - start, 1))
 
 
