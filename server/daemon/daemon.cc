@@ -371,6 +371,7 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(
                          absl::CancelledError("the receiver cancelled the staged transfer"));
         });
       }
+      if (staged_cancelled) metrics_->SetStagingBytes(early_bytes_);
     }
     if (request.role() != v1::TRANSFER_ROLE_RECEIVER) {
       auto it = outbound_.find(request.request_id());
