@@ -366,6 +366,11 @@ absl::StatusOr<v1::CancelTransferResponse> Daemon::CancelTransfer(
         staged_cancelled = true;
         metrics_->TransferFinished(control::TransferRole::kReceiver, cancelled.code());
         Unlink(staged);
+        // A Receive that comes after all the same fails at once instead of waiting for a sender
+        // that is gone.
+        sender_aborts_[{staged->sender, staged->request_id}] = {
+            absl::CancelledError("the receiver cancelled the staged transfer"),
+            absl::Now() + kTombstoneLifetime};
         after.push_back([this, peer = staged->peer, id = staged->request_id] {
           SendPeerNotice(peer, kTransferResultMessage, id,
                          absl::CancelledError("the receiver cancelled the staged transfer"));

@@ -526,6 +526,12 @@ TEST_F(StreamTest, CancellingAStagedTransferFreesItAndTellsTheSender) {
   absl::StatusOr<std::string> metrics = ScrapeMetrics(decode_->metrics_address());
   ASSERT_TRUE(metrics.ok());
   EXPECT_THAT(*metrics, HasSubstr("spectrumkv_staging_bytes 0"));
+  // A Receive for it after all is told at once rather than waiting for a sender that is gone.
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  const auto asked = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::ReceiveResponse> late = decode_->client().Receive(ReceiveReq(341, dst));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kCancelled) << late.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, std::chrono::seconds(5));
 }
 
 struct BadSignal {
