@@ -11,6 +11,6 @@ if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
   exit 0
 fi
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSKV_WITH_CUDA=ON >/dev/null
-cmake --build "$build" -j "$(nproc)" --target skv_codec_cuda skv_codec_cuda_host_test \
+cmake --build "$build" -j "$(nproc)" --target skv_codec_cuda skv_device skv_codec_cuda_host_test \
   skv_codec_cuda_test skv-codec-bench
 echo "check-cuda-build: the CUDA implementation compiles (Release, -Werror)"

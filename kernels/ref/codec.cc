@@ -74,6 +74,13 @@ uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options) {
 absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
                          const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
                          const RowKernels& kernels, std::span<ByteBuffer> out) {
+  return EncodeLayer(layer, layer_index, kind, plan, options, request_id,
+                     CpuSegmentEncoder(kernels), out);
+}
+
+absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
+                         const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
+                         SegmentEncoder encode, std::span<ByteBuffer> out) {
   const KvTensorView& view = kind == KvKind::kKey ? layer.key : layer.value;
   if (layer_index >= plan.layers || view.tokens != plan.tokens ||
       out.size() != SegmentsPerTensor(view.tokens, options)) {
@@ -81,7 +88,7 @@ absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind
         absl::StrCat("layer ", layer_index, " does not match the plan"));
   }
   return EncodeChunk(layer, {layer_index, 0, view.tokens}, kind, plan.row_tiers(layer_index, kind),
-                     options, request_id, kernels, out);
+                     options, request_id, encode, out);
 }
 
 absl::Status EncodeKvInto(std::span<const KvLayerViews> layers, const ImportanceInput& importance,

@@ -51,14 +51,28 @@ absl::StatusOr<TierPlan> PlanChunk(const KvLayerViews& layer, uint32_t prompt_to
                                    const CodecOptions& options, const RowKernels& kernels,
                                    EncodeStats* stats) {
   if (absl::Status s = CheckChunk(layer, prompt_tokens, chunk); !s.ok()) return s;
-  if (importance.size() != chunk.token_count) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk importance: got ", importance.size(),
-                                                   " scores for ", chunk.token_count, " tokens"));
-  }
   std::vector<uint16_t> key_scratch, value_scratch;
   const KvLayerViews rows{
       SliceRows(layer.key, chunk.token_begin, chunk.token_count, key_scratch),
       SliceRows(layer.value, chunk.token_begin, chunk.token_count, value_scratch)};
+  return PlanChunkRows(rows, prompt_tokens, chunk, importance, options, kernels, stats);
+}
+
+absl::StatusOr<TierPlan> PlanChunkRows(const KvLayerViews& rows, uint32_t prompt_tokens,
+                                       const StreamChunk& chunk, std::span<const float> importance,
+                                       const CodecOptions& options, const RowKernels& kernels,
+                                       EncodeStats* stats) {
+  if (rows.key.tokens != chunk.token_count || rows.value.tokens != chunk.token_count ||
+      uint64_t{chunk.token_begin} + chunk.token_count > uint64_t{prompt_tokens}) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk rows: ", rows.key.tokens,
+                                                   " rows for tokens [", chunk.token_begin, ", ",
+                                                   uint64_t{chunk.token_begin} + chunk.token_count,
+                                                   ") of a ", prompt_tokens, "-token prompt"));
+  }
+  if (importance.size() != chunk.token_count) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk importance: got ", importance.size(),
+                                                   " scores for ", chunk.token_count, " tokens"));
+  }
   // The prompt's first sink_tokens and last recent_tokens rows, as far as this chunk holds them.
   const uint64_t end = uint64_t{chunk.token_begin} + chunk.token_count;
   CodecOptions chunk_options = options;
@@ -82,6 +96,13 @@ absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, Kv
                          std::span<const Tier> tiers, const CodecOptions& options,
                          uint64_t request_id, const RowKernels& kernels,
                          std::span<ByteBuffer> out) {
+  return EncodeChunk(layer, chunk, kind, tiers, options, request_id, CpuSegmentEncoder(kernels),
+                     out);
+}
+
+absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, KvKind kind,
+                         std::span<const Tier> tiers, const CodecOptions& options,
+                         uint64_t request_id, SegmentEncoder encode, std::span<ByteBuffer> out) {
   const KvTensorView& view = kind == KvKind::kKey ? layer.key : layer.value;
   if (tiers.size() != chunk.token_count ||
       uint64_t{chunk.token_begin} + chunk.token_count > view.tokens ||
@@ -97,8 +118,8 @@ absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, Kv
     const uint32_t count = std::min(per, chunk.token_count - offset);
     out[i].clear();
     absl::StatusOr<size_t> size =
-        EncodeSegment(view, {request_id, chunk.layer, kind, chunk.token_begin + offset, count},
-                      tiers.subspan(offset, count), options, kernels, &out[i]);
+        encode(view, {request_id, chunk.layer, kind, chunk.token_begin + offset, count},
+               tiers.subspan(offset, count), options, &out[i]);
     if (!size.ok()) return size.status();
   }
   return absl::OkStatus();
@@ -110,9 +131,24 @@ absl::StatusOr<TierPlan> EncodeStreamChunk(const KvLayerViews& layer, uint32_t p
                                            StreamBudget* budget, uint64_t request_id,
                                            const RowKernels& kernels,
                                            std::vector<ByteBuffer>& segments, EncodeStats* stats) {
+  if (absl::Status s = CheckChunk(layer, prompt_tokens, chunk); !s.ok()) return s;
+  std::vector<uint16_t> key_scratch, value_scratch;
+  const KvLayerViews rows{
+      SliceRows(layer.key, chunk.token_begin, chunk.token_count, key_scratch),
+      SliceRows(layer.value, chunk.token_begin, chunk.token_count, value_scratch)};
+  return EncodeStreamChunk(layer, rows, prompt_tokens, chunk, importance, options, budget,
+                           request_id, kernels, CpuSegmentEncoder(kernels), segments, stats);
+}
+
+absl::StatusOr<TierPlan> EncodeStreamChunk(
+    const KvLayerViews& layer, const KvLayerViews& planning_rows, uint32_t prompt_tokens,
+    const StreamChunk& chunk, std::span<const float> importance, CodecOptions options,
+    StreamBudget* budget, uint64_t request_id, const RowKernels& planning_kernels,
+    SegmentEncoder encode, std::vector<ByteBuffer>& segments, EncodeStats* stats) {
+  if (absl::Status s = CheckChunk(layer, prompt_tokens, chunk); !s.ok()) return s;
   if (budget != nullptr) options.budget = budget->ChunkBudget(chunk);
-  absl::StatusOr<TierPlan> plan =
-      PlanChunk(layer, prompt_tokens, chunk, importance, options, kernels, stats);
+  absl::StatusOr<TierPlan> plan = PlanChunkRows(planning_rows, prompt_tokens, chunk, importance,
+                                                options, planning_kernels, stats);
   if (!plan.ok()) return plan.status();
   const auto start = std::chrono::steady_clock::now();
   const uint32_t per_tensor = SegmentsPerTensor(chunk.token_count, options);
@@ -122,7 +158,7 @@ absl::StatusOr<TierPlan> EncodeStreamChunk(const KvLayerViews& layer, uint32_t p
     const std::span<ByteBuffer> out =
         std::span(segments).subspan(size_t(kind) * per_tensor, per_tensor);
     if (absl::Status s = EncodeChunk(layer, chunk, kind, plan->row_tiers(0, kind), options,
-                                     request_id, kernels, out);
+                                     request_id, encode, out);
         !s.ok()) {
       return s;
     }

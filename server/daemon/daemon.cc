@@ -29,7 +29,8 @@ using google::protobuf::util::TimeUtil;
 // ---- Life cycle. -------------------------------------------------------------------------------
 
 Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
-               std::unique_ptr<transport::Transport> transport)
+               std::unique_ptr<transport::Transport> transport,
+               std::unique_ptr<device::KvDevices> devices)
     : config_(config),
       codec_threads_(CodecThreads(config)),
       metrics_(metrics),
@@ -37,13 +38,15 @@ Daemon::Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
       segment_pool_(std::make_shared<SegmentBufferPool>(
           std::min<size_t>(config.max_inflight_bytes, kSegmentPoolIdleBytes))),
       shm_mappings_(config.shm_mapping_cache_entries),
+      cuda_mappings_(config.cuda_ipc_cache_entries),
+      devices_(devices != nullptr ? std::move(devices) : std::make_unique<device::KvDevices>()),
       workers_(std::max<size_t>(4, std::thread::hardware_concurrency())) {
   metrics_->SetStagingLimit(config_.early_segment_buffer_bytes);
 }
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
     const control::DaemonConfig& config, control::Metrics* metrics,
-    std::unique_ptr<transport::Transport> transport) {
+    std::unique_ptr<transport::Transport> transport, std::unique_ptr<device::KvDevices> devices) {
   if (transport == nullptr) {
     transport::TransportConfig tc;
     tc.daemon_id = config.daemon_id;
@@ -61,7 +64,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
     if (!ucx.ok()) return Annotate(ucx.status(), "starting the UCX data plane");
     transport = std::move(*ucx);
   }
-  std::unique_ptr<Daemon> d(new Daemon(config, metrics, std::move(transport)));
+  std::unique_ptr<Daemon> d(new Daemon(config, metrics, std::move(transport), std::move(devices)));
   Daemon* self = d.get();
   absl::Status s = d->transport_->SetHandlers(
       {[self](transport::ReceivedMessage m) { self->OnMessage(std::move(m)); },
@@ -91,6 +94,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
 }
 
 Daemon::~Daemon() { Shutdown(); }
+
+absl::StatusOr<device::KvDevice*> Daemon::DeviceFor(const control::MappedKvRegion& region,
+                                                    absl::string_view field) {
+  if (region.memory_kind() == control::KvMemoryKind::kHost) return &devices_->Host();
+  absl::StatusOr<device::KvDevice*> cuda = devices_->Cuda(region.cuda_device());
+  if (!cuda.ok()) return Annotate(cuda.status(), field);
+  return cuda;
+}
 
 void Daemon::Drain(absl::Duration grace) {
   const absl::Status refused = absl::UnavailableError("spectrumkvd is shutting down");
@@ -470,7 +481,7 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
   // With `stream`, the stream's own path (StreamCodec), chunk by chunk in the signal order.
   absl::StatusOr<EncodedKv> encoded =
       request.has_stream()
-          ? EncodeAsStream(layers, request.stream(),
+          ? EncodeAsStream(devices_->Host(), layers, request.stream(),
                            request.has_token_scores() ? &request.token_scores() : nullptr, *policy,
                            request.budget(), request.request_id())
           : EncodeKv(layers, importance, control::OptionsForTransfer(*policy, request.budget()),
@@ -543,12 +554,15 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
   absl::StatusOr<control::MappedKvRegion> region =
       control::ImportKvHandle(request.sample(), KvAccess::kReadOnly, "sample");
   if (!region.ok()) return region.status();
-  if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return absl::UnimplementedError("sample: device memory needs the CUDA build of the daemon");
-  }
+  absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "sample");
+  if (!device.ok()) return device.status();
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.sample_layout(), *region, "sample_layout");
   if (!views.ok()) return views.status();
+  // The probe runs on the host: a sample in device memory is copied.
+  const std::vector<KvLayerViews> sample_views = CodecViews(*views);
+  absl::StatusOr<device::HostRows> sample = (*device)->ReadRows(sample_views, 0, views->tokens());
+  if (!sample.ok()) return Annotate(sample.status(), "sample");
   std::optional<QueryInputs> queries;
   if (request.has_queries()) {
     absl::StatusOr<QueryInputs> q = ImportQueries(request.queries(), *model, "queries");
@@ -559,7 +573,7 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
       request.max_int4_error() > 0 ? request.max_int4_error() : kDefaultInt4ProbeThreshold;
   CodecOptions options = control::OptionsForTransfer(model->policy, 0.5);
   absl::StatusOr<std::vector<LayerProbeResult>> result = ProbeInt4(
-      CodecViews(*views),
+      sample->layers,
       queries ? std::span<const QueryWindow>(queries->windows) : std::span<const QueryWindow>(),
       options);
   if (!result.ok()) return result.status();

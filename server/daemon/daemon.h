@@ -27,6 +27,7 @@
 #include "spectrumkv/control/kv_handle_import.h"
 #include "spectrumkv/control/metrics.h"
 #include "spectrumkv/control/request_validation.h"
+#include "spectrumkv/device/kv_device.h"
 #include "spectrumkv/transport/transport.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
 #include "transfer_table.h"
@@ -47,10 +48,13 @@ class Daemon {
   struct Outbound;  // one transfer out of this daemon (daemon_internal.h)
 
   // Starts the data plane on config.data_listen_address. `transport` may be given for tests (a
-  // loopback transport); null creates the UCX transport from the config.
+  // loopback transport); null creates the UCX transport from the config. `devices` too (a host
+  // device that injects faults or runs the emulated CUDA kernels); null: the host's CPU codec and
+  // this build's CUDA devices.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(
       const control::DaemonConfig& config, control::Metrics* metrics,
-      std::unique_ptr<transport::Transport> transport);
+      std::unique_ptr<transport::Transport> transport,
+      std::unique_ptr<device::KvDevices> devices = nullptr);
   ~Daemon();
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -107,7 +111,13 @@ class Daemon {
   using Deferred = std::vector<absl::AnyInvocable<void()>>;  // work to run after unlocking mu_
 
   Daemon(const control::DaemonConfig& config, control::Metrics* metrics,
-         std::unique_ptr<transport::Transport> transport);
+         std::unique_ptr<transport::Transport> transport,
+         std::unique_ptr<device::KvDevices> devices);
+
+  // The device that reads and writes `region`'s memory (the host, or a CUDA device); errors
+  // name `field`.
+  absl::StatusOr<device::KvDevice*> DeviceFor(const control::MappedKvRegion& region,
+                                              absl::string_view field);
 
   // Transport handlers (transport thread: quick, never block).
   void OnMessage(transport::ReceivedMessage message);
@@ -163,8 +173,9 @@ class Daemon {
   // The pipeline on the worker: import, plan, stream. Returns why it stopped early.
   // The send path's stages: connect, import the source, decide, plan, announce, then stream.
   absl::Status StreamTransfer(Outbound& out);
-  absl::Status StreamSegments(Outbound& out, std::span<const KvLayerViews> layers,
-                              const TierPlan& plan, const CodecOptions& options);
+  absl::Status StreamSegments(Outbound& out, device::KvDevice& device,
+                              std::span<const KvLayerViews> layers, const TierPlan& plan,
+                              const CodecOptions& options);
   // Stages both pipelines share: connect to the peer (so that a failure can be told to the
   // receiver), announce the transfer (TransferBegin), send encoded segments in order (the
   // buffers go back to the pool on a stop or an error).
@@ -241,6 +252,8 @@ class Daemon {
   std::shared_ptr<SegmentBufferPool> segment_pool_;
   // Send sources and Receive destinations in shared memory stay mapped between transfers.
   control::ShmMappingCache shm_mappings_;
+  control::CudaIpcMappingCache cuda_mappings_;
+  const std::unique_ptr<device::KvDevices> devices_;
   // What the passthrough decision rests on: link rate per peer address, encode+decode rate.
   RateEstimator link_rates_;
   RateEstimator codec_rate_;

@@ -117,7 +117,8 @@ class StreamCodec {
   // its score, plan and encode times and its rows per tier to `totals`. `layer` views the chunk's
   // layer over the whole prompt. Chunks must come in the order the transfer sends them: each
   // one's budget carries what the earlier ones left or overspent.
-  absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, uint64_t request_id,
+  absl::Status EncodeChunk(device::KvDevice& device, const KvLayerViews& layer,
+                           const StreamChunk& chunk, uint64_t request_id,
                            std::vector<ByteBuffer>& segments, EncodeStats* totals);
 
   const CodecOptions& options() const { return options_; }
@@ -135,7 +136,8 @@ class StreamCodec {
 // [previous end, end) are signalled for each of stream.chunk_token_ends in order, layers in
 // order, with `policy` at `budget` (passthrough at budget 1, as a stream decides it), and the
 // statistics EncodeKv gives (plan left empty: each chunk has its own).
-absl::StatusOr<EncodedKv> EncodeAsStream(std::span<const KvLayerViews> layers,
+absl::StatusOr<EncodedKv> EncodeAsStream(device::KvDevice& device,
+                                         std::span<const KvLayerViews> layers,
                                          const v1::EncodeStream& stream,
                                          const v1::TokenScores* scores, const CodecOptions& policy,
                                          double budget, uint64_t request_id);
@@ -145,7 +147,8 @@ struct RegisteredCache {
   std::string cache_id;
   std::string model_id;
   control::MappedKvRegion region;
-  v1::KvLayout layout;  // paged pools, no block ids
+  device::KvDevice* device = nullptr;  // reads (and writes) the region's memory
+  v1::KvLayout layout;                 // paged pools, no block ids
 };
 
 // ---- State of one transfer on each side. --------------------------------------------------------
@@ -171,6 +174,7 @@ struct Daemon::Inbound {
   control::RegisteredModel model;
   control::MappedKvRegion region;                // a handle destination
   std::shared_ptr<const RegisteredCache> cache;  // a registered-cache destination
+  device::KvDevice* device = nullptr;            // decodes into the destination's memory
   std::optional<control::KvLayoutViews> views;
   std::vector<KvLayerViews> codec_views;
   v1::MaskFormat mask_format = v1::MASK_FORMAT_BYTES;
@@ -255,6 +259,7 @@ struct Daemon::StreamSend {
   // Worker.
   control::MappedKvRegion region;  // a handle source
   std::optional<control::KvLayoutViews> views;
+  device::KvDevice* device = nullptr;  // the source's (a handle's or the cache's)
   std::optional<StreamCodec> codec;
   std::optional<control::Metrics::InFlightGuard> in_flight;
   // Guarded by mu_.

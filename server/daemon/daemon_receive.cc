@@ -251,6 +251,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
   // The destination: a handle and its layout, or blocks of a registered (writable) cache.
   control::MappedKvRegion region;
   std::shared_ptr<const RegisteredCache> cache;
+  device::KvDevice* device = nullptr;
   absl::StatusOr<control::KvLayoutViews> views = absl::UnknownError("unset");
   if (request.has_destination_blocks()) {
     const v1::RegisteredBlocks& blocks = request.destination_blocks();
@@ -268,19 +269,22 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
     *layout.mutable_paged()->mutable_block_ids() = blocks.block_ids();
     views = control::BuildKvLayoutViews(layout, cache->region, "destination_blocks");
     if (!views.ok()) return refuse(views.status());
+    device = cache->device;
   } else {
-    absl::StatusOr<control::MappedKvRegion> imported = control::ImportKvHandle(
-        request.destination(), KvAccess::kReadWrite, "destination", &shm_mappings_);
+    absl::StatusOr<control::MappedKvRegion> imported =
+        control::ImportKvHandle(request.destination(), KvAccess::kReadWrite, "destination",
+                                &shm_mappings_, &cuda_mappings_);
     if (!imported.ok()) return refuse(imported.status());
-    if (imported->memory_kind() != control::KvMemoryKind::kHost) {
-      return refuse(absl::UnimplementedError(
-          "destination: device memory needs the CUDA build of the daemon"));
-    }
+    absl::StatusOr<device::KvDevice*> found_device = DeviceFor(*imported, "destination");
+    if (!found_device.ok()) return refuse(found_device.status());
+    device = *found_device;
     region = std::move(*imported);
     views = control::BuildKvLayoutViews(request.destination_layout(), region, "destination_layout");
     if (!views.ok()) return refuse(views.status());
-    PrefaultHostRegion(region, uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads *
-                                   model->head_dim * 2);
+    if (region.memory_kind() == control::KvMemoryKind::kHost) {
+      PrefaultHostRegion(region, uint64_t{model->layers} * 2 * views->tokens() * model->kv_heads *
+                                     model->head_dim * 2);
+    }
   }
 
   Deferred after;
@@ -319,6 +323,7 @@ void Daemon::Receive(const v1::ReceiveRequest& request, uint64_t call_id, Receiv
     in->model = *model;
     in->region = std::move(region);
     in->cache = std::move(cache);
+    in->device = device;
     in->views.emplace(std::move(*views));
     in->codec_views = CodecViews(*in->views);
     in->mask_format = request.mask_format() == v1::MASK_FORMAT_UNSPECIFIED ? v1::MASK_FORMAT_BYTES
@@ -457,7 +462,7 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       }
       if (status.ok()) {
         const KvLayerViews& layer = in->codec_views[h.layer];
-        status = DecodeSegment(*seg, h.kind == 0 ? layer.key : layer.value, BestRowKernels());
+        status = in->device->DecodeSegment(*seg, h.kind == 0 ? layer.key : layer.value);
       }
     }
     const double decode_s = Seconds(start);

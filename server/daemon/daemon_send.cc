@@ -30,6 +30,17 @@ namespace {
 // any count). A few suffice: the measurement is a single read of the KV.
 unsigned PlanningThreads() { return std::clamp(std::thread::hardware_concurrency(), 1u, 4u); }
 
+// Plans a request whose KV lies on `device`. The planner reads the KV on the host: in place, or
+// a copy from a device, released once the plan is made.
+absl::StatusOr<TierPlan> PlanOnHost(device::KvDevice& device, std::span<const KvLayerViews> layers,
+                                    const ImportanceInput& importance, const CodecOptions& options,
+                                    EncodeStats* stats) {
+  if (layers.empty()) return absl::InvalidArgumentError("source: no layers");
+  absl::StatusOr<device::HostRows> rows = device.ReadRows(layers, 0, layers[0].key.tokens);
+  if (!rows.ok()) return Annotate(rows.status(), "source");
+  return PlanRequest(rows->layers, importance, options, BestRowKernels(), stats, PlanningThreads());
+}
+
 // How far ahead of the wire the encoding threads may run (each tensor ahead holds its segments in
 // memory).
 constexpr size_t kEncodeAheadTensors = 4;
@@ -201,19 +212,19 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   const control::RegisteredModel& model = out.model;
   if (absl::Status s = ConnectOutbound(out); !s.ok()) return s;
 
-  absl::StatusOr<control::MappedKvRegion> region =
-      control::ImportKvHandle(request.source(), KvAccess::kReadOnly, "source", &shm_mappings_);
+  absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
+      request.source(), KvAccess::kReadOnly, "source", &shm_mappings_, &cuda_mappings_);
   if (!region.ok()) return region.status();
-  if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return absl::UnimplementedError("source: device memory needs the CUDA build of the daemon");
-  }
+  absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "source");
+  if (!device.ok()) return device.status();
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.source_layout(), *region, "source_layout");
   if (!views.ok()) return views.status();
   const std::vector<KvLayerViews> layers = CodecViews(*views);
   out.raw_bytes =
       uint64_t{model.layers} * 2 * views->tokens() * model.kv_heads * model.head_dim * 2;
-  PrefaultHostRegion(*region, out.raw_bytes);
+  if (region->memory_kind() == control::KvMemoryKind::kHost)
+    PrefaultHostRegion(*region, out.raw_bytes);
 
   ImportanceInput importance;
   std::vector<float> scores;
@@ -237,8 +248,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
       control::OptionsForTransfer(out.policy, out.decision.planned_budget());
 
   auto in_flight = metrics_->TrackInFlight();
-  absl::StatusOr<TierPlan> plan =
-      PlanRequest(layers, importance, options, BestRowKernels(), &out.stats, PlanningThreads());
+  absl::StatusOr<TierPlan> plan = PlanOnHost(**device, layers, importance, options, &out.stats);
   if (!plan.ok()) return plan.status();
   out.stats.rows_per_tier = plan->TierCounts();
   out.segments_total = SegmentsPerTensor(plan->tokens, options) * model.layers * 2;
@@ -246,7 +256,7 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   if (absl::Status s = AnnounceOutbound(out, plan->tokens); !s.ok()) return s;
   table_.Update(out.request_id, v1::TRANSFER_ROLE_SENDER,
                 [&](v1::TransferInfo& i) { i.set_segments_total(out.segments_total); });
-  return StreamSegments(out, layers, *plan, options);
+  return StreamSegments(out, **device, layers, *plan, options);
 }
 
 absl::Status Daemon::ConnectOutbound(Outbound& out) {
@@ -309,8 +319,9 @@ void Daemon::CountPassthrough(const Outbound& out) {
                v1::PassthroughReason_Name(decision.reason()));
 }
 
-absl::Status Daemon::StreamSegments(Outbound& out, std::span<const KvLayerViews> layers,
-                                    const TierPlan& plan, const CodecOptions& options) {
+absl::Status Daemon::StreamSegments(Outbound& out, device::KvDevice& device,
+                                    std::span<const KvLayerViews> layers, const TierPlan& plan,
+                                    const CodecOptions& options) {
   // Layer l's K and V go out while the next tensors encode on the encoding threads.
   struct EncodedTensor {
     std::vector<ByteBuffer> segments;
@@ -328,7 +339,7 @@ absl::Status Daemon::StreamSegments(Outbound& out, std::span<const KvLayerViews>
         const uint32_t layer = uint32_t(i / 2);
         const KvKind kind = i % 2 == 0 ? KvKind::kKey : KvKind::kValue;
         if (absl::Status s = EncodeLayer(layers[layer], layer, kind, plan, options, out.request_id,
-                                         BestRowKernels(), t.segments);
+                                         device::SegmentEncoderFor(device), t.segments);
             !s.ok()) {
           for (ByteBuffer& b : t.segments) segment_pool_->Return(std::move(b));
           return s;

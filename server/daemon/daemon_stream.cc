@@ -75,17 +75,23 @@ absl::StatusOr<StreamCodec> StreamCodec::Open(const KvShape& shape, const v1::To
   return codec;
 }
 
-absl::Status StreamCodec::EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk,
-                                      uint64_t request_id, std::vector<ByteBuffer>& segments,
-                                      EncodeStats* totals) {
+absl::Status StreamCodec::EncodeChunk(device::KvDevice& device, const KvLayerViews& layer,
+                                      const StreamChunk& chunk, uint64_t request_id,
+                                      std::vector<ByteBuffer>& segments, EncodeStats* totals) {
   if (uint64_t{chunk.token_begin} + chunk.token_count > importance_.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk tokens from ", chunk.token_begin, " pass the prompt's ", tokens_));
   }
+  // The planner reads the chunk's rows on the host (in place, or copied from a device).
+  absl::StatusOr<device::HostRows> rows =
+      device.ReadRows(std::span(&layer, 1), chunk.token_begin, chunk.token_count);
+  if (!rows.ok()) return rows.status();
   EncodeStats stats;
-  absl::StatusOr<TierPlan> plan = EncodeStreamChunk(
-      layer, tokens_, chunk, std::span(importance_).subspan(chunk.token_begin, chunk.token_count),
-      options_, budget_ ? &*budget_ : nullptr, request_id, BestRowKernels(), segments, &stats);
+  absl::StatusOr<TierPlan> plan =
+      EncodeStreamChunk(layer, rows->layers[0], tokens_, chunk,
+                        std::span(importance_).subspan(chunk.token_begin, chunk.token_count),
+                        options_, budget_ ? &*budget_ : nullptr, request_id, BestRowKernels(),
+                        device::SegmentEncoderFor(device), segments, &stats);
   if (!plan.ok()) return plan.status();
   totals->score_seconds += stats.score_seconds;
   totals->plan_seconds += stats.plan_seconds;
@@ -95,7 +101,8 @@ absl::Status StreamCodec::EncodeChunk(const KvLayerViews& layer, const StreamChu
   return absl::OkStatus();
 }
 
-absl::StatusOr<EncodedKv> EncodeAsStream(std::span<const KvLayerViews> layers,
+absl::StatusOr<EncodedKv> EncodeAsStream(device::KvDevice& device,
+                                         std::span<const KvLayerViews> layers,
                                          const v1::EncodeStream& stream,
                                          const v1::TokenScores* scores, const CodecOptions& policy,
                                          double budget, uint64_t request_id) {
@@ -116,8 +123,8 @@ absl::StatusOr<EncodedKv> EncodeAsStream(std::span<const KvLayerViews> layers,
   for (const uint32_t end : stream.chunk_token_ends()) {
     for (uint32_t l = 0; l < layers.size(); ++l) {
       std::vector<ByteBuffer> part;
-      if (absl::Status s =
-              codec->EncodeChunk(layers[l], {l, begin, end - begin}, request_id, part, &stats);
+      if (absl::Status s = codec->EncodeChunk(device, layers[l], {l, begin, end - begin},
+                                              request_id, part, &stats);
           !s.ok()) {
         return s;
       }
@@ -146,11 +153,10 @@ absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
   if (absl::Status s = control::ValidateRegisterCacheRequest(request, *model); !s.ok()) return s;
   absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
       request.memory(), request.writable() ? KvAccess::kReadWrite : KvAccess::kReadOnly, "memory",
-      &shm_mappings_);
+      &shm_mappings_, &cuda_mappings_);
   if (!region.ok()) return region.status();
-  if (region->memory_kind() != control::KvMemoryKind::kHost) {
-    return absl::UnimplementedError("memory: device memory needs the CUDA build of the daemon");
-  }
+  absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "memory");
+  if (!device.ok()) return device.status();
   // Every pool must lie inside the mapping, whole: checked once here with one block in use.
   v1::KvLayout probe = request.layout();
   probe.set_tokens(1);
@@ -161,6 +167,7 @@ absl::StatusOr<v1::RegisterCacheResponse> Daemon::RegisterCache(
   cache->cache_id = request.cache_id();
   cache->model_id = model->model_id;
   cache->layout = request.layout();
+  cache->device = *device;
   v1::RegisterCacheResponse response;
   response.set_mapped_bytes(region->size());
   cache->region = std::move(*region);
@@ -454,18 +461,20 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
   const uint32_t tokens = st.open.tokens();
   out.raw_bytes = uint64_t{model.layers} * 2 * tokens * model.kv_heads * model.head_dim * 2;
   if (st.open.has_handle()) {
-    absl::StatusOr<control::MappedKvRegion> region = control::ImportKvHandle(
-        st.open.handle().handle(), KvAccess::kReadOnly, "open.handle.handle", &shm_mappings_);
+    absl::StatusOr<control::MappedKvRegion> region =
+        control::ImportKvHandle(st.open.handle().handle(), KvAccess::kReadOnly,
+                                "open.handle.handle", &shm_mappings_, &cuda_mappings_);
     if (!region.ok()) return region.status();
-    if (region->memory_kind() != control::KvMemoryKind::kHost) {
-      return absl::UnimplementedError(
-          "open.handle: device memory needs the CUDA build of the daemon");
-    }
+    absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "open.handle.handle");
+    if (!device.ok()) return device.status();
     absl::StatusOr<control::KvLayoutViews> views =
         control::BuildKvLayoutViews(st.open.handle().layout(), *region, "open.handle.layout");
     if (!views.ok()) return views.status();
     st.region = std::move(*region);
     st.views.emplace(std::move(*views));
+    st.device = *device;
+  } else {
+    st.device = st.cache->device;
   }
   out.decision =
       ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
@@ -495,7 +504,8 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   std::vector<ByteBuffer> segments(size_t{2} *
                                    SegmentsPerTensor(rows.token_count, st.codec->options()));
   for (ByteBuffer& b : segments) b = segment_pool_->Take();
-  if (absl::Status s = st.codec->EncodeChunk(layer, rows, out.request_id, segments, &out.stats);
+  if (absl::Status s =
+          st.codec->EncodeChunk(*st.device, layer, rows, out.request_id, segments, &out.stats);
       !s.ok()) {
     for (ByteBuffer& b : segments) segment_pool_->Return(std::move(b));
     return s;

@@ -4,6 +4,9 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -27,6 +30,20 @@ int FreeLoopbackPort() {
   return ntohs(addr.sin_port);
 }
 
+std::string DaemonBinary() {
+  if (const char* env = std::getenv("SKV_DAEMON_BINARY"); env != nullptr && *env != '\0') {
+    return env;
+  }
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n > 0) {
+    std::string sibling(self, size_t(n));
+    sibling = sibling.substr(0, sibling.find_last_of('/') + 1) + "spectrumkvd";
+    if (access(sibling.c_str(), X_OK) == 0) return sibling;
+  }
+  return SKV_DAEMON_BINARY;
+}
+
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Options& options) {
   // A port found free can be taken by a test running in parallel before the daemon binds it;
   // only that failure is worth another try, with fresh ports.
@@ -44,7 +61,7 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Op
   d->data_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
   d->metrics_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
   d->log_path_ = absl::StrCat(::testing::TempDir(), "/", options.daemon_id, "-", getpid(), ".log");
-  std::vector<std::string> args = {SKV_DAEMON_BINARY,
+  std::vector<std::string> args = {DaemonBinary(),
                                    "--daemon_id=" + options.daemon_id,
                                    "--grpc_listen_address=" + d->grpc_address_,
                                    "--data_listen_address=" + d->data_address_,
@@ -70,6 +87,8 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Op
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     execv(argv[0], argv.data());
+    std::fprintf(stderr, "cannot run %s: %s (SKV_DAEMON_BINARY overrides the daemon's path)\n",
+                 argv[0], std::strerror(errno));
     _exit(127);
   }
   d->pid_ = pid;

@@ -20,6 +20,12 @@
 
 namespace skv::testing {
 
+// The spectrumkvd that Start runs: the environment variable SKV_DAEMON_BINARY when set and not
+// empty; else a spectrumkvd in the folder of the running test binary (so a copied bundle of
+// binaries, e.g. scripts/gpu-bundle.sh's .gpu-bundle/bin/, runs its own daemon); else the build's
+// daemon, whose path is compiled in (the SKV_DAEMON_BINARY compile definition).
+std::string DaemonBinary();
+
 // A TCP port nobody listens on right now (bind to 0, read it back, close).
 int FreeLoopbackPort();
 

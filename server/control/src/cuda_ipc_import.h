@@ -14,8 +14,9 @@ namespace skv::control {
 
 extern const bool kCudaIpcImportBuilt;
 
-// `field` names the handle, e.g. "source.cuda_ipc".
+// `field` names the handle, e.g. "source.cuda_ipc". With a `cache`, the handle is opened once.
 absl::StatusOr<MappedKvRegion> ImportCudaIpc(const spectrumkv::v1::CudaIpcHandle& ipc,
-                                             KvAccess access, absl::string_view field);
+                                             KvAccess access, absl::string_view field,
+                                             CudaIpcMappingCache* cache);
 
 }  // namespace skv::control

@@ -50,6 +50,16 @@ class CudaIpcMapping final : public MappedKvRegion::Owner {
   int device_;
 };
 
+// A region's share of a mapping that other regions (and the cache) may hold too.
+class SharedOwner final : public MappedKvRegion::Owner {
+ public:
+  explicit SharedOwner(std::shared_ptr<MappedKvRegion::Owner> mapping)
+      : mapping_(std::move(mapping)) {}
+
+ private:
+  std::shared_ptr<MappedKvRegion::Owner> mapping_;
+};
+
 // cuMemGetAddressRange through the runtime's driver entry point: linking libcuda directly would
 // stop every binary using this library from starting on machines without a GPU driver.
 absl::Status AllocationRange(void* pointer, CUdeviceptr* base, size_t* size) {
@@ -84,7 +94,8 @@ absl::Status CudaError(absl::StatusCode code, absl::string_view field, absl::str
 }  // namespace
 
 absl::StatusOr<MappedKvRegion> ImportCudaIpc(const spectrumkv::v1::CudaIpcHandle& ipc,
-                                             KvAccess access, absl::string_view field) {
+                                             KvAccess access, absl::string_view field,
+                                             CudaIpcMappingCache* cache) {
   if (ipc.ipc_handle().size() != sizeof(cudaIpcMemHandle_t)) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".ipc_handle: ", ipc.ipc_handle().size(),
                                                    " bytes, expected ",
@@ -101,35 +112,42 @@ absl::StatusOr<MappedKvRegion> ImportCudaIpc(const spectrumkv::v1::CudaIpcHandle
         absl::StrCat(field, ".device: ", ipc.device(), " >= device count ", device_count));
   }
   const int device = static_cast<int>(ipc.device());
-  ScopedCudaDevice on_device(device);
-  if (on_device.status() != cudaSuccess) {
-    return CudaError(absl::StatusCode::kFailedPrecondition, field, "cudaSetDevice",
-                     on_device.status());
-  }
-  cudaIpcMemHandle_t handle;
-  std::memcpy(&handle, ipc.ipc_handle().data(), sizeof(handle));
-  void* base = nullptr;
-  if (cudaError_t e = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess);
-      e != cudaSuccess) {
-    return CudaError(absl::StatusCode::kInvalidArgument, absl::StrCat(field, ".ipc_handle"),
-                     "cudaIpcOpenMemHandle", e);
-  }
-  auto owner = std::make_unique<CudaIpcMapping>(base, device);
-  // The handle names a whole allocation; bound the region by that allocation's size.
-  CUdeviceptr range_base = 0;
-  size_t range_size = 0;
-  if (absl::Status st = AllocationRange(base, &range_base, &range_size); !st.ok()) {
-    return absl::Status(st.code(), absl::StrCat(field, ": ", st.message()));
-  }
-  const uint64_t available = range_size - (reinterpret_cast<CUdeviceptr>(base) - range_base);
-  if (end > available) {
+  // Opens the handle: the whole exported allocation, bounded by its size.
+  auto open = [&]() -> absl::StatusOr<CudaIpcMappingCache::Mapping> {
+    ScopedCudaDevice on_device(device);
+    if (on_device.status() != cudaSuccess) {
+      return CudaError(absl::StatusCode::kFailedPrecondition, field, "cudaSetDevice",
+                       on_device.status());
+    }
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, ipc.ipc_handle().data(), sizeof(handle));
+    void* base = nullptr;
+    if (cudaError_t e = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess);
+        e != cudaSuccess) {
+      return CudaError(absl::StatusCode::kInvalidArgument, absl::StrCat(field, ".ipc_handle"),
+                       "cudaIpcOpenMemHandle", e);
+    }
+    auto owner = std::make_shared<CudaIpcMapping>(base, device);
+    CUdeviceptr range_base = 0;
+    size_t range_size = 0;
+    if (absl::Status st = AllocationRange(base, &range_base, &range_size); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat(field, ": ", st.message()));
+    }
+    return CudaIpcMappingCache::Mapping{
+        static_cast<std::byte*>(base),
+        range_size - (reinterpret_cast<CUdeviceptr>(base) - range_base), std::move(owner)};
+  };
+  absl::StatusOr<CudaIpcMappingCache::Mapping> mapping =
+      cache != nullptr ? cache->Get(device, ipc.ipc_handle(), open) : open();
+  if (!mapping.ok()) return mapping.status();
+  if (end > mapping->size) {
     return absl::OutOfRangeError(absl::StrCat(field, ": offset + length = ", end,
-                                              " bytes exceeds the exported allocation, ", available,
-                                              " bytes"));
+                                              " bytes exceeds the exported allocation, ",
+                                              mapping->size, " bytes"));
   }
-  return MappedKvRegion(static_cast<std::byte*>(base) + ipc.offset(),
-                        static_cast<size_t>(ipc.length()), access, KvMemoryKind::kCudaDevice,
-                        device, std::move(owner));
+  return MappedKvRegion(mapping->base + ipc.offset(), static_cast<size_t>(ipc.length()), access,
+                        KvMemoryKind::kCudaDevice, device,
+                        std::make_unique<SharedOwner>(std::move(mapping->owner)));
 }
 
 }  // namespace skv::control

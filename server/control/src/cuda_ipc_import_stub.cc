@@ -7,7 +7,8 @@ namespace skv::control {
 const bool kCudaIpcImportBuilt = false;
 
 absl::StatusOr<MappedKvRegion> ImportCudaIpc(const spectrumkv::v1::CudaIpcHandle& /*ipc*/,
-                                             KvAccess /*access*/, absl::string_view field) {
+                                             KvAccess /*access*/, absl::string_view field,
+                                             CudaIpcMappingCache* /*cache*/) {
   return absl::UnimplementedError(absl::StrCat(
       field, ": spectrumkvd was built without CUDA; use shared_memory or inline_data"));
 }

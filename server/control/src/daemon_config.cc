@@ -367,6 +367,11 @@ const std::vector<ConfigKey>& Keys() {
        "Shared-memory KV objects kept mapped between transfers, 0..4096; 0 = map every time.",
        false, false, Setter(&DaemonConfig::shm_mapping_cache_entries, Uint32In(0, 4096)),
        [](const DaemonConfig& c) { return absl::StrCat(c.shm_mapping_cache_entries); }},
+      {"cuda_ipc_cache_entries",
+       "Idle CUDA IPC handles kept open between transfers, 0..4096; 0 = close a handle when no "
+       "transfer uses it. An open handle keeps its allocation mapped in the daemon.",
+       false, false, Setter(&DaemonConfig::cuda_ipc_cache_entries, Uint32In(0, 4096)),
+       [](const DaemonConfig& c) { return absl::StrCat(c.cuda_ipc_cache_entries); }},
       {"codec_threads",
        "Threads one transfer encodes (sender) or decodes (receiver) on, 0..64; 0 = half the "
        "hardware threads, 1..4.",

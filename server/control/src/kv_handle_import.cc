@@ -203,9 +203,47 @@ absl::StatusOr<MappedKvRegion> ImportSharedMemory(const spectrumkv::v1::SharedMe
 
 }  // namespace
 
+size_t CudaIpcMappingCache::size() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entries_.size();
+}
+
+void CudaIpcMappingCache::CloseIdleBeyondLimit() {
+  // Entries in use stay whatever the limit: CUDA refuses to open their handles a second time.
+  while (entries_.size() > max_entries_) {
+    auto oldest_idle = entries_.end();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->mapping.owner.use_count() == 1 &&
+          (oldest_idle == entries_.end() || it->last_use < oldest_idle->last_use)) {
+        oldest_idle = it;
+      }
+    }
+    if (oldest_idle == entries_.end()) return;
+    entries_.erase(oldest_idle);
+  }
+}
+
+absl::StatusOr<CudaIpcMappingCache::Mapping> CudaIpcMappingCache::Get(
+    int device, absl::string_view handle, absl::FunctionRef<absl::StatusOr<Mapping>()> open) {
+  std::lock_guard<std::mutex> lock(mu_);
+  CloseIdleBeyondLimit();
+  for (Entry& e : entries_) {
+    if (e.device == device && e.handle == handle) {
+      e.last_use = ++clock_;
+      return e.mapping;
+    }
+  }
+  absl::StatusOr<Mapping> opened = open();
+  if (!opened.ok()) return opened;
+  entries_.push_back({device, std::string(handle), *opened, ++clock_});
+  CloseIdleBeyondLimit();
+  return opened;
+}
+
 absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
                                               KvAccess access, absl::string_view field,
-                                              ShmMappingCache* cache) {
+                                              ShmMappingCache* cache,
+                                              CudaIpcMappingCache* cuda_cache) {
   switch (handle.memory_case()) {
     case spectrumkv::v1::KvHandle::kInlineData:
       return ImportInline(handle.inline_data(), access, field);
@@ -214,7 +252,7 @@ absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& ha
                                 absl::StrCat(field, ".shared_memory"),
                                 cache != nullptr && cache->max_entries() > 0 ? cache : nullptr);
     case spectrumkv::v1::KvHandle::kCudaIpc:
-      return ImportCudaIpc(handle.cuda_ipc(), access, absl::StrCat(field, ".cuda_ipc"));
+      return ImportCudaIpc(handle.cuda_ipc(), access, absl::StrCat(field, ".cuda_ipc"), cuda_cache);
     case spectrumkv::v1::KvHandle::MEMORY_NOT_SET:
       break;
   }

@@ -352,5 +352,80 @@ TEST(ShmMappingCacheTest, ZeroEntriesMapsEveryImportAfresh) {
   EXPECT_EQ(cache.size(), 0u);
 }
 
+// ---- CudaIpcMappingCache: each (device, handle) is opened once; dropped entries close when
+// their last region goes. The opener stands in for cudaIpcOpenMemHandle.
+
+struct CountedOwner final : MappedKvRegion::Owner {
+  explicit CountedOwner(int* counter) : closed(counter) {}
+  ~CountedOwner() override { ++*closed; }
+  int* closed;
+};
+
+TEST(CudaIpcMappingCacheTest, OpensEachHandleOnceAndClosesIdleOnesBeyondTheLimit) {
+  CudaIpcMappingCache cache(2);
+  int opened = 0, closed = 0;
+  std::byte memory[64];
+  auto opener = [&]() -> absl::StatusOr<CudaIpcMappingCache::Mapping> {
+    ++opened;
+    return CudaIpcMappingCache::Mapping{memory, sizeof(memory),
+                                        std::make_shared<CountedOwner>(&closed)};
+  };
+  const std::string a(64, 'a'), b(64, 'b'), c(64, 'c'), d(64, 'd');
+  absl::StatusOr<CudaIpcMappingCache::Mapping> held = cache.Get(0, a, opener);
+  ASSERT_TRUE(held.ok());
+  ASSERT_TRUE(cache.Get(0, a, opener).ok());
+  EXPECT_EQ(opened, 1);  // the same handle again: the one mapping
+  ASSERT_TRUE(cache.Get(1, a, opener).ok());
+  EXPECT_EQ(opened, 2);                       // another device is another mapping
+  ASSERT_TRUE(cache.Get(0, b, opener).ok());  // (1, a) is the oldest idle entry: closed
+  EXPECT_EQ(closed, 1);
+  ASSERT_TRUE(cache.Get(0, c, opener).ok());  // (0, b) closes; (0, a) is older but in use
+  EXPECT_EQ(closed, 2);
+  EXPECT_EQ(cache.size(), 2u);
+  held = absl::CancelledError("released");
+  EXPECT_EQ(closed, 2);                       // idle now, still cached
+  ASSERT_TRUE(cache.Get(0, d, opener).ok());  // (0, a) is now the oldest idle entry
+  EXPECT_EQ(closed, 3);
+  EXPECT_EQ(opened, 5);
+}
+
+TEST(CudaIpcMappingCacheTest, HandlesInUseStayOpenBeyondTheLimit) {
+  CudaIpcMappingCache cache(0);
+  int opened = 0, closed = 0;
+  std::byte memory[8];
+  auto opener = [&]() -> absl::StatusOr<CudaIpcMappingCache::Mapping> {
+    ++opened;
+    return CudaIpcMappingCache::Mapping{memory, sizeof(memory),
+                                        std::make_shared<CountedOwner>(&closed)};
+  };
+  const std::string a(64, 'a'), b(64, 'b');
+  absl::StatusOr<CudaIpcMappingCache::Mapping> first = cache.Get(0, a, opener);
+  absl::StatusOr<CudaIpcMappingCache::Mapping> second = cache.Get(0, b, opener);
+  absl::StatusOr<CudaIpcMappingCache::Mapping> shared = cache.Get(0, a, opener);
+  ASSERT_TRUE(first.ok() && second.ok() && shared.ok());
+  EXPECT_EQ(opened, 2);  // two transfers over one handle share its mapping
+  EXPECT_EQ(first->owner, shared->owner);
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_EQ(closed, 0);
+  first = second = shared = absl::CancelledError("released");
+  ASSERT_TRUE(cache.Get(0, a, opener).ok());  // with no entries kept, idle handles close
+  EXPECT_EQ(closed, 2);
+  EXPECT_EQ(opened, 3);
+}
+
+TEST(CudaIpcMappingCacheTest, AFailedOpenIsNotCached) {
+  int opened = 0;
+  CudaIpcMappingCache cache(4);
+  const std::string handle(64, 'x');
+  auto failing = [&]() -> absl::StatusOr<CudaIpcMappingCache::Mapping> {
+    ++opened;
+    return absl::InvalidArgumentError("cudaIpcOpenMemHandle: invalid handle");
+  };
+  EXPECT_EQ(cache.Get(0, handle, failing).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache.Get(0, handle, failing).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opened, 2);
+  EXPECT_EQ(cache.size(), 0u);
+}
+
 }  // namespace
 }  // namespace skv::control

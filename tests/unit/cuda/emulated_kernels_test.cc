@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "channel_mean_kernels.cuh"
+#include "emulated_codec.h"
 #include "gtest/gtest.h"
 #include "importance_kernels.cuh"
 #include "launch_support.h"
@@ -32,149 +33,15 @@ namespace {
 
 namespace emu = ::skv::cuda::emulation;
 namespace k = ::skv::cuda::kernels;
+using ::skv::cuda::testing::AlignedBytes;
 using ::skv::cuda::testing::Dense;
+using ::skv::cuda::testing::EmulatedDecodeSegment;
+using ::skv::cuda::testing::EmulatedEncodeSegment;
+using ::skv::cuda::testing::EmulateEncodeRows;
+using ::skv::cuda::testing::EmulateMean;
 using ::skv::cuda::testing::Paged;
 using ::skv::cuda::testing::TensorGeometry;
 using ::skv::cuda::testing::TensorLayout;
-
-// Few blocks, so every block loops over several rows (the grid-stride path and the alternating
-// shared-memory stages are exercised).
-constexpr uint32_t kEmulatedBlocksX = 3;
-
-// 16-byte aligned scratch, as cudaMalloc memory is.
-class AlignedBytes {
- public:
-  explicit AlignedBytes(size_t n, uint8_t fill) : words_((n + 15) / 16 + 1), size_(n) {
-    std::memset(words_.data(), fill, words_.size() * 16);
-  }
-  uint8_t* data() { return reinterpret_cast<uint8_t*>(words_.data()); }
-  size_t size() const { return size_; }
-
- private:
-  std::vector<uint4> words_;
-  size_t size_;
-};
-
-// ---- Emulated launchers: the same batch and geometry as row_codec.cu / channel_mean.cu ---------
-
-template <typename Job, DType kDtype, int kLanes>
-void RunRowKernel(const k::RowBatch<Job>& batch, dim3 grid, const k::RowLaunchShape& shape) {
-  emu::Launch(grid, dim3(shape.threads), shape.shared_bytes, [&batch] {
-    if constexpr (std::is_same_v<Job, EncodeRowsJob>) {
-      k::EncodeRowsKernel<kDtype, kLanes>(batch);
-    } else {
-      k::DecodeRowsKernel<kDtype, kLanes>(batch);
-    }
-  });
-}
-
-template <typename Job, DType kDtype>
-void DispatchLanes(const k::RowBatch<Job>& batch, dim3 grid, const k::RowLaunchShape& shape) {
-  switch (shape.lanes_per_head) {
-    case 1:
-      return RunRowKernel<Job, kDtype, 1>(batch, grid, shape);
-    case 2:
-      return RunRowKernel<Job, kDtype, 2>(batch, grid, shape);
-    case 4:
-      return RunRowKernel<Job, kDtype, 4>(batch, grid, shape);
-    case 8:
-      return RunRowKernel<Job, kDtype, 8>(batch, grid, shape);
-    case 16:
-      return RunRowKernel<Job, kDtype, 16>(batch, grid, shape);
-    case 32:
-      return RunRowKernel<Job, kDtype, 32>(batch, grid, shape);
-    case 64:
-      return RunRowKernel<Job, kDtype, 64>(batch, grid, shape);
-    default:
-      FAIL() << "lanes " << shape.lanes_per_head;
-  }
-}
-
-template <typename Job>
-void EmulateRows(const std::vector<Job>& jobs, uint32_t group_size) {
-  const DeviceKvView& shape = JobTensor(jobs[0]);
-  const k::RowLaunchShape launch = k::PlanRowLaunch(shape.heads, shape.head_dim);
-  for (size_t first = 0; first < jobs.size(); first += kMaxJobsPerLaunch) {
-    const size_t count = std::min(jobs.size() - first, kMaxJobsPerLaunch);
-    auto batch = std::make_unique<k::RowBatch<Job>>();
-    const uint32_t max_rows = k::FillRowBatch(jobs.data() + first, count, group_size, batch.get());
-    const dim3 grid(std::min(max_rows, kEmulatedBlocksX), uint32_t(count));
-    if (shape.dtype == DType::kFp16) {
-      DispatchLanes<Job, DType::kFp16>(*batch, grid, launch);
-    } else {
-      DispatchLanes<Job, DType::kBf16>(*batch, grid, launch);
-    }
-  }
-}
-
-void EmulateMean(const std::vector<ChannelMeanJob>& jobs) {
-  auto batch = std::make_unique<k::MeanBatch>();
-  k::FillMeanBatch(jobs.data(), jobs.size(), batch.get());
-  const dim3 grid((batch->channels + k::kMeanChannels - 1) / k::kMeanChannels,
-                  uint32_t(jobs.size()));
-  const k::MeanBatch& b = *batch;
-  emu::Launch(grid, dim3(k::kMeanThreads), 0, [&b] {
-    if (b.jobs[0].source.dtype == DType::kFp16) {
-      k::ChannelMeanKernel<DType::kFp16>(b);
-    } else {
-      k::ChannelMeanKernel<DType::kBf16>(b);
-    }
-  });
-}
-
-// CudaSegmentCodec::Encode with the kernels emulated: plan on the host, mean and payload by the
-// kernels into a 16-byte aligned segment buffer, CRC on the host.
-std::vector<uint8_t> EmulatedEncodeSegment(const DeviceKvView& source, const SegmentSpec& spec,
-                                           const std::vector<Tier>& tiers,
-                                           const CodecOptions& options) {
-  absl::StatusOr<internal::SegmentEncodePlan> plan =
-      internal::PlanSegmentEncode(source, spec, tiers, options);
-  EXPECT_TRUE(plan.ok()) << plan.status();
-  if (!plan.ok()) return {};
-  AlignedBytes segment(plan->total_bytes, 0xCC);  // kernels must write every mean/payload byte
-  std::memcpy(segment.data(), plan->prefix.data(), plan->prefix.size());
-  const uint8_t* tier_map = segment.data() + sizeof(SegmentHeader);
-  if (plan->centred) {
-    EmulateMean({ChannelMeanJob{source, spec.token_begin, spec.token_count, tier_map,
-                                segment.data() + plan->mean_at()}});
-  }
-  if (plan->payload_bytes > 0) {
-    EncodeRowsJob job{source,
-                      spec.token_begin,
-                      spec.token_count,
-                      tier_map,
-                      plan->record_offsets.data(),
-                      plan->centred ? segment.data() + plan->mean_at() : nullptr,
-                      segment.data() + plan->payload_at(),
-                      plan->rotated};
-    EmulateRows<EncodeRowsJob>({job}, plan->group_size);
-  }
-  internal::SealSegment(segment.data(), plan->total_bytes);
-  return {segment.data(), segment.data() + plan->total_bytes};
-}
-
-// CudaSegmentCodec::Decode with the kernels emulated.
-void EmulatedDecodeSegment(const ParsedSegment& segment, const DeviceKvView& destination) {
-  absl::StatusOr<internal::SegmentDecodePlan> plan =
-      internal::PlanSegmentDecode(segment, destination);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  AlignedBytes sections(segment.tier_map.size() + segment.mean.size() + segment.payload.size(), 0);
-  uint8_t* at = sections.data();
-  for (std::span<const uint8_t> part : {segment.tier_map, segment.mean, segment.payload}) {
-    if (!part.empty()) std::memcpy(at, part.data(), part.size());
-    at += part.size();
-  }
-  const uint8_t* base = sections.data();
-  DecodeRowsJob job{destination,
-                    segment.header.token_begin,
-                    segment.header.token_count,
-                    base,
-                    plan->record_offsets.data(),
-                    plan->centred ? base + segment.tier_map.size() : nullptr,
-                    base + segment.tier_map.size() + segment.mean.size(),
-                    plan->rotated};
-  EmulateRows<DecodeRowsJob>({job}, segment.header.group_size);
-}
 
 // ---- Host tensors ------------------------------------------------------------------------------
 
@@ -285,9 +152,10 @@ void CheckSegment(const HostTensor& source, DType dtype, uint32_t tokens, uint32
       EncodeSegment(source.host_view(), spec, tiers, options, ReferenceRowKernels(), &expected)
           .ok());
   const std::vector<uint8_t> want(expected.begin(), expected.end());
-  const std::vector<uint8_t> got =
+  absl::StatusOr<std::vector<uint8_t>> got =
       EmulatedEncodeSegment(source.device_view(), spec, tiers, options);
-  ASSERT_EQ(want, got) << FirstDifference(want, got);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(want, *got) << FirstDifference(want, *got);
 
   absl::StatusOr<ParsedSegment> parsed = ParseSegment(expected);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
@@ -296,7 +164,7 @@ void CheckSegment(const HostTensor& source, DType dtype, uint32_t tokens, uint32
   ref_out.FillBytes(0x5A);
   emu_out.FillBytes(0x5A);
   ASSERT_TRUE(DecodeSegment(*parsed, ref_out.host_view(), ReferenceRowKernels()).ok());
-  EmulatedDecodeSegment(*parsed, emu_out.device_view());
+  ASSERT_TRUE(EmulatedDecodeSegment(*parsed, emu_out.device_view()).ok());
   const std::vector<uint8_t> a = ref_out.bytes(), b = emu_out.bytes();
   size_t first = 0;
   while (first < a.size() && a[first] == b[first]) ++first;
@@ -481,7 +349,7 @@ TEST(EmulatedBatchTest, ManyJobsInOneLaunchMatchPerSegmentReference) {
   }
   EmulateMean({means.begin(), means.begin() + 32});
   EmulateMean({means.begin() + 32, means.end()});
-  EmulateRows(jobs, kHeadDim);
+  ASSERT_TRUE(EmulateEncodeRows(jobs, kHeadDim).ok());
   for (uint32_t i = 0; i < kJobs; ++i) {
     uint8_t* base = arenas[i]->data() + i % 16;
     internal::SealSegment(base, expected[i].size());

@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "spectrumkv/codec/importance.h"
 #include "spectrumkv/codec/options.h"
@@ -54,11 +55,29 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
 // How many segments one layer's K (or V) becomes: options.tokens_per_segment splits it.
 uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options);
 
+// Encodes one segment with EncodeSegment's contract: the CPU codec's row kernels, or a device's
+// kernels when the KV lies in device memory (the daemon's KvDevice).
+using SegmentEncoder = absl::FunctionRef<absl::StatusOr<size_t>(
+    const KvTensorView& source, const SegmentSpec& spec, std::span<const Tier> tiers,
+    const CodecOptions& options, ByteBuffer* out)>;
+
+// The CPU codec as a SegmentEncoder. Pass the result straight to the call that takes it: a
+// FunctionRef only refers to its callable.
+inline auto CpuSegmentEncoder(const RowKernels& kernels) {
+  return [&kernels](const KvTensorView& source, const SegmentSpec& spec,
+                    std::span<const Tier> tiers, const CodecOptions& options, ByteBuffer* out) {
+    return EncodeSegment(source, spec, tiers, options, kernels, out);
+  };
+}
+
 // Encodes one layer's K or V under `plan` into out[0..SegmentsPerTensor), reusing the buffers'
 // memory.
 absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
                          const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
                          const RowKernels& kernels, std::span<ByteBuffer> out);
+absl::Status EncodeLayer(const KvLayerViews& layer, uint32_t layer_index, KvKind kind,
+                         const TierPlan& plan, const CodecOptions& options, uint64_t request_id,
+                         SegmentEncoder encode, std::span<ByteBuffer> out);
 
 // Whole request into `out`, reusing its buffers (steady-state callers avoid page faults).
 absl::Status EncodeKvInto(std::span<const KvLayerViews> layers, const ImportanceInput& importance,

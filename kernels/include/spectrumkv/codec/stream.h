@@ -29,6 +29,12 @@ absl::StatusOr<TierPlan> PlanChunk(const KvLayerViews& layer, uint32_t prompt_to
                                    const StreamChunk& chunk, std::span<const float> importance,
                                    const CodecOptions& options, const RowKernels& kernels,
                                    EncodeStats* stats);
+// PlanChunk on `rows`: the chunk's token_count rows alone (row 0 is chunk.token_begin), for KV
+// the planner cannot read where it lies (device memory copied to the host).
+absl::StatusOr<TierPlan> PlanChunkRows(const KvLayerViews& rows, uint32_t prompt_tokens,
+                                       const StreamChunk& chunk, std::span<const float> importance,
+                                       const CodecOptions& options, const RowKernels& kernels,
+                                       EncodeStats* stats);
 
 // Encodes a chunk's K or V rows with `tiers` (one per row) into
 // out[0 .. SegmentsPerTensor(chunk.token_count)), reusing the buffers' memory. The segment
@@ -36,6 +42,9 @@ absl::StatusOr<TierPlan> PlanChunk(const KvLayerViews& layer, uint32_t prompt_to
 absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, KvKind kind,
                          std::span<const Tier> tiers, const CodecOptions& options,
                          uint64_t request_id, const RowKernels& kernels, std::span<ByteBuffer> out);
+absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, KvKind kind,
+                         std::span<const Tier> tiers, const CodecOptions& options,
+                         uint64_t request_id, SegmentEncoder encode, std::span<ByteBuffer> out);
 
 class StreamBudget;
 
@@ -49,6 +58,13 @@ absl::StatusOr<TierPlan> EncodeStreamChunk(const KvLayerViews& layer, uint32_t p
                                            StreamBudget* budget, uint64_t request_id,
                                            const RowKernels& kernels,
                                            std::vector<ByteBuffer>& segments, EncodeStats* stats);
+// The same with the planner reading `planning_rows` (the chunk's rows alone, as PlanChunkRows
+// takes them) and `encode` encoding from `layer`: for KV in device memory.
+absl::StatusOr<TierPlan> EncodeStreamChunk(
+    const KvLayerViews& layer, const KvLayerViews& planning_rows, uint32_t prompt_tokens,
+    const StreamChunk& chunk, std::span<const float> importance, CodecOptions options,
+    StreamBudget* budget, uint64_t request_id, const RowKernels& planning_kernels,
+    SegmentEncoder encode, std::vector<ByteBuffer>& segments, EncodeStats* stats);
 
 // The byte budget of a streamed transfer, spent chunk by chunk. Each layer is given a share of
 // the transfer's bytes (by `layer_weights`, or evenly), each chunk the part of its layer's share

@@ -83,6 +83,9 @@ struct DaemonConfig {
   // Shared-memory KV objects kept mapped between transfers (see ShmMappingCache); 0 maps each
   // transfer's region afresh.
   uint32_t shm_mapping_cache_entries = 16;
+  // Idle CUDA IPC handles kept open between transfers (see CudaIpcMappingCache); 0 closes a
+  // handle once no transfer uses it.
+  uint32_t cuda_ipc_cache_entries = 16;
   // Threads one transfer's codec runs on: the sender's encoding ahead of the wire, the
   // receiver's decoding of arrived segments. 0 = half the hardware's threads, 1..4.
   uint32_t codec_threads = 0;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
@@ -111,6 +112,52 @@ class ShmMappingCache {
   uint64_t clock_ = 0;
 };
 
+// Keeps CUDA IPC mappings. Opening a handle (cudaIpcOpenMemHandle) maps the exporter's whole
+// allocation into this process, and CUDA refuses to open a handle that is open already ("resource
+// already mapped"): concurrent transfers over one exported KV pool must share one mapping. So each
+// (device, handle) is opened once and its mapping shared by every region imported from it. Idle
+// entries (no region uses them) beyond `max_entries` are closed at the next Get, least recently
+// used first (with 0, every idle entry); entries in use are never closed. An engine exports its KV
+// pool once and keeps it for its lifetime, so cached handles stay valid; a cached handle of an
+// allocation the exporter freed keeps that memory mapped until its entry is closed. Thread-safe.
+class CudaIpcMappingCache {
+ public:
+  // An opened handle: the allocation's base in this process, its bytes, and what closes it.
+  struct Mapping {
+    std::byte* base = nullptr;
+    uint64_t size = 0;
+    std::shared_ptr<MappedKvRegion::Owner> owner;
+  };
+
+  explicit CudaIpcMappingCache(size_t max_entries) : max_entries_(max_entries) {}
+  CudaIpcMappingCache(const CudaIpcMappingCache&) = delete;
+  CudaIpcMappingCache& operator=(const CudaIpcMappingCache&) = delete;
+
+  [[nodiscard]] size_t max_entries() const { return max_entries_; }
+  [[nodiscard]] size_t size();
+
+  // The mapping of `handle` (its bytes) on `device`: the cached one, or `open`'s, which is then
+  // cached (an error is returned and not cached). `open` runs under the cache's lock, so one
+  // handle is never opened twice at once.
+  absl::StatusOr<Mapping> Get(int device, absl::string_view handle,
+                              absl::FunctionRef<absl::StatusOr<Mapping>()> open);
+
+ private:
+  struct Entry {
+    int device;
+    std::string handle;
+    Mapping mapping;
+    uint64_t last_use;
+  };
+  // Under mu_: closes idle entries, least recently used first, until at most max_entries_ remain.
+  void CloseIdleBeyondLimit();
+
+  const size_t max_entries_;
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
 // Maps `handle`. Errors name `field` (e.g. "source.shared_memory.name"):
 // - no memory set, empty inline data, zero length, bad shm name, wrong IPC handle size:
 //   INVALID_ARGUMENT
@@ -122,11 +169,10 @@ class ShmMappingCache {
 // region. Imported kReadWrite it is an owned, 16-byte aligned copy.
 // Shared memory must not be truncated by its owner while mapped (that would fault the daemon).
 // With a `cache`, shared memory comes from (and goes into) it; without one, only the region is
-// mapped, for this call alone.
-[[nodiscard]] absl::StatusOr<MappedKvRegion> ImportKvHandle(const spectrumkv::v1::KvHandle& handle,
-                                                            KvAccess access,
-                                                            absl::string_view field,
-                                                            ShmMappingCache* cache = nullptr);
+// mapped, for this call alone. CUDA IPC handles likewise with `cuda_cache`.
+[[nodiscard]] absl::StatusOr<MappedKvRegion> ImportKvHandle(
+    const spectrumkv::v1::KvHandle& handle, KvAccess access, absl::string_view field,
+    ShmMappingCache* cache = nullptr, CudaIpcMappingCache* cuda_cache = nullptr);
 
 // Whether this build can import CUDA IPC handles (SKV_CUDA_ENABLED at build time).
 bool CudaIpcImportSupported();
