@@ -216,8 +216,8 @@ bool CudaKvDeviceBuilt() { return true; }
 absl::StatusOr<std::unique_ptr<KvDevice>> MakeCudaKvDevice(int ordinal) {
   int count = 0;
   if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "no CUDA device: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("no CUDA device: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
   }
   if (ordinal < 0 || ordinal >= count) {
     return absl::FailedPreconditionError(

@@ -43,8 +43,8 @@ class HostKvDevice final : public KvDevice {
       for (const KvTensorView* view : {&layer.key, &layer.value}) {
         if (uint64_t{token_begin} + token_count > view->tokens) {
           return absl::OutOfRangeError(absl::StrCat("rows [", token_begin, ", ",
-                                                    uint64_t{token_begin} + token_count,
-                                                    ") of a ", view->tokens, "-row tensor"));
+                                                    uint64_t{token_begin} + token_count, ") of a ",
+                                                    view->tokens, "-row tensor"));
         }
       }
       rows.layers.push_back({SliceRows(layer.key, token_begin, token_count, *copies),

@@ -12,10 +12,10 @@ namespace {
 TEST_F(DevicePipelineTest, TheEmulatedCudaKernelsCarryATransferToTheHostCodecsBytes) {
   const std::string kv = RandomKv(8);
   std::string expected;
-  for (const auto& [emulated_sender, emulated_receiver] :
-       std::vector<std::pair<bool, bool>>{{false, false}, {true, true}, {true, false}, {false, true}}) {
-    SCOPED_TRACE(::testing::Message() << "emulated sender " << emulated_sender << ", receiver "
-                                      << emulated_receiver);
+  for (const auto& [emulated_sender, emulated_receiver] : std::vector<std::pair<bool, bool>>{
+           {false, false}, {true, true}, {true, false}, {false, true}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "emulated sender " << emulated_sender << ", receiver " << emulated_receiver);
     auto devices = [](bool emulated) {
       return emulated ? Devices(cuda::testing::MakeEmulatedCudaKvDevice()) : nullptr;
     };

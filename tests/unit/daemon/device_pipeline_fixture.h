@@ -52,8 +52,8 @@ inline std::unique_ptr<device::KvDevices> Devices(std::unique_ptr<device::KvDevi
   return std::make_unique<device::KvDevices>(std::move(host));
 }
 
-inline std::unique_ptr<device::KvDevices> CountingDevices(std::shared_ptr<FaultInjectingDevice::Counts> c,
-                                                   FaultInjectingDevice::Faults faults = {}) {
+inline std::unique_ptr<device::KvDevices> CountingDevices(
+    std::shared_ptr<FaultInjectingDevice::Counts> c, FaultInjectingDevice::Faults faults = {}) {
   return Devices(
       std::make_unique<FaultInjectingDevice>(device::MakeHostKvDevice(), c, std::move(faults)));
 }

@@ -56,9 +56,9 @@ TEST_F(DevicePipelineTest, ADeviceLostWhileDecodingFailsTheTransferOnBothSides) 
 
 TEST_F(DevicePipelineTest, AFailedCopyForThePlannerFailsTheSendAndReleasesTheReceiver) {
   auto sender = std::make_shared<FaultInjectingDevice::Counts>();
-  StartPair(CountingDevices(sender, {.fail_read = 1,
-                                     .status = absl::ResourceExhaustedError(
-                                         "cudaMallocHost: out of memory")}),
+  StartPair(CountingDevices(
+                sender, {.fail_read = 1,
+                         .status = absl::ResourceExhaustedError("cudaMallocHost: out of memory")}),
             nullptr);
   Outcome o = Transfer(6, RandomKv(6));
   EXPECT_EQ(o.sent.status().code(), absl::StatusCode::kResourceExhausted) << o.sent.status();

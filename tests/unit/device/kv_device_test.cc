@@ -102,11 +102,13 @@ TEST(HostKvDeviceTest, EncodesAndDecodesAsTheCpuCodecDoes) {
 
 TEST(KvDevicesTest, OpensEachCudaDeviceOnceAndRetriesAfterAFailure) {
   int opened = 0;
-  KvDevices devices(MakeHostKvDevice(), [&](int ordinal) -> absl::StatusOr<std::unique_ptr<KvDevice>> {
-    if (++opened == 1) return absl::FailedPreconditionError("driver not loaded yet");
-    EXPECT_EQ(ordinal, 1);
-    return MakeHostKvDevice();
-  });
+  KvDevices devices(MakeHostKvDevice(),
+                    [&](int ordinal) -> absl::StatusOr<std::unique_ptr<KvDevice>> {
+                      if (++opened == 1)
+                        return absl::FailedPreconditionError("driver not loaded yet");
+                      EXPECT_EQ(ordinal, 1);
+                      return MakeHostKvDevice();
+                    });
   EXPECT_EQ(devices.Host().name(), "host");
   EXPECT_EQ(devices.Cuda(1).status().code(), absl::StatusCode::kFailedPrecondition);
   absl::StatusOr<KvDevice*> first = devices.Cuda(1);

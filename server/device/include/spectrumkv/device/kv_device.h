@@ -64,8 +64,8 @@ class KvDevice {
 // `device`'s EncodeSegment as the codec's SegmentEncoder (EncodeLayer, EncodeChunk). Pass the
 // result straight to the call that takes it.
 inline auto SegmentEncoderFor(KvDevice& device) {
-  return [&device](const KvTensorView& source, const SegmentSpec& spec,
-                   std::span<const Tier> tiers, const CodecOptions& options, ByteBuffer* out) {
+  return [&device](const KvTensorView& source, const SegmentSpec& spec, std::span<const Tier> tiers,
+                   const CodecOptions& options, ByteBuffer* out) {
     return device.EncodeSegment(source, spec, tiers, options, out);
   };
 }
