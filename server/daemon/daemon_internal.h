@@ -249,6 +249,7 @@ struct Daemon::PendingChunk {
   StreamChunk rows;
   // Registered cache: the chunk's layer over the blocks named so far (it owns its block table).
   std::optional<control::KvLayoutViews> cache_views;
+  std::string ready_event;  // LayerReady.cuda_ipc_event: waited for before the rows are read
   std::chrono::steady_clock::time_point signalled;
 };
 

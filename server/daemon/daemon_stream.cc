@@ -326,8 +326,15 @@ absl::StatusOr<Daemon::PendingChunk> Daemon::AcceptChunk(Outbound& out,
         "token_begin", absl::StrCat("layer ", ready.layer(), " continues at token ", next, ", not ",
                                     ready.token_begin(), " (chunks come in order)"));
   }
+  if (!ready.cuda_ipc_event().empty() &&
+      ready.cuda_ipc_event().size() != device::kCudaIpcEventBytes) {
+    return InvalidChunk("cuda_ipc_event",
+                        absl::StrCat(ready.cuda_ipc_event().size(), " bytes, expected ",
+                                     device::kCudaIpcEventBytes, " (a cudaIpcEventHandle_t)"));
+  }
   PendingChunk chunk;
   chunk.rows = {ready.layer(), ready.token_begin(), end - ready.token_begin()};
+  chunk.ready_event = ready.cuda_ipc_event();
   chunk.signalled = std::chrono::steady_clock::now();
   if (st.cache == nullptr) {
     if (!ready.block_ids().empty())
@@ -501,6 +508,10 @@ absl::Status Daemon::SendChunk(Outbound& out, PendingChunk& chunk) {
   const StreamChunk& rows = chunk.rows;
   const KvLayerViews& layer =
       chunk.cache_views ? chunk.cache_views->layers()[0] : st.views->layers()[rows.layer];
+  if (!chunk.ready_event.empty()) {
+    if (absl::Status s = st.device->WaitForEvent(chunk.ready_event); !s.ok())
+      return Annotate(s, "layer_ready.cuda_ipc_event");
+  }
   std::vector<ByteBuffer> segments(size_t{2} *
                                    SegmentsPerTensor(rows.token_count, st.codec->options()));
   for (ByteBuffer& b : segments) b = segment_pool_->Take();

@@ -145,6 +145,23 @@ class CudaKvDevice final : public KvDevice {
     return status;
   }
 
+  absl::Status WaitForEvent(absl::string_view ipc_event) override {
+    if (ipc_event.size() != sizeof(cudaIpcEventHandle_t)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ipc_event.size(), " bytes, expected ", sizeof(cudaIpcEventHandle_t)));
+    }
+    ScopedDevice on_device(ordinal_);
+    SKV_CUDA_RETURN_IF_ERROR(on_device.error());
+    cudaIpcEventHandle_t handle;
+    std::memcpy(&handle, ipc_event.data(), sizeof(handle));
+    cudaEvent_t event = nullptr;
+    SKV_CUDA_RETURN_IF_ERROR(cudaIpcOpenEventHandle(&event, handle));
+    const cudaError_t waited = cudaEventSynchronize(event);
+    cudaEventDestroy(event);
+    SKV_CUDA_RETURN_IF_ERROR(waited);
+    return absl::OkStatus();
+  }
+
  private:
   absl::StatusOr<std::unique_ptr<Lane>> TakeLane() {
     if (std::unique_ptr<Lane> lane = lanes_.Take()) return lane;

@@ -65,6 +65,11 @@ class HostKvDevice final : public KvDevice {
     return skv::DecodeSegment(segment, destination, BestRowKernels());
   }
 
+  absl::Status WaitForEvent(absl::string_view /*ipc_event*/) override {
+    return absl::FailedPreconditionError(
+        "a CUDA IPC event orders writes to device memory; this KV is in host memory");
+  }
+
  private:
   const std::string name_ = "host";
 };

@@ -153,6 +153,10 @@ class EmulatedCudaKvDevice final : public device::KvDevice {
     return EmulatedDecodeSegment(segment, AsDeviceView(destination));
   }
 
+  absl::Status WaitForEvent(absl::string_view /*ipc_event*/) override {
+    return absl::FailedPreconditionError("the emulated device has no CUDA events");
+  }
+
  private:
   const std::string name_ = "emulated-cuda";
 };

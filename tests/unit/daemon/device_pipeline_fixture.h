@@ -4,7 +4,11 @@
 #pragma once
 
 #include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "test_daemon.h"
 
 namespace skv::daemon {
@@ -14,10 +18,18 @@ class FaultInjectingDevice final : public device::KvDevice {
  public:
   struct Counts {
     std::atomic<int> reads{0}, encodes{0}, decodes{0};
+    // "wait:<the event's bytes up to a NUL (8 at most)>" and "read:<begin>+<count>", in order.
+    std::mutex mu;
+    std::vector<std::string> log;
+    void Log(std::string entry) {
+      std::lock_guard<std::mutex> lock(mu);
+      log.push_back(std::move(entry));
+    }
   };
   struct Faults {
     int fail_read = 0, fail_encode = 0, fail_decode = 0;  // 0: never
     absl::Status status;
+    bool complete_events = false;  // WaitForEvent succeeds (as a device's would), else forwards
   };
 
   FaultInjectingDevice(std::unique_ptr<device::KvDevice> inner, std::shared_ptr<Counts> counts,
@@ -27,6 +39,7 @@ class FaultInjectingDevice final : public device::KvDevice {
   const std::string& name() const override { return inner_->name(); }
   absl::StatusOr<device::HostRows> ReadRows(std::span<const KvLayerViews> layers, uint32_t begin,
                                             uint32_t count) override {
+    counts_->Log(absl::StrCat("read:", begin, "+", count));
     if (++counts_->reads == faults_.fail_read) return faults_.status;
     return inner_->ReadRows(layers, begin, count);
   }
@@ -40,6 +53,10 @@ class FaultInjectingDevice final : public device::KvDevice {
                              const KvTensorView& destination) override {
     if (++counts_->decodes == faults_.fail_decode) return faults_.status;
     return inner_->DecodeSegment(segment, destination);
+  }
+  absl::Status WaitForEvent(absl::string_view ipc_event) override {
+    counts_->Log(absl::StrCat("wait:", std::string(ipc_event.substr(0, 8)).c_str()));
+    return faults_.complete_events ? absl::OkStatus() : inner_->WaitForEvent(ipc_event);
   }
 
  private:
@@ -79,7 +96,8 @@ class DevicePipelineTest : public ::testing::Test {
   }
 
   // The same transfer streamed: every layer signalled in two chunks, then sealed.
-  Outcome StreamTransfer(uint64_t id, const std::string& kv) {
+  // With `events`, each chunk's LayerReady carries a 64-byte event named "L<layer>H<half>".
+  Outcome StreamTransfer(uint64_t id, const std::string& kv, bool events = false) {
     auto received = decode_->Receive(id, "prefill");
     v1::StreamOpen open;
     open.set_request_id(id);
@@ -102,6 +120,11 @@ class DevicePipelineTest : public ::testing::Test {
           ready.set_layer(l);
           ready.set_token_begin(half * kTokens / 2);
           ready.set_token_end((half + 1) * kTokens / 2);
+          if (events) {
+            std::string event = absl::StrCat("L", l, "H", half);
+            event.resize(device::kCudaIpcEventBytes, '\0');
+            ready.set_cuda_ipc_event(event);
+          }
           prefill_->daemon->StreamLayerReady(out, ready);
         }
       }

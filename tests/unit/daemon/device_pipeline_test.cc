@@ -69,5 +69,59 @@ TEST_F(DevicePipelineTest, AFailedCopyForThePlannerFailsTheSendAndReleasesTheRec
   EXPECT_TRUE(again.sent.ok()) << again.sent.status();
 }
 
+// A streamed chunk whose LayerReady carries a CUDA IPC event is read only after the device waited
+// for that event; an event on a host-memory source or of the wrong size stops the stream.
+TEST_F(DevicePipelineTest, AStreamWaitsForEachChunksEventBeforeReadingIt) {
+  auto sender = std::make_shared<FaultInjectingDevice::Counts>();
+  StartPair(CountingDevices(sender, {.status = absl::OkStatus(), .complete_events = true}),
+            nullptr);
+  Outcome o = StreamTransfer(10, RandomKv(10), /*events=*/true);
+  ASSERT_TRUE(o.sent.ok()) << o.sent.status();
+  ASSERT_TRUE(o.received.ok()) << o.received.status();
+  std::vector<std::string> expected;
+  for (uint32_t half = 0; half < 2; ++half) {
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      expected.push_back(absl::StrCat("wait:L", l, "H", half));
+      expected.push_back(absl::StrCat("read:", half * kTokens / 2, "+", kTokens / 2));
+    }
+  }
+  EXPECT_EQ(sender->log, expected);
+}
+
+TEST_F(DevicePipelineTest, AnEventOnAHostSourceOrOfTheWrongSizeStopsTheStream) {
+  StartPair(nullptr, nullptr);
+  Outcome host = StreamTransfer(11, RandomKv(11), /*events=*/true);
+  EXPECT_EQ(host.sent.status().code(), absl::StatusCode::kFailedPrecondition) << host.sent.status();
+  EXPECT_NE(host.sent.status().message().find("layer_ready.cuda_ipc_event"), std::string::npos)
+      << host.sent.status();
+  EXPECT_FALSE(host.received.ok());
+
+  auto received = decode_->Receive(12, "prefill");
+  v1::StreamOpen open;
+  open.set_request_id(12);
+  open.set_model_id(kModel);
+  open.mutable_peer()->set_daemon_id("decode");
+  open.set_budget(0.5);
+  open.set_tokens(kTokens);
+  open.mutable_handle()->mutable_handle()->set_inline_data(RandomKv(12));
+  *open.mutable_handle()->mutable_layout() = Layout();
+  auto promise = std::make_shared<std::promise<absl::StatusOr<v1::SendResponse>>>();
+  auto sent = promise->get_future();
+  std::shared_ptr<Daemon::Outbound> out = prefill_->daemon->OpenStream(
+      open, prefill_->next_call++, [](v1::SendStreamEvent) {},
+      [promise](absl::StatusOr<v1::SendResponse> r) { promise->set_value(std::move(r)); });
+  ASSERT_NE(out, nullptr);
+  v1::LayerReady ready;
+  ready.set_token_end(kTokens);
+  ready.set_cuda_ipc_event("short");
+  prefill_->daemon->StreamLayerReady(out, ready);
+  ASSERT_EQ(sent.wait_for(kPatience), std::future_status::ready);
+  absl::StatusOr<v1::SendResponse> refused = sent.get();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_NE(refused.status().message().find("cuda_ipc_event: 5 bytes"), std::string::npos)
+      << refused.status();
+  EXPECT_FALSE(received.Get().ok());
+}
+
 }  // namespace
 }  // namespace skv::daemon

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "spectrumkv/codec/byte_buffer.h"
 #include "spectrumkv/codec/kv_view.h"
 #include "spectrumkv/codec/options.h"
@@ -59,7 +60,15 @@ class KvDevice {
   // returns, the rows are written (a device has finished and synchronized its work).
   virtual absl::Status DecodeSegment(const ParsedSegment& segment,
                                      const KvTensorView& destination) = 0;
+
+  // Waits until the event another process recorded (a cudaIpcEventHandle_t's bytes) completes:
+  // the engine's writes of the rows a stream reads next. FailedPrecondition on a device that has
+  // no such events (host memory).
+  virtual absl::Status WaitForEvent(absl::string_view ipc_event) = 0;
 };
+
+// Bytes of a cudaIpcEventHandle_t (and of a cudaIpcMemHandle_t).
+inline constexpr size_t kCudaIpcEventBytes = 64;
 
 // `device`'s EncodeSegment as the codec's SegmentEncoder (EncodeLayer, EncodeChunk). Pass the
 // result straight to the call that takes it.
