@@ -10,9 +10,20 @@
 namespace skv {
 namespace {
 
-// Rows [begin, begin + count) of `view` as a view of `count` rows. Contiguous views and paged
-// views cut on a block boundary are re-based without copying; a paged view cut inside a block
-// cannot be (its block table is per block), so its rows are copied into `scratch`.
+absl::Status CheckChunk(const KvLayerViews& layer, uint32_t prompt_tokens,
+                        const StreamChunk& chunk) {
+  if (chunk.token_count == 0 ||
+      uint64_t{chunk.token_begin} + chunk.token_count > uint64_t{prompt_tokens} ||
+      prompt_tokens > layer.key.tokens || prompt_tokens > layer.value.tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk tokens [", chunk.token_begin, ", ", uint64_t{chunk.token_begin} + chunk.token_count,
+        ") do not fit a ", prompt_tokens, "-token prompt"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 KvTensorView SliceRows(const KvTensorView& view, uint32_t begin, uint32_t count,
                        std::vector<uint16_t>& scratch) {
   KvTensorView slice = view;
@@ -31,20 +42,6 @@ KvTensorView SliceRows(const KvTensorView& view, uint32_t begin, uint32_t count,
                 view.row_bytes());
   return KvTensorView::Dense(scratch.data(), view.dtype, count, view.heads, view.head_dim);
 }
-
-absl::Status CheckChunk(const KvLayerViews& layer, uint32_t prompt_tokens,
-                        const StreamChunk& chunk) {
-  if (chunk.token_count == 0 ||
-      uint64_t{chunk.token_begin} + chunk.token_count > uint64_t{prompt_tokens} ||
-      prompt_tokens > layer.key.tokens || prompt_tokens > layer.value.tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk tokens [", chunk.token_begin, ", ", uint64_t{chunk.token_begin} + chunk.token_count,
-        ") do not fit a ", prompt_tokens, "-token prompt"));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::StatusOr<TierPlan> PlanChunk(const KvLayerViews& layer, uint32_t prompt_tokens,
                                    const StreamChunk& chunk, std::span<const float> importance,

@@ -20,6 +20,7 @@
 #include "spectrumkv/codec/cuda/cuda_codec.h"
 #include "spectrumkv/codec/cuda/cuda_status.h"
 #include "spectrumkv/codec/cuda/device_memory.h"
+#include "spectrumkv/codec/cuda/device_view.h"
 #include "spectrumkv/device/kv_device.h"
 
 namespace skv::device {
@@ -174,23 +175,12 @@ class CudaKvDevice final : public KvDevice {
 
   // `view` with its block table (host memory) copied to the lane's device buffer.
   static absl::StatusOr<cuda::DeviceKvView> OnDevice(const KvTensorView& view, Lane& lane) {
-    cuda::DeviceKvView d;
-    d.base = view.base;
-    d.dtype = view.dtype;
-    d.tokens = view.tokens;
-    d.heads = view.heads;
-    d.head_dim = view.head_dim;
-    d.row_stride_bytes = view.row_stride_bytes;
-    if (view.paged()) {
-      const size_t bytes = view.block_table.size_bytes();
-      if (absl::Status s = lane.block_table.Reserve(bytes); !s.ok()) return s;
-      SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lane.block_table.data(), view.block_table.data(),
-                                               bytes, cudaMemcpyHostToDevice, lane.stream.get()));
-      d.block_table = lane.block_table.as<const uint32_t>();
-      d.block_size = view.block_size;
-      d.block_stride_bytes = view.block_stride_bytes;
-    }
-    return d;
+    if (!view.paged()) return cuda::ToDeviceView(view, nullptr);
+    const size_t bytes = view.block_table.size_bytes();
+    if (absl::Status s = lane.block_table.Reserve(bytes); !s.ok()) return s;
+    SKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(lane.block_table.data(), view.block_table.data(),
+                                             bytes, cudaMemcpyHostToDevice, lane.stream.get()));
+    return cuda::ToDeviceView(view, lane.block_table.as<const uint32_t>());
   }
 
   // Rows [begin, begin + count) of `view` to `to` (dense), queued on `stream`: one strided copy

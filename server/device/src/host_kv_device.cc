@@ -1,34 +1,14 @@
 // The host device: the CPU codec on memory the daemon can read and write directly.
-#include <cstring>
+#include <algorithm>
+#include <deque>
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/row_kernels.h"
+#include "spectrumkv/codec/stream.h"
 #include "spectrumkv/device/kv_device.h"
 
 namespace skv::device {
 namespace {
-
-// Rows [begin, begin + count) of `view` as a view of `count` rows: re-based in place when the
-// layout allows (contiguous, or paged and cut on a block boundary), else copied into `copies`.
-KvTensorView SliceRows(const KvTensorView& view, uint32_t begin, uint32_t count,
-                       std::vector<std::vector<uint16_t>>& copies) {
-  KvTensorView slice = view;
-  slice.tokens = count;
-  if (!view.paged()) {
-    slice.base = static_cast<uint8_t*>(view.base) + size_t{begin} * view.row_stride_bytes;
-    return slice;
-  }
-  if (begin % view.block_size == 0) {
-    slice.block_table = view.block_table.subspan(begin / view.block_size);
-    return slice;
-  }
-  std::vector<uint16_t>& rows = copies.emplace_back(size_t{count} * view.row_elements());
-  for (uint32_t t = 0; t < count; ++t) {
-    std::memcpy(rows.data() + size_t{t} * view.row_elements(), view.row(begin + t),
-                view.row_bytes());
-  }
-  return KvTensorView::Dense(rows.data(), view.dtype, count, view.heads, view.head_dim);
-}
 
 class HostKvDevice final : public KvDevice {
  public:
@@ -38,7 +18,8 @@ class HostKvDevice final : public KvDevice {
                                     uint32_t token_count) override {
     HostRows rows;
     rows.layers.reserve(layers.size());
-    auto copies = std::make_shared<std::vector<std::vector<uint16_t>>>();
+    // A deque: references to its elements survive later emplace_backs.
+    auto copies = std::make_shared<std::deque<std::vector<uint16_t>>>();
     for (const KvLayerViews& layer : layers) {
       for (const KvTensorView* view : {&layer.key, &layer.value}) {
         if (uint64_t{token_begin} + token_count > view->tokens) {
@@ -47,10 +28,15 @@ class HostKvDevice final : public KvDevice {
                                                     view->tokens, "-row tensor"));
         }
       }
-      rows.layers.push_back({SliceRows(layer.key, token_begin, token_count, *copies),
-                             SliceRows(layer.value, token_begin, token_count, *copies)});
+      std::vector<uint16_t>& key_copy = copies->emplace_back();
+      std::vector<uint16_t>& value_copy = copies->emplace_back();
+      rows.layers.push_back({SliceRows(layer.key, token_begin, token_count, key_copy),
+                             SliceRows(layer.value, token_begin, token_count, value_copy)});
     }
-    if (!copies->empty()) rows.storage = std::move(copies);
+    // Storage only when some rows had to be copied (the views then point into it).
+    const bool copied = std::any_of(copies->begin(), copies->end(),
+                                    [](const std::vector<uint16_t>& c) { return !c.empty(); });
+    if (copied) rows.storage = std::move(copies);
     return rows;
   }
 

@@ -12,6 +12,7 @@
 #include "launch_support.h"
 #include "row_codec_kernels.cuh"
 #include "segment_plan.h"
+#include "spectrumkv/codec/cuda/device_view.h"
 
 namespace skv::cuda::testing {
 namespace {
@@ -89,20 +90,9 @@ void CopyRows(const KvTensorView& view, uint32_t begin, uint32_t count, uint8_t*
     std::memcpy(to + size_t{t} * view.row_bytes(), view.row(begin + t), view.row_bytes());
 }
 
+// The emulated device reads host memory: the host block table serves as the device's.
 DeviceKvView AsDeviceView(const KvTensorView& view) {
-  DeviceKvView d;
-  d.base = view.base;
-  d.dtype = view.dtype;
-  d.tokens = view.tokens;
-  d.heads = view.heads;
-  d.head_dim = view.head_dim;
-  d.row_stride_bytes = view.row_stride_bytes;
-  if (view.paged()) {
-    d.block_table = view.block_table.data();  // the emulated device reads host memory
-    d.block_size = view.block_size;
-    d.block_stride_bytes = view.block_stride_bytes;
-  }
-  return d;
+  return ToDeviceView(view, view.block_table.data());
 }
 
 // The emulation runs one block at a time on process-wide state: every emulated device (a sender's

@@ -20,6 +20,12 @@ struct StreamChunk {
   uint32_t token_count = 0;
 };
 
+// Rows [begin, begin + count) of `view` as a view of `count` rows. Contiguous views and paged
+// views cut on a block boundary are re-based without copying; a paged view cut inside a block
+// cannot be (its block table is per block), so its rows are copied into `scratch`.
+KvTensorView SliceRows(const KvTensorView& view, uint32_t begin, uint32_t count,
+                       std::vector<uint16_t>& scratch);
+
 // Plans one chunk's K and V rows on their own at options.budget (a ratio of the chunk's raw
 // bytes). `layer` views the whole prompt (`prompt_tokens` rows, of which the chunk's must be
 // readable); `importance` holds the chunk's token_count scores. Sinks and recent tokens keep
