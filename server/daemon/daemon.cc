@@ -552,7 +552,10 @@ absl::StatusOr<v1::ProbeResponse> Daemon::Probe(const v1::ProbeRequest& request)
   if (!model.ok()) return model.status();
   if (absl::Status s = control::ValidateProbeRequest(request, *model); !s.ok()) return s;
   absl::StatusOr<control::MappedKvRegion> region =
-      control::ImportKvHandle(request.sample(), KvAccess::kReadOnly, "sample");
+      // No shared-memory cache (a sample is not a pool); CUDA handles always share their one
+      // mapping (CUDA refuses a second open of a handle, e.g. the pool a Send reads).
+      control::ImportKvHandle(request.sample(), KvAccess::kReadOnly, "sample", nullptr,
+                              &cuda_mappings_);
   if (!region.ok()) return region.status();
   absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "sample");
   if (!device.ok()) return device.status();
