@@ -297,7 +297,18 @@ def copy_random_row(corpus, length, rng, depth=None):
     return [BOS] + list(text), list(range(first, 1 + length))
 
 
-TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "copy_random": copy_random_row, "recall": recall_row}
+def repeat_row(corpus, length, rng, depth=None):
+    """BOS + a span of random lowercase letters repeated until the row is full; every byte after
+    the first span is scored. Dense copying signal: where the copying (induction) circuit forms
+    in a few hundred steps (copies embedded in text alone did not form it in 800). Training only."""
+    span_len = rng.randint(8, 40)
+    span = [rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(span_len)]
+    text = (span * (length // span_len + 1))[:length]
+    return [BOS] + text, list(range(1 + span_len, 1 + length))
+
+
+TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "copy_random": copy_random_row,
+             "recall": recall_row, "repeat": repeat_row}
 
 
 def make_batch(corpus, batch, seq, task_share, rng, tasks=(("passkey", 1.0),)):
