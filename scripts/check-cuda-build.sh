@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compiles the CUDA implementation (kernels, launchers and their tests) in a Release build with
-# warnings as errors, so that device code cannot rot while the CPU build and its tests pass. Runs
-# nothing on a GPU. Skips (exit 0, with a message) where no nvcc is installed: CUDA is optional.
+# Compiles the CUDA implementation (kernels, launchers, their tests and the daemon's CUDA device,
+# server/device) in a Release build with warnings as errors, so that device code cannot rot while
+# the CPU build and its tests pass. Runs nothing on a GPU. Skips (exit 0, with a message) where no
+# nvcc is installed: CUDA is optional.
 # Usage: scripts/check-cuda-build.sh [build dir, default build-cuda-release]
 set -euo pipefail
 cd "$(dirname "$0")/.."
