@@ -104,7 +104,7 @@ class CudaKvDevice final : public KvDevice {
       rows.layers.push_back(host);
     }
     if (status.ok()) status = Sync((*lane)->stream.get());
-    lanes_.Give(std::move(*lane));
+    GiveBack(std::move(*lane), !status.ok());  // after it, no copy still writes the staging
     if (!status.ok()) {
       staging_->Give(std::move(staging));
       return status;
@@ -129,7 +129,7 @@ class CudaKvDevice final : public KvDevice {
     if (view.ok()) {
       size = (*lane)->codec.Encode(*view, spec, tiers, options, (*lane)->stream.get(), out);
     }
-    lanes_.Give(std::move(*lane));
+    GiveBack(std::move(*lane), !size.ok());
     return size;
   }
 
@@ -142,7 +142,7 @@ class CudaKvDevice final : public KvDevice {
     absl::StatusOr<cuda::DeviceKvView> view = OnDevice(destination, **lane);
     absl::Status status = view.status();
     if (view.ok()) status = (*lane)->codec.Decode(segment, *view, (*lane)->stream.get());
-    lanes_.Give(std::move(*lane));
+    GiveBack(std::move(*lane), !status.ok());
     return status;
   }
 
@@ -171,6 +171,14 @@ class CudaKvDevice final : public KvDevice {
     if (!stream.ok()) return stream.status();
     lane->stream = std::move(*stream);
     return lane;
+  }
+
+  // Returns a lane to the pool. After a failure it first waits for what the lane still had queued
+  // (its error is the failed call's, reported already), so that no work of that call writes the
+  // buffers of the lane's next user.
+  void GiveBack(std::unique_ptr<Lane> lane, bool failed) {
+    if (failed) cudaStreamSynchronize(lane->stream.get());
+    lanes_.Give(std::move(lane));
   }
 
   // `view` with its block table (host memory) copied to the lane's device buffer.
