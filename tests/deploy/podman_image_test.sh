@@ -284,11 +284,11 @@ else
   # new container for each start (host network and IPC). What differs from the host soak:
   #  - the driver (root) creates its shared-memory objects 0600: the daemon, still uid 10001, gets
   #    CAP_DAC_OVERRIDE to open them;
-  #  - soak.py's kill -9 hits the attached `podman run` client, which leaves the container running;
+  #  - soak.py's kill -9 hits the wrapper, which leaves its `podman run` client and container running;
   #    the restart's wrapper (started a few ms later) sends SIGKILL to the previous life's
   #    spectrumkvd (its host pid, recorded when it started), so tini and the container exit too;
-  #  - the RSS/fd/thread samples are the podman client's, not the daemon's.
-  # SIGTERM reaches the daemon through podman's signal proxy and tini, as with `podman stop`.
+  #  - the RSS/fd/thread samples are the wrapper's, not the daemon's.
+  # SIGTERM reaches the daemon through `podman kill --signal TERM` and tini, as with `podman stop`.
   mkdir -p "$tmp/soak-bin" "$tmp/soak"
   cat >"$tmp/soak-bin/spectrumkvd" <<'EOF'
 #!/usr/bin/env bash
@@ -321,9 +321,19 @@ name=$SKV_SOAK_RUN_ID-soak-$id-$$
     sleep 0.1
   done
 ) </dev/null >/dev/null 2>&1 &
-exec podman --runtime runc --cgroup-manager=cgroupfs run --rm --name "$name" --label "$SKV_SOAK_LABEL" \
+# podman's own signal proxy is off: podman 4.3 re-raises a proxied SIGTERM on itself when its
+# forward races the container's exit, so soak.py saw "-15" from a daemon that stopped cleanly.
+# The wrapper forwards SIGTERM itself and exits with the container's status.
+pm run --sig-proxy=false --rm --name "$name" --label "$SKV_SOAK_LABEL" \
   --label "skv.soak-role=$id" --network host --ipc host --cap-add DAC_OVERRIDE --no-healthcheck \
-  --stop-timeout 10 "$SKV_SOAK_IMAGE" "$@"
+  --stop-timeout 10 "$SKV_SOAK_IMAGE" "$@" &
+client=$!
+trap 'pm kill --signal TERM "$name" >/dev/null 2>&1 || true' TERM INT
+while :; do
+  rc=0
+  wait "$client" || rc=$?
+  kill -0 "$client" 2>/dev/null || exit "$rc"  # else a trapped signal interrupted the wait
+done
 EOF
   chmod 0755 "$tmp/soak-bin/spectrumkvd"
   soak_rc=0
