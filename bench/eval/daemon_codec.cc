@@ -39,7 +39,11 @@ class GrpcDaemonCodec final : public DaemonCodec {
   absl::StatusOr<CompressedKv> Compress(const engine::KvCache& source,
                                         const engine::QueryWindow& queries, const Method& method,
                                         double budget) override {
-    if (method.kind == MethodKind::kFp16) return CompressKv(source, queries, method, budget);
+    // fp16 needs no codec, and the baselines are other systems' formats, not the daemon's: both
+    // are computed here on either path.
+    if (method.kind == MethodKind::kFp16 || method.kind == MethodKind::kBaseline) {
+      return CompressKv(source, queries, method, budget);
+    }
     if (method.kind != MethodKind::kPlanner) {
       return absl::InvalidArgumentError(
           absl::StrCat("method ", method.name,

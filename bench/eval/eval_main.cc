@@ -55,8 +55,10 @@ ABSL_FLAG(int, windows, 16, "non-overlapping text windows of C + L tokens");
 ABSL_FLAG(std::string, budgets, "0.15,0.2,0.25,0.3,0.4,0.5,0.75", "budgets b for budgeted methods");
 ABSL_FLAG(std::string, methods, "",
           "comma-separated methods (default: all; see README.md): fp16,int8,int4,int4-rc,pdtrim,"
-          "paper,paper-2tier,rd,rd-norot,rd-nocentre,rd-perchannel,rd-plain,rd-layerwise,"
-          "rd-layerwise-pos");
+          "paper,paper-2tier,rd,rd-norot,rd-nocentre,rd-perchannel,rd-plain,rd-pos,rd-layerwise,"
+          "rd-layerwise-tok; the baselines fp8,fp8-tokhead,tq-4bit,tq-k3v4,tq-3bit,tq-4bit-bl,"
+          "tq-k3v4-bl,tq-3bit-bl,fp16-zstd,fp8-zstd");
+ABSL_FLAG(int, zstd_level, 3, "zstd level of the lossless floors fp16-zstd and fp8-zstd");
 ABSL_FLAG(std::string, layer_weights, "",
           "rd-layerwise*: the layers' shares of the budget, one weight per layer (as "
           "--layer_profile prints them, measured on other text); empty = even shares");
@@ -195,7 +197,9 @@ struct RowState {
     dropped_sum += double(c->dropped_tokens) / double(context_tokens);
     double rows = 0;
     for (uint64_t n : c->rows_per_tier) rows += double(n);
-    for (int t = 0; t < kNumTiers; ++t) tier_sum[t] += double(c->rows_per_tier[t]) / rows;
+    for (int t = 0; t < kNumTiers && rows > 0; ++t) {  // the baselines use no codec tier
+      tier_sum[t] += double(c->rows_per_tier[t]) / rows;
+    }
     ++compressions;
     return true;
   }
@@ -523,6 +527,7 @@ int Main(int argc, char** argv) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());
     if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
+    m->baseline.zstd_level = absl::GetFlag(FLAGS_zstd_level);
     if (!m->budgeted()) {
       add_row(*m, std::nullopt);
     } else {

@@ -68,6 +68,46 @@ std::vector<Method> AllMethods() {
   methods.back().positional_importance = true;
   add("rd-layerwise-tok", MethodKind::kLayerwise, rd,
       "rd-layerwise with the queries' scores averaged over layers as token scores");
+
+  // The baselines (baselines.h), fixed rate: what users run instead.
+  auto baseline = [&](std::string name, BaselineOptions b, std::string description) {
+    add(std::move(name), MethodKind::kBaseline, PlainOptions(), std::move(description));
+    methods.back().baseline = b;
+  };
+  baseline("fp8", {.kind = BaselineKind::kFp8Tensor},
+           "FP8 E4M3 (round to nearest even, saturating), one fp32 scale (amax/448) per layer "
+           "and K/V tensor: vLLM's fp8 KV cache");
+  baseline("fp8-tokhead", {.kind = BaselineKind::kFp8TokenHead},
+           "FP8 E4M3, one fp16 scale (amax/448) per token and KV head");
+  struct Preset {
+    const char* name;
+    const char* vllm;
+    int key_bits, value_bits;
+  };
+  for (bool boundary : {false, true}) {
+    for (const Preset& p : {Preset{"tq-4bit", "4bit_nc", 4, 4}, Preset{"tq-k3v4", "k3v4_nc", 3, 4},
+                            Preset{"tq-3bit", "3bit_nc", 3, 3}}) {
+      baseline(
+          absl::StrCat(p.name, boundary ? "-bl" : ""),
+          {.kind = BaselineKind::kTurboQuant,
+           .key_bits = p.key_bits,
+           .value_bits = p.value_bits,
+           .fp16_boundary_layers = boundary},
+          absl::StrCat("TurboQuant-style (vLLM turboquant_", p.vllm, "): K ", p.key_bits,
+                       "-bit Lloyd-Max codes of the Hadamard-rotated unit key + fp16 norm, "
+                       "norm correction; V ",
+                       p.value_bits, "-bit min-max with fp16 scale + zero per token and KV head",
+                       boundary ? "; the first 2 and last 2 layers FP16 (every layer when "
+                                  "the model has <= 4)"
+                                : ""));
+    }
+  }
+  baseline("fp16-zstd", {.kind = BaselineKind::kFp16Zstd},
+           "lossless floor: zstd (--zstd_level, default 3) over each layer's FP16 K and V "
+           "tensor; quality = fp16");
+  baseline("fp8-zstd", {.kind = BaselineKind::kFp8Zstd},
+           "lossless floor over fp8: zstd (--zstd_level) over each tensor's fp8 bytes (scale + "
+           "codes); quality = fp8");
   return methods;
 }
 
@@ -236,6 +276,17 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
     out.keep.assign(source.tokens, 1);
     out.rows_per_tier[static_cast<int>(Tier::kFp16)] =
         uint64_t(source.n_layers) * 2 * uint64_t(source.tokens);
+    return out;
+  }
+  if (method.kind == MethodKind::kBaseline) {
+    absl::StatusOr<BaselineKv> received = RunBaseline(source, method.baseline);
+    if (!received.ok()) return received.status();
+    const double raw_bytes = 2.0 * double(source.n_layers) * double(source.values_per_layer()) *
+                             double(sizeof(uint16_t));
+    out.kv = std::move(received->kv);
+    out.keep.assign(size_t(source.tokens), 1);
+    out.achieved_b = double(received->wire_bytes) / raw_bytes;
+    out.payload_b = double(received->code_bytes) / raw_bytes;
     return out;
   }
 

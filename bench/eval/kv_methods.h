@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "baselines.h"
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/engine/engine.h"
@@ -27,6 +28,9 @@ enum class MethodKind {
   // the same order: the kept mask is per token): positional, or the queries' scores averaged over
   // layers (what an engine passing SnapKV-style token scores would give).
   kLayerwise,
+  // What users run instead (baselines.h): FP8, TurboQuant-style, lossless zstd floors. Computed
+  // from their public formats, not through the codec; fixed rate, every token kept.
+  kBaseline,
 };
 
 struct Method {
@@ -36,13 +40,19 @@ struct Method {
   bool positional_importance = false;  // kPlanner and kLayerwise: positional instead of queries
   std::vector<double> layer_weights;   // kLayerwise only: the layers' budget shares; empty = even
   CodecOptions options;                // allocator, transforms, tiers allowed, sinks
+  BaselineOptions baseline;            // kBaseline only
   std::string description;
 
-  bool budgeted() const { return kind != MethodKind::kFp16 && kind != MethodKind::kUniform; }
+  bool budgeted() const {
+    return kind != MethodKind::kFp16 && kind != MethodKind::kUniform &&
+           kind != MethodKind::kBaseline;
+  }
 };
 
 // fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
-// rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok (see README.md).
+// rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok, and the baselines fp8,
+// fp8-tokhead, tq-4bit, tq-k3v4, tq-3bit, tq-4bit-bl, tq-k3v4-bl, tq-3bit-bl, fp16-zstd, fp8-zstd
+// (see README.md).
 absl::StatusOr<Method> MethodByName(std::string_view name);
 std::vector<std::string> KnownMethodNames();
 
@@ -53,7 +63,8 @@ struct CompressedKv {
   double achieved_b = 1.0;    // every wire byte / FP16 bytes of K and V
   double payload_b = 1.0;     // code bytes only: the paper's accounting, for comparison
   uint32_t dropped_tokens = 0;
-  std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens
+  std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens; the
+                                                    // baselines use no codec tier: all zero
   // Rows per tier of each (layer, K/V), index layer * 2 + kind; empty when the plan is not known
   // here (the daemon path).
   std::vector<std::array<uint64_t, kNumTiers>> layer_tiers;

@@ -1,6 +1,7 @@
 // The per-layer diagnosis (diagnose.h): the attention-output error by hand on tiny caches, the
-// held-out queries against a full forward, and a run of the binary that checks the held-out
-// diagnosis and the paired comparisons in its JSON, Markdown and table (synthetic model).
+// held-out queries against a full forward, and runs of the binary that check the held-out
+// diagnosis, the paired comparisons and the baselines in its JSON, Markdown and table (synthetic
+// model).
 #include "diagnose.h"
 
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <span>
 #include <sstream>
@@ -349,6 +351,66 @@ TEST_F(EvalRunTest, CompareAndDiagnoseQueriesFlags) {
   EXPECT_NE(exit_code, 0);  // paper is not among --methods
   Run("--methods fp16,rd --budgets 0.5 --diagnose= --diagnose_queries=prompt", &table, &exit_code);
   EXPECT_NE(exit_code, 0);
+}
+
+TEST_F(EvalRunTest, BaselinesAreFixedRateRowsThatPairWithEveryBudget) {
+  std::string table;
+  int exit_code = 0;
+  const Json root = Run(
+      "--methods fp16,fp8,fp8-tokhead,tq-4bit,tq-3bit-bl,fp16-zstd,fp8-zstd,rd --budgets 0.3,0.5 "
+      "--compare=rd:fp8,rd:tq-4bit --diagnose=tq-4bit,fp8",
+      &table, &exit_code);
+  ASSERT_EQ(exit_code, 0) << table;
+  std::map<std::string, const Json*> rows;
+  for (const Json& r : root["results"].array()) {
+    if (!r["budget"].is_null()) continue;
+    ASSERT_FALSE(r.has("error")) << r["method"].string() << ": " << r["error"].string();
+    rows[r["method"].string()] = &r;
+    for (const auto& [tier, fraction] : r["tier_fraction"].object()) {
+      EXPECT_TRUE(fraction.is_number()) << r["method"].string() << " " << tier;
+    }
+  }
+  ASSERT_EQ(rows.size(), 7u);  // fp16 and the six baselines, once each
+  const Json& fp8 = *rows["fp8"];
+  EXPECT_NEAR(fp8["achieved_b"].number(), 0.5, 1e-3);
+  EXPECT_GT(fp8["achieved_b"].number(), 0.5);  // its scales count
+  EXPECT_NEAR((*rows["tq-4bit"])["achieved_b"].number(), 70.0 / 256.0, 1e-7);
+  EXPECT_GT((*rows["tq-4bit"])["kl"].number(), 0.0);
+  // Two layers are all boundary layers: FP16 exactly, as are the zstd floors.
+  for (const char* same : {"tq-3bit-bl", "fp16-zstd"}) {
+    EXPECT_EQ((*rows[same])["kl"].number(), 0.0) << same;
+    EXPECT_EQ((*rows[same])["ppl_change_pct"].number(), 0.0) << same;
+  }
+  EXPECT_LT((*rows["fp16-zstd"])["achieved_b"].number(), 1.0);
+  EXPECT_EQ((*rows["fp8-zstd"])["kl"].number(), fp8["kl"].number());
+  EXPECT_LT((*rows["fp8-zstd"])["achieved_b"].number(), fp8["achieved_b"].number());
+
+  // rd at each budget against each fixed-rate baseline.
+  const Json::Array& comparisons = root["comparisons"].array();
+  ASSERT_EQ(comparisons.size(), 4u);
+  const char* expected[4][2] = {
+      {"fp8", "0.3"}, {"fp8", "0.5"}, {"tq-4bit", "0.3"}, {"tq-4bit", "0.5"}};
+  for (size_t i = 0; i < comparisons.size(); ++i) {
+    const Json& c = comparisons[i];
+    EXPECT_EQ(c["a"].string(), "rd");
+    EXPECT_EQ(c["b"].string(), expected[i][0]);
+    EXPECT_DOUBLE_EQ(c["budget"].number(), std::stod(expected[i][1]));
+    ASSERT_FALSE(c.has("error")) << c["error"].string();
+  }
+  const Json::Array& diagnosis = root["diagnosis"].array();
+  ASSERT_EQ(diagnosis.size(), 2u);
+  for (const Json& d : diagnosis) {
+    ASSERT_FALSE(d.has("error")) << d["error"].string();
+    for (const Json& l : d["layers"].array()) EXPECT_GT(l["attention_error"].number(), 0);
+  }
+
+  const std::string md = ReadFile(dir_ + "/out.md");
+  for (const char* m :
+       {"| fp8 |", "| fp8-tokhead |", "| tq-4bit |", "| fp8-zstd |", "| rd | tq-4bit | 0.30 |"}) {
+    EXPECT_NE(md.find(m), std::string::npos) << m;
+  }
+  EXPECT_NE(table.find("tq-3bit-bl"), std::string::npos) << table;
+  EXPECT_NE(table.find("fp16-zstd"), std::string::npos) << table;
 }
 
 }  // namespace

@@ -1,11 +1,12 @@
 // The evaluation's compression methods on a synthetic head_dim-64 model (hermetic): budgets are
-// honoured, FP16 is exact, PDTrim keeps exactly sinks + the most recent tokens, and the passkey
-// prompt fits and carries its key.
+// honoured, FP16 is exact, PDTrim keeps exactly sinks + the most recent tokens, the baselines
+// count every byte, and the passkey prompt fits and carries its key.
 #include "kv_methods.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -121,6 +122,77 @@ TEST_F(KvMethodsTest, UnknownMethodNamesTheKnownOnes) {
   auto m = MethodByName("nope");
   ASSERT_FALSE(m.ok());
   EXPECT_NE(m.status().message().find("rd-perchannel"), std::string::npos);
+}
+
+// Relative RMS error of a layer's keys (kind 0) or values (1) after a method.
+double RelativeError(const engine::KvCache& a, const engine::KvCache& b, int kind) {
+  double diff2 = 0, ref2 = 0;
+  for (int l = 0; l < a.n_layers; ++l) {
+    const auto& x = kind == 0 ? a.keys[l] : a.values[l];
+    const auto& y = kind == 0 ? b.keys[l] : b.values[l];
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double u = engine::Fp16BitsToFloat(x[i]), v = engine::Fp16BitsToFloat(y[i]);
+      diff2 += (u - v) * (u - v);
+      ref2 += u * u;
+    }
+  }
+  return std::sqrt(diff2 / ref2);
+}
+
+TEST_F(KvMethodsTest, BaselinesAreFixedRateWithEveryByteCounted) {
+  // head_dim 64, every token kept. Per token and KV head, K + V at FP16 = 256 bytes.
+  const double elements = double(kv_.values_per_layer());
+  const std::pair<const char*, double> expected[] = {
+      {"fp8", (elements + 4) / (2 * elements)},  // + one fp32 scale per tensor
+      {"fp8-tokhead", 66.0 / 128.0},             // + one fp16 scale per 64 elements
+      {"tq-4bit", 70.0 / 256.0},                 // 32 + 2 + 32 + 4
+      {"tq-k3v4", 62.0 / 256.0},                 // 24 + 2 + 32 + 4
+      {"tq-3bit", 54.0 / 256.0},                 // 24 + 2 + 24 + 4
+      {"tq-4bit-bl", 1.0},                       // 2 layers: all of them are boundary layers
+      {"tq-k3v4-bl", 1.0},
+      {"tq-3bit-bl", 1.0}};
+  for (const auto& [name, b] : expected) {
+    auto method = MethodByName(name);
+    ASSERT_TRUE(method.ok()) << name;
+    EXPECT_FALSE(method->budgeted()) << name;
+    auto c = CompressKv(kv_, queries_, *method, 0.1);  // the budget is ignored
+    ASSERT_TRUE(c.ok()) << name << ": " << c.status();
+    EXPECT_DOUBLE_EQ(c->achieved_b, b) << name;
+    EXPECT_LE(c->payload_b, c->achieved_b) << name;
+    EXPECT_EQ(c->dropped_tokens, 0u) << name;
+    EXPECT_EQ(c->keep, std::vector<uint8_t>(size_t(kv_.tokens), 1)) << name;
+    if (b == 1.0) {
+      EXPECT_EQ(c->kv.keys, kv_.keys) << name;
+      EXPECT_EQ(c->kv.values, kv_.values) << name;
+    }
+  }
+  // Quality ordering: FP8 is close, 4-bit TurboQuant-style further, 3-bit further still.
+  auto error = [&](const char* name, int kind) {
+    return RelativeError(kv_, CompressKv(kv_, queries_, *MethodByName(name), 1.0)->kv, kind);
+  };
+  for (int kind : {0, 1}) {
+    EXPECT_GT(error("fp8", kind), 0.0);
+    EXPECT_LT(error("fp8", kind), 0.05);
+    EXPECT_LT(error("fp8", kind), error("tq-4bit", kind));
+    EXPECT_LT(error("tq-4bit", kind), 0.15);
+    EXPECT_LT(error("tq-4bit", kind), error("tq-3bit", kind));
+    EXPECT_LT(error("tq-3bit", kind), 0.3);
+  }
+  EXPECT_EQ(error("tq-k3v4", 0), error("tq-3bit", 0));  // the same keys
+  EXPECT_EQ(error("tq-k3v4", 1), error("tq-4bit", 1));  // the same values
+
+  // The lossless floors: exactly fp16's and fp8's KV, fewer bytes.
+  auto fp8 = CompressKv(kv_, queries_, *MethodByName("fp8"), 1.0);
+  auto floor16 = CompressKv(kv_, queries_, *MethodByName("fp16-zstd"), 1.0);
+  auto floor8 = CompressKv(kv_, queries_, *MethodByName("fp8-zstd"), 1.0);
+  ASSERT_TRUE(fp8.ok() && floor16.ok() && floor8.ok());
+  EXPECT_EQ(floor16->kv.keys, kv_.keys);
+  EXPECT_EQ(floor16->kv.values, kv_.values);
+  EXPECT_GT(floor16->achieved_b, 0.0);
+  EXPECT_LT(floor16->achieved_b, 1.0);
+  EXPECT_EQ(floor8->kv.keys, fp8->kv.keys);
+  EXPECT_EQ(floor8->kv.values, fp8->kv.values);
+  EXPECT_LT(floor8->achieved_b, fp8->achieved_b);
 }
 
 TEST(PasskeyPromptTest, FitsTheLimitAndStatesTheKeyBeforeTheQuestion) {
