@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -462,6 +463,9 @@ def main():
                          "column is the share of task rows)")
     ap.add_argument("--init", default="",
                     help="warm start from a version-1 checkpoint of the same shape (v2 starts from v1)")
+    ap.add_argument("--train_only", default="",
+                    help="regular expression: train only the parameters whose names match (e.g. "
+                         "'attention' for the attention blocks); empty = all")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--bench", type=int, default=0, help="time N steps per phase and exit")
     args = ap.parse_args()
@@ -491,8 +495,16 @@ def main():
     log(event="start", config=cfg, params=params, args=vars(args), train_bytes=len(train),
         held_out_bytes=len(held_out), schedule=schedule, torch=torch.__version__)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if args.train_only:  # the rest stays as --init left it (e.g. keep the language while copying forms)
+        pattern = re.compile(args.train_only)
+        for n, p in model.named_parameters():
+            p.requires_grad_(bool(pattern.search(n)))
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not trained:
+            sys.exit("train.py: --train_only %r matches no parameter" % args.train_only)
+        log(event="train_only", pattern=args.train_only, parameters=trained)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
