@@ -30,6 +30,8 @@ ABSL_FLAG(std::string, allocator, "rd", "rd or paper");
 ABSL_FLAG(std::string, kernels, "best", "best (SIMD when available) or scalar");
 ABSL_FLAG(uint32_t, repeats, 3, "timed repetitions; the fastest is reported");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of a table");
+ABSL_FLAG(bool, entropy_coding, false,
+          "also measure every budget with the entropy stage (zstd), next to the plain codec");
 ABSL_FLAG(std::string, device, "cpu",
           "cpu, or cuda: device copy vs encode/decode bandwidth, by skv-codec-bench-cuda (built "
           "next to this binary when nvcc is found), which gets the other arguments");
@@ -50,8 +52,19 @@ double BestSeconds(uint32_t repeats, F&& f) {
 }
 
 struct BudgetResult {
-  double budget, achieved, encode_gbps, decode_gbps, score_plan_share;
+  double budget;
+  const char* entropy;  // the entropy stage: "none" or "zstd"
+  double achieved, encode_gbps, decode_gbps, score_plan_share;
 };
+
+std::vector<std::pair<double, skv::EntropyCoder>> BudgetsTimesCoders(
+    const std::vector<double>& budgets, const std::vector<skv::EntropyCoder>& coders) {
+  std::vector<std::pair<double, skv::EntropyCoder>> out;
+  for (double b : budgets) {
+    for (skv::EntropyCoder c : coders) out.push_back({b, c});
+  }
+  return out;
+}
 
 int Run() {
   const uint32_t layers = absl::GetFlag(FLAGS_layers), tokens = absl::GetFlag(FLAGS_tokens);
@@ -96,10 +109,13 @@ int Run() {
   });
   const double memcpy_gbps = raw_bytes / memcpy_s / 1e9;
 
+  std::vector<skv::EntropyCoder> coders{skv::EntropyCoder::kNone};
+  if (absl::GetFlag(FLAGS_entropy_coding)) coders.push_back(skv::EntropyCoder::kZstd);
   std::vector<BudgetResult> results;
-  for (double b : budgets) {
+  for (const auto& [b, coder] : BudgetsTimesCoders(budgets, coders)) {
     skv::CodecOptions options;
     options.budget = b;
+    options.entropy_coder = coder;
     options.allocator = absl::GetFlag(FLAGS_allocator) == "paper" ? skv::AllocatorKind::kPaper
                                                                   : skv::AllocatorKind::kRd;
     skv::EncodedKv reused;  // steady state: segment buffers are reused, as a daemon pool would
@@ -125,7 +141,8 @@ int Run() {
     }
     const skv::EncodeStats& s = result->stats;
     const double staged = s.score_seconds + s.plan_seconds + s.encode_seconds;
-    results.push_back({b, s.achieved_budget, raw_bytes / encode_s / 1e9, raw_bytes / decode_s / 1e9,
+    results.push_back({b, skv::EntropyCoderName(coder), s.achieved_budget,
+                       raw_bytes / encode_s / 1e9, raw_bytes / decode_s / 1e9,
                        staged > 0 ? (s.score_seconds + s.plan_seconds) / staged : 0.0});
   }
 
@@ -133,10 +150,10 @@ int Run() {
     std::vector<std::string> items;
     for (const BudgetResult& r : results) {
       items.push_back(absl::StrFormat(
-          "{\"budget\":%.2f,\"achieved_b\":%.4f,\"encode_gbps\":%.3f,\"decode_gbps\":%.3f,"
-          "\"encode_vs_memcpy\":%.3f,\"decode_vs_memcpy\":%.3f}",
-          r.budget, r.achieved, r.encode_gbps, r.decode_gbps, r.encode_gbps / memcpy_gbps,
-          r.decode_gbps / memcpy_gbps));
+          "{\"budget\":%.2f,\"entropy\":\"%s\",\"achieved_b\":%.4f,\"encode_gbps\":%.3f,"
+          "\"decode_gbps\":%.3f,\"encode_vs_memcpy\":%.3f,\"decode_vs_memcpy\":%.3f}",
+          r.budget, r.entropy, r.achieved, r.encode_gbps, r.decode_gbps,
+          r.encode_gbps / memcpy_gbps, r.decode_gbps / memcpy_gbps));
     }
     std::printf(
         "{\"kernels\":\"%s\",\"allocator\":\"%s\",\"layers\":%u,\"tokens\":%u,\"heads\":%u,"
@@ -151,11 +168,11 @@ int Run() {
       layers, tokens, heads, head_dim, raw_bytes / (1 << 20), kernels.name,
       absl::GetFlag(FLAGS_allocator).c_str(), repeats);
   std::printf("memcpy: %.2f GB/s\n\n", memcpy_gbps);
-  std::printf("%8s %10s %12s %10s %12s %10s %14s\n", "budget", "achieved", "encode GB/s",
-              "x memcpy", "decode GB/s", "x memcpy", "score+plan %");
+  std::printf("%8s %8s %10s %12s %10s %12s %10s %14s\n", "budget", "entropy", "achieved",
+              "encode GB/s", "x memcpy", "decode GB/s", "x memcpy", "score+plan %");
   for (const BudgetResult& r : results) {
-    std::printf("%8.2f %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.achieved,
-                r.encode_gbps, r.encode_gbps / memcpy_gbps, r.decode_gbps,
+    std::printf("%8.2f %8s %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.entropy,
+                r.achieved, r.encode_gbps, r.encode_gbps / memcpy_gbps, r.decode_gbps,
                 r.decode_gbps / memcpy_gbps, 100 * r.score_plan_share);
   }
   return 0;

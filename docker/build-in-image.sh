@@ -24,7 +24,7 @@ SKV_UID=${SKV_UID:-10001}
 BUILD_PACKAGES=(
   build-essential cmake ninja-build pkg-config ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libucx-dev libspdlog-dev libabsl-dev prometheus-cpp-dev
+  libucx-dev libspdlog-dev libabsl-dev prometheus-cpp-dev libzstd-dev
 )
 # What `ldd spectrumkvd` resolves to on Debian 12 (the test checks that this list covers it; libucx0
 # also holds UCX's dlopen'ed transport modules), python3-grpcio for the health check, tini as PID 1.
@@ -32,7 +32,7 @@ RUNTIME_PACKAGES=(
   ca-certificates tini python3 python3-grpcio
   libgrpc++1.51 libgrpc29 libprotobuf32 libucx0 libspdlog1.10 libfmt9
   libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  libabsl20220623 libssl3 libc-ares2 libre2-9 zlib1g libnuma1 libstdc++6 libgcc-s1
+  libabsl20220623 libssl3 libc-ares2 libre2-9 zlib1g libzstd1 libnuma1 libstdc++6 libgcc-s1
 )
 
 apt_install() {

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/client/client.h"
+#include "spectrumkv/codec/entropy.h"
 #include "spectrumkv/control/codec_policy.h"
 
 namespace skv::eval {
@@ -136,8 +137,11 @@ class GrpcDaemonCodec final : public DaemonCodec {
       out.keep[i % tokens] &= uint8_t(kept.mask()[i] != 0);
 
     // The same accounting as CompressKv: wire bytes are the segments' sizes.
-    size_t wire_bytes = 0;
-    for (const std::string& s : encoded->segments()) wire_bytes += s.size();
+    size_t wire_bytes = 0, plain_bytes = 0;
+    for (const std::string& s : encoded->segments()) {
+      wire_bytes += s.size();
+      plain_bytes += PlainSegmentBytes({reinterpret_cast<const uint8_t*>(s.data()), s.size()});
+    }
     for (const v1::TierRows& t : encoded->stats().tier_rows()) {
       absl::StatusOr<Tier> tier = control::TierFromProto(t.tier());
       if (!tier.ok()) return Annotate(tier.status(), "Encode's tier_rows");
@@ -150,6 +154,7 @@ class GrpcDaemonCodec final : public DaemonCodec {
       payload_bytes += out.rows_per_tier[tier] * row_elements * TierBits(Tier(tier)) / 8;
     }
     out.achieved_b = double(wire_bytes) / raw_bytes;
+    out.plain_b = double(plain_bytes) / raw_bytes;
     out.payload_b = double(payload_bytes) / raw_bytes;
     out.dropped_tokens = static_cast<uint32_t>(std::count(out.keep.begin(), out.keep.end(), 0));
     return out;

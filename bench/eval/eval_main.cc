@@ -59,6 +59,9 @@ ABSL_FLAG(std::string, methods, "",
           "rd-layerwise-tok; the baselines fp8,fp8-tokhead,tq-4bit,tq-k3v4,tq-3bit,tq-4bit-bl,"
           "tq-k3v4-bl,tq-3bit-bl,fp16-zstd,fp8-zstd");
 ABSL_FLAG(int, zstd_level, 3, "zstd level of the lossless floors fp16-zstd and fp8-zstd");
+ABSL_FLAG(bool, entropy_coding, false,
+          "the codec's entropy stage on every codec method (CodecOptions::entropy_coder = zstd); "
+          "each row then reports the share of segment bytes it saved");
 ABSL_FLAG(std::string, layer_weights, "",
           "rd-layerwise*: the layers' shares of the budget, one weight per layer (as "
           "--layer_profile prints them, measured on other text); empty = even shares");
@@ -167,7 +170,7 @@ struct RowState {
   double budget = 1.0;
   std::vector<ContinuationScore> scores;
   int compressions = 0;
-  double payload_sum = 0, dropped_sum = 0;
+  double payload_sum = 0, dropped_sum = 0, entropy_saved_sum = 0;
   std::array<double, kNumTiers> tier_sum{};
   std::map<double, PasskeyCell> passkey;
   // [Task][Question]: cells by depth, and the first compression that failed.
@@ -194,6 +197,7 @@ struct RowState {
     }
     row.achieved_b = std::max(row.achieved_b, c->achieved_b);
     payload_sum += c->payload_b;
+    entropy_saved_sum += 1.0 - c->achieved_b / c->plain_b;
     dropped_sum += double(c->dropped_tokens) / double(context_tokens);
     double rows = 0;
     for (uint64_t n : c->rows_per_tier) rows += double(n);
@@ -528,6 +532,10 @@ int Main(int argc, char** argv) {
     if (!m.ok()) return fail(m.status());
     if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
     m->baseline.zstd_level = absl::GetFlag(FLAGS_zstd_level);
+    if (absl::GetFlag(FLAGS_entropy_coding) && m->kind != MethodKind::kFp16 &&
+        m->kind != MethodKind::kBaseline) {
+      m->options.entropy_coder = EntropyCoder::kZstd;
+    }
     if (!m->budgeted()) {
       add_row(*m, std::nullopt);
     } else {
@@ -852,6 +860,9 @@ int Main(int argc, char** argv) {
     if (r.compressions > 0) {
       r.row.error.clear();  // it ran at least once; an error elsewhere would have stopped us
       r.row.payload_b = r.payload_sum / r.compressions;
+      if (r.method.options.entropy_coder != EntropyCoder::kNone) {
+        r.row.entropy_saved = r.entropy_saved_sum / r.compressions;
+      }
       r.row.dropped_fraction = r.dropped_sum / r.compressions;
       for (int t = 0; t < kNumTiers; ++t) r.row.tier_fraction[t] = r.tier_sum[t] / r.compressions;
     }

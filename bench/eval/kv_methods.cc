@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/entropy.h"
 #include "spectrumkv/codec/stream.h"
 
 namespace skv::eval {
@@ -285,7 +286,7 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
                              double(sizeof(uint16_t));
     out.kv = std::move(received->kv);
     out.keep.assign(size_t(source.tokens), 1);
-    out.achieved_b = double(received->wire_bytes) / raw_bytes;
+    out.achieved_b = out.plain_b = double(received->wire_bytes) / raw_bytes;
     out.payload_b = double(received->code_bytes) / raw_bytes;
     return out;
   }
@@ -328,10 +329,11 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   out.kv = EmptyLike(source);
   const std::vector<KvLayerViews> destination = ViewsOf(out.kv);
   std::vector<std::span<const uint8_t>> spans;
-  size_t wire_bytes = 0;
+  size_t wire_bytes = 0, plain_bytes = 0;
   for (const ByteBuffer& s : segments) {
     spans.emplace_back(s.data(), s.size());
     wire_bytes += s.size();
+    plain_bytes += PlainSegmentBytes(s);
   }
   if (absl::Status s = DecodeKv(spans, destination, &out.keep); !s.ok()) return s;
 
@@ -348,6 +350,7 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
     payload_bytes += out.rows_per_tier[t] * shape->row_elements() * TierBits(Tier(t)) / 8;
   }
   out.achieved_b = double(wire_bytes) / double(shape->raw_bytes());
+  out.plain_b = double(plain_bytes) / double(shape->raw_bytes());
   out.payload_b = double(payload_bytes) / double(shape->raw_bytes());
   out.dropped_tokens = static_cast<uint32_t>(std::count(out.keep.begin(), out.keep.end(), 0));
   return out;

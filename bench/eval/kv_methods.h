@@ -62,6 +62,7 @@ struct CompressedKv {
   std::vector<uint8_t> keep;  // per token, 1 = attended
   double achieved_b = 1.0;    // every wire byte / FP16 bytes of K and V
   double payload_b = 1.0;     // code bytes only: the paper's accounting, for comparison
+  double plain_b = 1.0;       // achieved_b without the entropy stage (= achieved_b when it is off)
   uint32_t dropped_tokens = 0;
   std::array<uint64_t, kNumTiers> rows_per_tier{};  // over layers x {K, V} x tokens; the
                                                     // baselines use no codec tier: all zero

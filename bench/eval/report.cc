@@ -226,7 +226,8 @@ std::string RenderJson(const EvalReport& report) {
       continue;
     }
     absl::StrAppend(&out, ",\"achieved_b\":", JsonNumber(r.achieved_b),
-                    ",\"payload_b\":", JsonNumber(r.payload_b));
+                    ",\"payload_b\":", JsonNumber(r.payload_b),
+                    ",\"entropy_saved\":", r.entropy_saved ? JsonNumber(*r.entropy_saved) : "null");
     if (r.has_quality) {
       const QualitySummary& q = r.quality;
       absl::StrAppend(&out, ",\"ppl_change_pct\":", JsonNumber(q.ppl_change_pct.value),
@@ -382,8 +383,11 @@ std::string RenderTable(const EvalReport& report) {
       top1 = absl::StrFormat("%.4f", r.quality.top1.value);
     }
     absl::StrAppend(
-        &out, absl::StrFormat("%-14s %6s %8.4f %8.4f %22s %12s %7s %8s\n", r.method, BudgetText(r),
-                              r.achieved_b, r.payload_b, ppl, kl, top1, PasskeyText(r)));
+        &out,
+        absl::StrFormat("%-14s %6s %8.4f %8.4f %22s %12s %7s %8s", r.method, BudgetText(r),
+                        r.achieved_b, r.payload_b, ppl, kl, top1, PasskeyText(r)),
+        r.entropy_saved ? absl::StrFormat("  zstd saved %.1f%%", 100.0 * *r.entropy_saved) : "",
+        "\n");
   }
   if (!report.comparisons.empty()) {
     absl::StrAppend(&out,
@@ -480,6 +484,7 @@ std::string RenderMarkdown(const EvalReport& report) {
     }
     absl::StrAppend(
         &out, "| ", r.method, " | ", BudgetText(r), " | ", absl::StrFormat("%.4f", r.achieved_b),
+        r.entropy_saved ? absl::StrFormat(" (zstd saved %.1f%%)", 100.0 * *r.entropy_saved) : "",
         " | ", absl::StrFormat("%.4f", r.payload_b), " | ",
         r.has_quality ? WithInterval(r.quality.ppl_change_pct, "%+.3f") : "-", " | ",
         r.has_quality ? WithInterval(r.quality.kl, "%.5f") : "-", " | ",

@@ -47,10 +47,12 @@ struct TaskResult {
 struct ResultRow {
   std::string method;
   std::string description;
-  std::optional<double> budget;                   // requested; empty for fixed-rate methods
-  std::string error;                              // set when the method cannot run at this budget
-  double achieved_b = 0;                          // max over windows (all have the same shape)
-  double payload_b = 0;                           // the paper's accounting (code bytes only)
+  std::optional<double> budget;  // requested; empty for fixed-rate methods
+  std::string error;             // set when the method cannot run at this budget
+  double achieved_b = 0;         // max over windows (all have the same shape)
+  double payload_b = 0;          // the paper's accounting (code bytes only)
+  // With the codec's entropy stage on: the share of the segment bytes it saved, mean over windows.
+  std::optional<double> entropy_saved;
   double dropped_fraction = 0;                    // of context tokens, mean over windows
   std::array<double, kNumTiers> tier_fraction{};  // of K/V rows, mean over windows
   bool has_quality = false;

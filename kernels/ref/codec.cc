@@ -143,40 +143,39 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
 namespace {
 
 // Headers of every segment, parsed and checked for one request id and one row shape.
-absl::StatusOr<std::vector<ParsedSegment>> ParseRequestSegments(
+// Headers of every segment, checked for one request id and one row shape.
+absl::StatusOr<std::vector<SegmentHeader>> ParseRequestHeaders(
     std::span<const std::span<const uint8_t>> segments) {
   if (segments.empty()) return absl::InvalidArgumentError("no segments");
-  std::vector<ParsedSegment> parsed;
-  parsed.reserve(segments.size());
+  std::vector<SegmentHeader> headers;
+  headers.reserve(segments.size());
   for (size_t i = 0; i < segments.size(); ++i) {
-    absl::StatusOr<ParsedSegment> seg = ParseSegment(segments[i]);
-    if (!seg.ok()) {
-      return absl::Status(seg.status().code(),
-                          absl::StrCat("segment ", i, ": ", seg.status().message()));
+    absl::StatusOr<SegmentHeader> h = ParseSegmentHeader(segments[i]);
+    if (!h.ok()) {
+      return absl::Status(h.status().code(),
+                          absl::StrCat("segment ", i, ": ", h.status().message()));
     }
-    const SegmentHeader& h = seg->header;
-    const SegmentHeader& first = parsed.empty() ? h : parsed.front().header;
-    if (h.request_id != first.request_id) {
+    const SegmentHeader& first = headers.empty() ? *h : headers.front();
+    if (h->request_id != first.request_id) {
       return absl::InvalidArgumentError(absl::StrCat("segment ", i, " belongs to request ",
-                                                     h.request_id, ", segment 0 to request ",
+                                                     h->request_id, ", segment 0 to request ",
                                                      first.request_id));
     }
-    if (h.heads != first.heads || h.head_dim != first.head_dim || h.dtype != first.dtype) {
+    if (h->heads != first.heads || h->head_dim != first.head_dim || h->dtype != first.dtype) {
       return absl::InvalidArgumentError(
           absl::StrCat("segment ", i, " has another row shape or dtype than segment 0"));
     }
-    parsed.push_back(*seg);
+    headers.push_back(*h);
   }
-  return parsed;
+  return headers;
 }
 
 // Every (layer, kind) of `layers` x `tokens` covered by exactly one segment row range.
-absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layers,
+absl::Status CheckCoverage(std::span<const SegmentHeader> headers, uint32_t layers,
                            uint32_t tokens) {
   // (layer, kind) -> (token_begin, token_end), sorted below.
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ranges(size_t{layers} * 2);
-  for (const ParsedSegment& seg : parsed) {
-    const SegmentHeader& h = seg.header;
+  for (const SegmentHeader& h : headers) {
     if (h.layer >= layers || h.kind > 1) {
       return absl::OutOfRangeError(
           absl::StrCat("a segment is for layer ", h.layer, " of ", layers));
@@ -209,17 +208,17 @@ absl::Status CheckCoverage(std::span<const ParsedSegment> parsed, uint32_t layer
 }  // namespace
 
 absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>> segments) {
-  absl::StatusOr<std::vector<ParsedSegment>> parsed = ParseRequestSegments(segments);
-  if (!parsed.ok()) return parsed.status();
+  absl::StatusOr<std::vector<SegmentHeader>> headers = ParseRequestHeaders(segments);
+  if (!headers.ok()) return headers.status();
   KvShape shape;
-  const SegmentHeader& first = parsed->front().header;
+  const SegmentHeader& first = headers->front();
   shape.heads = first.heads;
   shape.head_dim = first.head_dim;
   shape.dtype = DType(first.dtype);
   uint64_t tokens = 0;
-  for (const ParsedSegment& seg : *parsed) {
-    shape.layers = std::max(shape.layers, seg.header.layer + 1);
-    tokens = std::max(tokens, uint64_t{seg.header.token_begin} + seg.header.token_count);
+  for (const SegmentHeader& h : *headers) {
+    shape.layers = std::max(shape.layers, h.layer + 1);
+    tokens = std::max(tokens, uint64_t{h.token_begin} + h.token_count);
   }
   if (tokens > UINT32_MAX)
     return absl::InvalidArgumentError("segments address more than 2^32 tokens");
@@ -232,11 +231,25 @@ absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
                       const RowKernels& kernels) {
   absl::StatusOr<KvShape> shape = ShapeOf(destination);
   if (!shape.ok()) return shape.status();
-  absl::StatusOr<std::vector<ParsedSegment>> parsed = ParseRequestSegments(segments);
-  if (!parsed.ok()) return parsed.status();
-  if (absl::Status s = CheckCoverage(*parsed, shape->layers, shape->tokens); !s.ok()) return s;
+  absl::StatusOr<std::vector<SegmentHeader>> headers = ParseRequestHeaders(segments);
+  if (!headers.ok()) return headers.status();
+  // Coverage first: it bounds every segment's rows by the destination, and with them what an
+  // entropy-coded segment may decode to. Then every segment is checked before any is written.
+  if (absl::Status s = CheckCoverage(*headers, shape->layers, shape->tokens); !s.ok()) return s;
+  std::vector<ByteBuffer> inflated(segments.size());
+  std::vector<ParsedSegment> parsed;
+  parsed.reserve(segments.size());
+  for (size_t i = 0; i < segments.size(); ++i) {
+    absl::StatusOr<ParsedSegment> seg =
+        ParseSegmentSections((*headers)[i], segments[i], &inflated[i]);
+    if (!seg.ok()) {
+      return absl::Status(seg.status().code(),
+                          absl::StrCat("segment ", i, ": ", seg.status().message()));
+    }
+    parsed.push_back(*seg);
+  }
   kept->assign(shape->tokens, 1);
-  for (const ParsedSegment& seg : *parsed) {
+  for (const ParsedSegment& seg : parsed) {
     const SegmentHeader& h = seg.header;
     const KvLayerViews& layer = destination[h.layer];
     const KvTensorView& view = h.kind == uint8_t(KvKind::kKey) ? layer.key : layer.value;

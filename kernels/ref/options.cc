@@ -15,6 +15,9 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
   if (o.allocator != AllocatorKind::kPaper && o.allocator != AllocatorKind::kRd) {
     return absl::InvalidArgumentError("allocator is unknown");
   }
+  if (o.entropy_coder != EntropyCoder::kNone && o.entropy_coder != EntropyCoder::kZstd) {
+    return absl::InvalidArgumentError("entropy_coder is unknown");
+  }
   if (head_dim < kMinHeadDim || head_dim > kMaxHeadDim || head_dim % 8 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("head_dim must be a multiple of 8 in [",
                                                    kMinHeadDim, ", ", kMaxHeadDim, "], got ",

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "row_transform.h"
 #include "spectrumkv/codec/crc32c.h"
+#include "spectrumkv/codec/entropy.h"
 #include "spectrumkv/codec/half.h"
 
 namespace skv {
@@ -292,13 +293,46 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
   return sizes.total();
 }
 
-absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
+namespace {
+
+SegmentLayout LayoutOf(const SegmentHeader& h) {
+  SegmentLayout layout;
+  layout.rotated = h.flags & kSegmentRotated;
+  layout.centred = h.flags & kSegmentCentred;
+  layout.per_channel = h.flags & kSegmentPerChannelScales;
+  layout.group_size = h.group_size;
+  layout.chunk = h.channel_group_tokens;
+  return layout;
+}
+
+// The most the sections of a segment of this shape can take: every row at its largest record,
+// and in per-channel mode one params chunk per quantized tier beyond what the rows fill. An
+// entropy-coded segment claiming more is refused before it is decoded.
+uint64_t MaxSectionBytes(const SegmentHeader& h) {
+  const SegmentLayout layout = LayoutOf(h);
+  const uint64_t channels = uint64_t{h.heads} * h.head_dim;
+  uint64_t record = 0;
+  for (int t = 0; t < kNumTiers; ++t) {
+    if (IsKnownTier(Tier(t))) {
+      record = std::max<uint64_t>(record, RecordBytes(Tier(t), layout, h.heads, h.head_dim));
+    }
+  }
+  uint64_t bytes = TierMapBytes(h.token_count) + (layout.centred ? channels * 2 : 0) +
+                   uint64_t{h.token_count} * record;
+  if (layout.per_channel) {
+    bytes += (h.token_count / layout.chunk + kNumQuantizedTiers) * channels * sizeof(GroupParams);
+  }
+  return bytes;
+}
+
+}  // namespace
+
+absl::StatusOr<SegmentHeader> ParseSegmentHeader(std::span<const uint8_t> bytes) {
   if (bytes.size() < sizeof(SegmentHeader)) {
     return absl::DataLossError(absl::StrCat("segment truncated: ", bytes.size(),
                                             " bytes is smaller than its 64-byte header"));
   }
-  ParsedSegment seg;
-  SegmentHeader& h = seg.header;
+  SegmentHeader h;
   std::memcpy(&h, bytes.data(), sizeof(h));
   if (h.magic != kSegmentMagic)
     return absl::DataLossError("segment magic mismatch: not a SpectrumKV segment");
@@ -337,21 +371,37 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
   if (h.group_size < 8 || h.group_size % 8 != 0 || h.head_dim % h.group_size != 0) {
     return absl::DataLossError(absl::StrCat("segment group_size ", h.group_size, " is invalid"));
   }
-  SegmentLayout layout;
-  layout.rotated = h.flags & kSegmentRotated;
-  layout.centred = h.flags & kSegmentCentred;
-  layout.per_channel = h.flags & kSegmentPerChannelScales;
-  layout.group_size = h.group_size;
-  layout.chunk = h.channel_group_tokens;
-  if (layout.per_channel != (layout.chunk != 0)) {
+  if (bool(h.flags & kSegmentPerChannelScales) != (h.channel_group_tokens != 0)) {
     return absl::DataLossError("segment channel_group_tokens disagrees with its flags");
+  }
+  if ((h.flags & kSegmentEntropyCoded) && SectionBytes(h) > MaxSectionBytes(h)) {
+    return absl::DataLossError(absl::StrCat("entropy-coded segment claims ", SectionBytes(h),
+                                            " bytes of sections; its ", h.token_count,
+                                            " rows take at most ", MaxSectionBytes(h)));
+  }
+  return h;
+}
+
+absl::StatusOr<ParsedSegment> ParseSegmentSections(const SegmentHeader& h,
+                                                   std::span<const uint8_t> bytes,
+                                                   ByteBuffer* inflated) {
+  ParsedSegment seg;
+  seg.header = h;
+  std::span<const uint8_t> sections = bytes.subspan(sizeof(h));
+  if (h.flags & kSegmentEntropyCoded) {
+    if (inflated == nullptr) {
+      return absl::FailedPreconditionError(
+          "segment is entropy-coded and this reader has no buffer to decode it into");
+    }
+    if (absl::Status s = InflateSections(h, sections, inflated); !s.ok()) return s;
+    sections = *inflated;
   }
 
   const size_t tier_map_bytes = TierMapBytes(h.token_count);
-  if (h.tier_map_bytes != tier_map_bytes || bytes.size() < sizeof(h) + tier_map_bytes) {
+  if (h.tier_map_bytes != tier_map_bytes || sections.size() < tier_map_bytes) {
     return absl::DataLossError("segment tier map size mismatch");
   }
-  seg.tier_map = bytes.subspan(sizeof(h), tier_map_bytes);
+  seg.tier_map = sections.first(tier_map_bytes);
   for (uint32_t i = 0; i < h.token_count; ++i) {
     if (!IsKnownTier(seg.tier(i))) {
       return absl::DataLossError(
@@ -362,18 +412,25 @@ absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes) {
     return absl::DataLossError("segment tier map padding is not zero");
   }
   const SectionSizes sizes = ComputeSizes(
-      h.token_count, [&](size_t i) { return seg.tier(uint32_t(i)); }, layout, h.heads, h.head_dim);
+      h.token_count, [&](size_t i) { return seg.tier(uint32_t(i)); }, LayoutOf(h), h.heads,
+      h.head_dim);
   if (h.mean_bytes != sizes.mean || h.channel_params_bytes != sizes.channel_params ||
-      h.payload_bytes != sizes.payload || sizes.total() != bytes.size()) {
+      h.payload_bytes != sizes.payload || sizes.total() != sizeof(h) + sections.size()) {
     return absl::DataLossError("segment section sizes disagree with its tier map");
   }
-  size_t at = sizeof(h) + tier_map_bytes;
-  seg.mean = bytes.subspan(at, sizes.mean);
+  size_t at = tier_map_bytes;
+  seg.mean = sections.subspan(at, sizes.mean);
   at += sizes.mean;
-  seg.channel_params = bytes.subspan(at, sizes.channel_params);
+  seg.channel_params = sections.subspan(at, sizes.channel_params);
   at += sizes.channel_params;
-  seg.payload = bytes.subspan(at, sizes.payload);
+  seg.payload = sections.subspan(at, sizes.payload);
   return seg;
+}
+
+absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes, ByteBuffer* inflated) {
+  absl::StatusOr<SegmentHeader> h = ParseSegmentHeader(bytes);
+  if (!h.ok()) return h.status();
+  return ParseSegmentSections(*h, bytes, inflated);
 }
 
 absl::Status ValidateSegmentDestination(const SegmentHeader& h, uint32_t tokens, uint32_t heads,
@@ -400,12 +457,7 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
       !s.ok()) {
     return s;
   }
-  SegmentLayout layout;
-  layout.rotated = h.flags & kSegmentRotated;
-  layout.centred = h.flags & kSegmentCentred;
-  layout.per_channel = h.flags & kSegmentPerChannelScales;
-  layout.group_size = h.group_size;
-  layout.chunk = h.channel_group_tokens;
+  const SegmentLayout layout = LayoutOf(h);
   const size_t n = destination.row_elements();
   if (!layout.per_channel) {
     absl::Status s = CheckKernelsCover(

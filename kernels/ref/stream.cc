@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "spectrumkv/codec/entropy.h"
 
 namespace skv {
 namespace {
@@ -118,6 +119,11 @@ absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, Kv
         encode(view, {request_id, chunk.layer, kind, chunk.token_begin + offset, count},
                tiers.subspan(offset, count), options, &out[i]);
     if (!size.ok()) return size.status();
+    if (options.entropy_coder == EntropyCoder::kZstd) {
+      if (absl::StatusOr<bool> coded = EntropyCodeSegment(&out[i]); !coded.ok()) {
+        return coded.status();
+      }
+    }
   }
   return absl::OkStatus();
 }

@@ -425,6 +425,7 @@ void Daemon::ScheduleDecode(const std::shared_ptr<Inbound>& transfer) {
 }
 
 void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
+  ByteBuffer inflated;  // an entropy-coded segment's sections, decoded; reused
   for (;;) {
     transport::MessageBuffer bytes;
     {
@@ -443,10 +444,13 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
     const auto start = std::chrono::steady_clock::now();
     const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()),
                                         bytes.size());
-    absl::StatusOr<ParsedSegment> seg = ParseSegment(span);
-    absl::Status status = seg.status();
+    // The header first: the segment must belong here, and its rows fit the destination, before
+    // an entropy-coded one is decoded (which bounds what that allocates).
+    absl::StatusOr<SegmentHeader> header = ParseSegmentHeader(span);
+    absl::Status status = header.status();
+    ParsedSegment seg;
     if (status.ok()) {
-      const SegmentHeader& h = seg->header;
+      const SegmentHeader& h = *header;
       if (h.request_id != in->request_id || h.layer >= in->codec_views.size() || h.kind > 1) {
         status = absl::DataLossError(absl::StrCat("segment for request ", h.request_id, " layer ",
                                                   h.layer, " does not belong to this transfer"));
@@ -460,10 +464,17 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
               " tokens [", h.token_begin, ", ", uint64_t{h.token_begin} + h.token_count, ")"));
         }
       }
+      const KvLayerViews& layer = in->codec_views[h.layer];
+      const KvTensorView& view = h.kind == 0 ? layer.key : layer.value;
       if (status.ok()) {
-        const KvLayerViews& layer = in->codec_views[h.layer];
-        status = in->device->DecodeSegment(*seg, h.kind == 0 ? layer.key : layer.value);
+        status = ValidateSegmentDestination(h, view.tokens, view.heads, view.head_dim, view.dtype);
       }
+      if (status.ok()) {
+        absl::StatusOr<ParsedSegment> parsed = ParseSegmentSections(h, span, &inflated);
+        status = parsed.status();
+        if (parsed.ok()) seg = *parsed;
+      }
+      if (status.ok()) status = in->device->DecodeSegment(seg, view);
     }
     const double decode_s = Seconds(start);
     absl::AnyInvocable<void()> after;
@@ -473,12 +484,12 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
       if (!status.ok()) {
         after = FinishInbound(in, Annotate(status, absl::StrCat("request ", in->request_id)));
       } else {
-        const SegmentHeader& h = seg->header;
+        const SegmentHeader& h = seg.header;
         in->decode_seconds += decode_s;
         in->wire_bytes += bytes.size();
         ++in->segments_done;
         for (uint32_t t = 0; t < h.token_count; ++t) {
-          const Tier tier = seg->tier(t);
+          const Tier tier = seg.tier(t);
           ++in->rows[int(tier)];
           if (EncodingOf(tier) == TierEncoding::kDropped) in->kept[h.token_begin + t] = 0;
         }

@@ -94,6 +94,13 @@ const SegmentSeed kSegmentSeeds[] = {
        o.budget = 0.5;
        o.sink_tokens = 1;
      }},
+    // Entropy-coded (a zstd frame after the header): the coded segments are the fuzzer's way into
+    // the frame reader.
+    {"fp16-zstd", skv::DType::kFp16, 96, 1, 32,
+     [](skv::CodecOptions& o) {
+       o.budget = 0.35;
+       o.entropy_coder = skv::EntropyCoder::kZstd;
+     }},
     {"fp16-drop", skv::DType::kFp16, 32, 1, 16,
      [](skv::CodecOptions& o) {
        o.budget = 0.1;

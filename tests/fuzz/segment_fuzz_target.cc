@@ -39,15 +39,21 @@ bool Inside(std::span<const uint8_t> part, const uint8_t* data, size_t size) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  absl::StatusOr<skv::ParsedSegment> seg = skv::ParseSegment(std::span(data, size));
+  skv::ByteBuffer inflated;
+  absl::StatusOr<skv::ParsedSegment> seg = skv::ParseSegment(std::span(data, size), &inflated);
   if (!seg.ok()) return 0;
   const skv::SegmentHeader& h = seg->header;
-  Check(h.total_bytes == size && Inside(seg->tier_map, data, size) &&
-        Inside(seg->mean, data, size) && Inside(seg->channel_params, data, size) &&
-        Inside(seg->payload, data, size));
-  Check(sizeof(h) + seg->tier_map.size() + seg->mean.size() + seg->channel_params.size() +
+  // The sections lie in the input, or for an entropy-coded segment in what it decoded to.
+  const bool coded = h.flags & skv::kSegmentEntropyCoded;
+  const uint8_t* sections = coded ? inflated.data() : data + sizeof(h);
+  const size_t sections_size = coded ? inflated.size() : size - sizeof(h);
+  Check(h.total_bytes == size && Inside(seg->tier_map, sections, sections_size) &&
+        Inside(seg->mean, sections, sections_size) &&
+        Inside(seg->channel_params, sections, sections_size) &&
+        Inside(seg->payload, sections, sections_size));
+  Check(seg->tier_map.size() + seg->mean.size() + seg->channel_params.size() +
             seg->payload.size() ==
-        size);
+        sections_size);
 
   // Decode into a destination exactly as large as the header says (bounded to keep runs fast).
   const uint32_t tokens = h.token_begin + h.token_count;

@@ -53,6 +53,32 @@ TEST_F(DaemonPairTest, ShmTransferEqualsTheCodecReferenceDecode) {
   }
 }
 
+// Entropy coding is lossless: the same rows as the plain transfer, from fewer wire bytes.
+TEST_F(DaemonPairTest, EntropyCodedTransferDecodesLikeThePlainOneFromFewerBytes) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 3);
+  uint64_t plain_wire = 0;
+  for (bool coded : {false, true}) {
+    SharedMemoryBuffer dst = MakeBuffer(bytes);
+    const uint64_t id = coded ? 16 : 15;
+    v1::SendRequest send = SendReq(id, src, 0.3);
+    send.mutable_policy_override()->set_entropy_coding(coded);
+    Result r = Transfer(send, ReceiveReq(id, dst));
+    ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+    ASSERT_TRUE(r.received.ok()) << r.received.status();
+    const v1::TransferStats& s = r.sent->stats();
+    EXPECT_EQ(r.received->stats().wire_bytes(), s.wire_bytes());
+    EXPECT_LE(s.achieved_budget(), 0.3);
+    const std::vector<uint8_t> expected = ReferenceDecode(src.data(), bytes, 0.3, id);
+    EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0) << "coded=" << coded;
+    if (!coded) {
+      plain_wire = s.wire_bytes();
+    } else {
+      EXPECT_LT(s.wire_bytes(), plain_wire);
+    }
+  }
+}
+
 TEST_F(DaemonPairTest, BudgetOneIsBitExact) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 2), dst = MakeBuffer(bytes);

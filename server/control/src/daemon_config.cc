@@ -411,6 +411,17 @@ const std::vector<ConfigKey>& Keys() {
        "not fit; false keeps every token (for engines that cannot mask dropped tokens).",
        false, true, PolicySetter(ParseBool, [](CodecOptions& o, bool v) { o.allow_drop = v; }),
        [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.allow_drop); }},
+      {"codec_entropy_coding",
+       "Default: zstd-code each segment when that makes it smaller (lossless; saves bytes on top "
+       "of the budget at the cost of sender CPU).",
+       false, true,
+       PolicySetter(ParseBool,
+                    [](CodecOptions& o, bool v) {
+                      o.entropy_coder = v ? EntropyCoder::kZstd : EntropyCoder::kNone;
+                    }),
+       [](const DaemonConfig& c) {
+         return FormatBool(c.default_codec_policy.entropy_coder == EntropyCoder::kZstd);
+       }},
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
        [](const DaemonConfig& c) { return std::string(LogLevelName(c.log_level)); }},

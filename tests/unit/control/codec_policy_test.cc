@@ -95,12 +95,15 @@ TEST(CodecPolicyTest, ToProtoSetsEveryFieldAndRoundTrips) {
   policy.group_size = 32;
   policy.recent_tokens = 64;
   policy.allow_drop = false;
+  policy.entropy_coder = EntropyCoder::kZstd;
   const v1::CodecPolicy proto = CodecPolicyToProto(policy);
   EXPECT_EQ(proto.allocator(), v1::ALLOCATOR_PAPER);
   EXPECT_TRUE(proto.has_rotate() && proto.has_centre() && proto.has_per_channel_keys() &&
               proto.has_group_size() && proto.has_allow_int4() && proto.has_allow_int2() &&
-              proto.has_sink_tokens() && proto.has_recent_tokens() && proto.has_allow_drop());
+              proto.has_sink_tokens() && proto.has_recent_tokens() && proto.has_allow_drop() &&
+              proto.has_entropy_coding());
   EXPECT_FALSE(proto.allow_drop());
+  EXPECT_TRUE(proto.entropy_coding());
   // Applying a fully-set policy over anything yields exactly it.
   CodecOptions other;
   other.rotate_keys = other.rotate_values = !policy.rotate_keys;
@@ -120,6 +123,13 @@ TEST(CodecPolicyTest, PaperTransfersRunWithoutTransforms) {
   const CodecOptions rd = OptionsForTransfer(CodecOptions{}, 0.4);
   EXPECT_EQ(rd.budget, 0.4);
   EXPECT_TRUE(rd.rotate_keys && rd.rotate_values && rd.centre_keys);
+}
+
+TEST(CodecPolicyTest, PassthroughIsNeverEntropyCoded) {
+  CodecOptions policy;
+  policy.entropy_coder = EntropyCoder::kZstd;
+  EXPECT_EQ(OptionsForTransfer(policy, 0.5).entropy_coder, EntropyCoder::kZstd);
+  EXPECT_EQ(OptionsForTransfer(policy, 1.0).entropy_coder, EntropyCoder::kNone);
 }
 
 // Every codec tier has the API value of the same name at its wire value + 1, and back.

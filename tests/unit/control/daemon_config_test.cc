@@ -219,6 +219,9 @@ TEST(DaemonConfigTest, ValueParsers) {
   EXPECT_TRUE(SetDaemonConfigKey("codec_allow_drop", "false", c).ok());
   EXPECT_FALSE(c.default_codec_policy.allow_drop);
   EXPECT_FALSE(SetDaemonConfigKey("codec_allow_drop", "sometimes", c).ok());
+  EXPECT_EQ(c.default_codec_policy.entropy_coder, EntropyCoder::kNone);
+  EXPECT_TRUE(SetDaemonConfigKey("codec_entropy_coding", "true", c).ok());
+  EXPECT_EQ(c.default_codec_policy.entropy_coder, EntropyCoder::kZstd);
   EXPECT_FALSE(SetDaemonConfigKey("max_concurrent_transfers", "+5", c).ok());
   EXPECT_TRUE(SetDaemonConfigKey("codec_threads", "2", c).ok());
   EXPECT_EQ(c.codec_threads, 2u);

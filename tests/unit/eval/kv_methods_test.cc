@@ -118,6 +118,38 @@ TEST_F(KvMethodsTest, UniformInt8IsAFixedRateCloseToTheSource) {
   EXPECT_LT(max_error, 0.05);
 }
 
+// The entropy stage changes the bytes, never what the decode side receives: the plan is made on
+// plain sizes.
+TEST_F(KvMethodsTest, EntropyCodingSavesBytesAndReceivesTheSameKv) {
+  for (const char* name : {"int8", "int4", "pdtrim", "rd"}) {
+    Method method = *MethodByName(name);
+    auto plain = CompressKv(kv_, queries_, method, 0.3);
+    ASSERT_TRUE(plain.ok()) << name << ": " << plain.status();
+    EXPECT_EQ(plain->plain_b, plain->achieved_b) << name;
+    method.options.entropy_coder = EntropyCoder::kZstd;
+    auto coded = CompressKv(kv_, queries_, method, 0.3);
+    ASSERT_TRUE(coded.ok()) << name << ": " << coded.status();
+    EXPECT_EQ(coded->plain_b, plain->achieved_b) << name;
+    EXPECT_LT(coded->achieved_b, plain->achieved_b) << name;
+    EXPECT_EQ(coded->kv.keys, plain->kv.keys) << name;
+    EXPECT_EQ(coded->kv.values, plain->kv.values) << name;
+    EXPECT_EQ(coded->keep, plain->keep) << name;
+  }
+}
+
+// A stream charges each chunk's bytes as sent, so what the entropy stage saves on one layer is
+// carried to the next ones: more rows at higher precision, still within the budget.
+TEST_F(KvMethodsTest, AStreamSpendsWhatEntropyCodingSaved) {
+  Method method = *MethodByName("rd-layerwise");
+  auto plain = CompressKv(kv_, queries_, method, 0.3);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  method.options.entropy_coder = EntropyCoder::kZstd;
+  auto coded = CompressKv(kv_, queries_, method, 0.3);
+  ASSERT_TRUE(coded.ok()) << coded.status();
+  EXPECT_LE(coded->achieved_b, 0.3);
+  EXPECT_GT(coded->plain_b, plain->plain_b) << "the savings bought rows";
+}
+
 TEST_F(KvMethodsTest, UnknownMethodNamesTheKnownOnes) {
   auto m = MethodByName("nope");
   ASSERT_FALSE(m.ok());

@@ -1,5 +1,6 @@
 // Wire and block formats of the SpectrumKV codec. Shared by host and device code: plain structs,
-// fixed sizes, little-endian. Every change to a layout here bumps kSegmentVersion.
+// fixed sizes, little-endian. Every change to a layout here bumps kSegmentVersion (a new flag that
+// old readers refuse keeps it: kSegmentEntropyCoded).
 #pragma once
 
 #include <cstddef>
@@ -29,9 +30,10 @@ enum SegmentFlags : uint8_t {
   kSegmentRotated = 1u << 0,           // block Hadamard over head_dim applied before quantizing
   kSegmentCentred = 1u << 1,           // per-(head, channel) mean subtracted; mean section present
   kSegmentPerChannelScales = 1u << 2,  // quantized rows use per-channel params (params section)
+  kSegmentEntropyCoded = 1u << 3,      // the sections are one zstd frame (entropy.h)
 };
 inline constexpr uint8_t kKnownSegmentFlags =
-    kSegmentRotated | kSegmentCentred | kSegmentPerChannelScales;
+    kSegmentRotated | kSegmentCentred | kSegmentPerChannelScales | kSegmentEntropyCoded;
 
 // One segment = one layer's K or V for a token range:
 //   SegmentHeader
@@ -45,6 +47,11 @@ inline constexpr uint8_t kKnownSegmentFlags =
 //                            (per-channel mode: code bytes only, params in the params section)
 //                     kDrop: nothing
 // crc32c covers every byte of the segment, computed with the crc32c field set to zero.
+//
+// Entropy-coded (kSegmentEntropyCoded): everything after the header is one zstd frame whose
+// content is the sections above; the header's section sizes are the decoded sizes, total_bytes
+// and crc32c cover the coded bytes as sent. A reader that predates the flag refuses the segment
+// as having unknown flags, so the version stays 1 and plain segments still reach it.
 struct SegmentHeader {
   uint32_t magic;
   uint16_t version;

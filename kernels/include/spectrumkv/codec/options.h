@@ -16,6 +16,15 @@ inline const char* AllocatorName(AllocatorKind kind) {
   return kind == AllocatorKind::kPaper ? "paper" : "rd";
 }
 
+// The lossless stage after quantization (entropy.h).
+enum class EntropyCoder : uint8_t {
+  kNone = 0,  // segments as encoded
+  kZstd = 1,  // each segment's sections zstd-coded when that makes it smaller
+};
+inline const char* EntropyCoderName(EntropyCoder coder) {
+  return coder == EntropyCoder::kZstd ? "zstd" : "none";
+}
+
 struct CodecOptions {
   AllocatorKind allocator = AllocatorKind::kRd;
   // Wire bytes / FP16 bytes of the same K and V, in (0, 1]. Every byte counts: headers, tier
@@ -46,6 +55,9 @@ struct CodecOptions {
   bool payload_only_accounting = false;
   // Tokens per segment; 0 puts each layer's K (and V) in a single segment.
   uint32_t tokens_per_segment = 0;
+  // Lossless coding of each encoded segment. Its savings come on top of the budget: the plan is
+  // made on plain sizes, so the achieved b is at or below the requested one.
+  EntropyCoder entropy_coder = EntropyCoder::kNone;
 
   bool operator==(const CodecOptions&) const = default;
 };

@@ -49,7 +49,8 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
 size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
                            std::span<const Tier> tiers, const CodecOptions& options);
 
-// A segment that passed every check; spans point into the caller's buffer.
+// A segment that passed every check; spans point into the caller's buffer (or, for an
+// entropy-coded segment, into the buffer it was decoded into).
 struct ParsedSegment {
   SegmentHeader header;
   std::span<const uint8_t> tier_map;
@@ -63,7 +64,22 @@ struct ParsedSegment {
 };
 
 // Verifies structure, sizes, CRC32C and every tier before returning; never reads out of bounds.
-absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes);
+// An entropy-coded segment (entropy.h) is decoded into `inflated`, which its sections' spans then
+// point into (keep it alive and unchanged while they are used); without one it is refused
+// (FAILED_PRECONDITION). ParseSegment = ParseSegmentHeader + ParseSegmentSections.
+absl::StatusOr<ParsedSegment> ParseSegment(std::span<const uint8_t> bytes,
+                                           ByteBuffer* inflated = nullptr);
+
+// The checks that need only the header: structure, CRC32C of the bytes as received, shape, flags,
+// and for an entropy-coded segment that its decoded size fits its rows. A reader checks the token
+// range against its destination between the two steps, so that what a coded segment decodes to is
+// bounded by the destination before it is allocated.
+absl::StatusOr<SegmentHeader> ParseSegmentHeader(std::span<const uint8_t> bytes);
+// The sections of a segment whose header passed ParseSegmentHeader: decoded when entropy-coded,
+// the tier map and every size checked.
+absl::StatusOr<ParsedSegment> ParseSegmentSections(const SegmentHeader& header,
+                                                   std::span<const uint8_t> bytes,
+                                                   ByteBuffer* inflated);
 
 // Writes the segment's rows into `destination` (rows token_begin..), dequantized and with the
 // transforms undone; dropped rows are zeroed. Shape and dtype must match the header.

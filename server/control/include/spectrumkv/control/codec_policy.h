@@ -37,8 +37,8 @@ absl::StatusOr<CodecOptions> ApplyCodecPolicy(const CodecOptions& base,
 // does not carry (budget, value centring, ...) are left out; `rotate` reports rotate_keys.
 spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecOptions& policy);
 
-// What the codec runs for one transfer under `policy`: the budget set, and no transforms for
-// the paper allocator (the paper's method has none).
+// What the codec runs for one transfer under `policy`: the budget set, no transforms for the
+// paper allocator (the paper's method has none), no entropy stage for passthrough (budget 1).
 CodecOptions OptionsForTransfer(CodecOptions policy, double budget);
 
 // The API's name for a codec tier: TIER_<NAME> at the tier's wire value + 1 (tested for every
