@@ -18,6 +18,7 @@ namespace {
 struct ZstdContexts {
   std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> compress{ZSTD_createCCtx(), ZSTD_freeCCtx};
   std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> decompress{ZSTD_createDCtx(), ZSTD_freeDCtx};
+  ByteBuffer frame;  // the compressor's output, reused: it only grows
 };
 
 ZstdContexts& ThreadContexts() {
@@ -59,10 +60,11 @@ absl::StatusOr<bool> EntropyCodeSegment(ByteBuffer* segment) {
   ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, kEntropyZstdLevel);
   ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1);
   ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 1);
-  // Only a frame smaller than the sections is kept: stop as soon as it would not be.
-  ByteBuffer frame(sections.size() - 1);
+  // Only a frame smaller than the sections is kept: zstd stops as soon as it would not be.
+  ByteBuffer& frame = zstd.frame;
+  if (frame.size() < sections.size() - 1) frame.resize(sections.size() - 1);
   const size_t n =
-      ZSTD_compress2(cctx, frame.data(), frame.size(), sections.data(), sections.size());
+      ZSTD_compress2(cctx, frame.data(), sections.size() - 1, sections.data(), sections.size());
   if (ZSTD_isError(n)) {
     if (ZSTD_getErrorCode(n) == ZSTD_error_dstSize_tooSmall) return false;  // does not pay
     return absl::InternalError(absl::StrCat("zstd: ", ZSTD_getErrorName(n)));

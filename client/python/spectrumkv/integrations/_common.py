@@ -23,7 +23,7 @@ _PASSTHROUGH = {"auto": pb.PASSTHROUGH_MODE_AUTO, "never": pb.PASSTHROUGH_MODE_N
                 "always": pb.PASSTHROUGH_MODE_ALWAYS}
 _ALLOCATORS = {"rd": pb.ALLOCATOR_RD, "paper": pb.ALLOCATOR_PAPER}
 _POLICY_FIELDS = {"rotate": bool, "centre": bool, "per_channel_keys": bool, "group_size": int, "allow_int4": bool,
-                  "allow_int2": bool, "sink_tokens": int, "recent_tokens": int}
+                  "allow_int2": bool, "sink_tokens": int, "recent_tokens": int, "entropy_coding": bool}
 
 
 class Settings:
@@ -38,7 +38,8 @@ class Settings:
     budget            wire bytes / FP16 bytes, (0, 1] (default 0.5)
     passthrough       auto | never | always (default auto)
     policy            CodecPolicy fields: allocator (rd | paper), rotate, centre, per_channel_keys,
-                      group_size, allow_int4, allow_int2, sink_tokens, recent_tokens
+                      group_size, allow_int4, allow_int2, sink_tokens, recent_tokens,
+                      entropy_coding (zstd-code the segments: fewer bytes, more CPU)
     model_name        name registered with the daemon (default: the engine's model name)
     cache_id          name of this worker's registered cache (default <engine>-<pid>-<rank>)
     kv_cache_layout   NHD | HND (default NHD: zero copy; HND costs one copy on each side)
