@@ -14,12 +14,9 @@
 namespace skv {
 namespace {
 
+using skv::testing::Spans;
 using skv::testing::SyntheticKv;
 using skv::testing::SyntheticKvSpec;
-
-std::vector<std::span<const uint8_t>> Spans(const std::vector<ByteBuffer>& segments) {
-  return {segments.begin(), segments.end()};
-}
 
 TEST(Codec, SimdAndReferenceProduceIdenticalSegmentsAndDecodes) {
   const RowKernels* avx2 = Avx2RowKernels();

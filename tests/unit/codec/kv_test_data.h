@@ -5,12 +5,19 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <vector>
 
+#include "spectrumkv/codec/byte_buffer.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/plan.h"
 
 namespace skv::testing {
+
+// Views of encoded segments, as DecodeKv takes them.
+inline std::vector<std::span<const uint8_t>> Spans(const std::vector<ByteBuffer>& segments) {
+  return {segments.begin(), segments.end()};
+}
 
 struct SyntheticKvSpec {
   uint32_t layers = 2;

@@ -13,14 +13,9 @@
 namespace skv {
 namespace {
 
+using testing::Spans;
 using testing::SyntheticKv;
 using testing::SyntheticKvSpec;
-
-std::vector<std::span<const uint8_t>> Spans(const std::vector<ByteBuffer>& segments) {
-  std::vector<std::span<const uint8_t>> out;
-  for (const ByteBuffer& s : segments) out.emplace_back(s.data(), s.size());
-  return out;
-}
 
 // Every chunk of a prompt, chunked prefill style: for each chunk of tokens, every layer.
 std::vector<StreamChunk> ChunkedPrefill(uint32_t layers, uint32_t tokens, uint32_t chunk_tokens) {
