@@ -142,7 +142,6 @@ absl::StatusOr<EncodedKv> EncodeKv(std::span<const KvLayerViews> layers,
 
 namespace {
 
-// Headers of every segment, parsed and checked for one request id and one row shape.
 // Headers of every segment, checked for one request id and one row shape.
 absl::StatusOr<std::vector<SegmentHeader>> ParseRequestHeaders(
     std::span<const std::span<const uint8_t>> segments) {

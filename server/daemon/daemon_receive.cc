@@ -464,17 +464,17 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
               " tokens [", h.token_begin, ", ", uint64_t{h.token_begin} + h.token_count, ")"));
         }
       }
-      const KvLayerViews& layer = in->codec_views[h.layer];
-      const KvTensorView& view = h.kind == 0 ? layer.key : layer.value;
       if (status.ok()) {
+        const KvLayerViews& layer = in->codec_views[h.layer];
+        const KvTensorView& view = h.kind == 0 ? layer.key : layer.value;
         status = ValidateSegmentDestination(h, view.tokens, view.heads, view.head_dim, view.dtype);
+        if (status.ok()) {
+          absl::StatusOr<ParsedSegment> parsed = ParseSegmentSections(h, span, &inflated);
+          status = parsed.status();
+          if (parsed.ok()) seg = *parsed;
+        }
+        if (status.ok()) status = in->device->DecodeSegment(seg, view);
       }
-      if (status.ok()) {
-        absl::StatusOr<ParsedSegment> parsed = ParseSegmentSections(h, span, &inflated);
-        status = parsed.status();
-        if (parsed.ok()) seg = *parsed;
-      }
-      if (status.ok()) status = in->device->DecodeSegment(seg, view);
     }
     const double decode_s = Seconds(start);
     absl::AnyInvocable<void()> after;

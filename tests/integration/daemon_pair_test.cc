@@ -24,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "peer_protocol.h"
 #include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
 #include "spectrumkv/transport/ucx_transport.h"
@@ -294,9 +295,16 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
   absl::StatusOr<tp::PeerInfo> peer = (*fake)->Connect(decode_->data_address());
   ASSERT_TRUE(peer.ok()) << peer.status();
 
-  for (const char* damage : {"bit flip", "truncation"}) {
-    const uint64_t id = damage[0] == 'b' ? 71 : 72;
-    absl::StatusOr<EncodedKv> enc = EncodeKv(DenseViews(src.data()), {}, options, id);
+  // Damage to segment 2: a flipped bit, a cut end, a header (with a valid CRC) naming a layer the
+  // transfer does not have, an entropy-coded segment whose frame (CRC valid) decodes to other
+  // bytes than were coded.
+  const std::string damages[] = {"bit flip", "truncation", "foreign layer", "bad frame"};
+  for (size_t d = 0; d < std::size(damages); ++d) {
+    const std::string& damage = damages[d];
+    const uint64_t id = 71 + d;
+    CodecOptions coded = options;
+    if (damage == "bad frame") coded.entropy_coder = EntropyCoder::kZstd;
+    absl::StatusOr<EncodedKv> enc = EncodeKv(DenseViews(src.data()), {}, coded, id);
     ASSERT_TRUE(enc.ok());
     SharedMemoryBuffer dst = MakeBuffer(bytes);
     auto received = std::async(std::launch::async,
@@ -320,8 +328,21 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
       const ByteBuffer& s = enc->segments[i];
       std::vector<std::byte> message(s.size());
       std::memcpy(message.data(), s.data(), s.size());
-      if (i == 2 && damage[0] == 'b') message[message.size() / 2] ^= std::byte{0x10};
-      if (i == 2 && damage[0] == 't') message.resize(message.size() - 100);
+      if (i == 2 && damage == "bit flip") message[message.size() / 2] ^= std::byte{0x10};
+      if (i == 2 && damage == "truncation") message.resize(message.size() - 100);
+      if (i == 2 && (damage == "foreign layer" || damage == "bad frame")) {
+        SegmentHeader h;
+        std::memcpy(&h, message.data(), sizeof(h));
+        if (damage == "foreign layer") h.layer = 99;
+        if (damage == "bad frame") {
+          ASSERT_TRUE(h.flags & kSegmentEntropyCoded) << "Gaussian KV at b = 0.5 compresses";
+          message[sizeof(h) + (message.size() - sizeof(h)) / 2] ^= std::byte{0x10};
+        }
+        h.crc32c = 0;
+        std::memcpy(message.data(), &h, sizeof(h));
+        h.crc32c = Crc32c(message.data(), message.size());
+        std::memcpy(message.data(), &h, sizeof(h));
+      }
       ASSERT_TRUE(
           (*fake)
               ->SendAndWait(peer->id, daemon::kSegmentMessage, std::move(message), absl::Seconds(5))
@@ -340,7 +361,7 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
   (*fake)->Close();
   // The real sender still works afterwards.
   SharedMemoryBuffer dst = MakeBuffer(bytes);
-  Result good = Transfer(SendReq(73, src, 0.5), ReceiveReq(73, dst));
+  Result good = Transfer(SendReq(79, src, 0.5), ReceiveReq(79, dst));
   EXPECT_TRUE(good.sent.ok() && good.received.ok())
       << good.sent.status() << " / " << good.received.status();
 }
