@@ -287,6 +287,27 @@ def recall_row(corpus, length, rng, depth=None, pairs=None):
     return [BOS] + list(text), list(range(answer, answer + RECALL_DIGITS))
 
 
+def recall_dense_row(corpus, length, rng, depth=None):
+    """BOS + "Codes: K123=48213; ..." then questions for random codes until the row is full, every
+    answer digit scored: recall's signal as dense as repeat rows make copying's (one question per
+    row of filler did not teach it). Training only."""
+    pairs = rng.randint(*RECALL_PAIRS)
+    keys = rng.sample(range(100, 1000), pairs)
+    values = [str(rng.randrange(10 ** (RECALL_DIGITS - 1), 10 ** RECALL_DIGITS)) for _ in keys]
+    text = bytearray(("Codes: " + "; ".join("K%d=%s" % kv for kv in zip(keys, values)) + ".").encode())
+    scored = []
+    while True:
+        asked = rng.randrange(pairs)
+        question = (" Code K%d is " % keys[asked]).encode()
+        if len(text) + len(question) + RECALL_DIGITS + 1 > length:
+            break
+        text += question
+        scored += range(1 + len(text), 1 + len(text) + RECALL_DIGITS)
+        text += (values[asked] + ".").encode()
+    text += b" " * (length - len(text))
+    return [BOS] + list(text[:length]), scored
+
+
 def copy_random_row(corpus, length, rng, depth=None):
     """A copy row whose span is random lowercase words: only copying predicts it, which is what
     makes the copying (induction) circuit form; text spans alone are partly predictable from
@@ -309,7 +330,7 @@ def repeat_row(corpus, length, rng, depth=None):
 
 
 TASK_ROWS = {"passkey": passkey_row, "copy": copy_row, "copy_random": copy_random_row,
-             "recall": recall_row, "repeat": repeat_row}
+             "recall": recall_row, "recall_dense": recall_dense_row, "repeat": repeat_row}
 
 
 def make_batch(corpus, batch, seq, task_share, rng, tasks=(("passkey", 1.0),)):
