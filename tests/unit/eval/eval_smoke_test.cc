@@ -45,8 +45,8 @@ TEST(EvalSmoke, Stories260KTwoWindowsTwoBudgets) {
   const std::string command = std::string(SKV_EVAL_BINARY) + " --model " + model + " --tokenizer " +
                               tokenizer + " --text " + text +
                               " --windows 2 --budgets 0.3,0.5 --passkey_trials 1 --bootstrap 200"
-                              " --passkey_depths 0.2,0.8 --methods " + kSmokeMethods +
-                              " --json 2>/dev/null";
+                              " --passkey_depths 0.2,0.8 --methods " +
+                              kSmokeMethods + " --json 2>/dev/null";
   int exit_code = 0;
   const std::string output = RunCapturingStdout(command, &exit_code);
   ASSERT_EQ(exit_code, 0) << command;
