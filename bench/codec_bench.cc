@@ -57,15 +57,6 @@ struct BudgetResult {
   double achieved, encode_gbps, decode_gbps, score_plan_share;
 };
 
-std::vector<std::pair<double, skv::EntropyCoder>> BudgetsTimesCoders(
-    const std::vector<double>& budgets, const std::vector<skv::EntropyCoder>& coders) {
-  std::vector<std::pair<double, skv::EntropyCoder>> out;
-  for (double b : budgets) {
-    for (skv::EntropyCoder c : coders) out.push_back({b, c});
-  }
-  return out;
-}
-
 int Run() {
   const uint32_t layers = absl::GetFlag(FLAGS_layers), tokens = absl::GetFlag(FLAGS_tokens);
   const uint32_t heads = absl::GetFlag(FLAGS_heads), head_dim = absl::GetFlag(FLAGS_head_dim);
@@ -109,10 +100,14 @@ int Run() {
   });
   const double memcpy_gbps = raw_bytes / memcpy_s / 1e9;
 
-  std::vector<skv::EntropyCoder> coders{skv::EntropyCoder::kNone};
-  if (absl::GetFlag(FLAGS_entropy_coding)) coders.push_back(skv::EntropyCoder::kZstd);
+  // Every budget plain, and with --entropy_coding also with the entropy stage, side by side.
+  std::vector<std::pair<double, skv::EntropyCoder>> runs;
+  for (double b : budgets) {
+    runs.push_back({b, skv::EntropyCoder::kNone});
+    if (absl::GetFlag(FLAGS_entropy_coding)) runs.push_back({b, skv::EntropyCoder::kZstd});
+  }
   std::vector<BudgetResult> results;
-  for (const auto& [b, coder] : BudgetsTimesCoders(budgets, coders)) {
+  for (const auto& [b, coder] : runs) {
     skv::CodecOptions options;
     options.budget = b;
     options.entropy_coder = coder;

@@ -279,21 +279,19 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
         uint64_t(source.n_layers) * 2 * uint64_t(source.tokens);
     return out;
   }
+  const std::vector<KvLayerViews> layers = ViewsOf(source);
+  absl::StatusOr<KvShape> shape = ShapeOf(layers);
+  if (!shape.ok()) return shape.status();
+  const double raw_bytes = double(shape->raw_bytes());
   if (method.kind == MethodKind::kBaseline) {
     absl::StatusOr<BaselineKv> received = RunBaseline(source, method.baseline);
     if (!received.ok()) return received.status();
-    const double raw_bytes = 2.0 * double(source.n_layers) * double(source.values_per_layer()) *
-                             double(sizeof(uint16_t));
     out.kv = std::move(received->kv);
     out.keep.assign(size_t(source.tokens), 1);
     out.achieved_b = out.plain_b = double(received->wire_bytes) / raw_bytes;
     out.payload_b = double(received->code_bytes) / raw_bytes;
     return out;
   }
-
-  const std::vector<KvLayerViews> layers = ViewsOf(source);
-  absl::StatusOr<KvShape> shape = ShapeOf(layers);
-  if (!shape.ok()) return shape.status();
   CodecOptions options = method.options;
   options.budget = method.budgeted() ? budget : 1.0;
 
@@ -349,9 +347,9 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   for (int t = 0; t < kNumTiers; ++t) {
     payload_bytes += out.rows_per_tier[t] * shape->row_elements() * TierBits(Tier(t)) / 8;
   }
-  out.achieved_b = double(wire_bytes) / double(shape->raw_bytes());
-  out.plain_b = double(plain_bytes) / double(shape->raw_bytes());
-  out.payload_b = double(payload_bytes) / double(shape->raw_bytes());
+  out.achieved_b = double(wire_bytes) / raw_bytes;
+  out.plain_b = double(plain_bytes) / raw_bytes;
+  out.payload_b = double(payload_bytes) / raw_bytes;
   out.dropped_tokens = static_cast<uint32_t>(std::count(out.keep.begin(), out.keep.end(), 0));
   return out;
 }

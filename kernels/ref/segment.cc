@@ -374,10 +374,13 @@ absl::StatusOr<SegmentHeader> ParseSegmentHeader(std::span<const uint8_t> bytes)
   if (bool(h.flags & kSegmentPerChannelScales) != (h.channel_group_tokens != 0)) {
     return absl::DataLossError("segment channel_group_tokens disagrees with its flags");
   }
-  if ((h.flags & kSegmentEntropyCoded) && SectionBytes(h) > MaxSectionBytes(h)) {
-    return absl::DataLossError(absl::StrCat("entropy-coded segment claims ", SectionBytes(h),
-                                            " bytes of sections; its ", h.token_count,
-                                            " rows take at most ", MaxSectionBytes(h)));
+  if (h.flags & kSegmentEntropyCoded) {
+    const uint64_t claimed = SectionBytes(h), most = MaxSectionBytes(h);
+    if (claimed > most) {
+      return absl::DataLossError(absl::StrCat("entropy-coded segment claims ", claimed,
+                                              " bytes of sections; its ", h.token_count,
+                                              " rows take at most ", most));
+    }
   }
   return h;
 }
