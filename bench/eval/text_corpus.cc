@@ -23,10 +23,14 @@ absl::StatusOr<std::string> ReadFile(const std::filesystem::path& path) {
 
 }  // namespace
 
-absl::StatusOr<TextCorpus> LoadTextCorpus(const std::string& paths, double tail_fraction) {
+absl::StatusOr<TextCorpus> LoadTextCorpus(const std::string& paths, double tail_fraction,
+                                          TextPart part) {
   if (!(tail_fraction > 0.0 && tail_fraction <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("text_tail must be in (0, 1], got ", tail_fraction));
+  }
+  if (part == TextPart::kBeforeTail && tail_fraction >= 1.0) {
+    return absl::InvalidArgumentError("text_tail 1 leaves no text before the tail");
   }
   TextCorpus corpus;
   std::vector<std::string> names;
@@ -54,15 +58,21 @@ absl::StatusOr<TextCorpus> LoadTextCorpus(const std::string& paths, double tail_
     absl::StatusOr<std::string> bytes = ReadFile(file);
     if (!bytes.ok()) return bytes.status();
     // Same double arithmetic as the training recipe's int(len * (1 - fraction)).
-    const size_t start = tail_fraction >= 1.0
+    const size_t split = tail_fraction >= 1.0
                              ? 0
                              : static_cast<size_t>(std::floor(static_cast<double>(bytes->size()) *
                                                               (1.0 - tail_fraction)));
     if (!corpus.text.empty()) corpus.text += "\n\n";
-    corpus.text.append(*bytes, start, std::string::npos);
+    if (part == TextPart::kTail) {
+      corpus.text.append(*bytes, split, std::string::npos);
+    } else {
+      corpus.text.append(*bytes, 0, split);
+    }
   }
   corpus.name = absl::StrJoin(names, ",");
-  if (tail_fraction < 1.0) {
+  if (part == TextPart::kBeforeTail) {
+    absl::StrAppend(&corpus.name, " (all but the last ", tail_fraction * 100.0, "% of each file)");
+  } else if (tail_fraction < 1.0) {
     absl::StrAppend(&corpus.name, " (last ", tail_fraction * 100.0, "% of each file)");
   }
   return corpus;

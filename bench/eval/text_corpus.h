@@ -15,10 +15,16 @@ struct TextCorpus {
   std::vector<std::string> files;
 };
 
+enum class TextPart {
+  kTail,        // the held-out part: bytes from floor(size * (1 - tail_fraction)) on
+  kBeforeTail,  // the rest (calibration text), which never overlaps the tail
+};
+
 // `paths` is a comma-separated list of files or folders (a folder contributes its *.txt files in
-// name order). With 0 < tail_fraction < 1 only the last tail_fraction of each file's bytes is
-// kept: the part starting at floor(size * (1 - tail_fraction)), the split the stand-in's training
-// recipe holds out.
-absl::StatusOr<TextCorpus> LoadTextCorpus(const std::string& paths, double tail_fraction);
+// name order). With 0 < tail_fraction < 1 only `part` of each file is kept, split where the
+// stand-in's training recipe splits off its held-out text; with tail_fraction 1 the tail is the
+// whole file.
+absl::StatusOr<TextCorpus> LoadTextCorpus(const std::string& paths, double tail_fraction,
+                                          TextPart part = TextPart::kTail);
 
 }  // namespace skv::eval

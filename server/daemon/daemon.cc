@@ -19,6 +19,7 @@
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/kv_handle_import.h"
 #include "spectrumkv/control/kv_layout_views.h"
+#include "spectrumkv/control/model_profile.h"
 #include "spectrumkv/transport/ucx_transport.h"
 
 namespace skv::daemon {
@@ -188,12 +189,27 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
   model.policy = *policy;
   model.layer_budget_weights.assign(request.layer_budget_weights().begin(),
                                     request.layer_budget_weights().end());
+  if (request.has_profile()) {
+    model.profile = std::make_shared<const v1::ModelProfile>(request.profile());
+    model.profile_hash = control::ModelProfileHash(*model.profile);
+  }
+  model.compatibility_hash = ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim,
+                                                    model.dtype, model.profile_hash);
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = models_.find(model.model_id);
     if (it == models_.end() && models_.size() >= kMaxRegisteredModels) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "name: ", kMaxRegisteredModels, " models are registered already, the daemon's limit"));
+    }
+    size_t profile_bytes = model.profile ? model.profile->ByteSizeLong() : 0;
+    for (const auto& [id, other] : models_) {
+      if (id != model.model_id && other.profile) profile_bytes += other.profile->ByteSizeLong();
+    }
+    if (profile_bytes > kMaxProfileBytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("profile: registered profiles would take ", profile_bytes,
+                       " bytes, more than the daemon's limit of ", kMaxProfileBytes));
     }
     if (it != models_.end()) {
       const control::RegisteredModel& old = it->second;
@@ -212,12 +228,15 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
   metrics_->SetInt4Enabled(model.model_id, model.policy.allowed_tiers.Has(Tier::kInt4));
   v1::RegisterModelResponse response;
   response.set_model_id(model.model_id);
-  response.set_compatibility_hash(
-      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype));
+  response.set_compatibility_hash(model.compatibility_hash);
+  response.set_profile_hash(model.profile_hash);
   *response.mutable_effective_policy() = control::CodecPolicyToProto(model.policy);
   response.set_int4_enabled(model.policy.allowed_tiers.Has(Tier::kInt4));
-  spdlog::info("registered model '{}' ({} layers x {} kv heads x {} dims)", model.model_id,
-               model.layers, model.kv_heads, model.head_dim);
+  spdlog::info("registered model '{}' ({} layers x {} kv heads x {} dims, {})", model.model_id,
+               model.layers, model.kv_heads, model.head_dim,
+               model.profile
+                   ? absl::StrCat("profile ", absl::Hex(model.profile_hash, absl::kZeroPad16))
+                   : std::string("no profile"));
   return response;
 }
 

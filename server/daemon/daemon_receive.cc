@@ -358,8 +358,19 @@ void Daemon::Match(const std::shared_ptr<Inbound>& in, Deferred& after) {
     info.set_peer_daemon_id(in->sender);
     info.set_segments_total(b.segments_total);
   });
-  if (b.model_hash != ModelCompatibilityHash(m.layers, m.kv_heads, m.head_dim, m.dtype) ||
-      b.tokens != in->codec_views[0].key.tokens) {
+  const bool same_shape = b.layers == m.layers && b.heads == m.kv_heads &&
+                          b.head_dim == m.head_dim && DType(b.dtype) == m.dtype &&
+                          b.tokens == in->codec_views[0].key.tokens;
+  if (same_shape && b.model_hash != m.compatibility_hash) {
+    after.push_back(FinishInbound(
+        in, absl::FailedPreconditionError(absl::StrCat(
+                "model_id: the sender's model profile differs from this daemon's for model '",
+                m.model_id, "' (compatibility hash ", absl::Hex(b.model_hash, absl::kZeroPad16),
+                " != ", absl::Hex(m.compatibility_hash, absl::kZeroPad16),
+                "); register the same skv-calibrate profile on both daemons"))));
+    return;
+  }
+  if (!same_shape) {
     auto shape = [](uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim,
                     DType dtype) {
       return absl::StrCat(layers, " layers x ", tokens, " tokens x ", heads, " heads x ", head_dim,

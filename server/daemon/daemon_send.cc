@@ -187,8 +187,7 @@ TransferBegin Daemon::MakeTransferBegin(const Outbound& out, uint32_t tokens) {
   begin.passthrough = out.decision.passthrough() ? 1 : 0;
   begin.layers = model.layers;
   begin.request_id = out.request_id;
-  begin.model_hash =
-      ModelCompatibilityHash(model.layers, model.kv_heads, model.head_dim, model.dtype);
+  begin.model_hash = model.compatibility_hash;
   begin.tokens = tokens;
   begin.heads = model.kv_heads;
   begin.head_dim = model.head_dim;

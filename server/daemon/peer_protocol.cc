@@ -83,15 +83,17 @@ absl::StatusOr<TransferOutcome> ParseOutcome(std::span<const std::byte> bytes) {
   return outcome;
 }
 
-uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim,
-                                DType dtype) {
+uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim, DType dtype,
+                                uint64_t profile_hash) {
   uint64_t h = 0xcbf29ce484222325ull;
-  for (uint32_t v : {layers, kv_heads, head_dim, uint32_t(dtype)}) {
-    for (int i = 0; i < 4; ++i) {
+  auto mix = [&h](uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; ++i) {
       h ^= (v >> (8 * i)) & 0xffu;
       h *= 0x100000001b3ull;
     }
-  }
+  };
+  for (uint32_t v : {layers, kv_heads, head_dim, uint32_t(dtype)}) mix(v, 4);
+  if (profile_hash != 0) mix(profile_hash, 8);
   return h;
 }
 

@@ -62,7 +62,9 @@ absl::StatusOr<TransferBegin> ParseBegin(std::span<const std::byte> bytes);
 std::vector<std::byte> SerializeOutcome(const TransferOutcome& outcome);
 absl::StatusOr<TransferOutcome> ParseOutcome(std::span<const std::byte> bytes);
 
-// Identifies a model's KV shape across daemons (FNV-1a over layers, heads, head_dim, dtype).
-uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim, DType dtype);
+// Identifies a model's KV shape and profile across daemons (FNV-1a over layers, heads, head_dim,
+// dtype and, when there is a profile, its hash; without one the hash is the shape's alone).
+uint64_t ModelCompatibilityHash(uint32_t layers, uint32_t kv_heads, uint32_t head_dim, DType dtype,
+                                uint64_t profile_hash = 0);
 
 }  // namespace skv::daemon

@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "handle_checks.h"
 #include "spectrumkv/control/kv_layout_views.h"
+#include "spectrumkv/control/model_profile.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
 
 namespace skv::control {
@@ -284,6 +285,11 @@ absl::Status ValidateRegisterModelRequest(const v1::RegisterModelRequest& reques
       return Invalid(absl::StrCat("layer_budget_weights[", l, "]"),
                      absl::StrCat(weights[l], " is not a finite positive weight"));
     }
+  }
+  if (request.has_profile()) {
+    if (absl::Status s = ValidateModelProfile(request.profile(), request.shape(), "profile");
+        !s.ok())
+      return s;
   }
   return ValidatePolicyOverride(request.default_policy(), CodecOptions{},
                                 request.shape().head_dim(), "default_policy");

@@ -1,6 +1,8 @@
 // The daemon core under cancels, lost peers, intruding senders and bad Decode input: daemons in
 // one process on the loopback transport, the sender's data path paused at a chosen segment by the
 // fault-injecting transport so that "mid-transfer" is a fact, not a hope about timing.
+#include "../control/identity_profile.h"
+#include "spectrumkv/control/model_profile.h"
 #include "test_daemon.h"
 
 namespace skv::daemon {
@@ -246,6 +248,39 @@ TEST_F(DaemonTest, AKvOfAnotherModelShapeIsRefusedOnBothSides) {
   EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
   absl::StatusOr<v1::ReceiveResponse> r = received.Get();
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+}
+
+// A profile is part of what peers must agree on: the same shape under another profile (or none)
+// is refused on both sides naming the profile; the same profile on both sides transfers.
+TEST_F(DaemonTest, AModelProfileMismatchIsRefusedAndTheSameProfileTransfers) {
+  v1::RegisterModelRequest r;
+  r.set_name(kModel);
+  r.mutable_shape()->set_layers(kLayers);
+  r.mutable_shape()->set_kv_heads(kHeads);
+  r.mutable_shape()->set_head_dim(kHeadDim);
+  r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+  absl::StatusOr<v1::RegisterModelResponse> plain = prefill_->daemon->RegisterModel(r);
+  *r.mutable_profile() = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
+  absl::StatusOr<v1::RegisterModelResponse> profiled = decode_->daemon->RegisterModel(r);
+  ASSERT_TRUE(plain.ok() && profiled.ok()) << plain.status() << profiled.status();
+  EXPECT_EQ(plain->profile_hash(), 0u);
+  EXPECT_EQ(profiled->profile_hash(), control::ModelProfileHash(r.profile()));
+  EXPECT_NE(profiled->compatibility_hash(), plain->compatibility_hash());
+
+  auto received = decode_->Receive(45);
+  absl::StatusOr<v1::SendResponse> s = prefill_->Send(45, RandomKv(45), "decode").Get();
+  absl::StatusOr<v1::ReceiveResponse> refused = received.Get();
+  for (const absl::Status& status : {s.status(), refused.status()}) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+    EXPECT_NE(status.message().find("profile"), absl::string_view::npos) << status;
+  }
+
+  absl::StatusOr<v1::RegisterModelResponse> same = prefill_->daemon->RegisterModel(r);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_EQ(same->compatibility_hash(), profiled->compatibility_hash());
+  auto accepted = decode_->Receive(46);
+  EXPECT_TRUE(prefill_->Send(46, RandomKv(46), "decode").Get().ok());
+  EXPECT_TRUE(accepted.Get().ok());
 }
 
 // Cancelled after its last segment left, a sender cannot know whether the receiver committed:

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 
@@ -25,6 +26,7 @@ class GetTransferRequest;
 class KvHandle;
 class KvLayout;
 class ListTransfersRequest;
+class ModelProfile;
 class ModelShape;
 class ObservationWindow;
 class PeerRef;
@@ -47,6 +49,9 @@ struct RegisteredModel {
   DType dtype = DType::kFp16;
   CodecOptions policy;                       // daemon defaults with the model's policy applied
   std::vector<double> layer_budget_weights;  // streamed transfers' layer shares; empty = even
+  std::shared_ptr<const spectrumkv::v1::ModelProfile> profile;  // from skv-calibrate; may be null
+  uint64_t profile_hash = 0;                                    // 0 without a profile
+  uint64_t compatibility_hash = 0;  // shape, dtype and profile: what peers must agree on
 };
 
 inline constexpr size_t kMaxModelNameLength = 128;
