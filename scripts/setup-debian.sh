@@ -8,7 +8,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libucx-dev ucx-utils libspdlog-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
-  libopenblas-dev libzstd-dev
+  libopenblas-dev libzstd-dev libeigen3-dev
   python3 python3-grpcio python3-protobuf
   # The Python package and its engine connectors (tests/python): pip install into a venv, torch tensors.
   python3-venv python3-setuptools python3-torch

@@ -32,7 +32,8 @@ std::string RecallBlock(std::span<const int> keys, std::span<const std::string> 
   return absl::StrCat("Codes: ", absl::StrJoin(pairs, "; "), ".");
 }
 
-std::string RecallQuestion(int key) { return absl::StrCat(" Code K", key, " is "); }
+// The key then "=" as in the codes, so that the answer follows the same bytes it followed there.
+std::string RecallQuestion(int key) { return absl::StrCat(" Code K", key, "="); }
 
 int UniformInt(int lo, int hi, std::mt19937_64* rng) {
   return std::uniform_int_distribution<int>(lo, std::max(lo, hi))(*rng);

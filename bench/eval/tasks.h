@@ -10,7 +10,7 @@
 //   copy:    filler_a " " span " " filler_b " " span
 //            question: " " span[:kCopyCue]; scored, teacher-forced: span[kCopyCue:]
 //   recall:  filler_a " " "Codes: K123=48213; K456=90211; ...; K789=11111." " " filler_b
-//            " Code K456 is "      question: all of that last part; answer: the 5 value digits
+//            " Code K456="         question: all of that last part; answer: the 5 value digits
 //   passkey: filler_a " The pass key is 12345. Remember it. 12345 is the pass key. " filler_b
 //            " What is the pass key? The pass key is "      (passkey.h builds it)
 #pragma once

@@ -19,11 +19,11 @@ train() {  # name init log [train.py flags]
 v2=austen-byte-6l-h64-v2
 (
   train $v2-stage1 "$out/austen-byte-6l-h64.bin" $v2-stage1.train.log \
-    --tasks repeat:3,copy_random:1 --schedule 1.0:128:32:0.5:1 --steps 700 --lr 1e-3 \
+    --tasks repeat:3,copy_random:1,recall_dense:2 --schedule 1.0:128:32:0.5:1 --steps 800 --lr 1e-3 \
     --min_lr 1e-3 --warmup 20
   train $v2 "$out/$v2-stage1.bin" $v2.train.log \
-    --tasks passkey:1,copy:2,copy_random:2,recall:3,repeat:1 \
-    --schedule 0.2:128:16:0.7:3,0.4:256:8:0.6:3,0.6:512:4:0.6:2,1.0:1024:2:0.6:2 --steps 2400 \
+    --tasks passkey:1,copy:2,copy_random:2,recall:2,recall_dense:2,repeat:1 \
+    --schedule 0.2:128:16:0.7:3,0.4:256:8:0.6:3,0.6:512:4:0.6:2,1.0:1024:2:0.6:2 --steps 1600 \
     --lr 1e-3 --min_lr 1e-4 --warmup 50 --eval_every 200 "$@"
 ) &
 echo "training in the background (pid $!), logs: $out/$v2*.train.log"

@@ -26,7 +26,7 @@ Task templates (skv-eval builds the same ones; keep them in sync):
   copy:    <s> " " filler_a " " span " " filler_b " " span       (span: 24-96 bytes of text; the
            repeat after its first COPY_CUE bytes is scored: only a model that copies predicts it)
   recall:  <s> " " filler_a " Codes: K123=48213; K456=90211; ... K789=11111." filler_b
-           " Code K456 is 90211."                                 (4-12 pairs; the value is scored)
+           " Code K456=90211."                                   (4-12 pairs; the value is scored)
 Stand-in v2 (--tasks passkey:1,copy:1,recall:1 --init <v1 checkpoint>) mixes all three; v1 was
 trained on text and passkey rows only.
 """
@@ -281,9 +281,9 @@ def recall_row(corpus, length, rng, depth=None, pairs=None):
     values = [str(rng.randrange(10 ** (RECALL_DIGITS - 1), 10 ** RECALL_DIGITS)) for _ in keys]
     block = ("Codes: " + "; ".join("K%d=%s" % kv for kv in zip(keys, values)) + ".").encode()
     asked = rng.randrange(pairs)
-    tail = (" Code K%d is %s." % (keys[asked], values[asked])).encode()
+    tail = (" Code K%d=%s." % (keys[asked], values[asked])).encode()
     text, _, tail_at = _embed(corpus, length, rng, block, tail, depth)
-    answer = 1 + tail_at + len(" Code K%d is " % keys[asked])
+    answer = 1 + tail_at + len(" Code K%d=" % keys[asked])
     return [BOS] + list(text), list(range(answer, answer + RECALL_DIGITS))
 
 
@@ -291,14 +291,15 @@ def recall_dense_row(corpus, length, rng, depth=None):
     """BOS + "Codes: K123=48213; ..." then questions for random codes until the row is full, every
     answer digit scored: recall's signal as dense as repeat rows make copying's (one question per
     row of filler did not teach it). Training only."""
-    pairs = rng.randint(*RECALL_PAIRS)
+    # As in recall_row: the codes take at most about half the row, so that questions follow.
+    pairs = rng.randint(RECALL_PAIRS[0], max(RECALL_PAIRS[0], min(RECALL_PAIRS[1], (length // 2 - 8) // 13)))
     keys = rng.sample(range(100, 1000), pairs)
     values = [str(rng.randrange(10 ** (RECALL_DIGITS - 1), 10 ** RECALL_DIGITS)) for _ in keys]
     text = bytearray(("Codes: " + "; ".join("K%d=%s" % kv for kv in zip(keys, values)) + ".").encode())
     scored = []
     while True:
         asked = rng.randrange(pairs)
-        question = (" Code K%d is " % keys[asked]).encode()
+        question = (" Code K%d=" % keys[asked]).encode()
         if len(text) + len(question) + RECALL_DIGITS + 1 > length:
             break
         text += question

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -168,6 +169,34 @@ TEST_F(CalibrateTest, BadOptionsAreRefusedByName) {
   options.windows = 1;
   auto short_text = CalibrateModelProfile(model_, *tokenizer_, "too short", options);
   EXPECT_NE(short_text.status().message().find("text"), std::string::npos);
+}
+
+// The tool end to end: the same flags write the same file; the file is a valid profile; a
+// missing required flag is named.
+TEST_F(CalibrateTest, TheToolWritesTheSameFileTwice) {
+  const std::string dir = scratch_.dir;
+  {
+    std::ofstream(dir + "/tok.bin", std::ios::binary) << test_util::ByteTokenizerFile();
+    std::ofstream(dir + "/a.txt", std::ios::binary) << text_;
+  }
+  const std::string base = std::string(SKV_CALIBRATE_BINARY) + " --model " + scratch_.model_path() +
+                           " --tokenizer " + dir + "/tok.bin --text " + dir +
+                           "/a.txt --windows 2 --window_tokens 64 --seed 3";
+  int code = -1;
+  for (const char* out : {"p1", "p2"}) {
+    const std::string printed =
+        test_util::RunCapturingStdout(base + " --out " + dir + "/" + out + " 2>/dev/null", &code);
+    ASSERT_EQ(code, 0) << printed;
+    EXPECT_NE(printed.find("2 layers x 1 KV heads x 64 dims"), std::string::npos) << printed;
+  }
+  auto p1 = control::ReadModelProfile(dir + "/p1"), p2 = control::ReadModelProfile(dir + "/p2");
+  ASSERT_TRUE(p1.ok() && p2.ok()) << p1.status() << p2.status();
+  EXPECT_EQ(p1->SerializeAsString(), p2->SerializeAsString());
+  EXPECT_NE(p1->calibration().find("a.txt (all but the last 10% of each file)"), std::string::npos)
+      << p1->calibration();
+  const std::string refused = test_util::RunCapturingStdout(base + " 2>&1", &code);
+  EXPECT_EQ(code, 1 << 8) << refused;  // pclose's wait status
+  EXPECT_NE(refused.find("--out is required"), std::string::npos) << refused;
 }
 
 }  // namespace

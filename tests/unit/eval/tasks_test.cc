@@ -95,9 +95,9 @@ TEST(TaskPromptTest, CopyIsTrainPysRowByteForByte) {
   EXPECT_EQ(tokenizer.Decode(question), " " + span.substr(0, kCopyCue));
 }
 
-// recall_row(corpus, 3 + 54 + 20 + 31, rng, depth=0.3, pairs=4) in train.py with keys
+// recall_row(corpus, 3 + 54 + 17 + 31, rng, depth=0.3, pairs=4) in train.py with keys
 // 123, 456, 789, 234, values 48213, 90211, 11111, 55555, K456 asked, the filler from byte 5:
-// filler_len 31, cut = round(9.3) = 9, the answer's ids 103..107.
+// filler_len 31, cut = round(9.3) = 9, the answer's ids 100..104.
 TEST(TaskPromptTest, RecallIsTrainPysRowByteForByte) {
   const std::string corpus = kCorpus;
   const std::vector<int> keys = {123, 456, 789, 234};
@@ -105,7 +105,7 @@ TEST(TaskPromptTest, RecallIsTrainPysRowByteForByte) {
   const TaskText t = ComposeRecall(corpus.substr(5, 31), 0.3, keys, values, 1);
   const std::string train_row =
       "  a truth  Codes: K123=48213; K456=90211; K789=11111; K234=55555. universally "
-      "acknowledg Code K456 is 90211.";
+      "acknowledg Code K456=90211.";
   // The prompt is the row up to the answer; the answer is the scored digits.
   EXPECT_EQ(" " + t.text, train_row.substr(0, train_row.size() - 6));
   EXPECT_EQ(t.answer, "90211");
@@ -114,14 +114,14 @@ TEST(TaskPromptTest, RecallIsTrainPysRowByteForByte) {
   auto p = TokenizeTask(Task::kRecall, tokenizer, t, 0.3);
   ASSERT_TRUE(p.ok()) << p.status();
   const std::vector<int> row = TrainIds(train_row);
-  EXPECT_EQ(p->tokens, std::vector<int>(row.begin(), row.begin() + 103));
-  EXPECT_EQ(p->answer_begin, 103u);  // train.py's first scored position
-  EXPECT_EQ(p->tokens.size(), 103u);
-  EXPECT_EQ(p->question_begin, 103u - std::string(" Code K456 is ").size());
-  EXPECT_EQ(p->FeedBegin(Question::kInside), 102u);
+  EXPECT_EQ(p->tokens, std::vector<int>(row.begin(), row.begin() + 100));
+  EXPECT_EQ(p->answer_begin, 100u);  // train.py's first scored position
+  EXPECT_EQ(p->tokens.size(), 100u);
+  EXPECT_EQ(p->question_begin, 100u - std::string(" Code K456=").size());
+  EXPECT_EQ(p->FeedBegin(Question::kInside), 99u);
   const std::vector<int> question(p->tokens.begin() + std::ptrdiff_t(p->question_begin),
                                   p->tokens.end());
-  EXPECT_EQ(tokenizer.Decode(question), " Code K456 is ");
+  EXPECT_EQ(tokenizer.Decode(question), " Code K456=");
 }
 
 TEST(TaskPromptTest, BuiltPromptsFollowTheTemplateWithinTheLimits) {
@@ -167,7 +167,7 @@ TEST(TaskPromptTest, BuiltPromptsFollowTheTemplateWithinTheLimits) {
           EXPECT_NE(p->answer[0], '0');
           const std::string q = tokenizer.Decode(question);
           ASSERT_EQ(q.substr(0, 7), " Code K");
-          ASSERT_EQ(q.substr(q.size() - 4), " is ");
+          ASSERT_EQ(q.substr(q.size() - 1), "=");
           const std::string key = q.substr(7, 3);
           EXPECT_EQ(p->text.substr(cut + 1, 7), "Codes: ");
           const size_t block_end = p->text.find(". ", cut + 1);
