@@ -294,12 +294,20 @@ class Client:
         except grpc.RpcError as e:
             raise SpectrumKVError.from_rpc_error(name, e) from None
 
-    def register_model(self, name, layers, kv_heads, head_dim, dtype=None, query_heads=0, default_policy=None):
+    def register_model(self, name, layers, kv_heads, head_dim, dtype=None, query_heads=0, default_policy=None,
+                       profile=None):
+        """RegisterModel. `profile`: the model's profile, a pb.ModelProfile or the path of the
+        file skv-calibrate wrote; peers must register the same one."""
         shape = pb.ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               dtype=dtype if dtype is not None else pb.DTYPE_FP16, query_heads=query_heads)
         request = pb.RegisterModelRequest(name=name, shape=shape)
         if default_policy is not None:
             request.default_policy.CopyFrom(default_policy)
+        if isinstance(profile, (str, os.PathLike)):
+            with open(profile, "rb") as f:
+                request.profile.ParseFromString(f.read())
+        elif profile is not None:
+            request.profile.CopyFrom(profile)
         return self._call("RegisterModel", request)
 
     def send(self, request_id, model_id, source, layout, peer, budget, passthrough=None, policy_override=None,
