@@ -57,18 +57,6 @@ v1::ComponentBasis Principal(const Moments& m) {
 
 }  // namespace
 
-void UndoInterleavedRope(std::span<float> key, int position, double theta) {
-  const int head_dim = int(key.size());
-  for (int i = 0; i < head_dim / 2; ++i) {
-    const float freq = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
-    const float angle = float(position) * freq;
-    const float c = std::cos(angle), s = std::sin(angle);
-    const float r0 = key[size_t(2 * i)], r1 = key[size_t(2 * i + 1)];
-    key[size_t(2 * i)] = r0 * c + r1 * s;
-    key[size_t(2 * i + 1)] = -r0 * s + r1 * c;
-  }
-}
-
 absl::StatusOr<v1::ModelProfile> CalibrateModelProfile(std::shared_ptr<const engine::Model> model,
                                                        const engine::Tokenizer& tokenizer,
                                                        std::string_view text,
@@ -115,7 +103,7 @@ absl::StatusOr<v1::ModelProfile> CalibrateModelProfile(std::shared_ptr<const eng
           const size_t at = (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
           for (int i = 0; i < d; ++i)
             row[size_t(i)] = engine::Fp16BitsToFloat(kv->keys[size_t(l)][at + size_t(i)]);
-          UndoInterleavedRope(row, t);
+          UndoInterleavedRope(row, t, kEngineRopeTheta);
           keys[size_t(l * heads + h)].Add(row);
           for (int i = 0; i < d; ++i)
             row[size_t(i)] = engine::Fp16BitsToFloat(kv->values[size_t(l)][at + size_t(i)]);
@@ -141,6 +129,29 @@ absl::StatusOr<v1::ModelProfile> CalibrateModelProfile(std::shared_ptr<const eng
   profile.set_calibration(absl::StrCat(options.windows, " windows of ", tokens_per_window,
                                        " tokens (", total_tokens, " in all), seed ", options.seed));
   return profile;
+}
+
+absl::StatusOr<KvProfile> KvProfileFromProto(const v1::ModelProfile& profile) {
+  if (profile.rope().style() == v1::RopeConvention::STYLE_HALF) {
+    return absl::UnimplementedError(
+        "profile.rope.style: STYLE_HALF; the engine rotates interleaved pairs");
+  }
+  KvProfile out;
+  out.layers = int(profile.layers());
+  out.kv_heads = int(profile.kv_heads());
+  out.head_dim = int(profile.head_dim());
+  out.rope_theta =
+      profile.rope().style() == v1::RopeConvention::STYLE_NONE ? 0.0 : profile.rope().theta();
+  auto convert = [](const v1::ComponentBasis& c) {
+    return KvBasis{.mean = {c.mean().begin(), c.mean().end()},
+                   .basis = {c.basis().begin(), c.basis().end()},
+                   .variance = {c.variance().begin(), c.variance().end()}};
+  };
+  for (const v1::HeadProfile& head : profile.heads()) {
+    out.keys.push_back(convert(head.keys()));
+    out.values.push_back(convert(head.values()));
+  }
+  return out;
 }
 
 double CapturedVariance(const v1::ComponentBasis& basis, int components) {

@@ -6,13 +6,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <span>
 #include <string_view>
 
 #include "absl/status/statusor.h"
 #include "spectrumkv/engine/engine.h"
 #include "spectrumkv/engine/tokenizer.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
+#include "transform_coding.h"
 
 namespace skv::eval {
 
@@ -26,13 +26,13 @@ struct CalibrationOptions {
   std::function<void(int done, int windows)> progress;  // after each window; may be empty
 };
 
-// Undoes the engine's rotation of one key head at `position`, in place: pairs (2i, 2i + 1)
-// rotated back by position * theta^(-2i / head_dim), in the engine's float arithmetic.
-void UndoInterleavedRope(std::span<float> key, int position, double theta = kEngineRopeTheta);
-
 absl::StatusOr<spectrumkv::v1::ModelProfile> CalibrateModelProfile(
     std::shared_ptr<const engine::Model> model, const engine::Tokenizer& tokenizer,
     std::string_view text, const CalibrationOptions& options);
+
+// The evaluation's form of a profile (no protobuf); `profile` must be valid (ValidateModelProfile).
+// STYLE_HALF RoPE is Unimplemented here (the engine rotates interleaved pairs).
+absl::StatusOr<KvProfile> KvProfileFromProto(const spectrumkv::v1::ModelProfile& profile);
 
 // Share of the total variance along the first `components` components (1 when the total is 0):
 // how well the basis compacts the energy into few components.

@@ -30,7 +30,9 @@
 #include "diagnose.h"
 #include "kv_methods.h"
 #ifdef SKV_EVAL_WITH_DAEMON
+#include "calibration.h"
 #include "daemon_codec.h"
+#include "spectrumkv/control/model_profile.h"
 #endif
 #include "passkey.h"
 #include "quality.h"
@@ -59,6 +61,9 @@ ABSL_FLAG(std::string, methods, "",
           "rd-layerwise-tok; the baselines fp8,fp8-tokhead,tq-4bit,tq-k3v4,tq-3bit,tq-4bit-bl,"
           "tq-k3v4-bl,tq-3bit-bl,fp16-zstd,fp8-zstd");
 ABSL_FLAG(int, zstd_level, 3, "zstd level of the lossless floors fp16-zstd and fp8-zstd");
+ABSL_FLAG(std::string, profile, "",
+          "model profile from skv-calibrate (calibration text, never --text): needed by the "
+          "transform-coding methods tc*, which the default method list includes only with it");
 ABSL_FLAG(bool, entropy_coding, false,
           "the codec's entropy stage on every codec method (CodecOptions::entropy_coder = zstd); "
           "each row then reports the share of segment bytes it saved");
@@ -213,6 +218,29 @@ struct Prefill {
   engine::KvCache kv;           // context tokens but the last, FP16
   engine::QueryWindow queries;  // their last W queries
 };
+
+// --profile as the transform-coding methods use it; null without the flag.
+absl::StatusOr<std::shared_ptr<const KvProfile>> LoadProfile(const engine::ModelConfig& config) {
+  const std::string path = absl::GetFlag(FLAGS_profile);
+  if (path.empty()) return std::shared_ptr<const KvProfile>();
+#ifdef SKV_EVAL_WITH_DAEMON
+  absl::StatusOr<spectrumkv::v1::ModelProfile> read = control::ReadModelProfile(path);
+  if (!read.ok()) return read.status();
+  spectrumkv::v1::ModelShape shape;
+  shape.set_layers(uint32_t(config.n_layers));
+  shape.set_kv_heads(uint32_t(config.n_kv_heads));
+  shape.set_head_dim(uint32_t(config.head_dim()));
+  shape.set_dtype(spectrumkv::v1::DTYPE_FP16);
+  if (absl::Status s = control::ValidateModelProfile(*read, shape, "--profile"); !s.ok()) return s;
+  absl::StatusOr<KvProfile> profile = KvProfileFromProto(*read);
+  if (!profile.ok()) return profile.status();
+  return std::make_shared<const KvProfile>(std::move(*profile));
+#else
+  (void)config;
+  return absl::UnimplementedError(
+      "--profile: this skv-eval was built without the API messages (SKV_BUILD_SERVER=OFF)");
+#endif
+}
 
 absl::StatusOr<Prefill> RunPrefill(const std::shared_ptr<const engine::Model>& model,
                                    std::span<const int> tokens, int query_window) {
@@ -527,9 +555,19 @@ int Main(int argc, char** argv) {
     }
   }
   std::sort(all_budgets.begin(), all_budgets.end());
+  absl::StatusOr<std::shared_ptr<const KvProfile>> profile = LoadProfile(config);
+  if (!profile.ok()) return fail(profile.status());
   for (const std::string& name : method_names) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());
+    if (m->kind == MethodKind::kTransform) {
+      if (*profile == nullptr && absl::GetFlag(FLAGS_methods).empty()) continue;
+      if (*profile == nullptr) {
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("--methods ", name, " needs --profile (skv-calibrate)")));
+      }
+      m->profile = *profile;
+    }
     if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
     m->baseline.zstd_level = absl::GetFlag(FLAGS_zstd_level);
     if (absl::GetFlag(FLAGS_entropy_coding) && m->kind != MethodKind::kFp16 &&

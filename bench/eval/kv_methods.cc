@@ -109,6 +109,17 @@ std::vector<Method> AllMethods() {
   baseline("fp8-zstd", {.kind = BaselineKind::kFp8Zstd},
            "lossless floor over fp8: zstd (--zstd_level) over each tensor's fp8 bytes (scale + "
            "codes); quality = fp8");
+
+  // Transform coding (transform_coding.h): needs a profile (--profile).
+  auto transform = [&](std::string name, TransformCodingOptions t, std::string description) {
+    add(std::move(name), MethodKind::kTransform, PlainOptions(), std::move(description));
+    methods.back().transform = t;
+  };
+  transform("tc", {},
+            "transform coding on the profile's bases: bits per component by rate-distortion over "
+            "every layer, head and K/V, uniform steps, an fp16 gain per token and head");
+  transform("tc-lm", {.lloyd_max = true}, "tc with Lloyd-Max codebooks instead of uniform steps");
+  transform("tc-sink4", {.fp16_sink_tokens = 4}, "tc with the first 4 tokens at FP16");
   return methods;
 }
 
@@ -285,6 +296,20 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   const double raw_bytes = double(shape->raw_bytes());
   if (method.kind == MethodKind::kBaseline) {
     absl::StatusOr<BaselineKv> received = RunBaseline(source, method.baseline);
+    if (!received.ok()) return received.status();
+    out.kv = std::move(received->kv);
+    out.keep.assign(size_t(source.tokens), 1);
+    out.achieved_b = out.plain_b = double(received->wire_bytes) / raw_bytes;
+    out.payload_b = double(received->code_bytes) / raw_bytes;
+    return out;
+  }
+  if (method.kind == MethodKind::kTransform) {
+    if (method.profile == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(method.name, " needs a model profile (skv-eval --profile, skv-calibrate)"));
+    }
+    absl::StatusOr<TransformCodedKv> received =
+        RunTransformCoding(source, *method.profile, budget, method.transform);
     if (!received.ok()) return received.status();
     out.kv = std::move(received->kv);
     out.keep.assign(size_t(source.tokens), 1);

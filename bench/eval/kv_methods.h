@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/engine/engine.h"
+#include "transform_coding.h"
 
 namespace skv::eval {
 
@@ -31,6 +33,9 @@ enum class MethodKind {
   // What users run instead (baselines.h): FP8, TurboQuant-style, lossless zstd floors. Computed
   // from their public formats, not through the codec; fixed rate, every token kept.
   kBaseline,
+  // Transform coding with a calibrated profile (transform_coding.h): every token kept, the
+  // budget spread over principal components. Needs Method::profile (skv-eval --profile).
+  kTransform,
 };
 
 struct Method {
@@ -41,6 +46,8 @@ struct Method {
   std::vector<double> layer_weights;   // kLayerwise only: the layers' budget shares; empty = even
   CodecOptions options;                // allocator, transforms, tiers allowed, sinks
   BaselineOptions baseline;            // kBaseline only
+  TransformCodingOptions transform;    // kTransform only
+  std::shared_ptr<const KvProfile> profile;  // kTransform only: from skv-calibrate
   std::string description;
 
   bool budgeted() const {
@@ -50,9 +57,9 @@ struct Method {
 };
 
 // fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
-// rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok, and the baselines fp8,
-// fp8-tokhead, tq-4bit, tq-k3v4, tq-3bit, tq-4bit-bl, tq-k3v4-bl, tq-3bit-bl, fp16-zstd, fp8-zstd
-// (see README.md).
+// rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok, the baselines fp8,
+// fp8-tokhead, tq-4bit, tq-k3v4, tq-3bit, tq-4bit-bl, tq-k3v4-bl, tq-3bit-bl, fp16-zstd, fp8-zstd,
+// and the transform-coding methods tc, tc-lm, tc-sink4 (see README.md).
 absl::StatusOr<Method> MethodByName(std::string_view name);
 std::vector<std::string> KnownMethodNames();
 

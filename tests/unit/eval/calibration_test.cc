@@ -7,6 +7,7 @@
 #include <cmath>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -42,7 +43,7 @@ TEST(CalibrationTest, UndoInterleavedRopeInvertsTheEnginesRotation) {
     if (pos > 0) {
       EXPECT_NE(rotated, key);
     }
-    UndoInterleavedRope(rotated, pos);
+    UndoInterleavedRope(rotated, pos, kEngineRopeTheta);
     for (size_t i = 0; i < key.size(); ++i)
       EXPECT_NEAR(rotated[i], key[i], 1e-5) << pos << " " << i;
   }
@@ -197,6 +198,47 @@ TEST_F(CalibrateTest, TheToolWritesTheSameFileTwice) {
   const std::string refused = test_util::RunCapturingStdout(base + " 2>&1", &code);
   EXPECT_EQ(code, 1 << 8) << refused;  // pclose's wait status
   EXPECT_NE(refused.find("--out is required"), std::string::npos) << refused;
+}
+
+// skv-eval --profile: the transform-coding methods run on the tool's profile, within the budget;
+// without a profile they are refused by name.
+TEST_F(CalibrateTest, SkvEvalRunsTransformCodingOnTheProfile) {
+  const std::string dir = scratch_.dir;
+  {
+    std::ofstream(dir + "/tok.bin", std::ios::binary) << test_util::ByteTokenizerFile();
+    std::ofstream(dir + "/a.txt", std::ios::binary) << text_;
+  }
+  int code = -1;
+  const std::string calibrated = test_util::RunCapturingStdout(
+      std::string(SKV_CALIBRATE_BINARY) + " --model " + scratch_.model_path() + " --tokenizer " +
+          dir + "/tok.bin --text " + dir + "/a.txt --windows 2 --out " + dir + "/p 2>&1",
+      &code);
+  ASSERT_EQ(code, 0) << calibrated;
+  const std::string eval = std::string(SKV_EVAL_BINARY) + " --model " + scratch_.model_path() +
+                           " --tokenizer " + dir + "/tok.bin --text " + dir +
+                           "/a.txt --text_tail 0.1 --windows 1 --tasks= --diagnose= --budgets 0.25";
+  const std::string printed =
+      test_util::RunCapturingStdout(eval + " --methods fp16,tc,tc-lm --profile " + dir +
+                                        "/p --json_out " + dir + "/out.json 2>&1",
+                                    &code);
+  ASSERT_EQ(code, 0) << printed;
+  std::ostringstream json_bytes;
+  json_bytes << std::ifstream(dir + "/out.json").rdbuf();
+  const std::string json = json_bytes.str();
+  test_util::Json parsed;
+  ASSERT_TRUE(test_util::JsonParser(json).Parse(&parsed)) << json;
+  int transform_rows = 0;
+  for (const test_util::Json& row : parsed["results"].array()) {
+    if (row["method"].string().rfind("tc", 0) != 0) continue;
+    ++transform_rows;
+    EXPECT_LE(row["achieved_b"].number(), 0.25) << json;
+    EXPECT_GT(row["achieved_b"].number(), 0.2) << json;
+    EXPECT_GE(row["kl"].number(), 0.0) << json;
+  }
+  EXPECT_EQ(transform_rows, 2) << json;
+  const std::string refused = test_util::RunCapturingStdout(eval + " --methods tc 2>&1", &code);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(refused.find("needs --profile"), std::string::npos) << refused;
 }
 
 }  // namespace

@@ -1,0 +1,251 @@
+#include "transform_coding.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <numeric>
+#include <queue>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "baselines.h"
+
+namespace skv::eval {
+namespace {
+
+constexpr int kMaxComponentBits = 8;
+constexpr size_t kHeaderBytes = 64;  // one per layer and K/V, as a codec segment's header
+constexpr size_t kGainBytes = 2;     // fp16 per token, KV head and K/V
+
+// A scalar quantizer of N(0, 1): reconstruction levels (ascending) and the thresholds between
+// neighbours.
+struct UnitQuantizer {
+  std::vector<double> levels, thresholds;
+  double Quantize(double x) const {
+    const size_t i =
+        size_t(std::upper_bound(thresholds.begin(), thresholds.end(), x) - thresholds.begin());
+    return levels[i];
+  }
+};
+
+UnitQuantizer UniformQuantizer(int bits, double step) {
+  UnitQuantizer q;
+  const int n = 1 << bits;
+  for (int i = 0; i < n; ++i) q.levels.push_back((i + 0.5 - n / 2.0) * step);
+  for (int i = 1; i < n; ++i) q.thresholds.push_back((i - n / 2.0) * step);
+  return q;
+}
+
+// E[(X - q(X))^2] for X ~ N(0, 1), by the midpoint rule on [-12, 12].
+double Mse(const UnitQuantizer& q) {
+  constexpr int kPoints = 24000;
+  constexpr double kLo = -12.0, kStep = 24.0 / kPoints;
+  double sum = 0;
+  for (int i = 0; i < kPoints; ++i) {
+    const double x = kLo + (i + 0.5) * kStep;
+    const double e = x - q.Quantize(x);
+    sum += e * e * std::exp(-0.5 * x * x);
+  }
+  return sum * kStep / std::sqrt(2.0 * M_PI);
+}
+
+// The uniform step with the least MSE (golden-section search; the MSE is unimodal in the step).
+double BestUniformStep(int bits) {
+  double lo = 1e-3, hi = 4.0;
+  const double r = (std::sqrt(5.0) - 1) / 2;
+  for (int i = 0; i < 40; ++i) {
+    const double a = hi - r * (hi - lo), b = lo + r * (hi - lo);
+    if (Mse(UniformQuantizer(bits, a)) < Mse(UniformQuantizer(bits, b))) {
+      hi = b;
+    } else {
+      lo = a;
+    }
+  }
+  return (lo + hi) / 2;
+}
+
+struct QuantizerTable {
+  std::array<UnitQuantizer, kMaxComponentBits + 1> quantizers;
+  std::array<double, kMaxComponentBits + 1> mse{};
+};
+
+const QuantizerTable& Table(bool lloyd_max) {
+  static const auto make = [](bool lm) {
+    QuantizerTable t;
+    t.mse[0] = 1.0;
+    for (int b = 1; b <= kMaxComponentBits; ++b) {
+      UnitQuantizer q;
+      if (lm) {
+        q.levels = LloydMaxGaussian(1 << b);
+        for (size_t i = 1; i < q.levels.size(); ++i)
+          q.thresholds.push_back((q.levels[i - 1] + q.levels[i]) / 2);
+      } else {
+        q = UniformQuantizer(b, BestUniformStep(b));
+      }
+      t.mse[size_t(b)] = Mse(q);
+      t.quantizers[size_t(b)] = std::move(q);
+    }
+    return t;
+  };
+  static const QuantizerTable uniform = make(false), lloyd = make(true);
+  return lloyd_max ? lloyd : uniform;
+}
+
+void Rotate(std::span<float> key, int position, double theta, float direction) {
+  const int head_dim = int(key.size());
+  for (int i = 0; i < head_dim / 2; ++i) {
+    const float freq = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
+    const float angle = float(position) * freq;
+    const float c = std::cos(angle), s = direction * std::sin(angle);
+    const float v0 = key[size_t(2 * i)], v1 = key[size_t(2 * i + 1)];
+    key[size_t(2 * i)] = v0 * c - v1 * s;
+    key[size_t(2 * i + 1)] = v0 * s + v1 * c;
+  }
+}
+
+}  // namespace
+
+void ApplyInterleavedRope(std::span<float> key, int position, double theta) {
+  Rotate(key, position, theta, 1.0f);
+}
+void UndoInterleavedRope(std::span<float> key, int position, double theta) {
+  Rotate(key, position, theta, -1.0f);
+}
+
+double GaussianQuantizerMse(int bits, bool lloyd_max) {
+  return Table(lloyd_max).mse[size_t(std::clamp(bits, 0, kMaxComponentBits))];
+}
+
+std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
+                                       bool lloyd_max) {
+  const QuantizerTable& table = Table(lloyd_max);
+  std::vector<int> bits(variances.size(), 0);
+  auto gain = [&](size_t c) {
+    return variances[c] * (table.mse[size_t(bits[c])] - table.mse[size_t(bits[c]) + 1]);
+  };
+  std::priority_queue<std::pair<double, size_t>> next;  // (error drop of one more bit, component)
+  for (size_t c = 0; c < variances.size(); ++c) {
+    if (variances[c] > 0) next.push({gain(c), c});
+  }
+  for (size_t spent = 0; spent < total_bits && !next.empty(); ++spent) {
+    const size_t c = next.top().second;
+    next.pop();
+    if (++bits[c] < kMaxComponentBits) next.push({gain(c), c});
+  }
+  return bits;
+}
+
+absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& source,
+                                                    const KvProfile& profile, double budget,
+                                                    const TransformCodingOptions& options) {
+  const int layers = source.n_layers, heads = source.n_kv_heads, d = source.head_dim;
+  if (source.dtype != engine::KvDtype::kFp16) {
+    return absl::InvalidArgumentError("transform coding: the source must be FP16");
+  }
+  if (profile.layers != layers || profile.kv_heads != heads || profile.head_dim != d) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile: ", profile.layers, " layers x ", profile.kv_heads, " KV heads x ",
+                     profile.head_dim, " dims, the KV ", layers, " x ", heads, " x ", d));
+  }
+  const int tensors = layers * heads * 2;  // (layer, head, K/V)
+  const int sinks = std::min(options.fp16_sink_tokens, source.tokens);
+  const size_t coded_tokens = size_t(source.tokens - sinks);
+  const size_t raw_bytes = size_t(layers) * 2 * source.values_per_layer() * 2;
+  const size_t fixed = kHeaderBytes * size_t(layers) * 2 +
+                       size_t(sinks) * size_t(tensors) * size_t(d) * 2 +
+                       coded_tokens * size_t(tensors) * kGainBytes;
+  const double allowed = std::floor(budget * double(raw_bytes));
+  // Bytes per coded token left for the component codes.
+  const double spare = (allowed - double(fixed)) / double(std::max<size_t>(coded_tokens, 1));
+  if (coded_tokens > 0 && spare < double(tensors)) {
+    return absl::OutOfRangeError(
+        absl::StrCat("budget ", budget, " is below transform coding's minimum of ",
+                     double(fixed + coded_tokens * size_t(tensors)) / double(raw_bytes),
+                     " (headers, gains, sinks and a byte per tensor)"));
+  }
+
+  // Every component of every tensor, in (layer, head, K/V, component) order.
+  auto basis_of = [&](int l, int h, int kind) -> const KvBasis& {
+    return (kind == 0 ? profile.keys : profile.values)[size_t(l * heads + h)];
+  };
+  std::vector<double> variances;
+  for (int l = 0; l < layers; ++l)
+    for (int h = 0; h < heads; ++h)
+      for (int kind = 0; kind < 2; ++kind)
+        for (int c = 0; c < d; ++c) variances.push_back(basis_of(l, h, kind).variance[size_t(c)]);
+  // The most bits whose codes, each tensor's rounded up to whole bytes, fit the spare bytes.
+  auto code_bytes_per_token = [&](const std::vector<int>& allocation) {
+    size_t bytes = 0;
+    for (size_t t = 0; t < size_t(tensors); ++t) {
+      bytes += (std::accumulate(allocation.begin() + ptrdiff_t(t) * d,
+                                allocation.begin() + ptrdiff_t(t + 1) * d, size_t{0}) +
+                7) /
+               8;
+    }
+    return bytes;
+  };
+  size_t total_bits = coded_tokens > 0 ? size_t(spare * 8) : 0;
+  std::vector<int> bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+  while (total_bits > 0 && double(code_bytes_per_token(bits)) > spare) {
+    total_bits -= std::min<size_t>(total_bits, 4);
+    bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+  }
+  const QuantizerTable& table = Table(options.lloyd_max);
+
+  TransformCodedKv out;
+  out.kv = source;
+  out.wire_bytes = fixed;
+  std::vector<float> x(static_cast<size_t>(d)), coefficient(static_cast<size_t>(d));
+  for (int l = 0; l < layers; ++l) {
+    for (int h = 0; h < heads; ++h) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const KvBasis& basis = basis_of(l, h, kind);
+        const int* component_bits = bits.data() + size_t(((l * heads + h) * 2 + kind) * d);
+        double total_variance = 0;
+        size_t tensor_bits = 0;
+        for (int c = 0; c < d; ++c) {
+          total_variance += basis.variance[size_t(c)];
+          tensor_bits += size_t(component_bits[c]);
+        }
+        const size_t code_bytes = (tensor_bits + 7) / 8;
+        out.code_bytes += code_bytes * coded_tokens;
+        out.wire_bytes += code_bytes * coded_tokens;
+        std::vector<uint16_t>& rows = kind == 0 ? out.kv.keys[size_t(l)] : out.kv.values[size_t(l)];
+        for (int t = sinks; t < source.tokens; ++t) {
+          uint16_t* row = rows.data() + (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
+          for (int i = 0; i < d; ++i) x[size_t(i)] = engine::Fp16BitsToFloat(row[i]);
+          if (kind == 0 && profile.rope_theta > 0) UndoInterleavedRope(x, t, profile.rope_theta);
+          double energy = 0;
+          for (int c = 0; c < d; ++c) {
+            double p = 0;
+            for (int i = 0; i < d; ++i)
+              p += double(x[size_t(i)] - basis.mean[size_t(i)]) * basis.basis[size_t(c * d + i)];
+            coefficient[size_t(c)] = float(p);
+            energy += p * p;
+          }
+          // The token's gain: its RMS over the calibration's, as the fp16 the wire carries.
+          const double gain = double(engine::Fp16BitsToFloat(engine::FloatToFp16Bits(
+              total_variance > 0 ? float(std::sqrt(energy / total_variance)) : 0.f)));
+          for (int i = 0; i < d; ++i) x[size_t(i)] = basis.mean[size_t(i)];
+          for (int c = 0; c < d; ++c) {
+            const double sigma = std::sqrt(double(basis.variance[size_t(c)])) * gain;
+            if (component_bits[c] == 0 || sigma <= 0) continue;
+            const double q = table.quantizers[size_t(component_bits[c])].Quantize(
+                                 coefficient[size_t(c)] / sigma) *
+                             sigma;
+            for (int i = 0; i < d; ++i) x[size_t(i)] += float(q * basis.basis[size_t(c * d + i)]);
+          }
+          if (kind == 0 && profile.rope_theta > 0) ApplyInterleavedRope(x, t, profile.rope_theta);
+          for (int i = 0; i < d; ++i) row[i] = engine::FloatToFp16Bits(x[size_t(i)]);
+        }
+      }
+    }
+  }
+  if (double(out.wire_bytes) > allowed) {
+    return absl::InternalError(
+        absl::StrCat("transform coding: ", out.wire_bytes, " bytes exceed the budget's ", allowed));
+  }
+  return out;
+}
+
+}  // namespace skv::eval

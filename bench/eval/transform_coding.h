@@ -1,0 +1,67 @@
+// Transform coding of the KV with a calibrated profile (skv-calibrate): each token's key (RoPE
+// undone) and value, per KV head, is centred by the profile's mean and projected on its principal
+// components; the bits of the budget are spread over all components of all layers, heads and K/V
+// by rate-distortion on the calibration variances (0 to 8 bits, 0 allowed: trailing components
+// vanish), and each component is quantized with the MSE-optimal uniform step (or the Lloyd-Max
+// codebook) of a Gaussian of its variance, scaled by the token's own gain. The allocation follows
+// from the profile and b alone, so it costs no bytes; the gains (fp16 per token, head and K/V)
+// and an optional FP16 prefix of sink tokens are counted.
+//
+// A measurement of what the codec's bits-per-component stage would give, computed here rather
+// than through the codec's segments (as the baselines are); see docs/results/frontier.md.
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "spectrumkv/engine/engine.h"
+
+namespace skv::eval {
+
+// A model profile as the evaluation uses it (ModelProfile in the API, without protobuf).
+struct KvBasis {
+  std::vector<float> mean;      // head_dim
+  std::vector<float> basis;     // head_dim x head_dim, row c = component c
+  std::vector<float> variance;  // head_dim, non-increasing
+};
+struct KvProfile {
+  int layers = 0, kv_heads = 0, head_dim = 0;
+  double rope_theta = 10000.0;        // interleaved pairs (the engine's convention); 0 = no RoPE
+  std::vector<KvBasis> keys, values;  // layers * kv_heads, layer-major
+};
+
+// The engine's RoPE on one key head at `position` (pairs (2i, 2i+1) by position *
+// theta^(-2i/head_dim), in the engine's float arithmetic), and its inverse.
+void ApplyInterleavedRope(std::span<float> key, int position, double theta);
+void UndoInterleavedRope(std::span<float> key, int position, double theta);
+
+// Mean squared error per unit variance of the 2^bits-level quantizer of a Gaussian: Lloyd-Max's
+// (lloyd_max) or the uniform one with its MSE-optimal step, for bits 0..8 (0 bits: 1).
+double GaussianQuantizerMse(int bits, bool lloyd_max);
+
+// Bits per component for `components_bits` bits in all (at most 8 each): greedily to the
+// component whose error drops most, which is optimal because each component's error is convex
+// in its bits. `variances` lists every component of every tensor.
+std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
+                                       bool lloyd_max);
+
+struct TransformCodingOptions {
+  bool lloyd_max = false;    // Lloyd-Max codebooks instead of uniform steps
+  int fp16_sink_tokens = 0;  // the first tokens sent as FP16 (counted)
+};
+
+struct TransformCodedKv {
+  engine::KvCache kv;     // FP16, what the decode side reconstructs; every token kept
+  size_t wire_bytes = 0;  // codes + gains + FP16 sinks + one 64-byte header per layer and K/V
+  size_t code_bytes = 0;  // the component codes alone
+};
+
+// `source` must be FP16 with the profile's shape. The budget must leave bits for codes after the
+// gains, headers and sinks, else OutOfRange naming the minimum.
+absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& source,
+                                                    const KvProfile& profile, double budget,
+                                                    const TransformCodingOptions& options);
+
+}  // namespace skv::eval
