@@ -49,10 +49,33 @@ class KvMethodsTest : public ::testing::Test {
   engine::QueryWindow queries_;
 };
 
+// Identity bases with decreasing variances: enough of a profile for the transform-coding methods.
+std::shared_ptr<const KvProfile> IdentityProfile(const engine::KvCache& kv) {
+  auto profile = std::make_shared<KvProfile>();
+  profile->layers = kv.n_layers;
+  profile->kv_heads = kv.n_kv_heads;
+  profile->head_dim = kv.head_dim;
+  KvBasis basis;
+  for (int i = 0; i < kv.head_dim; ++i) {
+    basis.mean.push_back(0.f);
+    basis.variance.push_back(1.f / float(1 + i));
+    for (int j = 0; j < kv.head_dim; ++j) basis.basis.push_back(i == j ? 1.f : 0.f);
+  }
+  profile->keys.assign(size_t(kv.n_layers * kv.n_kv_heads), basis);
+  profile->values = profile->keys;
+  return profile;
+}
+
 TEST_F(KvMethodsTest, EveryMethodStaysWithinItsBudgetOrSaysWhyNot) {
   for (const std::string& name : KnownMethodNames()) {
     auto method = MethodByName(name);
     ASSERT_TRUE(method.ok());
+    if (method->kind == MethodKind::kTransform) {
+      EXPECT_EQ(CompressKv(kv_, queries_, *method, 0.3).status().code(),
+                absl::StatusCode::kFailedPrecondition)
+          << name << " without a profile";
+      method->profile = IdentityProfile(kv_);
+    }
     for (double budget : {0.15, 0.3, 0.5, 0.75}) {
       auto c = CompressKv(kv_, queries_, *method, budget);
       if (!c.ok()) {
