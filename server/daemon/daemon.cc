@@ -206,10 +206,10 @@ absl::StatusOr<v1::RegisterModelResponse> Daemon::RegisterModel(
     for (const auto& [id, other] : models_) {
       if (id != model.model_id && other.profile) profile_bytes += other.profile->ByteSizeLong();
     }
-    if (profile_bytes > kMaxProfileBytes) {
+    if (profile_bytes > config_.max_profile_bytes) {
       return absl::ResourceExhaustedError(
           absl::StrCat("profile: registered profiles would take ", profile_bytes,
-                       " bytes, more than the daemon's limit of ", kMaxProfileBytes));
+                       " bytes, more than max_profile_bytes (", config_.max_profile_bytes, ")"));
     }
     if (it != models_.end()) {
       const control::RegisteredModel& old = it->second;

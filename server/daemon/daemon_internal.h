@@ -28,8 +28,6 @@ inline constexpr absl::Duration kTombstoneLifetime = absl::Minutes(2);
 inline constexpr absl::Duration kReaperPeriod = absl::Milliseconds(50);
 // Models one daemon serves; each adds series to /metrics, so registrations are bounded.
 inline constexpr size_t kMaxRegisteredModels = 256;
-// All registered models' profiles together (a 32-layer, 8-head, 128-dim profile takes 34 MB).
-inline constexpr size_t kMaxProfileBytes = size_t{256} << 20;
 
 double Seconds(std::chrono::steady_clock::time_point since);
 google::protobuf::Duration ToProto(double seconds);

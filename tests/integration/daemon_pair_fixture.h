@@ -94,13 +94,15 @@ class DaemonPairTest : public ::testing::Test {
   }
 
   static absl::Status Register(DaemonProcess& d, const char* model = kModel,
-                               uint32_t layers = kLayers) {
+                               uint32_t layers = kLayers,
+                               const v1::ModelProfile* profile = nullptr) {
     v1::RegisterModelRequest r;
     r.set_name(model);
     r.mutable_shape()->set_layers(layers);
     r.mutable_shape()->set_kv_heads(kHeads);
     r.mutable_shape()->set_head_dim(kHeadDim);
     r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    if (profile != nullptr) *r.mutable_profile() = *profile;
     return d.client().RegisterModel(r).status();
   }
 

@@ -83,14 +83,8 @@ TEST_F(DaemonPairTest, EntropyCodedTransferDecodesLikeThePlainOneFromFewerBytes)
 
 // Between two daemon processes over UCX: a model profile is part of the compatibility check.
 TEST_F(DaemonPairTest, PeersMustHoldTheSameModelProfile) {
-  v1::RegisterModelRequest r;
-  r.set_name(kModel);
-  r.mutable_shape()->set_layers(kLayers);
-  r.mutable_shape()->set_kv_heads(kHeads);
-  r.mutable_shape()->set_head_dim(kHeadDim);
-  r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
-  *r.mutable_profile() = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
-  ASSERT_TRUE(decode_->client().RegisterModel(r).ok());
+  const v1::ModelProfile profile = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
+  ASSERT_TRUE(Register(*decode_, kModel, kLayers, &profile).ok());
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 5);
   SharedMemoryBuffer dst = MakeBuffer(bytes);
@@ -99,7 +93,7 @@ TEST_F(DaemonPairTest, PeersMustHoldTheSameModelProfile) {
     EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
     EXPECT_NE(s.message().find("profile"), absl::string_view::npos) << s;
   }
-  ASSERT_TRUE(prefill_->client().RegisterModel(r).ok());
+  ASSERT_TRUE(Register(*prefill_, kModel, kLayers, &profile).ok());
   Result accepted = Transfer(SendReq(62, src, 0.5), ReceiveReq(62, dst));
   EXPECT_TRUE(accepted.sent.ok()) << accepted.sent.status();
   EXPECT_TRUE(accepted.received.ok()) << accepted.received.status();

@@ -343,6 +343,10 @@ const std::vector<ConfigKey>& Keys() {
        "Bytes of encoded segments held at once across transfers, e.g. 1GiB; >= 1MiB.", false, false,
        Setter(&DaemonConfig::max_inflight_bytes, BytesAtLeast(uint64_t{1} << 20)),
        [](const DaemonConfig& c) { return absl::StrCat(c.max_inflight_bytes); }},
+      {"max_profile_bytes",
+       "Bytes of model profiles held over all registered models, e.g. 256MiB; >= 1MiB.", false,
+       false, Setter(&DaemonConfig::max_profile_bytes, BytesAtLeast(uint64_t{1} << 20)),
+       [](const DaemonConfig& c) { return absl::StrCat(c.max_profile_bytes); }},
       {"early_segment_buffer_bytes",
        "Bytes of segments buffered before their Receive arrives, e.g. 256MiB; >= 1MiB.", false,
        false, Setter(&DaemonConfig::early_segment_buffer_bytes, BytesAtLeast(uint64_t{1} << 20)),
@@ -717,6 +721,9 @@ absl::Status ValidateDaemonConfig(const DaemonConfig& c) {
   }
   if (c.max_inflight_bytes < (uint64_t{1} << 20)) {
     return field_error("max_inflight_bytes", "must be at least 1MiB");
+  }
+  if (c.max_profile_bytes < (uint64_t{1} << 20)) {
+    return field_error("max_profile_bytes", "must be at least 1MiB");
   }
   if (c.early_segment_buffer_bytes < (uint64_t{1} << 20)) {
     return field_error("early_segment_buffer_bytes", "must be at least 1MiB");

@@ -59,6 +59,7 @@ TEST(DaemonConfigTest, DefaultsWithoutAnySource) {
   EXPECT_TRUE(config->peers.empty());
   EXPECT_EQ(config->max_inflight_bytes, uint64_t{1} << 30);
   EXPECT_EQ(config->early_segment_buffer_bytes, uint64_t{256} << 20);
+  EXPECT_EQ(config->max_profile_bytes, uint64_t{256} << 20);
   EXPECT_EQ(config->early_segment_ttl, absl::Seconds(30));
   EXPECT_EQ(config->max_concurrent_transfers, 64u);
   EXPECT_EQ(config->default_codec_policy, CodecOptions{});
@@ -340,6 +341,7 @@ TEST(DaemonConfigTest, FormatRoundTripsAndRedactsSecrets) {
   original.peers = {{"b", "127.0.0.1:6000"}, {"c", "[::1]:6001"}};
   original.metrics_listen_address = "";
   original.max_inflight_bytes = 3 << 20;
+  original.max_profile_bytes = 5 << 20;
   original.early_segment_ttl = absl::Milliseconds(1500);
   original.default_codec_policy.allocator = AllocatorKind::kPaper;
   original.default_codec_policy.recent_tokens = 32;

@@ -65,8 +65,12 @@ TEST(ModelProfileTest, EveryDefectIsRefusedNamingItsField) {
        "profile.heads[3].keys.variance"},
       {[](v1::ModelProfile& p) { p.mutable_heads(1)->mutable_values()->set_basis(9, 1.01f); },
        "profile.heads[1].values.basis"},  // row 1 no longer of unit length
-      {[](v1::ModelProfile& p) { p.mutable_heads(1)->mutable_values()->set_basis(10, 0.1f); },
-       "profile.heads[1].values.basis"},  // row 1 no longer orthogonal to row 2... or unit
+      {[](v1::ModelProfile& p) {
+         // Rows 0 and 1 both of unit length but at 60 degrees: only orthogonality fails.
+         auto* basis = p.mutable_heads(1)->mutable_values()->mutable_basis();
+         basis->Set(8, 0.5f), basis->Set(9, std::sqrt(0.75f));
+       },
+       "profile.heads[1].values.basis"},
   };
   for (const auto& [mutate, field] : cases) {
     v1::ModelProfile p = Profile();

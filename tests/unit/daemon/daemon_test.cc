@@ -212,6 +212,29 @@ TEST_F(DaemonTest, ModelRegistrationsAreBounded) {
   EXPECT_TRUE(decode_->daemon->RegisterModel(r).ok());
 }
 
+// Profiles are bounded in total size (max_profile_bytes): at 1 MiB, three 270 KB profiles fit
+// and the fourth is refused by name; replacing a model's profile counts the new one only.
+TEST_F(DaemonTest, ProfileBytesAreBounded) {
+  auto small = TestDaemon::Start("small", net_, {}, v1::DTYPE_FP16, nullptr,
+                                 [](control::DaemonConfig& c) { c.max_profile_bytes = 1 << 20; });
+  v1::RegisterModelRequest r = ModelRequest();
+  r.mutable_shape()->set_layers(8);
+  r.mutable_shape()->set_kv_heads(1);
+  *r.mutable_profile() = skv::testing::IdentityProfile(8, 1, kHeadDim);
+  ASSERT_GT(r.profile().ByteSizeLong() * 4, size_t{1} << 20);
+  ASSERT_LT(r.profile().ByteSizeLong() * 3, size_t{1} << 20);
+  for (const char* name : {"p0", "p1", "p2"}) {
+    r.set_name(name);
+    ASSERT_TRUE(small->daemon->RegisterModel(r).ok()) << name;
+  }
+  r.set_name("p3");
+  const absl::Status refused = small->daemon->RegisterModel(r).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("max_profile_bytes"), absl::string_view::npos) << refused;
+  r.set_name("p2");
+  EXPECT_TRUE(small->daemon->RegisterModel(r).ok()) << "a replacement fits where it was";
+}
+
 TEST_F(DaemonTest, ASenderIsPendingUntilItsReceiveArrives) {
   auto sent = prefill_->Send(36, RandomKv(36), "decode");
   // Every segment goes out into the receiver's staging; still no Receive: PENDING.
@@ -253,12 +276,7 @@ TEST_F(DaemonTest, AKvOfAnotherModelShapeIsRefusedOnBothSides) {
 // A profile is part of what peers must agree on: the same shape under another profile (or none)
 // is refused on both sides naming the profile; the same profile on both sides transfers.
 TEST_F(DaemonTest, AModelProfileMismatchIsRefusedAndTheSameProfileTransfers) {
-  v1::RegisterModelRequest r;
-  r.set_name(kModel);
-  r.mutable_shape()->set_layers(kLayers);
-  r.mutable_shape()->set_kv_heads(kHeads);
-  r.mutable_shape()->set_head_dim(kHeadDim);
-  r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+  v1::RegisterModelRequest r = ModelRequest();
   absl::StatusOr<v1::RegisterModelResponse> plain = prefill_->daemon->RegisterModel(r);
   *r.mutable_profile() = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
   absl::StatusOr<v1::RegisterModelResponse> profiled = decode_->daemon->RegisterModel(r);

@@ -38,6 +38,17 @@ inline v1::KvLayout Layout(v1::DType dtype = v1::DTYPE_FP16) {
 }
 constexpr size_t kKvBytes = size_t{kLayers} * 2 * kTokens * kHeads * kHeadDim * 2;
 
+// Registers kModel; every TestDaemon starts with it registered.
+inline v1::RegisterModelRequest ModelRequest(v1::DType dtype = v1::DTYPE_FP16) {
+  v1::RegisterModelRequest r;
+  r.set_name(kModel);
+  r.mutable_shape()->set_layers(kLayers);
+  r.mutable_shape()->set_kv_heads(kHeads);
+  r.mutable_shape()->set_head_dim(kHeadDim);
+  r.mutable_shape()->set_dtype(dtype);
+  return r;
+}
+
 inline std::string RandomKv(uint32_t seed) {
   std::string kv(kKvBytes, '\0');
   std::mt19937 rng(seed);
@@ -55,11 +66,11 @@ struct TestDaemon {
   v1::DType dtype = v1::DTYPE_FP16;  // of its registered model
   uint64_t next_call = 1;
 
-  static std::unique_ptr<TestDaemon> Start(const std::string& id,
-                                           const std::shared_ptr<tp::LoopbackNetwork>& net,
-                                           std::vector<control::PeerConfig> peers = {},
-                                           v1::DType dtype = v1::DTYPE_FP16,
-                                           std::unique_ptr<device::KvDevices> devices = nullptr) {
+  static std::unique_ptr<TestDaemon> Start(
+      const std::string& id, const std::shared_ptr<tp::LoopbackNetwork>& net,
+      std::vector<control::PeerConfig> peers = {}, v1::DType dtype = v1::DTYPE_FP16,
+      std::unique_ptr<device::KvDevices> devices = nullptr,
+      const std::function<void(control::DaemonConfig&)>& configure = nullptr) {
     auto d = std::make_unique<TestDaemon>();
     d->dtype = dtype;
     control::DaemonConfig config;
@@ -67,6 +78,7 @@ struct TestDaemon {
     config.auth_token = kToken;
     config.data_listen_address = "127.0.0.1:0";
     config.peers = std::move(peers);
+    if (configure) configure(config);
     config.early_segment_ttl = absl::Seconds(5);
     tp::TransportConfig tc;
     tc.daemon_id = id;
@@ -81,13 +93,7 @@ struct TestDaemon {
         Daemon::Start(config, &d->metrics, std::move(faulty), std::move(devices));
     EXPECT_TRUE(started.ok()) << started.status();
     d->daemon = std::move(*started);
-    v1::RegisterModelRequest r;
-    r.set_name(kModel);
-    r.mutable_shape()->set_layers(kLayers);
-    r.mutable_shape()->set_kv_heads(kHeads);
-    r.mutable_shape()->set_head_dim(kHeadDim);
-    r.mutable_shape()->set_dtype(dtype);
-    EXPECT_TRUE(d->daemon->RegisterModel(r).ok());
+    EXPECT_TRUE(d->daemon->RegisterModel(ModelRequest(dtype)).ok());
     return d;
   }
 

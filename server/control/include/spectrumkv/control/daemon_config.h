@@ -71,6 +71,8 @@ struct DaemonConfig {
   // Bytes of encoded segments held at once across all transfers (staging, send and receive
   // queues); new work waits when it would exceed this.
   uint64_t max_inflight_bytes = uint64_t{1} << 30;
+  // Model profiles (RegisterModel.profile) held at once, over all registered models.
+  uint64_t max_profile_bytes = uint64_t{256} << 20;
   // Segments that arrive before their Receive: total bytes buffered, and how long they wait.
   uint64_t early_segment_buffer_bytes = uint64_t{256} << 20;
   absl::Duration early_segment_ttl = absl::Seconds(30);
