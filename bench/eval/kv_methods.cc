@@ -120,6 +120,9 @@ std::vector<Method> AllMethods() {
             "every layer, head and K/V, uniform steps, an fp16 gain per token and head");
   transform("tc-lm", {.lloyd_max = true}, "tc with Lloyd-Max codebooks instead of uniform steps");
   transform("tc-sink4", {.fp16_sink_tokens = 4}, "tc with the first 4 tokens at FP16");
+  transform("tc-drop", {.lloyd_max = true, .drop_tokens = true},
+            "tc-lm coding only the tokens worth their bytes by the queries' importance x energy, "
+            "the others dropped");
   return methods;
 }
 
@@ -308,11 +311,21 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
       return absl::FailedPreconditionError(
           absl::StrCat(method.name, " needs a model profile (skv-eval --profile, skv-calibrate)"));
     }
+    std::vector<float> token_scores;
+    if (method.transform.drop_tokens) {  // the queries' scores, as rd-layerwise-tok uses them
+      std::vector<KvTensorView> keys;
+      for (const KvLayerViews& l : layers) keys.push_back(l.key);
+      absl::StatusOr<ImportanceScores> scores =
+          ImportanceFromQueries(keys, WindowsOf(queries), method.options.pool_window);
+      if (!scores.ok()) return scores.status();
+      token_scores = scores->TokenLevel();
+    }
     absl::StatusOr<TransformCodedKv> received =
-        RunTransformCoding(source, *method.profile, budget, method.transform);
+        RunTransformCoding(source, *method.profile, budget, method.transform, token_scores);
     if (!received.ok()) return received.status();
     out.kv = std::move(received->kv);
-    out.keep.assign(size_t(source.tokens), 1);
+    out.keep = std::move(received->keep);
+    out.dropped_tokens = uint32_t(std::count(out.keep.begin(), out.keep.end(), 0));
     out.achieved_b = out.plain_b = double(received->wire_bytes) / raw_bytes;
     out.payload_b = double(received->code_bytes) / raw_bytes;
     return out;

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <functional>
 #include <numeric>
+#include <optional>
 #include <queue>
 #include <utility>
 
@@ -137,8 +139,10 @@ std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t
 
 absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& source,
                                                     const KvProfile& profile, double budget,
-                                                    const TransformCodingOptions& options) {
+                                                    const TransformCodingOptions& options,
+                                                    std::span<const float> token_importance) {
   const int layers = source.n_layers, heads = source.n_kv_heads, d = source.head_dim;
+  const int tokens = source.tokens;
   if (source.dtype != engine::KvDtype::kFp16) {
     return absl::InvalidArgumentError("transform coding: the source must be FP16");
   }
@@ -147,33 +151,33 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
         absl::StrCat("profile: ", profile.layers, " layers x ", profile.kv_heads, " KV heads x ",
                      profile.head_dim, " dims, the KV ", layers, " x ", heads, " x ", d));
   }
-  const int tensors = layers * heads * 2;  // (layer, head, K/V)
-  const int sinks = std::min(options.fp16_sink_tokens, source.tokens);
-  const size_t coded_tokens = size_t(source.tokens - sinks);
-  const size_t raw_bytes = size_t(layers) * 2 * source.values_per_layer() * 2;
-  const size_t fixed = kHeaderBytes * size_t(layers) * 2 +
-                       size_t(sinks) * size_t(tensors) * size_t(d) * 2 +
-                       coded_tokens * size_t(tensors) * kGainBytes;
-  const double allowed = std::floor(budget * double(raw_bytes));
-  // Bytes per coded token left for the component codes.
-  const double spare = (allowed - double(fixed)) / double(std::max<size_t>(coded_tokens, 1));
-  if (coded_tokens > 0 && spare < double(tensors)) {
-    return absl::OutOfRangeError(
-        absl::StrCat("budget ", budget, " is below transform coding's minimum of ",
-                     double(fixed + coded_tokens * size_t(tensors)) / double(raw_bytes),
-                     " (headers, gains, sinks and a byte per tensor)"));
+  if (options.drop_tokens && token_importance.size() != size_t(tokens)) {
+    return absl::InvalidArgumentError(absl::StrCat("token_importance: ", token_importance.size(),
+                                                   " scores for ", tokens, " tokens"));
   }
-
-  // Every component of every tensor, in (layer, head, K/V, component) order.
+  const int tensors = layers * heads * 2;  // (layer, head, K/V)
+  const int sinks = std::min(options.fp16_sink_tokens, tokens);
+  const size_t raw_bytes = size_t(layers) * 2 * source.values_per_layer() * 2;
+  const double allowed = std::floor(budget * double(raw_bytes));
   auto basis_of = [&](int l, int h, int kind) -> const KvBasis& {
     return (kind == 0 ? profile.keys : profile.values)[size_t(l * heads + h)];
   };
+  // Every component of every tensor, in (layer, head, K/V, component) order.
   std::vector<double> variances;
   for (int l = 0; l < layers; ++l)
     for (int h = 0; h < heads; ++h)
       for (int kind = 0; kind < 2; ++kind)
         for (int c = 0; c < d; ++c) variances.push_back(basis_of(l, h, kind).variance[size_t(c)]);
-  // The most bits whose codes, each tensor's rounded up to whole bytes, fit the spare bytes.
+  const double total_variance = std::accumulate(variances.begin(), variances.end(), 0.0);
+
+  // Bytes that do not depend on the bits: headers, sinks, the gains of `coded` tokens and, when
+  // tokens may be dropped, a kept-token bitmap.
+  auto fixed_bytes = [&](size_t coded) {
+    return kHeaderBytes * size_t(layers) * 2 + size_t(sinks) * size_t(tensors) * size_t(d) * 2 +
+           coded * size_t(tensors) * kGainBytes +
+           (options.drop_tokens ? (size_t(tokens) + 7) / 8 : 0);
+  };
+  // The most bits per coded token whose codes, each tensor's rounded up to whole bytes, fit.
   auto code_bytes_per_token = [&](const std::vector<int>& allocation) {
     size_t bytes = 0;
     for (size_t t = 0; t < size_t(tensors); ++t) {
@@ -184,35 +188,104 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
     }
     return bytes;
   };
-  size_t total_bits = coded_tokens > 0 ? size_t(spare * 8) : 0;
-  std::vector<int> bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
-  while (total_bits > 0 && double(code_bytes_per_token(bits)) > spare) {
-    total_bits -= std::min<size_t>(total_bits, 4);
-    bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
-  }
+  auto fit = [&](size_t coded) -> std::optional<std::vector<int>> {
+    const double spare =
+        (allowed - double(fixed_bytes(coded))) / double(std::max<size_t>(coded, 1));
+    if (coded > 0 && spare < double(tensors)) return std::nullopt;
+    size_t total_bits = coded > 0 ? size_t(spare * 8) : 0;
+    std::vector<int> bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+    while (total_bits > 0 && double(code_bytes_per_token(bits)) > spare) {
+      total_bits -= std::min<size_t>(total_bits, 4);
+      bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+    }
+    return bits;
+  };
   const QuantizerTable& table = Table(options.lloyd_max);
+  auto relative_error = [&](const std::vector<int>& bits) {  // expected, per unit of energy
+    double e = 0;
+    for (size_t c = 0; c < bits.size(); ++c) e += variances[c] * table.mse[size_t(bits[c])];
+    return total_variance > 0 ? e / total_variance : 0.0;
+  };
+
+  // Which tokens are coded: all of them, or (drop_tokens) the k whose importance x energy is
+  // largest, k chosen to minimise the expected weighted error: dropped tokens lose all of their
+  // energy, coded ones the allocation's share of it.
+  std::vector<uint8_t> coded(size_t(tokens), 0);
+  for (int t = sinks; t < tokens; ++t) coded[size_t(t)] = 1;
+  if (options.drop_tokens) {
+    std::vector<std::pair<double, int>> order;  // (importance x energy, token)
+    std::vector<float> x(static_cast<size_t>(d));
+    const int always = std::max(sinks, std::min(options.kept_sink_tokens, tokens));
+    for (int t = always; t < tokens; ++t) {
+      double energy = 0;
+      for (int l = 0; l < layers; ++l)
+        for (int h = 0; h < heads; ++h)
+          for (int kind = 0; kind < 2; ++kind) {
+            const KvBasis& basis = basis_of(l, h, kind);
+            const auto& rows = kind == 0 ? source.keys[size_t(l)] : source.values[size_t(l)];
+            const uint16_t* row = rows.data() + (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
+            for (int i = 0; i < d; ++i) x[size_t(i)] = engine::Fp16BitsToFloat(row[i]);
+            if (kind == 0 && profile.rope_theta > 0) UndoInterleavedRope(x, t, profile.rope_theta);
+            for (int i = 0; i < d; ++i)
+              energy += std::pow(double(x[size_t(i)] - basis.mean[size_t(i)]), 2);
+          }
+      order.push_back({double(token_importance[size_t(t)]) * energy, t});
+    }
+    std::sort(order.begin(), order.end(), std::greater<>());
+    const double everything = std::accumulate(
+        order.begin(), order.end(), 0.0, [](double sum, const auto& o) { return sum + o.first; });
+    // k on a grid of 64 steps; k = 0 (only the sinks) loses everything else.
+    const size_t base = size_t(always - sinks);
+    size_t best_k = 0;
+    double best = everything, kept_weight = 0;
+    const size_t step = std::max<size_t>(1, order.size() / 64);
+    for (size_t done = 0, k = std::min(step, order.size()); done < order.size();
+         done = k, k = std::min(k + step, order.size())) {
+      for (size_t i = done; i < k; ++i) kept_weight += order[i].first;
+      const std::optional<std::vector<int>> bits = fit(base + k);
+      if (!bits) break;  // more tokens do not fit either
+      const double expected = (everything - kept_weight) + relative_error(*bits) * kept_weight;
+      if (expected < best) best = expected, best_k = k;
+    }
+    for (size_t i = 0; i < order.size(); ++i) coded[size_t(order[i].second)] = i < best_k;
+  }
+  const size_t coded_tokens = size_t(std::count(coded.begin(), coded.end(), 1));
+  const std::optional<std::vector<int>> fitted = fit(coded_tokens);
+  if (!fitted) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "budget ", budget, " is below transform coding's minimum of ",
+        double(fixed_bytes(coded_tokens) + coded_tokens * size_t(tensors)) / double(raw_bytes),
+        " (headers, gains, sinks and a byte per tensor)"));
+  }
+  const std::vector<int>& bits = *fitted;
 
   TransformCodedKv out;
   out.kv = source;
-  out.wire_bytes = fixed;
+  out.keep.assign(size_t(tokens), 1);
+  out.wire_bytes = fixed_bytes(coded_tokens);
   std::vector<float> x(static_cast<size_t>(d)), coefficient(static_cast<size_t>(d));
   for (int l = 0; l < layers; ++l) {
     for (int h = 0; h < heads; ++h) {
       for (int kind = 0; kind < 2; ++kind) {
         const KvBasis& basis = basis_of(l, h, kind);
         const int* component_bits = bits.data() + size_t(((l * heads + h) * 2 + kind) * d);
-        double total_variance = 0;
+        double tensor_variance = 0;
         size_t tensor_bits = 0;
         for (int c = 0; c < d; ++c) {
-          total_variance += basis.variance[size_t(c)];
+          tensor_variance += basis.variance[size_t(c)];
           tensor_bits += size_t(component_bits[c]);
         }
         const size_t code_bytes = (tensor_bits + 7) / 8;
         out.code_bytes += code_bytes * coded_tokens;
         out.wire_bytes += code_bytes * coded_tokens;
         std::vector<uint16_t>& rows = kind == 0 ? out.kv.keys[size_t(l)] : out.kv.values[size_t(l)];
-        for (int t = sinks; t < source.tokens; ++t) {
+        for (int t = sinks; t < tokens; ++t) {
           uint16_t* row = rows.data() + (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
+          if (!coded[size_t(t)]) {  // dropped: zero, as the codec leaves a dropped row unread
+            std::fill(row, row + d, uint16_t{0});
+            out.keep[size_t(t)] = 0;
+            continue;
+          }
           for (int i = 0; i < d; ++i) x[size_t(i)] = engine::Fp16BitsToFloat(row[i]);
           if (kind == 0 && profile.rope_theta > 0) UndoInterleavedRope(x, t, profile.rope_theta);
           double energy = 0;
@@ -225,7 +298,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
           }
           // The token's gain: its RMS over the calibration's, as the fp16 the wire carries.
           const double gain = double(engine::Fp16BitsToFloat(engine::FloatToFp16Bits(
-              total_variance > 0 ? float(std::sqrt(energy / total_variance)) : 0.f)));
+              tensor_variance > 0 ? float(std::sqrt(energy / tensor_variance)) : 0.f)));
           for (int i = 0; i < d; ++i) x[size_t(i)] = basis.mean[size_t(i)];
           for (int c = 0; c < d; ++c) {
             const double sigma = std::sqrt(double(basis.variance[size_t(c)])) * gain;

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <vector>
 
@@ -50,18 +51,27 @@ std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t
 struct TransformCodingOptions {
   bool lloyd_max = false;    // Lloyd-Max codebooks instead of uniform steps
   int fp16_sink_tokens = 0;  // the first tokens sent as FP16 (counted)
+  // Code only the tokens worth their bytes: the k with the largest importance x energy, k chosen
+  // to minimise the expected weighted error (a dropped token loses all of its energy, a coded one
+  // the allocation's share); the others are dropped, except the first `kept_sink_tokens`, as
+  // the codec never drops its sinks. A kept-token bitmap is counted.
+  bool drop_tokens = false;
+  int kept_sink_tokens = 4;
 };
 
 struct TransformCodedKv {
-  engine::KvCache kv;     // FP16, what the decode side reconstructs; every token kept
-  size_t wire_bytes = 0;  // codes + gains + FP16 sinks + one 64-byte header per layer and K/V
-  size_t code_bytes = 0;  // the component codes alone
+  engine::KvCache kv;         // FP16, what the decode side reconstructs; dropped rows zero
+  std::vector<uint8_t> keep;  // per token, 1 = attended
+  size_t wire_bytes = 0;      // codes + gains + FP16 sinks + one 64-byte header per layer and K/V
+  size_t code_bytes = 0;      // the component codes alone
 };
 
-// `source` must be FP16 with the profile's shape. The budget must leave bits for codes after the
-// gains, headers and sinks, else OutOfRange naming the minimum.
+// `source` must be FP16 with the profile's shape; with drop_tokens, `token_importance` holds one
+// score per token. The budget must leave bits for codes after the gains, headers and sinks, else
+// OutOfRange naming the minimum.
 absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& source,
                                                     const KvProfile& profile, double budget,
-                                                    const TransformCodingOptions& options);
+                                                    const TransformCodingOptions& options,
+                                                    std::span<const float> token_importance = {});
 
 }  // namespace skv::eval

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -165,6 +166,42 @@ TEST(TransformCodingTest, EachComponentsErrorIsWhatItsBitsPredict) {
     ++checked;
   }
   EXPECT_EQ(checked, 7);
+}
+
+// drop_tokens: at a low budget the least important tokens go, the sinks stay, the kept ones are
+// coded as before, and the bitmap is counted within the budget.
+TEST(TransformCodingTest, DroppingKeepsTheImportantTokensWithinTheBudget) {
+  const int tokens = 256, d = 32;
+  Synthetic s = MakeSynthetic(2, 1, d, tokens, 9);
+  std::vector<float> importance(size_t(tokens), 0.01f);
+  for (int t = 0; t < tokens; t += 4) importance[size_t(t)] = 1.0f;  // every 4th token matters
+  const TransformCodingOptions options{.lloyd_max = true, .drop_tokens = true};
+  const double budget = 0.06;
+  auto coded = RunTransformCoding(s.kv, s.profile, budget, options, importance);
+  ASSERT_TRUE(coded.ok()) << coded.status();
+  const size_t raw = size_t(2) * 2 * size_t(tokens) * d * 2;
+  EXPECT_LE(double(coded->wire_bytes), budget * double(raw));
+  const int kept = int(std::count(coded->keep.begin(), coded->keep.end(), 1));
+  EXPECT_GT(kept, 4);
+  EXPECT_LT(kept, tokens) << "at b = 0.06 some tokens must go";
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(coded->keep[size_t(t)], 1) << "sink " << t;
+  int important_kept = 0, unimportant_kept = 0;
+  for (int t = 4; t < tokens; ++t) {
+    (importance[size_t(t)] > 0.5f ? important_kept : unimportant_kept) += coded->keep[size_t(t)];
+    const uint16_t* key = coded->kv.keys[1].data() + size_t(t) * d;
+    const bool zero = std::all_of(key, key + d, [](uint16_t v) { return v == 0; });
+    EXPECT_EQ(zero, coded->keep[size_t(t)] == 0) << "token " << t;
+  }
+  EXPECT_GT(important_kept, unimportant_kept);
+  // Bytes: headers + bitmap + gains and codes of the kept tokens.
+  EXPECT_EQ(coded->wire_bytes,
+            64 * 2 * 2 + size_t(tokens) / 8 + size_t(kept) * 4 * 2 + coded->code_bytes);
+  EXPECT_EQ(coded->code_bytes % size_t(kept), 0u);
+
+  // Without importance scores the option is refused by name.
+  auto refused = RunTransformCoding(s.kv, s.profile, budget, options);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("token_importance"), std::string::npos);
 }
 
 TEST(TransformCodingTest, BadInputsAreRefusedByName) {
