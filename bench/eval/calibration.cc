@@ -100,13 +100,9 @@ absl::StatusOr<v1::ModelProfile> CalibrateModelProfile(std::shared_ptr<const eng
     for (int l = 0; l < layers; ++l) {
       for (int t = 0; t < kv->tokens; ++t) {
         for (int h = 0; h < heads; ++h) {
-          const size_t at = (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
-          for (int i = 0; i < d; ++i)
-            row[size_t(i)] = engine::Fp16BitsToFloat(kv->keys[size_t(l)][at + size_t(i)]);
-          UndoInterleavedRope(row, t, kEngineRopeTheta);
+          ReadUnrotatedRow(*kv, l, 0, t, h, kEngineRopeTheta, row);
           keys[size_t(l * heads + h)].Add(row);
-          for (int i = 0; i < d; ++i)
-            row[size_t(i)] = engine::Fp16BitsToFloat(kv->values[size_t(l)][at + size_t(i)]);
+          ReadUnrotatedRow(*kv, l, 1, t, h, kEngineRopeTheta, row);
           values[size_t(l * heads + h)].Add(row);
         }
       }

@@ -182,6 +182,18 @@ std::vector<QueryWindow> WindowsOf(const engine::QueryWindow& queries) {
   return windows;
 }
 
+// One score per token for every layer: the queries' SnapKV-style scores averaged over layers.
+absl::StatusOr<std::vector<float>> QueryTokenScores(std::span<const KvLayerViews> layers,
+                                                    const engine::QueryWindow& queries,
+                                                    uint32_t pool_window) {
+  std::vector<KvTensorView> keys;
+  for (const KvLayerViews& l : layers) keys.push_back(l.key);
+  absl::StatusOr<ImportanceScores> scores =
+      ImportanceFromQueries(keys, WindowsOf(queries), pool_window);
+  if (!scores.ok()) return scores.status();
+  return scores->TokenLevel();
+}
+
 // A streamed transfer's segments: one chunk per layer, in layer order, each planned on its own at
 // the StreamBudget's share (the daemon's SendStream path); `plan` gets every layer's tiers.
 absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLayerViews>& layers,
@@ -192,12 +204,10 @@ absl::StatusOr<std::vector<ByteBuffer>> EncodeLayerwise(const std::vector<KvLaye
                                                         TierPlan* plan) {
   std::vector<float> token_scores = PositionalImportance(1, shape.tokens).values;
   if (!method.positional_importance) {
-    std::vector<KvTensorView> keys;
-    for (const KvLayerViews& l : layers) keys.push_back(l.key);
-    absl::StatusOr<ImportanceScores> scores =
-        ImportanceFromQueries(keys, WindowsOf(queries), options.pool_window);
+    absl::StatusOr<std::vector<float>> scores =
+        QueryTokenScores(layers, queries, options.pool_window);
     if (!scores.ok()) return scores.status();
-    token_scores = scores->TokenLevel();
+    token_scores = std::move(*scores);
   }
   absl::StatusOr<StreamBudget> budget =
       StreamBudget::Create(shape, options.budget, method.layer_weights);
@@ -313,12 +323,10 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
     }
     std::vector<float> token_scores;
     if (method.transform.drop_tokens) {  // the queries' scores, as rd-layerwise-tok uses them
-      std::vector<KvTensorView> keys;
-      for (const KvLayerViews& l : layers) keys.push_back(l.key);
-      absl::StatusOr<ImportanceScores> scores =
-          ImportanceFromQueries(keys, WindowsOf(queries), method.options.pool_window);
+      absl::StatusOr<std::vector<float>> scores =
+          QueryTokenScores(layers, queries, method.options.pool_window);
       if (!scores.ok()) return scores.status();
-      token_scores = scores->TokenLevel();
+      token_scores = std::move(*scores);
     }
     absl::StatusOr<TransformCodedKv> received =
         RunTransformCoding(source, *method.profile, budget, method.transform, token_scores);

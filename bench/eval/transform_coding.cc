@@ -114,6 +114,15 @@ void UndoInterleavedRope(std::span<float> key, int position, double theta) {
   Rotate(key, position, theta, -1.0f);
 }
 
+void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token, int head,
+                      double rope_theta, std::span<float> out) {
+  const auto& rows = kind == 0 ? kv.keys[size_t(layer)] : kv.values[size_t(layer)];
+  const uint16_t* row =
+      rows.data() + (size_t(token) * size_t(kv.n_kv_heads) + size_t(head)) * size_t(kv.head_dim);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = engine::Fp16BitsToFloat(row[i]);
+  if (kind == 0 && rope_theta > 0) UndoInterleavedRope(out, token, rope_theta);
+}
+
 double GaussianQuantizerMse(int bits, bool lloyd_max) {
   return Table(lloyd_max).mse[size_t(std::clamp(bits, 0, kMaxComponentBits))];
 }
@@ -222,10 +231,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
         for (int h = 0; h < heads; ++h)
           for (int kind = 0; kind < 2; ++kind) {
             const KvBasis& basis = basis_of(l, h, kind);
-            const auto& rows = kind == 0 ? source.keys[size_t(l)] : source.values[size_t(l)];
-            const uint16_t* row = rows.data() + (size_t(t) * size_t(heads) + size_t(h)) * size_t(d);
-            for (int i = 0; i < d; ++i) x[size_t(i)] = engine::Fp16BitsToFloat(row[i]);
-            if (kind == 0 && profile.rope_theta > 0) UndoInterleavedRope(x, t, profile.rope_theta);
+            ReadUnrotatedRow(source, l, kind, t, h, profile.rope_theta, x);
             for (int i = 0; i < d; ++i)
               energy += std::pow(double(x[size_t(i)] - basis.mean[size_t(i)]), 2);
           }
@@ -286,8 +292,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
             out.keep[size_t(t)] = 0;
             continue;
           }
-          for (int i = 0; i < d; ++i) x[size_t(i)] = engine::Fp16BitsToFloat(row[i]);
-          if (kind == 0 && profile.rope_theta > 0) UndoInterleavedRope(x, t, profile.rope_theta);
+          ReadUnrotatedRow(source, l, kind, t, h, profile.rope_theta, x);
           double energy = 0;
           for (int c = 0; c < d; ++c) {
             double p = 0;

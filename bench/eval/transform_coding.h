@@ -38,6 +38,11 @@ struct KvProfile {
 void ApplyInterleavedRope(std::span<float> key, int position, double theta);
 void UndoInterleavedRope(std::span<float> key, int position, double theta);
 
+// Row (token, head) of layer `layer`'s keys (kind 0) or values (kind 1) of an FP16 cache, as
+// floats; a key's rotation is undone when rope_theta > 0. `out` holds head_dim values.
+void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token, int head,
+                      double rope_theta, std::span<float> out);
+
 // Mean squared error per unit variance of the 2^bits-level quantizer of a Gaussian: Lloyd-Max's
 // (lloyd_max) or the uniform one with its MSE-optimal step, for bits 0..8 (0 bits: 1).
 double GaussianQuantizerMse(int bits, bool lloyd_max);
