@@ -6,8 +6,6 @@
 #include <functional>
 #include <numeric>
 #include <optional>
-#include <queue>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "baselines.h"
@@ -15,7 +13,6 @@
 namespace skv::eval {
 namespace {
 
-constexpr int kMaxComponentBits = 8;
 constexpr size_t kHeaderBytes = 64;  // one per layer and K/V, as a codec segment's header
 constexpr size_t kGainBytes = 2;     // fp16 per token, KV head and K/V
 
@@ -51,21 +48,6 @@ double Mse(const UnitQuantizer& q) {
   return sum * kStep / std::sqrt(2.0 * M_PI);
 }
 
-// The uniform step with the least MSE (golden-section search; the MSE is unimodal in the step).
-double BestUniformStep(int bits) {
-  double lo = 1e-3, hi = 4.0;
-  const double r = (std::sqrt(5.0) - 1) / 2;
-  for (int i = 0; i < 40; ++i) {
-    const double a = hi - r * (hi - lo), b = lo + r * (hi - lo);
-    if (Mse(UniformQuantizer(bits, a)) < Mse(UniformQuantizer(bits, b))) {
-      hi = b;
-    } else {
-      lo = a;
-    }
-  }
-  return (lo + hi) / 2;
-}
-
 struct QuantizerTable {
   std::array<UnitQuantizer, kMaxComponentBits + 1> quantizers;
   std::array<double, kMaxComponentBits + 1> mse{};
@@ -82,9 +64,9 @@ const QuantizerTable& Table(bool lloyd_max) {
         for (size_t i = 1; i < q.levels.size(); ++i)
           q.thresholds.push_back((q.levels[i - 1] + q.levels[i]) / 2);
       } else {
-        q = UniformQuantizer(b, BestUniformStep(b));
+        q = UniformQuantizer(b, kGaussianUniformStep[b]);
       }
-      t.mse[size_t(b)] = Mse(q);
+      t.mse[size_t(b)] = lm ? Mse(q) : kGaussianUniformMse[b];
       t.quantizers[size_t(b)] = std::move(q);
     }
     return t;
@@ -93,26 +75,7 @@ const QuantizerTable& Table(bool lloyd_max) {
   return lloyd_max ? lloyd : uniform;
 }
 
-void Rotate(std::span<float> key, int position, double theta, float direction) {
-  const int head_dim = int(key.size());
-  for (int i = 0; i < head_dim / 2; ++i) {
-    const float freq = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
-    const float angle = float(position) * freq;
-    const float c = std::cos(angle), s = direction * std::sin(angle);
-    const float v0 = key[size_t(2 * i)], v1 = key[size_t(2 * i + 1)];
-    key[size_t(2 * i)] = v0 * c - v1 * s;
-    key[size_t(2 * i + 1)] = v0 * s + v1 * c;
-  }
-}
-
 }  // namespace
-
-void ApplyInterleavedRope(std::span<float> key, int position, double theta) {
-  Rotate(key, position, theta, 1.0f);
-}
-void UndoInterleavedRope(std::span<float> key, int position, double theta) {
-  Rotate(key, position, theta, -1.0f);
-}
 
 void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token, int head,
                       double rope_theta, std::span<float> out) {
@@ -123,28 +86,7 @@ void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token,
   if (kind == 0 && rope_theta > 0) UndoInterleavedRope(out, token, rope_theta);
 }
 
-double GaussianQuantizerMse(int bits, bool lloyd_max) {
-  return Table(lloyd_max).mse[size_t(std::clamp(bits, 0, kMaxComponentBits))];
-}
-
-std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
-                                       bool lloyd_max) {
-  const QuantizerTable& table = Table(lloyd_max);
-  std::vector<int> bits(variances.size(), 0);
-  auto gain = [&](size_t c) {
-    return variances[c] * (table.mse[size_t(bits[c])] - table.mse[size_t(bits[c]) + 1]);
-  };
-  std::priority_queue<std::pair<double, size_t>> next;  // (error drop of one more bit, component)
-  for (size_t c = 0; c < variances.size(); ++c) {
-    if (variances[c] > 0) next.push({gain(c), c});
-  }
-  for (size_t spent = 0; spent < total_bits && !next.empty(); ++spent) {
-    const size_t c = next.top().second;
-    next.pop();
-    if (++bits[c] < kMaxComponentBits) next.push({gain(c), c});
-  }
-  return bits;
-}
+std::span<const double> GaussianQuantizerMses(bool lloyd_max) { return Table(lloyd_max).mse; }
 
 absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& source,
                                                     const KvProfile& profile, double budget,
@@ -187,7 +129,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
            (options.drop_tokens ? (size_t(tokens) + 7) / 8 : 0);
   };
   // The most bits per coded token whose codes, each tensor's rounded up to whole bytes, fit.
-  auto code_bytes_per_token = [&](const std::vector<int>& allocation) {
+  auto code_bytes_per_token = [&](const std::vector<uint8_t>& allocation) {
     size_t bytes = 0;
     for (size_t t = 0; t < size_t(tensors); ++t) {
       bytes += (std::accumulate(allocation.begin() + ptrdiff_t(t) * d,
@@ -197,20 +139,21 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
     }
     return bytes;
   };
-  auto fit = [&](size_t coded) -> std::optional<std::vector<int>> {
+  auto fit = [&](size_t coded) -> std::optional<std::vector<uint8_t>> {
     const double spare =
         (allowed - double(fixed_bytes(coded))) / double(std::max<size_t>(coded, 1));
     if (coded > 0 && spare < double(tensors)) return std::nullopt;
     size_t total_bits = coded > 0 ? size_t(spare * 8) : 0;
-    std::vector<int> bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+    std::vector<uint8_t> bits =
+        AllocateComponentBits(variances, total_bits, GaussianQuantizerMses(options.lloyd_max));
     while (total_bits > 0 && double(code_bytes_per_token(bits)) > spare) {
       total_bits -= std::min<size_t>(total_bits, 4);
-      bits = AllocateComponentBits(variances, total_bits, options.lloyd_max);
+      bits = AllocateComponentBits(variances, total_bits, GaussianQuantizerMses(options.lloyd_max));
     }
     return bits;
   };
   const QuantizerTable& table = Table(options.lloyd_max);
-  auto relative_error = [&](const std::vector<int>& bits) {  // expected, per unit of energy
+  auto relative_error = [&](const std::vector<uint8_t>& bits) {  // expected, per unit of energy
     double e = 0;
     for (size_t c = 0; c < bits.size(); ++c) e += variances[c] * table.mse[size_t(bits[c])];
     return total_variance > 0 ? e / total_variance : 0.0;
@@ -248,7 +191,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
     for (size_t done = 0, k = std::min(step, order.size()); done < order.size();
          done = k, k = std::min(k + step, order.size())) {
       for (size_t i = done; i < k; ++i) kept_weight += order[i].first;
-      const std::optional<std::vector<int>> bits = fit(base + k);
+      const std::optional<std::vector<uint8_t>> bits = fit(base + k);
       if (!bits) break;  // more tokens do not fit either
       const double expected = (everything - kept_weight) + relative_error(*bits) * kept_weight;
       if (expected < best) best = expected, best_k = k;
@@ -256,14 +199,14 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
     for (size_t i = 0; i < order.size(); ++i) coded[size_t(order[i].second)] = i < best_k;
   }
   const size_t coded_tokens = size_t(std::count(coded.begin(), coded.end(), 1));
-  const std::optional<std::vector<int>> fitted = fit(coded_tokens);
+  const std::optional<std::vector<uint8_t>> fitted = fit(coded_tokens);
   if (!fitted) {
     return absl::OutOfRangeError(absl::StrCat(
         "budget ", budget, " is below transform coding's minimum of ",
         double(fixed_bytes(coded_tokens) + coded_tokens * size_t(tensors)) / double(raw_bytes),
         " (headers, gains, sinks and a byte per tensor)"));
   }
-  const std::vector<int>& bits = *fitted;
+  const std::vector<uint8_t>& bits = *fitted;
 
   TransformCodedKv out;
   out.kv = source;
@@ -274,7 +217,7 @@ absl::StatusOr<TransformCodedKv> RunTransformCoding(const engine::KvCache& sourc
     for (int h = 0; h < heads; ++h) {
       for (int kind = 0; kind < 2; ++kind) {
         const KvBasis& basis = basis_of(l, h, kind);
-        const int* component_bits = bits.data() + size_t(((l * heads + h) * 2 + kind) * d);
+        const uint8_t* component_bits = bits.data() + size_t(((l * heads + h) * 2 + kind) * d);
         double tensor_variance = 0;
         size_t tensor_bits = 0;
         for (int c = 0; c < d; ++c) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "spectrumkv/codec/transform_coding.h"
 #include "spectrumkv/engine/engine.h"
 
 namespace skv::eval {
@@ -33,25 +34,16 @@ struct KvProfile {
   std::vector<KvBasis> keys, values;  // layers * kv_heads, layer-major
 };
 
-// The engine's RoPE on one key head at `position` (pairs (2i, 2i+1) by position *
-// theta^(-2i/head_dim), in the engine's float arithmetic), and its inverse.
-void ApplyInterleavedRope(std::span<float> key, int position, double theta);
-void UndoInterleavedRope(std::span<float> key, int position, double theta);
-
 // Row (token, head) of layer `layer`'s keys (kind 0) or values (kind 1) of an FP16 cache, as
-// floats; a key's rotation is undone when rope_theta > 0. `out` holds head_dim values.
+// floats; a key's rotation (skv::ApplyInterleavedRope) is undone when rope_theta > 0. `out` holds
+// head_dim values.
 void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token, int head,
                       double rope_theta, std::span<float> out);
 
-// Mean squared error per unit variance of the 2^bits-level quantizer of a Gaussian: Lloyd-Max's
-// (lloyd_max) or the uniform one with its MSE-optimal step, for bits 0..8 (0 bits: 1).
-double GaussianQuantizerMse(int bits, bool lloyd_max);
-
-// Bits per component for `components_bits` bits in all (at most 8 each): greedily to the
-// component whose error drops most, which is optimal because each component's error is convex
-// in its bits. `variances` lists every component of every tensor.
-std::vector<int> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
-                                       bool lloyd_max);
+// Mean squared error per unit variance of the 2^bits-level quantizer of a Gaussian, for bits
+// 0..8 (0 bits: 1): Lloyd-Max's (lloyd_max) or the codec's uniform one (transform_coding.h). The
+// table skv::AllocateComponentBits takes.
+std::span<const double> GaussianQuantizerMses(bool lloyd_max);
 
 struct TransformCodingOptions {
   bool lloyd_max = false;    // Lloyd-Max codebooks instead of uniform steps

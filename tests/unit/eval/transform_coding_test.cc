@@ -15,41 +15,32 @@ namespace skv::eval {
 namespace {
 
 TEST(TransformCodingTest, QuantizerErrorsMatchMaxsTables) {
+  const std::span<const double> lloyd_max = GaussianQuantizerMses(true);
+  const std::span<const double> uniform = GaussianQuantizerMses(false);
   // Max (1960), N(0, 1): Lloyd-Max 1, 2, 3 bits; the best uniform quantizer at 2, 3, 4 bits.
-  EXPECT_NEAR(GaussianQuantizerMse(0, true), 1.0, 1e-12);
-  EXPECT_NEAR(GaussianQuantizerMse(1, true), 0.3634, 2e-4);
-  EXPECT_NEAR(GaussianQuantizerMse(2, true), 0.1175, 2e-4);
-  EXPECT_NEAR(GaussianQuantizerMse(3, true), 0.03454, 1e-4);
-  EXPECT_NEAR(GaussianQuantizerMse(1, false), 0.3634, 2e-4);  // one bit: the same quantizer
-  EXPECT_NEAR(GaussianQuantizerMse(2, false), 0.1188, 2e-4);
-  EXPECT_NEAR(GaussianQuantizerMse(3, false), 0.03744, 1e-4);
-  EXPECT_NEAR(GaussianQuantizerMse(4, false), 0.01154, 1e-4);
-  for (int b = 1; b <= 8; ++b) {
-    EXPECT_LT(GaussianQuantizerMse(b, true), GaussianQuantizerMse(b - 1, true)) << b;
-    EXPECT_LE(GaussianQuantizerMse(b, true), GaussianQuantizerMse(b, false) + 1e-12) << b;
+  EXPECT_NEAR(lloyd_max[0], 1.0, 1e-12);
+  EXPECT_NEAR(lloyd_max[1], 0.3634, 2e-4);
+  EXPECT_NEAR(lloyd_max[2], 0.1175, 2e-4);
+  EXPECT_NEAR(lloyd_max[3], 0.03454, 1e-4);
+  EXPECT_NEAR(uniform[1], 0.3634, 2e-4);  // one bit: the same quantizer
+  EXPECT_NEAR(uniform[2], 0.1188, 2e-4);
+  EXPECT_NEAR(uniform[3], 0.03744, 1e-4);
+  EXPECT_NEAR(uniform[4], 0.01154, 1e-4);
+  for (size_t b = 1; b <= 8; ++b) {
+    EXPECT_LT(lloyd_max[b], lloyd_max[b - 1]) << b;
+    EXPECT_LE(lloyd_max[b], uniform[b] + 1e-12) << b;
   }
 }
 
-TEST(TransformCodingTest, BitsGoWhereTheErrorDropsMost) {
+TEST(TransformCodingTest, LloydMaxBitsGoWhereTheErrorDropsMost) {
   const std::vector<double> variances = {4.0, 1.0, 0.0};
+  const std::span<const double> lloyd_max = GaussianQuantizerMses(true);
   // 1st bit: 4 * 0.6366 > 1 * 0.6366; 2nd: 4 * (0.3634 - 0.1175) = 0.98 > 0.64; 3rd: 0.64 >
   // 4 * (0.1175 - 0.0345) = 0.33. A zero variance never gets a bit.
-  EXPECT_EQ(AllocateComponentBits(variances, 1, true), (std::vector<int>{1, 0, 0}));
-  EXPECT_EQ(AllocateComponentBits(variances, 2, true), (std::vector<int>{2, 0, 0}));
-  EXPECT_EQ(AllocateComponentBits(variances, 3, true), (std::vector<int>{2, 1, 0}));
-  EXPECT_EQ(AllocateComponentBits(variances, 100, true), (std::vector<int>{8, 8, 0}));
-  EXPECT_EQ(AllocateComponentBits(variances, 0, false), (std::vector<int>{0, 0, 0}));
-}
-
-TEST(TransformCodingTest, RopeApplyAndUndoAreInverse) {
-  std::mt19937 rng(1);
-  std::normal_distribution<float> normal;
-  std::vector<float> key(64), x(64);
-  for (float& v : key) v = normal(rng);
-  x = key;
-  ApplyInterleavedRope(x, 300, 10000.0);
-  UndoInterleavedRope(x, 300, 10000.0);
-  for (size_t i = 0; i < key.size(); ++i) EXPECT_NEAR(x[i], key[i], 1e-5);
+  EXPECT_EQ(AllocateComponentBits(variances, 1, lloyd_max), (std::vector<uint8_t>{1, 0, 0}));
+  EXPECT_EQ(AllocateComponentBits(variances, 2, lloyd_max), (std::vector<uint8_t>{2, 0, 0}));
+  EXPECT_EQ(AllocateComponentBits(variances, 3, lloyd_max), (std::vector<uint8_t>{2, 1, 0}));
+  EXPECT_EQ(AllocateComponentBits(variances, 100, lloyd_max), (std::vector<uint8_t>{8, 8, 0}));
 }
 
 // A profile with a random orthonormal basis (Gram-Schmidt) and geometric variances, and KV whose
@@ -139,7 +130,7 @@ TEST(TransformCodingTest, EachComponentsErrorIsWhatItsBitsPredict) {
              (kind == 0 ? s.profile.keys : s.profile.values)[size_t(l * heads + h)].variance)
           variances.push_back(v);
   const size_t per_token_bits = coded->code_bytes * 8 / size_t(tokens);
-  const std::vector<int> bits = AllocateComponentBits(variances, per_token_bits, false);
+  const std::vector<uint8_t> bits = AllocateComponentBits(variances, per_token_bits);
   EXPECT_GT(bits[0], bits[size_t(d - 1)]);  // the leading component gets more than the last
 
   // Error along each component of layer 1, head 0, values (no RoPE): what the component's bits
@@ -159,8 +150,7 @@ TEST(TransformCodingTest, EachComponentsErrorIsWhatItsBitsPredict) {
       }
       error += e * e / tokens;
     }
-    const double predicted =
-        b.variance[size_t(c)] * GaussianQuantizerMse(bits[offset + size_t(c)], false);
+    const double predicted = b.variance[size_t(c)] * kGaussianUniformMse[bits[offset + size_t(c)]];
     EXPECT_NEAR(error, predicted, 0.35 * predicted + 2e-5)
         << "component " << c << " bits " << bits[offset + size_t(c)];
     ++checked;

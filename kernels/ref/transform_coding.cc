@@ -1,0 +1,183 @@
+#include "spectrumkv/codec/transform_coding.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <queue>
+#include <utility>
+
+#include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/row_kernels.h"
+
+namespace skv {
+namespace {
+
+// Codes of up to 8 bits each, least significant bit first, into a byte stream.
+class BitWriter {
+ public:
+  explicit BitWriter(uint8_t* out) : out_(out) {}
+  void Put(uint32_t code, int bits) {
+    pending_ |= uint64_t{code} << pending_bits_;
+    pending_bits_ += bits;
+    while (pending_bits_ >= 8) {
+      *out_++ = uint8_t(pending_);
+      pending_ >>= 8;
+      pending_bits_ -= 8;
+    }
+  }
+  void Flush() {
+    if (pending_bits_ > 0) *out_++ = uint8_t(pending_);
+    pending_ = 0;
+    pending_bits_ = 0;
+  }
+
+ private:
+  uint8_t* out_;
+  uint64_t pending_ = 0;
+  int pending_bits_ = 0;
+};
+
+class BitReader {
+ public:
+  explicit BitReader(const uint8_t* in) : in_(in) {}
+  uint32_t Get(int bits) {
+    while (pending_bits_ < bits) {
+      pending_ |= uint64_t{*in_++} << pending_bits_;
+      pending_bits_ += 8;
+    }
+    const uint32_t code = uint32_t(pending_ & ((uint64_t{1} << bits) - 1));
+    pending_ >>= bits;
+    pending_bits_ -= bits;
+    return code;
+  }
+
+ private:
+  const uint8_t* in_;
+  uint64_t pending_ = 0;
+  int pending_bits_ = 0;
+};
+
+// The component's standard deviation in this row: one float expression for encoder and decoder.
+float ComponentSigma(const HeadBasis& basis, size_t c, float gain) {
+  return std::sqrt(std::max(basis.variance[c], 0.0f)) * gain;
+}
+
+// Reconstruction level of `code` in units of sigma.
+float Level(uint32_t code, int bits) {
+  const float half_levels = float(1u << (bits - 1));
+  return (float(code) + 0.5f - half_levels) * kGaussianUniformStep[bits];
+}
+
+void Rotate(std::span<float> key, int64_t position, double theta, float direction) {
+  const size_t head_dim = key.size();
+  for (size_t i = 0; i < head_dim / 2; ++i) {
+    const float freq = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
+    const float angle = float(position) * freq;
+    const float c = std::cos(angle), s = direction * std::sin(angle);
+    const float v0 = key[2 * i], v1 = key[2 * i + 1];
+    key[2 * i] = v0 * c - v1 * s;
+    key[2 * i + 1] = v0 * s + v1 * c;
+  }
+}
+
+}  // namespace
+
+std::vector<uint8_t> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
+                                           std::span<const double> component_mse) {
+  std::vector<uint8_t> bits(variances.size(), 0);
+  auto drop = [&](size_t c) {  // what the next bit of component c saves
+    const int b = bits[c];
+    return variances[c] * (component_mse[b] - component_mse[b + 1]);
+  };
+  // Largest drop first; among equal drops the lower index.
+  using Entry = std::pair<double, size_t>;
+  auto later = [](const Entry& a, const Entry& b) {
+    return a.first != b.first ? a.first < b.first : a.second > b.second;
+  };
+  std::priority_queue<Entry, std::vector<Entry>, decltype(later)> next(later);
+  for (size_t c = 0; c < variances.size(); ++c) {
+    if (variances[c] > 0) next.push({drop(c), c});
+  }
+  for (size_t spent = 0; spent < total_bits && !next.empty(); ++spent) {
+    const size_t c = next.top().second;
+    next.pop();
+    if (++bits[c] < kMaxComponentBits) next.push({drop(c), c});
+  }
+  return bits;
+}
+
+size_t TotalBits(std::span<const uint8_t> bits) {
+  size_t total = 0;
+  for (uint8_t b : bits) total += b;
+  return total;
+}
+
+float ProjectHeadRow(std::span<const float> x, const HeadBasis& basis,
+                     std::span<float> coefficients) {
+  const size_t d = basis.head_dim();
+  double energy = 0, total_variance = 0;
+  for (size_t c = 0; c < d; ++c) {
+    const float* row = basis.basis.data() + c * d;
+    float p = 0;
+    for (size_t i = 0; i < d; ++i) p += row[i] * (SanitizeForQuant(x[i]) - basis.mean[i]);
+    coefficients[c] = p;
+    energy += double(p) * p;
+    total_variance += std::max(basis.variance[c], 0.0f);
+  }
+  const float gain = total_variance > 0 ? float(std::sqrt(energy / total_variance)) : 0.0f;
+  return Fp16ToFloat(FloatToFp16(std::min(gain, kFp16Max)));
+}
+
+void EncodeHeadRow(std::span<const float> x, const HeadBasis& basis, std::span<const uint8_t> bits,
+                   std::span<float> scratch, uint8_t* out) {
+  const float gain = ProjectHeadRow(x, basis, scratch);
+  const uint16_t gain_bits = FloatToFp16(gain);
+  std::memcpy(out, &gain_bits, sizeof(gain_bits));
+  BitWriter writer(out + sizeof(gain_bits));
+  for (size_t c = 0; c < basis.head_dim(); ++c) {
+    const int b = bits[c];
+    if (b == 0) continue;
+    const float sigma = ComponentSigma(basis, c, gain);
+    const float v = sigma > 0 ? scratch[c] / sigma : 0.0f;
+    const int levels = 1 << b;
+    // v is finite or +-inf (x is sanitized, sigma > 0): the clamp maps it to a level.
+    const float index = std::floor(v / kGaussianUniformStep[b] + float(levels / 2));
+    writer.Put(uint32_t(std::clamp(index, 0.0f, float(levels - 1))), b);
+  }
+  writer.Flush();
+}
+
+void DecodeHeadRow(const uint8_t* in, const HeadBasis& basis, std::span<const uint8_t> bits,
+                   std::span<float> x) {
+  const size_t d = basis.head_dim();
+  uint16_t gain_bits;
+  std::memcpy(&gain_bits, in, sizeof(gain_bits));
+  const float gain = Fp16ToFloat(gain_bits);
+  std::copy(basis.mean.begin(), basis.mean.end(), x.begin());
+  BitReader reader(in + sizeof(gain_bits));
+  for (size_t c = 0; c < d; ++c) {
+    const int b = bits[c];
+    if (b == 0) continue;
+    const float q = Level(reader.Get(b), b) * ComponentSigma(basis, c, gain);
+    const float* row = basis.basis.data() + c * d;
+    for (size_t i = 0; i < d; ++i) x[i] += q * row[i];
+  }
+}
+
+double ExpectedHeadRowError(double gain, const HeadBasis& basis, std::span<const uint8_t> bits) {
+  double error = 0;
+  for (size_t c = 0; c < basis.head_dim(); ++c) {
+    error += std::max(double(basis.variance[c]), 0.0) * kGaussianUniformMse[bits[c]];
+  }
+  return gain * gain * error;
+}
+
+void ApplyInterleavedRope(std::span<float> key, int64_t position, double theta) {
+  Rotate(key, position, theta, 1.0f);
+}
+
+void UndoInterleavedRope(std::span<float> key, int64_t position, double theta) {
+  Rotate(key, position, theta, -1.0f);
+}
+
+}  // namespace skv
