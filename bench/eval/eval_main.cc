@@ -560,13 +560,18 @@ int Main(int argc, char** argv) {
   for (const std::string& name : method_names) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());
-    if (m->kind == MethodKind::kTransform) {
+    if (m->needs_profile()) {
       if (*profile == nullptr && absl::GetFlag(FLAGS_methods).empty()) continue;
       if (*profile == nullptr) {
         return fail(absl::InvalidArgumentError(
             absl::StrCat("--methods ", name, " needs --profile (skv-calibrate)")));
       }
       m->profile = *profile;
+      if (m->codec_transform) {
+        absl::StatusOr<TransformProfile> codec = CodecProfileOf(**profile);
+        if (!codec.ok()) return fail(codec.status());
+        m->codec_profile = std::make_shared<const TransformProfile>(std::move(*codec));
+      }
     }
     if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
     m->baseline.zstd_level = absl::GetFlag(FLAGS_zstd_level);

@@ -123,6 +123,10 @@ std::vector<Method> AllMethods() {
   transform("tc-drop", {.lloyd_max = true, .drop_tokens = true},
             "tc-lm coding only the tokens worth their bytes by the queries' importance x energy, "
             "the others dropped");
+  add("rd-tc", MethodKind::kPlanner, rd,
+      "rd with the codec's transform-coded rows (CodecOptions::transform_profile): INT8/INT4/INT2 "
+      "rows in the profile's bases, bits per component within each row");
+  methods.back().codec_transform = true;
   return methods;
 }
 
@@ -340,6 +344,13 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
   }
   CodecOptions options = method.options;
   options.budget = method.budgeted() ? budget : 1.0;
+  if (method.codec_transform) {
+    if (method.codec_profile == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(method.name, " needs a model profile (skv-eval --profile, skv-calibrate)"));
+    }
+    options.transform_profile = method.codec_profile.get();
+  }
 
   std::vector<ByteBuffer> segments;
   TierPlan plan;
@@ -379,7 +390,11 @@ absl::StatusOr<CompressedKv> CompressKv(const engine::KvCache& source,
     wire_bytes += s.size();
     plain_bytes += PlainSegmentBytes(s);
   }
-  if (absl::Status s = DecodeKv(spans, destination, &out.keep); !s.ok()) return s;
+  if (absl::Status s =
+          DecodeKv(spans, destination, &out.keep, BestRowKernels(), options.transform_profile);
+      !s.ok()) {
+    return s;
+  }
 
   out.rows_per_tier = plan.TierCounts();
   out.layer_tiers.assign(size_t{plan.layers} * 2, {});

@@ -47,8 +47,13 @@ struct Method {
   CodecOptions options;                // allocator, transforms, tiers allowed, sinks
   BaselineOptions baseline;            // kBaseline only
   TransformCodingOptions transform;    // kTransform only
-  std::shared_ptr<const KvProfile> profile;  // kTransform only: from skv-calibrate
+  std::shared_ptr<const KvProfile> profile;  // kTransform and codec_transform: skv-calibrate's
+  // kPlanner: the codec's transform-coded rows (CodecOptions::transform_profile) from `profile`.
+  bool codec_transform = false;
+  std::shared_ptr<const TransformProfile> codec_profile;  // set with `profile` when codec_transform
   std::string description;
+
+  bool needs_profile() const { return kind == MethodKind::kTransform || codec_transform; }
 
   bool budgeted() const {
     return kind != MethodKind::kFp16 && kind != MethodKind::kUniform &&
@@ -59,7 +64,7 @@ struct Method {
 // fp16, int8, int4, int4-rc, pdtrim, paper, paper-2tier, rd, rd-norot, rd-nocentre,
 // rd-perchannel, rd-plain, rd-pos, rd-layerwise, rd-layerwise-tok, the baselines fp8,
 // fp8-tokhead, tq-4bit, tq-k3v4, tq-3bit, tq-4bit-bl, tq-k3v4-bl, tq-3bit-bl, fp16-zstd, fp8-zstd,
-// and the transform-coding methods tc, tc-lm, tc-sink4 (see README.md).
+// and the transform-coding methods tc, tc-lm, tc-sink4, tc-drop and rd-tc (see README.md).
 absl::StatusOr<Method> MethodByName(std::string_view name);
 std::vector<std::string> KnownMethodNames();
 

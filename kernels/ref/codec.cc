@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/stream.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 namespace skv {
 namespace {
@@ -227,9 +228,13 @@ absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>
 
 absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
                       std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,
-                      const RowKernels& kernels) {
+                      const RowKernels& kernels, const TransformProfile* profile) {
   absl::StatusOr<KvShape> shape = ShapeOf(destination);
   if (!shape.ok()) return shape.status();
+  if (profile != nullptr) {
+    absl::Status s = CheckProfileFits(*profile, shape->layers, shape->heads, shape->head_dim);
+    if (!s.ok()) return s;
+  }
   absl::StatusOr<std::vector<SegmentHeader>> headers = ParseRequestHeaders(segments);
   if (!headers.ok()) return headers.status();
   // Coverage first: it bounds every segment's rows by the destination, and with them what an
@@ -245,6 +250,10 @@ absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
       return absl::Status(seg.status().code(),
                           absl::StrCat("segment ", i, ": ", seg.status().message()));
     }
+    if ((seg->header.flags & kSegmentTransformCoded) && profile == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "segment ", i, " is transform-coded and no model profile was given to decode it with"));
+    }
     parsed.push_back(*seg);
   }
   kept->assign(shape->tokens, 1);
@@ -252,7 +261,7 @@ absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
     const SegmentHeader& h = seg.header;
     const KvLayerViews& layer = destination[h.layer];
     const KvTensorView& view = h.kind == uint8_t(KvKind::kKey) ? layer.key : layer.value;
-    if (absl::Status s = DecodeSegment(seg, view, kernels); !s.ok()) return s;
+    if (absl::Status s = DecodeSegment(seg, view, kernels, profile); !s.ok()) return s;
     for (uint32_t t = 0; t < h.token_count; ++t) {
       if (EncodingOf(seg.tier(t)) == TierEncoding::kDropped) (*kept)[h.token_begin + t] = 0;
     }

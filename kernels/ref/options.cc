@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/formats.h"
 #include "spectrumkv/codec/kv_view.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 namespace skv {
 
@@ -34,6 +35,15 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
   if (o.per_channel_keys && (o.channel_group_tokens == 0 || o.channel_group_tokens > 4096)) {
     return absl::InvalidArgumentError(
         absl::StrCat("channel_group_tokens must be in [1, 4096], got ", o.channel_group_tokens));
+  }
+  if (o.transform_profile != nullptr) {
+    const TransformProfile& p = *o.transform_profile;
+    if (p.head_dim != head_dim ||
+        p.tier_bits.size() != size_t{p.layers} * 2 * p.heads * kNumTiers * p.head_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("transform_profile has head_dim ", p.head_dim, " (the KV has ", head_dim,
+                       ") or was not finished (FinishTransformProfile)"));
+    }
   }
   if (o.pool_window % 2 == 0 || o.pool_window > 255) {
     return absl::InvalidArgumentError(

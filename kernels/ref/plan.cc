@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "row_transform.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 namespace skv {
 namespace {
@@ -207,6 +208,8 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
       size_t cost;
       if (!honest) {
         cost = n * TierBits(tier) / 8;
+      } else if (options.transform_profile != nullptr && IsQuantized(tier)) {
+        cost = TransformCodedRowBytes(tier, shape.heads, shape.head_dim);
       } else if (per_channel && IsQuantized(tier)) {
         const size_t chunk = options.channel_group_tokens;
         cost = RowCodeBytes(tier, shape.heads, shape.head_dim) +
@@ -230,13 +233,44 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
     for (KvKind kind : kKinds) {
       const bool key = kind == KvKind::kKey;
       size_t per_segment = sizeof(SegmentHeader);
-      if (key ? options.centre_keys : options.centre_values) per_segment += n * 2;
-      if (key && options.per_channel_keys) per_segment += quant_tiers * n * sizeof(GroupParams);
+      if (options.transform_profile == nullptr) {  // transform coding has no mean or params
+        if (key ? options.centre_keys : options.centre_values) per_segment += n * 2;
+        if (key && options.per_channel_keys) per_segment += quant_tiers * n * sizeof(GroupParams);
+      }
       fixed_overhead_ += shape.layers * (segments * per_segment + tier_maps);
     }
   }
   budget_bytes_ = static_cast<size_t>(std::floor(options.budget * double(shape.raw_bytes())));
 }
+
+namespace {
+
+// rd's estimate for transform-coded rows: per head, ExpectedHeadRowError at each quantized
+// tier's bits, from the row's own gain (its RoPE undone, as the encoder codes it).
+void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind kind,
+                                 const TransformProfile& profile, const RowKernels& kernels,
+                                 std::span<DistortionTable::Row> rows) {
+  const size_t d = v.head_dim;
+  std::vector<float> head(d), coefficients(d);
+  for (uint32_t t = 0; t < v.tokens; ++t) {
+    double err[kNumTiers] = {};
+    for (uint32_t h = 0; h < v.heads; ++h) {
+      kernels.load(v.row(t) + h * d, v.dtype, d, head.data());
+      if (kind == KvKind::kKey && profile.rope_theta > 0) {
+        UndoInterleavedRope(head, t, profile.rope_theta);
+      }
+      const HeadBasis basis = profile.Head(layer, kind, h);
+      const float gain = ProjectHeadRow(head, basis, coefficients);
+      for (Tier tier : kQuantizedTiers) {
+        err[static_cast<int>(tier)] +=
+            ExpectedHeadRowError(gain, basis, profile.Bits(layer, kind, h, tier));
+      }
+    }
+    for (int i = 0; i < kNumTiers; ++i) rows[t].err[i] = float(err[i]);
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
                                                   const CodecOptions& options,
@@ -245,6 +279,11 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
   if (!shape.ok()) return shape.status();
   const size_t n = shape->row_elements();
   const uint32_t group = EffectiveGroupSize(options, shape->head_dim);
+  if (options.transform_profile != nullptr) {
+    absl::Status s =
+        CheckProfileFits(*options.transform_profile, shape->layers, shape->heads, shape->head_dim);
+    if (!s.ok()) return s;
+  }
   DistortionTable table{shape->layers, shape->tokens, {}};
   table.rows.resize(size_t{shape->layers} * 2 * shape->tokens);
 
@@ -259,6 +298,11 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
       // Over all rows: the writer's mean over quantized rows only is close enough here.
       for (uint16_t m : internal::ChannelMeanFp16(v, 0, v.tokens, {}, kernels))
         mean.push_back(Fp16ToFloat(m));
+    }
+    if (options.transform_profile != nullptr) {
+      MeasureTransformCodedTensor(v, l, kind, *options.transform_profile, kernels,
+                                  std::span(table.rows).subspan(tensor * shape->tokens, v.tokens));
+      return;
     }
     const bool rotate = key ? options.rotate_keys : options.rotate_values;
     for (uint32_t t = 0; t < v.tokens; ++t) {

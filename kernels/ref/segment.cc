@@ -9,6 +9,7 @@
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/entropy.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 namespace skv {
 namespace {
@@ -16,6 +17,7 @@ namespace {
 constexpr uint32_t kMaxSegmentHeads = 4096;
 
 struct SegmentLayout {
+  bool transform_coded = false;  // quantized rows in a profile's basis; excludes the three below
   bool rotated = false;
   bool centred = false;
   bool per_channel = false;
@@ -30,6 +32,10 @@ SegmentLayout ChooseLayout(KvKind kind, std::span<const Tier> tiers, const Codec
   SegmentLayout layout;
   layout.group_size = EffectiveGroupSize(options, head_dim);
   if (!any_quantized) return layout;  // transforms only matter for quantized rows
+  if (options.transform_profile != nullptr) {
+    layout.transform_coded = true;
+    return layout;
+  }
   const bool key = kind == KvKind::kKey;
   layout.rotated = key ? options.rotate_keys : options.rotate_values;
   layout.centred = key ? options.centre_keys : options.centre_values;
@@ -39,6 +45,7 @@ SegmentLayout ChooseLayout(KvKind kind, std::span<const Tier> tiers, const Codec
 }
 
 size_t RecordBytes(Tier t, const SegmentLayout& layout, size_t heads, size_t head_dim) {
+  if (layout.transform_coded && IsQuantized(t)) return TransformCodedRowBytes(t, heads, head_dim);
   if (layout.per_channel && IsQuantized(t)) return RowCodeBytes(t, heads, head_dim);
   return RowBytes(t, heads, head_dim, layout.group_size);
 }
@@ -144,6 +151,40 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
   }
 }
 
+// One transform-coded row: per head, the 16-bit values as floats, a key's RoPE undone at its
+// position (the token's index in the request), then EncodeHeadRow with the tier's bits.
+void EncodeTransformCodedRow(const uint16_t* row, const KvTensorView& source,
+                             const SegmentSpec& spec, uint32_t token, Tier tier,
+                             const TransformProfile& profile, const RowKernels& k,
+                             std::span<float> head, std::span<float> scratch, uint8_t* out) {
+  const size_t d = source.head_dim;
+  const size_t head_bytes = CodedHeadBytes(d * size_t(TierBits(tier)));
+  for (uint32_t h = 0; h < source.heads; ++h) {
+    k.load(row + h * d, source.dtype, d, head.data());
+    if (spec.kind == KvKind::kKey && profile.rope_theta > 0) {
+      UndoInterleavedRope(head, token, profile.rope_theta);
+    }
+    EncodeHeadRow(head, profile.Head(spec.layer, spec.kind, h),
+                  profile.Bits(spec.layer, spec.kind, h, tier), scratch, out + h * head_bytes);
+  }
+}
+
+void DecodeTransformCodedRow(const uint8_t* record, const SegmentHeader& header, uint32_t token,
+                             Tier tier, const TransformProfile& profile, const RowKernels& k,
+                             DType dtype, std::span<float> head, uint16_t* row) {
+  const size_t d = header.head_dim;
+  const KvKind kind = static_cast<KvKind>(header.kind);
+  const size_t head_bytes = CodedHeadBytes(d * size_t(TierBits(tier)));
+  for (uint32_t h = 0; h < header.heads; ++h) {
+    DecodeHeadRow(record + h * head_bytes, profile.Head(header.layer, kind, h),
+                  profile.Bits(header.layer, kind, h, tier), head);
+    if (kind == KvKind::kKey && profile.rope_theta > 0) {
+      ApplyInterleavedRope(head, token, profile.rope_theta);
+    }
+    k.store(head.data(), dtype, d, row + h * d);
+  }
+}
+
 }  // namespace
 
 size_t EncodedSegmentBytes(const KvTensorView& source, const SegmentSpec& spec,
@@ -213,7 +254,13 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
     return s;
   }
   const SegmentLayout layout = ChooseLayout(spec.kind, tiers, options, source.head_dim);
-  if (!layout.per_channel) {
+  if (layout.transform_coded) {
+    if (absl::Status s = CheckProfileFits(*options.transform_profile, spec.layer + 1, source.heads,
+                                          source.head_dim);
+        !s.ok()) {
+      return s;
+    }
+  } else if (!layout.per_channel) {
     absl::Status s = CheckKernelsCover(
         tiers.size(), [&](size_t i) { return tiers[i]; }, kernels);
     if (!s.ok()) return s;
@@ -231,7 +278,8 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
 
   SegmentHeader h = NewSegmentHeader(spec, heads, head_dim, source.dtype);
   h.flags = (layout.rotated ? kSegmentRotated : 0) | (layout.centred ? kSegmentCentred : 0) |
-            (layout.per_channel ? kSegmentPerChannelScales : 0);
+            (layout.per_channel ? kSegmentPerChannelScales : 0) |
+            (layout.transform_coded ? kSegmentTransformCoded : 0);
   h.group_size = static_cast<uint16_t>(layout.group_size);
   h.channel_group_tokens = static_cast<uint16_t>(layout.chunk);
   h.tier_map_bytes = static_cast<uint32_t>(sizes.tier_map);
@@ -262,7 +310,7 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
     offset += RecordBytes(tiers[i], layout, heads, head_dim);
   }
 
-  std::vector<float> row_f32(n);
+  std::vector<float> row_f32(n), scratch(head_dim);
   for (uint32_t i = 0; i < spec.token_count; ++i) {
     const Tier t = tiers[i];
     const uint16_t* row = source.row(spec.token_begin + i);
@@ -271,6 +319,12 @@ absl::StatusOr<size_t> EncodeSegment(const KvTensorView& source, const SegmentSp
         std::memcpy(payload + record_offset[i], row, n * 2);
         break;
       case TierEncoding::kAffine:
+        if (layout.transform_coded) {
+          EncodeTransformCodedRow(
+              row, source, spec, spec.token_begin + i, t, *options.transform_profile, kernels,
+              std::span(row_f32).first(head_dim), scratch, payload + record_offset[i]);
+          break;
+        }
         if (layout.per_channel) break;  // EncodePerChannel below
         internal::TransformRow(row, source, layout.rotated, mean, kernels, row_f32.data());
         kernels.ForTier(t)->quantize(row_f32.data(), n, layout.group_size,
@@ -297,6 +351,7 @@ namespace {
 
 SegmentLayout LayoutOf(const SegmentHeader& h) {
   SegmentLayout layout;
+  layout.transform_coded = h.flags & kSegmentTransformCoded;
   layout.rotated = h.flags & kSegmentRotated;
   layout.centred = h.flags & kSegmentCentred;
   layout.per_channel = h.flags & kSegmentPerChannelScales;
@@ -370,6 +425,11 @@ absl::StatusOr<SegmentHeader> ParseSegmentHeader(std::span<const uint8_t> bytes)
   }
   if (h.group_size < 8 || h.group_size % 8 != 0 || h.head_dim % h.group_size != 0) {
     return absl::DataLossError(absl::StrCat("segment group_size ", h.group_size, " is invalid"));
+  }
+  if ((h.flags & kSegmentTransformCoded) &&
+      (h.flags & (kSegmentRotated | kSegmentCentred | kSegmentPerChannelScales))) {
+    return absl::DataLossError(
+        "segment is transform-coded and also rotated, centred or per-channel");
   }
   if (bool(h.flags & kSegmentPerChannelScales) != (h.channel_group_tokens != 0)) {
     return absl::DataLossError("segment channel_group_tokens disagrees with its flags");
@@ -453,7 +513,7 @@ absl::Status ValidateSegmentDestination(const SegmentHeader& h, uint32_t tokens,
 }
 
 absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
-                           const RowKernels& kernels) {
+                           const RowKernels& kernels, const TransformProfile* profile) {
   const SegmentHeader& h = segment.header;
   if (absl::Status s = ValidateSegmentDestination(h, destination.tokens, destination.heads,
                                                   destination.head_dim, destination.dtype);
@@ -462,7 +522,15 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
   }
   const SegmentLayout layout = LayoutOf(h);
   const size_t n = destination.row_elements();
-  if (!layout.per_channel) {
+  if (layout.transform_coded) {
+    if (profile == nullptr) {
+      return absl::FailedPreconditionError(
+          "segment is transform-coded and no model profile was given to decode it with");
+    }
+    if (absl::Status s = CheckProfileFits(*profile, h.layer + 1, h.heads, h.head_dim); !s.ok()) {
+      return s;
+    }
+  } else if (!layout.per_channel) {
     absl::Status s = CheckKernelsCover(
         h.token_count, [&](size_t i) { return segment.tier(uint32_t(i)); }, kernels);
     if (!s.ok()) return s;
@@ -504,6 +572,11 @@ absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& des
         std::memset(out, 0, n * 2);
         break;
       case TierEncoding::kAffine:
+        if (layout.transform_coded) {
+          DecodeTransformCodedRow(record, h, h.token_begin + i, t, *profile, kernels,
+                                  destination.dtype, std::span(row_f32).first(h.head_dim), out);
+          break;
+        }
         if (layout.per_channel) {
           const int bits = TierBits(t);
           const uint32_t chunk_index = rows_seen[static_cast<int>(t)]++ / layout.chunk;

@@ -6,6 +6,7 @@
 #include <queue>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/row_kernels.h"
 
@@ -170,6 +171,60 @@ double ExpectedHeadRowError(double gain, const HeadBasis& basis, std::span<const
     error += std::max(double(basis.variance[c]), 0.0) * kGaussianUniformMse[bits[c]];
   }
   return gain * gain * error;
+}
+
+absl::Status FinishTransformProfile(TransformProfile* profile) {
+  TransformProfile& p = *profile;
+  if (p.layers == 0 || p.heads == 0 || p.head_dim < kMinHeadDim || p.head_dim > kMaxHeadDim ||
+      p.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("transform profile shape ", p.layers, " x ",
+                                                   p.heads, " x ", p.head_dim, " is unsupported"));
+  }
+  if (!std::isfinite(p.rope_theta) || p.rope_theta < 0) {
+    return absl::InvalidArgumentError("transform profile rope_theta must be finite and >= 0");
+  }
+  const size_t d = p.head_dim, count = size_t{p.layers} * 2 * p.heads;
+  auto check = [&](const std::vector<float>& values, size_t size, const char* field) {
+    if (values.size() != size) {
+      return absl::InvalidArgumentError(absl::StrCat("transform profile ", field, " has ",
+                                                     values.size(), " values, expected ", size));
+    }
+    for (float v : values) {
+      if (!std::isfinite(v)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("transform profile ", field, " has a non-finite value"));
+      }
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status s = check(p.means, count * d, "means"); !s.ok()) return s;
+  if (absl::Status s = check(p.bases, count * d * d, "bases"); !s.ok()) return s;
+  if (absl::Status s = check(p.variances, count * d, "variances"); !s.ok()) return s;
+  for (float v : p.variances) {
+    if (v < 0) return absl::InvalidArgumentError("transform profile variances must be >= 0");
+  }
+  p.tier_bits.assign(count * kNumTiers * d, 0);
+  std::vector<double> variances(d);
+  for (size_t i = 0; i < count; ++i) {
+    for (size_t c = 0; c < d; ++c) variances[c] = p.variances[i * d + c];
+    for (Tier tier : kQuantizedTiers) {
+      const std::vector<uint8_t> bits = AllocateComponentBits(variances, d * TierBits(tier));
+      std::copy(bits.begin(), bits.end(),
+                p.tier_bits.begin() + ptrdiff_t((i * kNumTiers + static_cast<size_t>(tier)) * d));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, uint32_t heads,
+                              uint32_t head_dim) {
+  if (layers > profile.layers || heads != profile.heads || head_dim != profile.head_dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the transform profile (", profile.layers, " layers x ", profile.heads,
+                     " heads x ", profile.head_dim, ") does not fit KV of ", layers, " layers x ",
+                     heads, " heads x ", head_dim));
+  }
+  return absl::OkStatus();
 }
 
 void ApplyInterleavedRope(std::span<float> key, int64_t position, double theta) {

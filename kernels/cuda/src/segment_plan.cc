@@ -32,6 +32,11 @@ absl::StatusOr<SegmentEncodePlan> PlanSegmentEncode(const DeviceKvView& source,
   SegmentEncodePlan plan;
   plan.group_size = EffectiveGroupSize(options, source.head_dim);
   if (any_quantized) {
+    if (options.transform_profile != nullptr) {
+      return absl::UnimplementedError(
+          "transform coding is not implemented on CUDA; encode this segment with "
+          "skv::EncodeSegment");
+    }
     if (key && options.per_channel_keys) {
       return absl::UnimplementedError(
           "per-channel key scales are not implemented on CUDA; encode this segment with "
@@ -99,6 +104,11 @@ absl::StatusOr<SegmentDecodePlan> PlanSegmentDecode(const ParsedSegment& segment
   if (h.flags & kSegmentPerChannelScales) {
     return absl::UnimplementedError(
         "per-channel key scales are not implemented on CUDA; decode this segment with "
+        "skv::DecodeSegment");
+  }
+  if (h.flags & kSegmentTransformCoded) {
+    return absl::UnimplementedError(
+        "transform coding is not implemented on CUDA; decode this segment with "
         "skv::DecodeSegment");
   }
   if (absl::Status s = CheckGroupSize(h.group_size, h.head_dim); !s.ok()) return s;

@@ -1,14 +1,22 @@
-// Transform coding of one head row (transform_coding.h): the quantizer constants against the
+// Transform coding (transform_coding.h): for one head row the quantizer constants against the
 // Gaussian's exact error, the bit allocation by hand, the wire form, the error against its
-// estimate, bad inputs, and the RoPE inverse.
+// estimate, bad inputs and the RoPE inverse; then transform-coded segments and rd planning on
+// them, on KV drawn from a known profile.
 #include "spectrumkv/codec/transform_coding.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
+
+#include "kv_test_data.h"
+#include "spectrumkv/codec/codec.h"
+#include "spectrumkv/codec/crc32c.h"
+#include "spectrumkv/codec/segment.h"
 
 namespace skv {
 namespace {
@@ -212,6 +220,199 @@ TEST(TransformCodingTest, RopeUndoInvertsApply) {
   EXPECT_GT(std::abs(key[0] - original[0]) + std::abs(key[1] - original[1]), 1e-3);
   UndoInterleavedRope(key, 777, 10000.0);
   for (size_t i = 0; i < key.size(); ++i) EXPECT_NEAR(key[i], original[i], 1e-5) << i;
+}
+
+// ---- Transform-coded segments (CodecOptions::transform_profile). -------------------------------
+
+// KV drawn from a known profile: per (layer, K/V, head) a random basis with variances decaying
+// as 0.9^c; keys are then RoPE-rotated at their positions, as an engine stores them.
+struct ProfiledKv {
+  testing::SyntheticKvSpec spec;
+  TransformProfile profile;
+  std::unique_ptr<testing::SyntheticKv> kv;
+};
+
+std::unique_ptr<ProfiledKv> MakeProfiledKv(uint32_t tokens = 48) {
+  auto out = std::make_unique<ProfiledKv>();
+  out->spec.tokens = tokens;
+  const testing::SyntheticKvSpec& spec = out->spec;
+  TransformProfile& p = out->profile;
+  p.layers = spec.layers;
+  p.heads = spec.heads;
+  p.head_dim = spec.head_dim;
+  p.rope_theta = 10000.0;
+  out->kv = std::make_unique<testing::SyntheticKv>(spec);
+  std::mt19937 rng(3);
+  for (uint32_t l = 0; l < spec.layers; ++l) {
+    for (int kind = 0; kind < 2; ++kind) {
+      std::vector<uint16_t>& buffer = out->kv->buffer(l, kind);
+      for (uint32_t h = 0; h < spec.heads; ++h) {
+        TestBasis b = MakeBasis(spec.head_dim, 100 + l * 10 + uint32_t(kind) * 5 + h);
+        for (size_t c = 0; c < spec.head_dim; ++c) {
+          b.variance[c] = float(2.0 * std::pow(0.9, double(c)));
+        }
+        for (uint32_t t = 0; t < spec.tokens; ++t) {
+          std::vector<float> x = DrawRow(b, 1.0, rng);
+          if (kind == 0) ApplyInterleavedRope(x, t, p.rope_theta);
+          for (size_t i = 0; i < spec.head_dim; ++i) {
+            buffer[(size_t{t} * spec.heads + h) * spec.head_dim + i] = FloatToFp16(x[i]);
+          }
+        }
+        p.means.insert(p.means.end(), b.mean.begin(), b.mean.end());
+        p.bases.insert(p.bases.end(), b.basis.begin(), b.basis.end());
+        p.variances.insert(p.variances.end(), b.variance.begin(), b.variance.end());
+      }
+    }
+  }
+  EXPECT_TRUE(FinishTransformProfile(&p).ok());
+  return out;
+}
+
+// Squared error of `decoded` against `source` over the rows whose tier is `tier`.
+double TierError(const KvTensorView& source, const KvTensorView& decoded,
+                 std::span<const Tier> tiers, Tier tier) {
+  double error = 0;
+  for (uint32_t t = 0; t < source.tokens; ++t) {
+    if (tiers[t] != tier) continue;
+    for (size_t i = 0; i < source.row_elements(); ++i) {
+      const double e = Fp16ToFloat(decoded.row(t)[i]) - Fp16ToFloat(source.row(t)[i]);
+      error += e * e;
+    }
+  }
+  return error;
+}
+
+TEST(TransformCodedSegmentTest, RoundTripBeatsAffineRowsOnProfiledKv) {
+  const std::unique_ptr<ProfiledKv> data = MakeProfiledKv();
+  const KvTensorView& keys = data->kv->views()[1].key;  // layer 1: the profile's layer is used
+  std::vector<Tier> tiers(keys.tokens);
+  constexpr Tier kCycle[] = {Tier::kFp16, Tier::kInt8, Tier::kInt4, Tier::kInt2, Tier::kDrop};
+  for (size_t t = 0; t < tiers.size(); ++t) tiers[t] = kCycle[t % 5];
+  const SegmentSpec spec{.request_id = 1,
+                         .layer = 1,
+                         .kind = KvKind::kKey,
+                         .token_begin = 0,
+                         .token_count = keys.tokens};
+
+  CodecOptions coded;
+  coded.transform_profile = &data->profile;
+  const CodecOptions affine;  // rotation and centring, the default
+  double error[2][kNumTiers] = {};
+  for (int mode = 0; mode < 2; ++mode) {
+    const CodecOptions& options = mode == 0 ? coded : affine;
+    ByteBuffer segment;
+    absl::StatusOr<size_t> size =
+        EncodeSegment(keys, spec, tiers, options, ReferenceRowKernels(), &segment);
+    ASSERT_TRUE(size.ok()) << size.status();
+    EXPECT_EQ(*size, EncodedSegmentBytes(keys, spec, tiers, options));
+    absl::StatusOr<ParsedSegment> parsed = ParseSegment(segment);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    EXPECT_EQ(bool(parsed->header.flags & kSegmentTransformCoded), mode == 0);
+    testing::SyntheticKv out = testing::SyntheticKv::ZerosLike(data->spec);
+    const KvTensorView& decoded = out.views()[1].key;
+    ASSERT_TRUE(DecodeSegment(*parsed, decoded, ReferenceRowKernels(), &data->profile).ok());
+    for (uint32_t t = 0; t < keys.tokens; ++t) {
+      if (tiers[t] == Tier::kFp16) {
+        EXPECT_EQ(0, std::memcmp(decoded.row(t), keys.row(t), keys.row_elements() * 2));
+      }
+    }
+    for (Tier t : kQuantizedTiers) error[mode][int(t)] = TierError(keys, decoded, tiers, t);
+    if (mode == 0) {
+      // Row bytes: per head an fp16 gain and head_dim * bits / 8 code bytes.
+      EXPECT_EQ(TransformCodedRowBytes(Tier::kInt4, 2, 64), 2u * (2 + 32));
+    }
+  }
+  EXPECT_LT(error[0][int(Tier::kInt8)], error[0][int(Tier::kInt4)]);
+  EXPECT_LT(error[0][int(Tier::kInt4)], error[0][int(Tier::kInt2)]);
+  // In the profile's basis the bits go where the variance is.
+  EXPECT_LT(error[0][int(Tier::kInt4)], 0.5 * error[1][int(Tier::kInt4)]);
+  EXPECT_LT(error[0][int(Tier::kInt2)], 0.5 * error[1][int(Tier::kInt2)]);
+}
+
+TEST(TransformCodedSegmentTest, DecodingNeedsTheProfileAndFlagsMustAgree) {
+  const std::unique_ptr<ProfiledKv> data = MakeProfiledKv(8);
+  const KvTensorView& values = data->kv->views()[0].value;
+  const std::vector<Tier> tiers(values.tokens, Tier::kInt4);
+  const SegmentSpec spec{.request_id = 1,
+                         .layer = 0,
+                         .kind = KvKind::kValue,
+                         .token_begin = 0,
+                         .token_count = values.tokens};
+  CodecOptions options;
+  options.transform_profile = &data->profile;
+  ByteBuffer segment;
+  ASSERT_TRUE(EncodeSegment(values, spec, tiers, options, ReferenceRowKernels(), &segment).ok());
+  absl::StatusOr<ParsedSegment> parsed = ParseSegment(segment);
+  ASSERT_TRUE(parsed.ok());
+  testing::SyntheticKv out = testing::SyntheticKv::ZerosLike(data->spec);
+  absl::Status no_profile = DecodeSegment(*parsed, out.views()[0].value, ReferenceRowKernels());
+  EXPECT_EQ(no_profile.code(), absl::StatusCode::kFailedPrecondition) << no_profile;
+
+  // A profile of another shape is refused on both sides.
+  TransformProfile small = data->profile;
+  small.layers = 0;
+  EXPECT_EQ(DecodeSegment(*parsed, out.views()[0].value, ReferenceRowKernels(), &small).code(),
+            absl::StatusCode::kInvalidArgument);
+  CodecOptions wrong = options;
+  TransformProfile narrow = data->profile;
+  narrow.head_dim = 32;
+  wrong.transform_profile = &narrow;
+  ByteBuffer refused;
+  EXPECT_EQ(
+      EncodeSegment(values, spec, tiers, wrong, ReferenceRowKernels(), &refused).status().code(),
+      absl::StatusCode::kInvalidArgument);
+
+  // Transform coding with the rotation flag as well is a corrupt header.
+  SegmentHeader h;
+  std::memcpy(&h, segment.data(), sizeof(h));
+  h.flags |= kSegmentRotated;
+  h.crc32c = 0;
+  std::memcpy(segment.data(), &h, sizeof(h));
+  h.crc32c = Crc32c(segment.data(), segment.size());
+  std::memcpy(segment.data(), &h, sizeof(h));
+  EXPECT_EQ(ParseSegment(segment).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(TransformCodedSegmentTest, RdPlansOnCodedRowsAndStaysWithinTheBudget) {
+  const std::unique_ptr<ProfiledKv> data = MakeProfiledKv(64);
+  const std::vector<KvLayerViews>& views = data->kv->views();
+  for (double budget : {0.15, 0.25, 0.4}) {
+    double mse[2] = {};
+    for (int mode = 0; mode < 2; ++mode) {
+      CodecOptions options;
+      options.budget = budget;
+      if (mode == 0) options.transform_profile = &data->profile;
+      absl::StatusOr<EncodedKv> enc = EncodeKv(views, {}, options, 7, ReferenceRowKernels());
+      ASSERT_TRUE(enc.ok()) << enc.status();
+      size_t wire = 0;
+      for (const ByteBuffer& s : enc->segments) wire += s.size();
+      EXPECT_EQ(wire, enc->stats.wire_bytes);
+      EXPECT_LE(enc->stats.achieved_budget, budget) << budget;
+      testing::SyntheticKv out = testing::SyntheticKv::ZerosLike(data->spec);
+      std::vector<uint8_t> kept;
+      const auto spans = testing::Spans(enc->segments);
+      if (mode == 0) {
+        EXPECT_EQ(DecodeKv(spans, out.views(), &kept, ReferenceRowKernels()).code(),
+                  absl::StatusCode::kFailedPrecondition);
+      }
+      ASSERT_TRUE(DecodeKv(spans, out.views(), &kept, ReferenceRowKernels(),
+                           mode == 0 ? &data->profile : nullptr)
+                      .ok());
+      for (size_t l = 0; l < views.size(); ++l) {
+        for (int kind = 0; kind < 2; ++kind) {
+          const KvTensorView& a = kind == 0 ? views[l].key : views[l].value;
+          const KvTensorView& b = kind == 0 ? out.views()[l].key : out.views()[l].value;
+          for (uint32_t t = 0; t < a.tokens; ++t) {
+            for (size_t i = 0; i < a.row_elements(); ++i) {
+              const double e = Fp16ToFloat(b.row(t)[i]) - Fp16ToFloat(a.row(t)[i]);
+              mse[mode] += e * e;
+            }
+          }
+        }
+      }
+    }
+    EXPECT_LT(mse[0], mse[1]) << "transform coding at b = " << budget;
+  }
 }
 
 }  // namespace

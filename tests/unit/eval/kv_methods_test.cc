@@ -70,11 +70,16 @@ TEST_F(KvMethodsTest, EveryMethodStaysWithinItsBudgetOrSaysWhyNot) {
   for (const std::string& name : KnownMethodNames()) {
     auto method = MethodByName(name);
     ASSERT_TRUE(method.ok());
-    if (method->kind == MethodKind::kTransform) {
+    if (method->needs_profile()) {
       EXPECT_EQ(CompressKv(kv_, queries_, *method, 0.3).status().code(),
                 absl::StatusCode::kFailedPrecondition)
           << name << " without a profile";
       method->profile = IdentityProfile(kv_);
+      if (method->codec_transform) {
+        absl::StatusOr<TransformProfile> codec = CodecProfileOf(*method->profile);
+        ASSERT_TRUE(codec.ok()) << codec.status();
+        method->codec_profile = std::make_shared<const TransformProfile>(std::move(*codec));
+      }
     }
     for (double budget : {0.15, 0.3, 0.5, 0.75}) {
       auto c = CompressKv(kv_, queries_, *method, budget);

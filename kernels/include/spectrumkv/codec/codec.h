@@ -98,9 +98,11 @@ absl::StatusOr<KvShape> ShapeOfSegments(std::span<const std::span<const uint8_t>
 // to one request and cover every token of every layer's K and V exactly once: a missing,
 // duplicated or overlapping segment is InvalidArgument (a layer beyond `destination` OutOfRange)
 // and nothing is reported as decoded.
-// `kept` (tokens entries) gets 0 for every token a segment marks dropped.
+// `kept` (tokens entries) gets 0 for every token a segment marks dropped. Transform-coded
+// segments need the encoder's `profile` (FAILED_PRECONDITION without one, before any write).
 absl::Status DecodeKv(std::span<const std::span<const uint8_t>> segments,
                       std::span<const KvLayerViews> destination, std::vector<uint8_t>* kept,
-                      const RowKernels& kernels = BestRowKernels());
+                      const RowKernels& kernels = BestRowKernels(),
+                      const TransformProfile* profile = nullptr);
 
 }  // namespace skv

@@ -31,9 +31,11 @@ enum SegmentFlags : uint8_t {
   kSegmentCentred = 1u << 1,           // per-(head, channel) mean subtracted; mean section present
   kSegmentPerChannelScales = 1u << 2,  // quantized rows use per-channel params (params section)
   kSegmentEntropyCoded = 1u << 3,      // the sections are one zstd frame (entropy.h)
+  kSegmentTransformCoded = 1u << 4,    // quantized rows coded in a model profile's basis
 };
-inline constexpr uint8_t kKnownSegmentFlags =
-    kSegmentRotated | kSegmentCentred | kSegmentPerChannelScales | kSegmentEntropyCoded;
+inline constexpr uint8_t kKnownSegmentFlags = kSegmentRotated | kSegmentCentred |
+                                              kSegmentPerChannelScales | kSegmentEntropyCoded |
+                                              kSegmentTransformCoded;
 
 // One segment = one layer's K or V for a token range:
 //   SegmentHeader
@@ -46,6 +48,10 @@ inline constexpr uint8_t kKnownSegmentFlags =
 //                            GroupParams then group_size * N / 8 code bytes
 //                            (per-channel mode: code bytes only, params in the params section)
 //                     kDrop: nothing
+//                     transform-coded (kSegmentTransformCoded, never with the rotated, centred
+//                     or per-channel flags): a kIntN row is, per head, an fp16 gain then the
+//                     component codes, head_dim * N bits spread over the components by the
+//                     decoder's model profile (transform_coding.h)
 // crc32c covers every byte of the segment, computed with the crc32c field set to zero.
 //
 // Entropy-coded (kSegmentEntropyCoded): everything after the header is one zstd frame whose

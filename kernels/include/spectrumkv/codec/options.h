@@ -8,6 +8,8 @@
 
 namespace skv {
 
+struct TransformProfile;  // transform_coding.h
+
 enum class AllocatorKind : uint8_t {
   kPaper = 0,  // the paper's rule: one token-level tier map for all layers, INT4 -> INT8 -> FP16
   kRd = 1,     // rate-distortion: a tier per (layer, K/V, token) minimizing weighted error
@@ -58,6 +60,11 @@ struct CodecOptions {
   // Lossless coding of each encoded segment. Its savings come on top of the budget: the plan is
   // made on plain sizes, so the achieved b is at or below the requested one.
   EntropyCoder entropy_coder = EntropyCoder::kNone;
+  // Transform coding (transform_coding.h): with a profile (FinishTransformProfile'd, of the
+  // request's shape, alive while the codec uses these options), quantized rows are coded in its
+  // basis with per-component bits instead of affine groups; the rotation, centring and
+  // per-channel options are then not used. The decoder needs the same profile.
+  const TransformProfile* transform_profile = nullptr;
 
   bool operator==(const CodecOptions&) const = default;
 };

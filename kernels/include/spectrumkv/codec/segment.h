@@ -88,7 +88,8 @@ absl::StatusOr<ParsedSegment> ParseSegmentSections(const SegmentHeader& header,
 absl::Status ValidateSegmentDestination(const SegmentHeader& header, uint32_t tokens,
                                         uint32_t heads, uint32_t head_dim, DType dtype);
 
+// A transform-coded segment needs the encoder's `profile` (FAILED_PRECONDITION without one).
 absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
-                           const RowKernels& kernels);
+                           const RowKernels& kernels, const TransformProfile* profile = nullptr);
 
 }  // namespace skv

@@ -9,14 +9,19 @@
 // Wire form of one head row (CodedHeadBytes): the gain as fp16, then the codes of components
 // 0, 1, ... in bits[c] bits each, least significant bit first, padded with zero bits to a byte.
 //
-// The building block of the codec's transform-coded rows; bench/eval's transform-coding methods
-// run on it (docs/results/frontier.md).
+// With CodecOptions::transform_profile set, the codec codes every quantized row this way: a row
+// of tier INT8/INT4/INT2 gets head_dim * 8/4/2 bits per head, spread over the components by the
+// profile (segment flag kSegmentTransformCoded, formats.h). bench/eval's transform-coding methods
+// use the same allocator and steps (docs/results/frontier.md).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <vector>
+
+#include "absl/status/status.h"
+#include "spectrumkv/codec/formats.h"
 
 namespace skv {
 
@@ -77,6 +82,48 @@ void DecodeHeadRow(const uint8_t* in, const HeadBasis& basis, std::span<const ui
 // The squared error coding a row of gain `gain` is expected to make:
 // gain^2 * sum_c variance[c] * kGaussianUniformMse[bits[c]] (the planner's estimate).
 double ExpectedHeadRowError(double gain, const HeadBasis& basis, std::span<const uint8_t> bits);
+
+// A model profile as the codec uses it: for every layer, K/V and KV head, a basis (mean,
+// components, variances), and the bits per component of each quantized tier, derived from the
+// variances by FinishTransformProfile. Both ends of a transfer must hold the same one (the
+// daemon checks the profile's hash).
+struct TransformProfile {
+  uint32_t layers = 0, heads = 0, head_dim = 0;
+  double rope_theta = 0;  // keys are stored with interleaved RoPE of this theta; 0 = none
+  // Indexed [layer][kind][head], then head_dim values (means, variances) or head_dim^2 (bases).
+  std::vector<float> means, bases, variances;
+  // [layer][kind][head][tier wire value][head_dim]: filled by FinishTransformProfile.
+  std::vector<uint8_t> tier_bits;
+
+  size_t HeadIndex(uint32_t layer, KvKind kind, uint32_t head) const {
+    return (size_t{layer} * 2 + static_cast<size_t>(kind)) * heads + head;
+  }
+  HeadBasis Head(uint32_t layer, KvKind kind, uint32_t head) const {
+    const size_t i = HeadIndex(layer, kind, head), d = head_dim;
+    return {std::span<const float>(means).subspan(i * d, d),
+            std::span<const float>(bases).subspan(i * d * d, d * d),
+            std::span<const float>(variances).subspan(i * d, d)};
+  }
+  std::span<const uint8_t> Bits(uint32_t layer, KvKind kind, uint32_t head, Tier tier) const {
+    const size_t d = head_dim;
+    return std::span<const uint8_t>(tier_bits).subspan(
+        (HeadIndex(layer, kind, head) * kNumTiers + static_cast<size_t>(tier)) * d, d);
+  }
+};
+
+// Checks the shape and sizes (InvalidArgument naming the field; every value finite, variances
+// >= 0), then fills tier_bits: head_dim * TierBits(tier) bits per head for each quantized tier.
+absl::Status FinishTransformProfile(TransformProfile* profile);
+
+// OK when `profile` covers KV of `layers` layers x heads x head_dim (it may have more layers);
+// else InvalidArgument with both shapes.
+absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, uint32_t heads,
+                              uint32_t head_dim);
+
+// Bytes of one transform-coded row of `tier` (quantized): a coded head row per head.
+constexpr size_t TransformCodedRowBytes(Tier tier, size_t heads, size_t head_dim) {
+  return heads * CodedHeadBytes(head_dim * size_t(TierBits(tier)));
+}
 
 // The rotation llama-style engines apply to a key at `position` over interleaved pairs
 // (2i, 2i + 1) by the angle position * theta^(-2i / head_dim), in float arithmetic, and its
