@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -20,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "spectrumkv/codec/codec.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 ABSL_FLAG(uint32_t, layers, 4, "layers in the measured set");
 ABSL_FLAG(uint32_t, tokens, 4096, "tokens per layer");
@@ -32,6 +35,9 @@ ABSL_FLAG(uint32_t, repeats, 3, "timed repetitions; the fastest is reported");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of a table");
 ABSL_FLAG(bool, entropy_coding, false,
           "also measure every budget with the entropy stage (zstd), next to the plain codec");
+ABSL_FLAG(bool, transform_coding, false,
+          "also run every budget with transform-coded rows (CodecOptions::transform_profile; a "
+          "synthetic profile: random orthonormal bases, variances decaying 0.9^c), side by side");
 ABSL_FLAG(std::string, device, "cpu",
           "cpu, or cuda: device copy vs encode/decode bandwidth, by skv-codec-bench-cuda (built "
           "next to this binary when nvcc is found), which gets the other arguments");
@@ -54,8 +60,44 @@ double BestSeconds(uint32_t repeats, F&& f) {
 struct BudgetResult {
   double budget;
   const char* entropy;  // the entropy stage: "none" or "zstd"
+  const char* rows;     // "affine", or "transform" (transform-coded rows)
   double achieved, encode_gbps, decode_gbps, score_plan_share;
 };
+
+// A profile of the benchmark's shape: per layer, K/V and head a random orthonormal basis
+// (Gram-Schmidt), zero mean, variances 0.9^c. Speed does not depend on how well it fits the data.
+skv::TransformProfile SyntheticProfile(uint32_t layers, uint32_t heads, uint32_t head_dim) {
+  skv::TransformProfile p;
+  p.layers = layers;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.rope_theta = 10000.0;
+  const size_t d = head_dim, count = size_t{layers} * 2 * heads;
+  std::mt19937 rng(7);
+  std::normal_distribution<double> normal;
+  std::vector<double> q(d * d);
+  for (size_t b = 0; b < count; ++b) {
+    for (double& v : q) v = normal(rng);
+    for (size_t c = 0; c < d; ++c) {
+      double* row = q.data() + c * d;
+      for (size_t prev = 0; prev < c; ++prev) {
+        double dot = 0;
+        for (size_t i = 0; i < d; ++i) dot += row[i] * q[prev * d + i];
+        for (size_t i = 0; i < d; ++i) row[i] -= dot * q[prev * d + i];
+      }
+      double norm = 0;
+      for (size_t i = 0; i < d; ++i) norm += row[i] * row[i];
+      for (size_t i = 0; i < d; ++i) p.bases.push_back(float(row[i] / std::sqrt(norm)));
+      p.variances.push_back(float(std::pow(0.9, double(c))));
+    }
+  }
+  p.means.assign(count * d, 0.0f);
+  if (absl::Status s = skv::FinishTransformProfile(&p); !s.ok()) {
+    std::fprintf(stderr, "skv-codec-bench: %s\n", std::string(s.message()).c_str());
+    std::exit(1);
+  }
+  return p;
+}
 
 int Run() {
   const uint32_t layers = absl::GetFlag(FLAGS_layers), tokens = absl::GetFlag(FLAGS_tokens);
@@ -100,17 +142,31 @@ int Run() {
   });
   const double memcpy_gbps = raw_bytes / memcpy_s / 1e9;
 
-  // Every budget plain, and with --entropy_coding also with the entropy stage, side by side.
-  std::vector<std::pair<double, skv::EntropyCoder>> runs;
+  // Every budget plain, and with --entropy_coding also with the entropy stage, and with
+  // --transform_coding also with transform-coded rows, side by side.
+  struct Variant {
+    double budget;
+    skv::EntropyCoder coder;
+    bool transform;
+  };
+  std::vector<Variant> runs;
   for (double b : budgets) {
-    runs.push_back({b, skv::EntropyCoder::kNone});
-    if (absl::GetFlag(FLAGS_entropy_coding)) runs.push_back({b, skv::EntropyCoder::kZstd});
+    for (bool transform : {false, true}) {
+      if (transform && !absl::GetFlag(FLAGS_transform_coding)) continue;
+      runs.push_back({b, skv::EntropyCoder::kNone, transform});
+      if (absl::GetFlag(FLAGS_entropy_coding))
+        runs.push_back({b, skv::EntropyCoder::kZstd, transform});
+    }
   }
+  const skv::TransformProfile profile = absl::GetFlag(FLAGS_transform_coding)
+                                            ? SyntheticProfile(layers, heads, head_dim)
+                                            : skv::TransformProfile{};
   std::vector<BudgetResult> results;
-  for (const auto& [b, coder] : runs) {
+  for (const auto& [b, coder, transform] : runs) {
     skv::CodecOptions options;
     options.budget = b;
     options.entropy_coder = coder;
+    if (transform) options.transform_profile = &profile;
     options.allocator = absl::GetFlag(FLAGS_allocator) == "paper" ? skv::AllocatorKind::kPaper
                                                                   : skv::AllocatorKind::kRd;
     skv::EncodedKv reused;  // steady state: segment buffers are reused, as a daemon pool would
@@ -127,8 +183,9 @@ int Run() {
                                                    result->segments.end());
     std::vector<uint8_t> kept;
     absl::Status decoded;
-    const double decode_s = BestSeconds(
-        repeats, [&] { decoded = skv::DecodeKv(segments, destination, &kept, kernels); });
+    const double decode_s = BestSeconds(repeats, [&] {
+      decoded = skv::DecodeKv(segments, destination, &kept, kernels, options.transform_profile);
+    });
     if (!decoded.ok()) {
       std::fprintf(stderr, "decode failed at b=%g: %s\n", b,
                    std::string(decoded.message()).c_str());
@@ -136,19 +193,20 @@ int Run() {
     }
     const skv::EncodeStats& s = result->stats;
     const double staged = s.score_seconds + s.plan_seconds + s.encode_seconds;
-    results.push_back({b, skv::EntropyCoderName(coder), s.achieved_budget,
-                       raw_bytes / encode_s / 1e9, raw_bytes / decode_s / 1e9,
+    results.push_back({b, skv::EntropyCoderName(coder), transform ? "transform" : "affine",
+                       s.achieved_budget, raw_bytes / encode_s / 1e9, raw_bytes / decode_s / 1e9,
                        staged > 0 ? (s.score_seconds + s.plan_seconds) / staged : 0.0});
   }
 
   if (absl::GetFlag(FLAGS_json)) {
     std::vector<std::string> items;
     for (const BudgetResult& r : results) {
-      items.push_back(absl::StrFormat(
-          "{\"budget\":%.2f,\"entropy\":\"%s\",\"achieved_b\":%.4f,\"encode_gbps\":%.3f,"
-          "\"decode_gbps\":%.3f,\"encode_vs_memcpy\":%.3f,\"decode_vs_memcpy\":%.3f}",
-          r.budget, r.entropy, r.achieved, r.encode_gbps, r.decode_gbps,
-          r.encode_gbps / memcpy_gbps, r.decode_gbps / memcpy_gbps));
+      items.push_back(
+          absl::StrFormat("{\"budget\":%.2f,\"entropy\":\"%s\",\"rows\":\"%s\",\"achieved_b\":%.4f,"
+                          "\"encode_gbps\":%.3f,\"decode_gbps\":%.3f,\"encode_vs_memcpy\":%.3f,"
+                          "\"decode_vs_memcpy\":%.3f}",
+                          r.budget, r.entropy, r.rows, r.achieved, r.encode_gbps, r.decode_gbps,
+                          r.encode_gbps / memcpy_gbps, r.decode_gbps / memcpy_gbps));
     }
     std::printf(
         "{\"kernels\":\"%s\",\"allocator\":\"%s\",\"layers\":%u,\"tokens\":%u,\"heads\":%u,"
@@ -163,11 +221,11 @@ int Run() {
       layers, tokens, heads, head_dim, raw_bytes / (1 << 20), kernels.name,
       absl::GetFlag(FLAGS_allocator).c_str(), repeats);
   std::printf("memcpy: %.2f GB/s\n\n", memcpy_gbps);
-  std::printf("%8s %8s %10s %12s %10s %12s %10s %14s\n", "budget", "entropy", "achieved",
-              "encode GB/s", "x memcpy", "decode GB/s", "x memcpy", "score+plan %");
+  std::printf("%8s %8s %10s %10s %12s %10s %12s %10s %14s\n", "budget", "entropy", "rows",
+              "achieved", "encode GB/s", "x memcpy", "decode GB/s", "x memcpy", "score+plan %");
   for (const BudgetResult& r : results) {
-    std::printf("%8.2f %8s %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.entropy,
-                r.achieved, r.encode_gbps, r.encode_gbps / memcpy_gbps, r.decode_gbps,
+    std::printf("%8.2f %8s %10s %10.4f %12.2f %10.3f %12.2f %10.3f %14.1f\n", r.budget, r.entropy,
+                r.rows, r.achieved, r.encode_gbps, r.encode_gbps / memcpy_gbps, r.decode_gbps,
                 r.decode_gbps / memcpy_gbps, 100 * r.score_plan_share);
   }
   return 0;

@@ -17,6 +17,7 @@
 #include "peer_protocol.h"
 #include "spectrumkv/codec/codec.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/codec/transform_coding.h"
 #include "wire_format.h"
 
 namespace {
@@ -34,6 +35,28 @@ void Write(const fs::path& dir, const std::string& name, const Bytes& bytes) {
     std::fprintf(stderr, "cannot write %s\n", (dir / name).c_str());
     std::exit(1);
   }
+}
+
+// One layer, 2 heads of 16: identity bases, variances halving per component (the transform seed).
+const skv::TransformProfile* SeedProfile() {
+  static const skv::TransformProfile profile = [] {
+    skv::TransformProfile p;
+    p.layers = 1;
+    p.heads = 2;
+    p.head_dim = 16;
+    const size_t d = 16, count = 4;
+    p.means.assign(count * d, 0.0f);
+    p.bases.assign(count * d * d, 0.0f);
+    for (size_t b = 0; b < count; ++b) {
+      for (size_t i = 0; i < d; ++i) {
+        p.bases[b * d * d + i * d + i] = 1.0f;
+        p.variances.push_back(4.0f / float(1u << i));
+      }
+    }
+    if (!skv::FinishTransformProfile(&p).ok()) std::abort();
+    return p;
+  }();
+  return &profile;
 }
 
 struct SegmentSeed {
@@ -100,6 +123,13 @@ const SegmentSeed kSegmentSeeds[] = {
      [](skv::CodecOptions& o) {
        o.budget = 0.35;
        o.entropy_coder = skv::EntropyCoder::kZstd;
+     }},
+    // Transform-coded rows (kSegmentTransformCoded) at INT8 and INT4.
+    {"fp16-transform", skv::DType::kFp16, 24, 2, 16,
+     [](skv::CodecOptions& o) {
+       o.budget = 0.5;
+       o.allowed_tiers = o.allowed_tiers.With(skv::Tier::kInt2, true);
+       o.transform_profile = SeedProfile();
      }},
     {"fp16-drop", skv::DType::kFp16, 32, 1, 16,
      [](skv::CodecOptions& o) {

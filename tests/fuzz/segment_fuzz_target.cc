@@ -2,7 +2,8 @@
 // Status or decode within the destination, never crash or read out of bounds. A segment that
 // parses must also decode, identically with the reference and the fastest row kernels (the
 // codec's bit-exactness contract), FP16 rows bit-exact, dropped rows zeroed, and nothing written
-// outside its token range; any breach aborts. (NaN payloads may differ between kernels.)
+// outside its token range; any breach aborts. (NaN payloads may differ between kernels.) A
+// transform-coded segment must be refused without a profile and decode with one of its shape.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/segment.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
 
@@ -34,6 +36,23 @@ bool SameOrBothNan(uint16_t a, uint16_t b, skv::DType dtype) {
 
 bool Inside(std::span<const uint8_t> part, const uint8_t* data, size_t size) {
   return part.empty() || (part.data() >= data && part.data() + part.size() <= data + size);
+}
+
+// Identity bases with unit variances: any profile of the segment's shape decodes it.
+skv::TransformProfile IdentityProfile(uint32_t layers, uint32_t heads, uint32_t head_dim) {
+  skv::TransformProfile p;
+  p.layers = layers;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  const size_t d = head_dim, count = size_t{layers} * 2 * heads;
+  p.means.assign(count * d, 0.0f);
+  p.variances.assign(count * d, 1.0f);
+  p.bases.assign(count * d * d, 0.0f);
+  for (size_t b = 0; b < count; ++b) {
+    for (size_t i = 0; i < d; ++i) p.bases[b * d * d + i * d + i] = 1.0f;
+  }
+  Check(skv::FinishTransformProfile(&p).ok());
+  return p;
 }
 
 }  // namespace
@@ -61,13 +80,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size_t{tokens} * n > (size_t{1} << 22)) return 0;
   const auto dtype = static_cast<skv::DType>(h.dtype);
   std::vector<uint16_t> fast(size_t{tokens} * n, kUntouched), ref(fast);
-  Check(skv::DecodeSegment(
-            *seg, skv::KvTensorView::Dense(fast.data(), dtype, tokens, h.heads, h.head_dim),
-            skv::BestRowKernels())
-            .ok());
+  const auto fast_view = skv::KvTensorView::Dense(fast.data(), dtype, tokens, h.heads, h.head_dim);
+  const bool transform = h.flags & skv::kSegmentTransformCoded;
+  skv::TransformProfile profile;
+  if (transform) {
+    // Without the encoder's profile a transform-coded segment is refused before any write.
+    Check(skv::DecodeSegment(*seg, fast_view, skv::BestRowKernels()).code() ==
+          absl::StatusCode::kFailedPrecondition);
+    if ((size_t{h.layer} + 1) * 2 * h.heads * h.head_dim * h.head_dim > (size_t{1} << 20)) {
+      return 0;
+    }
+    profile = IdentityProfile(h.layer + 1, h.heads, h.head_dim);
+  }
+  const skv::TransformProfile* decode_profile = transform ? &profile : nullptr;
+  Check(skv::DecodeSegment(*seg, fast_view, skv::BestRowKernels(), decode_profile).ok());
   Check(skv::DecodeSegment(*seg,
                            skv::KvTensorView::Dense(ref.data(), dtype, tokens, h.heads, h.head_dim),
-                           skv::ReferenceRowKernels())
+                           skv::ReferenceRowKernels(), decode_profile)
             .ok());
   for (size_t i = 0; i < fast.size(); ++i) Check(SameOrBothNan(fast[i], ref[i], dtype));
 
@@ -83,9 +112,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } else if (t == skv::Tier::kDrop) {
       for (size_t c = 0; c < n; ++c) Check(row[c] == 0);
     }
-    record += per_channel && skv::IsQuantized(t)
-                  ? skv::RowCodeBytes(t, h.heads, h.head_dim)
-                  : skv::RowBytes(t, h.heads, h.head_dim, h.group_size);
+    if (transform && skv::IsQuantized(t)) {
+      record += skv::TransformCodedRowBytes(t, h.heads, h.head_dim);
+    } else {
+      record += per_channel && skv::IsQuantized(t)
+                    ? skv::RowCodeBytes(t, h.heads, h.head_dim)
+                    : skv::RowBytes(t, h.heads, h.head_dim, h.group_size);
+    }
   }
   Check(record == seg->payload.size());
   return 0;
