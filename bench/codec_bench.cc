@@ -87,7 +87,8 @@ skv::TransformProfile SyntheticProfile(uint32_t layers, uint32_t heads, uint32_t
       }
       double norm = 0;
       for (size_t i = 0; i < d; ++i) norm += row[i] * row[i];
-      for (size_t i = 0; i < d; ++i) p.bases.push_back(float(row[i] / std::sqrt(norm)));
+      for (size_t i = 0; i < d; ++i) row[i] /= std::sqrt(norm);
+      p.bases.insert(p.bases.end(), row, row + d);
       p.variances.push_back(float(std::pow(0.9, double(c))));
     }
   }

@@ -251,7 +251,7 @@ void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind k
                                  const TransformProfile& profile, const RowKernels& kernels,
                                  std::span<DistortionTable::Row> rows) {
   const size_t d = v.head_dim;
-  std::vector<float> head(d), coefficients(d);
+  std::vector<float> head(d);
   for (uint32_t t = 0; t < v.tokens; ++t) {
     double err[kNumTiers] = {};
     for (uint32_t h = 0; h < v.heads; ++h) {
@@ -260,7 +260,7 @@ void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind k
         UndoInterleavedRope(head, t, profile.rope_theta);
       }
       const HeadBasis basis = profile.Head(layer, kind, h);
-      const float gain = ProjectHeadRow(head, basis, coefficients);
+      const float gain = HeadRowGain(head, basis);
       for (Tier tier : kQuantizedTiers) {
         err[static_cast<int>(tier)] +=
             ExpectedHeadRowError(gain, basis, profile.Bits(layer, kind, h, tier));

@@ -142,7 +142,7 @@ TEST(TransformCodingTest, ErrorMatchesTheEstimateAndEightBitsAreNearlyExact) {
       EncodeHeadRow(x, b.view(), bits, scratch, wire.data());
       DecodeHeadRow(wire.data(), b.view(), bits, decoded);
       for (size_t i = 0; i < kDim; ++i) error += double(decoded[i] - x[i]) * (decoded[i] - x[i]);
-      expected += ExpectedHeadRowError(ProjectHeadRow(x, b.view(), scratch), b.view(), bits);
+      expected += ExpectedHeadRowError(HeadRowGain(x, b.view()), b.view(), bits);
     }
     // The gain is the row's own RMS, so the normalised components are not exactly N(0, 1): the
     // estimate holds to a few percent here. With fewer effective dimensions (variances decaying

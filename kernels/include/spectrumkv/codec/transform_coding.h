@@ -65,13 +65,14 @@ size_t TotalBits(std::span<const uint8_t> bits);
 // codes rounded up to a byte.
 constexpr size_t CodedHeadBytes(size_t total_bits) { return 2 + (total_bits + 7) / 8; }
 
-// Projects x (head_dim values; a key's RoPE undone; non-finite values count as 0) on the basis:
-// coefficients[c] = basis row c . (x - mean). Returns the row's gain as the wire carries it (the
-// fp16 value of sqrt(sum coefficients^2 / sum variance), 0 when the variances sum to 0).
-float ProjectHeadRow(std::span<const float> x, const HeadBasis& basis,
-                     std::span<float> coefficients);
+// The row's gain as the wire carries it: the fp16 value of sqrt(|x - mean|^2 / sum variance)
+// (0 when the variances sum to 0), x being head_dim values (a key's RoPE undone; non-finite
+// values count as 0, huge ones are clamped to the fp16 range). As the basis is orthonormal,
+// |x - mean|^2 is the energy of the row's components, so no projection is needed.
+float HeadRowGain(std::span<const float> x, const HeadBasis& basis);
 
-// Codes x into out[0, CodedHeadBytes(TotalBits(bits))). `scratch` holds head_dim values.
+// Codes x into out[0, CodedHeadBytes(TotalBits(bits))): the gain, then each component with
+// bits[c] > 0 projected (basis row c . (x - mean)) and quantized. `scratch` holds head_dim values.
 void EncodeHeadRow(std::span<const float> x, const HeadBasis& basis, std::span<const uint8_t> bits,
                    std::span<float> scratch, uint8_t* out);
 
