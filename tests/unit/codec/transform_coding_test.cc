@@ -288,11 +288,7 @@ TEST(TransformCodedSegmentTest, RoundTripBeatsAffineRowsOnProfiledKv) {
   std::vector<Tier> tiers(keys.tokens);
   constexpr Tier kCycle[] = {Tier::kFp16, Tier::kInt8, Tier::kInt4, Tier::kInt2, Tier::kDrop};
   for (size_t t = 0; t < tiers.size(); ++t) tiers[t] = kCycle[t % 5];
-  const SegmentSpec spec{.request_id = 1,
-                         .layer = 1,
-                         .kind = KvKind::kKey,
-                         .token_begin = 0,
-                         .token_count = keys.tokens};
+  const SegmentSpec spec{1, /*layer=*/1, KvKind::kKey, 0, keys.tokens};
 
   CodecOptions coded;
   coded.transform_profile = &data->profile;
@@ -317,11 +313,9 @@ TEST(TransformCodedSegmentTest, RoundTripBeatsAffineRowsOnProfiledKv) {
       }
     }
     for (Tier t : kQuantizedTiers) error[mode][int(t)] = TierError(keys, decoded, tiers, t);
-    if (mode == 0) {
-      // Row bytes: per head an fp16 gain and head_dim * bits / 8 code bytes.
-      EXPECT_EQ(TransformCodedRowBytes(Tier::kInt4, 2, 64), 2u * (2 + 32));
-    }
   }
+  // Row bytes: per head an fp16 gain and head_dim * bits / 8 code bytes.
+  EXPECT_EQ(TransformCodedRowBytes(Tier::kInt4, 2, 64), 2u * (2 + 32));
   EXPECT_LT(error[0][int(Tier::kInt8)], error[0][int(Tier::kInt4)]);
   EXPECT_LT(error[0][int(Tier::kInt4)], error[0][int(Tier::kInt2)]);
   // In the profile's basis the bits go where the variance is.
@@ -333,11 +327,7 @@ TEST(TransformCodedSegmentTest, DecodingNeedsTheProfileAndFlagsMustAgree) {
   const std::unique_ptr<ProfiledKv> data = MakeProfiledKv(8);
   const KvTensorView& values = data->kv->views()[0].value;
   const std::vector<Tier> tiers(values.tokens, Tier::kInt4);
-  const SegmentSpec spec{.request_id = 1,
-                         .layer = 0,
-                         .kind = KvKind::kValue,
-                         .token_begin = 0,
-                         .token_count = values.tokens};
+  const SegmentSpec spec{1, /*layer=*/0, KvKind::kValue, 0, values.tokens};
   CodecOptions options;
   options.transform_profile = &data->profile;
   ByteBuffer segment;
