@@ -223,6 +223,22 @@ absl::Status FinishTransformProfile(TransformProfile* profile) {
   return absl::OkStatus();
 }
 
+TransformProfile IdentityTransformProfile(uint32_t layers, uint32_t heads, uint32_t head_dim) {
+  TransformProfile p;
+  p.layers = layers;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  const size_t d = head_dim, count = size_t{layers} * 2 * heads;
+  p.means.assign(count * d, 0.0f);
+  p.variances.assign(count * d, 1.0f);
+  p.bases.assign(count * d * d, 0.0f);
+  for (size_t b = 0; b < count; ++b) {
+    for (size_t i = 0; i < d; ++i) p.bases[b * d * d + i * d + i] = 1.0f;
+  }
+  if (!FinishTransformProfile(&p).ok()) return TransformProfile{};  // a shape it refuses
+  return p;
+}
+
 absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, uint32_t heads,
                               uint32_t head_dim) {
   if (layers > profile.layers || heads != profile.heads || head_dim != profile.head_dim) {

@@ -40,19 +40,8 @@ void Write(const fs::path& dir, const std::string& name, const Bytes& bytes) {
 // One layer, 2 heads of 16: identity bases, variances halving per component (the transform seed).
 const skv::TransformProfile* SeedProfile() {
   static const skv::TransformProfile profile = [] {
-    skv::TransformProfile p;
-    p.layers = 1;
-    p.heads = 2;
-    p.head_dim = 16;
-    const size_t d = 16, count = 4;
-    p.means.assign(count * d, 0.0f);
-    p.bases.assign(count * d * d, 0.0f);
-    for (size_t b = 0; b < count; ++b) {
-      for (size_t i = 0; i < d; ++i) {
-        p.bases[b * d * d + i * d + i] = 1.0f;
-        p.variances.push_back(4.0f / float(1u << i));
-      }
-    }
+    skv::TransformProfile p = skv::IdentityTransformProfile(1, 2, 16);
+    for (size_t i = 0; i < p.variances.size(); ++i) p.variances[i] = 4.0f / float(1u << (i % 16));
     if (!skv::FinishTransformProfile(&p).ok()) std::abort();
     return p;
   }();

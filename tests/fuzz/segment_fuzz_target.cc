@@ -38,23 +38,6 @@ bool Inside(std::span<const uint8_t> part, const uint8_t* data, size_t size) {
   return part.empty() || (part.data() >= data && part.data() + part.size() <= data + size);
 }
 
-// Identity bases with unit variances: any profile of the segment's shape decodes it.
-skv::TransformProfile IdentityProfile(uint32_t layers, uint32_t heads, uint32_t head_dim) {
-  skv::TransformProfile p;
-  p.layers = layers;
-  p.heads = heads;
-  p.head_dim = head_dim;
-  const size_t d = head_dim, count = size_t{layers} * 2 * heads;
-  p.means.assign(count * d, 0.0f);
-  p.variances.assign(count * d, 1.0f);
-  p.bases.assign(count * d * d, 0.0f);
-  for (size_t b = 0; b < count; ++b) {
-    for (size_t i = 0; i < d; ++i) p.bases[b * d * d + i * d + i] = 1.0f;
-  }
-  Check(skv::FinishTransformProfile(&p).ok());
-  return p;
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -90,7 +73,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if ((size_t{h.layer} + 1) * 2 * h.heads * h.head_dim * h.head_dim > (size_t{1} << 20)) {
       return 0;
     }
-    profile = IdentityProfile(h.layer + 1, h.heads, h.head_dim);
+    profile = skv::IdentityTransformProfile(h.layer + 1, h.heads, h.head_dim);  // any of its shape
+    Check(!profile.tier_bits.empty());
   }
   const skv::TransformProfile* decode_profile = transform ? &profile : nullptr;
   Check(skv::DecodeSegment(*seg, fast_view, skv::BestRowKernels(), decode_profile).ok());

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "kv_test_data.h"
+#include "spectrumkv/codec/transform_coding.h"
 
 namespace skv {
 namespace {
@@ -144,6 +145,20 @@ TEST(StreamCodec, AChunkBelowItsMinimumIsPlannedAtTheMinimum) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->at(0, KvKind::kKey, 0), Tier::kFp16);
   EXPECT_EQ(plan->at(0, KvKind::kKey, 10), Tier::kDrop);
+}
+
+TEST(StreamCodec, TransformCodedChunksAreNotSupportedYet) {
+  SyntheticKvSpec spec{.layers = 1, .tokens = 20, .heads = 1, .head_dim = 32, .seed = 7};
+  SyntheticKv kv(spec);
+  const TransformProfile profile = IdentityTransformProfile(1, 1, 32);
+  CodecOptions options;
+  options.transform_profile = &profile;
+  std::vector<float> scores(20, 1.0f);
+  EncodeStats stats;
+  EXPECT_EQ(PlanChunk(kv.views()[0], 20, {0, 0, 20}, scores, options, BestRowKernels(), &stats)
+                .status()
+                .code(),
+            absl::StatusCode::kUnimplemented);
 }
 
 // allow_drop = false through the stream: a chunk is planned at no less than its minimum without

@@ -424,16 +424,7 @@ TEST(EmulatedImportanceTest, MatchesReferenceWithinTolerance) {
 // The device codec has no transform-coded rows: its host-side plans refuse them both ways.
 TEST(EmulatedSegmentPlanTest, TransformCodingIsUnimplemented) {
   HostTensor tensor(DType::kFp16, 8, 1, 64, TensorLayout{}, 1);
-  TransformProfile profile;  // identity bases, one layer and head
-  profile.layers = profile.heads = 1;
-  profile.head_dim = 64;
-  profile.means.assign(2 * 64, 0.0f);
-  profile.bases.assign(2 * 64 * 64, 0.0f);
-  for (size_t k = 0; k < 2; ++k) {
-    for (size_t i = 0; i < 64; ++i) profile.bases[k * 64 * 64 + i * 64 + i] = 1.0f;
-  }
-  profile.variances.assign(2 * 64, 1.0f);
-  ASSERT_TRUE(FinishTransformProfile(&profile).ok());
+  const TransformProfile profile = IdentityTransformProfile(1, 1, 64);
   CodecOptions options;
   options.transform_profile = &profile;
   const std::vector<Tier> tiers(8, Tier::kInt4);

@@ -116,6 +116,10 @@ struct TransformProfile {
 // >= 0), then fills tier_bits: head_dim * TierBits(tier) bits per head for each quantized tier.
 absl::Status FinishTransformProfile(TransformProfile* profile);
 
+// A finished profile with identity bases, zero means and unit variances: transform coding in the
+// rows' own coordinates, for tests and tools that have no calibration.
+TransformProfile IdentityTransformProfile(uint32_t layers, uint32_t heads, uint32_t head_dim);
+
 // OK when `profile` covers KV of `layers` layers x heads x head_dim (it may have more layers);
 // else InvalidArgument with both shapes.
 absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, uint32_t heads,
