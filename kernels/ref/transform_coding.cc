@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "spectrumkv/codec/gaussian_codebooks.inc"
 #include "spectrumkv/codec/half.h"
 #include "spectrumkv/codec/row_kernels.h"
 
@@ -63,10 +64,31 @@ float ComponentSigma(const HeadBasis& basis, size_t c, float gain) {
   return std::sqrt(std::max(basis.variance[c], 0.0f)) * gain;
 }
 
-// Reconstruction level of `code` in units of sigma.
-float Level(uint32_t code, int bits) {
-  const float half_levels = float(1u << (bits - 1));
-  return (float(code) + 0.5f - half_levels) * kGaussianUniformStep[bits];
+constexpr float kLevels1[] = SKV_LLOYD_MAX_LEVELS_1;
+constexpr float kLevels2[] = SKV_LLOYD_MAX_LEVELS_2;
+constexpr float kLevels3[] = SKV_LLOYD_MAX_LEVELS_3;
+constexpr float kLevels4[] = SKV_LLOYD_MAX_LEVELS_4;
+constexpr float kLevels5[] = SKV_LLOYD_MAX_LEVELS_5;
+constexpr float kLevels6[] = SKV_LLOYD_MAX_LEVELS_6;
+constexpr float kLevels7[] = SKV_LLOYD_MAX_LEVELS_7;
+constexpr float kLevels8[] = SKV_LLOYD_MAX_LEVELS_8;
+constexpr const float* kLevels[kMaxComponentBits + 1] = {
+    nullptr, kLevels1, kLevels2, kLevels3, kLevels4, kLevels5, kLevels6, kLevels7, kLevels8};
+
+// The code of v (in units of sigma): how many cell boundaries (midpoints between neighbouring
+// levels, in float) lie at or below it. v is finite or +-inf (x is sanitized, sigma > 0).
+uint32_t CodeOf(float v, int bits) {
+  const float* levels = kLevels[bits];
+  uint32_t lo = 0, hi = (1u << bits) - 1;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (v >= (levels[mid] + levels[mid + 1]) * 0.5f) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
 }
 
 // a . b over n values in a fixed order that the compiler can vectorize: eight running sums
@@ -92,6 +114,13 @@ void Rotate(std::span<float> key, int64_t position, double theta, float directio
 }
 
 }  // namespace
+
+const double kGaussianLloydMaxMse[kMaxComponentBits + 1] = SKV_LLOYD_MAX_MSE;
+
+std::span<const float> GaussianLloydMaxLevels(int bits) {
+  if (bits < 1 || bits > kMaxComponentBits) return {};
+  return {kLevels[bits], size_t{1} << bits};
+}
 
 std::vector<uint8_t> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
                                            std::span<const double> component_mse) {
@@ -147,10 +176,7 @@ void EncodeHeadRow(std::span<const float> x, const HeadBasis& basis, std::span<c
     if (b == 0) continue;
     const float sigma = ComponentSigma(basis, c, gain);
     const float v = sigma > 0 ? Dot(basis.basis.data() + c * d, scratch.data(), d) / sigma : 0.0f;
-    const int levels = 1 << b;
-    // v is finite or +-inf (x is sanitized, sigma > 0): the clamp maps it to a level.
-    const float index = std::floor(v / kGaussianUniformStep[b] + float(levels / 2));
-    writer.Put(uint32_t(std::clamp(index, 0.0f, float(levels - 1))), b);
+    writer.Put(CodeOf(v, b), b);
   }
   writer.Flush();
 }
@@ -166,7 +192,7 @@ void DecodeHeadRow(const uint8_t* in, const HeadBasis& basis, std::span<const ui
   for (size_t c = 0; c < d; ++c) {
     const int b = bits[c];
     if (b == 0) continue;
-    const float q = Level(reader.Get(b), b) * ComponentSigma(basis, c, gain);
+    const float q = kLevels[b][reader.Get(b)] * ComponentSigma(basis, c, gain);
     const float* row = basis.basis.data() + c * d;
     for (size_t i = 0; i < d; ++i) x[i] += q * row[i];
   }
@@ -175,7 +201,7 @@ void DecodeHeadRow(const uint8_t* in, const HeadBasis& basis, std::span<const ui
 double ExpectedHeadRowError(double gain, const HeadBasis& basis, std::span<const uint8_t> bits) {
   double error = 0;
   for (size_t c = 0; c < basis.head_dim(); ++c) {
-    error += std::max(double(basis.variance[c]), 0.0) * kGaussianUniformMse[bits[c]];
+    error += std::max(double(basis.variance[c]), 0.0) * kGaussianLloydMaxMse[bits[c]];
   }
   return gain * gain * error;
 }

@@ -64,9 +64,50 @@ TEST(TransformCodingTest, StepsAreTheGaussianOptimaWithTheirErrors) {
   EXPECT_NEAR(kGaussianUniformMse[4], 0.01154, 1e-5);
 }
 
+// The codec's codebooks are the Lloyd-Max quantizers of N(0, 1): symmetric, each level the
+// centroid of its cell, with the errors of the table (Max 1960: 1 bit 0.7979 / 0.3634, 2 bits
+// 0.4528, 1.510 / 0.1175, 3 bits 0.03454, 4 bits 0.009497).
+TEST(TransformCodingTest, CodebooksAreTheGaussianLloydMaxQuantizers) {
+  auto cdf = [](double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); };
+  auto pdf = [](double x) {
+    return std::isinf(x) ? 0.0 : std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
+  };
+  for (int b = 1; b <= kMaxComponentBits; ++b) {
+    const std::span<const float> levels = GaussianLloydMaxLevels(b);
+    ASSERT_EQ(levels.size(), size_t{1} << b);
+    double mse = 0;
+    for (size_t i = 0; i < levels.size(); ++i) {
+      EXPECT_EQ(levels[i], -levels[levels.size() - 1 - i]) << b << " bits, level " << i;
+      if (i > 0) {
+        EXPECT_LT(levels[i - 1], levels[i]);
+      }
+      const double lo = i == 0 ? -INFINITY : (double(levels[i - 1]) + levels[i]) / 2;
+      const double hi = i + 1 == levels.size() ? INFINITY : (double(levels[i]) + levels[i + 1]) / 2;
+      const double centroid = (pdf(lo) - pdf(hi)) / (cdf(hi) - cdf(lo));
+      EXPECT_NEAR(levels[i], centroid, 2e-4 * std::max(1.0, std::abs(centroid))) << b;
+      const double c = levels[i];
+      auto f = [&](double x) {
+        const double xp = std::isinf(x) ? 0.0 : x * pdf(x);
+        return cdf(x) - xp + 2 * c * pdf(x) + c * c * cdf(x);
+      };
+      mse += f(hi) - f(lo);
+    }
+    EXPECT_NEAR(mse, kGaussianLloydMaxMse[b], 1e-4 * kGaussianLloydMaxMse[b]) << b;
+    EXPECT_LT(kGaussianLloydMaxMse[b], kGaussianUniformMse[b] + 1e-12) << b;
+  }
+  EXPECT_NEAR(GaussianLloydMaxLevels(1)[1], 0.7979, 1e-4);
+  EXPECT_NEAR(GaussianLloydMaxLevels(2)[2], 0.4528, 1e-4);
+  EXPECT_NEAR(GaussianLloydMaxLevels(2)[3], 1.510, 1e-3);
+  EXPECT_NEAR(kGaussianLloydMaxMse[2], 0.1175, 1e-4);
+  EXPECT_NEAR(kGaussianLloydMaxMse[3], 0.03454, 1e-5);
+  EXPECT_NEAR(kGaussianLloydMaxMse[4], 0.009497, 1e-5);
+  EXPECT_TRUE(GaussianLloydMaxLevels(0).empty());
+  EXPECT_TRUE(GaussianLloydMaxLevels(9).empty());
+}
+
 TEST(TransformCodingTest, BitsGoWhereTheErrorDropsMost) {
-  // Drops: c0 4 * 0.637 = 2.55 -> c0; then c0 4 * 0.245 = 0.98 vs c1 0.637 -> c0; then c0
-  // 4 * 0.081 = 0.33 vs c1 0.637 -> c1. The zero variance gets nothing.
+  // Drops (Lloyd-Max errors): c0 4 * 0.637 = 2.55 -> c0; then c0 4 * 0.246 = 0.98 vs c1 0.637 ->
+  // c0; then c0 4 * 0.083 = 0.33 vs c1 0.637 -> c1. The zero variance gets nothing.
   const std::vector<double> variances = {4.0, 1.0, 0.0};
   EXPECT_EQ(AllocateComponentBits(variances, 3), (std::vector<uint8_t>{2, 1, 0}));
   EXPECT_EQ(AllocateComponentBits(variances, 0), (std::vector<uint8_t>{0, 0, 0}));
@@ -174,7 +215,8 @@ TEST(TransformCodingTest, WireFormIsGainThenPackedCodesWithZeroPadding) {
   const std::vector<uint8_t> bits = {3, 3, 3, 0, 0, 0, 0, 0};
   ASSERT_EQ(CodedHeadBytes(TotalBits(bits)), 4u);
   // x = (0, 0, 0, 0, 0, 0, 0, sqrt(8)) has energy 8 over total variance 8: gain 1. The three coded
-  // components are 0, at the level just above zero: code 4 of 0..7.
+  // components are 0, on the boundary between the levels around zero: the upper one, code 4 of
+  // 0..7.
   std::vector<float> x(kDim, 0.0f);
   x[7] = std::sqrt(8.0f);
   std::vector<float> scratch(kDim), decoded(kDim);
@@ -185,7 +227,7 @@ TEST(TransformCodingTest, WireFormIsGainThenPackedCodesWithZeroPadding) {
   EXPECT_EQ(wire[2], 0x24);
   EXPECT_EQ(wire[3], 0x01) << "the 7 padding bits are zero";
   DecodeHeadRow(wire.data(), b.view(), bits, decoded);
-  for (size_t i = 0; i < 3; ++i) EXPECT_FLOAT_EQ(decoded[i], 0.5f * kGaussianUniformStep[3]);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(decoded[i], GaussianLloydMaxLevels(3)[4]);
   for (size_t i = 3; i < kDim; ++i) EXPECT_EQ(decoded[i], 0.0f) << "uncoded components vanish";
 }
 

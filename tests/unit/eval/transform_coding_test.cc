@@ -130,7 +130,8 @@ TEST(TransformCodingTest, EachComponentsErrorIsWhatItsBitsPredict) {
              (kind == 0 ? s.profile.keys : s.profile.values)[size_t(l * heads + h)].variance)
           variances.push_back(v);
   const size_t per_token_bits = coded->code_bytes * 8 / size_t(tokens);
-  const std::vector<uint8_t> bits = AllocateComponentBits(variances, per_token_bits);
+  const std::vector<uint8_t> bits =
+      AllocateComponentBits(variances, per_token_bits, kGaussianUniformMse);
   EXPECT_GT(bits[0], bits[size_t(d - 1)]);  // the leading component gets more than the last
 
   // Error along each component of layer 1, head 0, values (no RoPE): what the component's bits
