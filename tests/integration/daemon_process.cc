@@ -2,9 +2,12 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -75,9 +78,14 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Op
   if (!peers.empty()) args.push_back("--peers=" + peers);
   for (const std::string& f : options.extra_flags) args.push_back(f);
 
+  const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
+    // Die with the test process if it dies first (a sanitizer halt, a ctest timeout's SIGKILL):
+    // a daemon must never outlive the test that started it.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(126);
     FILE* log = std::fopen(d->log_path_.c_str(), "w");
     if (log != nullptr) {
       dup2(fileno(log), STDOUT_FILENO);
