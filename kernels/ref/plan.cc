@@ -250,15 +250,11 @@ namespace {
 void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind kind,
                                  const TransformProfile& profile, const RowKernels& kernels,
                                  std::span<DistortionTable::Row> rows) {
-  const size_t d = v.head_dim;
-  std::vector<float> head(d);
+  std::vector<float> head(v.head_dim);
   for (uint32_t t = 0; t < v.tokens; ++t) {
     double err[kNumTiers] = {};
     for (uint32_t h = 0; h < v.heads; ++h) {
-      kernels.load(v.row(t) + h * d, v.dtype, d, head.data());
-      if (kind == KvKind::kKey && profile.rope_theta > 0) {
-        UndoInterleavedRope(head, t, profile.rope_theta);
-      }
+      LoadHeadForCoding(v.row(t), v.dtype, kind, h, t, profile, kernels, head);
       const HeadBasis basis = profile.Head(layer, kind, h);
       const float gain = HeadRowGain(head, basis);
       for (Tier tier : kQuantizedTiers) {

@@ -151,19 +151,14 @@ void EncodePerChannel(const KvTensorView& source, const SegmentSpec& spec,
   }
 }
 
-// One transform-coded row: per head, the 16-bit values as floats, a key's RoPE undone at its
-// position (the token's index in the request), then EncodeHeadRow with the tier's bits.
+// One transform-coded row: per head, LoadHeadForCoding, then EncodeHeadRow with the tier's bits.
 void EncodeTransformCodedRow(const uint16_t* row, const KvTensorView& source,
                              const SegmentSpec& spec, uint32_t token, Tier tier,
                              const TransformProfile& profile, const RowKernels& k,
                              std::span<float> head, std::span<float> scratch, uint8_t* out) {
-  const size_t d = source.head_dim;
-  const size_t head_bytes = CodedHeadBytes(d * size_t(TierBits(tier)));
+  const size_t head_bytes = CodedHeadBytes(size_t{source.head_dim} * size_t(TierBits(tier)));
   for (uint32_t h = 0; h < source.heads; ++h) {
-    k.load(row + h * d, source.dtype, d, head.data());
-    if (spec.kind == KvKind::kKey && profile.rope_theta > 0) {
-      UndoInterleavedRope(head, token, profile.rope_theta);
-    }
+    LoadHeadForCoding(row, source.dtype, spec.kind, h, token, profile, k, head);
     EncodeHeadRow(head, profile.Head(spec.layer, spec.kind, h),
                   profile.Bits(spec.layer, spec.kind, h, tier), scratch, out + h * head_bytes);
   }

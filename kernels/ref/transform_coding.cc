@@ -171,7 +171,7 @@ void EncodeHeadRow(std::span<const float> x, const HeadBasis& basis, std::span<c
   const uint16_t gain_bits = FloatToFp16(gain);
   std::memcpy(out, &gain_bits, sizeof(gain_bits));
   BitWriter writer(out + sizeof(gain_bits));
-  for (size_t c = 0; c < basis.head_dim(); ++c) {
+  for (size_t c = 0; c < d; ++c) {
     const int b = bits[c];
     if (b == 0) continue;
     const float sigma = ComponentSigma(basis, c, gain);
@@ -274,6 +274,16 @@ absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, 
                      heads, " heads x ", head_dim));
   }
   return absl::OkStatus();
+}
+
+void LoadHeadForCoding(const uint16_t* row, DType dtype, KvKind kind, uint32_t head,
+                       int64_t position, const TransformProfile& profile, const RowKernels& kernels,
+                       std::span<float> out) {
+  const size_t d = profile.head_dim;
+  kernels.load(row + head * d, dtype, d, out.data());
+  if (kind == KvKind::kKey && profile.rope_theta > 0) {
+    UndoInterleavedRope(out.first(d), position, profile.rope_theta);
+  }
 }
 
 void ApplyInterleavedRope(std::span<float> key, int64_t position, double theta) {

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "spectrumkv/codec/formats.h"
+#include "spectrumkv/codec/row_kernels.h"
 
 namespace skv {
 
@@ -138,6 +139,13 @@ absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, 
 constexpr size_t TransformCodedRowBytes(Tier tier, size_t heads, size_t head_dim) {
   return heads * CodedHeadBytes(head_dim * size_t(TierBits(tier)));
 }
+
+// Head `head` of a 16-bit K or V row as the coder takes it: loaded to floats by `kernels`, a key's
+// RoPE undone at `position` (its token index in the request). `out` holds head_dim values. The
+// encoder and rd's distortion estimate both read rows through it.
+void LoadHeadForCoding(const uint16_t* row, DType dtype, KvKind kind, uint32_t head,
+                       int64_t position, const TransformProfile& profile, const RowKernels& kernels,
+                       std::span<float> out);
 
 // The rotation llama-style engines apply to a key at `position` over interleaved pairs
 // (2i, 2i + 1) by the angle position * theta^(-2i / head_dim), in float arithmetic, and its
