@@ -45,6 +45,10 @@ class GrpcDaemonCodec final : public DaemonCodec {
     if (method.kind == MethodKind::kFp16 || method.kind == MethodKind::kBaseline) {
       return CompressKv(source, queries, method, budget);
     }
+    if (method.codec_transform && profile_model_.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(method.name, " through the daemons needs the profile registered on them"));
+    }
     if (method.kind != MethodKind::kPlanner) {
       return absl::InvalidArgumentError(
           absl::StrCat("method ", method.name,
@@ -75,6 +79,10 @@ class GrpcDaemonCodec final : public DaemonCodec {
     encode.set_request_id(1);  // as the in-process path stamps
     const CodecOptions& o = method.options;
     *encode.mutable_policy() = control::CodecPolicyToProto(o);
+    if (method.codec_transform) {  // the daemons code with the registered model's profile
+      encode.set_model_id(profile_model_);
+      encode.mutable_policy()->set_transform_coding(true);
+    }
     if (o.rotate_keys != o.rotate_values || o.centre_values) {
       return absl::InvalidArgumentError(
           absl::StrCat("method ", method.name,
@@ -102,6 +110,7 @@ class GrpcDaemonCodec final : public DaemonCodec {
     *decode.mutable_segments() = encoded->segments();
     *decode.mutable_output_layout() = layout;
     decode.set_mask_format(v1::MASK_FORMAT_BYTES);
+    if (method.codec_transform) decode.set_model_id(profile_model_);
     absl::StatusOr<v1::DecodeResponse> decoded = decoder_->Decode(decode);
     if (!decoded.ok())
       return Annotate(decoded.status(), absl::StrCat("Decode on ", decode_target_));
@@ -160,9 +169,29 @@ class GrpcDaemonCodec final : public DaemonCodec {
     return out;
   }
 
+  absl::Status RegisterProfile(const v1::ModelProfile& profile) override {
+    v1::RegisterModelRequest r;
+    r.set_name("skv-eval-profiled");
+    r.mutable_shape()->set_layers(profile.layers());
+    r.mutable_shape()->set_kv_heads(profile.kv_heads());
+    r.mutable_shape()->set_head_dim(profile.head_dim());
+    r.mutable_shape()->set_dtype(v1::DTYPE_FP16);
+    *r.mutable_profile() = profile;
+    for (auto& [client, target] :
+         {std::pair{encoder_.get(), encode_target_}, std::pair{decoder_.get(), decode_target_}}) {
+      absl::StatusOr<v1::RegisterModelResponse> registered = client->RegisterModel(r);
+      if (!registered.ok()) {
+        return Annotate(registered.status(), absl::StrCat("RegisterModel on ", target));
+      }
+      profile_model_ = registered->model_id();
+    }
+    return absl::OkStatus();
+  }
+
  private:
   std::unique_ptr<SpectrumKvClient> encoder_, decoder_;
   std::string encode_target_, decode_target_;
+  std::string profile_model_;  // the model RegisterProfile registered (empty before)
 };
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "kv_methods.h"
+#include "spectrumkv/v1/spectrumkv.pb.h"
 
 namespace skv::eval {
 
@@ -19,6 +20,10 @@ class DaemonCodec {
   static absl::StatusOr<std::unique_ptr<DaemonCodec>> Connect(const std::string& encode_target,
                                                               const std::string& decode_target);
   virtual ~DaemonCodec() = default;
+
+  // Registers a model with `profile` (its shape) on both daemons, so that methods with the
+  // codec's transform coding (rd-tc) can go through Encode and Decode naming it.
+  virtual absl::Status RegisterProfile(const spectrumkv::v1::ModelProfile& profile) = 0;
 
   // As CompressKv; only planner methods (paper, rd and its variants) and fp16 (no codec) can go
   // through a daemon: uniform and PDTrim plans are built by hand, not by a daemon policy.

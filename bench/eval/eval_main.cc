@@ -220,12 +220,21 @@ struct Prefill {
 };
 
 // --profile as the transform-coding methods use it; null without the flag.
-absl::StatusOr<std::shared_ptr<const KvProfile>> LoadProfile(const engine::ModelConfig& config) {
+#ifdef SKV_EVAL_WITH_DAEMON
+using ProfileMessage = spectrumkv::v1::ModelProfile;
+#else
+struct ProfileMessage {};  // no API messages in this build: --profile is refused
+#endif
+
+// --profile, validated against the model; `message` gets the file's message (for the daemons).
+absl::StatusOr<std::shared_ptr<const KvProfile>> LoadProfile(const engine::ModelConfig& config,
+                                                             ProfileMessage* message) {
   const std::string path = absl::GetFlag(FLAGS_profile);
   if (path.empty()) return std::shared_ptr<const KvProfile>();
 #ifdef SKV_EVAL_WITH_DAEMON
   absl::StatusOr<spectrumkv::v1::ModelProfile> read = control::ReadModelProfile(path);
   if (!read.ok()) return read.status();
+  *message = *read;
   spectrumkv::v1::ModelShape shape;
   shape.set_layers(uint32_t(config.n_layers));
   shape.set_kv_heads(uint32_t(config.n_kv_heads));
@@ -236,7 +245,7 @@ absl::StatusOr<std::shared_ptr<const KvProfile>> LoadProfile(const engine::Model
   if (!profile.ok()) return profile.status();
   return std::make_shared<const KvProfile>(std::move(*profile));
 #else
-  (void)config;
+  (void)config, (void)message;
   return absl::UnimplementedError(
       "--profile: this skv-eval was built without the API messages (SKV_BUILD_SERVER=OFF)");
 #endif
@@ -555,8 +564,14 @@ int Main(int argc, char** argv) {
     }
   }
   std::sort(all_budgets.begin(), all_budgets.end());
-  absl::StatusOr<std::shared_ptr<const KvProfile>> profile = LoadProfile(config);
+  ProfileMessage profile_message;
+  absl::StatusOr<std::shared_ptr<const KvProfile>> profile = LoadProfile(config, &profile_message);
   if (!profile.ok()) return fail(profile.status());
+#ifdef SKV_EVAL_WITH_DAEMON
+  if (daemon_codec != nullptr && *profile != nullptr) {
+    if (absl::Status s = daemon_codec->RegisterProfile(profile_message); !s.ok()) return fail(s);
+  }
+#endif
   for (const std::string& name : method_names) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());

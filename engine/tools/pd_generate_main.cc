@@ -7,7 +7,8 @@
 // engine imports (with the kept-token mask). The decode engine feeds the last prompt token and
 // continues greedily. Prints the text, the agreement with non-disaggregated generation (one
 // session, FP32 KV, no transfer) and the transfer report; checks the received KV against the
-// daemon's own stateless Encode/Decode of the same input.
+// daemon's own stateless Encode/Decode of the same input. With --profile (from skv-calibrate) the
+// model is registered with it on both daemons and the rows are transform-coded in its basis.
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,6 +33,7 @@
 #include "blas_threads.h"
 #include "google/protobuf/util/time_util.h"
 #include "spectrumkv/client/client.h"
+#include "spectrumkv/control/model_profile.h"
 #include "spectrumkv/engine/engine.h"
 #include "spectrumkv/engine/tokenizer.h"
 
@@ -55,6 +57,9 @@ ABSL_FLAG(double, prefill_layer_ms, 0,
           "extra compute time per prefill layer, ms: the stand-in's layers take microseconds; "
           "this shows the transfer hiding behind a production-sized prefill");
 ABSL_FLAG(int, threads, 0, "OpenBLAS threads; 0 = the engine's default policy");
+ABSL_FLAG(std::string, profile, "",
+          "the model's profile (skv-calibrate): registered on both daemons, and the KV is "
+          "transform-coded in its basis (CodecPolicy.transform_coding; needs --nolayerwise)");
 ABSL_FLAG(std::string, dump_dir, "",
           "write the run's data into this existing folder, for tests that check another engine "
           "against this one: tokens.txt (lines \"prompt\", \"generated\", \"reference\", each "
@@ -258,6 +263,18 @@ absl::Status Run() {
   reg.mutable_shape()->set_head_dim(head_dim);
   reg.mutable_shape()->set_dtype(v1::DTYPE_FP16);
   reg.mutable_shape()->set_query_heads(uint32_t(config.n_heads));
+  const bool transform_coding = !absl::GetFlag(FLAGS_profile).empty();
+  if (transform_coding) {
+    if (absl::GetFlag(FLAGS_layerwise)) {
+      return absl::InvalidArgumentError(
+          "--profile: a SendStream is not transform-coded yet; add --nolayerwise");
+    }
+    absl::StatusOr<v1::ModelProfile> profile =
+        control::ReadModelProfile(absl::GetFlag(FLAGS_profile));
+    if (!profile.ok()) return Annotate(profile.status(), "--profile");
+    *reg.mutable_profile() = std::move(*profile);
+    reg.mutable_default_policy()->set_transform_coding(true);
+  }
   absl::StatusOr<v1::RegisterModelResponse> sender_model = (*sender)->RegisterModel(reg);
   if (!sender_model.ok()) return Annotate(sender_model.status(), "RegisterModel (prefill side)");
   absl::StatusOr<v1::RegisterModelResponse> receiver_model = (*receiver)->RegisterModel(reg);
@@ -451,6 +468,7 @@ absl::Status Run() {
     encode.set_budget(budget);
     encode.set_request_id(request_id);
     *encode.mutable_policy() = sender_model->effective_policy();
+    if (transform_coding) encode.set_model_id(sender_model->model_id());
     *encode.mutable_observation_window() = observation;
     encode.mutable_observation_window()->mutable_queries()->set_inline_data(query_bytes);
     if (budget >= 1.0) {
@@ -464,6 +482,7 @@ absl::Status Run() {
       v1::DecodeRequest redo;
       *redo.mutable_segments() = encoded->segments();
       *redo.mutable_output_layout() = layout;
+      if (transform_coding) redo.set_model_id(receiver_model->model_id());
       absl::StatusOr<v1::DecodeResponse> decoded = (*receiver)->Decode(redo);
       if (!decoded.ok()) return Annotate(decoded.status(), "reference Decode");
       const bool same = decoded->kv().size() >= bytes &&
@@ -531,7 +550,9 @@ absl::Status Run() {
       s.passthrough().passthrough()
           ? absl::StrCat("raw FP16 rows (", v1::PassthroughReason_Name(s.passthrough().reason()),
                          ")")
-          : absl::StrFormat("codec at planned budget %.3f", s.passthrough().planned_budget());
+          : absl::StrFormat(
+                "codec at planned budget %.3f%s", s.passthrough().planned_budget(),
+                transform_coding ? ", rows transform-coded in the profile's basis" : "");
   std::printf("  importance %s; route: %s\n",
               v1::ImportanceSource_Name(s.importance_source()).c_str(), route.c_str());
   std::printf(
@@ -553,7 +574,7 @@ absl::Status Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "skv-pd-generate [--model M.bin --tokenizer T.bin] [--prompt TEXT] [--tokens N] [--budget B] "
-      "[--sender ADDR --receiver ADDR --peer ID]");
+      "[--sender ADDR --receiver ADDR --peer ID] [--profile P --nolayerwise]");
   absl::ParseCommandLine(argc, argv);
   if (absl::Status status = skv::engine::Run(); !status.ok()) {
     std::fprintf(stderr, "skv-pd-generate: %s\n", status.ToString().c_str());

@@ -36,6 +36,9 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
     return absl::InvalidArgumentError(
         absl::StrCat("channel_group_tokens must be in [1, 4096], got ", o.channel_group_tokens));
   }
+  if (o.transform_coding && o.transform_profile == nullptr) {
+    return absl::InvalidArgumentError("transform_coding is set but no transform_profile is given");
+  }
   if (o.transform_profile != nullptr) {
     const TransformProfile& p = *o.transform_profile;
     if (p.head_dim != head_dim ||

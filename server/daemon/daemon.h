@@ -257,7 +257,10 @@ class Daemon {
   // What the passthrough decision rests on: link rate per peer address, encode+decode rate.
   RateEstimator link_rates_;
   RateEstimator codec_rate_;
-  static constexpr char kCodecRateKey[] = "codec";
+  // Transform coding runs an order of magnitude slower on the CPU: it has its own estimate.
+  static const char* CodecRateKey(const CodecOptions& policy) {
+    return policy.transform_coding ? "transform-codec" : "codec";
+  }
 
   std::condition_variable reaper_cv_;
   std::thread reaper_;

@@ -484,7 +484,8 @@ void Daemon::DrainDecodeQueue(std::shared_ptr<Inbound> in) {
           status = parsed.status();
           if (parsed.ok()) seg = *parsed;
         }
-        if (status.ok()) status = in->device->DecodeSegment(seg, view);
+        if (status.ok())
+          status = in->device->DecodeSegment(seg, view, in->model.transform_profile.get());
       }
     }
     const double decode_s = Seconds(start);

@@ -69,6 +69,11 @@ void Daemon::Send(const v1::SendRequest& request, uint64_t call_id, SendDone don
       !s.ok()) {
     return refuse(s);
   }
+  if (absl::Status s = control::CheckTransformCodingPossible(
+          *policy, model->transform_profile.get(), model->model_id, "policy_override");
+      !s.ok()) {
+    return refuse(s);
+  }
   auto out = NewOutbound(request.request_id(), call_id, request.budget(), *model, *peer, *policy);
   out->request = &request;
   if (absl::Status s = AddOutbound(out, done, "request_id"); !s.ok()) return refuse(s);
@@ -216,6 +221,11 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
   if (!region.ok()) return region.status();
   absl::StatusOr<device::KvDevice*> device = DeviceFor(*region, "source");
   if (!device.ok()) return device.status();
+  if (out.policy.transform_coding && region->memory_kind() != control::KvMemoryKind::kHost) {
+    return absl::UnimplementedError(
+        "policy.transform_coding: the CUDA codec does not transform-code yet; send KV in CUDA "
+        "memory without it");
+  }
   absl::StatusOr<control::KvLayoutViews> views =
       control::BuildKvLayoutViews(request.source_layout(), *region, "source_layout");
   if (!views.ok()) return views.status();
@@ -241,10 +251,10 @@ absl::Status Daemon::StreamTransfer(Outbound& out) {
 
   // Passthrough or codec (DESIGN 3.7), from what earlier transfers measured.
   out.decision = ChoosePassthrough(request, out.raw_bytes, link_rates_.Get(out.peer_config.address),
-                                   codec_rate_.Get(kCodecRateKey));
+                                   codec_rate_.Get(CodecRateKey(out.policy)));
   CountPassthrough(out);
-  const CodecOptions options =
-      control::OptionsForTransfer(out.policy, out.decision.planned_budget());
+  const CodecOptions options = control::OptionsForTransfer(
+      out.policy, out.decision.planned_budget(), model.transform_profile.get());
 
   auto in_flight = metrics_->TrackInFlight();
   absl::StatusOr<TierPlan> plan = PlanOnHost(**device, layers, importance, options, &out.stats);
@@ -448,7 +458,7 @@ void Daemon::ReportSend(Outbound& out, const absl::Status& status, double decode
         link_rates_.Observe(out.peer_config.address, double(out.wire_bytes), wire_s));
   }
   if (!out.decision.passthrough()) {
-    codec_rate_.Observe(kCodecRateKey, double(out.raw_bytes),
+    codec_rate_.Observe(CodecRateKey(out.policy), double(out.raw_bytes),
                         out.stats.encode_seconds + out.stats.plan_seconds + decode_s);
   }
   spdlog::info("request {}: sent to '{}' at b={:.3f} ({} of {} bytes) in {:.3f} s", out.request_id,

@@ -226,6 +226,11 @@ std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open,
       !s.ok()) {
     return refuse(s);
   }
+  if (policy->transform_coding) {  // each chunk's plan lacks the layer and positions it needs
+    return refuse(absl::UnimplementedError(
+        "open.policy_override.transform_coding: a SendStream is not transform-coded yet; use Send "
+        "or turn it off for the stream"));
+  }
   std::shared_ptr<const RegisteredCache> cache;
   if (open.source_case() == v1::StreamOpen::kCacheId) {
     absl::StatusOr<std::shared_ptr<const RegisteredCache>> found =
@@ -483,9 +488,9 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
   } else {
     st.device = st.cache->device;
   }
-  out.decision =
-      ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
-                        link_rates_.Get(out.peer_config.address), codec_rate_.Get(kCodecRateKey));
+  out.decision = ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
+                                   link_rates_.Get(out.peer_config.address),
+                                   codec_rate_.Get(CodecRateKey(out.policy)));
   absl::StatusOr<StreamCodec> codec =
       StreamCodec::Open(KvShape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype},
                         st.open.has_token_scores() ? &st.open.token_scores() : nullptr,

@@ -1,9 +1,11 @@
 // Smoke test of the README's main demo: skv-pd-generate through two real spectrumkvd processes
 // (Send/Receive over UCX on loopback), a few tokens: on the stand-in model committed in models/
-// (always), and on the shared stories260K model at b = 0.5 and b = 1 (when the data is there).
+// (always; transform-coded with its profile when the shared text is there to calibrate on), and on
+// the shared stories260K model at b = 0.5 and b = 1 (when the data is there).
 // Checks the report and that the received KV equals the daemon's own Encode/Decode of the same
 // input (the tool fails otherwise).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <memory>
@@ -83,6 +85,35 @@ TEST_F(PdGenerateTest, StandInModelThroughOneSendAfterPrefill) {
   EXPECT_NE(out.find("== Send ==>"), std::string::npos) << out;
   EXPECT_NE(out.find("of 12 agree position by position"), std::string::npos) << out;
   EXPECT_NE(out.find("received KV and mask identical"), std::string::npos) << out;
+}
+
+// With the stand-in's profile (skv-calibrate, on the Austen text's first 90%), the KV is
+// transform-coded through one Send and decoded with the decode-side daemon's copy of the profile:
+// identical to the stateless Encode/Decode naming the model. A SendStream is refused by name.
+TEST_F(PdGenerateTest, StandInModelTransformCodedThroughTheDaemonPair) {
+  const std::string text = SharedDataDir() + "/text/janeausten";
+  if (!std::filesystem::exists(text)) GTEST_SKIP() << "shared data absent: " << text;
+  const std::string profile =
+      absl::StrCat(::testing::TempDir(), "/standin-", getpid(), ".skvprofile");
+  int status = 0;
+  const std::string calibrated =
+      RunCommand(absl::StrCat(SKV_CALIBRATE_BINARY,
+                              " --model " SKV_SOURCE_DIR "/models/austen-byte-6l-h64.bin",
+                              " --tokenizer " SKV_SOURCE_DIR "/models/byte259.tok.bin --text ",
+                              text, " --held_out_tail 0.1 --out ", profile, " 2>&1"),
+                 &status);
+  ASSERT_EQ(status, 0) << calibrated;
+  const std::string out = Generate("--budget 0.25 --nolayerwise --profile " + profile, &status);
+  ASSERT_EQ(status, 0) << out << "\nprefill log:\n"
+                       << prefill_->Log() << "\ndecode log:\n"
+                       << decode_->Log();
+  EXPECT_NE(out.find("rows transform-coded in the profile's basis"), std::string::npos) << out;
+  EXPECT_NE(out.find("received KV and mask identical"), std::string::npos) << out;
+  EXPECT_NE(out.find("requested 0.250, achieved 0.2"), std::string::npos) << out;
+  const std::string streamed = Generate("--budget 0.25 --profile " + profile, &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(streamed.find("add --nolayerwise"), std::string::npos) << streamed;
+  std::filesystem::remove(profile);
 }
 
 TEST_F(PdGenerateTest, GeneratesThroughTheDaemonPairAndReports) {

@@ -27,6 +27,7 @@
 #include "spectrumkv/codec/codec.h"
 #include "spectrumkv/codec/crc32c.h"
 #include "spectrumkv/codec/half.h"
+#include "spectrumkv/control/model_profile.h"
 #include "spectrumkv/transport/fault_injecting_transport.h"
 #include "spectrumkv/transport/ucx_transport.h"
 
@@ -79,6 +80,40 @@ TEST_F(DaemonPairTest, EntropyCodedTransferDecodesLikeThePlainOneFromFewerBytes)
       EXPECT_LT(s.wire_bytes(), plain_wire);
     }
   }
+}
+
+// Transform coding through the daemons: the sender codes in the registered profile's basis, the
+// receiver decodes with its own copy of it, and the rows are the codec's byte for byte. Without
+// a profile the same policy is refused by name before anything is sent.
+TEST_F(DaemonPairTest, TransformCodedTransferEqualsTheCodecReferenceDecode) {
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 7);
+  v1::SendRequest send = SendReq(63, src, 0.25);
+  send.mutable_policy_override()->set_transform_coding(true);
+  SharedMemoryBuffer dst = MakeBuffer(bytes);
+  absl::StatusOr<v1::SendResponse> refused = prefill_->client().Send(send);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("policy_override.transform_coding"),
+            absl::string_view::npos)
+      << refused.status();
+
+  const v1::ModelProfile profile = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()})
+    ASSERT_TRUE(Register(*d, kModel, kLayers, &profile).ok());
+  Result r = Transfer(send, ReceiveReq(63, dst));
+  ASSERT_TRUE(r.sent.ok()) << r.sent.status();
+  ASSERT_TRUE(r.received.ok()) << r.received.status();
+  const v1::TransferStats& s = r.sent->stats();
+  EXPECT_LE(s.achieved_budget(), 0.25);
+  EXPECT_GT(s.achieved_budget(), 0.2);
+  EXPECT_EQ(r.received->stats().wire_bytes(), s.wire_bytes());
+  absl::StatusOr<TransformProfile> codec_profile = control::TransformProfileOf(profile);
+  ASSERT_TRUE(codec_profile.ok()) << codec_profile.status();
+  const std::vector<uint8_t> expected =
+      ReferenceDecode(src.data(), bytes, 0.25, 63, &*codec_profile);
+  EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0);
+  const std::vector<uint8_t> affine = ReferenceDecode(src.data(), bytes, 0.25, 63);
+  EXPECT_NE(std::memcmp(dst.data(), affine.data(), bytes), 0) << "the rows are transform-coded";
 }
 
 // Between two daemon processes over UCX: a model profile is part of the compatibility check.

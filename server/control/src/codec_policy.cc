@@ -73,6 +73,7 @@ absl::StatusOr<CodecOptions> ApplyCodecPolicy(const CodecOptions& base,
   if (layer.has_entropy_coding()) {
     out.entropy_coder = layer.entropy_coding() ? EntropyCoder::kZstd : EntropyCoder::kNone;
   }
+  if (layer.has_transform_coding()) out.transform_coding = layer.transform_coding();
   if (absl::Status s = ValidateCodecPolicy(out, field); !s.ok()) return s;
   return out;
 }
@@ -91,18 +92,36 @@ spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecOptions& policy) {
   out.set_recent_tokens(policy.recent_tokens);
   out.set_allow_drop(policy.allow_drop);
   out.set_entropy_coding(policy.entropy_coder == EntropyCoder::kZstd);
+  out.set_transform_coding(policy.transform_coding);
   return out;
 }
 
-CodecOptions OptionsForTransfer(CodecOptions policy, double budget) {
+absl::Status CheckTransformCodingPossible(const CodecOptions& policy,
+                                          const TransformProfile* profile,
+                                          absl::string_view model_id, absl::string_view field) {
+  if (!policy.transform_coding || profile != nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      field, ".transform_coding: model '", model_id,
+      "' has no profile the codec can use (register it with skv-calibrate's profile; RoPE style "
+      "NONE or INTERLEAVED)"));
+}
+
+CodecOptions OptionsForTransfer(CodecOptions policy, double budget,
+                                const TransformProfile* profile) {
   policy.budget = budget;
   // Passthrough stays plain: it exists to be the fastest path, and zstd would cut its encode rate
-  // several-fold for about a tenth of the bytes.
-  if (budget >= 1.0) policy.entropy_coder = EntropyCoder::kNone;
+  // several-fold for about a tenth of the bytes (every row is FP16, so there is nothing to
+  // transform-code either).
+  if (budget >= 1.0) {
+    policy.entropy_coder = EntropyCoder::kNone;
+    policy.transform_coding = false;
+  }
   if (policy.allocator == AllocatorKind::kPaper) {
     policy.rotate_keys = policy.rotate_values = false;
     policy.centre_keys = policy.centre_values = false;
+    policy.transform_coding = false;
   }
+  policy.transform_profile = policy.transform_coding ? profile : nullptr;
   return policy;
 }
 

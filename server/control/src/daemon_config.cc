@@ -426,6 +426,12 @@ const std::vector<ConfigKey>& Keys() {
        [](const DaemonConfig& c) {
          return FormatBool(c.default_codec_policy.entropy_coder == EntropyCoder::kZstd);
        }},
+      {"codec_transform_coding",
+       "Default: code quantized rows in the model's profile basis (CodecPolicy.transform_coding); "
+       "then every model must be registered with a profile.",
+       false, true,
+       PolicySetter(ParseBool, [](CodecOptions& o, bool v) { o.transform_coding = v; }),
+       [](const DaemonConfig& c) { return FormatBool(c.default_codec_policy.transform_coding); }},
       {"log_level", "trace|debug|info|warn|error|critical|off.", false, false,
        Setter(&DaemonConfig::log_level, ParseLogLevel),
        [](const DaemonConfig& c) { return std::string(LogLevelName(c.log_level)); }},

@@ -158,6 +158,37 @@ uint64_t ModelProfileHash(const v1::ModelProfile& profile) {
   return h == 0 ? 1 : h;
 }
 
+absl::StatusOr<TransformProfile> TransformProfileOf(const v1::ModelProfile& profile) {
+  switch (profile.rope().style()) {
+    case v1::RopeConvention::STYLE_NONE:
+    case v1::RopeConvention::STYLE_INTERLEAVED:
+      break;
+    default:
+      return absl::UnimplementedError(
+          "profile.rope.style: transform coding undoes interleaved RoPE (or none) only");
+  }
+  TransformProfile out;
+  out.layers = profile.layers();
+  out.heads = profile.kv_heads();
+  out.head_dim = profile.head_dim();
+  out.rope_theta =
+      profile.rope().style() == v1::RopeConvention::STYLE_NONE ? 0.0 : profile.rope().theta();
+  // The profile is layer-major with K and V per head; the codec's is [layer][kind][head].
+  for (uint32_t l = 0; l < out.layers; ++l) {
+    for (const KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      for (uint32_t h = 0; h < out.heads; ++h) {
+        const v1::HeadProfile& head = profile.heads(int(l * out.heads + h));
+        const v1::ComponentBasis& c = kind == KvKind::kKey ? head.keys() : head.values();
+        out.means.insert(out.means.end(), c.mean().begin(), c.mean().end());
+        out.bases.insert(out.bases.end(), c.basis().begin(), c.basis().end());
+        out.variances.insert(out.variances.end(), c.variance().begin(), c.variance().end());
+      }
+    }
+  }
+  if (absl::Status s = FinishTransformProfile(&out); !s.ok()) return s;
+  return out;
+}
+
 absl::StatusOr<v1::ModelProfile> ReadModelProfile(const std::string& path) {
   std::error_code error;
   const uintmax_t size = std::filesystem::file_size(path, error);

@@ -133,8 +133,9 @@ class CudaKvDevice final : public KvDevice {
     return size;
   }
 
-  absl::Status DecodeSegment(const ParsedSegment& segment,
-                             const KvTensorView& destination) override {
+  // The CUDA plans refuse transform-coded segments (UNIMPLEMENTED), so `profile` is not needed.
+  absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                             const TransformProfile* /*profile*/) override {
     ScopedDevice on_device(ordinal_);
     SKV_CUDA_RETURN_IF_ERROR(on_device.error());
     absl::StatusOr<std::unique_ptr<Lane>> lane = TakeLane();

@@ -46,9 +46,9 @@ class HostKvDevice final : public KvDevice {
     return skv::EncodeSegment(source, spec, tiers, options, BestRowKernels(), out);
   }
 
-  absl::Status DecodeSegment(const ParsedSegment& segment,
-                             const KvTensorView& destination) override {
-    return skv::DecodeSegment(segment, destination, BestRowKernels());
+  absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                             const TransformProfile* profile) override {
+    return skv::DecodeSegment(segment, destination, BestRowKernels(), profile);
   }
 
   absl::Status WaitForEvent(absl::string_view /*ipc_event*/) override {

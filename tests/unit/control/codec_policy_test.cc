@@ -9,6 +9,7 @@
 namespace skv::control {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 namespace v1 = spectrumkv::v1;
@@ -96,12 +97,13 @@ TEST(CodecPolicyTest, ToProtoSetsEveryFieldAndRoundTrips) {
   policy.recent_tokens = 64;
   policy.allow_drop = false;
   policy.entropy_coder = EntropyCoder::kZstd;
+  policy.transform_coding = true;
   const v1::CodecPolicy proto = CodecPolicyToProto(policy);
   EXPECT_EQ(proto.allocator(), v1::ALLOCATOR_PAPER);
   EXPECT_TRUE(proto.has_rotate() && proto.has_centre() && proto.has_per_channel_keys() &&
               proto.has_group_size() && proto.has_allow_int4() && proto.has_allow_int2() &&
               proto.has_sink_tokens() && proto.has_recent_tokens() && proto.has_allow_drop() &&
-              proto.has_entropy_coding());
+              proto.has_entropy_coding() && proto.has_transform_coding());
   EXPECT_FALSE(proto.allow_drop());
   EXPECT_TRUE(proto.entropy_coding());
   // Applying a fully-set policy over anything yields exactly it.
@@ -123,6 +125,37 @@ TEST(CodecPolicyTest, PaperTransfersRunWithoutTransforms) {
   const CodecOptions rd = OptionsForTransfer(CodecOptions{}, 0.4);
   EXPECT_EQ(rd.budget, 0.4);
   EXPECT_TRUE(rd.rotate_keys && rd.rotate_values && rd.centre_keys);
+}
+
+// Transform coding takes the model's profile only where the policy asks for it, and never for
+// passthrough or the paper allocator; asked for without a usable profile, it is refused by name.
+TEST(CodecPolicyTest, TransformCodingUsesTheModelsProfileWhenAskedFor) {
+  const TransformProfile profile = IdentityTransformProfile(2, 1, 64);
+  CodecOptions policy;
+  EXPECT_EQ(OptionsForTransfer(policy, 0.3, &profile).transform_profile, nullptr);
+  v1::CodecPolicy layer;
+  layer.set_transform_coding(true);
+  absl::StatusOr<CodecOptions> asked = ApplyCodecPolicy(policy, layer, "p");
+  ASSERT_TRUE(asked.ok()) << asked.status();
+  EXPECT_TRUE(asked->transform_coding);
+  const CodecOptions coded = OptionsForTransfer(*asked, 0.3, &profile);
+  EXPECT_EQ(coded.transform_profile, &profile);
+  EXPECT_TRUE(ValidateOptions(coded, 64).ok()) << ValidateOptions(coded, 64);
+  const CodecOptions passthrough = OptionsForTransfer(*asked, 1.0, &profile);
+  EXPECT_FALSE(passthrough.transform_coding);
+  EXPECT_EQ(passthrough.transform_profile, nullptr);
+  CodecOptions paper = *asked;
+  paper.allocator = AllocatorKind::kPaper;
+  EXPECT_EQ(OptionsForTransfer(paper, 0.3, &profile).transform_profile, nullptr);
+
+  EXPECT_TRUE(CheckTransformCodingPossible(*asked, &profile, "m", "p").ok());
+  EXPECT_TRUE(CheckTransformCodingPossible(policy, nullptr, "m", "p").ok());
+  const absl::Status refused = CheckTransformCodingPossible(*asked, nullptr, "m", "p");
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.message(), AllOf(HasSubstr("p.transform_coding"), HasSubstr("'m'")));
+  // The codec refuses the request without the profile rather than coding affine.
+  const CodecOptions unhonoured = OptionsForTransfer(*asked, 0.3, nullptr);
+  EXPECT_THAT(ValidateOptions(unhonoured, 64).message(), HasSubstr("transform_profile"));
 }
 
 TEST(CodecPolicyTest, PassthroughIsNeverEntropyCoded) {

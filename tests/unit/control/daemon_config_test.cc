@@ -150,11 +150,12 @@ TEST(DaemonConfigTest, UnknownEnvironmentVariablesAreIgnored) {
 
 TEST(DaemonConfigTest, FlagParsing) {
   auto config = Load({"--grpc-listen-address=127.0.0.1:7000", "--tls_require_client_cert=false",
-                      "--codec_allow_int2", "--daemon_id=node-a"});
+                      "--codec_allow_int2", "--daemon_id=node-a", "--codec_transform_coding"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->grpc_listen_address, "127.0.0.1:7000");  // '-' and '_' are alike
   EXPECT_TRUE(config->default_codec_policy.allowed_tiers.Has(Tier::kInt2));  // bare flag = true
   EXPECT_EQ(config->daemon_id, "node-a");
+  EXPECT_TRUE(config->default_codec_policy.transform_coding);
 
   EXPECT_THAT(Load({"--no_such_flag=1"}).status().message(), HasSubstr("unknown flag"));
   EXPECT_THAT(Load({"positional"}).status().message(), HasSubstr("unexpected argument"));

@@ -105,6 +105,33 @@ TEST(ModelProfileTest, TheHashFollowsEveryValueAndIsNeverZero) {
   EXPECT_NE(ModelProfileHash(p), h);
 }
 
+// The codec's form holds every value of the profile at its [layer][kind][head] place.
+TEST(ModelProfileTest, TheCodecsProfileHoldsEveryHeadInItsOrder) {
+  v1::ModelProfile p = Profile();
+  p.mutable_heads(3)->mutable_keys()->set_mean(5, 9.25f);      // layer 1, head 1
+  p.mutable_heads(2)->mutable_values()->set_mean(2, -4.5f);    // layer 1, head 0
+  p.mutable_heads(1)->mutable_values()->set_variance(7, 0.f);  // layer 0, head 1
+  absl::StatusOr<TransformProfile> codec = TransformProfileOf(p);
+  ASSERT_TRUE(codec.ok()) << codec.status();
+  EXPECT_EQ(codec->layers, 2u);
+  EXPECT_EQ(codec->heads, 2u);
+  EXPECT_EQ(codec->head_dim, 8u);
+  EXPECT_EQ(codec->rope_theta, 10000.0);
+  EXPECT_EQ(codec->Head(1, KvKind::kKey, 1).mean[5], 9.25f);
+  EXPECT_EQ(codec->Head(1, KvKind::kValue, 0).mean[2], -4.5f);
+  EXPECT_EQ(codec->Head(0, KvKind::kValue, 1).variance[7], 0.f);
+  EXPECT_EQ(codec->Head(0, KvKind::kKey, 0).basis[9], 1.f);  // identity: row 1, column 1
+  EXPECT_EQ(codec->Bits(1, KvKind::kValue, 1, Tier::kInt4).size(), 8u);
+
+  p.mutable_rope()->set_style(v1::RopeConvention::STYLE_NONE);
+  ASSERT_TRUE(TransformProfileOf(p).ok());
+  EXPECT_EQ(TransformProfileOf(p)->rope_theta, 0.0);
+  p.mutable_rope()->set_style(v1::RopeConvention::STYLE_HALF);
+  const absl::Status half = TransformProfileOf(p).status();
+  EXPECT_EQ(half.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(half.message().find("profile.rope.style"), std::string::npos) << half;
+}
+
 TEST(ModelProfileTest, FilesRoundTripAndBadFilesAreRefused) {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("skv-profile-" + std::to_string(::getpid())))

@@ -137,8 +137,8 @@ class EmulatedCudaKvDevice final : public device::KvDevice {
     return segment->size();
   }
 
-  absl::Status DecodeSegment(const ParsedSegment& segment,
-                             const KvTensorView& destination) override {
+  absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                             const TransformProfile* /*profile*/) override {
     std::lock_guard<std::mutex> lock(emulation_mu);
     return EmulatedDecodeSegment(segment, AsDeviceView(destination));
   }

@@ -301,6 +301,114 @@ TEST_F(DaemonTest, AModelProfileMismatchIsRefusedAndTheSameProfileTransfers) {
   EXPECT_TRUE(accepted.Get().ok());
 }
 
+// Transform coding needs a profile the codec can use: refused by name at registration (the
+// model's policy) or at Send (an override) without one, UNIMPLEMENTED where the codec does not
+// have it yet (interleaved RoPE only, no SendStream); the stateless Encode has no model to take a
+// profile from. With the profile on both sides the transfer works, and so does the INT4 probe.
+TEST_F(DaemonTest, TransformCodingNeedsAProfileAndIsRefusedWhereUnsupported) {
+  v1::RegisterModelRequest r = ModelRequest();
+  r.mutable_default_policy()->set_transform_coding(true);
+  const absl::Status no_profile = decode_->daemon->RegisterModel(r).status();
+  EXPECT_EQ(no_profile.code(), absl::StatusCode::kFailedPrecondition) << no_profile;
+  EXPECT_NE(no_profile.message().find("default_policy.transform_coding"), std::string::npos)
+      << no_profile;
+  *r.mutable_profile() = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
+  r.mutable_profile()->mutable_rope()->set_style(v1::RopeConvention::STYLE_HALF);
+  const absl::Status half = decode_->daemon->RegisterModel(r).status();
+  EXPECT_EQ(half.code(), absl::StatusCode::kUnimplemented) << half;
+  EXPECT_NE(half.message().find("rope.style"), std::string::npos) << half;
+  r.mutable_default_policy()->clear_transform_coding();
+  ASSERT_TRUE(prefill_->daemon->RegisterModel(r).ok()) << "a HALF profile serves affine coding";
+  v1::CodecPolicy coded;
+  coded.set_transform_coding(true);
+  const absl::Status override =
+      prefill_->Send(51, RandomKv(51), "decode", 0.3, coded).Get().status();
+  EXPECT_EQ(override.code(), absl::StatusCode::kFailedPrecondition) << override;
+  EXPECT_NE(override.message().find("policy_override.transform_coding"), std::string::npos)
+      << override;
+
+  v1::StreamOpen open;
+  open.set_request_id(53);
+  open.set_model_id(kModel);
+  open.mutable_peer()->set_daemon_id("decode");
+  open.set_budget(0.3);
+  open.set_tokens(kTokens);
+  open.mutable_handle()->mutable_handle()->set_inline_data(RandomKv(53));
+  *open.mutable_handle()->mutable_layout() = Layout();
+  *open.mutable_policy_override() = coded;
+  std::optional<absl::Status> stream;
+  EXPECT_EQ(prefill_->daemon->OpenStream(
+                open, prefill_->next_call++, [](v1::SendStreamEvent) {},
+                [&stream](absl::StatusOr<v1::SendResponse> s) { stream = s.status(); }),
+            nullptr);
+  ASSERT_TRUE(stream.has_value());
+  EXPECT_EQ(stream->code(), absl::StatusCode::kUnimplemented) << *stream;
+
+  r.mutable_profile()->mutable_rope()->set_style(v1::RopeConvention::STYLE_NONE);
+  for (v1::HeadProfile& head : *r.mutable_profile()->mutable_heads()) {  // RandomKv's statistics
+    for (v1::ComponentBasis* c : {head.mutable_keys(), head.mutable_values()}) {
+      for (float& m : *c->mutable_mean()) m = 0;
+      for (float& v : *c->mutable_variance()) v = 1;
+    }
+  }
+  r.mutable_default_policy()->set_transform_coding(true);
+  for (TestDaemon* d : {prefill_.get(), decode_.get()}) {
+    absl::StatusOr<v1::RegisterModelResponse> registered = d->daemon->RegisterModel(r);
+    ASSERT_TRUE(registered.ok()) << registered.status();
+    EXPECT_TRUE(registered->effective_policy().transform_coding());
+  }
+  const std::string kv = RandomKv(54);
+  auto received = decode_->Receive(54, "prefill");
+  absl::StatusOr<v1::SendResponse> sent = prefill_->Send(54, kv, "decode", 0.3).Get();
+  absl::StatusOr<v1::ReceiveResponse> landed = received.Get();
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  ASSERT_TRUE(landed.ok()) << landed.status();
+  EXPECT_LE(sent->stats().achieved_budget(), 0.3);
+  double error = 0, energy = 0;  // the rows arrived, close to the source
+  const auto* want = reinterpret_cast<const uint16_t*>(kv.data());
+  const auto* got = reinterpret_cast<const uint16_t*>(landed->inline_kv().data());
+  for (size_t i = 0; i < kKvBytes / 2; ++i) {
+    const double d = double(Fp16ToFloat(got[i])) - double(Fp16ToFloat(want[i]));
+    error += d * d;
+    energy += double(Fp16ToFloat(want[i])) * double(Fp16ToFloat(want[i]));
+  }
+  EXPECT_LT(error, 0.05 * energy);
+
+  v1::ProbeRequest probe;
+  probe.set_model_id(kModel);
+  probe.mutable_sample()->set_inline_data(kv);
+  *probe.mutable_sample_layout() = Layout();
+  absl::StatusOr<v1::ProbeResponse> probed = prefill_->daemon->Probe(probe);
+  EXPECT_TRUE(probed.ok()) << probed.status();
+
+  // The stateless calls code and decode with a model's profile when they name the model: the
+  // same rows as the transfer. Without the model, Encode refuses and Decode cannot decode.
+  v1::EncodeRequest e;
+  e.set_kv(kv);
+  *e.mutable_layout() = Layout();
+  e.set_budget(0.3);
+  e.set_request_id(54);
+  e.mutable_policy()->set_transform_coding(true);
+  const absl::Status anonymous = decode_->daemon->Encode(e).status();
+  EXPECT_EQ(anonymous.code(), absl::StatusCode::kInvalidArgument) << anonymous;
+  EXPECT_NE(anonymous.message().find("policy.transform_coding: needs model_id"), std::string::npos)
+      << anonymous;
+  e.set_model_id(kModel);
+  absl::StatusOr<v1::EncodeResponse> encoded = prefill_->daemon->Encode(e);
+  ASSERT_TRUE(encoded.ok()) << encoded.status();
+  EXPECT_EQ(encoded->stats().wire_bytes(), sent->stats().wire_bytes());
+  v1::DecodeRequest d;
+  *d.mutable_segments() = encoded->segments();
+  const absl::Status no_profile_decode = decode_->daemon->Decode(d).status();
+  EXPECT_EQ(no_profile_decode.code(), absl::StatusCode::kFailedPrecondition) << no_profile_decode;
+  d.set_model_id(kModel);
+  absl::StatusOr<v1::DecodeResponse> decoded = decode_->daemon->Decode(d);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->kv(), landed->inline_kv());
+  e.mutable_stream()->add_chunk_token_ends(kTokens);
+  EXPECT_EQ(prefill_->daemon->Encode(e).status().code(), absl::StatusCode::kUnimplemented);
+}
+
 // Cancelled after its last segment left, a sender cannot know whether the receiver committed:
 // it asks the receiver to abort and reports the receiver's answer, so both sides agree.
 TEST_F(DaemonTest, ASenderCancelledAfterItsLastSegmentReportsWhatTheReceiverDid) {

@@ -49,10 +49,10 @@ class FaultInjectingDevice final : public device::KvDevice {
     if (++counts_->encodes == faults_.fail_encode) return faults_.status;
     return inner_->EncodeSegment(source, spec, tiers, options, out);
   }
-  absl::Status DecodeSegment(const ParsedSegment& segment,
-                             const KvTensorView& destination) override {
+  absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                             const TransformProfile* profile) override {
     if (++counts_->decodes == faults_.fail_decode) return faults_.status;
-    return inner_->DecodeSegment(segment, destination);
+    return inner_->DecodeSegment(segment, destination, profile);
   }
   absl::Status WaitForEvent(absl::string_view ipc_event) override {
     counts_->Log(absl::StrCat("wait:", std::string(ipc_event.substr(0, 8)).c_str()));

@@ -120,7 +120,7 @@ struct TestDaemon {
   };
 
   Call<v1::SendResponse> Send(uint64_t id, const std::string& kv, const std::string& peer,
-                              double budget = 0.5) {
+                              double budget = 0.5, const v1::CodecPolicy& policy = {}) {
     Call<v1::SendResponse> call;
     call.request = std::make_unique<v1::SendRequest>();
     v1::SendRequest& s = *call.request;
@@ -131,6 +131,7 @@ struct TestDaemon {
     s.mutable_peer()->set_daemon_id(peer);
     s.set_budget(budget);
     s.set_passthrough(v1::PASSTHROUGH_MODE_NEVER);
+    *s.mutable_policy_override() = policy;
     auto promise = std::make_shared<std::promise<absl::StatusOr<v1::SendResponse>>>();
     call.result = promise->get_future();
     daemon->Send(s, next_call++, [promise](absl::StatusOr<v1::SendResponse> r) {

@@ -89,9 +89,11 @@ TEST(HostKvDeviceTest, EncodesAndDecodesAsTheCpuCodecDoes) {
   absl::StatusOr<ParsedSegment> parsed = ParseSegment(got);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   std::vector<uint16_t> a(kv.size(), 0x3c00), b(kv.size(), 0x3c00);
-  ASSERT_TRUE(host->DecodeSegment(*parsed, KvTensorView::Dense(a.data(), DType::kFp16, kTokens,
-                                                               kHeads, kHeadDim))
-                  .ok());
+  ASSERT_TRUE(
+      host->DecodeSegment(*parsed,
+                          KvTensorView::Dense(a.data(), DType::kFp16, kTokens, kHeads, kHeadDim),
+                          /*profile=*/nullptr)
+          .ok());
   ASSERT_TRUE(DecodeSegment(*parsed,
                             KvTensorView::Dense(b.data(), DType::kFp16, kTokens, kHeads, kHeadDim),
                             BestRowKernels())

@@ -65,6 +65,10 @@ struct CodecOptions {
   // basis with per-component bits instead of affine groups; the rotation, centring and
   // per-channel options are then not used. The decoder needs the same profile.
   const TransformProfile* transform_profile = nullptr;
+  // A policy's request for transform coding: whoever builds the options for a transfer (the
+  // daemon, from the model's registered profile) sets `transform_profile` to honour it. Set
+  // without a profile, the options are invalid rather than silently affine.
+  bool transform_coding = false;
 
   bool operator==(const CodecOptions&) const = default;
 };

@@ -10,6 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "spectrumkv/codec/options.h"
 #include "spectrumkv/codec/tiers.h"
+#include "spectrumkv/codec/transform_coding.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
 
 namespace skv::control {
@@ -37,9 +38,17 @@ absl::StatusOr<CodecOptions> ApplyCodecPolicy(const CodecOptions& base,
 // does not carry (budget, value centring, ...) are left out; `rotate` reports rotate_keys.
 spectrumkv::v1::CodecPolicy CodecPolicyToProto(const CodecOptions& policy);
 
+// FailedPrecondition naming `field`.transform_coding and `model_id` when `policy` asks for
+// transform coding and the model has no `profile` the codec can use.
+absl::Status CheckTransformCodingPossible(const CodecOptions& policy,
+                                          const TransformProfile* profile,
+                                          absl::string_view model_id, absl::string_view field);
+
 // What the codec runs for one transfer under `policy`: the budget set, no transforms for the
-// paper allocator (the paper's method has none), no entropy stage for passthrough (budget 1).
-CodecOptions OptionsForTransfer(CodecOptions policy, double budget);
+// paper allocator (the paper's method has none), no entropy stage for passthrough (budget 1),
+// transform coding with the model's `profile` when the policy asks for it (except for those two).
+CodecOptions OptionsForTransfer(CodecOptions policy, double budget,
+                                const TransformProfile* profile = nullptr);
 
 // The API's name for a codec tier: TIER_<NAME> at the tier's wire value + 1 (tested for every
 // tier in codec_policy_test).

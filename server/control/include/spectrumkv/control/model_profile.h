@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "spectrumkv/codec/transform_coding.h"
 #include "spectrumkv/v1/spectrumkv.pb.h"
 
 namespace skv::control {
@@ -28,6 +29,11 @@ absl::Status ValidateModelProfile(const spectrumkv::v1::ModelProfile& profile,
 
 // FNV-1a 64 over the profile's deterministic serialization; never 0 (0 means "no profile").
 uint64_t ModelProfileHash(const spectrumkv::v1::ModelProfile& profile);
+
+// The codec's form of a validated profile (ValidateModelProfile), for transform-coded transfers
+// (CodecPolicy.transform_coding). UNIMPLEMENTED for RoPE STYLE_HALF: the codec undoes
+// interleaved rotations only.
+absl::StatusOr<TransformProfile> TransformProfileOf(const spectrumkv::v1::ModelProfile& profile);
 
 absl::StatusOr<spectrumkv::v1::ModelProfile> ReadModelProfile(const std::string& path);
 absl::Status WriteModelProfile(const std::string& path,

@@ -15,6 +15,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "spectrumkv/codec/formats.h"
+#include "spectrumkv/codec/transform_coding.h"
 #include "spectrumkv/control/codec_policy.h"
 #include "spectrumkv/control/daemon_config.h"
 
@@ -51,6 +52,9 @@ struct RegisteredModel {
   std::vector<double> layer_budget_weights;  // streamed transfers' layer shares; empty = even
   std::shared_ptr<const spectrumkv::v1::ModelProfile> profile;  // from skv-calibrate; may be null
   uint64_t profile_hash = 0;                                    // 0 without a profile
+  // The profile in the codec's form, for transform coding; null without a profile or when the
+  // codec cannot use it (TransformProfileOf).
+  std::shared_ptr<const TransformProfile> transform_profile;
   uint64_t compatibility_hash = 0;  // shape, dtype and profile: what peers must agree on
 };
 

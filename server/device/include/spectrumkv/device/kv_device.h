@@ -58,8 +58,9 @@ class KvDevice {
 
   // skv::DecodeSegment's contract, writing `destination` in this device's memory. When it
   // returns, the rows are written (a device has finished and synchronized its work).
-  virtual absl::Status DecodeSegment(const ParsedSegment& segment,
-                                     const KvTensorView& destination) = 0;
+  // `profile`: the model's, for transform-coded segments (null when it has none).
+  virtual absl::Status DecodeSegment(const ParsedSegment& segment, const KvTensorView& destination,
+                                     const TransformProfile* profile) = 0;
 
   // Waits until the event another process recorded (a cudaIpcEventHandle_t's bytes) completes:
   // the engine's writes of the rows a stream reads next. FailedPrecondition on a device that has
