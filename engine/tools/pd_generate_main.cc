@@ -59,7 +59,7 @@ ABSL_FLAG(double, prefill_layer_ms, 0,
 ABSL_FLAG(int, threads, 0, "OpenBLAS threads; 0 = the engine's default policy");
 ABSL_FLAG(std::string, profile, "",
           "the model's profile (skv-calibrate): registered on both daemons, and the KV is "
-          "transform-coded in its basis (CodecPolicy.transform_coding; needs --nolayerwise)");
+          "transform-coded in its basis (CodecPolicy.transform_coding)");
 ABSL_FLAG(std::string, dump_dir, "",
           "write the run's data into this existing folder, for tests that check another engine "
           "against this one: tokens.txt (lines \"prompt\", \"generated\", \"reference\", each "
@@ -265,10 +265,6 @@ absl::Status Run() {
   reg.mutable_shape()->set_query_heads(uint32_t(config.n_heads));
   const bool transform_coding = !absl::GetFlag(FLAGS_profile).empty();
   if (transform_coding) {
-    if (absl::GetFlag(FLAGS_layerwise)) {
-      return absl::InvalidArgumentError(
-          "--profile: a SendStream is not transform-coded yet; add --nolayerwise");
-    }
     absl::StatusOr<v1::ModelProfile> profile =
         control::ReadModelProfile(absl::GetFlag(FLAGS_profile));
     if (!profile.ok()) return Annotate(profile.status(), "--profile");
@@ -574,7 +570,7 @@ absl::Status Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "skv-pd-generate [--model M.bin --tokenizer T.bin] [--prompt TEXT] [--tokens N] [--budget B] "
-      "[--sender ADDR --receiver ADDR --peer ID] [--profile P --nolayerwise]");
+      "[--sender ADDR --receiver ADDR --peer ID] [--profile P] [--nolayerwise]");
   absl::ParseCommandLine(argc, argv);
   if (absl::Status status = skv::engine::Run(); !status.ok()) {
     std::fprintf(stderr, "skv-pd-generate: %s\n", status.ToString().c_str());

@@ -36,7 +36,7 @@ absl::StatusOr<ImportanceScores> Score(std::span<const KvLayerViews> layers, con
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
                                      const ImportanceInput& importance, const CodecOptions& options,
                                      const RowKernels& kernels, EncodeStats* stats,
-                                     unsigned threads) {
+                                     unsigned threads, RowOrigin origin) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   if (absl::Status s = ValidateOptions(options, shape->head_dim); !s.ok()) return s;
@@ -59,7 +59,7 @@ absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
     plan = PlanPaper(*shape, *scores, options);
   } else {
     absl::StatusOr<DistortionTable> distortion =
-        MeasureDistortion(layers, options, kernels, threads);
+        MeasureDistortion(layers, options, kernels, threads, origin);
     if (!distortion.ok()) return distortion.status();
     plan = PlanRd(*shape, *scores, *distortion, options);
   }

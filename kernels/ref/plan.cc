@@ -246,15 +246,15 @@ BudgetAccounting::BudgetAccounting(const KvShape& shape, const CodecOptions& opt
 namespace {
 
 // rd's estimate for transform-coded rows: per head, ExpectedHeadRowError at each quantized
-// tier's bits, from the row's own gain (its RoPE undone, as the encoder codes it).
-void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind kind,
-                                 const TransformProfile& profile, const RowKernels& kernels,
-                                 std::span<DistortionTable::Row> rows) {
+// tier's bits, from the row's own gain (its RoPE undone at its position, as the encoder codes it).
+void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, uint32_t first_token,
+                                 KvKind kind, const TransformProfile& profile,
+                                 const RowKernels& kernels, std::span<DistortionTable::Row> rows) {
   std::vector<float> head(v.head_dim);
   for (uint32_t t = 0; t < v.tokens; ++t) {
     double err[kNumTiers] = {};
     for (uint32_t h = 0; h < v.heads; ++h) {
-      LoadHeadForCoding(v.row(t), v.dtype, kind, h, t, profile, kernels, head);
+      LoadHeadForCoding(v.row(t), v.dtype, kind, h, first_token + t, profile, kernels, head);
       const HeadBasis basis = profile.Head(layer, kind, h);
       const float gain = HeadRowGain(head, basis);
       for (Tier tier : kQuantizedTiers) {
@@ -270,14 +270,15 @@ void MeasureTransformCodedTensor(const KvTensorView& v, uint32_t layer, KvKind k
 
 absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
                                                   const CodecOptions& options,
-                                                  const RowKernels& kernels, unsigned threads) {
+                                                  const RowKernels& kernels, unsigned threads,
+                                                  RowOrigin origin) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   const size_t n = shape->row_elements();
   const uint32_t group = EffectiveGroupSize(options, shape->head_dim);
   if (options.transform_profile != nullptr) {
-    absl::Status s =
-        CheckProfileFits(*options.transform_profile, shape->layers, shape->heads, shape->head_dim);
+    absl::Status s = CheckProfileFits(*options.transform_profile, origin.layer + shape->layers,
+                                      shape->heads, shape->head_dim);
     if (!s.ok()) return s;
   }
   DistortionTable table{shape->layers, shape->tokens, {}};
@@ -296,7 +297,8 @@ absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> 
         mean.push_back(Fp16ToFloat(m));
     }
     if (options.transform_profile != nullptr) {
-      MeasureTransformCodedTensor(v, l, kind, *options.transform_profile, kernels,
+      MeasureTransformCodedTensor(v, origin.layer + l, origin.token, kind,
+                                  *options.transform_profile, kernels,
                                   std::span(table.rows).subspan(tensor * shape->tokens, v.tokens));
       return;
     }

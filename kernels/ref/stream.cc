@@ -71,11 +71,6 @@ absl::StatusOr<TierPlan> PlanChunkRows(const KvLayerViews& rows, uint32_t prompt
     return absl::InvalidArgumentError(absl::StrCat("chunk importance: got ", importance.size(),
                                                    " scores for ", chunk.token_count, " tokens"));
   }
-  if (options.transform_profile != nullptr) {
-    // Its distortion estimate needs the rows' layer and positions, which a chunk's planning
-    // view does not carry yet.
-    return absl::UnimplementedError("transform coding is not supported for streamed chunks yet");
-  }
   // The prompt's first sink_tokens and last recent_tokens rows, as far as this chunk holds them.
   const uint64_t end = uint64_t{chunk.token_begin} + chunk.token_count;
   CodecOptions chunk_options = options;
@@ -92,7 +87,8 @@ absl::StatusOr<TierPlan> PlanChunkRows(const KvLayerViews& rows, uint32_t prompt
       std::max(options.budget, std::min(1.0, MinimumBudget(*shape, chunk_options)));
   ImportanceInput input;
   input.engine_scores = importance;
-  return PlanRequest(std::span(&rows, 1), input, chunk_options, kernels, stats);
+  return PlanRequest(std::span(&rows, 1), input, chunk_options, kernels, stats, /*threads=*/1,
+                     RowOrigin{chunk.layer, chunk.token_begin});
 }
 
 absl::Status EncodeChunk(const KvLayerViews& layer, const StreamChunk& chunk, KvKind kind,

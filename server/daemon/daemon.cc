@@ -497,10 +497,6 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
             control::CheckTransformCodingPossible(*policy, profile, model->model_id, "policy");
         !s.ok())
       return s;
-    if (request.has_stream()) {
-      return absl::UnimplementedError(
-          "policy.transform_coding: a streamed encoding is not transform-coded yet, as SendStream");
-    }
   }
   void* data =
       const_cast<char*>(request.kv().data());  // read-only view: the codec never writes a source
@@ -534,7 +530,7 @@ absl::StatusOr<v1::EncodeResponse> Daemon::Encode(const v1::EncodeRequest& reque
       request.has_stream()
           ? EncodeAsStream(devices_->Host(), layers, request.stream(),
                            request.has_token_scores() ? &request.token_scores() : nullptr, *policy,
-                           request.budget(), request.request_id())
+                           profile, request.budget(), request.request_id())
           : EncodeKv(layers, importance,
                      control::OptionsForTransfer(*policy, request.budget(), profile),
                      request.request_id());

@@ -134,13 +134,15 @@ class StreamCodec {
 
 // Encode's `stream` mode: the segments SendStream sends for `layers` when every layer's rows
 // [previous end, end) are signalled for each of stream.chunk_token_ends in order, layers in
-// order, with `policy` at `budget` (passthrough at budget 1, as a stream decides it), and the
-// statistics EncodeKv gives (plan left empty: each chunk has its own).
+// order, with `policy` at `budget` (passthrough at budget 1, as a stream decides it; `profile`
+// for transform coding), and the statistics EncodeKv gives (plan left empty: each chunk has its
+// own).
 absl::StatusOr<EncodedKv> EncodeAsStream(device::KvDevice& device,
                                          std::span<const KvLayerViews> layers,
                                          const v1::EncodeStream& stream,
                                          const v1::TokenScores* scores, const CodecOptions& policy,
-                                         double budget, uint64_t request_id);
+                                         const TransformProfile* profile, double budget,
+                                         uint64_t request_id);
 
 // A registered engine cache (RegisterCache): mapped once; streams name its blocks.
 struct RegisteredCache {

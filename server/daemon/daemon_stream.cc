@@ -105,7 +105,8 @@ absl::StatusOr<EncodedKv> EncodeAsStream(device::KvDevice& device,
                                          std::span<const KvLayerViews> layers,
                                          const v1::EncodeStream& stream,
                                          const v1::TokenScores* scores, const CodecOptions& policy,
-                                         double budget, uint64_t request_id) {
+                                         const TransformProfile* profile, double budget,
+                                         uint64_t request_id) {
   absl::StatusOr<KvShape> shape = ShapeOf(layers);
   if (!shape.ok()) return shape.status();
   // A stream's own decision, without a link or codec estimate: passthrough exactly at budget 1.
@@ -114,7 +115,7 @@ absl::StatusOr<EncodedKv> EncodeAsStream(device::KvDevice& device,
   const std::vector<double> weights(stream.layer_budget_weights().begin(),
                                     stream.layer_budget_weights().end());
   absl::StatusOr<StreamCodec> codec = StreamCodec::Open(
-      *shape, scores, control::OptionsForTransfer(policy, decision.planned_budget()),
+      *shape, scores, control::OptionsForTransfer(policy, decision.planned_budget(), profile),
       decision.passthrough(), weights, "");
   if (!codec.ok()) return codec.status();
   EncodedKv out;
@@ -226,10 +227,10 @@ std::shared_ptr<Daemon::Outbound> Daemon::OpenStream(const v1::StreamOpen& open,
       !s.ok()) {
     return refuse(s);
   }
-  if (policy->transform_coding) {  // each chunk's plan lacks the layer and positions it needs
-    return refuse(absl::UnimplementedError(
-        "open.policy_override.transform_coding: a SendStream is not transform-coded yet; use Send "
-        "or turn it off for the stream"));
+  if (absl::Status s = control::CheckTransformCodingPossible(
+          *policy, model->transform_profile.get(), model->model_id, "open.policy_override");
+      !s.ok()) {
+    return refuse(s);
   }
   std::shared_ptr<const RegisteredCache> cache;
   if (open.source_case() == v1::StreamOpen::kCacheId) {
@@ -488,13 +489,19 @@ absl::Status Daemon::OpenStreamStage(Outbound& out) {
   } else {
     st.device = st.cache->device;
   }
+  if (out.policy.transform_coding && st.device != &devices_->Host()) {
+    return absl::UnimplementedError(
+        "open.policy_override.transform_coding: the CUDA codec does not transform-code yet; send "
+        "KV in CUDA memory without it");
+  }
   out.decision = ChoosePassthrough(st.open.passthrough(), st.open.budget(), out.raw_bytes,
                                    link_rates_.Get(out.peer_config.address),
                                    codec_rate_.Get(CodecRateKey(out.policy)));
   absl::StatusOr<StreamCodec> codec =
       StreamCodec::Open(KvShape{model.layers, tokens, model.kv_heads, model.head_dim, model.dtype},
                         st.open.has_token_scores() ? &st.open.token_scores() : nullptr,
-                        control::OptionsForTransfer(out.policy, out.decision.planned_budget()),
+                        control::OptionsForTransfer(out.policy, out.decision.planned_budget(),
+                                                    model.transform_profile.get()),
                         out.decision.passthrough(), model.layer_budget_weights, "open.");
   if (!codec.ok()) return codec.status();
   st.codec.emplace(std::move(*codec));

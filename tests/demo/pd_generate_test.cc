@@ -88,8 +88,9 @@ TEST_F(PdGenerateTest, StandInModelThroughOneSendAfterPrefill) {
 }
 
 // With the stand-in's profile (skv-calibrate, on the Austen text's first 90%), the KV is
-// transform-coded through one Send and decoded with the decode-side daemon's copy of the profile:
-// identical to the stateless Encode/Decode naming the model. A SendStream is refused by name.
+// transform-coded and decoded with the decode-side daemon's copy of the profile: through one
+// Send, identical to the stateless Encode/Decode naming the model; layer by layer through a
+// SendStream, within the budget.
 TEST_F(PdGenerateTest, StandInModelTransformCodedThroughTheDaemonPair) {
   const std::string text = SharedDataDir() + "/text/janeausten";
   if (!std::filesystem::exists(text)) GTEST_SKIP() << "shared data absent: " << text;
@@ -111,8 +112,11 @@ TEST_F(PdGenerateTest, StandInModelTransformCodedThroughTheDaemonPair) {
   EXPECT_NE(out.find("received KV and mask identical"), std::string::npos) << out;
   EXPECT_NE(out.find("requested 0.250, achieved 0.2"), std::string::npos) << out;
   const std::string streamed = Generate("--budget 0.25 --profile " + profile, &status);
-  EXPECT_NE(status, 0);
-  EXPECT_NE(streamed.find("add --nolayerwise"), std::string::npos) << streamed;
+  ASSERT_EQ(status, 0) << streamed;
+  EXPECT_NE(streamed.find("== SendStream ==>"), std::string::npos) << streamed;
+  EXPECT_NE(streamed.find("rows transform-coded in the profile's basis"), std::string::npos)
+      << streamed;
+  EXPECT_NE(streamed.find("achieved b 0.2"), std::string::npos) << streamed;
   std::filesystem::remove(profile);
 }
 

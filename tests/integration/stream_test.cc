@@ -13,10 +13,12 @@
 #include <random>
 #include <thread>
 
+#include "../unit/control/identity_profile.h"
 #include "daemon_pair_fixture.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "spectrumkv/client/send_stream.h"
+#include "spectrumkv/control/model_profile.h"
 
 namespace skv::testing {
 namespace {
@@ -89,6 +91,42 @@ class StreamTest : public DaemonPairTest {
 
 std::vector<uint32_t> InOrder() { return {0, 1, 2, 3}; }
 
+// What the codec makes of `source` chunk by chunk (128 tokens, layers in `order`) under the
+// daemon's default policy at `budget`, as a stream with request id `id` (transform-coded with
+// `profile` when one is given): the rows the receiver must hold.
+std::vector<uint8_t> StreamedReference(uint8_t* source, uint64_t bytes, double budget,
+                                       const std::vector<uint32_t>& order, uint64_t id,
+                                       const TransformProfile* profile = nullptr) {
+  CodecOptions policy = control::DaemonConfig{}.default_codec_policy;
+  policy.transform_coding = profile != nullptr;
+  const CodecOptions options = control::OptionsForTransfer(policy, budget, profile);
+  const std::vector<KvLayerViews> views = DenseViews(source);
+  absl::StatusOr<StreamBudget> plan_budget = StreamBudget::Create(*ShapeOf(views), budget, {});
+  EXPECT_TRUE(plan_budget.ok()) << plan_budget.status();
+  const ImportanceScores scores = PositionalImportance(1, kTokens);  // a stream's: per token
+  std::vector<ByteBuffer> segments;
+  for (uint32_t begin = 0; begin < kTokens; begin += 128) {
+    for (uint32_t l : order) {
+      const StreamChunk c{l, begin, std::min(kTokens, begin + 128) - begin};
+      std::vector<ByteBuffer> part;
+      EncodeStats stats;
+      const absl::Status s =
+          EncodeStreamChunk(views[l], kTokens, c,
+                            std::span(scores.values).subspan(begin, c.token_count), options,
+                            &*plan_budget, id, BestRowKernels(), part, &stats)
+              .status();
+      EXPECT_TRUE(s.ok()) << s;
+      for (ByteBuffer& b : part) segments.push_back(std::move(b));
+    }
+  }
+  std::vector<uint8_t> expected(bytes, 0), kept;
+  std::vector<std::span<const uint8_t>> spans(segments.begin(), segments.end());
+  const absl::Status s =
+      DecodeKv(spans, DenseViews(expected.data()), &kept, BestRowKernels(), profile);
+  EXPECT_TRUE(s.ok()) << s;
+  return expected;
+}
+
 TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 31), dst = MakeBuffer(bytes);
@@ -113,29 +151,39 @@ TEST_F(StreamTest, ChunkedOutOfOrderStreamEqualsTheCodecAndLandsOnTheBudget) {
   EXPECT_EQ(log.Count(v1::SendStreamEvent::kDone), 1);
 
   // The codec, chunk by chunk in the same order under the same budget, gives the same bytes.
-  const CodecOptions options =
-      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, budget);
-  const std::vector<KvLayerViews> views = DenseViews(src.data());
-  absl::StatusOr<StreamBudget> plan_budget = StreamBudget::Create(*ShapeOf(views), budget, {});
-  ASSERT_TRUE(plan_budget.ok());
-  const ImportanceScores scores = PositionalImportance(1, kTokens);  // a stream's: per token
-  std::vector<ByteBuffer> segments;
-  for (uint32_t begin = 0; begin < kTokens; begin += 128) {
-    for (uint32_t l : order) {
-      const StreamChunk c{l, begin, std::min(kTokens, begin + 128) - begin};
-      std::vector<ByteBuffer> part;
-      EncodeStats stats;
-      ASSERT_TRUE(EncodeStreamChunk(views[l], kTokens, c,
-                                    std::span(scores.values).subspan(begin, c.token_count), options,
-                                    &*plan_budget, 301, BestRowKernels(), part, &stats)
-                      .ok());
-      for (ByteBuffer& b : part) segments.push_back(std::move(b));
-    }
-  }
-  std::vector<uint8_t> expected(bytes, 0), kept;
-  std::vector<std::span<const uint8_t>> spans(segments.begin(), segments.end());
-  ASSERT_TRUE(DecodeKv(spans, DenseViews(expected.data()), &kept).ok());
+  const std::vector<uint8_t> expected = StreamedReference(src.data(), bytes, budget, order, 301);
   EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0);
+}
+
+// Transform coding through a stream: each chunk is coded at its layer and positions in the
+// registered profile's basis, and the receiver decodes with its copy: the codec's rows.
+TEST_F(StreamTest, TransformCodedStreamEqualsTheCodec) {
+  const v1::ModelProfile profile = skv::testing::IdentityProfile(kLayers, kHeads, kHeadDim);
+  for (DaemonProcess* d : {prefill_.get(), decode_.get()})
+    ASSERT_TRUE(Register(*d, kModel, kLayers, &profile).ok());
+  const uint64_t bytes = client::DenseLayoutBytes(Dense());
+  SharedMemoryBuffer src = MakeSource(bytes, 32), dst = MakeBuffer(bytes);
+  auto received = ReceiveAsync(ReceiveReq(302, dst));
+  v1::StreamOpen open = OpenReq(302, src, 0.3);
+  open.mutable_policy_override()->set_transform_coding(true);
+  std::unique_ptr<client::SendStream> s = Open(open);
+  ASSERT_NE(s, nullptr);
+  const std::vector<uint32_t> order{1, 3, 0, 2};
+  SignalAll(*s, 128, order);
+  absl::StatusOr<v1::SendResponse> sent = s->Wait();
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  absl::StatusOr<v1::ReceiveResponse> got = received.get();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_LE(sent->stats().achieved_budget(), 0.3);
+  absl::StatusOr<TransformProfile> codec_profile = control::TransformProfileOf(profile);
+  ASSERT_TRUE(codec_profile.ok()) << codec_profile.status();
+  const std::vector<uint8_t> expected =
+      StreamedReference(src.data(), bytes, 0.3, order, 302, &*codec_profile);
+  EXPECT_EQ(std::memcmp(dst.data(), expected.data(), bytes), 0);
+  EXPECT_NE(
+      std::memcmp(dst.data(), StreamedReference(src.data(), bytes, 0.3, order, 302).data(), bytes),
+      0)
+      << "the rows are transform-coded";
 }
 
 // With one layer, the stream's online plan is the whole-cache plan: the same bytes as Send.

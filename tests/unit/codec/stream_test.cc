@@ -147,18 +147,57 @@ TEST(StreamCodec, AChunkBelowItsMinimumIsPlannedAtTheMinimum) {
   EXPECT_EQ(plan->at(0, KvKind::kKey, 10), Tier::kDrop);
 }
 
-TEST(StreamCodec, TransformCodedChunksAreNotSupportedYet) {
-  SyntheticKvSpec spec{.layers = 1, .tokens = 20, .heads = 1, .head_dim = 32, .seed = 7};
+// A transform-coded chunk is estimated at its own layer and RoPE positions: its distortion rows
+// are the whole request's rows for the same layer and tokens (a profile whose layers differ, keys
+// rotated, so that a chunk measured as layer 0 from position 0 would differ). The streamed
+// segments decode with the profile, within the stream's budget.
+TEST(StreamCodec, TransformCodedChunksAreEstimatedWhereTheyAre) {
+  SyntheticKvSpec spec{.layers = 2, .tokens = 64, .heads = 2, .head_dim = 32, .seed = 8};
   SyntheticKv kv(spec);
-  const TransformProfile profile = IdentityTransformProfile(1, 1, 32);
+  TransformProfile profile = IdentityTransformProfile(2, 2, 32);
+  profile.rope_theta = 10000;
+  const size_t half = profile.means.size() / 2;  // layer 1's means and variances
+  for (size_t i = half; i < profile.means.size(); ++i) {
+    profile.means[i] = 0.25f;
+    profile.variances[i] = 1.0f / float(1 + i % 32);
+  }
+  ASSERT_TRUE(FinishTransformProfile(&profile).ok());
   CodecOptions options;
+  options.budget = 0.3;
   options.transform_profile = &profile;
-  std::vector<float> scores(20, 1.0f);
-  EncodeStats stats;
-  EXPECT_EQ(PlanChunk(kv.views()[0], 20, {0, 0, 20}, scores, options, BestRowKernels(), &stats)
-                .status()
-                .code(),
-            absl::StatusCode::kUnimplemented);
+  absl::StatusOr<DistortionTable> whole = MeasureDistortion(kv.views(), options, BestRowKernels());
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  std::vector<uint16_t> key_scratch, value_scratch;
+  const KvLayerViews chunk{SliceRows(kv.views()[1].key, 24, 24, key_scratch),
+                           SliceRows(kv.views()[1].value, 24, 24, value_scratch)};
+  for (bool placed : {true, false}) {
+    absl::StatusOr<DistortionTable> part =
+        MeasureDistortion(std::span(&chunk, 1), options, BestRowKernels(), 1,
+                          placed ? RowOrigin{1, 24} : RowOrigin{});
+    ASSERT_TRUE(part.ok()) << part.status();
+    int same = 0;
+    for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+      for (uint32_t t = 0; t < 24; ++t) {
+        const float* a = part->at(0, kind, t).err;
+        const float* b = whole->at(1, kind, 24 + t).err;
+        same += std::equal(a, a + kNumTiers, b) ? 1 : 0;
+      }
+    }
+    EXPECT_EQ(same == 48, placed) << same << " of 48 rows equal";
+  }
+
+  absl::StatusOr<StreamBudget> budget = StreamBudget::Create(*ShapeOf(kv.views()), 0.3, {});
+  ASSERT_TRUE(budget.ok());
+  StreamedKv streamed =
+      EncodeStreamed(kv.views(), spec.tokens, ChunkedPrefill(2, 64, 24), options, *budget);
+  EXPECT_LE(double(streamed.wire_bytes), 0.3 * double(ShapeOf(kv.views())->raw_bytes()));
+  SyntheticKv out = SyntheticKv::ZerosLike(spec);
+  std::vector<uint8_t> kept;
+  EXPECT_EQ(DecodeKv(Spans(streamed.segments), out.views(), &kept).code(),
+            absl::StatusCode::kFailedPrecondition);
+  absl::Status s =
+      DecodeKv(Spans(streamed.segments), out.views(), &kept, BestRowKernels(), &profile);
+  ASSERT_TRUE(s.ok()) << s;
 }
 
 // allow_drop = false through the stream: a chunk is planned at no less than its minimum without

@@ -302,9 +302,10 @@ TEST_F(DaemonTest, AModelProfileMismatchIsRefusedAndTheSameProfileTransfers) {
 }
 
 // Transform coding needs a profile the codec can use: refused by name at registration (the
-// model's policy) or at Send (an override) without one, UNIMPLEMENTED where the codec does not
-// have it yet (interleaved RoPE only, no SendStream); the stateless Encode has no model to take a
-// profile from. With the profile on both sides the transfer works, and so does the INT4 probe.
+// model's policy), at Send and at a SendStream's open (an override) without one; a HALF-RoPE
+// profile is UNIMPLEMENTED (the codec undoes interleaved RoPE only). With the profile on both
+// sides the transfer works, and so does the INT4 probe; the stateless Encode and Decode use it
+// when they name the model.
 TEST_F(DaemonTest, TransformCodingNeedsAProfileAndIsRefusedWhereUnsupported) {
   v1::RegisterModelRequest r = ModelRequest();
   r.mutable_default_policy()->set_transform_coding(true);
@@ -342,7 +343,9 @@ TEST_F(DaemonTest, TransformCodingNeedsAProfileAndIsRefusedWhereUnsupported) {
                 [&stream](absl::StatusOr<v1::SendResponse> s) { stream = s.status(); }),
             nullptr);
   ASSERT_TRUE(stream.has_value());
-  EXPECT_EQ(stream->code(), absl::StatusCode::kUnimplemented) << *stream;
+  EXPECT_EQ(stream->code(), absl::StatusCode::kFailedPrecondition) << *stream;
+  EXPECT_NE(stream->message().find("open.policy_override.transform_coding"), std::string::npos)
+      << *stream;
 
   r.mutable_profile()->mutable_rope()->set_style(v1::RopeConvention::STYLE_NONE);
   for (v1::HeadProfile& head : *r.mutable_profile()->mutable_heads()) {  // RandomKv's statistics
@@ -405,8 +408,6 @@ TEST_F(DaemonTest, TransformCodingNeedsAProfileAndIsRefusedWhereUnsupported) {
   absl::StatusOr<v1::DecodeResponse> decoded = decode_->daemon->Decode(d);
   ASSERT_TRUE(decoded.ok()) << decoded.status();
   EXPECT_EQ(decoded->kv(), landed->inline_kv());
-  e.mutable_stream()->add_chunk_token_ends(kTokens);
-  EXPECT_EQ(prefill_->daemon->Encode(e).status().code(), absl::StatusCode::kUnimplemented);
 }
 
 // Cancelled after its last segment left, a sender cannot know whether the receiver committed:

@@ -46,11 +46,12 @@ struct EncodedKv {
 };
 
 // Scores and plans a request: the stages before encoding. rd measures distortion on `threads`
-// threads (the plan does not depend on how many).
+// threads (the plan does not depend on how many). `origin`: where `layers` sit in the request
+// when they are a slice of it (a streamed chunk).
 absl::StatusOr<TierPlan> PlanRequest(std::span<const KvLayerViews> layers,
                                      const ImportanceInput& importance, const CodecOptions& options,
                                      const RowKernels& kernels, EncodeStats* stats,
-                                     unsigned threads = 1);
+                                     unsigned threads = 1, RowOrigin origin = {});
 
 // How many segments one layer's K (or V) becomes: options.tokens_per_segment splits it.
 uint32_t SegmentsPerTensor(uint32_t tokens, const CodecOptions& options);

@@ -99,11 +99,20 @@ struct DistortionTable {
   }
 };
 
+// Where planned rows sit in their request: the layer of layers[0] and the token of row 0. A
+// streamed chunk plans a slice; transform coding's estimate needs both (the profile's layer and
+// the RoPE position it undoes).
+struct RowOrigin {
+  uint32_t layer = 0;
+  uint32_t token = 0;
+};
+
 // Measures every row; `threads` share the work by whole K or V tensors (the table is the same
 // for any thread count: each row is measured on its own).
 absl::StatusOr<DistortionTable> MeasureDistortion(std::span<const KvLayerViews> layers,
                                                   const CodecOptions& options,
-                                                  const RowKernels& kernels, unsigned threads = 1);
+                                                  const RowKernels& kernels, unsigned threads = 1,
+                                                  RowOrigin origin = {});
 
 // The paper's allocator: one token-level tier map shared by every layer and by K and V.
 absl::StatusOr<TierPlan> PlanPaper(const KvShape& shape, const ImportanceScores& importance,
