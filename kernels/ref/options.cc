@@ -42,7 +42,8 @@ absl::Status ValidateOptions(const CodecOptions& o, uint32_t head_dim) {
   if (o.transform_profile != nullptr) {
     const TransformProfile& p = *o.transform_profile;
     if (p.head_dim != head_dim ||
-        p.tier_bits.size() != size_t{p.layers} * 2 * p.heads * kNumTiers * p.head_dim) {
+        p.tier_bits.size() != size_t{p.layers} * 2 * p.heads * kNumTiers * p.head_dim ||
+        p.head_offsets.size() != size_t{p.layers} * 2 * kNumTiers * (p.heads + 1)) {
       return absl::InvalidArgumentError(
           absl::StrCat("transform_profile has head_dim ", p.head_dim, " (the KV has ", head_dim,
                        ") or was not finished (FinishTransformProfile)"));

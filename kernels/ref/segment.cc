@@ -156,11 +156,11 @@ void EncodeTransformCodedRow(const uint16_t* row, const KvTensorView& source,
                              const SegmentSpec& spec, uint32_t token, Tier tier,
                              const TransformProfile& profile, const RowKernels& k,
                              std::span<float> head, std::span<float> scratch, uint8_t* out) {
-  const size_t head_bytes = CodedHeadBytes(size_t{source.head_dim} * size_t(TierBits(tier)));
   for (uint32_t h = 0; h < source.heads; ++h) {
     LoadHeadForCoding(row, source.dtype, spec.kind, h, token, profile, k, head);
     EncodeHeadRow(head, profile.Head(spec.layer, spec.kind, h),
-                  profile.Bits(spec.layer, spec.kind, h, tier), scratch, out + h * head_bytes);
+                  profile.Bits(spec.layer, spec.kind, h, tier), scratch,
+                  out + profile.HeadOffset(spec.layer, spec.kind, tier, h));
   }
 }
 
@@ -169,10 +169,10 @@ void DecodeTransformCodedRow(const uint8_t* record, const SegmentHeader& header,
                              DType dtype, std::span<float> head, uint16_t* row) {
   const size_t d = header.head_dim;
   const KvKind kind = static_cast<KvKind>(header.kind);
-  const size_t head_bytes = CodedHeadBytes(d * size_t(TierBits(tier)));
   for (uint32_t h = 0; h < header.heads; ++h) {
-    DecodeHeadRow(record + h * head_bytes, profile.Head(header.layer, kind, h),
-                  profile.Bits(header.layer, kind, h, tier), head);
+    DecodeHeadRow(record + profile.HeadOffset(header.layer, kind, tier, h),
+                  profile.Head(header.layer, kind, h), profile.Bits(header.layer, kind, h, tier),
+                  head);
     if (kind == KvKind::kKey && profile.rope_theta > 0) {
       ApplyInterleavedRope(head, token, profile.rope_theta);
     }

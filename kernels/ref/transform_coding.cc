@@ -122,28 +122,66 @@ std::span<const float> GaussianLloydMaxLevels(int bits) {
   return {kLevels[bits], size_t{1} << bits};
 }
 
-std::vector<uint8_t> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
-                                           std::span<const double> component_mse) {
+namespace {
+
+// Largest value first; among equal values the lower index.
+using Entry = std::pair<double, size_t>;
+struct Later {
+  bool operator()(const Entry& a, const Entry& b) const {
+    return a.first != b.first ? a.first < b.first : a.second > b.second;
+  }
+};
+using MaxQueue = std::priority_queue<Entry, std::vector<Entry>, Later>;
+
+// AllocateComponentBits' greedy; `on_bit(drop)` sees what each bit spent saves, in order.
+template <typename OnBit>
+std::vector<uint8_t> GreedyBits(std::span<const double> variances, size_t total_bits,
+                                std::span<const double> component_mse, OnBit on_bit) {
   std::vector<uint8_t> bits(variances.size(), 0);
   auto drop = [&](size_t c) {  // what the next bit of component c saves
     const int b = bits[c];
     return variances[c] * (component_mse[b] - component_mse[b + 1]);
   };
-  // Largest drop first; among equal drops the lower index.
-  using Entry = std::pair<double, size_t>;
-  auto later = [](const Entry& a, const Entry& b) {
-    return a.first != b.first ? a.first < b.first : a.second > b.second;
-  };
-  std::priority_queue<Entry, std::vector<Entry>, decltype(later)> next(later);
+  MaxQueue next;
   for (size_t c = 0; c < variances.size(); ++c) {
     if (variances[c] > 0) next.push({drop(c), c});
   }
   for (size_t spent = 0; spent < total_bits && !next.empty(); ++spent) {
-    const size_t c = next.top().second;
+    const auto [saved, c] = next.top();
     next.pop();
+    on_bit(saved);
     if (++bits[c] < kMaxComponentBits) next.push({drop(c), c});
   }
   return bits;
+}
+
+}  // namespace
+
+std::vector<uint8_t> AllocateComponentBits(std::span<const double> variances, size_t total_bits,
+                                           std::span<const double> component_mse) {
+  return GreedyBits(variances, total_bits, component_mse, [](double) {});
+}
+
+std::vector<uint32_t> ShareRowBytes(std::span<const double> variances, size_t heads,
+                                    size_t total_bytes) {
+  const size_t d = variances.size() / heads;
+  // byte_saves[h][n]: what head h's byte n saves (its 8 bits in greedy order; 0 past the bits
+  // its variances can use). Non-increasing in n, so the greedy over heads is optimal too.
+  std::vector<std::vector<double>> byte_saves(heads, std::vector<double>(d, 0.0));
+  for (size_t h = 0; h < heads; ++h) {
+    size_t bit = 0;
+    GreedyBits(variances.subspan(h * d, d), 8 * d, kGaussianLloydMaxMse,
+               [&](double saved) { byte_saves[h][bit++ / 8] += saved; });
+  }
+  std::vector<uint32_t> bytes(heads, 0);
+  MaxQueue next;
+  for (size_t h = 0; h < heads; ++h) next.push({byte_saves[h][0], h});
+  for (size_t spent = 0; spent < total_bytes && !next.empty(); ++spent) {
+    const size_t h = next.top().second;
+    next.pop();
+    if (++bytes[h] < d) next.push({byte_saves[h][bytes[h]], h});
+  }
+  return bytes;
 }
 
 size_t TotalBits(std::span<const uint8_t> bits) {
@@ -236,14 +274,26 @@ absl::Status FinishTransformProfile(TransformProfile* profile) {
   for (float v : p.variances) {
     if (v < 0) return absl::InvalidArgumentError("transform profile variances must be >= 0");
   }
+  // Per layer and K/V, each tier's row bytes are shared between the heads by their variances,
+  // then spent on components within each head.
+  const size_t heads = p.heads;
   p.tier_bits.assign(count * kNumTiers * d, 0);
-  std::vector<double> variances(d);
-  for (size_t i = 0; i < count; ++i) {
-    for (size_t c = 0; c < d; ++c) variances[c] = p.variances[i * d + c];
+  p.head_offsets.assign(size_t{p.layers} * 2 * kNumTiers * (heads + 1), 0);
+  std::vector<double> variances(heads * d);
+  for (size_t group = 0; group < size_t{p.layers} * 2; ++group) {  // [layer][kind]
+    for (size_t i = 0; i < heads * d; ++i) variances[i] = p.variances[group * heads * d + i];
     for (Tier tier : kQuantizedTiers) {
-      const std::vector<uint8_t> bits = AllocateComponentBits(variances, d * TierBits(tier));
-      std::copy(bits.begin(), bits.end(),
-                p.tier_bits.begin() + ptrdiff_t((i * kNumTiers + static_cast<size_t>(tier)) * d));
+      const size_t t = static_cast<size_t>(tier);
+      const std::vector<uint32_t> shares =
+          ShareRowBytes(variances, heads, heads * d * TierBits(tier) / 8);
+      uint32_t* offsets = p.head_offsets.data() + (group * kNumTiers + t) * (heads + 1);
+      for (size_t h = 0; h < heads; ++h) {
+        const std::vector<uint8_t> bits =
+            AllocateComponentBits(std::span(variances).subspan(h * d, d), 8 * size_t{shares[h]});
+        std::copy(bits.begin(), bits.end(),
+                  p.tier_bits.begin() + ptrdiff_t(((group * heads + h) * kNumTiers + t) * d));
+        offsets[h + 1] = offsets[h] + uint32_t(CodedHeadBytes(8 * size_t{shares[h]}));
+      }
     }
   }
   return absl::OkStatus();

@@ -161,6 +161,78 @@ std::vector<float> DrawRow(const TestBasis& b, double scale, std::mt19937& rng) 
   return x;
 }
 
+// A row's bytes go to the heads whose error they cut most: equal heads share evenly, a head of
+// 16x the variance takes more than half, a silent head nothing while another can use it; every
+// byte is spent, and the expected error is below the even split's. The profile lays the heads'
+// slots out by those shares, each row of a tier the same size.
+TEST(TransformCodingTest, RowBytesGoToTheHeadsThatNeedThem) {
+  constexpr size_t kDim = 16;
+  auto heads_of = [](std::vector<double> scales) {
+    std::vector<double> v;
+    for (double s : scales) {
+      for (size_t c = 0; c < kDim; ++c) v.push_back(s * std::pow(0.8, double(c)));
+    }
+    return v;
+  };
+  const size_t int4_bytes = 2 * kDim * 4 / 8;
+  EXPECT_EQ(ShareRowBytes(heads_of({1, 1}), 2, int4_bytes), (std::vector<uint32_t>{8, 8}));
+  EXPECT_EQ(ShareRowBytes(heads_of({1, 0}), 2, int4_bytes), (std::vector<uint32_t>{16, 0}));
+  EXPECT_EQ(ShareRowBytes(heads_of({1, 0}), 2, 20), (std::vector<uint32_t>{16, 4}))
+      << "a head takes at most 8 bits per component; the rest still has a place";
+  const std::vector<double> uneven = heads_of({16, 1});
+  const std::vector<uint32_t> shares = ShareRowBytes(uneven, 2, int4_bytes);
+  EXPECT_GT(shares[0], 8u);
+  EXPECT_EQ(shares[0] + shares[1], int4_bytes);
+  auto expected_error = [&](const std::vector<uint32_t>& bytes) {
+    double error = 0;
+    for (size_t h = 0; h < 2; ++h) {
+      const std::span<const double> v = std::span(uneven).subspan(h * kDim, kDim);
+      const std::vector<uint8_t> bits = AllocateComponentBits(v, 8 * bytes[h]);
+      for (size_t c = 0; c < kDim; ++c) error += v[c] * kGaussianLloydMaxMse[bits[c]];
+    }
+    return error;
+  };
+  EXPECT_LT(expected_error(shares), 0.8 * expected_error({8, 8}));
+
+  // Coded for real: rows drawn from two heads of 16:1 energy, coded with the shared bytes and
+  // with an even split.
+  const TestBasis strong = MakeBasis(kDim, 5), weak = MakeBasis(kDim, 6);
+  std::mt19937 rng(7);
+  double shared_error = 0, even_error = 0;
+  std::vector<float> scratch(kDim), decoded(kDim);
+  std::vector<uint8_t> code(CodedHeadBytes(8 * kDim));
+  for (int r = 0; r < 200; ++r) {
+    for (size_t h = 0; h < 2; ++h) {
+      const TestBasis& b = h == 0 ? strong : weak;
+      const std::vector<float> x = DrawRow(b, h == 0 ? 4.0 : 1.0, rng);
+      TestBasis scaled = b;  // the profile's variances: the heads' own energies
+      for (float& v : scaled.variance) v *= h == 0 ? 16.0f : 1.0f;
+      std::vector<double> v(scaled.variance.begin(), scaled.variance.end());
+      for (const auto& [bytes, error] :
+           {std::pair{shares[h], &shared_error}, std::pair{uint32_t{8}, &even_error}}) {
+        const std::vector<uint8_t> bits = AllocateComponentBits(v, 8 * bytes);
+        EncodeHeadRow(x, scaled.view(), bits, scratch, code.data());
+        DecodeHeadRow(code.data(), scaled.view(), bits, decoded);
+        for (size_t i = 0; i < kDim; ++i) *error += std::pow(double(decoded[i]) - x[i], 2);
+      }
+    }
+  }
+  EXPECT_LT(shared_error, 0.8 * even_error) << shared_error << " vs " << even_error;
+
+  TransformProfile p = IdentityTransformProfile(1, 2, kDim);
+  for (size_t i = 0; i < 2 * kDim; ++i) p.variances[i] = float(uneven[i]);  // layer 0, K heads
+  ASSERT_TRUE(FinishTransformProfile(&p).ok());
+  EXPECT_EQ(p.HeadOffset(0, KvKind::kKey, Tier::kInt4, 0), 0u);
+  EXPECT_EQ(p.HeadOffset(0, KvKind::kKey, Tier::kInt4, 1), 2 + shares[0]);
+  for (KvKind kind : {KvKind::kKey, KvKind::kValue}) {
+    for (Tier tier : kQuantizedTiers) {
+      EXPECT_EQ(p.HeadOffset(0, kind, tier, 2), TransformCodedRowBytes(tier, 2, kDim));
+    }
+  }
+  EXPECT_EQ(TotalBits(p.Bits(0, KvKind::kKey, 0, Tier::kInt4)), 8 * shares[0]);
+  EXPECT_EQ(TotalBits(p.Bits(0, KvKind::kValue, 0, Tier::kInt4)), kDim * 4) << "V heads are equal";
+}
+
 TEST(TransformCodingTest, ErrorMatchesTheEstimateAndEightBitsAreNearlyExact) {
   constexpr size_t kDim = 64;
   const TestBasis b = MakeBasis(kDim, 7);

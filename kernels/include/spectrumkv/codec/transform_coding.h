@@ -71,6 +71,14 @@ std::vector<uint8_t> AllocateComponentBits(
 // Sum of `bits`.
 size_t TotalBits(std::span<const uint8_t> bits);
 
+// Bytes of code per head for one row of heads: `total_bytes` shared by heads with the given
+// component variances (head_dim each, concatenated), a byte at a time to the head whose expected
+// error (AllocateComponentBits within the head at 8 bits per byte) drops most, ties to the lower
+// head, at most head_dim bytes (8 bits per component) each. A head of larger variances takes more
+// of the row than an even split would give it.
+std::vector<uint32_t> ShareRowBytes(std::span<const double> variances, size_t heads,
+                                    size_t total_bytes);
+
 // Bytes of one coded head row whose components take `total_bits` bits: the fp16 gain and the
 // codes rounded up to a byte.
 constexpr size_t CodedHeadBytes(size_t total_bits) { return 2 + (total_bits + 7) / 8; }
@@ -95,7 +103,8 @@ void DecodeHeadRow(const uint8_t* in, const HeadBasis& basis, std::span<const ui
 double ExpectedHeadRowError(double gain, const HeadBasis& basis, std::span<const uint8_t> bits);
 
 // A model profile as the codec uses it: for every layer, K/V and KV head, a basis (mean,
-// components, variances), and the bits per component of each quantized tier, derived from the
+// components, variances), and for each quantized tier how a row's code bytes are shared between
+// its heads (ShareRowBytes) and the bits per component within each head, derived from the
 // variances by FinishTransformProfile. Both ends of a transfer must hold the same one (the
 // daemon checks the profile's hash).
 struct TransformProfile {
@@ -105,6 +114,9 @@ struct TransformProfile {
   std::vector<float> means, bases, variances;
   // [layer][kind][head][tier wire value][head_dim]: filled by FinishTransformProfile.
   std::vector<uint8_t> tier_bits;
+  // [layer][kind][tier wire value][head + 1]: where each head's slot (fp16 gain and codes) starts
+  // in a coded row; the last entry is the row's size, TransformCodedRowBytes for every layer.
+  std::vector<uint32_t> head_offsets;
 
   size_t HeadIndex(uint32_t layer, KvKind kind, uint32_t head) const {
     return (size_t{layer} * 2 + static_cast<size_t>(kind)) * heads + head;
@@ -120,10 +132,16 @@ struct TransformProfile {
     return std::span<const uint8_t>(tier_bits).subspan(
         (HeadIndex(layer, kind, head) * kNumTiers + static_cast<size_t>(tier)) * d, d);
   }
+  uint32_t HeadOffset(uint32_t layer, KvKind kind, Tier tier, uint32_t head) const {
+    const size_t row =
+        (size_t{layer} * 2 + static_cast<size_t>(kind)) * kNumTiers + static_cast<size_t>(tier);
+    return head_offsets[row * (heads + 1) + head];
+  }
 };
 
 // Checks the shape and sizes (InvalidArgument naming the field; every value finite, variances
-// >= 0), then fills tier_bits: head_dim * TierBits(tier) bits per head for each quantized tier.
+// >= 0), then fills tier_bits and head_offsets: heads * head_dim * TierBits(tier) bits per row of
+// each quantized tier, shared between the heads by ShareRowBytes.
 absl::Status FinishTransformProfile(TransformProfile* profile);
 
 // A finished profile with identity bases, zero means and unit variances: transform coding in the
@@ -135,7 +153,8 @@ TransformProfile IdentityTransformProfile(uint32_t layers, uint32_t heads, uint3
 absl::Status CheckProfileFits(const TransformProfile& profile, uint32_t layers, uint32_t heads,
                               uint32_t head_dim);
 
-// Bytes of one transform-coded row of `tier` (quantized): a coded head row per head.
+// Bytes of one transform-coded row of `tier` (quantized): an fp16 gain per head and
+// head_dim * TierBits(tier) bits of code per head on average.
 constexpr size_t TransformCodedRowBytes(Tier tier, size_t heads, size_t head_dim) {
   return heads * CodedHeadBytes(head_dim * size_t(TierBits(tier)));
 }
