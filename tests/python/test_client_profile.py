@@ -1,7 +1,10 @@
 """Client.register_model with a model profile, against two real daemons: from a message and from
-a file, the hashes the daemons report, and a transfer between daemons that disagree is refused."""
+a file, the hashes the daemons report, a transfer between daemons that disagree is refused, and a
+transform-coded transfer (CodecPolicy.transform_coding) needs the profile and lands with it."""
 
 import os
+import random
+import struct
 import tempfile
 import unittest
 
@@ -54,6 +57,35 @@ class RegisterWithProfile(unittest.TestCase):
             with self.assertRaises(SpectrumKVError) as bad:
                 decode.register_model("m", LAYERS, HEADS, DIM + 8, profile=identity_profile())
             self.assertIn("profile.head_dim", str(bad.exception))
+
+    def test_a_transform_coded_transfer_needs_the_profile_and_lands(self):
+        size = LAYERS * 2 * TOKENS * HEADS * DIM * 2
+        layout = dense_layout(LAYERS, HEADS, DIM, TOKENS)
+        rng = random.Random(5)
+        count = size // 2
+        want = [rng.gauss(0.0, (DIM - i % DIM) ** 0.5) for i in range(count)]  # the profile's variances
+        kv = struct.pack("<%de" % count, *want)
+        coded = pb.CodecPolicy(transform_coding=True)
+        with DaemonPair() as daemons, Client.connect(daemons.address("prefill")) as prefill, \
+                Client.connect(daemons.address("decode")) as decode:
+            prefill.register_model("m", LAYERS, HEADS, DIM)
+            with self.assertRaises(SpectrumKVError) as refused:
+                prefill.send(8, "m", kv, layout, "decode", 0.3, passthrough=pb.PASSTHROUGH_MODE_NEVER,
+                             policy_override=coded)
+            self.assertIn("transform_coding", str(refused.exception))
+
+            for client in (prefill, decode):
+                client.register_model("m", LAYERS, HEADS, DIM, profile=identity_profile())
+            with SharedMemoryBuffer.create(size) as destination:
+                received = decode.receive_async(9, "m", destination, layout, timeout_s=20.0)
+                sent = prefill.send(9, "m", kv, layout, "decode", 0.6, passthrough=pb.PASSTHROUGH_MODE_NEVER,
+                                    policy_override=coded)
+                received.result(20)
+                self.assertLessEqual(sent.stats.achieved_budget, 0.6)
+                got = struct.unpack("<%de" % count, bytes(destination.buf[:size]))
+            error = sum((a - b) ** 2 for a, b in zip(got, want))
+            energy = sum(b * b for b in want)
+            self.assertLess(error, 0.05 * energy)
 
 
 if __name__ == "__main__":

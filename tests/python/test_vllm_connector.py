@@ -39,6 +39,7 @@ class LoadingAndSettings(unittest.TestCase):
                              ({"passthrough": "sometimes"}, "passthrough"),
                              ({"policy": {"allow_drop": True}}, "cannot mask"),
                              ({"policy": {"allocator": "greedy"}}, "allocator"),
+                             ({"policy": {"transform_coding": True}}, "needs `profile`"),
                              ({"kv_cache_layout": "NDH"}, "NHD or HND"),
                              ({"tls_cert_file": "/x"}, "go together")]:
             with self.assertRaises(ValueError) as raised:
@@ -48,6 +49,9 @@ class LoadingAndSettings(unittest.TestCase):
     def test_policy_never_drops_tokens(self):
         settings = _common.Settings({"policy": {"allocator": "paper", "sink_tokens": 8}})
         self.assertFalse(settings.policy.allow_drop)
+        coded = _common.Settings({"policy": {"transform_coding": True}, "profile": "/m.skvprofile"})
+        self.assertTrue(coded.policy.transform_coding)
+        self.assertEqual(coded.profile, "/m.skvprofile")
         self.assertEqual(settings.policy.allocator, pb.ALLOCATOR_PAPER)
         self.assertEqual(settings.policy.sink_tokens, 8)
 

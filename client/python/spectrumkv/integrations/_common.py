@@ -23,7 +23,8 @@ _PASSTHROUGH = {"auto": pb.PASSTHROUGH_MODE_AUTO, "never": pb.PASSTHROUGH_MODE_N
                 "always": pb.PASSTHROUGH_MODE_ALWAYS}
 _ALLOCATORS = {"rd": pb.ALLOCATOR_RD, "paper": pb.ALLOCATOR_PAPER}
 _POLICY_FIELDS = {"rotate": bool, "centre": bool, "per_channel_keys": bool, "group_size": int, "allow_int4": bool,
-                  "allow_int2": bool, "sink_tokens": int, "recent_tokens": int, "entropy_coding": bool}
+                  "allow_int2": bool, "sink_tokens": int, "recent_tokens": int, "entropy_coding": bool,
+                  "transform_coding": bool}
 
 
 class Settings:
@@ -39,7 +40,10 @@ class Settings:
     passthrough       auto | never | always (default auto)
     policy            CodecPolicy fields: allocator (rd | paper), rotate, centre, per_channel_keys,
                       group_size, allow_int4, allow_int2, sink_tokens, recent_tokens,
-                      entropy_coding (zstd-code the segments: fewer bytes, more CPU)
+                      entropy_coding (zstd-code the segments: fewer bytes, more CPU),
+                      transform_coding (code in the model profile's basis; needs `profile`)
+    profile           path of the model's profile (skv-calibrate), registered with the model on
+                      every worker's daemon, prefill and decode alike (optional)
     model_name        name registered with the daemon (default: the engine's model name)
     cache_id          name of this worker's registered cache (default <engine>-<pid>-<rank>)
     kv_cache_layout   NHD | HND (default NHD: zero copy; HND costs one copy on each side)
@@ -49,8 +53,9 @@ class Settings:
     tls_ca_file, tls_cert_file, tls_key_file   TLS to the daemon (CA alone: server TLS)
     """
 
-    KEYS = ("daemon_address", "peer", "daemon_id", "budget", "passthrough", "policy", "model_name", "cache_id",
-            "kv_cache_layout", "kv_dtype", "receive_timeout_s", "tls_ca_file", "tls_cert_file", "tls_key_file")
+    KEYS = ("daemon_address", "peer", "daemon_id", "budget", "passthrough", "policy", "profile", "model_name",
+            "cache_id", "kv_cache_layout", "kv_dtype", "receive_timeout_s", "tls_ca_file", "tls_cert_file",
+            "tls_key_file")
 
     def __init__(self, values=None):
         values = dict(values or {})
@@ -68,6 +73,9 @@ class Settings:
             raise ValueError("spectrumkv: passthrough %r: expected auto, never or always" % passthrough)
         self.passthrough = _PASSTHROUGH[passthrough]
         self.policy = self._policy(values.get("policy") or {})
+        self.profile = values.get("profile")
+        if self.policy.transform_coding and not self.profile:
+            raise ValueError("spectrumkv: policy.transform_coding needs `profile` (the model's skv-calibrate file)")
         self.model_name = values.get("model_name")
         self.cache_id = values.get("cache_id")
         self.kv_cache_layout = str(values.get("kv_cache_layout", tensors.NHD)).upper()
@@ -137,7 +145,7 @@ class WorkerSession:
         self.client = settings.connect()
         self.model_id = self.client.register_model(
             model_name, layers=self.cache.layers, kv_heads=self.cache.kv_heads, head_dim=self.cache.head_dim,
-            dtype=self.cache.dtype).model_id
+            dtype=self.cache.dtype, profile=settings.profile).model_id
         self.cache_id = cache_id
         # HND rows are not contiguous per token: those transfers go through a dense buffer.
         self.direct = self.cache.layout == tensors.NHD
