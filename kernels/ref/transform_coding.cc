@@ -1,6 +1,7 @@
 #include "spectrumkv/codec/transform_coding.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <queue>
@@ -75,20 +76,29 @@ constexpr float kLevels8[] = SKV_LLOYD_MAX_LEVELS_8;
 constexpr const float* kLevels[kMaxComponentBits + 1] = {
     nullptr, kLevels1, kLevels2, kLevels3, kLevels4, kLevels5, kLevels6, kLevels7, kLevels8};
 
-// The code of v (in units of sigma): how many cell boundaries (midpoints between neighbouring
-// levels, in float) lie at or below it. v is finite or +-inf (x is sanitized, sigma > 0).
-uint32_t CodeOf(float v, int bits) {
-  const float* levels = kLevels[bits];
-  uint32_t lo = 0, hi = (1u << bits) - 1;  // the answer lies in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (v >= (levels[mid] + levels[mid + 1]) * 0.5f) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
+// Cell boundaries of each codebook: midpoints[bits][i] = (level i + level i+1) / 2, in float.
+struct Midpoints {
+  std::array<std::array<float, (1u << kMaxComponentBits) - 1>, kMaxComponentBits + 1> of{};
+  Midpoints() {
+    for (int b = 1; b <= kMaxComponentBits; ++b) {
+      for (uint32_t i = 0; i + 1 < (1u << b); ++i) {
+        of[size_t(b)][i] = (kLevels[b][i] + kLevels[b][i + 1]) * 0.5f;
+      }
     }
   }
-  return lo;
+};
+const Midpoints kMidpoints;
+
+// The code of v (in units of sigma): how many cell boundaries lie at or below it. v is finite or
+// +-inf (x is sanitized, sigma > 0). A branchless binary search: `bits` halvings, each adding
+// its step when v is at or above the boundary that ends the lower half.
+uint32_t CodeOf(float v, int bits) {
+  const float* midpoints = kMidpoints.of[size_t(bits)].data();
+  uint32_t code = 0;
+  for (uint32_t step = 1u << (bits - 1); step > 0; step >>= 1) {
+    code += v >= midpoints[code + step - 1] ? step : 0;
+  }
+  return code;
 }
 
 // a . b over n values in a fixed order that the compiler can vectorize: eight running sums
