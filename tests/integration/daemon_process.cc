@@ -17,21 +17,27 @@
 
 namespace skv::testing {
 
-int FreeLoopbackPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    close(fd);
-    return -1;
+std::vector<int> FreeLoopbackPorts(size_t count) {
+  // Every socket stays bound until all are chosen: one closed before the next bind may hand the
+  // same port out twice (a daemon then refuses two listeners on one address).
+  std::vector<int> fds, ports;
+  for (size_t i = 0; i < count; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    socklen_t len = sizeof(addr);
+    const bool bound = fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+                       getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+    if (fd >= 0) fds.push_back(fd);
+    ports.push_back(bound ? ntohs(addr.sin_port) : -1);
   }
-  close(fd);
-  return ntohs(addr.sin_port);
+  for (int fd : fds) close(fd);
+  return ports;
 }
+
+int FreeLoopbackPort() { return FreeLoopbackPorts(1)[0]; }
 
 std::string DaemonBinary() {
   if (const char* env = std::getenv("SKV_DAEMON_BINARY"); env != nullptr && *env != '\0') {
@@ -60,9 +66,10 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Option
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::StartOnce(const Options& options) {
   std::unique_ptr<DaemonProcess> d(new DaemonProcess());
-  d->grpc_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
-  d->data_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
-  d->metrics_address_ = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
+  const std::vector<int> ports = FreeLoopbackPorts(3);
+  d->grpc_address_ = absl::StrCat("127.0.0.1:", ports[0]);
+  d->data_address_ = absl::StrCat("127.0.0.1:", ports[1]);
+  d->metrics_address_ = absl::StrCat("127.0.0.1:", ports[2]);
   d->log_path_ = absl::StrCat(::testing::TempDir(), "/", options.daemon_id, "-", getpid(), ".log");
   std::vector<std::string> args = {DaemonBinary(),
                                    "--daemon_id=" + options.daemon_id,

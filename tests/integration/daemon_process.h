@@ -26,7 +26,9 @@ namespace skv::testing {
 // daemon, whose path is compiled in (the SKV_DAEMON_BINARY compile definition).
 std::string DaemonBinary();
 
-// A TCP port nobody listens on right now (bind to 0, read it back, close).
+// `count` distinct TCP ports nobody listens on right now (bind each to 0, read them back, close
+// them all), and one such port.
+std::vector<int> FreeLoopbackPorts(size_t count);
 int FreeLoopbackPort();
 
 class DaemonProcess {
