@@ -28,9 +28,12 @@ inline v1::KvLayout Dense(uint32_t tokens = kTokens) {
   return client::DenseLayout(v1::DTYPE_FP16, kLayers, kHeads, kHeadDim, tokens);
 }
 
+// A shared-memory name no other run uses: the pid alone can repeat, and a test process killed
+// before its destructors ran leaves its objects behind under it.
 inline std::string UniqueShm(const char* what) {
+  static const uint32_t run = std::random_device{}();
   static int counter = 0;
-  return absl::StrCat("/skv-it-", getpid(), "-", what, "-", ++counter);
+  return absl::StrCat("/skv-it-", getpid(), "-", absl::Hex(run), "-", what, "-", ++counter);
 }
 
 inline SharedMemoryBuffer MakeSource(uint64_t bytes, uint32_t seed) {
