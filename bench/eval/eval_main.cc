@@ -219,33 +219,42 @@ struct Prefill {
   engine::QueryWindow queries;  // their last W queries
 };
 
-// --profile as the transform-coding methods use it; null without the flag.
+// The profile file's message, where this build has the API messages.
 #ifdef SKV_EVAL_WITH_DAEMON
 using ProfileMessage = spectrumkv::v1::ModelProfile;
 #else
 struct ProfileMessage {};  // no API messages in this build: --profile is refused
 #endif
 
-// --profile, validated against the model; `message` gets the file's message (for the daemons).
-absl::StatusOr<std::shared_ptr<const KvProfile>> LoadProfile(const engine::ModelConfig& config,
-                                                             ProfileMessage* message) {
+// --profile in the forms its users take; empty without the flag.
+struct LoadedProfile {
+  std::shared_ptr<const KvProfile> kv;            // the evaluation's tc* methods
+  std::shared_ptr<const TransformProfile> codec;  // rd-tc: the daemon's own conversion
+  ProfileMessage message;                         // what the daemons register
+};
+
+// --profile, validated against the model.
+absl::StatusOr<LoadedProfile> LoadProfile(const engine::ModelConfig& config) {
   const std::string path = absl::GetFlag(FLAGS_profile);
-  if (path.empty()) return std::shared_ptr<const KvProfile>();
+  if (path.empty()) return LoadedProfile{};
 #ifdef SKV_EVAL_WITH_DAEMON
   absl::StatusOr<spectrumkv::v1::ModelProfile> read = control::ReadModelProfile(path);
   if (!read.ok()) return read.status();
-  *message = *read;
   spectrumkv::v1::ModelShape shape;
   shape.set_layers(uint32_t(config.n_layers));
   shape.set_kv_heads(uint32_t(config.n_kv_heads));
   shape.set_head_dim(uint32_t(config.head_dim()));
   shape.set_dtype(spectrumkv::v1::DTYPE_FP16);
   if (absl::Status s = control::ValidateModelProfile(*read, shape, "--profile"); !s.ok()) return s;
-  absl::StatusOr<KvProfile> profile = KvProfileFromProto(*read);
-  if (!profile.ok()) return profile.status();
-  return std::make_shared<const KvProfile>(std::move(*profile));
+  absl::StatusOr<KvProfile> kv = KvProfileFromProto(*read);
+  if (!kv.ok()) return kv.status();
+  absl::StatusOr<TransformProfile> codec = control::TransformProfileOf(*read);
+  if (!codec.ok()) return codec.status();
+  return LoadedProfile{std::make_shared<const KvProfile>(std::move(*kv)),
+                       std::make_shared<const TransformProfile>(std::move(*codec)),
+                       std::move(*read)};
 #else
-  (void)config, (void)message;
+  (void)config;
   return absl::UnimplementedError(
       "--profile: this skv-eval was built without the API messages (SKV_BUILD_SERVER=OFF)");
 #endif
@@ -564,29 +573,24 @@ int Main(int argc, char** argv) {
     }
   }
   std::sort(all_budgets.begin(), all_budgets.end());
-  ProfileMessage profile_message;
-  absl::StatusOr<std::shared_ptr<const KvProfile>> profile = LoadProfile(config, &profile_message);
+  absl::StatusOr<LoadedProfile> profile = LoadProfile(config);
   if (!profile.ok()) return fail(profile.status());
 #ifdef SKV_EVAL_WITH_DAEMON
-  if (daemon_codec != nullptr && *profile != nullptr) {
-    if (absl::Status s = daemon_codec->RegisterProfile(profile_message); !s.ok()) return fail(s);
+  if (daemon_codec != nullptr && profile->kv != nullptr) {
+    if (absl::Status s = daemon_codec->RegisterProfile(profile->message); !s.ok()) return fail(s);
   }
 #endif
   for (const std::string& name : method_names) {
     absl::StatusOr<Method> m = MethodByName(name);
     if (!m.ok()) return fail(m.status());
     if (m->needs_profile()) {
-      if (*profile == nullptr && absl::GetFlag(FLAGS_methods).empty()) continue;
-      if (*profile == nullptr) {
+      if (profile->kv == nullptr && absl::GetFlag(FLAGS_methods).empty()) continue;
+      if (profile->kv == nullptr) {
         return fail(absl::InvalidArgumentError(
             absl::StrCat("--methods ", name, " needs --profile (skv-calibrate)")));
       }
-      m->profile = *profile;
-      if (m->codec_transform) {
-        absl::StatusOr<TransformProfile> codec = CodecProfileOf(**profile);
-        if (!codec.ok()) return fail(codec.status());
-        m->codec_profile = std::make_shared<const TransformProfile>(std::move(*codec));
-      }
+      m->profile = profile->kv;
+      if (m->codec_transform) m->codec_profile = profile->codec;
     }
     if (m->kind == MethodKind::kLayerwise) m->layer_weights = *layer_weights;
     m->baseline.zstd_level = absl::GetFlag(FLAGS_zstd_level);

@@ -77,26 +77,6 @@ const QuantizerTable& Table(bool lloyd_max) {
 
 }  // namespace
 
-absl::StatusOr<TransformProfile> CodecProfileOf(const KvProfile& profile) {
-  TransformProfile p;
-  p.layers = uint32_t(profile.layers);
-  p.heads = uint32_t(profile.kv_heads);
-  p.head_dim = uint32_t(profile.head_dim);
-  p.rope_theta = profile.rope_theta;
-  for (int l = 0; l < profile.layers; ++l) {
-    for (const std::vector<KvBasis>* bases : {&profile.keys, &profile.values}) {
-      for (int h = 0; h < profile.kv_heads; ++h) {
-        const KvBasis& b = (*bases)[size_t(l * profile.kv_heads + h)];
-        p.means.insert(p.means.end(), b.mean.begin(), b.mean.end());
-        p.bases.insert(p.bases.end(), b.basis.begin(), b.basis.end());
-        p.variances.insert(p.variances.end(), b.variance.begin(), b.variance.end());
-      }
-    }
-  }
-  if (absl::Status s = FinishTransformProfile(&p); !s.ok()) return s;
-  return p;
-}
-
 void ReadUnrotatedRow(const engine::KvCache& kv, int layer, int kind, int token, int head,
                       double rope_theta, std::span<float> out) {
   const auto& rows = kind == 0 ? kv.keys[size_t(layer)] : kv.values[size_t(layer)];

@@ -34,9 +34,6 @@ struct KvProfile {
   std::vector<KvBasis> keys, values;  // layers * kv_heads, layer-major
 };
 
-// The codec's form of `profile` (CodecOptions::transform_profile), finished.
-absl::StatusOr<TransformProfile> CodecProfileOf(const KvProfile& profile);
-
 // Row (token, head) of layer `layer`'s keys (kind 0) or values (kind 1) of an FP16 cache, as
 // floats; a key's rotation (skv::ApplyInterleavedRope) is undone when rope_theta > 0. `out` holds
 // head_dim values.
