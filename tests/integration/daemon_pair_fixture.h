@@ -65,14 +65,20 @@ inline std::vector<KvLayerViews> DenseViews(uint8_t* data, uint32_t tokens = kTo
   return views;
 }
 
+// What the daemon's codec runs at `budget` under its default policy (transform-coded with
+// `profile` when one is given).
+inline CodecOptions ReferenceOptions(double budget, const TransformProfile* profile = nullptr) {
+  CodecOptions policy = control::DaemonConfig{}.default_codec_policy;
+  policy.transform_coding = profile != nullptr;
+  return control::OptionsForTransfer(policy, budget, profile);
+}
+
 // What the codec itself makes of `source` at `budget` under the daemon's default policy
 // (transform-coded with `profile` when one is given).
 inline std::vector<uint8_t> ReferenceDecode(uint8_t* source, uint64_t bytes, double budget,
                                             uint64_t request_id,
                                             const TransformProfile* profile = nullptr) {
-  CodecOptions policy = control::DaemonConfig{}.default_codec_policy;
-  policy.transform_coding = profile != nullptr;
-  const CodecOptions options = control::OptionsForTransfer(policy, budget, profile);
+  const CodecOptions options = ReferenceOptions(budget, profile);
   absl::StatusOr<EncodedKv> encoded = EncodeKv(DenseViews(source), {}, options, request_id);
   EXPECT_TRUE(encoded.ok()) << encoded.status();
   std::vector<uint8_t> out(bytes, 0);

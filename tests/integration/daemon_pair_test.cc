@@ -337,8 +337,7 @@ TEST_F(DaemonPairTest, CorruptedAndTruncatedSegmentsFailTheReceive) {
   namespace tp = ::spectrumkv::transport;
   const uint64_t bytes = client::DenseLayoutBytes(Dense());
   SharedMemoryBuffer src = MakeSource(bytes, 7);
-  const CodecOptions options =
-      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, 0.5);
+  const CodecOptions options = ReferenceOptions(0.5);
   tp::TransportConfig config;
   config.daemon_id = "fake-sender";
   config.auth_token = "integration-token";

@@ -97,9 +97,7 @@ std::vector<uint32_t> InOrder() { return {0, 1, 2, 3}; }
 std::vector<uint8_t> StreamedReference(uint8_t* source, uint64_t bytes, double budget,
                                        const std::vector<uint32_t>& order, uint64_t id,
                                        const TransformProfile* profile = nullptr) {
-  CodecOptions policy = control::DaemonConfig{}.default_codec_policy;
-  policy.transform_coding = profile != nullptr;
-  const CodecOptions options = control::OptionsForTransfer(policy, budget, profile);
+  const CodecOptions options = ReferenceOptions(budget, profile);
   const std::vector<KvLayerViews> views = DenseViews(source);
   absl::StatusOr<StreamBudget> plan_budget = StreamBudget::Create(*ShapeOf(views), budget, {});
   EXPECT_TRUE(plan_budget.ok()) << plan_budget.status();
@@ -698,8 +696,7 @@ TEST_F(StreamTest, WithoutDropLowBudgetsAreRefusedAndEveryTokenArrives) {
   SharedMemoryBuffer src = MakeSource(bytes, 38);
   v1::CodecPolicy no_drop;
   no_drop.set_allow_drop(false);
-  CodecOptions options =
-      control::OptionsForTransfer(control::DaemonConfig{}.default_codec_policy, 0.5);
+  CodecOptions options = ReferenceOptions(0.5);
   options.allow_drop = false;
   const double minimum =
       MinimumBudget(KvShape{kLayers, kTokens, kHeads, kHeadDim, DType::kFp16}, options);
